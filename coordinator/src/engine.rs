@@ -1,0 +1,178 @@
+//! Loading a model for the coordinator and running the two basic jobs on it: scoring (logits for
+//! every input token, the fidelity tool) and generation with the KV cache.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use omnishard_expert::{Checkpoint, CheckpointError, Experts, LocalExperts};
+use omnishard_proto::{Architecture, ConfigError, ModelConfig};
+
+use crate::model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
+use crate::sampling::Sampler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("invalid input: {0}")]
+    Input(String),
+}
+
+/// Compute dtype of the coordinator and of the experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+pub struct Engine {
+    model: Model,
+}
+
+impl Engine {
+    /// Loads the whole model in this process, experts included.
+    pub fn load_local(dir: &Path, dtype: ComputeDtype) -> Result<Self, EngineError> {
+        let cfg = ModelConfig::from_model_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let device = Device::Cpu;
+        let pairs = cfg.expert_pairs();
+        let experts = LocalExperts::load(
+            &ckpt,
+            &cfg,
+            &pairs,
+            dtype.dtype(),
+            &device,
+            |done, total| {
+                if done % 256 == 0 || done == total {
+                    tracing::info!(done, total, "experts loaded");
+                }
+            },
+        )?;
+        Self::with_experts(&ckpt, &cfg, dtype, Arc::new(experts), &[])
+    }
+
+    /// Loads the dense part of the model and uses `experts` for the routed experts; the pairs in
+    /// `masked` are excluded from routing.
+    pub fn with_experts(
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        dtype: ComputeDtype,
+        experts: Arc<dyn Experts>,
+        masked: &[(usize, usize)],
+    ) -> Result<Self, EngineError> {
+        let model = Model::load(ckpt, cfg, dtype.dtype(), &Device::Cpu, experts, masked)?;
+        Ok(Self { model })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// Logits (f32) for every token of `tokens`, one row of vocab_size per token. Without
+    /// `positions`, text positions 0..n.
+    pub fn score(
+        &self,
+        tokens: &[u32],
+        positions: Option<Positions>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::Input("no token ids given".into()));
+        }
+        let positions = match positions {
+            Some(p) => {
+                self.check_positions(&p, tokens.len())?;
+                p
+            }
+            None => Positions::text(0, tokens.len()),
+        };
+        let mut cache = KvCache::new();
+        let mut batch = [SequenceInput {
+            tokens,
+            positions,
+            cache: &mut cache,
+        }];
+        let logits = self.model.forward(&mut batch, LogitsFor::All)?;
+        Ok(logits[0].to_vec2::<f32>().map_err(ModelError::from)?)
+    }
+
+    fn check_positions(&self, p: &Positions, n: usize) -> Result<(), EngineError> {
+        if p.rows.iter().any(|r| r.len() != n) {
+            return Err(EngineError::Input(format!(
+                "position ids need three rows of {n} entries (one per token), got rows of {:?}",
+                p.rows.iter().map(Vec::len).collect::<Vec<_>>()
+            )));
+        }
+        let plain = self.config().architecture == Architecture::Qwen3Moe;
+        if plain && (p.rows[0] != p.rows[1] || p.rows[0] != p.rows[2]) {
+            return Err(EngineError::Input(
+                "this qwen3_moe model uses 1-D RoPE: the three position rows must be equal".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Generates up to `max_tokens` tokens after `prompt` using the KV cache, calling `on_token`
+    /// with each new token; stops early on a stop token (which is returned but not passed on) or
+    /// when `on_token` returns false.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        stop_tokens: &[u32],
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::Input("the prompt is empty".into()));
+        }
+        if let Some(max) = self.config().max_position_embeddings
+            && prompt.len() + max_tokens > max
+        {
+            return Err(EngineError::Input(format!(
+                "prompt ({} tokens) + max tokens ({max_tokens}) exceeds the model's context of {max}",
+                prompt.len()
+            )));
+        }
+        let mut cache = KvCache::new();
+        let mut history = prompt.to_vec();
+        let mut generated = Vec::new();
+        let mut input = prompt.to_vec();
+        let mut next_pos = 0u32;
+        while generated.len() < max_tokens {
+            let positions = Positions::text(next_pos, input.len());
+            next_pos = positions.next_text_position();
+            let mut batch = [SequenceInput {
+                tokens: &input,
+                positions,
+                cache: &mut cache,
+            }];
+            let logits = self.model.forward(&mut batch, LogitsFor::Last)?;
+            let row = logits[0]
+                .squeeze(0)
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(ModelError::from)?;
+            let token = sampler.sample(&row, &history);
+            generated.push(token);
+            history.push(token);
+            if stop_tokens.contains(&token) || !on_token(token) {
+                break;
+            }
+            input = vec![token];
+        }
+        Ok(generated)
+    }
+}

@@ -1,0 +1,13 @@
+//! The omnishard coordinator: the dense part of the model (embeddings, attention, routers,
+//! lm_head), the tokenizer and sampling, driving the routed experts through
+//! [`omnishard_expert::Experts`], in this process or on expert nodes.
+
+pub mod engine;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use engine::{ComputeDtype, Engine, EngineError};
+pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{ChatMessage, DecodeStream, TextTokenizer};

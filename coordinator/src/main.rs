@@ -1,0 +1,203 @@
+//! `coordinator`: the command-line entry point. Every flag can also be set through the
+//! environment variable named in `--help`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use omnishard_coordinator::{
+    ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
+    TextTokenizer, tokenizer::chatml,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "omnishard coordinator: runs a Qwen3-Omni / Qwen3-MoE model whose experts live in this process or on expert nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout; tokens/s go to stderr.
+    Generate(GenerateArgs),
+    /// Print the logits of every input token as JSON: {"logits": [[...vocab_size floats], ...]}.
+    Score(ScoreArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "OMNISHARD_MODEL")]
+    model: PathBuf,
+    /// Compute dtype. f32 matches the reference to ~1e-5; bf16 halves memory.
+    #[arg(long, env = "OMNISHARD_DTYPE", value_enum, default_value = "f32")]
+    dtype: ComputeDtype,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, env = "OMNISHARD_PROMPT")]
+    prompt: String,
+    /// Wrap the prompt as a ChatML user turn and open the assistant turn.
+    #[arg(long, env = "OMNISHARD_CHAT")]
+    chat: bool,
+    /// Maximum number of tokens to generate.
+    #[arg(long, env = "OMNISHARD_MAX_TOKENS", default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, env = "OMNISHARD_TEMPERATURE", default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, env = "OMNISHARD_TOP_P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (no limit when absent).
+    #[arg(long, env = "OMNISHARD_TOP_K")]
+    top_k: Option<usize>,
+    /// Repetition penalty (1 = none), as in Hugging Face generate.
+    #[arg(long, env = "OMNISHARD_REPETITION_PENALTY", default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed; the same seed and settings give the same text.
+    #[arg(long, env = "OMNISHARD_SEED", default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated input token ids, e.g. 1,2,3.
+    #[arg(
+        long,
+        env = "OMNISHARD_TOKEN_IDS",
+        value_delimiter = ',',
+        required = true
+    )]
+    token_ids: Vec<u32>,
+    /// JSON file with explicit mRoPE position ids [[t...],[h...],[w...]], one entry per token.
+    /// Default: text positions 0..n on all three rows.
+    #[arg(long, env = "OMNISHARD_POSITION_IDS")]
+    position_ids: Option<PathBuf>,
+}
+
+fn read_positions(path: &Path) -> anyhow::Result<Positions> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} must hold [[t...],[h...],[w...]] with non-negative integers",
+            path.display()
+        )
+    })?;
+    let Ok(rows) = <[Vec<u32>; 3]>::try_from(rows) else {
+        bail!("{} must hold exactly three rows (t, h, w)", path.display());
+    };
+    Ok(Positions { rows })
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let dir = &args.model.model;
+    let engine = Engine::load_local(dir, args.model.dtype)?;
+    let tokenizer = TextTokenizer::load(dir, engine.config())?;
+    let text = if args.chat {
+        chatml(&[ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text)?;
+    let mut sampler = Sampler::new(params);
+    let mut stream = DecodeStream::default();
+    let mut stdout = std::io::stdout().lock();
+    let mut first_token_at = None;
+    let mut failed = None;
+    let start = Instant::now();
+    let tokens = engine.generate(
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        tokenizer.stop_tokens(),
+        |t| {
+            first_token_at.get_or_insert_with(Instant::now);
+            match stream.push(&tokenizer, t) {
+                Ok(Some(piece)) => {
+                    let ok = stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| stdout.flush());
+                    ok.is_ok()
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        },
+    )?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    writeln!(stdout)?;
+    let total = start.elapsed().as_secs_f64();
+    let prefill = first_token_at
+        .map(|t| t.duration_since(start).as_secs_f64())
+        .unwrap_or(total);
+    let decode_tokens = tokens.len().saturating_sub(1);
+    let decode_rate = if total > prefill {
+        decode_tokens as f64 / (total - prefill)
+    } else {
+        0.0
+    };
+    eprintln!(
+        "{} prompt tokens in {prefill:.3} s; {} tokens generated in {total:.3} s ({decode_rate:.1} tokens/s decoding)",
+        prompt.len(),
+        tokens.len()
+    );
+    Ok(())
+}
+
+fn score(args: ScoreArgs) -> anyhow::Result<()> {
+    let positions = args
+        .position_ids
+        .as_deref()
+        .map(read_positions)
+        .transpose()?;
+    let engine = Engine::load_local(&args.model.model, args.model.dtype)?;
+    let logits = engine.score(&args.token_ids, positions)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer(&mut out, &serde_json::json!({ "logits": logits }))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => generate(args),
+        Command::Score(args) => score(args),
+    }
+}

@@ -1,0 +1,144 @@
+//! Text in and out: the checkpoint's `tokenizer.json` through the `tokenizers` crate, ChatML
+//! prompt formatting (`<|im_start|>role\n…<|im_end|>\n`), the stop tokens, and incremental
+//! decoding that never prints half a UTF-8 character.
+
+use std::path::{Path, PathBuf};
+
+use omnishard_proto::ModelConfig;
+use omnishard_proto::config::token_ids_from_json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot load tokenizer {path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+    #[error("{path}: {reason}")]
+    GenerationConfig { path: PathBuf, reason: String },
+}
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    stop_tokens: Vec<u32>,
+}
+
+impl TextTokenizer {
+    /// Loads `DIR/tokenizer.json`. Stop tokens: `eos_token_id` of `generation_config.json`, else
+    /// of `config.json`, else `<|im_end|>` and `<|endoftext|>` as the tokenizer knows them.
+    pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Self, TokenizerError> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let gen_path = dir.join("generation_config.json");
+        let from_gen = match std::fs::read_to_string(&gen_path) {
+            Ok(text) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| TokenizerError::GenerationConfig {
+                        path: gen_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                v.get("eos_token_id")
+                    .map(token_ids_from_json)
+                    .unwrap_or_default()
+            }
+            Err(_) => Vec::new(),
+        };
+        let stop_tokens = if !from_gen.is_empty() {
+            from_gen
+        } else if !cfg.eos_token_ids.is_empty() {
+            cfg.eos_token_ids.clone()
+        } else {
+            ["<|im_end|>", "<|endoftext|>"]
+                .iter()
+                .filter_map(|t| inner.token_to_id(t))
+                .collect()
+        };
+        Ok(Self { inner, stop_tokens })
+    }
+
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
+    }
+
+    /// Encodes text; special tokens written in the text (e.g. `<|im_start|>`) are recognised.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+}
+
+/// A ChatML conversation turn.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// ChatML text for `messages`, ending with the opened assistant turn.
+pub fn chatml(messages: &[ChatMessage]) -> String {
+    let mut s = String::new();
+    for m in messages {
+        s.push_str(&format!(
+            "<|im_start|>{}\n{}<|im_end|>\n",
+            m.role, m.content
+        ));
+    }
+    s.push_str("<|im_start|>assistant\n");
+    s
+}
+
+/// Turns a growing list of generated tokens into text pieces as soon as they are complete
+/// characters (byte-level BPE may split one character over several tokens).
+#[derive(Default)]
+pub struct DecodeStream {
+    tokens: Vec<u32>,
+    printed: usize,
+}
+
+impl DecodeStream {
+    pub fn push(
+        &mut self,
+        tok: &TextTokenizer,
+        token: u32,
+    ) -> Result<Option<String>, TokenizerError> {
+        self.tokens.push(token);
+        let text = tok.decode(&self.tokens)?;
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.printed
+            || !text.is_char_boundary(self.printed)
+        {
+            return Ok(None);
+        }
+        let piece = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(Some(piece))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_layout() {
+        let m = [ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        assert_eq!(
+            chatml(&m),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+}
