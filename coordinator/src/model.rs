@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
+use omnishard_expert::ops::{linear, matmul};
 use omnishard_expert::{Checkpoint, CheckpointError, ExpertError, Experts, Routing, SwiGlu};
 use omnishard_proto::ModelConfig;
 
@@ -90,7 +91,7 @@ impl Linear {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.matmul(&self.weight.t()?)?;
+        let ys = linear(xs, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
@@ -334,7 +335,7 @@ impl Attention {
                 .reshape((self.n_heads, total, hd))?)
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+        let scores = (matmul(&q, &k.t()?)? * (hd as f64).powf(-0.5))?;
         // Query i sits at absolute index past + i and sees keys 0..=past + i.
         let mask: Vec<f32> = (0..s)
             .flat_map(|i| {
@@ -351,8 +352,7 @@ impl Attention {
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(&mask)?)?
                 .to_dtype(xs.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        let out = matmul(&probs, &v)?
             .transpose(0, 1)?
             .reshape((s, self.n_heads * hd))?;
         self.o_proj.forward(&out)
@@ -371,8 +371,7 @@ struct Router {
 
 impl Router {
     fn route(&self, xs: &Tensor) -> Result<Routing> {
-        let logits = xs
-            .matmul(&self.gate.t()?)?
+        let logits = linear(xs, &self.gate)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
         let k = self.top_k;
@@ -640,7 +639,7 @@ impl Model {
                 LogitsFor::Last => xs.narrow(0, start + len - 1, 1)?,
             };
             let normed = self.norm.forward(&rows)?;
-            logits.push(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?);
+            logits.push(linear(&normed, &self.lm_head)?.to_dtype(DType::F32)?);
             start += len;
         }
         Ok(logits)

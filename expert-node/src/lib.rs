@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod experts;
 pub mod mlp;
+pub mod ops;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use experts::{Assignment, ExpertError, Experts, LocalExperts, Routing};

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::ops::linear;
 
 /// One SwiGLU MLP; weights kept as in the checkpoint, `[out, in]`, in the compute dtype.
 #[derive(Clone)]
@@ -36,9 +37,9 @@ impl SwiGlu {
 
     /// `xs`: `[n, hidden]` → `[n, hidden]`.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = xs.matmul(&self.gate_proj.t()?)?.silu()?;
-        let up = xs.matmul(&self.up_proj.t()?)?;
-        (gate * up)?.matmul(&self.down_proj.t()?)
+        let gate = linear(xs, &self.gate_proj)?.silu()?;
+        let up = linear(xs, &self.up_proj)?;
+        linear(&(gate * up)?, &self.down_proj)
     }
 
     /// Bytes held by the three weight matrices.

@@ -339,7 +339,7 @@ impl ModelConfig {
                 return Err(unsupported(path, field, value, "must be at least 1"));
             }
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(unsupported(
                 path,
                 "head_dim",
@@ -347,7 +347,10 @@ impl ModelConfig {
                 "RoPE needs an even head_dim",
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(unsupported(
                 path,
                 "num_key_value_heads",
@@ -424,7 +427,7 @@ impl ModelConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.mlp_only_layers.contains(&layer)
             && self.num_experts > 0
-            && (layer + 1) % self.decoder_sparse_step == 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     /// Indices of the MoE layers, ascending.

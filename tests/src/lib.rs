@@ -1,1 +1,101 @@
+//! Shared helpers of the end-to-end tests: where the fixtures are, their golden outputs (made by
+//! `tests/fixtures/make_fixtures.py` with transformers 4.57.3), and logit comparison.
 
+use std::path::PathBuf;
+
+use omnishard_coordinator::Positions;
+use serde::Deserialize;
+
+/// Every fixture model, as named under `tests/fixtures/models/`.
+pub const FIXTURES: [&str; 4] = [
+    "omni-gqa-top4",
+    "omni-tied-dense-top1",
+    "omni-mqa-step2",
+    "qwen3moe-flat",
+];
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures_dir().join("models").join(name)
+}
+
+/// Golden outputs of one fixture.
+#[derive(Debug, Deserialize)]
+pub struct Golden {
+    pub token_ids: Vec<u32>,
+    pub logits_f32: Vec<Vec<f32>>,
+    pub greedy_f32: Vec<u32>,
+    pub position_ids: Option<[Vec<u32>; 3]>,
+    pub logits_mrope_f32: Option<Vec<Vec<f32>>>,
+    pub missing_experts: Vec<(usize, usize)>,
+    pub logits_masked_f32: Vec<Vec<f32>>,
+    pub logits_bf16: Vec<Vec<f32>>,
+}
+
+impl Golden {
+    pub fn load(name: &str) -> Self {
+        let path = fixtures_dir().join("golden").join(format!("{name}.json"));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    pub fn positions(&self) -> Option<Positions> {
+        self.position_ids.clone().map(|rows| Positions { rows })
+    }
+}
+
+/// How two logit matrices compare.
+#[derive(Debug, Clone, Copy)]
+pub struct Diff {
+    /// max |a - b| over all entries.
+    pub max_abs: f32,
+    /// max |reference| over all entries.
+    pub max_ref: f32,
+    /// Fraction of rows whose argmax agrees.
+    pub argmax_agree: f64,
+}
+
+impl Diff {
+    /// max |a - b| relative to max(1, max |reference|).
+    pub fn relative(&self) -> f32 {
+        self.max_abs / self.max_ref.max(1.0)
+    }
+}
+
+pub fn compare(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> Diff {
+    assert_eq!(ours.len(), reference.len(), "row count differs");
+    let mut max_abs = 0f32;
+    let mut max_ref = 0f32;
+    let mut agree = 0;
+    for (a, b) in ours.iter().zip(reference) {
+        assert_eq!(a.len(), b.len(), "row width differs");
+        for (x, y) in a.iter().zip(b) {
+            assert!(x.is_finite(), "non-finite logit {x}");
+            max_abs = max_abs.max((x - y).abs());
+            max_ref = max_ref.max(y.abs());
+        }
+        if omnishard_coordinator::sampling::argmax(a) == omnishard_coordinator::sampling::argmax(b)
+        {
+            agree += 1;
+        }
+    }
+    Diff {
+        max_abs,
+        max_ref,
+        argmax_agree: agree as f64 / ours.len().max(1) as f64,
+    }
+}
+
+/// Copies a fixture model into a fresh temporary directory, for tests that damage it.
+pub fn scratch_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(model_dir(name)).expect("fixture dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    dir
+}
