@@ -97,14 +97,11 @@ fn greedy_with_cache_matches_reference_and_full_recompute() {
         );
         // Without any cache: score the whole sequence again for every new token.
         let mut seq = golden.token_ids.clone();
-        for step in 0..n {
+        for (step, &expected) in cached.iter().enumerate() {
             let logits = engine.score(&seq, None).unwrap();
             let last = logits.last().unwrap();
             let next = omnishard_coordinator::sampling::argmax(last);
-            assert_eq!(
-                next, cached[step],
-                "{name}: step {step} differs without cache"
-            );
+            assert_eq!(next, expected, "{name}: step {step} differs without cache");
             seq.push(next);
         }
     }
