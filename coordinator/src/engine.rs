@@ -4,11 +4,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
-use omnishard_expert::{Checkpoint, CheckpointError, Experts, LocalExperts};
+use candle_core::Device;
+use omnishard_expert::fingerprint::fingerprint;
+use omnishard_expert::{Checkpoint, CheckpointError, ComputeDtype, Experts, LocalExperts};
 use omnishard_proto::{Architecture, ConfigError, ModelConfig};
 
 use crate::model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
+use crate::remote::{ClusterError, RemoteExperts, RemoteOptions};
 use crate::sampling::Sampler;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,24 +21,10 @@ pub enum EngineError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("invalid input: {0}")]
     Input(String),
-}
-
-/// Compute dtype of the coordinator and of the experts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ComputeDtype {
-    F32,
-    Bf16,
-}
-
-impl ComputeDtype {
-    pub fn dtype(self) -> DType {
-        match self {
-            ComputeDtype::F32 => DType::F32,
-            ComputeDtype::Bf16 => DType::BF16,
-        }
-    }
 }
 
 pub struct Engine {
@@ -63,6 +51,23 @@ impl Engine {
             },
         )?;
         Self::with_experts(&ckpt, &cfg, dtype, Arc::new(experts), &[])
+    }
+
+    /// Loads the dense part of the model and connects to expert nodes at `addresses` for the
+    /// routed experts. With `allow_missing`, experts no node serves are masked out of the router.
+    pub fn load_remote(
+        dir: &Path,
+        dtype: ComputeDtype,
+        addresses: &[String],
+        opts: RemoteOptions,
+        allow_missing: bool,
+    ) -> Result<Self, EngineError> {
+        let cfg = ModelConfig::from_model_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let fp = fingerprint(&cfg, &ckpt)?;
+        let (experts, masked) =
+            RemoteExperts::connect(addresses, &cfg, &fp, dtype.dtype(), opts, allow_missing)?;
+        Self::with_experts(&ckpt, &cfg, dtype, Arc::new(experts), &masked)
     }
 
     /// Loads the dense part of the model and uses `experts` for the routed experts; the pairs in

@@ -2,12 +2,15 @@
 //! lm_head), the tokenizer and sampling, driving the routed experts through
 //! [`omnishard_expert::Experts`], in this process or on expert nodes.
 
+pub mod cluster;
 pub mod engine;
 pub mod model;
+pub mod remote;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use engine::{ComputeDtype, Engine, EngineError};
+pub use engine::{Engine, EngineError};
 pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
+pub use omnishard_expert::ComputeDtype;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, DecodeStream, TextTokenizer};

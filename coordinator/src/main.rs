@@ -3,14 +3,18 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use omnishard_coordinator::cluster::{LocalCluster, find_expert_node_binary};
+use omnishard_coordinator::remote::RemoteOptions;
 use omnishard_coordinator::{
     ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
     TextTokenizer, tokenizer::chatml,
 };
+use omnishard_proto::ModelConfig;
+use omnishard_proto::placement::Placement;
 
 #[derive(Parser)]
 #[command(
@@ -29,16 +33,111 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the logits of every input token as JSON: {"logits": [[...vocab_size floats], ...]}.
     Score(ScoreArgs),
+    /// Start N local expert-node processes (shard i/N each), run a command against them, and
+    /// stop them all on exit, on error and on Ctrl-C.
+    Cluster(ClusterArgs),
 }
 
 #[derive(Args)]
 struct ModelArgs {
     /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long, env = "OMNISHARD_MODEL")]
-    model: PathBuf,
-    /// Compute dtype. f32 matches the reference to ~1e-5; bf16 halves memory.
+    model: Option<PathBuf>,
+    /// Compute dtype. f32 matches the reference to ~1e-5; bf16 halves memory. Expert nodes must
+    /// use the same.
     #[arg(long, env = "OMNISHARD_DTYPE", value_enum, default_value = "f32")]
     dtype: ComputeDtype,
+    /// Expert nodes (host:port,...) serving the routed experts. Without --nodes or --placement
+    /// the experts run in this process.
+    #[arg(
+        long,
+        env = "OMNISHARD_NODES",
+        value_delimiter = ',',
+        conflicts_with = "placement"
+    )]
+    nodes: Vec<String>,
+    /// Placement file (TOML) whose node addresses serve the experts; the routing table still
+    /// comes from what each node reports holding.
+    #[arg(long, env = "OMNISHARD_PLACEMENT")]
+    placement: Option<PathBuf>,
+    /// Start even if some (layer, expert) pairs are served by no node: they are masked out of
+    /// the router (logit -inf), which changes the model's output.
+    #[arg(long, env = "OMNISHARD_ALLOW_MISSING_EXPERTS")]
+    allow_missing_experts: bool,
+    /// Deadline of one layer's call to one expert node, in milliseconds.
+    #[arg(long, env = "OMNISHARD_RPC_TIMEOUT_MS", default_value_t = 10_000)]
+    rpc_timeout_ms: u64,
+    /// How long to wait at start-up for expert nodes to accept connections and finish loading.
+    #[arg(long, env = "OMNISHARD_STARTUP_TIMEOUT_S", default_value_t = 120)]
+    startup_timeout_s: u64,
+    /// Largest gRPC message sent to or accepted from an expert node, in MiB.
+    #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = 512)]
+    max_message_mib: usize,
+}
+
+impl ModelArgs {
+    fn model_dir(&self) -> anyhow::Result<&Path> {
+        self.model
+            .as_deref()
+            .context("--model DIR is required (or set OMNISHARD_MODEL)")
+    }
+
+    /// Loads the model with its experts in this process or on the given expert nodes.
+    fn load(&self) -> anyhow::Result<Engine> {
+        let dir = self.model_dir()?;
+        let addresses = match &self.placement {
+            Some(path) => {
+                let cfg = ModelConfig::from_model_dir(dir)?;
+                Placement::from_file(path, &cfg)?
+                    .nodes
+                    .into_iter()
+                    .map(|n| n.address)
+                    .collect()
+            }
+            None => self.nodes.clone(),
+        };
+        if addresses.is_empty() {
+            if self.allow_missing_experts {
+                bail!("--allow-missing-experts needs --nodes or --placement");
+            }
+            return Ok(Engine::load_local(dir, self.dtype)?);
+        }
+        let opts = RemoteOptions {
+            rpc_timeout: Duration::from_millis(self.rpc_timeout_ms.max(1)),
+            startup_timeout: Duration::from_secs(self.startup_timeout_s),
+            max_message_bytes: self.max_message_mib << 20,
+        };
+        Ok(Engine::load_remote(
+            dir,
+            self.dtype,
+            &addresses,
+            opts,
+            self.allow_missing_experts,
+        )?)
+    }
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Number of expert-node processes to start.
+    #[arg(long = "nodes", env = "OMNISHARD_CLUSTER_NODES", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    count: u32,
+    /// Checkpoint directory for the nodes and the command (else the command's --model).
+    #[arg(long, env = "OMNISHARD_MODEL")]
+    model: Option<PathBuf>,
+    /// The expert-node binary (default: next to this binary, else on PATH).
+    #[arg(long, env = "OMNISHARD_EXPERT_NODE_BIN")]
+    expert_node_bin: Option<PathBuf>,
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// `generate` against the local cluster.
+    Generate(GenerateArgs),
+    /// `score` against the local cluster.
+    Score(ScoreArgs),
 }
 
 #[derive(Args)]
@@ -113,9 +212,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     params.validate().map_err(anyhow::Error::msg)?;
-    let dir = &args.model.model;
-    let engine = Engine::load_local(dir, args.model.dtype)?;
-    let tokenizer = TextTokenizer::load(dir, engine.config())?;
+    let engine = args.model.load()?;
+    let tokenizer = TextTokenizer::load(args.model.model_dir()?, engine.config())?;
     let text = if args.chat {
         chatml(&[ChatMessage {
             role: "user".into(),
@@ -181,12 +279,41 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(read_positions)
         .transpose()?;
-    let engine = Engine::load_local(&args.model.model, args.model.dtype)?;
+    let engine = args.model.load()?;
     let logits = engine.score(&args.token_ids, positions)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": logits }))?;
     writeln!(out)?;
     Ok(())
+}
+
+fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    let bin = match args.expert_node_bin {
+        Some(bin) => bin,
+        None => find_expert_node_binary()?,
+    };
+    let mut command = args.command;
+    let inner = match &mut command {
+        ClusterCommand::Generate(a) => &mut a.model,
+        ClusterCommand::Score(a) => &mut a.model,
+    };
+    if !inner.nodes.is_empty() || inner.placement.is_some() {
+        bail!("`cluster` starts its own expert nodes; drop --nodes / --placement from the command");
+    }
+    if let Some(model) = args.model {
+        inner.model = Some(model);
+    }
+    let model = inner.model_dir()?.to_path_buf();
+    let timeout = Duration::from_secs(inner.startup_timeout_s);
+    let local = LocalCluster::start(&bin, &model, args.count as usize, inner.dtype, timeout)?;
+    inner.nodes = local.addresses().to_vec();
+    // `local` stops the nodes when it goes out of scope, whatever the command's outcome.
+    let result = match command {
+        ClusterCommand::Generate(a) => generate(a),
+        ClusterCommand::Score(a) => score(a),
+    };
+    drop(local);
+    result
 }
 
 fn main() -> anyhow::Result<()> {
@@ -199,5 +326,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
         Command::Score(args) => score(args),
+        Command::Cluster(args) => cluster(args),
     }
 }

@@ -185,14 +185,39 @@ impl Checkpoint {
         Ok(shard)
     }
 
-    /// Shape of a tensor as stored, without reading its data.
-    pub fn shape(&self, name: &str) -> Result<Vec<usize>, CheckpointError> {
+    /// Every tensor name the checkpoint lists.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.weight_map.keys().map(String::as_str)
+    }
+
+    /// Shape and dtype of a tensor as stored, without reading its data.
+    pub fn describe(&self, name: &str) -> Result<(Vec<usize>, String), CheckpointError> {
         let (shard, _) = self.locate(name)?;
         Ok(shard
             .metadata
             .info(name)
-            .map(|i| i.shape.clone())
+            .map(|i| (i.shape.clone(), format!("{:?}", i.dtype)))
             .unwrap_or_default())
+    }
+
+    /// The first `n` bytes (at most) of a tensor's data.
+    pub fn leading_bytes(&self, name: &str, n: usize) -> Result<Vec<u8>, CheckpointError> {
+        let (shard, path) = self.locate(name)?;
+        let (start, end) = shard
+            .metadata
+            .info(name)
+            .map(|i| i.data_offsets)
+            .unwrap_or_default();
+        let end = end.min(start + n);
+        shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| CheckpointError::Corrupt {
+                path,
+                tensor: name.to_string(),
+                reason: "data offsets beyond the end of the file".to_string(),
+            })
     }
 
     fn locate(&self, name: &str) -> Result<(Arc<Shard>, PathBuf), CheckpointError> {

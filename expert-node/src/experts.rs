@@ -8,6 +8,7 @@
 //! its output is scaled by the weight and index-added into a zero tensor, experts in ascending id.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::mlp::SwiGlu;
@@ -18,14 +19,22 @@ use omnishard_proto::ModelConfig;
 pub enum ExpertError {
     #[error("layer {layer} is not an MoE layer of this model")]
     UnknownLayer { layer: usize },
+    #[error("layer {layer}: the hidden states are malformed: {reason}")]
+    InvalidInput { layer: usize, reason: String },
     #[error("expert {expert} of layer {layer} is not held here")]
     NotHeld { layer: usize, expert: usize },
     #[error("invalid routing for layer {layer}: {reason}")]
     InvalidRouting { layer: usize, reason: String },
     #[error("expert computation failed: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("{0}")]
-    Remote(String),
+    #[error("expert node {node} failed on layer {layer}: {reason}")]
+    Node {
+        node: String,
+        layer: usize,
+        reason: String,
+    },
+    #[error("inconsistent expert outputs: {0}")]
+    Inconsistent(String),
 }
 
 /// The router's decision for a batch of tokens: row-major `[n_tokens, top_k]` expert ids and
@@ -75,6 +84,7 @@ pub trait Experts: Send + Sync {
 /// Experts held in this process, indexed `[layer][expert]`.
 pub struct LocalExperts {
     experts: Vec<Vec<Option<SwiGlu>>>,
+    moe_layers: Vec<bool>,
     hidden_size: usize,
     dtype: DType,
 }
@@ -114,6 +124,9 @@ impl LocalExperts {
         }
         Ok(Self {
             experts,
+            moe_layers: (0..cfg.num_hidden_layers)
+                .map(|l| cfg.is_moe_layer(l))
+                .collect(),
             hidden_size: cfg.hidden_size,
             dtype,
         })
@@ -142,9 +155,10 @@ impl LocalExperts {
             .sum()
     }
 
-    /// The weighted sum of the assigned experts' outputs per token: `[n_tokens, hidden]`.
-    /// Validates everything a remote caller could get wrong before computing anything.
-    pub fn forward_assignments(
+    /// `weight * expert(xs[token])` for every assignment, in the order given:
+    /// `[n_assignments, hidden]`. Each expert runs once over the batch of its tokens, experts in
+    /// parallel. Validates everything a remote caller could get wrong before computing anything.
+    pub fn expert_outputs(
         &self,
         layer: usize,
         xs: &Tensor,
@@ -153,23 +167,30 @@ impl LocalExperts {
         let row = self
             .experts
             .get(layer)
-            .filter(|row| row.iter().any(Option::is_some))
+            .filter(|_| self.moe_layers[layer])
             .ok_or(ExpertError::UnknownLayer { layer })?;
         let invalid = |reason: String| ExpertError::InvalidRouting { layer, reason };
+        let bad_input = |reason: String| ExpertError::InvalidInput { layer, reason };
         let (n_tokens, hidden) = xs.dims2().map_err(|_| {
-            invalid(format!(
+            bad_input(format!(
                 "hidden states must be [tokens, hidden], got {:?}",
                 xs.dims()
             ))
         })?;
         if hidden != self.hidden_size {
-            return Err(invalid(format!(
+            return Err(bad_input(format!(
                 "hidden size {hidden}, the model has {}",
                 self.hidden_size
             )));
         }
-        // Group by expert, ascending, as the reference's loop over experts does.
-        let mut by_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); row.len()];
+        if xs.dtype() != self.dtype {
+            return Err(bad_input(format!(
+                "hidden states are {:?}, this node computes in {:?}",
+                xs.dtype(),
+                self.dtype
+            )));
+        }
+        let groups = group_by_expert(assignments, row.len());
         let mut seen = std::collections::HashSet::with_capacity(assignments.len());
         for a in assignments {
             if a.token as usize >= n_tokens {
@@ -184,41 +205,115 @@ impl LocalExperts {
                     a.weight, a.token
                 )));
             }
-            let slot = by_expert
-                .get_mut(a.expert as usize)
-                .filter(|_| row[a.expert as usize].is_some())
-                .ok_or(ExpertError::NotHeld {
+            if row.get(a.expert as usize).is_none_or(Option::is_none) {
+                return Err(ExpertError::NotHeld {
                     layer,
                     expert: a.expert as usize,
-                })?;
+                });
+            }
             if !seen.insert((a.token, a.expert)) {
                 return Err(invalid(format!(
                     "token {} routed twice to expert {}",
                     a.token, a.expert
                 )));
             }
-            slot.0.push(a.token);
-            slot.1.push(a.weight);
         }
-        let mut out = Tensor::zeros((n_tokens, hidden), self.dtype, xs.device())?;
-        for (expert, (tokens, weights)) in by_expert.into_iter().enumerate() {
-            let Some(mlp) = &row[expert] else { continue };
-            if tokens.is_empty() {
-                continue;
+        let device = xs.device();
+        let per_expert: Vec<(Vec<u32>, Tensor)> = groups
+            .into_par_iter()
+            .filter(|(_, slots)| !slots.is_empty())
+            .map(
+                |(expert, slots)| -> Result<(Vec<u32>, Tensor), ExpertError> {
+                    let tokens: Vec<u32> = slots
+                        .iter()
+                        .map(|&i| assignments[i as usize].token)
+                        .collect();
+                    let weights: Vec<f32> = slots
+                        .iter()
+                        .map(|&i| assignments[i as usize].weight)
+                        .collect();
+                    let m = slots.len();
+                    let idx = Tensor::from_vec(tokens, m, device)?;
+                    let w = Tensor::from_vec(weights, (m, 1), device)?.to_dtype(self.dtype)?;
+                    let mlp = row[expert]
+                        .as_ref()
+                        .ok_or(ExpertError::NotHeld { layer, expert })?;
+                    let ys = mlp.forward(&xs.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
+                    Ok((slots, ys))
+                },
+            )
+            .collect::<Result<_, _>>()?;
+        if per_expert.is_empty() {
+            return Ok(Tensor::zeros((0, hidden), self.dtype, device)?);
+        }
+        // Rows are grouped by expert; put them back in assignment order.
+        let mut position = vec![0u32; assignments.len()];
+        let mut next = 0u32;
+        for (slots, _) in &per_expert {
+            for &slot in slots {
+                position[slot as usize] = next;
+                next += 1;
             }
-            let m = tokens.len();
-            let idx = Tensor::from_vec(tokens, m, xs.device())?;
-            let w = Tensor::from_vec(weights, (m, 1), xs.device())?.to_dtype(self.dtype)?;
-            let ys = mlp.forward(&xs.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
-            out = out.index_add(&idx, &ys, 0)?;
         }
-        Ok(out)
+        let stacked = Tensor::cat(&per_expert.iter().map(|(_, ys)| ys).collect::<Vec<_>>(), 0)?;
+        let order = Tensor::from_vec(position, assignments.len(), device)?;
+        Ok(stacked.index_select(&order, 0)?)
     }
+}
+
+/// Assignment indices per expert id (index = expert), each list in assignment order.
+fn group_by_expert(assignments: &[Assignment], num_experts: usize) -> Vec<(usize, Vec<u32>)> {
+    let mut groups: Vec<(usize, Vec<u32>)> = (0..num_experts).map(|e| (e, Vec::new())).collect();
+    for (i, a) in assignments.iter().enumerate() {
+        if let Some((_, slots)) = groups.get_mut(a.expert as usize) {
+            slots.push(i as u32);
+        }
+    }
+    groups
+}
+
+/// Sums per-assignment expert outputs (`[n_assignments, hidden]`, in `assignments` order) into
+/// per-token results `[n_tokens, hidden]`: starting from zeros, experts in ascending id, as the
+/// reference's loop does. Because the order depends only on expert ids, the result is the same
+/// bits wherever each expert was computed.
+pub fn combine(
+    n_tokens: usize,
+    assignments: &[Assignment],
+    outputs: &Tensor,
+) -> Result<Tensor, ExpertError> {
+    let (rows, hidden) = outputs.dims2()?;
+    if rows != assignments.len() {
+        return Err(ExpertError::Inconsistent(format!(
+            "{rows} expert outputs for {} assignments",
+            assignments.len()
+        )));
+    }
+    let device = outputs.device();
+    let num_experts = assignments
+        .iter()
+        .map(|a| a.expert as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut out = Tensor::zeros((n_tokens, hidden), outputs.dtype(), device)?;
+    for (_, slots) in group_by_expert(assignments, num_experts) {
+        if slots.is_empty() {
+            continue;
+        }
+        let tokens: Vec<u32> = slots
+            .iter()
+            .map(|&i| assignments[i as usize].token)
+            .collect();
+        let m = slots.len();
+        let rows = outputs.index_select(&Tensor::from_vec(slots, m, device)?, 0)?;
+        out = out.index_add(&Tensor::from_vec(tokens, m, device)?, &rows, 0)?;
+    }
+    Ok(out)
 }
 
 impl Experts for LocalExperts {
     fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError> {
         let assignments: Vec<Assignment> = routing.assignments().collect();
-        self.forward_assignments(layer, xs, &assignments)
+        let outputs = self.expert_outputs(layer, xs, &assignments)?;
+        combine(routing.n_tokens(), &assignments, &outputs)
     }
 }

@@ -1,6 +1,9 @@
-//! omnishard's shared contract: the validated model configuration that every process agrees on.
-//! The gRPC wire format between the coordinator and the expert nodes lives here too.
+//! omnishard's shared contract: the validated model configuration that every process agrees on,
+//! and the versioned gRPC wire format (`omnishard.v1`) between the coordinator and expert nodes.
 
 pub mod config;
+pub mod placement;
+pub mod wire;
 
 pub use config::{Architecture, ConfigError, ModelConfig};
+pub use wire::{ServiceError, v1};

@@ -1,0 +1,217 @@
+//! The expert node's gRPC service (`omnishard.v1.ExpertService`): `Info`, unary `Forward` and the
+//! bidirectional `ForwardStream` the coordinator keeps open, plus standard gRPC health
+//! (NOT_SERVING while the weights load, SERVING once they are in memory).
+//!
+//! Every request is validated before any compute; a bad request gets INVALID_ARGUMENT or
+//! FAILED_PRECONDITION and the node goes on serving everyone else. Compute runs on the blocking
+//! pool, never on the async runtime.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device};
+use futures::StreamExt;
+use omnishard_proto::ServiceError;
+use omnishard_proto::v1::{
+    self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts,
+    expert_service_server::{ExpertService, ExpertServiceServer},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use crate::experts::{ExpertError, LocalExperts};
+use crate::wire::{self, DecodeError};
+
+/// Why a request failed on the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("the node is still loading its experts; retry when its health is SERVING")]
+    Loading,
+    #[error("model fingerprint mismatch: the request is for {got}, this node serves {expected}")]
+    Fingerprint { expected: String, got: String },
+    #[error(
+        "token_index, expert_id and weight must have equal lengths (got {tokens}, {experts}, {weights})"
+    )]
+    Lengths {
+        tokens: usize,
+        experts: usize,
+        weights: usize,
+    },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Expert(#[from] ExpertError),
+    #[error("output encoding failed: {0}")]
+    Encode(String),
+    #[error("compute task failed: {0}")]
+    Join(String),
+}
+
+impl ServiceError for NodeError {
+    fn status_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            NodeError::Loading => Code::Unavailable,
+            NodeError::Fingerprint { .. } => Code::FailedPrecondition,
+            NodeError::Lengths { .. } | NodeError::Decode(_) => Code::InvalidArgument,
+            NodeError::Expert(e) => match e {
+                ExpertError::UnknownLayer { .. }
+                | ExpertError::InvalidInput { .. }
+                | ExpertError::InvalidRouting { .. } => Code::InvalidArgument,
+                ExpertError::NotHeld { .. } => Code::FailedPrecondition,
+                ExpertError::Candle(_) | ExpertError::Inconsistent(_) => Code::Internal,
+                ExpertError::Node { .. } => Code::Unavailable,
+            },
+            NodeError::Encode(_) | NodeError::Join(_) => Code::Internal,
+        }
+    }
+}
+
+/// What the node is and holds; `experts` is set once loading finishes.
+pub struct NodeState {
+    pub name: String,
+    pub fingerprint: String,
+    pub dtype: DType,
+    pub device: Device,
+    pub experts: OnceLock<Arc<LocalExperts>>,
+}
+
+#[derive(Clone)]
+pub struct ExpertNodeService {
+    state: Arc<NodeState>,
+}
+
+impl ExpertNodeService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        Self { state }
+    }
+
+    /// The tonic service with message size limits applied in both directions.
+    pub fn into_server(self, max_message_bytes: usize) -> ExpertServiceServer<Self> {
+        ExpertServiceServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+
+    #[instrument(skip_all, fields(layer = req.layer, request_id = req.request_id, n_assignments = req.token_index.len()))]
+    async fn handle(&self, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
+        let experts = self
+            .state
+            .experts
+            .get()
+            .cloned()
+            .ok_or(NodeError::Loading)?;
+        if !req.fingerprint.is_empty() && req.fingerprint != self.state.fingerprint {
+            return Err(NodeError::Fingerprint {
+                expected: self.state.fingerprint.clone(),
+                got: req.fingerprint,
+            });
+        }
+        let assignments = wire::assignments_from_wire(&req).ok_or(NodeError::Lengths {
+            tokens: req.token_index.len(),
+            experts: req.expert_id.len(),
+            weights: req.weight.len(),
+        })?;
+        let xs = wire::decode(req.hidden.as_ref(), "hidden", &self.state.device)?;
+        let layer = req.layer as usize;
+        let output = tokio::task::spawn_blocking(move || {
+            let ys = experts.expert_outputs(layer, &xs, &assignments)?;
+            wire::encode(&ys).map_err(|e| NodeError::Encode(e.to_string()))
+        })
+        .await
+        .map_err(|e| NodeError::Join(e.to_string()))??;
+        Ok(ForwardResponse {
+            request_id: req.request_id,
+            output: Some(output),
+            error: None,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ExpertService for ExpertNodeService {
+    async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let experts = self
+            .state
+            .experts
+            .get()
+            .ok_or_else(|| NodeError::Loading.to_status())?;
+        let mut layers: Vec<LayerExperts> = Vec::new();
+        for (layer, expert) in experts.held() {
+            match layers.last_mut() {
+                Some(l) if l.layer == layer as u32 => l.experts.push(expert as u32),
+                _ => layers.push(LayerExperts {
+                    layer: layer as u32,
+                    experts: vec![expert as u32],
+                }),
+            }
+        }
+        Ok(Response::new(InfoResponse {
+            fingerprint: self.state.fingerprint.clone(),
+            layers,
+            dtype: wire::wire_dtype(self.state.dtype).unwrap_or(v1::Dtype::Unspecified) as i32,
+            memory_bytes: experts.size_in_bytes() as u64,
+            node_name: self.state.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        self.handle(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
+    }
+
+    type ForwardStreamStream = ReceiverStream<Result<ForwardResponse, Status>>;
+
+    async fn forward_stream(
+        &self,
+        req: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let req = match msg {
+                    Ok(req) => req,
+                    Err(status) => {
+                        // A frame we cannot decode (e.g. over the size limit) ends the stream;
+                        // a coordinator that went away shows up here as a transport error.
+                        match status.code() {
+                            tonic::Code::Unknown | tonic::Code::Cancelled => {
+                                tracing::debug!(%status, "coordinator closed the forward stream")
+                            }
+                            _ => tracing::warn!(%status, "forward stream closed by a bad frame"),
+                        }
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let svc = svc.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let id = req.request_id;
+                    let resp = svc.handle(req).await.unwrap_or_else(|e| {
+                        tracing::warn!(request_id = id, error = %e, "forward request failed");
+                        ForwardResponse {
+                            request_id: id,
+                            output: None,
+                            error: Some(v1::Error {
+                                code: e.status_code() as i32,
+                                message: e.to_string(),
+                            }),
+                        }
+                    });
+                    let _ = tx.send(Ok(resp)).await;
+                });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
