@@ -20,7 +20,7 @@ use omnishard_proto::ModelConfig;
 pub enum ModelError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("layer {layer}: {source}")]
+    #[error("{source}")]
     Experts { layer: usize, source: ExpertError },
     #[error("invalid input: {0}")]
     Input(String),

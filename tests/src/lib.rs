@@ -99,3 +99,87 @@ pub fn scratch_copy(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// A binary of this workspace, built next to the test executable by `cargo test --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .expect("target dir");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// A real `expert-node` process; killed when dropped.
+pub struct ExpertNode {
+    pub child: std::process::Child,
+    pub address: String,
+}
+
+impl ExpertNode {
+    /// Starts `expert-node --model DIR --listen 127.0.0.1:0 ARGS...` and waits for its
+    /// "listening on" line (it may still be loading: the coordinator waits for that).
+    pub fn start(model: &std::path::Path, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bin("expert-node"))
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn expert-node");
+        let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read stdout");
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        Self { child, address }
+    }
+
+    /// Starts shard i of n for every i.
+    pub fn shards(model: &std::path::Path, n: usize, dtype: &str) -> Vec<Self> {
+        (0..n)
+            .map(|i| Self::start(model, &["--shard", &format!("{i}/{n}"), "--dtype", dtype]))
+            .collect()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for ExpertNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn addresses(nodes: &[ExpertNode]) -> Vec<String> {
+    nodes.iter().map(|n| n.address.clone()).collect()
+}
+
+/// Whether a process still exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.contains(") Z "),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,263 @@
+//! An expert node faced with malformed `Forward` requests, unary and on the stream: each is
+//! rejected with INVALID_ARGUMENT / FAILED_PRECONDITION and a message, and the node keeps
+//! serving valid requests.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use omnishard_proto::v1::{
+    self, ForwardRequest, InfoRequest, expert_service_client::ExpertServiceClient,
+};
+use omnishard_tests::{ExpertNode, model_dir};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const HIDDEN: usize = 64;
+
+fn f32_tensor(rows: usize, cols: usize, value: f32) -> v1::Tensor {
+    v1::Tensor {
+        dtype: v1::Dtype::F32 as i32,
+        shape: vec![rows as u64, cols as u64],
+        data: Bytes::from(value.to_le_bytes().repeat(rows * cols)),
+    }
+}
+
+async fn client(address: &str) -> (ExpertServiceClient<Channel>, v1::InfoResponse) {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ExpertServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    for _ in 0..300 {
+        match client.info(InfoRequest {}).await {
+            Ok(info) => return (client, info.into_inner()),
+            Err(s) if s.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(s) => panic!("info: {s:?}"),
+        }
+    }
+    panic!("node never finished loading");
+}
+
+#[tokio::test]
+async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
+    let node = ExpertNode::start(
+        &model_dir("omni-gqa-top4"),
+        &["--shard", "0/2", "--max-message-mib", "1"],
+    );
+    let (mut client, info) = client(&node.address).await;
+    let held = &info.layers[0];
+    let (layer, expert) = (held.layer, held.experts[0]);
+    let not_held = (0..8).find(|e| !held.experts.contains(e)).unwrap();
+    let good = ForwardRequest {
+        request_id: 7,
+        layer,
+        hidden: Some(f32_tensor(2, HIDDEN, 0.5)),
+        token_index: vec![0, 1],
+        expert_id: vec![expert, expert],
+        weight: vec![0.25, 0.75],
+        fingerprint: info.fingerprint.clone(),
+    };
+    let resp = client.forward(good.clone()).await.unwrap().into_inner();
+    let out = resp.output.unwrap();
+    assert_eq!(
+        (out.shape.clone(), resp.request_id),
+        (vec![2, HIDDEN as u64], 7)
+    );
+
+    let bad_cases: Vec<(&str, ForwardRequest, Code, &str)> = vec![
+        (
+            "wrong hidden size",
+            ForwardRequest {
+                hidden: Some(f32_tensor(2, HIDDEN - 1, 0.5)),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "hidden size 63",
+        ),
+        (
+            "unknown layer",
+            ForwardRequest {
+                layer: 99,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "layer 99 is not an MoE layer",
+        ),
+        (
+            "expert not held",
+            ForwardRequest {
+                expert_id: vec![expert, not_held],
+                ..good.clone()
+            },
+            Code::FailedPrecondition,
+            "not held here",
+        ),
+        (
+            "token out of range",
+            ForwardRequest {
+                token_index: vec![0, 2],
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "out of range",
+        ),
+        (
+            "non-finite weight",
+            ForwardRequest {
+                weight: vec![0.25, f32::NAN],
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "non-finite",
+        ),
+        (
+            "ragged lists",
+            ForwardRequest {
+                weight: vec![0.25],
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "equal lengths",
+        ),
+        (
+            "duplicate assignment",
+            ForwardRequest {
+                token_index: vec![1, 1],
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "routed twice",
+        ),
+        (
+            "short payload",
+            ForwardRequest {
+                hidden: Some(v1::Tensor {
+                    data: Bytes::from(vec![0u8; 7]),
+                    ..f32_tensor(2, HIDDEN, 0.5)
+                }),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "bytes of data",
+        ),
+        (
+            "unknown dtype",
+            ForwardRequest {
+                hidden: Some(v1::Tensor {
+                    dtype: 42,
+                    ..f32_tensor(2, HIDDEN, 0.5)
+                }),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "unsupported dtype",
+        ),
+        (
+            "wrong dtype",
+            ForwardRequest {
+                hidden: Some(v1::Tensor {
+                    dtype: v1::Dtype::Bf16 as i32,
+                    shape: vec![2, HIDDEN as u64],
+                    data: Bytes::from(vec![0u8; 2 * HIDDEN * 2]),
+                }),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "computes in",
+        ),
+        (
+            "missing hidden",
+            ForwardRequest {
+                hidden: None,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "missing",
+        ),
+        (
+            "fingerprint mismatch",
+            ForwardRequest {
+                fingerprint: "other-model".into(),
+                ..good.clone()
+            },
+            Code::FailedPrecondition,
+            "fingerprint mismatch",
+        ),
+    ];
+    for (what, req, code, needle) in bad_cases {
+        let status = client.forward(req).await.unwrap_err();
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{what}: {}",
+            status.message()
+        );
+    }
+    // Over the 1 MiB limit the node was started with.
+    let huge = ForwardRequest {
+        hidden: Some(f32_tensor(5000, HIDDEN, 0.5)),
+        token_index: vec![0],
+        expert_id: vec![expert],
+        weight: vec![1.0],
+        ..good.clone()
+    };
+    let status = client.forward(huge).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("too large") || status.message().contains("length"),
+        "{status:?}"
+    );
+
+    // Still serving, unary and on the stream, where a bad request answers an error and the same
+    // stream then serves the next one.
+    let again = client.forward(good.clone()).await.unwrap().into_inner();
+    assert_eq!(again.output.unwrap().data, out.data);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut inbound = client
+        .forward_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(ForwardRequest {
+        request_id: 1,
+        layer: 99,
+        ..good.clone()
+    })
+    .await
+    .unwrap();
+    let first = inbound.message().await.unwrap().unwrap();
+    assert_eq!(first.request_id, 1);
+    assert_eq!(first.error.unwrap().code, Code::InvalidArgument as i32);
+    tx.send(ForwardRequest {
+        request_id: 2,
+        ..good.clone()
+    })
+    .await
+    .unwrap();
+    let second = inbound.message().await.unwrap().unwrap();
+    assert_eq!(second.request_id, 2);
+    assert_eq!(second.output.unwrap().data, out.data);
+}
+
+#[tokio::test]
+async fn info_and_health_report_the_partition() {
+    let node = ExpertNode::start(
+        &model_dir("omni-gqa-top4"),
+        &["--shard", "1/3", "--dtype", "bf16"],
+    );
+    let (_, info) = client(&node.address).await;
+    let held: usize = info.layers.iter().map(|l| l.experts.len()).sum();
+    assert_eq!(held, 8, "24 pairs over 3 shards");
+    assert_eq!(info.dtype, v1::Dtype::Bf16 as i32);
+    assert_eq!(info.node_name, "1/3");
+    assert_eq!(info.memory_bytes, 8 * 3 * 64 * 32 * 2);
+    assert_eq!(info.fingerprint.len(), 64);
+}
