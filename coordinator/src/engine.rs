@@ -87,6 +87,10 @@ impl Engine {
         self.model.config()
     }
 
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
     /// Logits (f32) for every token of `tokens`, one row of vocab_size per token. Without
     /// `positions`, text positions 0..n.
     pub fn score(

@@ -4,10 +4,14 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod remote;
 pub mod sampling;
+pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
+pub mod usage;
 
 pub use engine::{Engine, EngineError};
 pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};

@@ -3,12 +3,19 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The demo model shipped in the repository: the default --model.
+const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/demo-model");
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use omnishard_coordinator::cluster::{LocalCluster, find_expert_node_binary};
-use omnishard_coordinator::remote::RemoteOptions;
+use omnishard_coordinator::metrics::Metrics;
+use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
+use omnishard_coordinator::scheduler::{self, SchedulerConfig};
+use omnishard_coordinator::server::{self, AppState, ServeConfig};
 use omnishard_coordinator::{
     ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
     TextTokenizer, tokenizer::chatml,
@@ -33,14 +40,44 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the logits of every input token as JSON: {"logits": [[...vocab_size floats], ...]}.
     Score(ScoreArgs),
+    /// Serve an OpenAI-compatible HTTP API with continuous batching.
+    Serve(ServeArgs),
     /// Start N local expert-node processes (shard i/N each), run a command against them, and
     /// stop them all on exit, on error and on Ctrl-C.
     Cluster(ClusterArgs),
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address of the HTTP server.
+    #[arg(long, env = "OMNISHARD_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "OMNISHARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Model id reported by /v1/models and accepted in requests (default: the model directory's name).
+    #[arg(long, env = "OMNISHARD_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Sequences prefilling or decoding at once.
+    #[arg(long, env = "OMNISHARD_MAX_ACTIVE_SEQS", default_value_t = 64)]
+    max_active_seqs: usize,
+    /// Tokens per forward pass: one per decoding sequence, the rest for prompt chunks.
+    #[arg(long, env = "OMNISHARD_MAX_BATCHED_TOKENS", default_value_t = 512)]
+    max_batched_tokens: usize,
+    /// Prompt plus generated tokens per sequence (default: the model's max_position_embeddings, else 4096).
+    #[arg(long, env = "OMNISHARD_MAX_CONTEXT")]
+    max_context: Option<usize>,
+    /// Requests waiting for a slot; more get HTTP 429.
+    #[arg(long, env = "OMNISHARD_QUEUE_SIZE", default_value_t = 256)]
+    queue_size: usize,
+}
+
+#[derive(Args)]
 struct ModelArgs {
-    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json). Default:
+    /// the demo model shipped in the repository.
     #[arg(long, env = "OMNISHARD_MODEL")]
     model: Option<PathBuf>,
     /// Compute dtype. f32 matches the reference to ~1e-5; bf16 halves memory. Expert nodes must
@@ -76,15 +113,17 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn model_dir(&self) -> anyhow::Result<&Path> {
-        self.model
-            .as_deref()
-            .context("--model DIR is required (or set OMNISHARD_MODEL)")
+    fn model_dir(&self) -> &Path {
+        self.model.as_deref().unwrap_or(Path::new(DEMO_MODEL))
     }
 
     /// Loads the model with its experts in this process or on the given expert nodes.
     fn load(&self) -> anyhow::Result<Engine> {
-        let dir = self.model_dir()?;
+        self.load_observed(None)
+    }
+
+    fn load_observed(&self, observer: Option<Arc<dyn RpcObserver>>) -> anyhow::Result<Engine> {
+        let dir = self.model_dir();
         let addresses = match &self.placement {
             Some(path) => {
                 let cfg = ModelConfig::from_model_dir(dir)?;
@@ -106,6 +145,7 @@ impl ModelArgs {
             rpc_timeout: Duration::from_millis(self.rpc_timeout_ms.max(1)),
             startup_timeout: Duration::from_secs(self.startup_timeout_s),
             max_message_bytes: self.max_message_mib << 20,
+            observer,
         };
         Ok(Engine::load_remote(
             dir,
@@ -138,6 +178,8 @@ enum ClusterCommand {
     Generate(GenerateArgs),
     /// `score` against the local cluster.
     Score(ScoreArgs),
+    /// `serve` against the local cluster.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -213,7 +255,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let engine = args.model.load()?;
-    let tokenizer = TextTokenizer::load(args.model.model_dir()?, engine.config())?;
+    let tokenizer = TextTokenizer::load(args.model.model_dir(), engine.config())?;
     let text = if args.chat {
         chatml(&[ChatMessage {
             role: "user".into(),
@@ -287,6 +329,72 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(args.model.load_observed(Some(metrics.clone()))?);
+    let dir = args.model.model_dir();
+    let tokenizer = Arc::new(TextTokenizer::load(dir, engine.config())?);
+    let max_context = args
+        .max_context
+        .or(engine.config().max_position_embeddings)
+        .unwrap_or(4096);
+    if let Some(model_max) = engine.config().max_position_embeddings
+        && max_context > model_max
+    {
+        bail!(
+            "--max-context {max_context} exceeds the model's max_position_embeddings {model_max}"
+        );
+    }
+    if args.max_active_seqs == 0 || args.max_batched_tokens == 0 || args.queue_size == 0 {
+        bail!("--max-active-seqs, --max-batched-tokens and --queue-size must be at least 1");
+    }
+    let model_name = match args.served_model_name {
+        Some(name) => name,
+        None => std::fs::canonicalize(dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "omnishard".into()),
+    };
+    let scheduler = scheduler::start(
+        engine.clone(),
+        SchedulerConfig {
+            max_active: args.max_active_seqs,
+            max_batched_tokens: args.max_batched_tokens,
+            queue_size: args.queue_size,
+        },
+        metrics.clone(),
+    );
+    let state = Arc::new(AppState::new(
+        engine,
+        tokenizer,
+        scheduler,
+        metrics,
+        ServeConfig {
+            model_name: model_name.clone(),
+            api_key: args.api_key,
+            max_context,
+        },
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        eprintln!("serving model `{model_name}` on http://{addr} (OpenAI API under /v1)");
+        axum::serve(listener, server::router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
 fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let bin = match args.expert_node_bin {
         Some(bin) => bin,
@@ -296,6 +404,7 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let inner = match &mut command {
         ClusterCommand::Generate(a) => &mut a.model,
         ClusterCommand::Score(a) => &mut a.model,
+        ClusterCommand::Serve(a) => &mut a.model,
     };
     if !inner.nodes.is_empty() || inner.placement.is_some() {
         bail!("`cluster` starts its own expert nodes; drop --nodes / --placement from the command");
@@ -303,7 +412,7 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     if let Some(model) = args.model {
         inner.model = Some(model);
     }
-    let model = inner.model_dir()?.to_path_buf();
+    let model = inner.model_dir().to_path_buf();
     let timeout = Duration::from_secs(inner.startup_timeout_s);
     let local = LocalCluster::start(&bin, &model, args.count as usize, inner.dtype, timeout)?;
     inner.nodes = local.addresses().to_vec();
@@ -311,6 +420,7 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let result = match command {
         ClusterCommand::Generate(a) => generate(a),
         ClusterCommand::Score(a) => score(a),
+        ClusterCommand::Serve(a) => serve(a),
     };
     drop(local);
     result
@@ -326,6 +436,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
         Command::Score(args) => score(args),
+        Command::Serve(args) => serve(args),
         Command::Cluster(args) => cluster(args),
     }
 }

@@ -15,6 +15,8 @@ use omnishard_expert::ops::{linear, matmul};
 use omnishard_expert::{Checkpoint, CheckpointError, ExpertError, Experts, Routing, SwiGlu};
 use omnishard_proto::ModelConfig;
 
+use crate::usage::ExpertUsage;
+
 /// Errors running the model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -444,6 +446,7 @@ pub struct Model {
     lm_head: Tensor,
     rotary: RotaryEmbedding,
     experts: Arc<dyn Experts>,
+    usage: Arc<ExpertUsage>,
 }
 
 impl Model {
@@ -550,11 +553,17 @@ impl Model {
             lm_head,
             rotary: RotaryEmbedding::new(cfg),
             experts,
+            usage: Arc::new(ExpertUsage::new(cfg.num_hidden_layers, cfg.num_experts)),
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Tokens routed to each (layer, expert) since load.
+    pub fn usage(&self) -> &Arc<ExpertUsage> {
+        &self.usage
     }
 
     pub fn dtype(&self) -> DType {
@@ -622,6 +631,7 @@ impl Model {
                 Mlp::Dense(mlp) => mlp.forward(&normed)?,
                 Mlp::Moe(router) => {
                     let routing = router.route(&normed)?;
+                    self.usage.record(l, &routing.ids);
                     self.experts
                         .forward(router.layer, &normed, &routing)
                         .map_err(|source| ModelError::Experts { layer: l, source })?

@@ -27,8 +27,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::instrument;
 
+/// Receives the outcome of every per-layer call to a node (for metrics).
+pub trait RpcObserver: Send + Sync {
+    fn observe(&self, node: &str, seconds: f64, ok: bool);
+}
+
 /// Deadlines and limits of the coordinator's calls to expert nodes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RemoteOptions {
     /// Deadline of one layer's call to one node.
     pub rpc_timeout: Duration,
@@ -36,6 +41,17 @@ pub struct RemoteOptions {
     pub startup_timeout: Duration,
     /// Largest gRPC message sent or accepted.
     pub max_message_bytes: usize,
+    pub observer: Option<Arc<dyn RpcObserver>>,
+}
+
+impl std::fmt::Debug for RemoteOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteOptions")
+            .field("rpc_timeout", &self.rpc_timeout)
+            .field("startup_timeout", &self.startup_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for RemoteOptions {
@@ -44,6 +60,7 @@ impl Default for RemoteOptions {
             rpc_timeout: Duration::from_secs(10),
             startup_timeout: Duration::from_secs(60),
             max_message_bytes: 512 << 20,
+            observer: None,
         }
     }
 }
@@ -569,10 +586,19 @@ impl Experts for RemoteExperts {
             });
         }
         let timeout = self.opts.rpc_timeout;
-        let calls = shares
-            .iter()
-            .zip(requests)
-            .map(|(share, req)| self.nodes[share.node].forward(req, timeout));
+        let observer = self.opts.observer.clone();
+        let calls = shares.iter().zip(requests).map(|(share, req)| {
+            let node = self.nodes[share.node].clone();
+            let observer = observer.clone();
+            async move {
+                let started = Instant::now();
+                let result = node.forward(req, timeout).await;
+                if let Some(o) = &observer {
+                    o.observe(&node.name, started.elapsed().as_secs_f64(), result.is_ok());
+                }
+                result
+            }
+        });
         let handle = self.runtime.handle();
         let replies = match tokio::runtime::Handle::try_current() {
             Ok(_) => tokio::task::block_in_place(|| handle.block_on(join_all(calls))),

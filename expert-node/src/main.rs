@@ -10,12 +10,14 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Parser;
-use omnishard_expert::server::{ExpertNodeService, NodeState};
+use omnishard_expert::server::{ExpertNodeService, NodeState, incoming};
 use omnishard_expert::{Checkpoint, ComputeDtype, LocalExperts, fingerprint::fingerprint};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::{Placement, parse_shard, shard_pairs};
 use omnishard_proto::v1::expert_service_server::ExpertServiceServer;
-use tokio_stream::wrappers::TcpListenerStream;
+
+/// The demo model shipped in the repository.
+const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../coordinator/demo-model");
 
 #[derive(Parser)]
 #[command(
@@ -25,8 +27,9 @@ use tokio_stream::wrappers::TcpListenerStream;
     group(clap::ArgGroup::new("partition").required(true).args(["shard", "placement"]))
 )]
 struct Cli {
-    /// Hugging Face checkpoint directory (config.json and safetensors).
-    #[arg(long, env = "OMNISHARD_MODEL")]
+    /// Hugging Face checkpoint directory (config.json and safetensors). Default: the demo model
+    /// shipped in the repository.
+    #[arg(long, env = "OMNISHARD_MODEL", default_value = DEMO_MODEL)]
     model: PathBuf,
     /// Address to listen on. Use 0.0.0.0:PORT to accept coordinators on other machines; port 0
     /// picks a free port. The bound address is printed on stdout as "listening on ADDR".
@@ -125,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal()),
+            .serve_with_incoming_shutdown(incoming(listener), shutdown_signal()),
     );
 
     tracing::info!(node = %name, %addr, experts = pairs.len(), dtype = ?cli.dtype, "loading experts");

@@ -215,3 +215,15 @@ impl ExpertService for ExpertNodeService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
+
+/// Accepted connections of `listener` with Nagle's algorithm off: a decode step's small
+/// request/response pairs must not wait for delayed ACKs (~40 ms on Linux).
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
