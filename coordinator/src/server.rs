@@ -273,6 +273,8 @@ struct CompletionBody {
     top_k: Option<i64>,
     /// Extension (as vLLM).
     repetition_penalty: Option<f32>,
+    /// Extension (as vLLM): keep generating past stop tokens, up to max_tokens.
+    ignore_eos: Option<bool>,
     stop: Option<Stop>,
     seed: Option<u64>,
     stream: Option<bool>,
@@ -290,6 +292,7 @@ enum Kind {
 /// A validated request, ready for the scheduler.
 struct Prepared {
     prompt: Vec<u32>,
+    ignore_eos: bool,
     max_tokens: usize,
     sampling: SamplingParams,
     stop: Vec<String>,
@@ -424,6 +427,7 @@ fn prepare(state: &AppState, mut body: CompletionBody, kind: Kind) -> Result<Pre
     }
     Ok(Prepared {
         prompt,
+        ignore_eos: body.ignore_eos.unwrap_or(false),
         max_tokens,
         sampling,
         stop,
@@ -486,7 +490,11 @@ fn submit(state: &AppState, p: &Prepared) -> Result<UnboundedReceiver<Event>, Ap
         prompt: p.prompt.clone(),
         max_tokens: p.max_tokens,
         sampling: p.sampling.clone(),
-        stop_tokens: state.tokenizer.stop_tokens().to_vec(),
+        stop_tokens: if p.ignore_eos {
+            Vec::new()
+        } else {
+            state.tokenizer.stop_tokens().to_vec()
+        },
         events: tx,
     };
     state.scheduler.submit(req).map_err(|e| match e {
