@@ -1,20 +1,20 @@
 //! Per-layer round-trip overhead of a decode step through expert nodes, against the same experts
 //! called in-process. One token, hidden 2048, moe_intermediate 768, top-8 (the Qwen3-Omni thinker's
 //! shapes), f32 compute, loopback TCP. The nodes are real tonic servers with the expert-node
-//! service, run in this process on their own runtime so no separate build is needed.
+//! service, run in this process on their own runtime (`in_process_node`) so no separate build is
+//! needed.
 //!
 //! Run: `cargo bench -p omnishard-tests --bench rpc_overhead`
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_coordinator::remote::{RemoteExperts, RemoteOptions};
-use omnishard_expert::server::{ExpertNodeService, NodeState};
 use omnishard_expert::{Checkpoint, Experts, LocalExperts, Routing, fingerprint::fingerprint};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::shard_pairs;
+use omnishard_tests::in_process_node;
 
 const HIDDEN: usize = 2048;
 const INTER: usize = 768;
@@ -79,37 +79,6 @@ fn write_checkpoint(dir: &Path) {
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
-/// Starts an in-process expert node holding `pairs` on a loopback port; returns its address.
-fn start_node(
-    rt: &tokio::runtime::Runtime,
-    ckpt: &Checkpoint,
-    cfg: &ModelConfig,
-    fp: &str,
-    pairs: &[(usize, usize)],
-) -> String {
-    let experts =
-        LocalExperts::load(ckpt, cfg, pairs, DType::F32, &Device::Cpu, |_, _| {}).unwrap();
-    let state = Arc::new(NodeState {
-        name: format!("bench-{}", pairs.len()),
-        fingerprint: fp.to_string(),
-        dtype: DType::F32,
-        device: Device::Cpu,
-        experts: OnceLock::new(),
-    });
-    let _ = state.experts.set(Arc::new(experts));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let service = ExpertNodeService::new(state).into_server(64 << 20);
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(omnishard_expert::server::incoming(listener)),
-    );
-    address
-}
-
 fn median_and_p90(mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
     (samples[samples.len() / 2], samples[samples.len() * 9 / 10])
@@ -147,9 +116,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let one = vec![start_node(&rt, &ckpt, &cfg, &fp, &all)];
+    let one = vec![in_process_node(&rt, dir.path(), &all)];
     let two: Vec<String> = (0..2)
-        .map(|i| start_node(&rt, &ckpt, &cfg, &fp, &shard_pairs(&cfg, i, 2)))
+        .map(|i| in_process_node(&rt, dir.path(), &shard_pairs(&cfg, i, 2)))
         .collect();
     let opts = RemoteOptions::default();
     let (remote1, _) =

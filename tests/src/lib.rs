@@ -254,3 +254,43 @@ impl Drop for Server {
 pub fn demo_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../coordinator/demo-model")
 }
+
+/// An expert node served from this process on a loopback port (the real tonic service, for
+/// benchmarks that cannot rely on release binaries being built). Returns its address.
+pub fn in_process_node(
+    rt: &tokio::runtime::Runtime,
+    model: &std::path::Path,
+    pairs: &[(usize, usize)],
+) -> String {
+    use std::sync::{Arc, OnceLock};
+    let cfg = omnishard_proto::ModelConfig::from_model_dir(model).expect("config");
+    let ckpt = omnishard_expert::Checkpoint::open(model).expect("checkpoint");
+    let experts = omnishard_expert::LocalExperts::load(
+        &ckpt,
+        &cfg,
+        pairs,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        |_, _| {},
+    )
+    .expect("experts");
+    let state = Arc::new(omnishard_expert::server::NodeState {
+        name: format!("in-process-{}", pairs.len()),
+        fingerprint: omnishard_expert::fingerprint::fingerprint(&cfg, &ckpt).expect("fingerprint"),
+        dtype: candle_core::DType::F32,
+        device: candle_core::Device::Cpu,
+        experts: OnceLock::new(),
+    });
+    let _ = state.experts.set(Arc::new(experts));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let service = omnishard_expert::server::ExpertNodeService::new(state).into_server(64 << 20);
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(omnishard_expert::server::incoming(listener)),
+    );
+    address
+}

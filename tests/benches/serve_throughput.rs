@@ -1,0 +1,102 @@
+//! Serving throughput with continuous batching: 1, 8 and 32 concurrent streaming clients against
+//! the OpenAI-compatible server (real HTTP on loopback) over two expert nodes (real gRPC on
+//! loopback), on the demo model, f32. Each client asks for 64 tokens with ignore_eos, so every
+//! run generates the same number of tokens. Prints aggregate tokens/s, median time to first
+//! token, and the 32-over-1 throughput ratio. The server and nodes run in this process.
+//!
+//! Run: `cargo bench -p omnishard-tests --bench serve_throughput`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use omnishard_coordinator::metrics::Metrics;
+use omnishard_coordinator::remote::RemoteOptions;
+use omnishard_coordinator::scheduler::{self, SchedulerConfig};
+use omnishard_coordinator::server::{self, AppState, ServeConfig};
+use omnishard_coordinator::{ComputeDtype, Engine, TextTokenizer};
+use omnishard_proto::ModelConfig;
+use omnishard_proto::placement::shard_pairs;
+use omnishard_tests::{demo_model, in_process_node};
+
+const TOKENS: usize = 64;
+
+/// One streaming request; returns (time to first token, tokens received).
+async fn one_stream(client: &reqwest::Client, url: &str, prompt: &str) -> (Duration, usize) {
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": true, "stream": true});
+    let started = Instant::now();
+    let resp = client.post(url).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut first = None;
+    let mut chunks = 0;
+    let mut buf = String::new();
+    while let Some(bytes) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            if event.contains("\"text\":") && !event.contains("\"finish_reason\":\"length\"") {
+                first.get_or_insert_with(|| started.elapsed());
+                chunks += 1;
+            }
+        }
+    }
+    (first.unwrap_or_default(), chunks)
+}
+
+fn main() {
+    let model = demo_model();
+    let cfg = ModelConfig::from_model_dir(&model).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let nodes: Vec<String> = (0..2).map(|i| in_process_node(&rt, &model, &shard_pairs(&cfg, i, 2))).collect();
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(
+        Engine::load_remote(&model, ComputeDtype::F32, &nodes, RemoteOptions::default(), false).unwrap(),
+    );
+    let tokenizer = Arc::new(TextTokenizer::load(&model, engine.config()).unwrap());
+    let sched = scheduler::start(
+        engine.clone(),
+        SchedulerConfig { max_active: 64, max_batched_tokens: 512, queue_size: 256 },
+        metrics.clone(),
+    );
+    let state = Arc::new(AppState::new(
+        engine,
+        tokenizer,
+        sched,
+        metrics,
+        ServeConfig { model_name: "demo-model".into(), api_key: None, max_context: 512 },
+    ));
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}/v1/completions", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, server::router(state)).await });
+
+    let corpus = std::fs::read_to_string(model.join("corpus.txt")).unwrap();
+    let words: Vec<&str> = corpus.split(' ').collect();
+    let client = reqwest::Client::new();
+    println!("demo model, 2 expert nodes, f32; {TOKENS} tokens per stream");
+    println!("{:>8} {:>12} {:>16} {:>14}", "streams", "tokens/s", "median TTFT", "wall");
+    let mut rates = Vec::new();
+    for &n in &[1usize, 8, 32] {
+        // Warm-up, then the measured run.
+        rt.block_on(one_stream(&client, &url, "The lighthouse"));
+        let started = Instant::now();
+        let results = rt.block_on(futures::future::join_all((0..n).map(|i| {
+            let prompt = words[(i * 7) % (words.len() - 4)..(i * 7) % (words.len() - 4) + 4].join(" ");
+            let client = client.clone();
+            let url = url.clone();
+            async move { one_stream(&client, &url, &prompt).await }
+        })));
+        let wall = started.elapsed();
+        let tokens: usize = results.iter().map(|r| r.1).sum();
+        let mut ttft: Vec<Duration> = results.iter().map(|r| r.0).collect();
+        ttft.sort();
+        let rate = tokens as f64 / wall.as_secs_f64();
+        rates.push(rate);
+        println!(
+            "{n:>8} {rate:>12.1} {:>13.1} ms {:>11.2} s",
+            ttft[ttft.len() / 2].as_secs_f64() * 1e3,
+            wall.as_secs_f64()
+        );
+    }
+    println!("throughput ratio 32 streams / 1 stream: {:.1}x", rates[2] / rates[0]);
+}
