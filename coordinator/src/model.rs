@@ -302,28 +302,61 @@ impl Attention {
         })
     }
 
-    /// One sequence: `xs` `[s, hidden]` (normed), appended to `cache` at `layer`.
+    /// A batch of sequences: `xs` `[tokens, hidden]` (normed), the sequences' tokens one after
+    /// another; `cos`/`sin` `[tokens, head_dim]`. Projections, norms and RoPE run once over the
+    /// whole batch; only the attention itself runs per sequence, against its own cache.
     fn forward(
         &self,
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        cache: &mut KvCache,
+        seqs: &mut [SequenceInput<'_>],
         layer: usize,
     ) -> Result<Tensor> {
-        let (s, _) = xs.dims2()?;
+        let (n, _) = xs.dims2()?;
         let hd = self.head_dim;
-        let split = |t: Tensor, heads: usize| -> Result<Tensor> { Ok(t.reshape((s, heads, hd))?) };
+        let split = |t: Tensor, heads: usize| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?) };
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
         let q = self
             .q_norm
             .forward(&split(self.q_proj.forward(xs)?, self.n_heads)?)?;
+        let q = apply_rope(&q, &cos, &sin)?;
         let k = self
             .k_norm
             .forward(&split(self.k_proj.forward(xs)?, self.n_kv_heads)?)?;
+        let k = apply_rope(&k, &cos, &sin)?;
         let v = split(self.v_proj.forward(xs)?, self.n_kv_heads)?;
-        let q = apply_rope(&q.transpose(0, 1)?.contiguous()?, cos, sin)?;
-        let k = apply_rope(&k.transpose(0, 1)?.contiguous()?, cos, sin)?;
-        let v = v.transpose(0, 1)?.contiguous()?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for seq in seqs.iter_mut() {
+            let s = seq.tokens.len();
+            let heads_first = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.narrow(0, start, s)?.transpose(0, 1)?.contiguous()?)
+            };
+            let out = self.attend(
+                &heads_first(&q)?,
+                heads_first(&k)?,
+                heads_first(&v)?,
+                seq.cache,
+                layer,
+            )?;
+            outs.push(out);
+            start += s;
+        }
+        self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// Causal attention of one sequence's new queries `[heads, s, d]` over its cache plus the
+    /// new keys and values `[kv_heads, s, d]`; returns `[s, heads * d]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (_, s, hd) = q.dims3()?;
         let past = cache.seq_len();
         let (k, v) = cache.append(layer, k, v)?;
         let total = past + s;
@@ -337,27 +370,29 @@ impl Attention {
                 .reshape((self.n_heads, total, hd))?)
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (matmul(&q, &k.t()?)? * (hd as f64).powf(-0.5))?;
-        // Query i sits at absolute index past + i and sees keys 0..=past + i.
-        let mask: Vec<f32> = (0..s)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j <= past + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
+        let scores = (matmul(q, &k.t()?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
+        // Query i sits at absolute index past + i and sees keys 0..=past + i; a single query
+        // (a decode step) sees everything.
+        let scores = if s == 1 {
+            scores
+        } else {
+            let mask: Vec<f32> = (0..s)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j <= past + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (s, total), xs.device())?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(&mask)?)?
-                .to_dtype(xs.dtype())?;
-        let out = matmul(&probs, &v)?
+                .collect();
+            scores.broadcast_add(&Tensor::from_vec(mask, (s, total), q.device())?)?
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        Ok(matmul(&probs, &v)?
             .transpose(0, 1)?
-            .reshape((s, self.n_heads * hd))?;
-        self.o_proj.forward(&out)
+            .reshape((s, self.n_heads * hd))?)
     }
 }
 
@@ -578,7 +613,8 @@ impl Model {
         which: LogitsFor,
     ) -> Result<Vec<Tensor>> {
         let mut all_ids = Vec::new();
-        let mut rope = Vec::with_capacity(batch.len());
+        let mut cos_parts = Vec::with_capacity(batch.len());
+        let mut sin_parts = Vec::with_capacity(batch.len());
         for seq in batch.iter() {
             if seq.tokens.is_empty() || seq.positions.len() != seq.tokens.len() {
                 return Err(ModelError::Input(format!(
@@ -606,25 +642,19 @@ impl Model {
                 )));
             }
             all_ids.extend_from_slice(seq.tokens);
-            rope.push(
-                self.rotary
-                    .cos_sin(&seq.positions, self.dtype, &self.device)?,
-            );
+            let (cos, sin) = self
+                .rotary
+                .cos_sin(&seq.positions, self.dtype, &self.device)?;
+            cos_parts.push(cos);
+            sin_parts.push(sin);
         }
+        let (cos, sin) = (Tensor::cat(&cos_parts, 0)?, Tensor::cat(&sin_parts, 0)?);
         let n = all_ids.len();
         let ids = Tensor::from_vec(all_ids, n, &self.device)?;
         let mut xs = self.embed_tokens.index_select(&ids, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&xs)?;
-            let mut outs = Vec::with_capacity(batch.len());
-            let mut start = 0;
-            for (seq, (cos, sin)) in batch.iter_mut().zip(&rope) {
-                let len = seq.tokens.len();
-                let part = normed.narrow(0, start, len)?;
-                outs.push(layer.self_attn.forward(&part, cos, sin, seq.cache, l)?);
-                start += len;
-            }
-            let attn = Tensor::cat(&outs, 0)?;
+            let attn = layer.self_attn.forward(&normed, &cos, &sin, batch, l)?;
             let h = (xs + attn)?;
             let normed = layer.post_attention_layernorm.forward(&h)?;
             let mlp_out = match &layer.mlp {

@@ -47,16 +47,33 @@ async fn one_stream(client: &reqwest::Client, url: &str, prompt: &str) -> (Durat
 fn main() {
     let model = demo_model();
     let cfg = ModelConfig::from_model_dir(&model).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let nodes: Vec<String> = (0..2).map(|i| in_process_node(&rt, &model, &shard_pairs(&cfg, i, 2))).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let nodes: Vec<String> = (0..2)
+        .map(|i| in_process_node(&rt, &model, &shard_pairs(&cfg, i, 2)))
+        .collect();
     let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(
-        Engine::load_remote(&model, ComputeDtype::F32, &nodes, RemoteOptions::default(), false).unwrap(),
+        Engine::load_remote(
+            &model,
+            ComputeDtype::F32,
+            &nodes,
+            RemoteOptions::default(),
+            false,
+        )
+        .unwrap(),
     );
     let tokenizer = Arc::new(TextTokenizer::load(&model, engine.config()).unwrap());
     let sched = scheduler::start(
         engine.clone(),
-        SchedulerConfig { max_active: 64, max_batched_tokens: 512, queue_size: 256 },
+        SchedulerConfig {
+            max_active: 64,
+            max_batched_tokens: 512,
+            queue_size: 256,
+        },
         metrics.clone(),
     );
     let state = Arc::new(AppState::new(
@@ -64,9 +81,15 @@ fn main() {
         tokenizer,
         sched,
         metrics,
-        ServeConfig { model_name: "demo-model".into(), api_key: None, max_context: 512 },
+        ServeConfig {
+            model_name: "demo-model".into(),
+            api_key: None,
+            max_context: 512,
+        },
     ));
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let url = format!("http://{}/v1/completions", listener.local_addr().unwrap());
     rt.spawn(async move { axum::serve(listener, server::router(state)).await });
 
@@ -74,14 +97,18 @@ fn main() {
     let words: Vec<&str> = corpus.split(' ').collect();
     let client = reqwest::Client::new();
     println!("demo model, 2 expert nodes, f32; {TOKENS} tokens per stream");
-    println!("{:>8} {:>12} {:>16} {:>14}", "streams", "tokens/s", "median TTFT", "wall");
+    println!(
+        "{:>8} {:>12} {:>16} {:>14}",
+        "streams", "tokens/s", "median TTFT", "wall"
+    );
     let mut rates = Vec::new();
     for &n in &[1usize, 8, 32] {
         // Warm-up, then the measured run.
         rt.block_on(one_stream(&client, &url, "The lighthouse"));
         let started = Instant::now();
         let results = rt.block_on(futures::future::join_all((0..n).map(|i| {
-            let prompt = words[(i * 7) % (words.len() - 4)..(i * 7) % (words.len() - 4) + 4].join(" ");
+            let prompt =
+                words[(i * 7) % (words.len() - 4)..(i * 7) % (words.len() - 4) + 4].join(" ");
             let client = client.clone();
             let url = url.clone();
             async move { one_stream(&client, &url, &prompt).await }
@@ -98,5 +125,8 @@ fn main() {
             wall.as_secs_f64()
         );
     }
-    println!("throughput ratio 32 streams / 1 stream: {:.1}x", rates[2] / rates[0]);
+    println!(
+        "throughput ratio 32 streams / 1 stream: {:.1}x",
+        rates[2] / rates[0]
+    );
 }
