@@ -29,6 +29,7 @@ pub enum EngineError {
 
 pub struct Engine {
     model: Model,
+    remote: Option<Arc<RemoteExperts>>,
 }
 
 impl Engine {
@@ -67,7 +68,10 @@ impl Engine {
         let fp = fingerprint(&cfg, &ckpt)?;
         let (experts, masked) =
             RemoteExperts::connect(addresses, &cfg, &fp, dtype.dtype(), opts, allow_missing)?;
-        Self::with_experts(&ckpt, &cfg, dtype, Arc::new(experts), &masked)
+        let experts = Arc::new(experts);
+        let mut engine = Self::with_experts(&ckpt, &cfg, dtype, experts.clone(), &masked)?;
+        engine.remote = Some(experts);
+        Ok(engine)
     }
 
     /// Loads the dense part of the model and uses `experts` for the routed experts; the pairs in
@@ -80,7 +84,10 @@ impl Engine {
         masked: &[(usize, usize)],
     ) -> Result<Self, EngineError> {
         let model = Model::load(ckpt, cfg, dtype.dtype(), &Device::Cpu, experts, masked)?;
-        Ok(Self { model })
+        Ok(Self {
+            model,
+            remote: None,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -89,6 +96,11 @@ impl Engine {
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// The expert nodes, when the experts are remote.
+    pub fn remote(&self) -> Option<&Arc<RemoteExperts>> {
+        self.remote.as_ref()
     }
 
     /// Logits (f32) for every token of `tokens`, one row of vocab_size per token. Without

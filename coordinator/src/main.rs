@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use omnishard_coordinator::cluster::{LocalCluster, find_expert_node_binary};
 use omnishard_coordinator::metrics::Metrics;
-use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
+use omnishard_coordinator::remote::{RemoteExperts, RemoteOptions, RpcObserver};
 use omnishard_coordinator::scheduler::{self, SchedulerConfig};
 use omnishard_coordinator::server::{self, AppState, ServeConfig};
 use omnishard_coordinator::{
@@ -110,6 +110,10 @@ struct ModelArgs {
     /// Largest gRPC message sent to or accepted from an expert node, in MiB.
     #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = 512)]
     max_message_mib: usize,
+    /// How often every expert node's health is checked in the background (a node that failed is
+    /// re-admitted once it answers with the right fingerprint), in milliseconds.
+    #[arg(long, env = "OMNISHARD_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    health_interval_ms: u64,
 }
 
 impl ModelArgs {
@@ -145,6 +149,7 @@ impl ModelArgs {
             rpc_timeout: Duration::from_millis(self.rpc_timeout_ms.max(1)),
             startup_timeout: Duration::from_secs(self.startup_timeout_s),
             max_message_bytes: self.max_message_mib << 20,
+            health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
             observer,
         };
         Ok(Engine::load_remote(
@@ -375,6 +380,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_context,
         },
     ));
+    let placement = args.model.placement.clone();
+    let dir = dir.to_path_buf();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -386,6 +393,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         println!("listening on http://{addr}");
         eprintln!("serving model `{model_name}` on http://{addr} (OpenAI API under /v1)");
+        if let (Some(remote), Some(path)) = (state.engine.remote().cloned(), placement) {
+            tokio::spawn(reload_on_sighup(remote, path, dir.to_path_buf()));
+        }
         axum::serve(listener, server::router(state))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -393,6 +403,46 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     })
+}
+
+/// On SIGHUP, re-reads the placement file: nodes new to it join, nodes gone from it retire.
+async fn reload_on_sighup(remote: Arc<RemoteExperts>, path: PathBuf, model: PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; placement reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let addresses = ModelConfig::from_model_dir(&model)
+                .map_err(anyhow::Error::from)
+                .and_then(|cfg| Ok(Placement::from_file(&path, &cfg)?))
+                .map(|p| p.nodes.into_iter().map(|n| n.address).collect::<Vec<_>>());
+            match addresses {
+                Ok(addresses) => {
+                    let remote = remote.clone();
+                    let failures =
+                        tokio::task::spawn_blocking(move || remote.sync_addresses(&addresses))
+                            .await;
+                    match failures {
+                        Ok(f) if f.is_empty() => {
+                            tracing::info!(path = %path.display(), "placement reloaded")
+                        }
+                        Ok(f) => {
+                            tracing::warn!(?f, "placement reloaded; some nodes could not join")
+                        }
+                        Err(e) => tracing::error!(error = %e, "placement reload failed"),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "placement reload failed; keeping the current nodes")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (remote, path, model);
 }
 
 fn cluster(args: ClusterArgs) -> anyhow::Result<()> {

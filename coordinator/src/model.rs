@@ -650,6 +650,7 @@ impl Model {
         }
         let (cos, sin) = (Tensor::cat(&cos_parts, 0)?, Tensor::cat(&sin_parts, 0)?);
         let n = all_ids.len();
+        self.usage.record_tokens(n);
         let ids = Tensor::from_vec(all_ids, n, &self.device)?;
         let mut xs = self.embed_tokens.index_select(&ids, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
@@ -25,6 +25,9 @@ use omnishard_proto::v1::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tracing::instrument;
 
 /// Receives the outcome of every per-layer call to a node (for metrics).
@@ -41,6 +44,8 @@ pub struct RemoteOptions {
     pub startup_timeout: Duration,
     /// Largest gRPC message sent or accepted.
     pub max_message_bytes: usize,
+    /// How often the health of every node is checked in the background.
+    pub health_interval: Duration,
     pub observer: Option<Arc<dyn RpcObserver>>,
 }
 
@@ -60,6 +65,7 @@ impl Default for RemoteOptions {
             rpc_timeout: Duration::from_secs(10),
             startup_timeout: Duration::from_secs(60),
             max_message_bytes: 512 << 20,
+            health_interval: Duration::from_secs(1),
             observer: None,
         }
     }
@@ -117,10 +123,22 @@ struct NodeClient {
     name: String,
     address: String,
     client: ExpertServiceClient<Channel>,
+    channel: Channel,
     stream: tokio::sync::Mutex<Option<StreamConn>>,
     next_id: AtomicU64,
     /// Set when the coordinator shuts down, so the end of the stream is not reported as a fault.
     closing: Arc<AtomicBool>,
+    /// Routed to; cleared when a call fails, set again by the health checker.
+    up: AtomicBool,
+    /// Removed from the cluster (placement reload); never routed to again.
+    retired: AtomicBool,
+    /// Assignments sent and not yet answered: the "outstanding work" replicas are chosen by.
+    outstanding: AtomicU64,
+    /// Assignments this node has answered, and calls that failed.
+    served: AtomicU64,
+    errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    held: Mutex<Vec<(usize, usize)>>,
 }
 
 impl NodeClient {
@@ -236,23 +254,50 @@ impl NodeClient {
     }
 }
 
-/// The routed experts of a model, served by expert nodes.
+/// The routed experts of a model, served by expert nodes, with replicas, failover and
+/// background health checks.
 pub struct RemoteExperts {
-    nodes: Vec<Arc<NodeClient>>,
-    /// `[layer][expert]` → indices into `nodes` of the nodes holding it.
-    table: Vec<Vec<Vec<usize>>>,
+    shared: Arc<Shared>,
+    runtime: Runtime,
+}
+
+struct Shared {
+    cfg: ModelConfig,
     fingerprint: String,
     dtype: DType,
     opts: RemoteOptions,
-    runtime: Runtime,
+    nodes: RwLock<Vec<Arc<NodeClient>>>,
+    /// `[layer][expert]` → indices into `nodes` of the nodes holding it (up or down).
+    table: RwLock<Arc<Vec<Vec<Vec<usize>>>>>,
 }
 
 impl Drop for RemoteExperts {
     fn drop(&mut self) {
-        for node in &self.nodes {
+        for node in self
+            .shared
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             node.closing.store(true, Ordering::Release);
         }
     }
+}
+
+/// What the coordinator knows about one node (for `/v1/stats` and `/admin/nodes`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub address: String,
+    pub up: bool,
+    pub retired: bool,
+    pub experts: usize,
+    /// Assignments (token × expert) answered.
+    pub assignments: u64,
+    pub errors: u64,
+    pub outstanding: u64,
+    pub last_error: Option<String>,
 }
 
 /// A private tokio runtime for the RPCs, so the model code can stay synchronous and run on any
@@ -342,15 +387,10 @@ impl RemoteExperts {
             .map(|a| connect_node(a.clone(), cfg, fingerprint, dtype, &opts));
         let results = runtime.handle().block_on(join_all(connects));
         let mut nodes = Vec::with_capacity(results.len());
-        let mut table: Vec<Vec<Vec<usize>>> =
-            vec![vec![Vec::new(); cfg.num_experts]; cfg.num_hidden_layers];
-        for (i, result) in results.into_iter().enumerate() {
-            let (client, held) = result?;
-            for (l, e) in held {
-                table[l][e].push(i);
-            }
-            nodes.push(Arc::new(client));
+        for result in results {
+            nodes.push(Arc::new(result?));
         }
+        let table = build_table(cfg, &nodes);
         let missing: Vec<(usize, usize)> = cfg
             .expert_pairs()
             .into_iter()
@@ -370,32 +410,243 @@ impl RemoteExperts {
                 "--allow-missing-experts: these experts are served by no node and are MASKED OUT of the router; output differs from the full model: {list}"
             );
         }
-        Ok((
-            Self {
-                nodes,
-                table,
-                fingerprint: fingerprint.to_string(),
-                dtype,
-                opts,
-                runtime,
-            },
-            missing,
-        ))
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            fingerprint: fingerprint.to_string(),
+            dtype,
+            opts,
+            nodes: RwLock::new(nodes),
+            table: RwLock::new(Arc::new(table)),
+        });
+        runtime.handle().spawn(health_loop(Arc::downgrade(&shared)));
+        Ok((Self { shared, runtime }, missing))
     }
 
-    /// Names and addresses of the nodes, in the order given.
-    pub fn nodes(&self) -> Vec<(String, String)> {
-        self.nodes
+    /// Every node with its state, in the order added.
+    pub fn status(&self) -> Vec<NodeStatus> {
+        self.shared
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|n| (n.name.clone(), n.address.clone()))
+            .map(|n| n.status())
             .collect()
     }
 
-    /// The node that computes (layer, expert) in this call. All tokens of one expert go to one
-    /// node, so each expert sees the same batch wherever it lives.
-    fn pick(&self, layer: usize, expert: usize) -> Option<usize> {
-        let replicas = self.table.get(layer)?.get(expert)?;
-        (!replicas.is_empty()).then(|| replicas[(layer + expert) % replicas.len()])
+    /// Adds a node to the running cluster (or brings a retired one back): it is connected to,
+    /// its fingerprint and dtype checked, and it takes its share of traffic from the next call.
+    pub fn add_node(&self, address: &str) -> Result<NodeStatus, ClusterError> {
+        let existing = self.shared.find(address);
+        if let Some(node) = existing {
+            node.retired.store(false, Ordering::Release);
+            let (cfg, fp, dtype, opts) = (
+                &self.shared.cfg,
+                &self.shared.fingerprint,
+                self.shared.dtype,
+                &self.shared.opts,
+            );
+            let readmitted = self.block_on(readmit(&node, cfg, fp, dtype, opts));
+            if let Err(reason) = readmitted {
+                return Err(ClusterError::Unreachable {
+                    address: address.to_string(),
+                    reason,
+                });
+            }
+            self.shared.rebuild_table();
+            return Ok(node.status());
+        }
+        let opts = RemoteOptions {
+            startup_timeout: self.shared.opts.rpc_timeout,
+            ..self.shared.opts.clone()
+        };
+        let node = self.block_on(connect_node(
+            address.to_string(),
+            &self.shared.cfg,
+            &self.shared.fingerprint,
+            self.shared.dtype,
+            &opts,
+        ))?;
+        let node = Arc::new(node);
+        self.shared
+            .nodes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(node.clone());
+        self.shared.rebuild_table();
+        tracing::info!(node = %node.label(), experts = node.held_count(), "expert node joined");
+        Ok(node.status())
+    }
+
+    /// Makes the cluster's membership `addresses`: new ones join, absent ones are retired.
+    /// Returns the addresses that could not join, with the reason.
+    pub fn sync_addresses(&self, addresses: &[String]) -> Vec<(String, String)> {
+        let mut failures = Vec::new();
+        for address in addresses {
+            let known = self.shared.find(address);
+            if known
+                .as_ref()
+                .is_some_and(|n| !n.retired.load(Ordering::Acquire))
+            {
+                continue;
+            }
+            if let Err(e) = self.add_node(address) {
+                failures.push((address.clone(), e.to_string()));
+            }
+        }
+        for node in self
+            .shared
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if !addresses.contains(&node.address) && !node.retired.swap(true, Ordering::AcqRel) {
+                tracing::warn!(node = %node.label(), "expert node retired (not in the reloaded placement)");
+            }
+        }
+        self.shared.rebuild_table();
+        failures
+    }
+
+    fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
+        let handle = self.runtime.handle();
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(|| handle.block_on(fut)),
+            Err(_) => handle.block_on(fut),
+        }
+    }
+}
+
+impl Shared {
+    fn find(&self, address: &str) -> Option<Arc<NodeClient>> {
+        self.nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|n| n.address == address)
+            .cloned()
+    }
+
+    fn rebuild_table(&self) {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let table = build_table(&self.cfg, &nodes);
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+}
+
+fn build_table(cfg: &ModelConfig, nodes: &[Arc<NodeClient>]) -> Vec<Vec<Vec<usize>>> {
+    let mut table = vec![vec![Vec::new(); cfg.num_experts]; cfg.num_hidden_layers];
+    for (i, node) in nodes.iter().enumerate() {
+        if node.retired.load(Ordering::Acquire) {
+            continue;
+        }
+        for &(l, e) in node.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            table[l][e].push(i);
+        }
+    }
+    table
+}
+
+impl NodeClient {
+    fn held_count(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            up: self.up.load(Ordering::Acquire),
+            retired: self.retired.load(Ordering::Acquire),
+            experts: self.held_count(),
+            assignments: self.served.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            outstanding: self.outstanding.load(Ordering::Relaxed),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    fn routable(&self) -> bool {
+        self.up.load(Ordering::Acquire) && !self.retired.load(Ordering::Acquire)
+    }
+
+    fn mark_down(&self, reason: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(node = %self.label(), %reason, "expert node marked down; its experts go to replicas");
+        }
+    }
+}
+
+/// Brings a down node back if it answers Info with our fingerprint and dtype.
+async fn readmit(
+    node: &NodeClient,
+    cfg: &ModelConfig,
+    fingerprint: &str,
+    dtype: DType,
+    opts: &RemoteOptions,
+) -> Result<(), String> {
+    let mut client = node.client.clone();
+    let mut req = tonic::Request::new(InfoRequest {});
+    req.set_timeout(opts.rpc_timeout);
+    let info = client
+        .info(req)
+        .await
+        .map_err(|s| format!("Info failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let held =
+        check_info(&node.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())?;
+    *node.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    // A fresh stream: the old one died with the node.
+    if let Some(conn) = node.stream.lock().await.take() {
+        conn.alive.store(false, Ordering::Release);
+    }
+    if !node.up.swap(true, Ordering::AcqRel) {
+        tracing::info!(node = %node.label(), "expert node re-admitted");
+    }
+    Ok(())
+}
+
+/// Every `health_interval`: gRPC health of the nodes that are up (a failure marks them down
+/// before a request has to find out), Info of those that are down (re-admitted when their
+/// fingerprint matches). Ends when the experts are dropped.
+async fn health_loop(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let interval = s.opts.health_interval;
+        let nodes = s.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut changed = false;
+        for node in nodes.iter().filter(|n| !n.retired.load(Ordering::Acquire)) {
+            if node.up.load(Ordering::Acquire) {
+                let mut health = HealthClient::new(node.channel.clone());
+                let mut req = tonic::Request::new(HealthCheckRequest {
+                    service: "omnishard.v1.ExpertService".into(),
+                });
+                req.set_timeout(s.opts.rpc_timeout);
+                let serving = matches!(
+                    health.check(req).await,
+                    Ok(r) if r.get_ref().status() == ServingStatus::Serving
+                );
+                if !serving {
+                    node.mark_down("health check failed");
+                }
+            } else if readmit(node, &s.cfg, &s.fingerprint, s.dtype, &s.opts)
+                .await
+                .is_ok()
+            {
+                changed = true;
+            }
+        }
+        if changed {
+            s.rebuild_table();
+        }
+        drop(s);
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -405,7 +656,7 @@ async fn connect_node(
     fingerprint: &str,
     dtype: DType,
     opts: &RemoteOptions,
-) -> Result<(NodeClient, Vec<(usize, usize)>), ClusterError> {
+) -> Result<NodeClient, ClusterError> {
     let unreachable = |reason: String| ClusterError::Unreachable {
         address: address.clone(),
         reason,
@@ -424,13 +675,13 @@ async fn connect_node(
                 .connect()
                 .await
                 .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
-            let mut client = ExpertServiceClient::new(channel)
+            let mut client = ExpertServiceClient::new(channel.clone())
                 .max_decoding_message_size(opts.max_message_bytes)
                 .max_encoding_message_size(opts.max_message_bytes);
             let mut req = tonic::Request::new(InfoRequest {});
             req.set_timeout(opts.rpc_timeout);
             match client.info(req).await {
-                Ok(info) => Ok((client, info.into_inner())),
+                Ok(info) => Ok((client, channel, info.into_inner())),
                 Err(s) => Err(format!("Info failed: {:?}: {}", s.code(), s.message())),
             }
         };
@@ -448,7 +699,42 @@ async fn connect_node(
             }
         }
     };
-    let (client, info) = info;
+    let (client, channel, info) = info;
+    let name = if info.node_name.is_empty() {
+        address.clone()
+    } else {
+        info.node_name.clone()
+    };
+    let memory_bytes = info.memory_bytes;
+    let held = check_info(&address, info, cfg, fingerprint, dtype)?;
+    tracing::info!(%address, node = %name, experts = held.len(), memory_bytes, "expert node ready");
+    Ok(NodeClient {
+        name,
+        address,
+        channel,
+        client,
+        stream: tokio::sync::Mutex::new(None),
+        next_id: AtomicU64::new(0),
+        closing: Arc::new(AtomicBool::new(false)),
+        up: AtomicBool::new(true),
+        retired: AtomicBool::new(false),
+        outstanding: AtomicU64::new(0),
+        served: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        last_error: Mutex::new(None),
+        held: Mutex::new(held),
+    })
+}
+
+/// Checks a node's Info against this model; returns the (layer, expert) pairs it holds.
+fn check_info(
+    address: &str,
+    info: v1::InfoResponse,
+    cfg: &ModelConfig,
+    fingerprint: &str,
+    dtype: DType,
+) -> Result<Vec<(usize, usize)>, ClusterError> {
+    let address = address.to_string();
     if info.fingerprint != fingerprint {
         return Err(ClusterError::Fingerprint {
             address,
@@ -471,7 +757,7 @@ async fn connect_node(
     let mut held = Vec::new();
     for layer in &info.layers {
         let l = layer.layer as usize;
-        if !cfg.is_moe_layer(l) || l >= cfg.num_hidden_layers {
+        if l >= cfg.num_hidden_layers || !cfg.is_moe_layer(l) {
             return Err(ClusterError::BadInfo {
                 address,
                 reason: format!("layer {l} is not an MoE layer of this model"),
@@ -487,23 +773,7 @@ async fn connect_node(
             held.push((l, e as usize));
         }
     }
-    tracing::info!(%address, node = %info.node_name, experts = held.len(), memory_bytes = info.memory_bytes, "expert node ready");
-    let name = if info.node_name.is_empty() {
-        address.clone()
-    } else {
-        info.node_name
-    };
-    Ok((
-        NodeClient {
-            name,
-            address,
-            client,
-            stream: tokio::sync::Mutex::new(None),
-            next_id: AtomicU64::new(0),
-            closing: Arc::new(AtomicBool::new(false)),
-        },
-        held,
-    ))
+    Ok(held)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -528,102 +798,227 @@ struct NodeShare {
     local: Vec<Assignment>,
 }
 
-impl Experts for RemoteExperts {
-    fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError> {
-        let node_error = |node: &NodeClient, reason: String| ExpertError::Node {
-            node: node.label(),
-            layer,
-            reason,
-        };
-        let mut shares: Vec<Option<NodeShare>> = (0..self.nodes.len()).map(|_| None).collect();
-        let mut local_index: Vec<HashMap<u32, u32>> = vec![HashMap::new(); self.nodes.len()];
-        for a in routing.assignments() {
-            let node = self
-                .pick(layer, a.expert as usize)
+impl RemoteExperts {
+    /// Chooses, for every expert in `pending`, the live replica with the least outstanding work
+    /// (assignments in flight, counting those planned in this call; ties to the node that has
+    /// served least). All tokens of one expert go to one node, so each expert sees the same
+    /// batch wherever it lives.
+    fn plan(
+        &self,
+        layer: usize,
+        pending: &[Assignment],
+        table: &[Vec<Vec<usize>>],
+        nodes: &[Arc<NodeClient>],
+        failures: &[(String, String)],
+    ) -> Result<Vec<NodeShare>, ExpertError> {
+        let mut by_expert: BTreeMap<u32, Vec<Assignment>> = BTreeMap::new();
+        for a in pending {
+            by_expert.entry(a.expert).or_default().push(*a);
+        }
+        let mut planned = vec![0u64; nodes.len()];
+        let mut shares: Vec<Option<NodeShare>> = (0..nodes.len()).map(|_| None).collect();
+        let mut local_index: Vec<HashMap<u32, u32>> = vec![HashMap::new(); nodes.len()];
+        for (expert, group) in by_expert {
+            let holders = table
+                .get(layer)
+                .and_then(|row| row.get(expert as usize))
                 .ok_or(ExpertError::NotHeld {
                     layer,
-                    expert: a.expert as usize,
+                    expert: expert as usize,
                 })?;
+            if holders.is_empty() {
+                return Err(ExpertError::NotHeld {
+                    layer,
+                    expert: expert as usize,
+                });
+            }
+            let best = holders
+                .iter()
+                .copied()
+                .filter(|&i| nodes[i].routable())
+                .min_by_key(|&i| {
+                    let n = &nodes[i];
+                    (
+                        n.outstanding.load(Ordering::Relaxed) + planned[i],
+                        n.served.load(Ordering::Relaxed),
+                        i,
+                    )
+                });
+            let Some(node) = best else {
+                return Err(no_replica(layer, expert, holders, nodes, failures));
+            };
+            planned[node] += group.len() as u64;
             let share = shares[node].get_or_insert_with(|| NodeShare {
                 node,
                 tokens: Vec::new(),
                 global: Vec::new(),
                 local: Vec::new(),
             });
-            let next = share.tokens.len() as u32;
-            let local = *local_index[node].entry(a.token).or_insert_with(|| {
-                share.tokens.push(a.token);
-                next
-            });
-            share.global.push(a);
-            share.local.push(Assignment { token: local, ..a });
-        }
-        let shares: Vec<NodeShare> = shares.into_iter().flatten().collect();
-        let mut requests = Vec::with_capacity(shares.len());
-        for share in &shares {
-            let node = &self.nodes[share.node];
-            let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), xs.device())?;
-            let hidden = wire::encode(&xs.index_select(&idx, 0)?)?;
-            if hidden.data.len() > self.opts.max_message_bytes {
-                return Err(node_error(
-                    node,
-                    format!(
-                        "the request would be {} MiB, over the {} MiB message limit; raise --max-message-mib on the coordinator and the nodes",
-                        hidden.data.len() >> 20,
-                        self.opts.max_message_bytes >> 20
-                    ),
-                ));
+            for a in group {
+                let next = share.tokens.len() as u32;
+                let local = *local_index[node].entry(a.token).or_insert_with(|| {
+                    share.tokens.push(a.token);
+                    next
+                });
+                share.global.push(a);
+                share.local.push(Assignment { token: local, ..a });
             }
-            let (token_index, expert_id, weight) = assignments_to_wire(&share.local);
-            requests.push(ForwardRequest {
-                request_id: 0,
-                layer: layer as u32,
-                hidden: Some(hidden),
-                token_index,
-                expert_id,
-                weight,
-                fingerprint: self.fingerprint.clone(),
-            });
         }
-        let timeout = self.opts.rpc_timeout;
-        let observer = self.opts.observer.clone();
-        let calls = shares.iter().zip(requests).map(|(share, req)| {
-            let node = self.nodes[share.node].clone();
-            let observer = observer.clone();
-            async move {
-                let started = Instant::now();
-                let result = node.forward(req, timeout).await;
-                if let Some(o) = &observer {
-                    o.observe(&node.name, started.elapsed().as_secs_f64(), result.is_ok());
-                }
-                result
-            }
-        });
-        let handle = self.runtime.handle();
-        let replies = match tokio::runtime::Handle::try_current() {
-            Ok(_) => tokio::task::block_in_place(|| handle.block_on(join_all(calls))),
-            Err(_) => handle.block_on(join_all(calls)),
+        Ok(shares.into_iter().flatten().collect())
+    }
+}
+
+/// The error for an expert none of whose holders is up, naming them and why they are down.
+fn no_replica(
+    layer: usize,
+    expert: u32,
+    holders: &[usize],
+    nodes: &[Arc<NodeClient>],
+    failures: &[(String, String)],
+) -> ExpertError {
+    if !failures.is_empty() {
+        return ExpertError::Node {
+            node: failures
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            layer,
+            reason: format!(
+                "{}; no live replica holds expert {expert}",
+                failures
+                    .iter()
+                    .map(|(_, r)| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
         };
-        let mut outputs = Vec::with_capacity(shares.len());
-        let mut assignments = Vec::with_capacity(routing.ids.len());
-        for (share, reply) in shares.iter().zip(replies) {
-            let node = &self.nodes[share.node];
-            let output = reply.map_err(|reason| node_error(node, reason))?;
-            let ys = wire::decode(Some(&output), "output", xs.device())
-                .map_err(|e| node_error(node, e.to_string()))?;
-            if ys.dims() != [share.global.len(), xs.dim(1)?] || ys.dtype() != self.dtype {
-                return Err(node_error(
-                    node,
-                    format!(
-                        "answered a {:?} {:?} tensor for {} assignments",
-                        ys.dtype(),
-                        ys.dims(),
-                        share.global.len()
-                    ),
-                ));
+    }
+    let down: Vec<String> = holders
+        .iter()
+        .map(|&i| {
+            let n = &nodes[i];
+            let why = n
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            format!(
+                "{} is down ({})",
+                n.label(),
+                why.unwrap_or_else(|| "retired".into())
+            )
+        })
+        .collect();
+    ExpertError::Node {
+        node: holders
+            .iter()
+            .map(|&i| nodes[i].label())
+            .collect::<Vec<_>>()
+            .join(", "),
+        layer,
+        reason: format!("no live replica holds expert {expert}: {}", down.join("; ")),
+    }
+}
+
+impl Experts for RemoteExperts {
+    fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError> {
+        let nodes = self
+            .shared
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let table = self
+            .shared
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let opts = &self.shared.opts;
+        let mut pending: Vec<Assignment> = routing.assignments().collect();
+        let mut outputs = Vec::new();
+        let mut assignments = Vec::with_capacity(pending.len());
+        let mut failures: Vec<(String, String)> = Vec::new();
+        // Each round sends what is left to live replicas; a node that fails is marked down and
+        // its share goes to the next round, within this same call.
+        while !pending.is_empty() {
+            let shares = self.plan(layer, &pending, &table, &nodes, &failures)?;
+            pending.clear();
+            let mut requests = Vec::with_capacity(shares.len());
+            for share in &shares {
+                let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), xs.device())?;
+                let hidden = wire::encode(&xs.index_select(&idx, 0)?)?;
+                if hidden.data.len() > opts.max_message_bytes {
+                    return Err(ExpertError::Node {
+                        node: nodes[share.node].label(),
+                        layer,
+                        reason: format!(
+                            "the request would be {} MiB, over the {} MiB message limit; raise --max-message-mib on the coordinator and the nodes",
+                            hidden.data.len() >> 20,
+                            opts.max_message_bytes >> 20
+                        ),
+                    });
+                }
+                let (token_index, expert_id, weight) = assignments_to_wire(&share.local);
+                requests.push(ForwardRequest {
+                    request_id: 0,
+                    layer: layer as u32,
+                    hidden: Some(hidden),
+                    token_index,
+                    expert_id,
+                    weight,
+                    fingerprint: self.shared.fingerprint.clone(),
+                });
             }
-            outputs.push(ys);
-            assignments.extend_from_slice(&share.global);
+            let calls = shares.iter().zip(requests).map(|(share, req)| {
+                let node = nodes[share.node].clone();
+                let observer = opts.observer.clone();
+                let work = share.global.len() as u64;
+                let timeout = opts.rpc_timeout;
+                async move {
+                    node.outstanding.fetch_add(work, Ordering::Relaxed);
+                    let started = Instant::now();
+                    let result = node.forward(req, timeout).await;
+                    node.outstanding.fetch_sub(work, Ordering::Relaxed);
+                    if let Some(o) = &observer {
+                        o.observe(&node.name, started.elapsed().as_secs_f64(), result.is_ok());
+                    }
+                    result
+                }
+            });
+            let replies = self.block_on(join_all(calls));
+            for (share, reply) in shares.into_iter().zip(replies) {
+                let node = &nodes[share.node];
+                let checked = reply.and_then(|output| {
+                    let ys = wire::decode(Some(&output), "output", xs.device())
+                        .map_err(|e| e.to_string())?;
+                    if ys.dims() != [share.global.len(), xs.dims2().map(|d| d.1).unwrap_or(0)]
+                        || ys.dtype() != self.shared.dtype
+                    {
+                        return Err(format!(
+                            "answered a {:?} {:?} tensor for {} assignments",
+                            ys.dtype(),
+                            ys.dims(),
+                            share.global.len()
+                        ));
+                    }
+                    Ok(ys)
+                });
+                match checked {
+                    Ok(ys) => {
+                        node.served
+                            .fetch_add(share.global.len() as u64, Ordering::Relaxed);
+                        outputs.push(ys);
+                        assignments.extend_from_slice(&share.global);
+                    }
+                    Err(reason) => {
+                        node.mark_down(&reason);
+                        failures.push((node.label(), reason));
+                        pending.extend_from_slice(&share.global);
+                    }
+                }
+            }
         }
         if outputs.is_empty() {
             return Ok(xs.zeros_like()?);

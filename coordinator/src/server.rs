@@ -124,12 +124,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/chat/completions", post(chat_completions))
         .route("/completions", post(completions))
         .route("/models", get(models))
+        .route("/stats", get(stats))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let admin = Router::new()
+        .route("/nodes", get(list_nodes).post(add_node))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
     Router::new()
         .nest("/v1", v1)
+        .nest("/admin", admin)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -146,10 +154,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let endpoint = match req.uri().path() {
-        p
-        @ ("/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => {
-            p.to_string()
-        }
+        p @ ("/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/models"
+        | "/v1/stats"
+        | "/admin/nodes"
+        | "/health"
+        | "/metrics") => p.to_string(),
         _ => "other".to_string(),
     };
     let started = Instant::now();
@@ -216,6 +227,106 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
         "object": "list",
         "data": [{"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "omnishard"}]
     }))
+}
+
+/// Usage statistics: tokens per (layer, expert), a per-layer summary, and per-node traffic.
+async fn stats(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let cfg = state.engine.config();
+    let usage = state.engine.model().usage();
+    let snapshot = usage.snapshot();
+    let mut layers = Vec::new();
+    for layer in cfg.moe_layers() {
+        let mut counts: Vec<(usize, u64)> = snapshot
+            .iter()
+            .filter(|(l, _, _)| *l == layer)
+            .map(|&(_, e, n)| (e, n))
+            .collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let total: u64 = counts.iter().map(|c| c.1).sum();
+        let share = |n: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                n as f64 / total as f64
+            }
+        };
+        let top_k = cfg.num_experts_per_tok;
+        layers.push(json!({
+            "layer": layer,
+            "assignments": total,
+            "distinct_experts": counts.len(),
+            "top_experts": counts.iter().take(top_k).map(|&(e, n)| json!({"expert": e, "assignments": n, "share": share(n)})).collect::<Vec<_>>(),
+            "top_k_share": share(counts.iter().take(top_k).map(|c| c.1).sum()),
+        }));
+    }
+    let nodes = state
+        .engine
+        .remote()
+        .map(|r| r.status())
+        .unwrap_or_default();
+    Json(json!({
+        "tokens": usage.tokens(),
+        "top_k": cfg.num_experts_per_tok,
+        "moe_layers": cfg.moe_layers(),
+        "num_experts": cfg.num_experts,
+        "experts": snapshot.iter().map(|&(l, e, n)| json!({"layer": l, "expert": e, "assignments": n})).collect::<Vec<_>>(),
+        "layers": layers,
+        "nodes": nodes,
+    }))
+}
+
+fn no_remote() -> ApiError {
+    ApiError::with(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "no_expert_nodes",
+        "this server runs its experts in-process; start it with --nodes or --placement to manage nodes",
+    )
+}
+
+async fn list_nodes(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.remote() {
+        Some(remote) => Json(json!({"nodes": remote.status()})).into_response(),
+        None => no_remote().into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNode {
+    address: String,
+}
+
+/// Adds an expert node to the running cluster: `{"address": "host:port"}`.
+async fn add_node(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let Some(remote) = state.engine.remote().cloned() else {
+        return no_remote().into_response();
+    };
+    let req: AddNode = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::invalid(format!("expected {{\"address\": \"host:port\"}}: {e}"))
+                .into_response();
+        }
+    };
+    // Connecting and checking the node blocks; keep it off the async workers.
+    match tokio::task::spawn_blocking(move || remote.add_node(&req.address)).await {
+        Ok(Ok(status)) => Json(json!({"node": status})).into_response(),
+        Ok(Err(e)) => ApiError::with(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "node_rejected",
+            e.to_string(),
+        )
+        .into_response(),
+        Err(e) => ApiError::with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal",
+            e.to_string(),
+        )
+        .into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize)]

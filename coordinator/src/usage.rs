@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct ExpertUsage {
     num_experts: usize,
     counts: Vec<AtomicU64>,
+    tokens: AtomicU64,
 }
 
 impl ExpertUsage {
@@ -14,7 +15,17 @@ impl ExpertUsage {
             counts: (0..num_layers * num_experts)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            tokens: AtomicU64::new(0),
         }
+    }
+
+    /// Counts tokens that went through the model (one forward row each).
+    pub fn record_tokens(&self, n: usize) {
+        self.tokens.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
     }
 
     pub fn record(&self, layer: usize, experts: &[u32]) {
