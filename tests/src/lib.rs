@@ -127,11 +127,16 @@ impl ExpertNode {
     /// Starts `expert-node --model DIR --listen 127.0.0.1:0 ARGS...` and waits for its
     /// "listening on" line (it may still be loading: the coordinator waits for that).
     pub fn start(model: &std::path::Path, args: &[&str]) -> Self {
+        Self::start_at(model, "127.0.0.1:0", args)
+    }
+
+    /// Like [`ExpertNode::start`], listening on `listen` (e.g. to restart on the same port).
+    pub fn start_at(model: &std::path::Path, listen: &str, args: &[&str]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(bin("expert-node"))
             .arg("--model")
             .arg(model)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())

@@ -1,0 +1,212 @@
+//! A cluster that keeps serving when nodes die: replicas take over within the same decode step
+//! with identical output, a restarted node is re-admitted, a node can join a running server, and
+//! usage statistics add up.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use omnishard_tests::{ExpertNode, Server, demo_model};
+use serde_json::{Value, json};
+
+fn serve_on(nodes: &[&ExpertNode], extra: &[&str]) -> Server {
+    let list = nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>().join(",");
+    let mut args = vec!["serve", "--nodes", &list, "--health-interval-ms", "100", "--rpc-timeout-ms", "3000"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// Streams a greedy completion; calls `at(n)` after the n-th text chunk. Returns the text, the
+/// longest gap between chunks, and the error event if the stream ended with one.
+async fn stream(server: &Server, max_tokens: usize, mut at: impl FnMut(usize)) -> (String, Duration, Option<Value>) {
+    let body = json!({"prompt": "The lighthouse keeper", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
+    let resp = reqwest::Client::new().post(server.url("/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut bytes = resp.bytes_stream();
+    let (mut buf, mut text, mut chunks, mut error) = (String::new(), String::new(), 0, None);
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
+    while let Some(b) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&b.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            if v.get("error").is_some() {
+                error = Some(v);
+                continue;
+            }
+            if let Some(t) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+                max_gap = max_gap.max(last.elapsed());
+                last = Instant::now();
+                text.push_str(t);
+                chunks += 1;
+                at(chunks);
+            }
+        }
+    }
+    (text, max_gap, error)
+}
+
+async fn stats(server: &Server) -> Value {
+    reqwest::get(server.url("/v1/stats")).await.unwrap().json().await.unwrap()
+}
+
+async fn node_field(server: &Server, address: &str, field: &str) -> Value {
+    let s = stats(server).await;
+    s["nodes"].as_array().unwrap().iter().find(|n| n["address"] == address).unwrap()[field].clone()
+}
+
+async fn wait_until_up(server: &Server, address: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node_field(server, address, "up").await != json!(true) {
+        assert!(Instant::now() < deadline, "{address} was never re-admitted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_take_over_mid_stream_and_a_restarted_node_is_readmitted() {
+    let model = demo_model();
+    // Every expert on two of four nodes: shards 0/2 and 1/2, twice each.
+    let mut nodes: Vec<ExpertNode> = ["0/2", "1/2", "0/2", "1/2"]
+        .iter()
+        .map(|s| ExpertNode::start(&model, &["--shard", s]))
+        .collect();
+    let server = serve_on(&nodes.iter().collect::<Vec<_>>(), &[]);
+    let (undisturbed, normal_gap, err) = stream(&server, 120, |_| {}).await;
+    assert!(err.is_none(), "{err:?}");
+
+    let victim = 1;
+    let (text, stall, err) = stream(&server, 120, |n| {
+        if n == 20 {
+            nodes[victim].signal("KILL");
+        }
+    })
+    .await;
+    assert!(err.is_none(), "the request failed: {err:?}");
+    assert_eq!(text, undisturbed, "output changed when a node died");
+    eprintln!("node killed mid-stream: longest gap between tokens {stall:?} (undisturbed run: {normal_gap:?})");
+    assert!(stall < Duration::from_millis(500), "stall {stall:?} over the 0.5 s goal");
+    let address = nodes[victim].address.clone();
+    assert_eq!(node_field(&server, &address, "up").await, json!(false));
+
+    // Restart it on the same port: re-admitted, and it gets traffic again.
+    let _ = nodes[victim].child.wait();
+    nodes[victim] = ExpertNode::start_at(&model, &address, &["--shard", "1/2"]);
+    wait_until_up(&server, &address).await;
+    let before = node_field(&server, &address, "assignments").await.as_u64().unwrap();
+    let (again, _, err) = stream(&server, 40, |_| {}).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(undisturbed.starts_with(&again));
+    let after = node_field(&server, &address, "assignments").await.as_u64().unwrap();
+    assert!(after > before, "the re-admitted node got no traffic ({before} → {after})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_replica_only_the_request_in_flight_fails() {
+    let model = demo_model();
+    let mut nodes: Vec<ExpertNode> = ["0/2", "1/2"].iter().map(|s| ExpertNode::start(&model, &["--shard", s])).collect();
+    let server = serve_on(&nodes.iter().collect::<Vec<_>>(), &[]);
+    let (_, _, err) = stream(&server, 200, |n| {
+        if n == 10 {
+            nodes[1].signal("KILL");
+        }
+    })
+    .await;
+    let err = err.expect("the stream should end with an error event");
+    let message = err["error"]["message"].as_str().unwrap();
+    eprintln!("in-flight request failed with: {message}");
+    assert!(message.contains(&nodes[1].address), "{message}");
+    assert_eq!(err["error"]["code"], "expert_nodes_unavailable");
+
+    // While it is down: a clear 503, and the server itself is fine.
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .json(&json!({"prompt": "The", "max_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("no live replica"), "{v}");
+    assert_eq!(reqwest::get(server.url("/health")).await.unwrap().status(), 200);
+
+    let address = nodes[1].address.clone();
+    let _ = nodes[1].child.wait();
+    nodes[1] = ExpertNode::start_at(&model, &address, &["--shard", "1/2"]);
+    wait_until_up(&server, &address).await;
+    let (text, _, err) = stream(&server, 10, |_| {}).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(!text.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_statistics_add_up() {
+    let model = demo_model();
+    let nodes: Vec<ExpertNode> = ["0/2", "1/2"].iter().map(|s| ExpertNode::start(&model, &["--shard", s])).collect();
+    let server = serve_on(&nodes.iter().collect::<Vec<_>>(), &[]);
+    let (_, _, err) = stream(&server, 30, |_| {}).await;
+    assert!(err.is_none());
+    let s = stats(&server).await;
+    let prompt_tokens = 3; // "The lighthouse keeper"
+    let tokens = s["tokens"].as_u64().unwrap();
+    // Every prompt token and every generated token but the last went through the model once.
+    assert_eq!(tokens, prompt_tokens + 30 - 1, "{s}");
+    let top_k = s["top_k"].as_u64().unwrap();
+    let moe_layers = s["moe_layers"].as_array().unwrap().len() as u64;
+    let per_pair: u64 = s["experts"].as_array().unwrap().iter().map(|e| e["assignments"].as_u64().unwrap()).sum();
+    assert_eq!(per_pair, tokens * top_k * moe_layers);
+    let per_node: u64 = s["nodes"].as_array().unwrap().iter().map(|n| n["assignments"].as_u64().unwrap()).sum();
+    assert_eq!(per_node, per_pair);
+    for layer in s["layers"].as_array().unwrap() {
+        assert_eq!(layer["assignments"].as_u64().unwrap(), tokens * top_k);
+        let distinct = layer["distinct_experts"].as_u64().unwrap();
+        assert!((1..=8).contains(&distinct));
+    }
+    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("omnishard_node_rpc_seconds_count{node=\"0/2\"}"), "per-node RPC metrics missing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_a_running_server() {
+    let model = demo_model();
+    let a = ExpertNode::start(&model, &["--shard", "0/2"]);
+    let b = ExpertNode::start(&model, &["--shard", "1/2"]);
+    let server = serve_on(&[&a, &b], &["--api-key", "k"]);
+    let joiner = ExpertNode::start(&model, &["--shard", "0/2"]);
+    let wrong = ExpertNode::start(&omnishard_tests::model_dir("omni-gqa-top4"), &["--shard", "0/1"]);
+    let client = reqwest::Client::new();
+    let add = |address: &str, key: Option<&str>| {
+        let mut req = client.post(server.url("/admin/nodes")).json(&json!({"address": address}));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    assert_eq!(add(&joiner.address, None).await.unwrap().status(), 401);
+    let resp = add(&wrong.address, Some("k")).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("another model"), "{v}");
+    let resp = add(&joiner.address, Some("k")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["node"]["up"], true);
+
+    for _ in 0..3 {
+        let resp = client
+            .post(server.url("/v1/completions"))
+            .bearer_auth("k")
+            .json(&json!({"prompt": "The lighthouse", "max_tokens": 8, "temperature": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let nodes: Value = client.get(server.url("/admin/nodes")).bearer_auth("k").send().await.unwrap().json().await.unwrap();
+    let joined = nodes["nodes"].as_array().unwrap().iter().find(|n| n["address"] == joiner.address.as_str()).unwrap();
+    assert!(joined["assignments"].as_u64().unwrap() > 0, "the new node got no traffic: {nodes}");
+}
