@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod remote;
 pub mod sampling;
 pub mod scheduler;

@@ -9,17 +9,38 @@ use omnishard_tests::{ExpertNode, Server, demo_model};
 use serde_json::{Value, json};
 
 fn serve_on(nodes: &[&ExpertNode], extra: &[&str]) -> Server {
-    let list = nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>().join(",");
-    let mut args = vec!["serve", "--nodes", &list, "--health-interval-ms", "100", "--rpc-timeout-ms", "3000"];
+    let list = nodes
+        .iter()
+        .map(|n| n.address.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec![
+        "serve",
+        "--nodes",
+        &list,
+        "--health-interval-ms",
+        "100",
+        "--rpc-timeout-ms",
+        "3000",
+    ];
     args.extend_from_slice(extra);
     Server::start(&args)
 }
 
 /// Streams a greedy completion; calls `at(n)` after the n-th text chunk. Returns the text, the
 /// longest gap between chunks, and the error event if the stream ended with one.
-async fn stream(server: &Server, max_tokens: usize, mut at: impl FnMut(usize)) -> (String, Duration, Option<Value>) {
+async fn stream(
+    server: &Server,
+    max_tokens: usize,
+    mut at: impl FnMut(usize),
+) -> (String, Duration, Option<Value>) {
     let body = json!({"prompt": "The lighthouse keeper", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
-    let resp = reqwest::Client::new().post(server.url("/v1/completions")).json(&body).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut bytes = resp.bytes_stream();
     let (mut buf, mut text, mut chunks, mut error) = (String::new(), String::new(), 0, None);
@@ -29,7 +50,9 @@ async fn stream(server: &Server, max_tokens: usize, mut at: impl FnMut(usize)) -
         buf.push_str(&String::from_utf8_lossy(&b.unwrap()));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 continue;
             }
@@ -51,12 +74,23 @@ async fn stream(server: &Server, max_tokens: usize, mut at: impl FnMut(usize)) -
 }
 
 async fn stats(server: &Server) -> Value {
-    reqwest::get(server.url("/v1/stats")).await.unwrap().json().await.unwrap()
+    reqwest::get(server.url("/v1/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 async fn node_field(server: &Server, address: &str, field: &str) -> Value {
     let s = stats(server).await;
-    s["nodes"].as_array().unwrap().iter().find(|n| n["address"] == address).unwrap()[field].clone()
+    s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"] == address)
+        .unwrap()[field]
+        .clone()
 }
 
 async fn wait_until_up(server: &Server, address: &str) {
@@ -88,8 +122,13 @@ async fn replicas_take_over_mid_stream_and_a_restarted_node_is_readmitted() {
     .await;
     assert!(err.is_none(), "the request failed: {err:?}");
     assert_eq!(text, undisturbed, "output changed when a node died");
-    eprintln!("node killed mid-stream: longest gap between tokens {stall:?} (undisturbed run: {normal_gap:?})");
-    assert!(stall < Duration::from_millis(500), "stall {stall:?} over the 0.5 s goal");
+    eprintln!(
+        "node killed mid-stream: longest gap between tokens {stall:?} (undisturbed run: {normal_gap:?})"
+    );
+    assert!(
+        stall < Duration::from_millis(500),
+        "stall {stall:?} over the 0.5 s goal"
+    );
     let address = nodes[victim].address.clone();
     assert_eq!(node_field(&server, &address, "up").await, json!(false));
 
@@ -97,18 +136,30 @@ async fn replicas_take_over_mid_stream_and_a_restarted_node_is_readmitted() {
     let _ = nodes[victim].child.wait();
     nodes[victim] = ExpertNode::start_at(&model, &address, &["--shard", "1/2"]);
     wait_until_up(&server, &address).await;
-    let before = node_field(&server, &address, "assignments").await.as_u64().unwrap();
+    let before = node_field(&server, &address, "assignments")
+        .await
+        .as_u64()
+        .unwrap();
     let (again, _, err) = stream(&server, 40, |_| {}).await;
     assert!(err.is_none(), "{err:?}");
     assert!(undisturbed.starts_with(&again));
-    let after = node_field(&server, &address, "assignments").await.as_u64().unwrap();
-    assert!(after > before, "the re-admitted node got no traffic ({before} → {after})");
+    let after = node_field(&server, &address, "assignments")
+        .await
+        .as_u64()
+        .unwrap();
+    assert!(
+        after > before,
+        "the re-admitted node got no traffic ({before} → {after})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_replica_only_the_request_in_flight_fails() {
     let model = demo_model();
-    let mut nodes: Vec<ExpertNode> = ["0/2", "1/2"].iter().map(|s| ExpertNode::start(&model, &["--shard", s])).collect();
+    let mut nodes: Vec<ExpertNode> = ["0/2", "1/2"]
+        .iter()
+        .map(|s| ExpertNode::start(&model, &["--shard", s]))
+        .collect();
     let server = serve_on(&nodes.iter().collect::<Vec<_>>(), &[]);
     let (_, _, err) = stream(&server, 200, |n| {
         if n == 10 {
@@ -131,8 +182,17 @@ async fn without_a_replica_only_the_request_in_flight_fails() {
         .unwrap();
     assert_eq!(resp.status(), 503);
     let v: Value = resp.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("no live replica"), "{v}");
-    assert_eq!(reqwest::get(server.url("/health")).await.unwrap().status(), 200);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no live replica"),
+        "{v}"
+    );
+    assert_eq!(
+        reqwest::get(server.url("/health")).await.unwrap().status(),
+        200
+    );
 
     let address = nodes[1].address.clone();
     let _ = nodes[1].child.wait();
@@ -146,7 +206,10 @@ async fn without_a_replica_only_the_request_in_flight_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_statistics_add_up() {
     let model = demo_model();
-    let nodes: Vec<ExpertNode> = ["0/2", "1/2"].iter().map(|s| ExpertNode::start(&model, &["--shard", s])).collect();
+    let nodes: Vec<ExpertNode> = ["0/2", "1/2"]
+        .iter()
+        .map(|s| ExpertNode::start(&model, &["--shard", s]))
+        .collect();
     let server = serve_on(&nodes.iter().collect::<Vec<_>>(), &[]);
     let (_, _, err) = stream(&server, 30, |_| {}).await;
     assert!(err.is_none());
@@ -157,17 +220,35 @@ async fn usage_statistics_add_up() {
     assert_eq!(tokens, prompt_tokens + 30 - 1, "{s}");
     let top_k = s["top_k"].as_u64().unwrap();
     let moe_layers = s["moe_layers"].as_array().unwrap().len() as u64;
-    let per_pair: u64 = s["experts"].as_array().unwrap().iter().map(|e| e["assignments"].as_u64().unwrap()).sum();
+    let per_pair: u64 = s["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["assignments"].as_u64().unwrap())
+        .sum();
     assert_eq!(per_pair, tokens * top_k * moe_layers);
-    let per_node: u64 = s["nodes"].as_array().unwrap().iter().map(|n| n["assignments"].as_u64().unwrap()).sum();
+    let per_node: u64 = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["assignments"].as_u64().unwrap())
+        .sum();
     assert_eq!(per_node, per_pair);
     for layer in s["layers"].as_array().unwrap() {
         assert_eq!(layer["assignments"].as_u64().unwrap(), tokens * top_k);
         let distinct = layer["distinct_experts"].as_u64().unwrap();
         assert!((1..=8).contains(&distinct));
     }
-    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("omnishard_node_rpc_seconds_count{node=\"0/2\"}"), "per-node RPC metrics missing");
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("omnishard_node_rpc_seconds_count{node=\"0/2\"}"),
+        "per-node RPC metrics missing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,10 +258,15 @@ async fn a_node_joins_a_running_server() {
     let b = ExpertNode::start(&model, &["--shard", "1/2"]);
     let server = serve_on(&[&a, &b], &["--api-key", "k"]);
     let joiner = ExpertNode::start(&model, &["--shard", "0/2"]);
-    let wrong = ExpertNode::start(&omnishard_tests::model_dir("omni-gqa-top4"), &["--shard", "0/1"]);
+    let wrong = ExpertNode::start(
+        &omnishard_tests::model_dir("omni-gqa-top4"),
+        &["--shard", "0/1"],
+    );
     let client = reqwest::Client::new();
     let add = |address: &str, key: Option<&str>| {
-        let mut req = client.post(server.url("/admin/nodes")).json(&json!({"address": address}));
+        let mut req = client
+            .post(server.url("/admin/nodes"))
+            .json(&json!({"address": address}));
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
@@ -190,7 +276,13 @@ async fn a_node_joins_a_running_server() {
     let resp = add(&wrong.address, Some("k")).await.unwrap();
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("another model"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another model"),
+        "{v}"
+    );
     let resp = add(&joiner.address, Some("k")).await.unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
@@ -206,7 +298,23 @@ async fn a_node_joins_a_running_server() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let nodes: Value = client.get(server.url("/admin/nodes")).bearer_auth("k").send().await.unwrap().json().await.unwrap();
-    let joined = nodes["nodes"].as_array().unwrap().iter().find(|n| n["address"] == joiner.address.as_str()).unwrap();
-    assert!(joined["assignments"].as_u64().unwrap() > 0, "the new node got no traffic: {nodes}");
+    let nodes: Value = client
+        .get(server.url("/admin/nodes"))
+        .bearer_auth("k")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let joined = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"] == joiner.address.as_str())
+        .unwrap();
+    assert!(
+        joined["assignments"].as_u64().unwrap() > 0,
+        "the new node got no traffic: {nodes}"
+    );
 }
