@@ -424,9 +424,48 @@ fn parse_body(body: &Bytes) -> Result<CompletionBody, ApiError> {
     })
 }
 
-fn prepare(state: &AppState, mut body: CompletionBody, kind: Kind) -> Result<Prepared, ApiError> {
+/// What request validation needs to know about the served model.
+pub struct RequestLimits<'a> {
+    pub model_name: &'a str,
+    pub max_context: usize,
+    pub vocab_size: usize,
+    pub tokenizer: &'a TextTokenizer,
+}
+
+impl AppState {
+    fn limits(&self) -> RequestLimits<'_> {
+        RequestLimits {
+            model_name: &self.config.model_name,
+            max_context: self.config.max_context,
+            vocab_size: self.engine.config().vocab_size,
+            tokenizer: &self.tokenizer,
+        }
+    }
+}
+
+/// Parses and validates a request body exactly as `/v1/chat/completions` (`chat`) or
+/// `/v1/completions` would, without generating; returns (prompt tokens, max_tokens) or the
+/// error message. The fuzz target for the HTTP body parser drives this.
+pub fn validate_body(
+    limits: &RequestLimits<'_>,
+    body: &[u8],
+    chat: bool,
+) -> Result<(usize, usize), String> {
+    let kind = if chat { Kind::Chat } else { Kind::Text };
+    let body = Bytes::copy_from_slice(body);
+    parse_body(&body)
+        .and_then(|b| prepare(limits, b, kind))
+        .map(|p| (p.prompt.len(), p.max_tokens))
+        .map_err(|e| e.message)
+}
+
+fn prepare(
+    limits: &RequestLimits<'_>,
+    mut body: CompletionBody,
+    kind: Kind,
+) -> Result<Prepared, ApiError> {
     if let Some(model) = &body.model
-        && model != &state.config.model_name
+        && model != limits.model_name
     {
         return Err(ApiError::with(
             StatusCode::NOT_FOUND,
@@ -434,7 +473,7 @@ fn prepare(state: &AppState, mut body: CompletionBody, kind: Kind) -> Result<Pre
             "model_not_found",
             format!(
                 "model `{model}` does not exist; this server serves `{}`",
-                state.config.model_name
+                limits.model_name
             ),
         ));
     }
@@ -449,7 +488,7 @@ fn prepare(state: &AppState, mut body: CompletionBody, kind: Kind) -> Result<Pre
         return Err(ApiError::invalid("logprobs are not supported"));
     }
     let encode = |text: &str| {
-        state
+        limits
             .tokenizer
             .encode(text)
             .map_err(|e| ApiError::invalid(e.to_string()))
@@ -472,7 +511,7 @@ fn prepare(state: &AppState, mut body: CompletionBody, kind: Kind) -> Result<Pre
                 ));
             }
             Some(Prompt::Tokens(ids)) => {
-                let vocab = state.engine.config().vocab_size;
+                let vocab = limits.vocab_size;
                 if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
                     return Err(ApiError::invalid(format!(
                         "prompt token {bad} is out of range (vocab size {vocab})"
@@ -485,7 +524,7 @@ fn prepare(state: &AppState, mut body: CompletionBody, kind: Kind) -> Result<Pre
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty"));
     }
-    let max_context = state.config.max_context;
+    let max_context = limits.max_context;
     let too_long = |requested: usize| {
         ApiError::with(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -626,7 +665,7 @@ fn submit(state: &AppState, p: &Prepared) -> Result<UnboundedReceiver<Event>, Ap
 }
 
 async fn handle(state: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
-    let prepared = match parse_body(&body).and_then(|b| prepare(&state, b, kind)) {
+    let prepared = match parse_body(&body).and_then(|b| prepare(&state.limits(), b, kind)) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };

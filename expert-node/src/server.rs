@@ -96,37 +96,36 @@ impl ExpertNodeService {
 
     #[instrument(skip_all, fields(layer = req.layer, request_id = req.request_id, n_assignments = req.token_index.len()))]
     async fn handle(&self, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
-        let experts = self
-            .state
-            .experts
-            .get()
-            .cloned()
-            .ok_or(NodeError::Loading)?;
-        if !req.fingerprint.is_empty() && req.fingerprint != self.state.fingerprint {
-            return Err(NodeError::Fingerprint {
-                expected: self.state.fingerprint.clone(),
-                got: req.fingerprint,
-            });
-        }
-        let assignments = wire::assignments_from_wire(&req).ok_or(NodeError::Lengths {
-            tokens: req.token_index.len(),
-            experts: req.expert_id.len(),
-            weights: req.weight.len(),
-        })?;
-        let xs = wire::decode(req.hidden.as_ref(), "hidden", &self.state.device)?;
-        let layer = req.layer as usize;
-        let output = tokio::task::spawn_blocking(move || {
-            let ys = experts.expert_outputs(layer, &xs, &assignments)?;
-            wire::encode(&ys).map_err(|e| NodeError::Encode(e.to_string()))
-        })
-        .await
-        .map_err(|e| NodeError::Join(e.to_string()))??;
-        Ok(ForwardResponse {
-            request_id: req.request_id,
-            output: Some(output),
-            error: None,
-        })
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || process(&state, req))
+            .await
+            .map_err(|e| NodeError::Join(e.to_string()))?
     }
+}
+
+/// Validates one Forward request and computes it: the whole of the node's work, synchronous
+/// (run it off the async runtime). The fuzz target for the request decoder drives this.
+pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
+    let experts = state.experts.get().cloned().ok_or(NodeError::Loading)?;
+    if !req.fingerprint.is_empty() && req.fingerprint != state.fingerprint {
+        return Err(NodeError::Fingerprint {
+            expected: state.fingerprint.clone(),
+            got: req.fingerprint,
+        });
+    }
+    let assignments = wire::assignments_from_wire(&req).ok_or(NodeError::Lengths {
+        tokens: req.token_index.len(),
+        experts: req.expert_id.len(),
+        weights: req.weight.len(),
+    })?;
+    let xs = wire::decode(req.hidden.as_ref(), "hidden", &state.device)?;
+    let ys = experts.expert_outputs(req.layer as usize, &xs, &assignments)?;
+    let output = wire::encode(&ys).map_err(|e| NodeError::Encode(e.to_string()))?;
+    Ok(ForwardResponse {
+        request_id: req.request_id,
+        output: Some(output),
+        error: None,
+    })
 }
 
 #[tonic::async_trait]

@@ -24,6 +24,8 @@ pub enum PayloadError {
     Missing { what: &'static str },
     #[error("tensor {what} has unsupported dtype {dtype}")]
     Dtype { what: &'static str, dtype: i32 },
+    #[error("tensor {what} has an impossible shape {shape:?} (rank at most 8, sizes within 2^63)")]
+    Shape { what: &'static str, shape: Vec<u64> },
     #[error("tensor {what} has shape {shape:?} but {bytes} bytes of data (expected {expected})")]
     Length {
         what: &'static str,
@@ -60,6 +62,20 @@ impl v1::Tensor {
                 what,
                 dtype: self.dtype,
             })?;
+        // Strides are products of trailing sizes, zeros included or not: keep every such product
+        // representable, or an empty tensor with huge sizes overflows the tensor library.
+        let fits = self.shape.len() <= 8
+            && self
+                .shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d.max(1)))
+                .is_some_and(|p| p <= i64::MAX as u64);
+        if !fits {
+            return Err(PayloadError::Shape {
+                what,
+                shape: self.shape.clone(),
+            });
+        }
         let expected = self
             .shape
             .iter()
@@ -103,8 +119,18 @@ mod tests {
         assert!(bad.validate("x").is_err());
         let huge = Tensor {
             shape: vec![u64::MAX, u64::MAX],
-            ..t
+            ..t.clone()
         };
         assert!(huge.validate("x").is_err());
+        // Found by the forward_request fuzz target: empty, but its strides overflow.
+        let empty_but_huge = Tensor {
+            shape: vec![0, u64::MAX / 2, 4],
+            data: Default::default(),
+            ..t
+        };
+        assert!(matches!(
+            empty_but_huge.validate("x"),
+            Err(super::PayloadError::Shape { .. })
+        ));
     }
 }

@@ -1,6 +1,8 @@
 //! Shared helpers of the end-to-end tests: where the fixtures are, their golden outputs (made by
 //! `tests/fixtures/make_fixtures.py` with transformers 4.57.3), and logit comparison.
 
+pub mod fuzz;
+
 use std::path::PathBuf;
 
 use omnishard_coordinator::Positions;
