@@ -326,24 +326,105 @@ impl Attention {
             .forward(&split(self.k_proj.forward(xs)?, self.n_kv_heads)?)?;
         let k = apply_rope(&k, &cos, &sin)?;
         let v = split(self.v_proj.forward(xs)?, self.n_kv_heads)?;
-        let mut outs = Vec::with_capacity(seqs.len());
+        // Decode steps (one new token after a non-empty cache) of several sequences are
+        // attended together; prompts and chunks go one sequence at a time.
+        let decoding: Vec<bool> = seqs
+            .iter()
+            .map(|seq| seq.tokens.len() == 1 && seq.cache.seq_len() > 0)
+            .collect();
+        let batched = decoding.iter().filter(|d| **d).count() >= 2;
+        let mut outs: Vec<Option<Tensor>> = vec![None; seqs.len()];
+        let mut decode_rows = Vec::new();
         let mut start = 0;
-        for seq in seqs.iter_mut() {
+        for (i, seq) in seqs.iter_mut().enumerate() {
             let s = seq.tokens.len();
-            let heads_first = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.narrow(0, start, s)?.transpose(0, 1)?.contiguous()?)
-            };
-            let out = self.attend(
-                &heads_first(&q)?,
-                heads_first(&k)?,
-                heads_first(&v)?,
-                seq.cache,
-                layer,
-            )?;
-            outs.push(out);
+            if batched && decoding[i] {
+                decode_rows.push((i, start));
+            } else {
+                let heads_first = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(0, start, s)?.transpose(0, 1)?.contiguous()?)
+                };
+                outs[i] = Some(self.attend(
+                    &heads_first(&q)?,
+                    heads_first(&k)?,
+                    heads_first(&v)?,
+                    seq.cache,
+                    layer,
+                )?);
+            }
             start += s;
         }
+        if !decode_rows.is_empty() {
+            let ys = self.attend_decode_batch(&q, &k, &v, seqs, &decode_rows, layer)?;
+            for (b, &(i, _)) in decode_rows.iter().enumerate() {
+                outs[i] = Some(ys.narrow(0, b, 1)?);
+            }
+        }
+        let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
         self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// One decode step of several sequences at once: each query row attends to its own cache,
+    /// padded with zeros to the longest and masked there. Returns `[sequences, heads * d]`.
+    fn attend_decode_batch(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [SequenceInput<'_>],
+        rows: &[(usize, usize)],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let hd = self.head_dim;
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut values = Vec::with_capacity(rows.len());
+        let mut lens = Vec::with_capacity(rows.len());
+        for &(i, row) in rows {
+            let new = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.narrow(0, row, 1)?.transpose(0, 1)?.contiguous()?)
+            };
+            let (kc, vc) = seqs[i].cache.append(layer, new(k)?, new(v)?)?;
+            lens.push(kc.dim(1)?);
+            keys.push(kc);
+            values.push(vc);
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let pad = |ts: Vec<Tensor>| -> Result<Tensor> {
+            let padded = ts
+                .into_iter()
+                .zip(&lens)
+                .map(|(t, &len)| t.pad_with_zeros(1, 0, longest - len))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&padded, 0)?)
+        };
+        let (keys, values) = (pad(keys)?, pad(values)?);
+        let b = rows.len();
+        let groups = self.n_heads / self.n_kv_heads;
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            if groups == 1 {
+                return Ok(t);
+            }
+            Ok(t.unsqueeze(2)?
+                .expand((b, self.n_kv_heads, groups, longest, hd))?
+                .reshape((b, self.n_heads, longest, hd))?)
+        };
+        let (keys, values) = (repeat(keys)?, repeat(values)?);
+        let idx: Vec<u32> = rows.iter().map(|&(_, row)| row as u32).collect();
+        let q = q
+            .index_select(&Tensor::from_vec(idx, b, q.device())?, 0)?
+            .unsqueeze(2)?;
+        let scores =
+            (matmul(&q, &keys.transpose(2, 3)?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
+        let mask: Vec<f32> = lens
+            .iter()
+            .flat_map(|&len| {
+                (0..longest).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, longest), q.device())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?.to_dtype(q.dtype())?;
+        Ok(matmul(&probs, &values)?.reshape((b, self.n_heads * hd))?)
     }
 
     /// Causal attention of one sequence's new queries `[heads, s, d]` over its cache plus the

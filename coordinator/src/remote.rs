@@ -273,13 +273,7 @@ struct Shared {
 
 impl Drop for RemoteExperts {
     fn drop(&mut self) {
-        for node in self
-            .shared
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for node in self.shared.nodes() {
             node.closing.store(true, Ordering::Release);
         }
     }
@@ -424,13 +418,7 @@ impl RemoteExperts {
 
     /// Every node with its state, in the order added.
     pub fn status(&self) -> Vec<NodeStatus> {
-        self.shared
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|n| n.status())
-            .collect()
+        self.shared.nodes().iter().map(|n| n.status()).collect()
     }
 
     /// Adds a node to the running cluster (or brings a retired one back): it is connected to,
@@ -493,13 +481,7 @@ impl RemoteExperts {
                 failures.push((address.clone(), e.to_string()));
             }
         }
-        for node in self
-            .shared
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for node in self.shared.nodes() {
             if !addresses.contains(&node.address) && !node.retired.swap(true, Ordering::AcqRel) {
                 tracing::warn!(node = %node.label(), "expert node retired (not in the reloaded placement)");
             }
@@ -518,18 +500,17 @@ impl RemoteExperts {
 }
 
 impl Shared {
+    /// The nodes as of now (joining nodes are appended; none is ever removed).
+    fn nodes(&self) -> Vec<Arc<NodeClient>> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn find(&self, address: &str) -> Option<Arc<NodeClient>> {
-        self.nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|n| n.address == address)
-            .cloned()
+        self.nodes().into_iter().find(|n| n.address == address)
     }
 
     fn rebuild_table(&self) {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let table = build_table(&self.cfg, &nodes);
+        let table = build_table(&self.cfg, &self.nodes());
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
 }
@@ -619,7 +600,7 @@ async fn health_loop(shared: std::sync::Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let interval = s.opts.health_interval;
-        let nodes = s.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let nodes = s.nodes();
         let mut changed = false;
         for node in nodes.iter().filter(|n| !n.retired.load(Ordering::Acquire)) {
             if node.up.load(Ordering::Acquire) {
@@ -923,12 +904,7 @@ fn no_replica(
 
 impl Experts for RemoteExperts {
     fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError> {
-        let nodes = self
-            .shared
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let nodes = self.shared.nodes();
         let table = self
             .shared
             .table

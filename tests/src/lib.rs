@@ -134,25 +134,12 @@ impl ExpertNode {
 
     /// Like [`ExpertNode::start`], listening on `listen` (e.g. to restart on the same port).
     pub fn start_at(model: &std::path::Path, listen: &str, args: &[&str]) -> Self {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(bin("expert-node"))
-            .arg("--model")
+        let mut cmd = std::process::Command::new(bin("expert-node"));
+        cmd.arg("--model")
             .arg(model)
             .args(["--listen", listen])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn expert-node");
-        let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("read stdout");
-        let address = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+            .args(args);
+        let (child, address) = spawn_listening(cmd);
         Self { child, address }
     }
 
@@ -170,6 +157,27 @@ impl ExpertNode {
             .expect("kill");
         assert!(status.success());
     }
+}
+
+/// Spawns a server process and returns it with the address of its first stdout line,
+/// "listening on ADDR"; the rest of its stdout is drained.
+fn spawn_listening(mut cmd: std::process::Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read stdout");
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    (child, address)
 }
 
 impl Drop for ExpertNode {
@@ -201,23 +209,9 @@ impl Server {
     /// Runs `coordinator ARGS... --listen 127.0.0.1:0` (ARGS must end with the `serve` command
     /// and its flags) and waits for its "listening on" line.
     pub fn start(args: &[&str]) -> Self {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(bin("coordinator"))
-            .args(args)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn coordinator");
-        let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("read stdout");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let mut cmd = std::process::Command::new(bin("coordinator"));
+        cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+        let (child, url) = spawn_listening(cmd);
         Self { child, url }
     }
 

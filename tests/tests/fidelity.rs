@@ -106,3 +106,56 @@ fn greedy_with_cache_matches_reference_and_full_recompute() {
         }
     }
 }
+
+#[test]
+fn batched_decode_matches_sequences_decoded_alone() {
+    use omnishard_coordinator::{KvCache, LogitsFor, Positions, SequenceInput};
+    for name in ["omni-gqa-top4", "omni-mqa-step2"] {
+        let golden = Golden::load(name);
+        let engine = Engine::load_local(&model_dir(name), ComputeDtype::F32).unwrap();
+        let model = engine.model();
+        let prompts: Vec<Vec<u32>> = [5usize, 9, 14]
+            .iter()
+            .map(|&n| golden.token_ids[..n].to_vec())
+            .collect();
+        let next = 42u32;
+        // Prefill each alone, twice: one set of caches for the batched step, one for solo steps.
+        let mut batched_caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+        let mut solo_caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+        for caches in [&mut batched_caches, &mut solo_caches] {
+            for (p, cache) in prompts.iter().zip(caches.iter_mut()) {
+                let mut batch = [SequenceInput {
+                    tokens: p,
+                    positions: Positions::text(0, p.len()),
+                    cache,
+                }];
+                model.forward(&mut batch, LogitsFor::Last).unwrap();
+            }
+        }
+        let tokens = [next];
+        let mut batch: Vec<SequenceInput> = prompts
+            .iter()
+            .zip(batched_caches.iter_mut())
+            .map(|(p, cache)| SequenceInput {
+                tokens: &tokens,
+                positions: Positions::text(p.len() as u32, 1),
+                cache,
+            })
+            .collect();
+        let together = model.forward(&mut batch, LogitsFor::Last).unwrap();
+        for (i, (p, cache)) in prompts.iter().zip(solo_caches.iter_mut()).enumerate() {
+            let mut one = [SequenceInput {
+                tokens: &tokens,
+                positions: Positions::text(p.len() as u32, 1),
+                cache,
+            }];
+            let alone = model.forward(&mut one, LogitsFor::Last).unwrap();
+            let diff = compare(
+                &together[i].to_vec2::<f32>().unwrap(),
+                &alone[0].to_vec2::<f32>().unwrap(),
+            );
+            assert!(diff.relative() <= 1e-5, "{name} sequence {i}: {diff:?}");
+            assert_eq!(diff.argmax_agree, 1.0);
+        }
+    }
+}
