@@ -336,6 +336,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(e) = failed {
         return Err(e.into());
     }
+    stdout.write_all(stream.finish(&tokenizer)?.as_bytes())?;
     writeln!(stdout)?;
     let total = start.elapsed().as_secs_f64();
     let prefill = first_token_at
@@ -387,6 +388,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.max_active_seqs == 0 || args.max_batched_tokens == 0 || args.queue_size == 0 {
         bail!("--max-active-seqs, --max-batched-tokens and --queue-size must be at least 1");
+    }
+    if args.max_batched_tokens < args.max_active_seqs {
+        bail!(
+            "--max-batched-tokens ({}) must be at least --max-active-seqs ({}): every running sequence needs one token per pass",
+            args.max_batched_tokens,
+            args.max_active_seqs
+        );
     }
     let model_name = match args.served_model_name {
         Some(name) => name,

@@ -29,8 +29,8 @@ pub enum PlanError {
         per_node: u64,
         have: u64,
     },
-    #[error("{0} addresses given for {1} nodes")]
-    Addresses(usize, usize),
+    #[error("layer {0} expert {1} found no node with room; add nodes or memory")]
+    Unplaced(usize, usize),
 }
 
 #[derive(Debug, Clone)]
@@ -125,13 +125,13 @@ pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<Plan, PlanError> {
     let needed = pairs.len() as u64 * req.expert_bytes;
     let capacity = req.memory_per_node.map(|m| m / req.expert_bytes.max(1));
     if let (Some(per_node), Some(cap)) = (req.memory_per_node, capacity)
-        && cap * (n as u64) < pairs.len() as u64
+        && cap.saturating_mul(n as u64) < pairs.len() as u64
     {
         return Err(PlanError::Memory {
             needed,
             nodes: n,
             per_node,
-            have: per_node * n as u64,
+            have: per_node.saturating_mul(n as u64),
         });
     }
     let load = |l: usize, e: usize| match &req.load {
@@ -142,7 +142,10 @@ pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<Plan, PlanError> {
     let mut held: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
     let mut node_load = vec![0.0f64; n];
     let mut copies = BTreeMap::new();
-    for layer in cfg.moe_layers() {
+    let moe_layers = cfg.moe_layers();
+    for (done_layers, &layer) in moe_layers.iter().enumerate() {
+        // First copies of the layers after this one must still fit when replicas are added.
+        let reserved = ((moe_layers.len() - done_layers - 1) * cfg.num_experts) as u64;
         let w: Vec<f64> = (0..cfg.num_experts).map(|e| load(layer, e)).collect();
         let mut c = vec![1usize; cfg.num_experts];
         let assignment = loop {
@@ -163,7 +166,8 @@ pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<Plan, PlanError> {
             // One more copy of the hottest expert on the heaviest node, if allowed and it fits.
             let total_copies: u64 =
                 held.iter().map(|h| h.len() as u64).sum::<u64>() + c.iter().sum::<usize>() as u64;
-            let room = capacity.is_none_or(|cap| total_copies < cap * n as u64);
+            let room =
+                capacity.is_none_or(|cap| total_copies + reserved < cap.saturating_mul(n as u64));
             let candidate = a.experts_of[heaviest]
                 .iter()
                 .copied()
@@ -181,6 +185,10 @@ pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<Plan, PlanError> {
         for (e, &copies_e) in c.iter().enumerate() {
             copies.insert((layer, e), copies_e);
         }
+    }
+    let placed: std::collections::HashSet<&(usize, usize)> = held.iter().flatten().collect();
+    if let Some(&lost) = pairs.iter().find(|p| !placed.contains(p)) {
+        return Err(PlanError::Unplaced(lost.0, lost.1));
     }
     Ok(Plan {
         nodes: held
@@ -233,8 +241,8 @@ fn assign_layer(
                     )
                     .then(a.cmp(&b))
             });
-        // With a memory cap every node may be full for an extra copy: then that copy is dropped
-        // (the first copy always fits, as checked up front).
+        // With a memory cap every node may be full for an extra copy: then that copy is dropped;
+        // plan() reserves room for first copies and refuses a plan that lost one.
         if let Some(i) = best {
             experts_of[i].push(e);
             loads[i] += share;
@@ -380,6 +388,17 @@ mod tests {
         req.memory_per_node = Some(1600 * bytes);
         let p = plan(&cfg, &req).unwrap();
         assert!(p.nodes.iter().all(|n| n.bytes <= 1600 * bytes));
+        // Replicas of early layers must not crowd out first copies of later ones.
+        for pair in cfg.expert_pairs() {
+            assert!(
+                p.nodes.iter().any(|n| n.pairs.contains(&pair)),
+                "{pair:?} lost"
+            );
+        }
+        assert!(
+            p.copies.values().any(|&c| c > 1),
+            "the spare room should hold some replicas"
+        );
         req.memory_per_node = Some(1000 * bytes);
         assert!(matches!(plan(&cfg, &req), Err(PlanError::Memory { .. })));
     }

@@ -207,10 +207,10 @@ impl NodeClient {
         &self,
         mut req: ForwardRequest,
         timeout: Duration,
-    ) -> Result<v1::Tensor, String> {
+    ) -> Result<v1::Tensor, CallError> {
         let deadline = Instant::now() + timeout;
         let call = async {
-            let (tx, pending) = self.stream().await?;
+            let (tx, pending) = self.stream().await.map_err(CallError::Transport)?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             req.request_id = id;
             let (wtx, wrx) = oneshot::channel();
@@ -223,20 +223,18 @@ impl NodeClient {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
-                return Err("the forward stream is closed".to_string());
+                return Err(CallError::Transport("the forward stream is closed".into()));
             }
             let resp = match wrx.await {
                 Ok(Ok(resp)) => resp,
-                Ok(Err(status)) => {
-                    return Err(format!("{:?}: {}", status.code(), status.message()));
-                }
-                Err(_) => return Err("the forward stream ended".to_string()),
+                Ok(Err(status)) => return Err(CallError::status(status.code(), status.message())),
+                Err(_) => return Err(CallError::Transport("the forward stream ended".into())),
             };
             if let Some(e) = resp.error {
-                return Err(format!("{:?}: {}", tonic::Code::from(e.code), e.message));
+                return Err(CallError::status(tonic::Code::from(e.code), &e.message));
             }
             resp.output
-                .ok_or_else(|| "the response has no output".to_string())
+                .ok_or_else(|| CallError::BadAnswer("the response has no output".into()))
         };
         match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
@@ -245,11 +243,68 @@ impl NodeClient {
                 if let Some(conn) = self.stream.lock().await.take() {
                     conn.alive.store(false, Ordering::Release);
                 }
-                Err(format!(
-                    "no answer within the {} ms deadline",
-                    timeout.as_millis()
-                ))
+                Err(CallError::Timeout(timeout))
             }
+        }
+    }
+}
+
+/// Why one call to a node failed.
+#[derive(Debug, Clone)]
+enum CallError {
+    /// The connection or the stream broke.
+    Transport(String),
+    /// No answer before the deadline.
+    Timeout(Duration),
+    /// The node answered with an error status.
+    Status { code: tonic::Code, message: String },
+    /// The node answered something that does not fit the request.
+    BadAnswer(String),
+}
+
+impl CallError {
+    fn status(code: tonic::Code, message: &str) -> Self {
+        CallError::Status {
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    /// Whether the node is at fault — it is then marked down and the work goes to a replica —
+    /// rather than the request, which no replica would accept either.
+    fn node_fault(&self) -> bool {
+        use tonic::Code;
+        match self {
+            CallError::Transport(_) | CallError::Timeout(_) | CallError::BadAnswer(_) => true,
+            CallError::Status { code, .. } => match code {
+                Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => false,
+                Code::Ok
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::PermissionDenied
+                | Code::FailedPrecondition
+                | Code::Aborted
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+                | Code::Unauthenticated => true,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Transport(m) | CallError::BadAnswer(m) => f.write_str(m),
+            CallError::Timeout(t) => {
+                write!(f, "no answer within the {} ms deadline", t.as_millis())
+            }
+            CallError::Status { code, message } => write!(f, "{code:?}: {message}"),
         }
     }
 }
@@ -426,7 +481,6 @@ impl RemoteExperts {
     pub fn add_node(&self, address: &str) -> Result<NodeStatus, ClusterError> {
         let existing = self.shared.find(address);
         if let Some(node) = existing {
-            node.retired.store(false, Ordering::Release);
             let (cfg, fp, dtype, opts) = (
                 &self.shared.cfg,
                 &self.shared.fingerprint,
@@ -440,6 +494,7 @@ impl RemoteExperts {
                     reason,
                 });
             }
+            node.retired.store(false, Ordering::Release);
             self.shared.rebuild_table();
             return Ok(node.status());
         }
@@ -904,13 +959,15 @@ fn no_replica(
 
 impl Experts for RemoteExperts {
     fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError> {
-        let nodes = self.shared.nodes();
+        // The table first: nodes are only ever appended, so every index it holds is valid in the
+        // node list read after it.
         let table = self
             .shared
             .table
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let nodes = self.shared.nodes();
         let opts = &self.shared.opts;
         let mut pending: Vec<Assignment> = routing.assignments().collect();
         let mut outputs = Vec::new();
@@ -925,13 +982,16 @@ impl Experts for RemoteExperts {
             for share in &shares {
                 let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), xs.device())?;
                 let hidden = wire::encode(&xs.index_select(&idx, 0)?)?;
-                if hidden.data.len() > opts.max_message_bytes {
-                    return Err(ExpertError::Node {
+                // The answer has one row per assignment: bound both directions.
+                let answer = share.global.len() * hidden.data.len() / share.tokens.len().max(1);
+                let largest = hidden.data.len().max(answer);
+                if largest > opts.max_message_bytes {
+                    return Err(ExpertError::Rejected {
                         node: nodes[share.node].label(),
                         layer,
                         reason: format!(
-                            "the request would be {} MiB, over the {} MiB message limit; raise --max-message-mib on the coordinator and the nodes",
-                            hidden.data.len() >> 20,
+                            "a {} MiB message would exceed the {} MiB limit; raise --max-message-mib on the coordinator and the nodes, or lower --max-batched-tokens",
+                            largest >> 20,
                             opts.max_message_bytes >> 20
                         ),
                     });
@@ -968,16 +1028,16 @@ impl Experts for RemoteExperts {
                 let node = &nodes[share.node];
                 let checked = reply.and_then(|output| {
                     let ys = wire::decode(Some(&output), "output", xs.device())
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| CallError::BadAnswer(e.to_string()))?;
                     if ys.dims() != [share.global.len(), xs.dims2().map(|d| d.1).unwrap_or(0)]
                         || ys.dtype() != self.shared.dtype
                     {
-                        return Err(format!(
+                        return Err(CallError::BadAnswer(format!(
                             "answered a {:?} {:?} tensor for {} assignments",
                             ys.dtype(),
                             ys.dims(),
                             share.global.len()
-                        ));
+                        )));
                     }
                     Ok(ys)
                 });
@@ -988,10 +1048,19 @@ impl Experts for RemoteExperts {
                         outputs.push(ys);
                         assignments.extend_from_slice(&share.global);
                     }
-                    Err(reason) => {
+                    Err(e) if e.node_fault() => {
+                        let reason = e.to_string();
                         node.mark_down(&reason);
                         failures.push((node.label(), reason));
                         pending.extend_from_slice(&share.global);
+                    }
+                    // The node refused the request itself: no replica would take it either.
+                    Err(e) => {
+                        return Err(ExpertError::Rejected {
+                            node: node.label(),
+                            layer,
+                            reason: e.to_string(),
+                        });
                     }
                 }
             }

@@ -131,8 +131,15 @@ pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -
     std::thread::Builder::new()
         .name("omnishard-scheduler".into())
         .spawn(move || {
+            // Cleared on return and on panic alike, so /health tells the truth.
+            struct Alive(Arc<AtomicBool>);
+            impl Drop for Alive {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _alive = Alive(alive);
             run(&engine, &cfg, &rx, &metrics);
-            alive.store(false, Ordering::Release);
         })
         .map_err(|e| tracing::error!(error = %e, "cannot start the scheduler thread"))
         .ok();

@@ -608,6 +608,11 @@ fn chat_turns(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
                 for p in parts {
                     match (p.kind.as_str(), p.text) {
                         ("text", Some(s)) => t.push_str(&s),
+                        ("text", None) => {
+                            return Err(ApiError::invalid(format!(
+                                "messages[{i}]: a text content part needs `text`"
+                            )));
+                        }
                         (other, _) => {
                             return Err(ApiError::invalid(format!(
                                 "messages[{i}]: content part type `{other}` is not supported (text only)"
@@ -736,13 +741,29 @@ impl Assembler {
                     Piece::Text(text)
                 }
             }
-            Some(Event::Finished(reason)) => Piece::Done {
-                text: self.stop.flush(),
-                reason: match reason {
+            Some(Event::Finished(reason)) => {
+                let tail = match self.decode.finish(tok) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        return Piece::Failed(ApiError::with(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "server_error",
+                            "decode_error",
+                            e.to_string(),
+                        ));
+                    }
+                };
+                let (mut text, stopped) = self.stop.push(&tail);
+                if !stopped {
+                    text.push_str(&self.stop.flush());
+                }
+                let reason = match reason {
+                    _ if stopped => "stop",
                     FinishReason::Stop => "stop",
                     FinishReason::Length => "length",
-                },
-            },
+                };
+                Piece::Done { text, reason }
+            }
             Some(Event::Error {
                 message,
                 unavailable,

@@ -99,11 +99,16 @@ pub fn chatml(messages: &[ChatMessage]) -> String {
 }
 
 /// Turns a growing list of generated tokens into text pieces as soon as they are complete
-/// characters (byte-level BPE may split one character over several tokens).
+/// characters (byte-level BPE may split one character over several tokens). Only a short window
+/// of recent tokens is decoded each time (the prefix/read offsets of Hugging Face's
+/// `DecodeStream`), so streaming costs O(1) per token, not O(length).
 #[derive(Default)]
 pub struct DecodeStream {
     tokens: Vec<u32>,
-    printed: usize,
+    /// Start of the window decoded for context (keeps spacing rules right).
+    prefix_offset: usize,
+    /// Tokens before this one have been emitted.
+    read_offset: usize,
 }
 
 impl DecodeStream {
@@ -113,16 +118,32 @@ impl DecodeStream {
         token: u32,
     ) -> Result<Option<String>, TokenizerError> {
         self.tokens.push(token);
-        let text = tok.decode(&self.tokens)?;
+        let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let text = tok.decode(&self.tokens[self.prefix_offset..])?;
         if text.ends_with('\u{FFFD}')
-            || text.len() <= self.printed
-            || !text.is_char_boundary(self.printed)
+            || text.len() <= prefix.len()
+            || !text.is_char_boundary(prefix.len())
         {
             return Ok(None);
         }
-        let piece = text[self.printed..].to_string();
-        self.printed = text.len();
+        let piece = text[prefix.len()..].to_string();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.tokens.len();
         Ok(Some(piece))
+    }
+
+    /// Whatever is still held back at the end of generation (an incomplete character is
+    /// emitted as U+FFFD rather than lost).
+    pub fn finish(&mut self, tok: &TextTokenizer) -> Result<String, TokenizerError> {
+        let prefix = tok.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let text = tok.decode(&self.tokens[self.prefix_offset..])?;
+        self.prefix_offset = self.tokens.len();
+        self.read_offset = self.tokens.len();
+        Ok(text
+            .get(prefix.len()..)
+            .filter(|_| text.len() > prefix.len())
+            .unwrap_or_default()
+            .to_string())
     }
 }
 
@@ -193,6 +214,27 @@ mod tests {
         assert_eq!(m.push("xE"), ("x".to_string(), false));
         assert_eq!(m.push("y"), ("Ey".to_string(), false));
         assert_eq!(m.flush(), "");
+    }
+
+    #[test]
+    fn decode_stream_pieces_add_up_to_the_whole() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model");
+        let cfg = ModelConfig::from_model_dir(&dir).unwrap();
+        let tok = TextTokenizer::load(&dir, &cfg).unwrap();
+        // Characters the demo tokenizer never saw come out as several byte tokens each.
+        let ids = tok
+            .encode("The lighthouse keeper: naïve café ☃ of Omnishard")
+            .unwrap();
+        let mut stream = DecodeStream::default();
+        let mut out = String::new();
+        for &t in &ids {
+            if let Some(piece) = stream.push(&tok, t).unwrap() {
+                out.push_str(&piece);
+            }
+        }
+        out.push_str(&stream.finish(&tok).unwrap());
+        assert_eq!(out, tok.decode(&ids).unwrap());
+        assert!(out.contains('☃'));
     }
 
     #[test]

@@ -33,6 +33,12 @@ pub enum ExpertError {
         layer: usize,
         reason: String,
     },
+    #[error("expert node {node} refused layer {layer}: {reason}")]
+    Rejected {
+        node: String,
+        layer: usize,
+        reason: String,
+    },
     #[error("inconsistent expert outputs: {0}")]
     Inconsistent(String),
 }

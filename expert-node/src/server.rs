@@ -60,7 +60,9 @@ impl ServiceError for NodeError {
                 | ExpertError::InvalidInput { .. }
                 | ExpertError::InvalidRouting { .. } => Code::InvalidArgument,
                 ExpertError::NotHeld { .. } => Code::FailedPrecondition,
-                ExpertError::Candle(_) | ExpertError::Inconsistent(_) => Code::Internal,
+                ExpertError::Candle(_)
+                | ExpertError::Inconsistent(_)
+                | ExpertError::Rejected { .. } => Code::Internal,
                 ExpertError::Node { .. } => Code::Unavailable,
             },
             NodeError::Encode(_) | NodeError::Join(_) => Code::Internal,

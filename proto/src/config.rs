@@ -64,6 +64,8 @@ struct RawRopeScaling {
     legacy_type: Option<String>,
     mrope_section: Option<Vec<usize>>,
     mrope_interleaved: Option<bool>,
+    /// Spelling of `mrope_interleaved` in some Qwen-Omni family configs.
+    interleaved: Option<bool>,
     #[serde(flatten)]
     other: serde_json::Map<String, Value>,
 }
@@ -299,10 +301,16 @@ impl ModelConfig {
             }
             return Ok(None);
         }
-        if rs.mrope_interleaved == Some(false) {
+        if let Some((field, false)) = [
+            ("mrope_interleaved", rs.mrope_interleaved),
+            ("interleaved", rs.interleaved),
+        ]
+        .into_iter()
+        .find_map(|(f, v)| v.filter(|v| !v).map(|v| (f, v)))
+        {
             return Err(unsupported(
                 path,
-                "rope_scaling.mrope_interleaved",
+                &format!("rope_scaling.{field}"),
                 false,
                 "the reference always applies the interleaved mRoPE layout to Qwen3-Omni; a non-interleaved checkpoint would be silently wrong, so it is refused",
             ));
@@ -470,6 +478,9 @@ mod tests {
 
     #[test]
     fn reads_omni_defaults() {
+        let mut with_interleaved = base();
+        with_interleaved["rope_scaling"]["interleaved"] = true.into();
+        assert!(parse(with_interleaved).is_ok());
         let cfg = parse(base()).unwrap();
         assert_eq!(cfg.architecture, Architecture::Qwen3OmniThinker);
         assert!(cfg.norm_topk_prob);
@@ -483,6 +494,10 @@ mod tests {
             (
                 "mrope_interleaved",
                 serde_json::json!({"rope_scaling": {"mrope_section": [6,5,5], "mrope_interleaved": false}}),
+            ),
+            (
+                "rope_scaling.interleaved",
+                serde_json::json!({"rope_scaling": {"mrope_section": [6,5,5], "interleaved": false}}),
             ),
             (
                 "rope_type",
