@@ -380,8 +380,9 @@ impl Attention {
         let mut values = Vec::with_capacity(rows.len());
         let mut lens = Vec::with_capacity(rows.len());
         for &(i, row) in rows {
+            // One row [1, kv_heads, d] is [kv_heads, 1, d] in memory already: a view, no copy.
             let new = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.narrow(0, row, 1)?.transpose(0, 1)?.contiguous()?)
+                Ok(t.narrow(0, row, 1)?.reshape((self.n_kv_heads, 1, hd))?)
             };
             let (kc, vc) = seqs[i].cache.append(layer, new(k)?, new(v)?)?;
             lens.push(kc.dim(1)?);
@@ -400,19 +401,12 @@ impl Attention {
         let (keys, values) = (pad(keys)?, pad(values)?);
         let b = rows.len();
         let groups = self.n_heads / self.n_kv_heads;
-        let repeat = |t: Tensor| -> Result<Tensor> {
-            if groups == 1 {
-                return Ok(t);
-            }
-            Ok(t.unsqueeze(2)?
-                .expand((b, self.n_kv_heads, groups, longest, hd))?
-                .reshape((b, self.n_heads, longest, hd))?)
-        };
-        let (keys, values) = (repeat(keys)?, repeat(values)?);
+        // Query head h uses KV head h / groups: view the queries as [b, kv_heads, groups, d]
+        // instead of copying every key and value `groups` times.
         let idx: Vec<u32> = rows.iter().map(|&(_, row)| row as u32).collect();
         let q = q
             .index_select(&Tensor::from_vec(idx, b, q.device())?, 0)?
-            .unsqueeze(2)?;
+            .reshape((b, self.n_kv_heads, groups, hd))?;
         let scores =
             (matmul(&q, &keys.transpose(2, 3)?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
         let mask: Vec<f32> = lens
@@ -694,8 +688,10 @@ impl Model {
         which: LogitsFor,
     ) -> Result<Vec<Tensor>> {
         let mut all_ids = Vec::new();
-        let mut cos_parts = Vec::with_capacity(batch.len());
-        let mut sin_parts = Vec::with_capacity(batch.len());
+        // Positions of every token of the batch, so cos/sin are built once.
+        let mut all_positions = Positions {
+            rows: [Vec::new(), Vec::new(), Vec::new()],
+        };
         for seq in batch.iter() {
             if seq.tokens.is_empty() || seq.positions.len() != seq.tokens.len() {
                 return Err(ModelError::Input(format!(
@@ -723,13 +719,13 @@ impl Model {
                 )));
             }
             all_ids.extend_from_slice(seq.tokens);
-            let (cos, sin) = self
-                .rotary
-                .cos_sin(&seq.positions, self.dtype, &self.device)?;
-            cos_parts.push(cos);
-            sin_parts.push(sin);
+            for (all, row) in all_positions.rows.iter_mut().zip(&seq.positions.rows) {
+                all.extend_from_slice(row);
+            }
         }
-        let (cos, sin) = (Tensor::cat(&cos_parts, 0)?, Tensor::cat(&sin_parts, 0)?);
+        let (cos, sin) = self
+            .rotary
+            .cos_sin(&all_positions, self.dtype, &self.device)?;
         let n = all_ids.len();
         self.usage.record_tokens(n);
         let ids = Tensor::from_vec(all_ids, n, &self.device)?;
@@ -751,18 +747,33 @@ impl Model {
             };
             xs = (h + mlp_out)?;
         }
-        let mut logits = Vec::with_capacity(batch.len());
-        let mut start = 0;
+        // The rows whose logits are wanted, for the whole batch at once.
+        let mut rows = Vec::with_capacity(n);
+        let mut counts = Vec::with_capacity(batch.len());
+        let mut start = 0u32;
         for seq in batch.iter_mut() {
-            let len = seq.tokens.len();
-            seq.cache.seq_len += len;
-            let rows = match which {
-                LogitsFor::All => xs.narrow(0, start, len)?,
-                LogitsFor::Last => xs.narrow(0, start + len - 1, 1)?,
+            let len = seq.tokens.len() as u32;
+            seq.cache.seq_len += len as usize;
+            let wanted: Vec<u32> = match which {
+                LogitsFor::All => (start..start + len).collect(),
+                LogitsFor::Last => vec![start + len - 1],
             };
-            let normed = self.norm.forward(&rows)?;
-            logits.push(linear(&normed, &self.lm_head)?.to_dtype(DType::F32)?);
+            counts.push(wanted.len());
+            rows.extend(wanted);
             start += len;
+        }
+        let picked = if rows.len() == n {
+            xs
+        } else {
+            let count = rows.len();
+            xs.index_select(&Tensor::from_vec(rows, count, &self.device)?, 0)?
+        };
+        let all = linear(&self.norm.forward(&picked)?, &self.lm_head)?.to_dtype(DType::F32)?;
+        let mut logits = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for count in counts {
+            logits.push(all.narrow(0, offset, count)?);
+            offset += count;
         }
         Ok(logits)
     }

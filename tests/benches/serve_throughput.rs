@@ -21,27 +21,40 @@ use omnishard_tests::{demo_model, in_process_node};
 
 const TOKENS: usize = 64;
 
-/// One streaming request; returns (time to first token, tokens received).
+/// One streaming request; returns (time to first text, tokens generated per its usage).
 async fn one_stream(client: &reqwest::Client, url: &str, prompt: &str) -> (Duration, usize) {
-    let body = serde_json::json!({"prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": true, "stream": true});
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
     let started = Instant::now();
     let resp = client.post(url).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut first = None;
-    let mut chunks = 0;
+    let mut tokens = 0;
     let mut buf = String::new();
     while let Some(bytes) = stream.next().await {
         buf.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            if event.contains("\"text\":") && !event.contains("\"finish_reason\":\"length\"") {
+            assert!(!event.contains("\"error\""), "the server failed: {event}");
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            if v["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
                 first.get_or_insert_with(|| started.elapsed());
-                chunks += 1;
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n as usize;
             }
         }
     }
-    (first.unwrap_or_default(), chunks)
+    assert_eq!(tokens, TOKENS, "a stream ended early");
+    (first.unwrap_or_default(), tokens)
 }
 
 fn main() {

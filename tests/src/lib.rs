@@ -288,8 +288,16 @@ pub fn in_process_node(
         .expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
     let service = omnishard_expert::server::ExpertNodeService::new(state).into_server(64 << 20);
+    // gRPC health as the real node reports it: the coordinator's health checker relies on it.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    rt.block_on(
+        health.set_serving::<omnishard_proto::v1::expert_service_server::ExpertServiceServer<
+            omnishard_expert::server::ExpertNodeService,
+        >>(),
+    );
     rt.spawn(
         tonic::transport::Server::builder()
+            .add_service(health_service)
             .add_service(service)
             .serve_with_incoming(omnishard_expert::server::incoming(listener)),
     );
