@@ -707,6 +707,15 @@ enum Piece {
     Failed(ApiError),
 }
 
+fn decode_failed(e: crate::tokenizer::TokenizerError) -> Piece {
+    Piece::Failed(ApiError::with(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "decode_error",
+        e.to_string(),
+    ))
+}
+
 impl Assembler {
     fn new(stop: Vec<String>) -> Self {
         Self {
@@ -722,14 +731,7 @@ impl Assembler {
                 self.completion_tokens += 1;
                 let piece = match self.decode.push(tok, t) {
                     Ok(p) => p.unwrap_or_default(),
-                    Err(e) => {
-                        return Piece::Failed(ApiError::with(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "server_error",
-                            "decode_error",
-                            e.to_string(),
-                        ));
-                    }
+                    Err(e) => return decode_failed(e),
                 };
                 let (text, stopped) = self.stop.push(&piece);
                 if stopped {
@@ -744,14 +746,7 @@ impl Assembler {
             Some(Event::Finished(reason)) => {
                 let tail = match self.decode.finish(tok) {
                     Ok(t) => t,
-                    Err(e) => {
-                        return Piece::Failed(ApiError::with(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "server_error",
-                            "decode_error",
-                            e.to_string(),
-                        ));
-                    }
+                    Err(e) => return decode_failed(e),
                 };
                 let (mut text, stopped) = self.stop.push(&tail);
                 if !stopped {
