@@ -863,9 +863,13 @@ impl RemoteExperts {
                     expert: expert as usize,
                 })?;
             if holders.is_empty() {
-                return Err(ExpertError::NotHeld {
+                // Possible after nodes were retired by a placement reload.
+                return Err(ExpertError::Node {
+                    node: "none".into(),
                     layer,
-                    expert: expert as usize,
+                    reason: format!(
+                        "no node in the cluster holds expert {expert}; add one that does (POST /admin/nodes or the placement file)"
+                    ),
                 });
             }
             let best = holders
