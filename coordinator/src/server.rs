@@ -670,9 +670,24 @@ fn submit(state: &AppState, p: &Prepared) -> Result<UnboundedReceiver<Event>, Ap
 }
 
 async fn handle(state: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
-    let prepared = match parse_body(&body).and_then(|b| prepare(&state.limits(), b, kind)) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+    // Parsing and tokenising a long prompt takes a while: keep it off the async workers.
+    let parsing = state.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        parse_body(&body).and_then(|b| prepare(&parsing.limits(), b, kind))
+    })
+    .await;
+    let prepared = match prepared {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return e.into_response(),
+        Err(e) => {
+            return ApiError::with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal",
+                e.to_string(),
+            )
+            .into_response();
+        }
     };
     let rx = match submit(&state, &prepared) {
         Ok(rx) => rx,
