@@ -3,6 +3,7 @@
 //! [`omnishard_expert::Experts`], in this process or on expert nodes.
 
 pub mod cluster;
+mod decode_attention;
 pub mod engine;
 pub mod metrics;
 pub mod model;

@@ -15,6 +15,7 @@ use omnishard_expert::ops::{linear, matmul};
 use omnishard_expert::{Checkpoint, CheckpointError, ExpertError, Experts, Routing, SwiGlu};
 use omnishard_proto::ModelConfig;
 
+use crate::decode_attention::decode_attention;
 use crate::usage::ExpertUsage;
 
 /// Errors running the model.
@@ -389,6 +390,12 @@ impl Attention {
             keys.push(kc);
             values.push(vc);
         }
+        let b = rows.len();
+        let idx: Vec<u32> = rows.iter().map(|&(_, row)| row as u32).collect();
+        let q = q.index_select(&Tensor::from_vec(idx, b, q.device())?, 0)?;
+        if let Some(out) = decode_attention(&q, &keys, &values, self.n_kv_heads)? {
+            return Ok(out);
+        }
         let longest = lens.iter().copied().max().unwrap_or(0);
         let pad = |ts: Vec<Tensor>| -> Result<Tensor> {
             let padded = ts
@@ -399,14 +406,10 @@ impl Attention {
             Ok(Tensor::stack(&padded, 0)?)
         };
         let (keys, values) = (pad(keys)?, pad(values)?);
-        let b = rows.len();
         let groups = self.n_heads / self.n_kv_heads;
         // Query head h uses KV head h / groups: view the queries as [b, kv_heads, groups, d]
         // instead of copying every key and value `groups` times.
-        let idx: Vec<u32> = rows.iter().map(|&(_, row)| row as u32).collect();
-        let q = q
-            .index_select(&Tensor::from_vec(idx, b, q.device())?, 0)?
-            .reshape((b, self.n_kv_heads, groups, hd))?;
+        let q = q.reshape((b, self.n_kv_heads, groups, hd))?;
         let scores =
             (matmul(&q, &keys.transpose(2, 3)?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
         let mask: Vec<f32> = lens

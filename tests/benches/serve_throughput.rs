@@ -1,8 +1,9 @@
 //! Serving throughput with continuous batching: 1, 8 and 32 concurrent streaming clients against
 //! the OpenAI-compatible server (real HTTP on loopback) over two expert nodes (real gRPC on
-//! loopback), on the demo model, f32. Each client asks for 64 tokens with ignore_eos, so every
-//! run generates the same number of tokens. Prints aggregate tokens/s, median time to first
-//! token, and the 32-over-1 throughput ratio. The server and nodes run in this process.
+//! loopback), on the demo model, f32. Each client asks for 128 tokens with ignore_eos, so every
+//! run generates the same number of tokens. Five interleaved rounds; prints the median aggregate
+//! tokens/s and time to first token per level, and the 32-over-1 ratio of the medians. The
+//! server and nodes run in this process.
 //!
 //! Run: `cargo bench -p omnishard-tests --bench serve_throughput`
 
@@ -19,7 +20,8 @@ use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::shard_pairs;
 use omnishard_tests::{demo_model, in_process_node};
 
-const TOKENS: usize = 64;
+const TOKENS: usize = 128;
+const ROUNDS: usize = 5;
 
 /// One streaming request; returns (time to first text, tokens generated per its usage).
 async fn one_stream(client: &reqwest::Client, url: &str, prompt: &str) -> (Duration, usize) {
@@ -111,33 +113,40 @@ fn main() {
     let client = reqwest::Client::new();
     println!("demo model, 2 expert nodes, f32; {TOKENS} tokens per stream");
     println!(
-        "{:>8} {:>12} {:>16} {:>14}",
-        "streams", "tokens/s", "median TTFT", "wall"
+        "{:>8} {:>12} {:>16}   (medians of {ROUNDS} interleaved rounds)",
+        "streams", "tokens/s", "TTFT"
     );
-    let mut rates = Vec::new();
-    for &n in &[1usize, 8, 32] {
-        // Warm-up, then the measured run.
-        rt.block_on(one_stream(&client, &url, "The lighthouse"));
-        let started = Instant::now();
-        let results = rt.block_on(futures::future::join_all((0..n).map(|i| {
-            let prompt =
-                words[(i * 7) % (words.len() - 4)..(i * 7) % (words.len() - 4) + 4].join(" ");
-            let client = client.clone();
-            let url = url.clone();
-            async move { one_stream(&client, &url, &prompt).await }
-        })));
-        let wall = started.elapsed();
-        let tokens: usize = results.iter().map(|r| r.1).sum();
-        let mut ttft: Vec<Duration> = results.iter().map(|r| r.0).collect();
-        ttft.sort();
-        let rate = tokens as f64 / wall.as_secs_f64();
-        rates.push(rate);
-        println!(
-            "{n:>8} {rate:>12.1} {:>13.1} ms {:>11.2} s",
-            ttft[ttft.len() / 2].as_secs_f64() * 1e3,
-            wall.as_secs_f64()
-        );
+    let levels = [1usize, 8, 32];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
+    let mut ttfts: Vec<Vec<Duration>> = vec![Vec::new(); levels.len()];
+    // Rounds interleave the concurrency levels so drift on this shared machine hits all alike.
+    for _ in 0..ROUNDS {
+        for (li, &n) in levels.iter().enumerate() {
+            rt.block_on(one_stream(&client, &url, "The lighthouse"));
+            let started = Instant::now();
+            let results = rt.block_on(futures::future::join_all((0..n).map(|i| {
+                let at = (i * 7) % (words.len() - 4);
+                let prompt = words[at..at + 4].join(" ");
+                let client = client.clone();
+                let url = url.clone();
+                async move { one_stream(&client, &url, &prompt).await }
+            })));
+            let wall = started.elapsed();
+            let tokens: usize = results.iter().map(|r| r.1).sum();
+            rates[li].push(tokens as f64 / wall.as_secs_f64());
+            ttfts[li].extend(results.iter().map(|r| r.0));
+        }
     }
+    let mut medians = Vec::new();
+    for (li, &n) in levels.iter().enumerate() {
+        rates[li].sort_by(f64::total_cmp);
+        let rate = rates[li][rates[li].len() / 2];
+        medians.push(rate);
+        ttfts[li].sort();
+        let ttft = ttfts[li][ttfts[li].len() / 2];
+        println!("{n:>8} {rate:>12.1} {:>13.1} ms", ttft.as_secs_f64() * 1e3);
+    }
+    let rates = medians;
     println!(
         "throughput ratio 32 streams / 1 stream: {:.1}x",
         rates[2] / rates[0]
