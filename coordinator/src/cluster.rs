@@ -149,11 +149,6 @@ impl LocalCluster {
         &self.addresses
     }
 
-    /// Process ids of the nodes, in shard order.
-    pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(Child::id).collect()
-    }
-
     fn wait_healthy(
         &mut self,
         deadline: Instant,

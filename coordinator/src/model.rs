@@ -679,10 +679,6 @@ impl Model {
         &self.usage
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// Runs a batch of sequences through the model, appending to each one's KV cache. Returns one
     /// f32 tensor of logits per sequence: `[tokens, vocab]` or `[1, vocab]` per `which`.
     pub fn forward(

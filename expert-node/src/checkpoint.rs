@@ -144,14 +144,6 @@ impl Checkpoint {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.weight_map.contains_key(name)
-    }
-
     /// Maps a shard on first use and validates its header against the file length.
     fn shard(&self, file: &str, tensor: &str) -> Result<Arc<Shard>, CheckpointError> {
         let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
@@ -297,20 +289,5 @@ impl Checkpoint {
         t.to_dtype(dtype)
             .and_then(|t| t.to_device(device))
             .map_err(candle)
-    }
-
-    /// Like [`Checkpoint::tensor`], for an optional tensor (e.g. a bias).
-    pub fn tensor_opt(
-        &self,
-        name: &str,
-        expected_shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Option<Tensor>, CheckpointError> {
-        if self.contains(name) {
-            self.tensor(name, expected_shape, dtype, device).map(Some)
-        } else {
-            Ok(None)
-        }
     }
 }
