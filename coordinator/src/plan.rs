@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use omnishard_proto::ModelConfig;
+use omnishard_proto::placement::ranges_by_layer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -79,26 +80,10 @@ impl Plan {
             if mean > 0.0 { max / mean } else { 1.0 }
         );
         for (i, node) in self.nodes.iter().enumerate() {
-            let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for &(l, e) in &node.pairs {
-                by_layer.entry(l).or_default().push(e);
-            }
-            let mut specs = Vec::new();
-            for (l, experts) in by_layer {
-                let mut i = 0;
-                while i < experts.len() {
-                    let start = experts[i];
-                    while i + 1 < experts.len() && experts[i + 1] == experts[i] + 1 {
-                        i += 1;
-                    }
-                    specs.push(if start == experts[i] {
-                        format!("\"{l}:{start}\"")
-                    } else {
-                        format!("\"{l}:{start}-{}\"", experts[i])
-                    });
-                    i += 1;
-                }
-            }
+            let specs: Vec<String> = ranges_by_layer(&node.pairs)
+                .into_iter()
+                .flat_map(|(l, _, ranges)| ranges.into_iter().map(move |r| format!("\"{l}:{r}\"")))
+                .collect();
             let _ = write!(
                 out,
                 "\n# {} experts, {} bytes, expected load {:.1}\n[[node]]\nname = \"node-{i}\"\naddress = \"{}\"\nexperts = [{}]\n",

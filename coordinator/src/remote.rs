@@ -19,6 +19,7 @@ use omnishard_expert::experts::combine;
 use omnishard_expert::wire::{self, assignments_to_wire};
 use omnishard_expert::{Assignment, ExpertError, Experts, Routing};
 use omnishard_proto::ModelConfig;
+use omnishard_proto::placement::ranges_by_layer;
 use omnishard_proto::v1::{
     self, ForwardRequest, ForwardResponse, InfoRequest, expert_service_client::ExpertServiceClient,
 };
@@ -373,32 +374,10 @@ impl Drop for Runtime {
 
 /// "layer 3: experts 0, 5-7; layer 9: expert 2" for a sorted list of pairs.
 pub fn describe_pairs(pairs: &[(usize, usize)]) -> String {
-    let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for &(l, e) in pairs {
-        by_layer.entry(l).or_default().push(e);
-    }
-    by_layer
+    ranges_by_layer(pairs)
         .into_iter()
-        .map(|(l, experts)| {
-            let mut ranges: Vec<String> = Vec::new();
-            let mut i = 0;
-            while i < experts.len() {
-                let start = experts[i];
-                while i + 1 < experts.len() && experts[i + 1] == experts[i] + 1 {
-                    i += 1;
-                }
-                ranges.push(if experts[i] == start {
-                    start.to_string()
-                } else {
-                    format!("{start}-{}", experts[i])
-                });
-                i += 1;
-            }
-            let noun = if experts.len() == 1 {
-                "expert"
-            } else {
-                "experts"
-            };
+        .map(|(l, count, ranges)| {
+            let noun = if count == 1 { "expert" } else { "experts" };
             format!("layer {l}: {noun} {}", ranges.join(", "))
         })
         .collect::<Vec<_>>()

@@ -9,7 +9,7 @@
 //! ```
 //! `*` as a layer means every MoE layer. An expert may be listed on several nodes (replicas).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -81,6 +81,36 @@ pub fn shard_pairs(cfg: &ModelConfig, index: usize, count: usize) -> Vec<(usize,
         .enumerate()
         .filter(|(p, _)| p % count.max(1) == index)
         .map(|(_, pair)| pair)
+        .collect()
+}
+
+/// Sorted (layer, expert) pairs grouped by layer, each layer's experts written as the
+/// inclusive ranges of the placement syntax ("0", "5-7"), with the layer's expert count.
+/// The inverse of what [`Placement::from_toml`] expands.
+pub fn ranges_by_layer(pairs: &[(usize, usize)]) -> Vec<(usize, usize, Vec<String>)> {
+    let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &(l, e) in pairs {
+        by_layer.entry(l).or_default().push(e);
+    }
+    by_layer
+        .into_iter()
+        .map(|(l, experts)| {
+            let mut ranges = Vec::new();
+            let mut i = 0;
+            while i < experts.len() {
+                let start = experts[i];
+                while i + 1 < experts.len() && experts[i + 1] == experts[i] + 1 {
+                    i += 1;
+                }
+                ranges.push(if experts[i] == start {
+                    start.to_string()
+                } else {
+                    format!("{start}-{}", experts[i])
+                });
+                i += 1;
+            }
+            (l, experts.len(), ranges)
+        })
         .collect()
 }
 
@@ -201,6 +231,18 @@ mod tests {
         assert_eq!(all, cfg.expert_pairs());
         assert!(parse_shard("3/3").is_err());
         assert_eq!(parse_shard("1/3").unwrap(), (1, 3));
+    }
+
+    #[test]
+    fn ranges_compress_sorted_pairs() {
+        let r = ranges_by_layer(&[(0, 0), (0, 5), (0, 6), (0, 7), (2, 3)]);
+        assert_eq!(
+            r,
+            vec![
+                (0, 4, vec!["0".to_string(), "5-7".to_string()]),
+                (2, 1, vec!["3".to_string()])
+            ]
+        );
     }
 
     #[test]
