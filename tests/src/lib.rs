@@ -119,6 +119,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `coordinator score ARGS...` and returns its stdout (the logits JSON); fails the test
+/// with the coordinator's stderr if it does not succeed.
+pub fn coordinator_score(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    let out = std::process::Command::new(bin("coordinator"))
+        .arg("score")
+        .args(args)
+        .output()
+        .expect("run coordinator");
+    assert!(
+        out.status.success(),
+        "coordinator score failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A real `expert-node` process; killed when dropped.
 pub struct ExpertNode {
     pub child: std::process::Child,

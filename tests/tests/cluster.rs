@@ -136,20 +136,16 @@ fn placement_file_with_replicas_matches_in_process() {
         .collect();
     placement(&live, name, &with_addresses, &[]);
 
-    let out = std::process::Command::new(omnishard_tests::bin("coordinator"))
-        .args(["score", "--token-ids", "5,17,42,99,3"])
-        .arg("--model")
-        .arg(model_dir(name))
-        .arg("--placement")
-        .arg(&live)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model = model_dir(name);
+    let stdout = omnishard_tests::coordinator_score(&[
+        "--token-ids".as_ref(),
+        "5,17,42,99,3".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--placement".as_ref(),
+        live.as_os_str(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let logits: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
     let local = Engine::load_local(&model_dir(name), ComputeDtype::F32).unwrap();
     assert_bits_equal(

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use omnishard_tests::{ExpertNode, Server, bin, demo_model};
+use omnishard_tests::{ExpertNode, Server, bin, coordinator_score, demo_model};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,17 +71,9 @@ async fn recorded_statistics_become_a_working_balanced_placement() {
         .collect::<Vec<_>>()
         .join(",");
     let score = |extra: &[&str]| {
-        let out = Command::new(bin("coordinator"))
-            .args(["score", "--token-ids", "10,20,30,40"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--token-ids".as_ref(), "10,20,30,40".as_ref()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        coordinator_score(&args)
     };
     assert_eq!(
         score(&["--nodes", &list]),
