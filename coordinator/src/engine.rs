@@ -5,13 +5,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
-use omnishard_expert::fingerprint::fingerprint;
-use omnishard_expert::{Checkpoint, CheckpointError, ComputeDtype, Experts, LocalExperts};
+use omnishard_model::fingerprint::fingerprint;
+use omnishard_model::{Checkpoint, CheckpointError, ComputeDtype, Experts, LocalExperts};
 use omnishard_proto::{Architecture, ConfigError, ModelConfig};
 
-use crate::model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
 use crate::remote::{ClusterError, RemoteExperts, RemoteOptions};
 use crate::sampling::Sampler;
+use omnishard_model::model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -1,12 +1,11 @@
 //! `coordinator`: the command-line entry point. Every flag can also be set through the
 //! environment variable named in `--help`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The demo model shipped in the repository: the default --model.
-const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/demo-model");
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,8 +19,8 @@ use omnishard_coordinator::{
     ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
     TextTokenizer, tokenizer::chatml,
 };
-use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::Placement;
+use omnishard_proto::{ModelConfig, defaults};
 
 #[derive(Parser)]
 #[command(
@@ -68,7 +67,7 @@ struct PlanArgs {
     #[arg(long, env = "OMNISHARD_PLAN_STATS")]
     stats: Option<PathBuf>,
     /// Compute dtype the nodes will use (sets the bytes per expert).
-    #[arg(long, env = "OMNISHARD_DTYPE", value_enum, default_value = "f32")]
+    #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
     /// Node addresses (host:port,...), one per node (default: 127.0.0.1:50051, :50052, ...).
     #[arg(long, env = "OMNISHARD_PLAN_ADDRESSES", value_delimiter = ',')]
@@ -117,7 +116,7 @@ struct ModelArgs {
     model: Option<PathBuf>,
     /// Compute dtype. f32 matches the reference to ~1e-5; bf16 halves memory. Expert nodes must
     /// use the same.
-    #[arg(long, env = "OMNISHARD_DTYPE", value_enum, default_value = "f32")]
+    #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
     /// Expert nodes (host:port,...) serving the routed experts. Without --nodes or --placement
     /// the experts run in this process.
@@ -137,23 +136,23 @@ struct ModelArgs {
     #[arg(long, env = "OMNISHARD_ALLOW_MISSING_EXPERTS")]
     allow_missing_experts: bool,
     /// Deadline of one layer's call to one expert node, in milliseconds.
-    #[arg(long, env = "OMNISHARD_RPC_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "OMNISHARD_RPC_TIMEOUT_MS", default_value_t = defaults::RPC_TIMEOUT.as_millis() as u64)]
     rpc_timeout_ms: u64,
     /// How long to wait at start-up for expert nodes to accept connections and finish loading.
-    #[arg(long, env = "OMNISHARD_STARTUP_TIMEOUT_S", default_value_t = 120)]
+    #[arg(long, env = "OMNISHARD_STARTUP_TIMEOUT_S", default_value_t = defaults::STARTUP_TIMEOUT.as_secs())]
     startup_timeout_s: u64,
     /// Largest gRPC message sent to or accepted from an expert node, in MiB.
-    #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = 512)]
+    #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = defaults::MAX_MESSAGE_MIB)]
     max_message_mib: usize,
     /// How often every expert node's health is checked in the background (a node that failed is
     /// re-admitted once it answers with the right fingerprint), in milliseconds.
-    #[arg(long, env = "OMNISHARD_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "OMNISHARD_HEALTH_INTERVAL_MS", default_value_t = defaults::HEALTH_INTERVAL.as_millis() as u64)]
     health_interval_ms: u64,
 }
 
 impl ModelArgs {
-    fn model_dir(&self) -> &Path {
-        self.model.as_deref().unwrap_or(Path::new(DEMO_MODEL))
+    fn model_dir(&self) -> anyhow::Result<PathBuf> {
+        model_or_demo(self.model.as_deref())
     }
 
     /// Loads the model with its experts in this process or on the given expert nodes.
@@ -162,7 +161,7 @@ impl ModelArgs {
     }
 
     fn load_observed(&self, observer: Option<Arc<dyn RpcObserver>>) -> anyhow::Result<Engine> {
-        let dir = self.model_dir();
+        let dir = &self.model_dir()?;
         let addresses = match &self.placement {
             Some(path) => {
                 let cfg = ModelConfig::from_model_dir(dir)?;
@@ -295,7 +294,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let engine = args.model.load()?;
-    let tokenizer = TextTokenizer::load(args.model.model_dir(), engine.config())?;
+    let tokenizer = TextTokenizer::load(&args.model.model_dir()?, engine.config())?;
     let text = if args.chat {
         chatml(&[ChatMessage {
             role: "user".into(),
@@ -373,7 +372,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(args.model.load_observed(Some(metrics.clone()))?);
-    let dir = args.model.model_dir();
+    let dir = &args.model.model_dir()?;
     let tokenizer = Arc::new(TextTokenizer::load(dir, engine.config())?);
     let max_context = args
         .max_context
@@ -489,7 +488,7 @@ async fn reload_on_sighup(remote: Arc<RemoteExperts>, path: PathBuf, model: Path
 }
 
 fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    let dir = args.model.as_deref().unwrap_or(Path::new(DEMO_MODEL));
+    let dir = &model_or_demo(args.model.as_deref())?;
     let cfg = ModelConfig::from_model_dir(dir)?;
     let n = args.count as usize;
     let load = match &args.stats {
@@ -564,7 +563,7 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     if let Some(model) = args.model {
         inner.model = Some(model);
     }
-    let model = inner.model_dir().to_path_buf();
+    let model = inner.model_dir()?;
     let timeout = Duration::from_secs(inner.startup_timeout_s);
     let local = LocalCluster::start(&bin, &model, args.count as usize, inner.dtype, timeout)?;
     inner.nodes = local.addresses().to_vec();
@@ -578,11 +577,21 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     result
 }
 
+/// `--model`, or the demo model shipped with omnishard.
+fn model_or_demo(model: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => defaults::demo_model_dir().map_err(anyhow::Error::msg),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| defaults::LOG_FILTER.into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {

@@ -5,7 +5,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::usage::ExpertUsage;
+use omnishard_model::ExpertUsage;
 
 pub struct Metrics {
     registry: Registry,

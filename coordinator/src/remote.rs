@@ -4,7 +4,7 @@
 //! routing table is built from what the nodes say they hold. Per MoE layer the tokens are grouped
 //! by node, all nodes are called concurrently over one long-lived bidirectional stream each
 //! (requests tagged with ids, so a decode step opens no new HTTP/2 stream), and the per-assignment
-//! outputs are summed in ascending expert order by [`omnishard_expert::experts::combine`] —
+//! outputs are summed in ascending expert order by [`omnishard_model::experts::combine`] —
 //! the same code as the in-process path, hence the same bits whatever the placement.
 //! Every call has a deadline; a failure names the node and the layer.
 
@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 use futures::future::join_all;
-use omnishard_expert::experts::combine;
-use omnishard_expert::wire::{self, assignments_to_wire};
-use omnishard_expert::{Assignment, ExpertError, Experts, Routing};
-use omnishard_proto::ModelConfig;
+use omnishard_model::experts::combine;
+use omnishard_model::wire::{self, assignments_to_wire};
+use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Routing};
 use omnishard_proto::placement::ranges_by_layer;
 use omnishard_proto::v1::{
     self, ForwardRequest, ForwardResponse, InfoRequest, expert_service_client::ExpertServiceClient,
 };
+use omnishard_proto::{ModelConfig, defaults};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -63,10 +63,10 @@ impl std::fmt::Debug for RemoteOptions {
 impl Default for RemoteOptions {
     fn default() -> Self {
         Self {
-            rpc_timeout: Duration::from_secs(10),
-            startup_timeout: Duration::from_secs(60),
-            max_message_bytes: 512 << 20,
-            health_interval: Duration::from_secs(1),
+            rpc_timeout: defaults::RPC_TIMEOUT,
+            startup_timeout: defaults::STARTUP_TIMEOUT,
+            max_message_bytes: defaults::MAX_MESSAGE_MIB << 20,
+            health_interval: defaults::HEALTH_INTERVAL,
             observer: None,
         }
     }
@@ -941,7 +941,13 @@ fn no_replica(
 }
 
 impl Experts for RemoteExperts {
-    fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError> {
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+        ctx: &CallContext,
+    ) -> Result<Tensor, ExpertError> {
         // The table first: nodes are only ever appended, so every index it holds is valid in the
         // node list read after it.
         let table = self
@@ -988,6 +994,7 @@ impl Experts for RemoteExperts {
                     expert_id,
                     weight,
                     fingerprint: self.shared.fingerprint.clone(),
+                    trace_ids: ctx.request_ids.to_vec(),
                 });
             }
             let calls = shares.iter().zip(requests).map(|(share, req)| {

@@ -18,8 +18,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::model::{KvCache, LogitsFor, Positions, SequenceInput};
 use crate::sampling::{Sampler, SamplingParams};
+use omnishard_model::model::{KvCache, LogitsFor, Positions, SequenceInput};
 
 /// Scheduler limits.
 #[derive(Debug, Clone)]
@@ -242,8 +242,8 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
         Err(e) => {
             let unavailable = matches!(
                 &e,
-                crate::model::ModelError::Experts {
-                    source: omnishard_expert::ExpertError::Node { .. },
+                omnishard_model::ModelError::Experts {
+                    source: omnishard_model::ExpertError::Node { .. },
                     ..
                 }
             );

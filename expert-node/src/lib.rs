@@ -1,30 +1,9 @@
-//! Checkpoint reading and expert math, shared by the `expert-node` binary and the coordinator's
-//! in-process mode, so that both compute an expert with exactly the same code.
+//! The expert node: the gRPC service over a partition of a checkpoint's experts ([`server`]) and
+//! its start-up ([`serve`], [`load_experts`]), called by the `expert-node` binary, the benchmarks
+//! and the tests alike. The math lives in `omnishard-model`.
 
-pub mod checkpoint;
-pub mod experts;
-pub mod fingerprint;
-pub mod mlp;
-pub mod ops;
 pub mod server;
-pub mod wire;
+mod start;
 
-pub use checkpoint::{Checkpoint, CheckpointError};
-pub use experts::{Assignment, ExpertError, Experts, LocalExperts, Routing};
-pub use mlp::SwiGlu;
-
-/// Compute dtype of the coordinator and of the experts; both sides of a cluster must agree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ComputeDtype {
-    F32,
-    Bf16,
-}
-
-impl ComputeDtype {
-    pub fn dtype(self) -> candle_core::DType {
-        match self {
-            ComputeDtype::F32 => candle_core::DType::F32,
-            ComputeDtype::Bf16 => candle_core::DType::BF16,
-        }
-    }
-}
+pub use server::{ExpertNodeService, NodeError, NodeState, process};
+pub use start::{load_experts, serve};

@@ -6,7 +6,8 @@
 //! FAILED_PRECONDITION and the node goes on serving everyone else. Compute runs on the blocking
 //! pool, never on the async runtime.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Device};
 use futures::StreamExt;
@@ -15,13 +16,13 @@ use omnishard_proto::v1::{
     self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts,
     expert_service_server::{ExpertService, ExpertServiceServer},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
-use crate::experts::{ExpertError, LocalExperts};
-use crate::wire::{self, DecodeError};
+use omnishard_model::wire::{self, DecodeError};
+use omnishard_model::{ExpertError, LocalExperts};
 
 /// Why a request failed on the node.
 #[derive(Debug, thiserror::Error)]
@@ -70,13 +71,83 @@ impl ServiceError for NodeError {
     }
 }
 
-/// What the node is and holds; `experts` is set once loading finishes.
+/// What the node is and holds; the experts are installed once loading finishes.
 pub struct NodeState {
     pub name: String,
     pub fingerprint: String,
     pub dtype: DType,
     pub device: Device,
-    pub experts: OnceLock<Arc<LocalExperts>>,
+    experts: OnceLock<Arc<LocalExperts>>,
+    loaded: watch::Sender<bool>,
+    seen: Mutex<RecentIds>,
+}
+
+impl NodeState {
+    pub fn new(name: String, fingerprint: String, dtype: DType, device: Device) -> Self {
+        Self {
+            name,
+            fingerprint,
+            dtype,
+            device,
+            experts: OnceLock::new(),
+            loaded: watch::Sender::new(false),
+            seen: Mutex::new(RecentIds::default()),
+        }
+    }
+
+    /// Makes the loaded experts available; health turns SERVING. Returns false if experts were
+    /// installed already (they are kept).
+    pub fn install(&self, experts: LocalExperts) -> bool {
+        let fresh = self.experts.set(Arc::new(experts)).is_ok();
+        self.loaded.send_replace(true);
+        fresh
+    }
+
+    /// The installed experts, once loading has finished.
+    pub fn experts(&self) -> Option<&Arc<LocalExperts>> {
+        self.experts.get()
+    }
+
+    /// Watches whether the experts are installed.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.subscribe()
+    }
+
+    /// Logs, once per client request, that this node works for it: the request id then appears in
+    /// every node's log at the info level without a line per layer call.
+    fn note_trace_ids(&self, ids: &[String], layer: u32) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if seen.insert(id) {
+                tracing::info!(request_id = %id, node = %self.name, layer, "first expert call for request");
+            }
+        }
+    }
+}
+
+/// The last few thousand request ids this node has seen, oldest forgotten first.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 4096;
+
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.set.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
 }
 
 #[derive(Clone)]
@@ -96,19 +167,25 @@ impl ExpertNodeService {
             .max_encoding_message_size(max_message_bytes)
     }
 
-    #[instrument(skip_all, fields(layer = req.layer, request_id = req.request_id, n_assignments = req.token_index.len()))]
+    #[instrument(skip_all, fields(node = %self.state.name, layer = req.layer, call = req.request_id, requests = ?req.trace_ids, n_assignments = req.token_index.len()))]
     async fn handle(&self, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
+        self.state.note_trace_ids(&req.trace_ids, req.layer);
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || process(&state, req))
+        let result = tokio::task::spawn_blocking(move || process(&state, req))
             .await
-            .map_err(|e| NodeError::Join(e.to_string()))?
+            .map_err(|e| NodeError::Join(e.to_string()))
+            .and_then(|r| r);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "forward request failed");
+        }
+        result
     }
 }
 
 /// Validates one Forward request and computes it: the whole of the node's work, synchronous
 /// (run it off the async runtime). The fuzz target for the request decoder drives this.
 pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
-    let experts = state.experts.get().cloned().ok_or(NodeError::Loading)?;
+    let experts = state.experts().cloned().ok_or(NodeError::Loading)?;
     if !req.fingerprint.is_empty() && req.fingerprint != state.fingerprint {
         return Err(NodeError::Fingerprint {
             expected: state.fingerprint.clone(),
@@ -135,8 +212,7 @@ impl ExpertService for ExpertNodeService {
     async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let experts = self
             .state
-            .experts
-            .get()
+            .experts()
             .ok_or_else(|| NodeError::Loading.to_status())?;
         let mut layers: Vec<LayerExperts> = Vec::new();
         for (layer, expert) in experts.held() {
@@ -198,16 +274,13 @@ impl ExpertService for ExpertNodeService {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let id = req.request_id;
-                    let resp = svc.handle(req).await.unwrap_or_else(|e| {
-                        tracing::warn!(request_id = id, error = %e, "forward request failed");
-                        ForwardResponse {
-                            request_id: id,
-                            output: None,
-                            error: Some(v1::Error {
-                                code: e.status_code() as i32,
-                                message: e.to_string(),
-                            }),
-                        }
+                    let resp = svc.handle(req).await.unwrap_or_else(|e| ForwardResponse {
+                        request_id: id,
+                        output: None,
+                        error: Some(v1::Error {
+                            code: e.status_code() as i32,
+                            message: e.to_string(),
+                        }),
                     });
                     let _ = tx.send(Ok(resp)).await;
                 });

@@ -2,6 +2,7 @@
 //! and the versioned gRPC wire format (`omnishard.v1`) between the coordinator and expert nodes.
 
 pub mod config;
+pub mod defaults;
 pub mod placement;
 pub mod wire;
 

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_coordinator::remote::{RemoteExperts, RemoteOptions};
-use omnishard_expert::{Checkpoint, Experts, LocalExperts, Routing, fingerprint::fingerprint};
+use omnishard_model::{
+    CallContext, Checkpoint, Experts, LocalExperts, Routing, fingerprint::fingerprint,
+};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::shard_pairs;
 use omnishard_tests::in_process_node;
@@ -91,12 +93,16 @@ fn time(
     iters: usize,
 ) -> (Duration, Duration) {
     for _ in 0..20 {
-        experts.forward(0, xs, routing).unwrap();
+        experts
+            .forward(0, xs, routing, &CallContext::default())
+            .unwrap();
     }
     let samples = (0..iters)
         .map(|_| {
             let t = Instant::now();
-            experts.forward(0, xs, routing).unwrap();
+            experts
+                .forward(0, xs, routing, &CallContext::default())
+                .unwrap();
             t.elapsed()
         })
         .collect();

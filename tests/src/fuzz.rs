@@ -2,13 +2,13 @@
 //! `tests/fuzz/` and the regression test that replays every crash they found
 //! (`tests/fixtures/fuzz-regressions/<target>/`).
 
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::LazyLock;
 
 use candle_core::{DType, Device};
 use omnishard_coordinator::TextTokenizer;
 use omnishard_coordinator::server::{RequestLimits, validate_body};
 use omnishard_expert::server::{NodeState, process};
-use omnishard_expert::{Checkpoint, LocalExperts};
+use omnishard_model::{Checkpoint, LocalExperts};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::shard_pairs;
 use omnishard_proto::v1::ForwardRequest;
@@ -21,14 +21,8 @@ static NODE: LazyLock<NodeState> = LazyLock::new(|| {
     let pairs = shard_pairs(&cfg, 0, 2);
     let experts = LocalExperts::load(&ckpt, &cfg, &pairs, DType::F32, &Device::Cpu, |_, _| {})
         .expect("fixture experts");
-    let state = NodeState {
-        name: "fuzz".into(),
-        fingerprint: "fuzz".into(),
-        dtype: DType::F32,
-        device: Device::Cpu,
-        experts: OnceLock::new(),
-    };
-    let _ = state.experts.set(Arc::new(experts));
+    let state = NodeState::new("fuzz".into(), "fuzz".into(), DType::F32, Device::Cpu);
+    state.install(experts);
     state
 });
 

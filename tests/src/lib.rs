@@ -279,10 +279,10 @@ pub fn in_process_node(
     model: &std::path::Path,
     pairs: &[(usize, usize)],
 ) -> String {
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
     let cfg = omnishard_proto::ModelConfig::from_model_dir(model).expect("config");
-    let ckpt = omnishard_expert::Checkpoint::open(model).expect("checkpoint");
-    let experts = omnishard_expert::LocalExperts::load(
+    let ckpt = omnishard_model::Checkpoint::open(model).expect("checkpoint");
+    let experts = omnishard_model::LocalExperts::load(
         &ckpt,
         &cfg,
         pairs,
@@ -291,31 +291,22 @@ pub fn in_process_node(
         |_, _| {},
     )
     .expect("experts");
-    let state = Arc::new(omnishard_expert::server::NodeState {
-        name: format!("in-process-{}", pairs.len()),
-        fingerprint: omnishard_expert::fingerprint::fingerprint(&cfg, &ckpt).expect("fingerprint"),
-        dtype: candle_core::DType::F32,
-        device: candle_core::Device::Cpu,
-        experts: OnceLock::new(),
-    });
-    let _ = state.experts.set(Arc::new(experts));
+    let state = Arc::new(omnishard_expert::NodeState::new(
+        format!("in-process-{}", pairs.len()),
+        omnishard_model::fingerprint::fingerprint(&cfg, &ckpt).expect("fingerprint"),
+        candle_core::DType::F32,
+        candle_core::Device::Cpu,
+    ));
+    state.install(experts);
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
-    let service = omnishard_expert::server::ExpertNodeService::new(state).into_server(64 << 20);
-    // gRPC health as the real node reports it: the coordinator's health checker relies on it.
-    let (health, health_service) = tonic_health::server::health_reporter();
-    rt.block_on(
-        health.set_serving::<omnishard_proto::v1::expert_service_server::ExpertServiceServer<
-            omnishard_expert::server::ExpertNodeService,
-        >>(),
-    );
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(service)
-            .serve_with_incoming(omnishard_expert::server::incoming(listener)),
-    );
+    rt.spawn(omnishard_expert::serve(
+        listener,
+        state,
+        omnishard_proto::defaults::MAX_MESSAGE_MIB << 20,
+        std::future::pending(),
+    ));
     address
 }

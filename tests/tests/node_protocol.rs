@@ -61,6 +61,7 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
         expert_id: vec![expert, expert],
         weight: vec![0.25, 0.75],
         fingerprint: info.fingerprint.clone(),
+        trace_ids: vec!["req-protocol".into()],
     };
     let resp = client.forward(good.clone()).await.unwrap().into_inner();
     let out = resp.output.unwrap();

@@ -1,7 +1,7 @@
 //! The Qwen3-Omni thinker text model (and plain Qwen3-MoE) as the coordinator runs it:
 //! embeddings, pre-norm decoder layers with QK-normed GQA attention and interleaved mRoPE,
 //! a KV cache per sequence, the MoE router, dense MLP layers, the final norm and lm_head.
-//! The routed experts are behind [`omnishard_expert::Experts`], local or remote.
+//! The routed experts are behind [`crate::Experts`], local or remote.
 //!
 //! Reference: `Qwen3OmniMoeThinkerTextModel` in Hugging Face transformers 4.57.3, and the Qwen3
 //! technical report (arXiv:2505.09388). Numerics mirror the reference in bf16 too: RMSNorm in f32
@@ -10,13 +10,15 @@
 
 use std::sync::Arc;
 
+use crate::ops::{linear, matmul};
+use crate::{CallContext, Checkpoint, CheckpointError, ExpertError, Experts, Routing, SwiGlu};
 use candle_core::{D, DType, Device, Tensor};
-use omnishard_expert::ops::{linear, matmul};
-use omnishard_expert::{Checkpoint, CheckpointError, ExpertError, Experts, Routing, SwiGlu};
 use omnishard_proto::ModelConfig;
 
-use crate::decode_attention::decode_attention;
+mod decode_attention;
+
 use crate::usage::ExpertUsage;
+use decode_attention::decode_attention;
 
 /// Errors running the model.
 #[derive(Debug, thiserror::Error)]
@@ -686,6 +688,17 @@ impl Model {
         batch: &mut [SequenceInput<'_>],
         which: LogitsFor,
     ) -> Result<Vec<Tensor>> {
+        self.forward_for(batch, which, &CallContext::default())
+    }
+
+    /// [`Model::forward`] on behalf of the client requests named in `ctx` (passed on to the
+    /// experts, so expert nodes can log them).
+    pub fn forward_for(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        which: LogitsFor,
+        ctx: &CallContext,
+    ) -> Result<Vec<Tensor>> {
         let mut all_ids = Vec::new();
         // Positions of every token of the batch, so cos/sin are built once.
         let mut all_positions = Positions {
@@ -740,7 +753,7 @@ impl Model {
                     let routing = router.route(&normed)?;
                     self.usage.record(l, &routing.ids);
                     self.experts
-                        .forward(router.layer, &normed, &routing)
+                        .forward(router.layer, &normed, &routing, ctx)
                         .map_err(|source| ModelError::Experts { layer: l, source })?
                 }
             };

@@ -7,6 +7,8 @@
 //! weights are cast to the compute dtype, each expert runs once over the batch of its tokens,
 //! its output is scaled by the weight and index-added into a zero tensor, experts in ascending id.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
@@ -80,11 +82,24 @@ pub struct Assignment {
     pub weight: f32,
 }
 
+/// Whom a forward pass works for: the ids of the client requests whose tokens it carries, so
+/// that expert nodes can name them in their logs. Empty outside the server.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub request_ids: Arc<[String]>,
+}
+
 /// Anything that computes the routed-expert part of an MoE layer.
 pub trait Experts: Send + Sync {
     /// `xs`: `[n_tokens, hidden]` in the compute dtype. Returns `[n_tokens, hidden]`: for each
     /// token, the sum over its top-k experts of `weight * expert(x)`.
-    fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError>;
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+        ctx: &CallContext,
+    ) -> Result<Tensor, ExpertError>;
 }
 
 /// Experts held in this process, indexed `[layer][expert]`.
@@ -317,7 +332,13 @@ pub fn combine(
 }
 
 impl Experts for LocalExperts {
-    fn forward(&self, layer: usize, xs: &Tensor, routing: &Routing) -> Result<Tensor, ExpertError> {
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+        _ctx: &CallContext,
+    ) -> Result<Tensor, ExpertError> {
         let assignments: Vec<Assignment> = routing.assignments().collect();
         let outputs = self.expert_outputs(layer, xs, &assignments)?;
         combine(routing.n_tokens(), &assignments, &outputs)

@@ -1,0 +1,56 @@
+//! omnishard's math, shared by the `coordinator` and `expert-node` binaries so that both compute
+//! with exactly the same code: checkpoint reading, the transformer ([`model`]), the routed experts
+//! ([`experts`]), the compute backends ([`ops`]), the wire encoding of tensors ([`wire`]) and the
+//! model fingerprint. No servers and no command-line parsing live here.
+
+pub mod checkpoint;
+pub mod experts;
+pub mod fingerprint;
+pub mod mlp;
+pub mod model;
+pub mod ops;
+pub mod usage;
+pub mod wire;
+
+pub use checkpoint::{Checkpoint, CheckpointError};
+pub use experts::{Assignment, CallContext, ExpertError, Experts, LocalExperts, Routing};
+pub use mlp::SwiGlu;
+pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
+pub use usage::ExpertUsage;
+
+/// Compute dtype of the coordinator and of the experts; both sides of a cluster must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(ComputeDtype::F32),
+            "bf16" => Ok(ComputeDtype::Bf16),
+            other => Err(format!("unknown dtype {other:?}; use f32 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        })
+    }
+}

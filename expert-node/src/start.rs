@@ -1,0 +1,68 @@
+//! Starting a node: loading its partition of the experts and serving them with gRPC health.
+//! One implementation for the binary, the benchmarks and the tests.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use omnishard_model::{Checkpoint, CheckpointError, LocalExperts};
+use omnishard_proto::ModelConfig;
+use omnishard_proto::v1::expert_service_server::ExpertServiceServer;
+
+use crate::server::{ExpertNodeService, NodeState, incoming};
+
+/// Serves `state` on `listener` until `shutdown` resolves. gRPC health reports NOT_SERVING until
+/// the experts are installed ([`NodeState::install`]) and SERVING after, so a coordinator can wait
+/// for a node that is still loading.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<NodeState>,
+    max_message_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<ExpertServiceServer<ExpertNodeService>>()
+        .await;
+    let mut loaded = state.loaded();
+    tokio::spawn(async move {
+        if loaded.wait_for(|done| *done).await.is_ok() {
+            health
+                .set_serving::<ExpertServiceServer<ExpertNodeService>>()
+                .await;
+        }
+    });
+    let service = ExpertNodeService::new(state).into_server(max_message_bytes);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await
+}
+
+/// Loads the given (layer, expert) pairs in the compute dtype, logging progress every 5%.
+/// Blocking: call it off the async runtime. The checkpoint's memory maps are dropped with `ckpt`
+/// afterwards, so what stays resident is the partition's own copy.
+pub fn load_experts(
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+    pairs: &[(usize, usize)],
+    dtype: DType,
+    device: &Device,
+) -> Result<LocalExperts, CheckpointError> {
+    let started = Instant::now();
+    let step = (pairs.len() / 20).max(1);
+    let experts = LocalExperts::load(ckpt, cfg, pairs, dtype, device, |done, total| {
+        if done % step == 0 || done == total {
+            tracing::info!(done, total, "experts loaded");
+        }
+    })?;
+    tracing::info!(
+        experts = pairs.len(),
+        bytes = experts.size_in_bytes(),
+        seconds = started.elapsed().as_secs_f64(),
+        "experts in memory"
+    );
+    Ok(experts)
+}

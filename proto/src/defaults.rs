@@ -1,0 +1,88 @@
+//! Defaults that the coordinator and the expert nodes must agree on, and where each binary finds
+//! the demo model, defined once.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Largest gRPC message either side sends or accepts, unless `--max-message-mib` says otherwise.
+pub const MAX_MESSAGE_MIB: usize = 512;
+
+/// How long the coordinator waits for its expert nodes to accept connections and finish loading.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Deadline of one layer's call to one node.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the coordinator checks every node's health in the background.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Log filter of both binaries when `RUST_LOG` is not set.
+pub const LOG_FILTER: &str = "info";
+
+/// Environment variable naming the demo model directory explicitly.
+pub const DEMO_MODEL_ENV: &str = "OMNISHARD_DEMO_MODEL";
+
+/// The demo model's directory name: next to the executable in an installation, or
+/// `coordinator/demo-model` in a source checkout.
+const DEMO_MODEL_DIR: &str = "demo-model";
+
+/// The demo model shipped with omnishard, found at run time (not compiled in, so a binary copied
+/// elsewhere or into a container still finds it or says where it looked): `$OMNISHARD_DEMO_MODEL`,
+/// then `demo-model/` next to the executable, then `coordinator/demo-model/` in a source checkout
+/// above the executable (`target/<profile>/` of a build).
+pub fn demo_model_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os(DEMO_MODEL_ENV) {
+        let dir = PathBuf::from(dir);
+        return if dir.join("config.json").is_file() {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "{DEMO_MODEL_ENV}={} holds no config.json; point it at the demo model directory or pass --model DIR",
+                dir.display()
+            ))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate this executable: {e}"))?;
+    let candidates = demo_model_candidates(&exe);
+    candidates
+        .iter()
+        .find(|dir| dir.join("config.json").is_file())
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "no --model given and the demo model is not installed (looked in {}); pass --model DIR or set {DEMO_MODEL_ENV}",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+fn demo_model_candidates(exe: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Some(bin_dir) = exe.parent() else {
+        return out;
+    };
+    out.push(bin_dir.join(DEMO_MODEL_DIR));
+    out.extend(
+        bin_dir
+            .ancestors()
+            .skip(1)
+            .map(|dir| dir.join("coordinator").join(DEMO_MODEL_DIR)),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_cover_installs_and_build_trees() {
+        let c = demo_model_candidates(Path::new("/repo/target/release/coordinator"));
+        assert_eq!(c[0], Path::new("/repo/target/release/demo-model"));
+        assert!(c.contains(&PathBuf::from("/repo/coordinator/demo-model")));
+    }
+}
