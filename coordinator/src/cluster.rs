@@ -65,30 +65,29 @@ pub fn find_expert_node_binary() -> Result<PathBuf, LocalClusterError> {
 
 impl LocalCluster {
     /// Starts `count` nodes serving `model` in `dtype` and waits until every one reports
-    /// SERVING, or `timeout` passes.
+    /// SERVING, or `timeout` passes. `extra_args` go to every node (e.g. `--load-format dummy`).
     pub fn start(
         bin: &Path,
         model: &Path,
         count: usize,
         dtype: ComputeDtype,
         timeout: Duration,
+        extra_args: &[String],
     ) -> Result<Self, LocalClusterError> {
         let mut cluster = Self {
             children: Vec::with_capacity(count),
             addresses: Vec::with_capacity(count),
         };
-        let dtype = match dtype {
-            ComputeDtype::F32 => "f32",
-            ComputeDtype::Bf16 => "bf16",
-        };
+        let dtype = dtype.to_string();
         let mut listening = Vec::with_capacity(count);
         for i in 0..count {
             let mut cmd = Command::new(bin);
             cmd.arg("--model")
                 .arg(model)
-                .args(["--listen", "127.0.0.1:0", "--dtype", dtype])
+                .args(["--listen", "127.0.0.1:0", "--dtype", &dtype])
                 .arg("--shard")
                 .arg(format!("{i}/{count}"))
+                .args(extra_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());

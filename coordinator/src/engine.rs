@@ -37,21 +37,24 @@ impl Engine {
     pub fn load_local(dir: &Path, dtype: ComputeDtype) -> Result<Self, EngineError> {
         let cfg = ModelConfig::from_model_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
+        Self::load_local_from(&ckpt, &cfg, dtype)
+    }
+
+    /// [`Engine::load_local`] from an open checkpoint (files or dummy weights).
+    pub fn load_local_from(
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        dtype: ComputeDtype,
+    ) -> Result<Self, EngineError> {
         let device = Device::Cpu;
         let pairs = cfg.expert_pairs();
-        let experts = LocalExperts::load(
-            &ckpt,
-            &cfg,
-            &pairs,
-            dtype.dtype(),
-            &device,
-            |done, total| {
+        let experts =
+            LocalExperts::load(ckpt, cfg, &pairs, dtype.dtype(), &device, |done, total| {
                 if done % 256 == 0 || done == total {
                     tracing::info!(done, total, "experts loaded");
                 }
-            },
-        )?;
-        Self::with_experts(&ckpt, &cfg, dtype, Arc::new(experts), &[])
+            })?;
+        Self::with_experts(ckpt, cfg, dtype, Arc::new(experts), &[])
     }
 
     /// Loads the dense part of the model and connects to expert nodes at `addresses` for the
@@ -65,11 +68,23 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let cfg = ModelConfig::from_model_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        let fp = fingerprint(&cfg, &ckpt)?;
+        Self::load_remote_from(&ckpt, &cfg, dtype, addresses, opts, allow_missing)
+    }
+
+    /// [`Engine::load_remote`] from an open checkpoint (files or dummy weights).
+    pub fn load_remote_from(
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        dtype: ComputeDtype,
+        addresses: &[String],
+        opts: RemoteOptions,
+        allow_missing: bool,
+    ) -> Result<Self, EngineError> {
+        let fp = fingerprint(cfg, ckpt)?;
         let (experts, masked) =
-            RemoteExperts::connect(addresses, &cfg, &fp, dtype.dtype(), opts, allow_missing)?;
+            RemoteExperts::connect(addresses, cfg, &fp, dtype.dtype(), opts, allow_missing)?;
         let experts = Arc::new(experts);
-        let mut engine = Self::with_experts(&ckpt, &cfg, dtype, experts.clone(), &masked)?;
+        let mut engine = Self::with_experts(ckpt, cfg, dtype, experts.clone(), &masked)?;
         engine.remote = Some(experts);
         Ok(engine)
     }

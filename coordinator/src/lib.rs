@@ -10,6 +10,7 @@ pub mod remote;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
+pub mod synth;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineError};

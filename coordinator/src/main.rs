@@ -19,6 +19,7 @@ use omnishard_coordinator::{
     ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
     TextTokenizer, tokenizer::chatml,
 };
+use omnishard_model::{Checkpoint, LoadFormat};
 use omnishard_proto::placement::Placement;
 use omnishard_proto::{ModelConfig, defaults};
 
@@ -47,6 +48,8 @@ enum Command {
     /// Write a placement file for N nodes, balanced by bytes and, with --stats, by expected
     /// load, replicating the most-used experts.
     Plan(PlanArgs),
+    /// Write a random-weight checkpoint with a real model's dimensions (for benchmarks).
+    Synth(omnishard_coordinator::synth::SynthArgs),
 }
 
 #[derive(Args)]
@@ -118,6 +121,14 @@ struct ModelArgs {
     /// use the same.
     #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
+    /// Where the weights come from: `auto` reads the checkpoint's safetensors; `dummy` makes
+    /// random weights of config.json's shapes in memory from --seed (benchmarks at the real size
+    /// without the checkpoint; expert nodes must use the same --load-format and --seed).
+    #[arg(long, env = "OMNISHARD_LOAD_FORMAT", default_value = "auto")]
+    load_format: LoadFormat,
+    /// Seed of the dummy weights (--load-format dummy); `coordinator synth --seed` writes the same.
+    #[arg(long, env = "OMNISHARD_SEED", default_value_t = 0)]
+    seed: u64,
     /// Expert nodes (host:port,...) serving the routed experts. Without --nodes or --placement
     /// the experts run in this process.
     #[arg(
@@ -173,11 +184,13 @@ impl ModelArgs {
             }
             None => self.nodes.clone(),
         };
+        let cfg = ModelConfig::from_model_dir(dir)?;
+        let ckpt = Checkpoint::load(dir, &cfg, self.load_format, self.seed)?;
         if addresses.is_empty() {
             if self.allow_missing_experts {
                 bail!("--allow-missing-experts needs --nodes or --placement");
             }
-            return Ok(Engine::load_local(dir, self.dtype)?);
+            return Ok(Engine::load_local_from(&ckpt, &cfg, self.dtype)?);
         }
         let opts = RemoteOptions {
             rpc_timeout: Duration::from_millis(self.rpc_timeout_ms.max(1)),
@@ -186,8 +199,9 @@ impl ModelArgs {
             health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
             observer,
         };
-        Ok(Engine::load_remote(
-            dir,
+        Ok(Engine::load_remote_from(
+            &ckpt,
+            &cfg,
             self.dtype,
             &addresses,
             opts,
@@ -565,7 +579,23 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     }
     let model = inner.model_dir()?;
     let timeout = Duration::from_secs(inner.startup_timeout_s);
-    let local = LocalCluster::start(&bin, &model, args.count as usize, inner.dtype, timeout)?;
+    let weights = match inner.load_format {
+        LoadFormat::Auto => Vec::new(),
+        LoadFormat::Dummy => vec![
+            "--load-format".to_string(),
+            "dummy".to_string(),
+            "--seed".to_string(),
+            inner.seed.to_string(),
+        ],
+    };
+    let local = LocalCluster::start(
+        &bin,
+        &model,
+        args.count as usize,
+        inner.dtype,
+        timeout,
+        &weights,
+    )?;
     inner.nodes = local.addresses().to_vec();
     // `local` stops the nodes when it goes out of scope, whatever the command's outcome.
     let result = match command {
@@ -600,5 +630,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Cluster(args) => cluster(args),
         Command::Plan(args) => plan(args),
+        Command::Synth(args) => omnishard_coordinator::synth::run(&args)
+            .map(|_| ())
+            .map_err(Into::into),
     }
 }

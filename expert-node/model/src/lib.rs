@@ -9,10 +9,11 @@ pub mod fingerprint;
 pub mod mlp;
 pub mod model;
 pub mod ops;
+pub mod synthetic;
 pub mod usage;
 pub mod wire;
 
-pub use checkpoint::{Checkpoint, CheckpointError};
+pub use checkpoint::{Checkpoint, CheckpointError, LoadFormat};
 pub use experts::{Assignment, CallContext, ExpertError, Experts, LocalExperts, Routing};
 pub use mlp::SwiGlu;
 pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
