@@ -1,0 +1,433 @@
+//! The client of one expert node: its long-lived bidirectional `ForwardStream` (opened on first
+//! use, reopened after a failure), requests tagged with ids and matched to pending replies, the
+//! deadline of each call, and why a call failed ([`CallError`]) with whom to blame for it
+//! ([`Fault`]): the node, whose work then goes to a replica, or the request, which the node
+//! refused and every replica would refuse too.
+//!
+//! Whether the node is up, how busy it is and what it holds is membership's business
+//! (`membership.rs`); this file only talks to it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use omnishard_proto::v1::{
+    self, ForwardRequest, ForwardResponse, expert_service_client::ExpertServiceClient,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ForwardResponse, tonic::Status>>>>>;
+
+/// The open `ForwardStream` of one node.
+struct StreamConn {
+    tx: mpsc::Sender<ForwardRequest>,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+}
+
+/// One expert node: its unary client and its long-lived stream (opened on first use, reopened
+/// after a failure).
+pub(super) struct NodeClient {
+    pub(super) name: String,
+    pub(super) address: String,
+    pub(super) client: ExpertServiceClient<Channel>,
+    pub(super) channel: Channel,
+    stream: tokio::sync::Mutex<Option<StreamConn>>,
+    next_id: AtomicU64,
+    /// Set when the coordinator shuts down, so the end of the stream is not reported as a fault.
+    closing: Arc<AtomicBool>,
+}
+
+impl NodeClient {
+    pub(super) fn new(
+        name: String,
+        address: String,
+        client: ExpertServiceClient<Channel>,
+        channel: Channel,
+    ) -> Self {
+        Self {
+            name,
+            address,
+            client,
+            channel,
+            stream: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(0),
+            closing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub(super) fn label(&self) -> String {
+        format!("{} ({})", self.name, self.address)
+    }
+
+    /// The coordinator is shutting down: the end of the stream that follows is no fault.
+    pub(super) fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Forgets the open stream (if any) so that the next call opens a fresh one.
+    pub(super) async fn drop_stream(&self) {
+        if let Some(conn) = self.stream.lock().await.take() {
+            conn.alive.store(false, Ordering::Release);
+        }
+    }
+
+    async fn stream(&self) -> Result<(mpsc::Sender<ForwardRequest>, Pending), String> {
+        let mut guard = self.stream.lock().await;
+        if let Some(conn) = guard.as_ref().filter(|c| c.alive.load(Ordering::Acquire)) {
+            return Ok((conn.tx.clone(), conn.pending.clone()));
+        }
+        let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
+        let mut client = self.client.clone();
+        let response = client
+            .forward_stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("cannot open the forward stream: {}", s.message()))?;
+        let mut inbound = response.into_inner();
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (reader_pending, reader_alive) = (pending.clone(), alive.clone());
+        let label = self.label();
+        let closing = self.closing.clone();
+        tokio::spawn(async move {
+            let end = loop {
+                match inbound.message().await {
+                    Ok(Some(resp)) => {
+                        let waiter = reader_pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&resp.request_id);
+                        if let Some(w) = waiter {
+                            let _ = w.send(Ok(resp));
+                        }
+                    }
+                    Ok(None) => break tonic::Status::unavailable("the node closed the stream"),
+                    Err(status) => break status,
+                }
+            };
+            if closing.load(Ordering::Acquire) {
+                tracing::debug!(node = %label, "forward stream closed");
+            } else {
+                tracing::warn!(node = %label, status = %end, "forward stream ended");
+            }
+            reader_alive.store(false, Ordering::Release);
+            for (_, w) in reader_pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+            {
+                let _ = w.send(Err(end.clone()));
+            }
+        });
+        *guard = Some(StreamConn {
+            tx: tx.clone(),
+            pending: pending.clone(),
+            alive,
+        });
+        Ok((tx, pending))
+    }
+
+    /// One request over the stream, with `timeout` as its deadline. The caller's span (one layer's
+    /// call to this node) names the layer, the node and the sizes.
+    pub(super) async fn forward(
+        &self,
+        mut req: ForwardRequest,
+        timeout: Duration,
+    ) -> Result<v1::Tensor, CallError> {
+        let deadline = Instant::now() + timeout;
+        let call = async {
+            let (tx, pending) = self.stream().await.map_err(CallError::Transport)?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            req.request_id = id;
+            let (wtx, wrx) = oneshot::channel();
+            pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, wtx);
+            if tx.send(req).await.is_err() {
+                pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                return Err(CallError::Transport("the forward stream is closed".into()));
+            }
+            let resp = match wrx.await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(status)) => return Err(CallError::status(status.code(), status.message())),
+                Err(_) => return Err(CallError::Transport("the forward stream ended".into())),
+            };
+            if let Some(e) = resp.error {
+                return Err(CallError::status(tonic::Code::from(e.code), &e.message));
+            }
+            resp.output
+                .ok_or_else(|| CallError::BadAnswer("the response has no output".into()))
+        };
+        match tokio::time::timeout_at(deadline.into(), call).await {
+            Ok(result) => result,
+            Err(_) => {
+                // Whatever is in flight on this stream is now suspect: start afresh next time.
+                self.drop_stream().await;
+                Err(CallError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+/// Why one call to a node failed.
+#[derive(Debug, Clone)]
+pub(super) enum CallError {
+    /// The connection or the stream broke.
+    Transport(String),
+    /// No answer before the deadline.
+    Timeout(Duration),
+    /// The node answered with an error status.
+    Status { code: tonic::Code, message: String },
+    /// The node answered something that does not fit the request.
+    BadAnswer(String),
+}
+
+/// Whom a failed call is blamed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fault {
+    /// The node is at fault: it is marked down and its share of the call goes to a replica.
+    Node,
+    /// The node refused the request itself, which no replica would accept either: the call
+    /// fails.
+    Refused,
+}
+
+impl CallError {
+    pub(super) fn status(code: tonic::Code, message: &str) -> Self {
+        CallError::Status {
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    /// Whether the node is at fault — it is then marked down and the work goes to a replica —
+    /// rather than the request, which no replica would accept either.
+    ///
+    /// Exhaustive on purpose, with no catch-all arm: a new variant or status code must be
+    /// classified by someone who thought about it.
+    pub(super) fn fault(&self) -> Fault {
+        use tonic::Code;
+        match self {
+            CallError::Transport(_) | CallError::Timeout(_) | CallError::BadAnswer(_) => {
+                Fault::Node
+            }
+            CallError::Status { code, .. } => match code {
+                // The request is malformed or too large: every replica would say the same.
+                Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
+                    Fault::Refused
+                }
+                // Anything else is about this node (still loading, another model, an expert it
+                // no longer holds, an internal failure…): a replica may well answer.
+                Code::Ok
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::PermissionDenied
+                | Code::FailedPrecondition
+                | Code::Aborted
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+                | Code::Unauthenticated => Fault::Node,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Transport(m) | CallError::BadAnswer(m) => f.write_str(m),
+            CallError::Timeout(t) => {
+                write!(f, "no answer within the {} ms deadline", t.as_millis())
+            }
+            CallError::Status { code, message } => write!(f, "{code:?}: {message}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use candle_core::{Device, Tensor};
+    use omnishard_model::Assignment;
+    use omnishard_model::wire::{self, assignments_to_wire};
+    use omnishard_proto::v1::{ForwardRequest, expert_service_client::ExpertServiceClient};
+    use tonic::Code;
+    use tonic::transport::Endpoint;
+
+    use super::super::fake::{self, Script};
+    use super::{CallError, Fault, NodeClient};
+
+    const TIMEOUT: Duration = Duration::from_millis(100);
+
+    /// Every status code with whom it is blamed on: only a malformed or oversized request is the
+    /// request's fault.
+    const BLAME: [(Code, Fault); 17] = [
+        (Code::Ok, Fault::Node),
+        (Code::Cancelled, Fault::Node),
+        (Code::Unknown, Fault::Node),
+        (Code::InvalidArgument, Fault::Refused),
+        (Code::DeadlineExceeded, Fault::Node),
+        (Code::NotFound, Fault::Node),
+        (Code::AlreadyExists, Fault::Node),
+        (Code::PermissionDenied, Fault::Node),
+        (Code::ResourceExhausted, Fault::Refused),
+        (Code::FailedPrecondition, Fault::Node),
+        (Code::Aborted, Fault::Node),
+        (Code::OutOfRange, Fault::Refused),
+        (Code::Unimplemented, Fault::Node),
+        (Code::Internal, Fault::Node),
+        (Code::Unavailable, Fault::Node),
+        (Code::DataLoss, Fault::Node),
+        (Code::Unauthenticated, Fault::Node),
+    ];
+
+    #[test]
+    fn every_call_error_is_blamed_on_the_node_or_the_request() {
+        assert_eq!(CallError::Transport("reset".into()).fault(), Fault::Node);
+        assert_eq!(CallError::Timeout(TIMEOUT).fault(), Fault::Node);
+        assert_eq!(CallError::BadAnswer("short".into()).fault(), Fault::Node);
+        for (code, blame) in BLAME {
+            assert_eq!(CallError::status(code, "x").fault(), blame, "{code:?}");
+        }
+        // The table above is every code there is.
+        for i in 0..=16 {
+            assert!(BLAME.iter().any(|&(c, _)| c == Code::from(i)), "code {i}");
+        }
+    }
+
+    fn request() -> ForwardRequest {
+        let xs = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6., 7., 8.], (2, 4), &Device::Cpu)
+            .expect("a tensor");
+        let assignments = [
+            Assignment {
+                token: 0,
+                expert: 1,
+                weight: 0.5,
+            },
+            Assignment {
+                token: 1,
+                expert: 3,
+                weight: 0.25,
+            },
+        ];
+        let (token_index, expert_id, weight) = assignments_to_wire(&assignments);
+        ForwardRequest {
+            layer: 1,
+            hidden: Some(wire::encode(&xs).expect("encodes")),
+            token_index,
+            expert_id,
+            weight,
+            ..Default::default()
+        }
+    }
+
+    /// One call to a fake node following `script`.
+    async fn call(script: Script) -> (Result<omnishard_proto::v1::Tensor, CallError>, usize) {
+        let node = fake::spawn("fake", script, &[0, 1], &[0, 1, 2, 3]).await;
+        let channel = Endpoint::from_shared(format!("http://{}", node.addr))
+            .expect("an endpoint")
+            .connect()
+            .await
+            .expect("connects");
+        let client = NodeClient::new(
+            "fake".into(),
+            node.address(),
+            ExpertServiceClient::new(channel.clone()),
+            channel,
+        );
+        let result = client.forward(request(), TIMEOUT).await;
+        (result, node.calls())
+    }
+
+    #[tokio::test]
+    async fn an_answer_comes_back_with_its_rows() {
+        let (result, calls) = call(Script::Answer).await;
+        let output = result.expect("answered");
+        assert_eq!(output.shape, [2, 4]);
+        assert_eq!(calls, 1);
+    }
+
+    #[tokio::test]
+    async fn node_failures_are_classified() {
+        for (script, expect_code, blame) in [
+            (
+                Script::Fail(Code::InvalidArgument),
+                Some(Code::InvalidArgument),
+                Fault::Refused,
+            ),
+            (
+                Script::Fail(Code::ResourceExhausted),
+                Some(Code::ResourceExhausted),
+                Fault::Refused,
+            ),
+            (
+                Script::Fail(Code::Unavailable),
+                Some(Code::Unavailable),
+                Fault::Node,
+            ),
+            (
+                Script::Fail(Code::FailedPrecondition),
+                Some(Code::FailedPrecondition),
+                Fault::Node,
+            ),
+            (
+                Script::Fail(Code::Internal),
+                Some(Code::Internal),
+                Fault::Node,
+            ),
+            // The node closing its stream reads as UNAVAILABLE.
+            (Script::EndStream, Some(Code::Unavailable), Fault::Node),
+        ] {
+            let (result, _) = call(script).await;
+            let err = result.expect_err("a failure");
+            match &err {
+                CallError::Status { code, .. } => {
+                    assert_eq!(Some(*code), expect_code, "{script:?}")
+                }
+                other => panic!("{script:?}: {other:?}"),
+            }
+            assert_eq!(err.fault(), blame, "{script:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_cannot_open_is_a_transport_fault() {
+        let (result, calls) = call(Script::NoStream).await;
+        let err = result.expect_err("no stream");
+        assert!(matches!(err, CallError::Transport(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("cannot open the forward stream"),
+            "{err}"
+        );
+        assert_eq!(err.fault(), Fault::Node);
+        assert_eq!(calls, 0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_node_hits_the_deadline_and_is_at_fault() {
+        let started = std::time::Instant::now();
+        let (result, calls) = call(Script::Silent).await;
+        let err = result.expect_err("no answer");
+        assert!(
+            matches!(err, CallError::Timeout(t) if t == TIMEOUT),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "no answer within the 100 ms deadline");
+        assert_eq!(err.fault(), Fault::Node);
+        assert_eq!(calls, 1);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}

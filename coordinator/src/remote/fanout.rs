@@ -1,0 +1,506 @@
+//! One MoE layer over the cluster: [`plan`] splits the layer's (token, expert, weight)
+//! assignments into one share per node — every expert's tokens to its live replica with the
+//! least outstanding work, down and retired nodes skipped — the shares are sent concurrently, and
+//! a share whose node fails is re-planned onto replicas and re-sent within the same call. The
+//! answers are summed by [`combine`], so where an expert was computed never changes the bits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use futures::future::join_all;
+use omnishard_model::experts::combine;
+use omnishard_model::wire::{self, assignments_to_wire};
+use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Routing};
+use omnishard_proto::v1::ForwardRequest;
+use tracing::Instrument;
+
+use super::RemoteExperts;
+use super::client::{CallError, Fault};
+use super::membership::Node;
+
+/// The share of one layer's work that goes to one node.
+#[derive(Debug)]
+pub(super) struct NodeShare {
+    pub(super) node: usize,
+    /// Global token indices of the hidden rows sent, in order.
+    pub(super) tokens: Vec<u32>,
+    /// Assignments with global token indices, in request order.
+    pub(super) global: Vec<Assignment>,
+    /// The same with indices into `tokens`.
+    pub(super) local: Vec<Assignment>,
+}
+
+/// What [`plan`] reads of a node: whether it may be routed to, how busy it is, and for the error
+/// when no replica is left, its name and why it is down. Read live, as the plan is made.
+pub(super) trait Replica {
+    fn routable(&self) -> bool;
+    /// Assignments in flight to this node.
+    fn outstanding(&self) -> u64;
+    /// Assignments this node has answered.
+    fn served(&self) -> u64;
+    fn label(&self) -> String;
+    fn last_error(&self) -> Option<String>;
+}
+
+impl Replica for Node {
+    fn routable(&self) -> bool {
+        Node::routable(self)
+    }
+
+    fn outstanding(&self) -> u64 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    fn label(&self) -> String {
+        Node::label(self)
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Chooses, for every expert in `pending`, the live replica with the least outstanding work
+/// (assignments in flight, counting those planned in this call; ties to the node that has
+/// served least). All tokens of one expert go to one node, so each expert sees the same
+/// batch wherever it lives.
+///
+/// `table` is `[layer][expert]` → indices into `nodes`; `failures` are the (node, reason) of the
+/// calls that already failed in this layer's call, for the error when no replica is left.
+pub(super) fn plan<N: Replica>(
+    layer: usize,
+    pending: &[Assignment],
+    table: &[Vec<Vec<usize>>],
+    nodes: &[Arc<N>],
+    failures: &[(String, String)],
+) -> Result<Vec<NodeShare>, ExpertError> {
+    let mut by_expert: BTreeMap<u32, Vec<Assignment>> = BTreeMap::new();
+    for a in pending {
+        by_expert.entry(a.expert).or_default().push(*a);
+    }
+    let mut planned = vec![0u64; nodes.len()];
+    let mut shares: Vec<Option<NodeShare>> = (0..nodes.len()).map(|_| None).collect();
+    let mut local_index: Vec<HashMap<u32, u32>> = vec![HashMap::new(); nodes.len()];
+    for (expert, group) in by_expert {
+        let holders = table
+            .get(layer)
+            .and_then(|row| row.get(expert as usize))
+            .ok_or(ExpertError::NotHeld {
+                layer,
+                expert: expert as usize,
+            })?;
+        if holders.is_empty() {
+            // Possible after nodes were retired by a placement reload.
+            return Err(ExpertError::Node {
+                node: "none".into(),
+                layer,
+                reason: format!(
+                    "no node in the cluster holds expert {expert}; add one that does (POST /admin/nodes or the placement file)"
+                ),
+            });
+        }
+        let best = holders
+            .iter()
+            .copied()
+            .filter(|&i| nodes[i].routable())
+            .min_by_key(|&i| {
+                let n = &nodes[i];
+                (n.outstanding() + planned[i], n.served(), i)
+            });
+        let Some(node) = best else {
+            return Err(no_replica(layer, expert, holders, nodes, failures));
+        };
+        planned[node] += group.len() as u64;
+        let share = shares[node].get_or_insert_with(|| NodeShare {
+            node,
+            tokens: Vec::new(),
+            global: Vec::new(),
+            local: Vec::new(),
+        });
+        for a in group {
+            let next = share.tokens.len() as u32;
+            let local = *local_index[node].entry(a.token).or_insert_with(|| {
+                share.tokens.push(a.token);
+                next
+            });
+            share.global.push(a);
+            share.local.push(Assignment { token: local, ..a });
+        }
+    }
+    Ok(shares.into_iter().flatten().collect())
+}
+
+/// The error for an expert none of whose holders is up, naming them and why they are down.
+fn no_replica<N: Replica>(
+    layer: usize,
+    expert: u32,
+    holders: &[usize],
+    nodes: &[Arc<N>],
+    failures: &[(String, String)],
+) -> ExpertError {
+    if !failures.is_empty() {
+        return ExpertError::Node {
+            node: failures
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            layer,
+            reason: format!(
+                "{}; no live replica holds expert {expert}",
+                failures
+                    .iter()
+                    .map(|(_, r)| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        };
+    }
+    let down: Vec<String> = holders
+        .iter()
+        .map(|&i| {
+            let n = &nodes[i];
+            format!(
+                "{} is down ({})",
+                n.label(),
+                n.last_error().unwrap_or_else(|| "retired".into())
+            )
+        })
+        .collect();
+    ExpertError::Node {
+        node: holders
+            .iter()
+            .map(|&i| nodes[i].label())
+            .collect::<Vec<_>>()
+            .join(", "),
+        layer,
+        reason: format!("no live replica holds expert {expert}: {}", down.join("; ")),
+    }
+}
+
+impl Experts for RemoteExperts {
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &Routing,
+        ctx: &CallContext,
+    ) -> Result<Tensor, ExpertError> {
+        // The table first: nodes are only ever appended, so every index it holds is valid in the
+        // node list read after it.
+        let table = self.shared.table();
+        let nodes = self.shared.nodes();
+        let opts = &self.shared.opts;
+        let mut pending: Vec<Assignment> = routing.assignments().collect();
+        let mut outputs = Vec::new();
+        let mut assignments = Vec::with_capacity(pending.len());
+        let mut failures: Vec<(String, String)> = Vec::new();
+        // Each round sends what is left to live replicas; a node that fails is marked down and
+        // its share goes to the next round, within this same call.
+        while !pending.is_empty() {
+            let shares = plan(layer, &pending, &table, &nodes, &failures)?;
+            pending.clear();
+            let mut requests = Vec::with_capacity(shares.len());
+            for share in &shares {
+                let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), xs.device())?;
+                let hidden = wire::encode(&xs.index_select(&idx, 0)?)?;
+                // The answer has one row per assignment: bound both directions.
+                let answer = share.global.len() * hidden.data.len() / share.tokens.len().max(1);
+                let largest = hidden.data.len().max(answer);
+                if largest > opts.max_message_bytes {
+                    return Err(ExpertError::Rejected {
+                        node: nodes[share.node].label(),
+                        layer,
+                        reason: format!(
+                            "a {} MiB message would exceed the {} MiB limit; raise --max-message-mib on the coordinator and the nodes, or lower --max-batched-tokens",
+                            largest >> 20,
+                            opts.max_message_bytes >> 20
+                        ),
+                    });
+                }
+                let (token_index, expert_id, weight) = assignments_to_wire(&share.local);
+                requests.push(ForwardRequest {
+                    request_id: 0,
+                    layer: layer as u32,
+                    hidden: Some(hidden),
+                    token_index,
+                    expert_id,
+                    weight,
+                    fingerprint: self.shared.fingerprint.clone(),
+                    trace_ids: ctx.request_ids.to_vec(),
+                });
+            }
+            // One span per call to one node, entered again while its reply is handled, so that
+            // whatever is logged about the call (a node marked down) names layer, node and sizes.
+            // Info level: a span prints nothing by itself, and a disabled span would strip these
+            // fields from the warnings logged inside it.
+            let spans: Vec<tracing::Span> = shares
+                .iter()
+                .map(|share| {
+                    tracing::info_span!(
+                        "forward",
+                        layer,
+                        node = %nodes[share.node].rpc.name,
+                        n_tokens = share.tokens.len(),
+                        n_assignments = share.global.len(),
+                    )
+                })
+                .collect();
+            let calls = shares
+                .iter()
+                .zip(requests)
+                .zip(&spans)
+                .map(|((share, req), span)| {
+                    let node = nodes[share.node].clone();
+                    let observer = opts.observer.clone();
+                    let work = share.global.len() as u64;
+                    let timeout = opts.rpc_timeout;
+                    async move {
+                        node.outstanding.fetch_add(work, Ordering::Relaxed);
+                        let started = Instant::now();
+                        let result = node.rpc.forward(req, timeout).await;
+                        node.outstanding.fetch_sub(work, Ordering::Relaxed);
+                        if let Some(o) = &observer {
+                            o.observe(
+                                &node.rpc.name,
+                                started.elapsed().as_secs_f64(),
+                                result.is_ok(),
+                            );
+                        }
+                        result
+                    }
+                    .instrument(span.clone())
+                });
+            let replies = self.block_on(join_all(calls));
+            for ((share, reply), span) in shares.into_iter().zip(replies).zip(&spans) {
+                let _in_call = span.enter();
+                let node = &nodes[share.node];
+                let checked = reply.and_then(|output| {
+                    let ys = wire::decode(Some(&output), "output", xs.device())
+                        .map_err(|e| CallError::BadAnswer(e.to_string()))?;
+                    if ys.dims() != [share.global.len(), xs.dims2().map(|d| d.1).unwrap_or(0)]
+                        || ys.dtype() != self.shared.dtype
+                    {
+                        return Err(CallError::BadAnswer(format!(
+                            "answered a {:?} {:?} tensor for {} assignments",
+                            ys.dtype(),
+                            ys.dims(),
+                            share.global.len()
+                        )));
+                    }
+                    Ok(ys)
+                });
+                match checked.map_err(|e| (e.fault(), e)) {
+                    Ok(ys) => {
+                        node.served
+                            .fetch_add(share.global.len() as u64, Ordering::Relaxed);
+                        outputs.push(ys);
+                        assignments.extend_from_slice(&share.global);
+                    }
+                    Err((Fault::Node, e)) => {
+                        let reason = e.to_string();
+                        node.mark_down(&reason);
+                        failures.push((node.label(), reason));
+                        pending.extend_from_slice(&share.global);
+                    }
+                    // The node refused the request itself: no replica would take it either.
+                    Err((Fault::Refused, e)) => {
+                        return Err(ExpertError::Rejected {
+                            node: node.label(),
+                            layer,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        if outputs.is_empty() {
+            return Ok(xs.zeros_like()?);
+        }
+        combine(routing.n_tokens(), &assignments, &Tensor::cat(&outputs, 0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use omnishard_model::Assignment;
+
+    use super::{NodeShare, Replica, plan};
+
+    /// A node as `plan` sees it.
+    struct Fake {
+        name: &'static str,
+        up: bool,
+        outstanding: u64,
+        served: u64,
+        last_error: Option<&'static str>,
+    }
+
+    impl Fake {
+        fn up(name: &'static str, outstanding: u64, served: u64) -> Arc<Self> {
+            let last_error = None;
+            Arc::new(Fake {
+                name,
+                up: true,
+                outstanding,
+                served,
+                last_error,
+            })
+        }
+
+        fn down(name: &'static str, last_error: Option<&'static str>) -> Arc<Self> {
+            Arc::new(Fake {
+                name,
+                up: false,
+                outstanding: 0,
+                served: 0,
+                last_error,
+            })
+        }
+    }
+
+    impl Replica for Fake {
+        fn routable(&self) -> bool {
+            self.up
+        }
+        fn outstanding(&self) -> u64 {
+            self.outstanding
+        }
+        fn served(&self) -> u64 {
+            self.served
+        }
+        fn label(&self) -> String {
+            self.name.to_string()
+        }
+        fn last_error(&self) -> Option<String> {
+            self.last_error.map(String::from)
+        }
+    }
+
+    fn a(token: u32, expert: u32) -> Assignment {
+        Assignment {
+            token,
+            expert,
+            weight: 0.5,
+        }
+    }
+
+    /// One layer (layer 0) whose expert `e` is held by the nodes `holders[e]`.
+    fn table(holders: &[&[usize]]) -> Vec<Vec<Vec<usize>>> {
+        vec![holders.iter().map(|h| h.to_vec()).collect()]
+    }
+
+    /// (node, experts sent to it) of a plan, in node order.
+    fn experts_by_node(shares: &[NodeShare]) -> Vec<(usize, Vec<u32>)> {
+        shares
+            .iter()
+            .map(|s| {
+                let mut experts: Vec<u32> = s.global.iter().map(|a| a.expert).collect();
+                experts.dedup();
+                (s.node, experts)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_expert_goes_to_the_replica_with_least_outstanding_work() {
+        let nodes = [Fake::up("a", 5, 0), Fake::up("b", 2, 0)];
+        let shares = plan(0, &[a(0, 0), a(1, 0)], &table(&[&[0, 1]]), &nodes, &[]).unwrap();
+        assert_eq!(experts_by_node(&shares), [(1, vec![0])]);
+
+        // Work planned in this call counts: expert 0's three tokens make "a" the busier.
+        let nodes = [Fake::up("a", 0, 0), Fake::up("b", 0, 0)];
+        let pending = [a(0, 0), a(1, 0), a(2, 0), a(0, 1)];
+        let shares = plan(0, &pending, &table(&[&[0, 1], &[0, 1]]), &nodes, &[]).unwrap();
+        assert_eq!(experts_by_node(&shares), [(0, vec![0]), (1, vec![1])]);
+
+        // Equal work: the node that has served least, then the first.
+        let nodes = [Fake::up("a", 1, 9), Fake::up("b", 1, 3)];
+        let shares = plan(0, &[a(0, 0)], &table(&[&[0, 1]]), &nodes, &[]).unwrap();
+        assert_eq!(experts_by_node(&shares), [(1, vec![0])]);
+    }
+
+    #[test]
+    fn down_nodes_are_skipped() {
+        let nodes = [Fake::down("a", Some("reset")), Fake::up("b", 100, 100)];
+        let shares = plan(
+            0,
+            &[a(0, 0), a(0, 1)],
+            &table(&[&[0, 1], &[1, 0]]),
+            &nodes,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(experts_by_node(&shares), [(1, vec![0, 1])]);
+    }
+
+    #[test]
+    fn a_share_sends_each_token_once_and_keeps_request_order() {
+        let nodes = [Fake::up("a", 0, 0)];
+        let pending = [a(4, 2), a(7, 0), a(4, 0), a(9, 2)];
+        let shares = plan(0, &pending, &table(&[&[0], &[], &[0]]), &nodes, &[]).unwrap();
+        let [share] = &shares[..] else {
+            panic!("{shares:?}")
+        };
+        // Experts ascending, each expert's tokens in the order routed.
+        assert_eq!(share.global, [a(7, 0), a(4, 0), a(4, 2), a(9, 2)]);
+        assert_eq!(share.tokens, [7, 4, 9]);
+        let local: Vec<(u32, u32)> = share.local.iter().map(|x| (x.token, x.expert)).collect();
+        assert_eq!(local, [(0, 0), (1, 0), (1, 2), (2, 2)]);
+    }
+
+    #[test]
+    fn an_expert_no_node_holds_names_the_fix() {
+        let nodes = [Fake::up("a", 0, 0)];
+        let err = plan(0, &[a(0, 1)], &table(&[&[0], &[]]), &nodes, &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "expert node none failed on layer 0: no node in the cluster holds expert 1; add one that does (POST /admin/nodes or the placement file)"
+        );
+        // Beyond the table: not held.
+        let err = plan(0, &[a(0, 9)], &table(&[&[0]]), &nodes, &[]).unwrap_err();
+        assert_eq!(err.to_string(), "expert 9 of layer 0 is not held here");
+    }
+
+    #[test]
+    fn an_expert_with_no_live_replica_names_its_nodes_and_why() {
+        let nodes = [
+            Fake::down("a", Some("Internal: oom")),
+            Fake::down("b", None),
+        ];
+        let t = table(&[&[0, 1]]);
+        let err = plan(
+            3,
+            &[a(0, 0)],
+            &[vec![], vec![], vec![], t[0].clone()],
+            &nodes,
+            &[],
+        );
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            "expert node a, b failed on layer 3: no live replica holds expert 0: a is down (Internal: oom); b is down (retired)"
+        );
+        // Within a call, the failures of this call are what the caller needs to hear.
+        let failures = [(
+            "a".to_string(),
+            "no answer within the 10 ms deadline".to_string(),
+        )];
+        let err = plan(0, &[a(0, 0)], &t, &nodes, &failures).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "expert node a failed on layer 0: no answer within the 10 ms deadline; no live replica holds expert 0"
+        );
+    }
+}

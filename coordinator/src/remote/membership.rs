@@ -1,0 +1,483 @@
+//! Who is in the cluster and what they hold: connecting to nodes and checking their identity
+//! (`Info`: fingerprint, dtype, expert set), adding, retiring and re-admitting nodes, the
+//! background health loop, and the routing table `[layer][expert]` → nodes holding it.
+//!
+//! Nodes are only ever appended to the list (a removed node is *retired*, not dropped), so an
+//! index into it stays valid for as long as the cluster lives; the table is rebuilt whenever
+//! membership changes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use candle_core::DType;
+use futures::future::join_all;
+use omnishard_model::wire;
+use omnishard_proto::ModelConfig;
+use omnishard_proto::v1::{self, InfoRequest, expert_service_client::ExpertServiceClient};
+use tonic::transport::Endpoint;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use super::client::NodeClient;
+use super::{ClusterError, NodeStatus, RemoteExperts, RemoteOptions, Runtime, describe_pairs};
+
+/// `[layer][expert]` → indices into the node list of the nodes holding it (up or down).
+pub(super) type Table = Vec<Vec<Vec<usize>>>;
+
+/// One member of the cluster: its client and what the coordinator knows about it.
+pub(super) struct Node {
+    pub(super) rpc: NodeClient,
+    /// Routed to; cleared when a call fails, set again by the health checker.
+    pub(super) up: AtomicBool,
+    /// Removed from the cluster (placement reload); never routed to again.
+    pub(super) retired: AtomicBool,
+    /// Assignments sent and not yet answered: the "outstanding work" replicas are chosen by.
+    pub(super) outstanding: AtomicU64,
+    /// Assignments this node has answered, and calls that failed.
+    pub(super) served: AtomicU64,
+    pub(super) errors: AtomicU64,
+    pub(super) last_error: Mutex<Option<String>>,
+    held: Mutex<Vec<(usize, usize)>>,
+}
+
+impl Node {
+    pub(super) fn label(&self) -> String {
+        self.rpc.label()
+    }
+
+    fn held_count(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub(super) fn status(&self) -> NodeStatus {
+        NodeStatus {
+            name: self.rpc.name.clone(),
+            address: self.rpc.address.clone(),
+            up: self.up.load(Ordering::Acquire),
+            retired: self.retired.load(Ordering::Acquire),
+            experts: self.held_count(),
+            assignments: self.served.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            outstanding: self.outstanding.load(Ordering::Relaxed),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    pub(super) fn routable(&self) -> bool {
+        self.up.load(Ordering::Acquire) && !self.retired.load(Ordering::Acquire)
+    }
+
+    pub(super) fn mark_down(&self, reason: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(node = %self.label(), %reason, "expert node marked down; its experts go to replicas");
+        }
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) cfg: ModelConfig,
+    pub(super) fingerprint: String,
+    pub(super) dtype: DType,
+    pub(super) opts: RemoteOptions,
+    nodes: RwLock<Vec<Arc<Node>>>,
+    table: RwLock<Arc<Table>>,
+}
+
+impl Shared {
+    /// The nodes as of now (joining nodes are appended; none is ever removed).
+    pub(super) fn nodes(&self) -> Vec<Arc<Node>> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The routing table as of now. Read it before [`Shared::nodes`]: nodes are only ever
+    /// appended, so every index it holds is then valid in the node list.
+    pub(super) fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn find(&self, address: &str) -> Option<Arc<Node>> {
+        self.nodes().into_iter().find(|n| n.rpc.address == address)
+    }
+
+    fn rebuild_table(&self) {
+        let table = build_table(&self.cfg, &self.nodes());
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+}
+
+fn build_table(cfg: &ModelConfig, nodes: &[Arc<Node>]) -> Table {
+    let mut table = vec![vec![Vec::new(); cfg.num_experts]; cfg.num_hidden_layers];
+    for (i, node) in nodes.iter().enumerate() {
+        if node.retired.load(Ordering::Acquire) {
+            continue;
+        }
+        for &(l, e) in node.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            table[l][e].push(i);
+        }
+    }
+    table
+}
+
+impl RemoteExperts {
+    /// Connects to every node, checks it, and builds the routing table. Returns the experts and
+    /// the (layer, expert) pairs no node serves (empty unless `allow_missing`).
+    pub fn connect(
+        addresses: &[String],
+        cfg: &ModelConfig,
+        fingerprint: &str,
+        dtype: DType,
+        opts: RemoteOptions,
+        allow_missing: bool,
+    ) -> Result<(Self, Vec<(usize, usize)>), ClusterError> {
+        let (experts, missing) =
+            Self::connect_unwatched(addresses, cfg, fingerprint, dtype, opts, allow_missing)?;
+        experts
+            .runtime
+            .handle()
+            .spawn(health_loop(Arc::downgrade(&experts.shared)));
+        Ok((experts, missing))
+    }
+
+    /// [`RemoteExperts::connect`] without the background health loop (which unit tests keep out
+    /// of the way: it would re-admit a node they just saw fail).
+    pub(super) fn connect_unwatched(
+        addresses: &[String],
+        cfg: &ModelConfig,
+        fingerprint: &str,
+        dtype: DType,
+        opts: RemoteOptions,
+        allow_missing: bool,
+    ) -> Result<(Self, Vec<(usize, usize)>), ClusterError> {
+        if addresses.is_empty() {
+            return Err(ClusterError::NoNodes);
+        }
+        let runtime = Runtime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("omnishard-rpc")
+                .enable_all()
+                .build()
+                .map_err(ClusterError::Runtime)?,
+        ));
+        let connects = addresses
+            .iter()
+            .map(|a| connect_node(a.clone(), cfg, fingerprint, dtype, &opts));
+        let results = runtime.handle().block_on(join_all(connects));
+        let mut nodes = Vec::with_capacity(results.len());
+        for result in results {
+            nodes.push(Arc::new(result?));
+        }
+        let table = build_table(cfg, &nodes);
+        let missing: Vec<(usize, usize)> = cfg
+            .expert_pairs()
+            .into_iter()
+            .filter(|&(l, e)| table[l][e].is_empty())
+            .collect();
+        if !missing.is_empty() {
+            let list = describe_pairs(&missing);
+            if !allow_missing {
+                return Err(ClusterError::MissingExperts {
+                    count: missing.len(),
+                    total: cfg.expert_pairs().len(),
+                    list,
+                });
+            }
+            tracing::warn!(
+                count = missing.len(),
+                "--allow-missing-experts: these experts are served by no node and are MASKED OUT of the router; output differs from the full model: {list}"
+            );
+        }
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            fingerprint: fingerprint.to_string(),
+            dtype,
+            opts,
+            nodes: RwLock::new(nodes),
+            table: RwLock::new(Arc::new(table)),
+        });
+        Ok((Self { shared, runtime }, missing))
+    }
+
+    /// Every node with its state, in the order added.
+    pub fn status(&self) -> Vec<NodeStatus> {
+        self.shared.nodes().iter().map(|n| n.status()).collect()
+    }
+
+    /// Adds a node to the running cluster (or brings a retired one back): it is connected to,
+    /// its fingerprint and dtype checked, and it takes its share of traffic from the next call.
+    pub fn add_node(&self, address: &str) -> Result<NodeStatus, ClusterError> {
+        let existing = self.shared.find(address);
+        if let Some(node) = existing {
+            let (cfg, fp, dtype, opts) = (
+                &self.shared.cfg,
+                &self.shared.fingerprint,
+                self.shared.dtype,
+                &self.shared.opts,
+            );
+            let readmitted = self.block_on(readmit(&node, cfg, fp, dtype, opts));
+            if let Err(reason) = readmitted {
+                return Err(ClusterError::Unreachable {
+                    address: address.to_string(),
+                    reason,
+                });
+            }
+            node.retired.store(false, Ordering::Release);
+            self.shared.rebuild_table();
+            return Ok(node.status());
+        }
+        let opts = RemoteOptions {
+            startup_timeout: self.shared.opts.rpc_timeout,
+            ..self.shared.opts.clone()
+        };
+        let node = self.block_on(connect_node(
+            address.to_string(),
+            &self.shared.cfg,
+            &self.shared.fingerprint,
+            self.shared.dtype,
+            &opts,
+        ))?;
+        let node = Arc::new(node);
+        self.shared
+            .nodes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(node.clone());
+        self.shared.rebuild_table();
+        tracing::info!(node = %node.label(), experts = node.held_count(), "expert node joined");
+        Ok(node.status())
+    }
+
+    /// Makes the cluster's membership `addresses`: new ones join, absent ones are retired.
+    /// Returns the addresses that could not join, with the reason.
+    pub fn sync_addresses(&self, addresses: &[String]) -> Vec<(String, String)> {
+        let mut failures = Vec::new();
+        for address in addresses {
+            let known = self.shared.find(address);
+            if known
+                .as_ref()
+                .is_some_and(|n| !n.retired.load(Ordering::Acquire))
+            {
+                continue;
+            }
+            if let Err(e) = self.add_node(address) {
+                failures.push((address.clone(), e.to_string()));
+            }
+        }
+        for node in self.shared.nodes() {
+            if !addresses.contains(&node.rpc.address) && !node.retired.swap(true, Ordering::AcqRel)
+            {
+                tracing::warn!(node = %node.label(), "expert node retired (not in the reloaded placement)");
+            }
+        }
+        self.shared.rebuild_table();
+        failures
+    }
+}
+
+/// Brings a down node back if it answers Info with our fingerprint and dtype.
+async fn readmit(
+    node: &Node,
+    cfg: &ModelConfig,
+    fingerprint: &str,
+    dtype: DType,
+    opts: &RemoteOptions,
+) -> Result<(), String> {
+    let mut client = node.rpc.client.clone();
+    let mut req = tonic::Request::new(InfoRequest {});
+    req.set_timeout(opts.rpc_timeout);
+    let info = client
+        .info(req)
+        .await
+        .map_err(|s| format!("Info failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let held =
+        check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())?;
+    *node.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    // A fresh stream: the old one died with the node.
+    node.rpc.drop_stream().await;
+    if !node.up.swap(true, Ordering::AcqRel) {
+        tracing::info!(node = %node.label(), "expert node re-admitted");
+    }
+    Ok(())
+}
+
+/// Every `health_interval`: gRPC health of the nodes that are up (a failure marks them down
+/// before a request has to find out), Info of those that are down (re-admitted when their
+/// fingerprint matches). Ends when the experts are dropped.
+async fn health_loop(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let interval = s.opts.health_interval;
+        let nodes = s.nodes();
+        let mut changed = false;
+        for node in nodes.iter().filter(|n| !n.retired.load(Ordering::Acquire)) {
+            if node.up.load(Ordering::Acquire) {
+                let mut health = HealthClient::new(node.rpc.channel.clone());
+                let mut req = tonic::Request::new(HealthCheckRequest {
+                    service: "omnishard.v1.ExpertService".into(),
+                });
+                req.set_timeout(s.opts.rpc_timeout);
+                let serving = matches!(
+                    health.check(req).await,
+                    Ok(r) if r.get_ref().status() == ServingStatus::Serving
+                );
+                if !serving {
+                    node.mark_down("health check failed");
+                }
+            } else if readmit(node, &s.cfg, &s.fingerprint, s.dtype, &s.opts)
+                .await
+                .is_ok()
+            {
+                changed = true;
+            }
+        }
+        if changed {
+            s.rebuild_table();
+        }
+        drop(s);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn connect_node(
+    address: String,
+    cfg: &ModelConfig,
+    fingerprint: &str,
+    dtype: DType,
+    opts: &RemoteOptions,
+) -> Result<Node, ClusterError> {
+    let unreachable = |reason: String| ClusterError::Unreachable {
+        address: address.clone(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| unreachable(format!("not a valid host:port ({e})")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let deadline = Instant::now() + opts.startup_timeout;
+    // Retry while the node is starting (refused) or loading (UNAVAILABLE), up to the deadline.
+    let info = loop {
+        let attempt = async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+            let mut client = ExpertServiceClient::new(channel.clone())
+                .max_decoding_message_size(opts.max_message_bytes)
+                .max_encoding_message_size(opts.max_message_bytes);
+            let mut req = tonic::Request::new(InfoRequest {});
+            req.set_timeout(opts.rpc_timeout);
+            match client.info(req).await {
+                Ok(info) => Ok((client, channel, info.into_inner())),
+                Err(s) => Err(format!("Info failed: {:?}: {}", s.code(), s.message())),
+            }
+        };
+        match attempt.await {
+            Ok(ok) => break ok,
+            Err(reason) if Instant::now() >= deadline => {
+                return Err(unreachable(format!(
+                    "{reason} (gave up after {} s)",
+                    opts.startup_timeout.as_secs()
+                )));
+            }
+            Err(reason) => {
+                tracing::debug!(%address, %reason, "expert node not ready yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let (client, channel, info) = info;
+    let name = if info.node_name.is_empty() {
+        address.clone()
+    } else {
+        info.node_name.clone()
+    };
+    let memory_bytes = info.memory_bytes;
+    let held = check_info(&address, info, cfg, fingerprint, dtype)?;
+    tracing::info!(%address, node = %name, experts = held.len(), memory_bytes, "expert node ready");
+    Ok(Node {
+        rpc: NodeClient::new(name, address, client, channel),
+        up: AtomicBool::new(true),
+        retired: AtomicBool::new(false),
+        outstanding: AtomicU64::new(0),
+        served: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        last_error: Mutex::new(None),
+        held: Mutex::new(held),
+    })
+}
+
+/// Checks a node's Info against this model; returns the (layer, expert) pairs it holds.
+fn check_info(
+    address: &str,
+    info: v1::InfoResponse,
+    cfg: &ModelConfig,
+    fingerprint: &str,
+    dtype: DType,
+) -> Result<Vec<(usize, usize)>, ClusterError> {
+    let address = address.to_string();
+    if info.fingerprint != fingerprint {
+        return Err(ClusterError::Fingerprint {
+            address,
+            theirs: info.fingerprint,
+            ours: fingerprint.to_string(),
+        });
+    }
+    let theirs = v1::Dtype::try_from(info.dtype)
+        .ok()
+        .and_then(wire::candle_dtype);
+    if theirs != Some(dtype) {
+        return Err(ClusterError::Dtype {
+            address,
+            theirs: theirs
+                .map(dtype_name)
+                .unwrap_or_else(|| format!("dtype {}", info.dtype)),
+            ours: dtype_name(dtype),
+        });
+    }
+    let mut held = Vec::new();
+    for layer in &info.layers {
+        let l = layer.layer as usize;
+        if l >= cfg.num_hidden_layers || !cfg.is_moe_layer(l) {
+            return Err(ClusterError::BadInfo {
+                address,
+                reason: format!("layer {l} is not an MoE layer of this model"),
+            });
+        }
+        for &e in &layer.experts {
+            if e as usize >= cfg.num_experts {
+                return Err(ClusterError::BadInfo {
+                    address,
+                    reason: format!("layer {l} expert {e} (the model has {})", cfg.num_experts),
+                });
+            }
+            held.push((l, e as usize));
+        }
+    }
+    Ok(held)
+}
+
+fn dtype_name(d: DType) -> String {
+    format!("{d:?}").to_lowercase()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

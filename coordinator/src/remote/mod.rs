@@ -1,0 +1,191 @@
+//! Experts on expert nodes: the coordinator's side of `omnishard.v1.ExpertService`, for the
+//! routed experts of Qwen3-Omni-30B-A3B's thinker and of Qwen3-MoE checkpoints.
+//!
+//! At start-up every node is asked for `Info`; its fingerprint and dtype must match ours, and the
+//! routing table is built from what the nodes say they hold. Per MoE layer the tokens are grouped
+//! by node (all tokens of an expert go to its live replica with the least outstanding work), all
+//! nodes are called concurrently over one long-lived bidirectional stream each (requests tagged
+//! with ids, so a decode step opens no new HTTP/2 stream), and the per-assignment outputs are
+//! summed in ascending expert order, from zero, by [`omnishard_model::experts::combine`] — the
+//! same code as the in-process path, in the order of the reference's loop over experts
+//! (`Qwen3OmniMoeThinkerTextSparseMoeBlock`, transformers 4.57.3). Because that order
+//! depends only on expert ids, the result is the same bits whatever the placement, whichever
+//! replica answered and however often a call failed over.
+//! Every call has a deadline; a failure names the node and the layer. A node that fails or stays
+//! silent is marked down and its share of the call is re-sent to replicas within the same call.
+//!
+//! - `client.rs`: one node's stream, request ids, deadlines, and whom a failed call is blamed on.
+//! - `membership.rs`: connecting, identity checks, re-admission, health, the routing table.
+//! - `fanout.rs`: planning a layer's call over the nodes, failover, [`Experts`] for
+//!   [`RemoteExperts`].
+//!
+//! [`Experts`]: omnishard_model::Experts
+
+mod client;
+mod fanout;
+mod membership;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omnishard_proto::defaults;
+use omnishard_proto::placement::ranges_by_layer;
+
+use membership::Shared;
+
+/// Receives the outcome of every per-layer call to a node (for metrics).
+pub trait RpcObserver: Send + Sync {
+    fn observe(&self, node: &str, seconds: f64, ok: bool);
+}
+
+/// Deadlines and limits of the coordinator's calls to expert nodes.
+#[derive(Clone)]
+pub struct RemoteOptions {
+    /// Deadline of one layer's call to one node.
+    pub rpc_timeout: Duration,
+    /// How long start-up waits for a node to accept connections and finish loading.
+    pub startup_timeout: Duration,
+    /// Largest gRPC message sent or accepted.
+    pub max_message_bytes: usize,
+    /// How often the health of every node is checked in the background.
+    pub health_interval: Duration,
+    pub observer: Option<Arc<dyn RpcObserver>>,
+}
+
+impl std::fmt::Debug for RemoteOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteOptions")
+            .field("rpc_timeout", &self.rpc_timeout)
+            .field("startup_timeout", &self.startup_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self {
+            rpc_timeout: defaults::RPC_TIMEOUT,
+            startup_timeout: defaults::STARTUP_TIMEOUT,
+            max_message_bytes: defaults::MAX_MESSAGE_MIB << 20,
+            health_interval: defaults::HEALTH_INTERVAL,
+            observer: None,
+        }
+    }
+}
+
+/// Start-up failures of a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("expert node {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error(
+        "expert node {address} serves another model (fingerprint {theirs}, ours {ours}); start it with the same checkpoint"
+    )]
+    Fingerprint {
+        address: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error(
+        "expert node {address} computes in {theirs}, the coordinator in {ours}; start both with the same --dtype"
+    )]
+    Dtype {
+        address: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error("expert node {address} reports an impossible expert set: {reason}")]
+    BadInfo { address: String, reason: String },
+    #[error(
+        "{count} of {total} (layer, expert) pairs are served by no node: {list}. Start nodes that hold them, or pass --allow-missing-experts to mask them out of the router"
+    )]
+    MissingExperts {
+        count: usize,
+        total: usize,
+        list: String,
+    },
+    #[error("no expert nodes given")]
+    NoNodes,
+    #[error("cannot start the RPC runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The routed experts of a model, served by expert nodes, with replicas, failover and
+/// background health checks.
+pub struct RemoteExperts {
+    shared: Arc<Shared>,
+    runtime: Runtime,
+}
+
+impl Drop for RemoteExperts {
+    fn drop(&mut self) {
+        for node in self.shared.nodes() {
+            node.rpc.close();
+        }
+    }
+}
+
+impl RemoteExperts {
+    fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
+        let handle = self.runtime.handle();
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(|| handle.block_on(fut)),
+            Err(_) => handle.block_on(fut),
+        }
+    }
+}
+
+/// What the coordinator knows about one node (for `/v1/stats` and `/admin/nodes`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub address: String,
+    pub up: bool,
+    pub retired: bool,
+    pub experts: usize,
+    /// Assignments (token × expert) answered.
+    pub assignments: u64,
+    pub errors: u64,
+    pub outstanding: u64,
+    pub last_error: Option<String>,
+}
+
+/// A private tokio runtime for the RPCs, so the model code can stay synchronous and run on any
+/// thread that is not itself an async worker.
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Runtime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle(),
+            None => unreachable!("the runtime lives until drop"),
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; inside another runtime that would panic.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// "layer 3: experts 0, 5-7; layer 9: expert 2" for a sorted list of pairs.
+pub fn describe_pairs(pairs: &[(usize, usize)]) -> String {
+    ranges_by_layer(pairs)
+        .into_iter()
+        .map(|(l, count, ranges)| {
+            let noun = if count == 1 { "expert" } else { "experts" };
+            format!("layer {l}: {noun} {}", ranges.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
