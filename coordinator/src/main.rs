@@ -122,13 +122,13 @@ struct ModelArgs {
     #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
     /// Where the weights come from: `auto` reads the checkpoint's safetensors; `dummy` makes
-    /// random weights of config.json's shapes in memory from --seed (benchmarks at the real size
-    /// without the checkpoint; expert nodes must use the same --load-format and --seed).
+    /// random weights of config.json's shapes in memory from --weights-seed (benchmarks at the real size
+    /// without the checkpoint; expert nodes must use the same --load-format and --weights-seed).
     #[arg(long, env = "OMNISHARD_LOAD_FORMAT", default_value = "auto")]
     load_format: LoadFormat,
     /// Seed of the dummy weights (--load-format dummy); `coordinator synth --seed` writes the same.
-    #[arg(long, env = "OMNISHARD_SEED", default_value_t = 0)]
-    seed: u64,
+    #[arg(long, env = "OMNISHARD_WEIGHTS_SEED", default_value_t = 0)]
+    weights_seed: u64,
     /// Expert nodes (host:port,...) serving the routed experts. Without --nodes or --placement
     /// the experts run in this process.
     #[arg(
@@ -185,7 +185,7 @@ impl ModelArgs {
             None => self.nodes.clone(),
         };
         let cfg = ModelConfig::from_model_dir(dir)?;
-        let ckpt = Checkpoint::load(dir, &cfg, self.load_format, self.seed)?;
+        let ckpt = Checkpoint::load(dir, &cfg, self.load_format, self.weights_seed)?;
         if addresses.is_empty() {
             if self.allow_missing_experts {
                 bail!("--allow-missing-experts needs --nodes or --placement");
@@ -584,8 +584,8 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
         LoadFormat::Dummy => vec![
             "--load-format".to_string(),
             "dummy".to_string(),
-            "--seed".to_string(),
-            inner.seed.to_string(),
+            "--weights-seed".to_string(),
+            inner.weights_seed.to_string(),
         ],
     };
     let local = LocalCluster::start(

@@ -44,12 +44,12 @@ struct Cli {
     #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
     /// Where the weights come from: `auto` reads the checkpoint's safetensors; `dummy` makes
-    /// random weights of config.json's shapes from --seed (must match the coordinator's).
+    /// random weights of config.json's shapes from --weights-seed (must match the coordinator's).
     #[arg(long, env = "OMNISHARD_LOAD_FORMAT", default_value = "auto")]
     load_format: LoadFormat,
     /// Seed of the dummy weights (--load-format dummy).
-    #[arg(long, env = "OMNISHARD_SEED", default_value_t = 0)]
-    seed: u64,
+    #[arg(long, env = "OMNISHARD_WEIGHTS_SEED", default_value_t = 0)]
+    weights_seed: u64,
     /// Largest gRPC message accepted or sent, in MiB.
     #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = defaults::MAX_MESSAGE_MIB)]
     max_message_mib: usize,
@@ -110,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
     if pairs.is_empty() {
         bail!("this node would hold no experts; check --shard / the placement file");
     }
-    let ckpt = Checkpoint::load(&model, &cfg, cli.load_format, cli.seed)?;
+    let ckpt = Checkpoint::load(&model, &cfg, cli.load_format, cli.weights_seed)?;
     let dtype = cli.dtype.dtype();
     let state = Arc::new(NodeState::new(
         name.clone(),

@@ -29,7 +29,8 @@ const DEMO_MODEL_DIR: &str = "demo-model";
 /// The demo model shipped with omnishard, found at run time (not compiled in, so a binary copied
 /// elsewhere or into a container still finds it or says where it looked): `$OMNISHARD_DEMO_MODEL`,
 /// then `demo-model/` next to the executable, then `coordinator/demo-model/` in a source checkout
-/// above the executable (`target/<profile>/` of a build).
+/// above the executable (`target/<profile>/` of a build), then in the source tree it was built
+/// from.
 pub fn demo_model_dir() -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os(DEMO_MODEL_ENV) {
         let dir = PathBuf::from(dir);
@@ -71,6 +72,14 @@ fn demo_model_candidates(exe: &Path) -> Vec<PathBuf> {
             .ancestors()
             .skip(1)
             .map(|dir| dir.join("coordinator").join(DEMO_MODEL_DIR)),
+    );
+    // Last, the source tree this binary was built from, for builds whose target directory lies
+    // outside the checkout (CARGO_TARGET_DIR). A binary copied to another machine does not find
+    // it and gets the error listing every place tried.
+    out.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../coordinator")
+            .join(DEMO_MODEL_DIR),
     );
     out
 }

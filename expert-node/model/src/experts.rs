@@ -10,10 +10,13 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::mlp::SwiGlu;
+use crate::moe_cpu;
+use crate::ops::with_cpu_bf16;
 use omnishard_proto::ModelConfig;
 
 /// Errors computing a layer's expert contribution.
@@ -239,6 +242,13 @@ impl LocalExperts {
                 )));
             }
         }
+        let groups: Vec<(usize, Vec<u32>)> = groups
+            .into_iter()
+            .filter(|(_, slots)| !slots.is_empty())
+            .collect();
+        if let Some(out) = self.packed_outputs(row, xs, assignments, &groups)? {
+            return Ok(out);
+        }
         let device = xs.device();
         let per_expert: Vec<(Vec<u32>, Tensor)> = groups
             .into_par_iter()
@@ -279,6 +289,67 @@ impl LocalExperts {
         let stacked = Tensor::cat(&per_expert.iter().map(|(_, ys)| ys).collect::<Vec<_>>(), 0)?;
         let order = Tensor::from_vec(position, assignments.len(), device)?;
         Ok(stacked.index_select(&order, 0)?)
+    }
+}
+
+impl LocalExperts {
+    /// The bf16 CPU path: every expert of the layer in one pass of [`moe_cpu::run`]. `None` when
+    /// the experts are not packed (another dtype or device).
+    fn packed_outputs(
+        &self,
+        row: &[Option<SwiGlu>],
+        xs: &Tensor,
+        assignments: &[Assignment],
+        groups: &[(usize, Vec<u32>)],
+    ) -> Result<Option<Tensor>, ExpertError> {
+        let hidden = self.hidden_size;
+        let xs = xs.contiguous()?;
+        let jobs = with_cpu_bf16(&xs, |x| {
+            groups
+                .iter()
+                .map(|(expert, slots)| match &row[*expert] {
+                    Some(SwiGlu::PackedBf16(packed)) => {
+                        let mut rows = Vec::with_capacity(slots.len() * hidden);
+                        for &slot in slots {
+                            let t = assignments[slot as usize].token as usize;
+                            rows.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+                        }
+                        Some(moe_cpu::ExpertJob {
+                            expert: packed,
+                            xs: rows,
+                            weights: slots
+                                .iter()
+                                .map(|&i| bf16::from_f32(assignments[i as usize].weight))
+                                .collect(),
+                            m: slots.len(),
+                        })
+                    }
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+        })
+        .flatten();
+        let Some(jobs) = jobs else {
+            return Ok(None);
+        };
+        let mut grouped = vec![bf16::ZERO; assignments.len() * hidden];
+        moe_cpu::run(&jobs, &mut grouped);
+        // Rows come grouped by expert; put them back in assignment order.
+        let mut out = vec![bf16::ZERO; assignments.len() * hidden];
+        let mut next = 0;
+        for (_, slots) in groups {
+            for &slot in slots {
+                let slot = slot as usize;
+                out[slot * hidden..(slot + 1) * hidden]
+                    .copy_from_slice(&grouped[next * hidden..(next + 1) * hidden]);
+                next += 1;
+            }
+        }
+        Ok(Some(Tensor::from_vec(
+            out,
+            (assignments.len(), hidden),
+            xs.device(),
+        )?))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod experts;
 pub mod fingerprint;
 pub mod mlp;
 pub mod model;
+pub mod moe_cpu;
 pub mod ops;
 pub mod synthetic;
 pub mod usage;

@@ -1,0 +1,65 @@
+//! Compute backends, one small interface per operation: callers (the model, the experts) ask for
+//! `linear` or `matmul` and this module picks the kernel for the tensor's device and dtype.
+//!
+//! - bf16 on the CPU: [`cpu_bf16`], our own kernels that read bf16 weights as stored, once, at
+//!   memory bandwidth (candle 0.9's CPU matmul has no bf16 kernel; widening a weight to f32 on
+//!   every call costs more than the multiply). f32 accumulation, rounded once to bf16, as
+//!   PyTorch's CPU bf16 matmul.
+//! - Everything else: candle's own matmul (gemm on the CPU).
+//!
+//! A CUDA backend will sit beside `cpu_bf16` behind the same functions.
+
+pub mod cpu_bf16;
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::bf16;
+
+/// Runs `f` on the bf16 elements of a contiguous CPU tensor; `None` for any other tensor.
+pub fn with_cpu_bf16<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Option<R> {
+    if t.dtype() != DType::BF16 || !matches!(t.device(), Device::Cpu) || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::BF16(data)) => {
+            let start = layout.start_offset();
+            data.get(start..start + t.elem_count()).map(f)
+        }
+        _ => None,
+    }
+}
+
+/// Rounds f32 results to bf16 (round to nearest even, as PyTorch's conversion).
+pub fn round_to_bf16(values: &[f32]) -> Vec<bf16> {
+    values.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// `a @ b` (candle semantics, batched over leading dimensions). Attention's small products.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.dtype() == DType::BF16 && matches!(a.device(), Device::Cpu) {
+        let out = a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?;
+        return out.to_dtype(DType::BF16);
+    }
+    a.matmul(b)
+}
+
+/// `xs @ weight^T` for a checkpoint weight stored `[out, in]`; `xs` is `[..., in]`.
+pub fn linear(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    if xs.dtype() == DType::BF16 && matches!(xs.device(), Device::Cpu) && k > 0 {
+        let xs = xs.contiguous()?;
+        let m = xs.elem_count() / k.max(1);
+        let out = with_cpu_bf16(&xs, |x| {
+            with_cpu_bf16(weight, |w| cpu_bf16::matmul_bf16(x, m, k, w))
+        })
+        .flatten();
+        if let Some(out) = out {
+            let mut dims = xs.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = n;
+            }
+            return Tensor::from_vec(round_to_bf16(&out), dims, xs.device());
+        }
+    }
+    matmul(xs, &weight.t()?)
+}
