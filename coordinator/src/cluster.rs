@@ -148,6 +148,11 @@ impl LocalCluster {
         &self.addresses
     }
 
+    /// Process ids of the nodes, in shard order (the benchmark reads their resident memory).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     fn wait_healthy(
         &mut self,
         deadline: Instant,

@@ -2,6 +2,7 @@
 //! lm_head), the tokenizer and sampling, driving the routed experts through
 //! [`omnishard_model::Experts`], in this process or on expert nodes.
 
+pub mod bench;
 pub mod cluster;
 pub mod engine;
 pub mod metrics;

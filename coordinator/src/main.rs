@@ -50,6 +50,9 @@ enum Command {
     Plan(PlanArgs),
     /// Write a random-weight checkpoint with a real model's dimensions (for benchmarks).
     Synth(omnishard_coordinator::synth::SynthArgs),
+    /// Measure decode, prefill, RPC overhead, clusters and peers at the real model's size; prints
+    /// a table and, last, one JSON line (see BENCHMARKS.md).
+    Bench(omnishard_coordinator::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -630,6 +633,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Cluster(args) => cluster(args),
         Command::Plan(args) => plan(args),
+        Command::Bench(args) => omnishard_coordinator::bench::run(&args).map(|_| ()),
         Command::Synth(args) => omnishard_coordinator::synth::run(&args)
             .map(|_| ())
             .map_err(Into::into),

@@ -50,6 +50,10 @@ struct Cli {
     /// Seed of the dummy weights (--load-format dummy).
     #[arg(long, env = "OMNISHARD_WEIGHTS_SEED", default_value_t = 0)]
     weights_seed: u64,
+    /// Compute threads (one pool for all experts); default: the machine's cores. Lower it when
+    /// several nodes share a machine.
+    #[arg(long, env = "OMNISHARD_THREADS")]
+    threads: Option<usize>,
     /// Largest gRPC message accepted or sent, in MiB.
     #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = defaults::MAX_MESSAGE_MIB)]
     max_message_mib: usize,
@@ -84,6 +88,15 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("cannot size the compute pool")?;
+    }
     let model = match cli.model {
         Some(dir) => dir,
         None => defaults::demo_model_dir().map_err(anyhow::Error::msg)?,

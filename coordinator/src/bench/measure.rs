@@ -1,0 +1,142 @@
+//! The timed loops of `coordinator bench`: greedy decode at a batch size, one long prefill, and
+//! one MoE layer's expert call, each on whatever [`Engine`] or [`Experts`] it is given, so the
+//! in-process and the cluster configurations run exactly the same code.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use omnishard_model::{
+    CallContext, Experts, KvCache, LogitsFor, Positions, Routing, SequenceInput,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::Engine;
+use crate::engine::EngineError;
+
+/// Deterministic prompt ids in the vocabulary.
+pub fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32)
+        .collect()
+}
+
+fn argmax(logits: &Tensor) -> Result<u32, EngineError> {
+    Ok(logits
+        .flatten_all()
+        .and_then(|l| l.argmax(0))
+        .and_then(|t| t.to_scalar::<u32>())
+        .map_err(omnishard_model::ModelError::from)?)
+}
+
+/// Decode tokens per second of `batch` sequences decoding together (greedy), after a
+/// `prompt_len`-token prompt each and `warmup` untimed steps; `steps` timed steps.
+pub fn decode_tok_s(
+    engine: &Engine,
+    batch: usize,
+    prompt_len: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<f64, EngineError> {
+    let vocab = engine.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt(prompt_len, vocab, b)).collect();
+    let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new()).collect();
+    let mut inputs: Vec<SequenceInput> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(p, cache)| SequenceInput {
+            tokens: p,
+            positions: Positions::text(0, p.len()),
+            cache,
+        })
+        .collect();
+    let logits = engine.model().forward(&mut inputs, LogitsFor::Last)?;
+    let mut next: Vec<u32> = logits.iter().map(argmax).collect::<Result<_, _>>()?;
+    let mut started = Instant::now();
+    for step in 0..warmup + steps {
+        if step == warmup {
+            started = Instant::now();
+        }
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut inputs: Vec<SequenceInput> = tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(t, cache)| {
+                let pos = cache.seq_len() as u32;
+                SequenceInput {
+                    tokens: t,
+                    positions: Positions::text(pos, 1),
+                    cache,
+                }
+            })
+            .collect();
+        let logits = engine.model().forward(&mut inputs, LogitsFor::Last)?;
+        next = logits.iter().map(argmax).collect::<Result<_, _>>()?;
+    }
+    Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Prefill tokens per second of one `len`-token prompt (the best of `rounds`).
+pub fn prefill_tok_s(engine: &Engine, len: usize, rounds: usize) -> Result<f64, EngineError> {
+    let tokens = prompt(len, engine.config().vocab_size, 7);
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds.max(1) {
+        let mut cache = KvCache::new();
+        let mut input = [SequenceInput {
+            tokens: &tokens,
+            positions: Positions::text(0, len),
+            cache: &mut cache,
+        }];
+        let started = Instant::now();
+        engine.model().forward(&mut input, LogitsFor::Last)?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(len as f64 / best)
+}
+
+/// Per-call latencies in microseconds of `experts` on one decode token of `layer` (random
+/// hidden state, top-k random distinct experts), `calls` calls after 3 untimed ones.
+pub fn layer_call_us(
+    experts: &dyn Experts,
+    layer: usize,
+    hidden: usize,
+    num_experts: usize,
+    top_k: usize,
+    dtype: DType,
+    calls: usize,
+) -> Result<Vec<f64>, EngineError> {
+    let mut rng = StdRng::seed_from_u64(layer as u64);
+    let xs: Vec<f32> = (0..hidden).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let xs = Tensor::from_vec(xs, (1, hidden), &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(omnishard_model::ModelError::from)?;
+    let mut ids: Vec<u32> = (0..num_experts as u32).collect();
+    let ctx = CallContext::default();
+    let mut out = Vec::with_capacity(calls);
+    for call in 0..calls + 3 {
+        // A fresh choice of experts each call, so no call reads weights another left in cache
+        // any more than real decoding would.
+        for i in 0..top_k {
+            let j = rng.random_range(i..ids.len());
+            ids.swap(i, j);
+        }
+        let routing = Routing {
+            top_k,
+            ids: ids[..top_k].to_vec(),
+            weights: vec![1.0 / top_k as f32; top_k],
+        };
+        let started = Instant::now();
+        experts
+            .forward(layer, &xs, &routing, &ctx)
+            .map_err(|source| omnishard_model::ModelError::Experts { layer, source })?;
+        if call >= 3 {
+            out.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(out)
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
