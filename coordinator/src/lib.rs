@@ -10,6 +10,7 @@ pub mod plan;
 pub mod remote;
 pub mod sampling;
 pub mod scheduler;
+pub mod serve;
 pub mod server;
 pub mod synth;
 pub mod tokenizer;

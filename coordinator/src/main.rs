@@ -5,16 +5,15 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The demo model shipped in the repository: the default --model.
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use omnishard_coordinator::cluster::{LocalCluster, find_expert_node_binary};
 use omnishard_coordinator::metrics::Metrics;
-use omnishard_coordinator::remote::{RemoteExperts, RemoteOptions, RpcObserver};
-use omnishard_coordinator::scheduler::{self, SchedulerConfig};
-use omnishard_coordinator::server::{self, AppState, ServeConfig};
+use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
+use omnishard_coordinator::scheduler::SchedulerConfig;
+use omnishard_coordinator::serve::{self, ServeSettings};
 use omnishard_coordinator::{
     ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
     TextTokenizer, tokenizer::chatml,
@@ -389,119 +388,19 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(args.model.load_observed(Some(metrics.clone()))?);
-    let dir = &args.model.model_dir()?;
-    let tokenizer = Arc::new(TextTokenizer::load(dir, engine.config())?);
-    let max_context = args
-        .max_context
-        .or(engine.config().max_position_embeddings)
-        .unwrap_or(4096);
-    if let Some(model_max) = engine.config().max_position_embeddings
-        && max_context > model_max
-    {
-        bail!(
-            "--max-context {max_context} exceeds the model's max_position_embeddings {model_max}"
-        );
-    }
-    if args.max_active_seqs == 0 || args.max_batched_tokens == 0 || args.queue_size == 0 {
-        bail!("--max-active-seqs, --max-batched-tokens and --queue-size must be at least 1");
-    }
-    if args.max_batched_tokens < args.max_active_seqs {
-        bail!(
-            "--max-batched-tokens ({}) must be at least --max-active-seqs ({}): every running sequence needs one token per pass",
-            args.max_batched_tokens,
-            args.max_active_seqs
-        );
-    }
-    let model_name = match args.served_model_name {
-        Some(name) => name,
-        None => std::fs::canonicalize(dir)
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "omnishard".into()),
-    };
-    let scheduler = scheduler::start(
-        engine.clone(),
-        SchedulerConfig {
+    let settings = ServeSettings {
+        model_dir: args.model.model_dir()?,
+        served_model_name: args.served_model_name,
+        api_key: args.api_key,
+        max_context: args.max_context,
+        scheduler: SchedulerConfig {
             max_active: args.max_active_seqs,
             max_batched_tokens: args.max_batched_tokens,
             queue_size: args.queue_size,
         },
-        metrics.clone(),
-    );
-    let state = Arc::new(AppState::new(
-        engine,
-        tokenizer,
-        scheduler,
-        metrics,
-        ServeConfig {
-            model_name: model_name.clone(),
-            api_key: args.api_key,
-            max_context,
-        },
-    ));
-    let placement = args.model.placement.clone();
-    let dir = dir.to_path_buf();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let addr = listener.local_addr()?;
-        println!("listening on http://{addr}");
-        eprintln!("serving model `{model_name}` on http://{addr} (OpenAI API under /v1)");
-        if let (Some(remote), Some(path)) = (state.engine.remote().cloned(), placement) {
-            tokio::spawn(reload_on_sighup(remote, path, dir.to_path_buf()));
-        }
-        axum::serve(listener, server::router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
-        anyhow::Ok(())
-    })
-}
-
-/// On SIGHUP, re-reads the placement file: nodes new to it join, nodes gone from it retire.
-async fn reload_on_sighup(remote: Arc<RemoteExperts>, path: PathBuf, model: PathBuf) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot install the SIGHUP handler; placement reload disabled");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let addresses = ModelConfig::from_model_dir(&model)
-                .map_err(anyhow::Error::from)
-                .and_then(|cfg| Ok(Placement::from_file(&path, &cfg)?))
-                .map(|p| p.nodes.into_iter().map(|n| n.address).collect::<Vec<_>>());
-            match addresses {
-                Ok(addresses) => {
-                    let remote = remote.clone();
-                    let failures =
-                        tokio::task::spawn_blocking(move || remote.sync_addresses(&addresses))
-                            .await;
-                    match failures {
-                        Ok(f) if f.is_empty() => {
-                            tracing::info!(path = %path.display(), "placement reloaded")
-                        }
-                        Ok(f) => {
-                            tracing::warn!(?f, "placement reloaded; some nodes could not join")
-                        }
-                        Err(e) => tracing::error!(error = %e, "placement reload failed"),
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "placement reload failed; keeping the current nodes")
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (remote, path, model);
+        placement: args.model.placement,
+    };
+    Ok(serve::launch(engine, metrics, settings, args.listen)?)
 }
 
 fn plan(args: PlanArgs) -> anyhow::Result<()> {

@@ -8,10 +8,15 @@
 //! Requests come through a bounded queue (full → the caller answers 429); results go back over
 //! a per-request unbounded channel, so a slow client never blocks the batch. A client that goes
 //! away closes its channel, and its sequence and cache are dropped before the next pass.
+//!
+//! Each request brings its id and its tracing span: log lines about a sequence are children of
+//! that span (so they carry the id), and every forward pass names the ids of its sequences to
+//! the experts, which pass them on to the expert nodes.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -19,6 +24,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::server::GenerationError;
+use omnishard_model::CallContext;
 use omnishard_model::model::{KvCache, LogitsFor, Positions, SequenceInput};
 
 /// Scheduler limits.
@@ -47,14 +54,16 @@ pub enum Event {
     /// A generated token (stop tokens are not sent).
     Token(u32),
     Finished(FinishReason),
-    /// The forward pass failed; `unavailable` when expert nodes could not answer.
-    Error {
-        message: String,
-        unavailable: bool,
-    },
+    /// The sequence failed and was dropped; nothing follows.
+    Error(GenerationError),
 }
 
 pub struct GenerationRequest {
+    /// The request id (the client's `X-Request-Id`, else the response id): sent to the expert
+    /// nodes with every forward pass the sequence is in.
+    pub id: String,
+    /// The request's span: the scheduler's log lines about this sequence are its children.
+    pub span: tracing::Span,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -66,7 +75,8 @@ pub struct GenerationRequest {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: SyncSender<(GenerationRequest, Instant)>,
-    alive: Arc<AtomicBool>,
+    /// Set once, with the reason, when the thread could not start or has stopped.
+    stopped: Arc<OnceLock<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -74,12 +84,17 @@ pub struct SchedulerHandle {
 pub enum SubmitError {
     #[error("the request queue is full; retry later")]
     QueueFull,
-    #[error("the scheduler has stopped")]
-    Stopped,
+    #[error("the scheduler has stopped: {reason}")]
+    Stopped { reason: String },
 }
 
 impl SchedulerHandle {
     pub fn submit(&self, req: GenerationRequest) -> Result<(), SubmitError> {
+        // A dead thread may leave its queue open for a moment: refuse now rather than queue a
+        // request nobody will run.
+        if let Some(reason) = self.stopped_reason() {
+            return Err(SubmitError::Stopped { reason });
+        }
         self.metrics.queue_depth.inc();
         let result = self.tx.try_send((req, Instant::now()));
         if result.is_err() {
@@ -88,12 +103,21 @@ impl SchedulerHandle {
         match result {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
-            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped {
+                reason: self
+                    .stopped_reason()
+                    .unwrap_or_else(|| "the scheduler thread exited".into()),
+            }),
         }
     }
 
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.stopped.get().is_none()
+    }
+
+    /// Why the scheduler is not running (it never started, or it died), if it is not.
+    pub fn stopped_reason(&self) -> Option<String> {
+        self.stopped.get().cloned()
     }
 }
 
@@ -119,37 +143,68 @@ impl Sequence {
     }
 }
 
-/// Starts the scheduler thread; it runs until every handle is dropped.
+/// Starts the scheduler thread; it runs until every handle is dropped. If the thread cannot be
+/// started, or later panics, the handle says so ([`SchedulerHandle::stopped_reason`]): `/health`
+/// then answers 503 with the reason, and new requests are refused with it.
 pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> SchedulerHandle {
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_size.max(1));
-    let alive = Arc::new(AtomicBool::new(true));
+    let stopped = Arc::new(OnceLock::new());
     let handle = SchedulerHandle {
         tx,
-        alive: alive.clone(),
+        stopped: stopped.clone(),
         metrics: metrics.clone(),
     };
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("omnishard-scheduler".into())
-        .spawn(move || {
-            // Cleared on return and on panic alike, so /health tells the truth.
-            struct Alive(Arc<AtomicBool>);
-            impl Drop for Alive {
-                fn drop(&mut self) {
-                    self.0.store(false, Ordering::Release);
-                }
+        .spawn({
+            let stopped = stopped.clone();
+            move || {
+                // Caught so the reason can be reported; the sequences (and their channels) were
+                // dropped while unwinding, so their clients already got an error.
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    run(&engine, &cfg, &rx, &metrics)
+                }));
+                let reason = match outcome {
+                    Ok(()) => "the scheduler thread exited".to_string(),
+                    Err(payload) => {
+                        let reason = format!(
+                            "the scheduler thread panicked: {}",
+                            panic_message(payload.as_ref())
+                        );
+                        tracing::error!(%reason, "scheduler stopped; /health now fails");
+                        reason
+                    }
+                };
+                let _ = stopped.set(reason);
             }
-            let _alive = Alive(alive);
-            run(&engine, &cfg, &rx, &metrics);
-        })
-        .map_err(|e| tracing::error!(error = %e, "cannot start the scheduler thread"))
-        .ok();
+        });
+    if let Err(e) = spawned {
+        let reason = format!("cannot start the scheduler thread: {e}");
+        tracing::error!(%reason, "scheduler not running; /health fails");
+        let _ = stopped.set(reason);
+    }
     handle
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
 }
 
 fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Sequence {
     let (req, enqueued) = seq;
     metrics.queue_depth.dec();
     metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
+    tracing::debug!(
+        parent: &req.span,
+        queued_ms = enqueued.elapsed().as_secs_f64() * 1e3,
+        "sequence admitted"
+    );
     Sequence {
         sampler: Sampler::new(req.sampling.clone()),
         history: req.prompt.clone(),
@@ -184,7 +239,17 @@ fn run(
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        active.retain(|s| !s.req.events.is_closed());
+        active.retain(|s| {
+            let gone = s.req.events.is_closed();
+            if gone {
+                tracing::debug!(
+                    parent: &s.req.span,
+                    completion_tokens = s.generated,
+                    "sequence dropped: its client went away or a stop string ended it"
+                );
+            }
+            !gone
+        });
         metrics.active_sequences.set(active.len() as i64);
         if active.is_empty() {
             continue;
@@ -224,6 +289,15 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
             }
         }
     }
+    // The ids go to the expert nodes, which log each once: a request can be followed there.
+    let ctx = CallContext {
+        request_ids: selected
+            .iter()
+            .map(|s| s.req.id.clone())
+            .collect::<Vec<_>>()
+            .into(),
+    };
+    let n_tokens: usize = chosen.iter().map(|(_, t)| t.len()).sum();
     let mut batch: Vec<SequenceInput<'_>> = Vec::with_capacity(chosen.len());
     let mut positions_next = Vec::with_capacity(chosen.len());
     for (seq, (_, tokens)) in selected.iter_mut().zip(&chosen) {
@@ -235,25 +309,22 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
             cache: &mut seq.cache,
         });
     }
-    let result = engine.model().forward(&mut batch, LogitsFor::Last);
+    let result = {
+        let _step =
+            tracing::trace_span!("step", sequences = batch.len(), tokens = n_tokens).entered();
+        engine
+            .model()
+            .forward_for(&mut batch, LogitsFor::Last, &ctx)
+    };
     drop(batch);
     let logits = match result {
         Ok(l) => l,
         Err(e) => {
-            let unavailable = matches!(
-                &e,
-                omnishard_model::ModelError::Experts {
-                    source: omnishard_model::ExpertError::Node { .. },
-                    ..
-                }
-            );
-            tracing::error!(error = %e, "forward pass failed; failing the sequences in it");
+            let error = GenerationError::from_forward(&e);
+            tracing::error!(error = %e, requests = ?ctx.request_ids, "forward pass failed; failing the sequences in it");
             // Their caches may be half-updated: drop the sequences.
             for seq in selected {
-                let _ = seq.req.events.send(Event::Error {
-                    message: e.to_string(),
-                    unavailable,
-                });
+                let _ = seq.req.events.send(Event::Error(error.clone()));
                 seq.done = true;
             }
             active.retain(|s| !s.done);
@@ -271,10 +342,13 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
         let row = match logits[k].squeeze(0).and_then(|t| t.to_vec1::<f32>()) {
             Ok(row) => row,
             Err(e) => {
-                let _ = seq.req.events.send(Event::Error {
-                    message: e.to_string(),
-                    unavailable: false,
-                });
+                tracing::warn!(parent: &seq.req.span, error = %e, "cannot read the logits; failing the sequence");
+                let _ = seq
+                    .req
+                    .events
+                    .send(Event::Error(GenerationError::ForwardFailed(format!(
+                        "cannot read the logits: {e}"
+                    ))));
                 seq.done = true;
                 continue;
             }
@@ -298,6 +372,13 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
             (seq.generated >= seq.req.max_tokens).then_some(FinishReason::Length)
         };
         if let Some(reason) = done {
+            tracing::debug!(
+                parent: &seq.req.span,
+                ?reason,
+                completion_tokens = seq.generated,
+                seconds = seq.enqueued.elapsed().as_secs_f64(),
+                "sequence finished"
+            );
             let _ = seq.req.events.send(Event::Finished(reason));
             seq.done = true;
         }

@@ -13,6 +13,8 @@ pub enum TokenizerError {
     Load { path: PathBuf, reason: String },
     #[error("tokenization failed: {0}")]
     Encode(String),
+    #[error("detokenization failed: {0}")]
+    Decode(String),
     #[error("{path}: {reason}")]
     GenerationConfig { path: PathBuf, reason: String },
 }
@@ -74,7 +76,7 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, true)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 }
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use omnishard_coordinator::metrics::Metrics;
 use omnishard_coordinator::remote::RemoteOptions;
-use omnishard_coordinator::scheduler::{self, SchedulerConfig};
-use omnishard_coordinator::server::{self, AppState, ServeConfig};
-use omnishard_coordinator::{ComputeDtype, Engine, TextTokenizer};
+use omnishard_coordinator::scheduler::SchedulerConfig;
+use omnishard_coordinator::serve::{self, ServeSettings};
+use omnishard_coordinator::{ComputeDtype, Engine};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::shard_pairs;
 use omnishard_tests::{demo_model, in_process_node};
@@ -81,32 +81,28 @@ fn main() {
         )
         .unwrap(),
     );
-    let tokenizer = Arc::new(TextTokenizer::load(&model, engine.config()).unwrap());
-    let sched = scheduler::start(
-        engine.clone(),
-        SchedulerConfig {
-            max_active: 64,
-            max_batched_tokens: 512,
-            queue_size: 256,
-        },
-        metrics.clone(),
-    );
-    let state = Arc::new(AppState::new(
+    let service = serve::start(
         engine,
-        tokenizer,
-        sched,
         metrics,
-        ServeConfig {
-            model_name: "demo-model".into(),
+        ServeSettings {
+            model_dir: model.clone(),
+            served_model_name: Some("demo-model".into()),
             api_key: None,
-            max_context: 512,
+            max_context: Some(512),
+            scheduler: SchedulerConfig {
+                max_active: 64,
+                max_batched_tokens: 512,
+                queue_size: 256,
+            },
+            placement: None,
         },
-    ));
+    )
+    .unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let url = format!("http://{}/v1/completions", listener.local_addr().unwrap());
-    rt.spawn(async move { axum::serve(listener, server::router(state)).await });
+    rt.spawn(service.serve(listener, std::future::pending()));
 
     let corpus = std::fs::read_to_string(model.join("corpus.txt")).unwrap();
     let words: Vec<&str> = corpus.split(' ').collect();

@@ -4,9 +4,17 @@
 pub mod fuzz;
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use omnishard_coordinator::Positions;
 use serde::Deserialize;
+
+/// How long a test waits for something that must happen (a metric to settle, a node to be
+/// re-admitted, a process to exit) before failing. Generous on purpose: these waits end as soon
+/// as the condition holds, and this bound only turns a hang into a failure; it is not a
+/// performance goal, so a loaded machine must not trip it.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Every fixture model, as named under `tests/fixtures/models/`.
 pub const FIXTURES: [&str; 4] = [
@@ -175,25 +183,53 @@ impl ExpertNode {
     }
 }
 
-/// Spawns a server process and returns it with the address of its first stdout line,
-/// "listening on ADDR"; the rest of its stdout is drained.
-fn spawn_listening(mut cmd: std::process::Command) -> (std::process::Child, String) {
+/// Spawns a server process with `RUST_LOG=warn` and returns it with the address of its first
+/// stdout line, "listening on ADDR"; the rest of its stdout is drained.
+fn spawn_listening(cmd: std::process::Command) -> (std::process::Child, String) {
+    spawn_listening_logged(cmd, "warn", false).0
+}
+
+/// Like [`spawn_listening`] with `RUST_LOG=filter`; with `capture`, stderr is collected into the
+/// returned buffer (by a thread, as it comes) instead of going to the test's stderr.
+fn spawn_listening_logged(
+    mut cmd: std::process::Command,
+    filter: &str,
+    capture: bool,
+) -> ((std::process::Child, String), Arc<Mutex<String>>) {
     use std::io::BufRead;
-    let mut child = cmd
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    cmd.env("RUST_LOG", filter)
+        .stdout(std::process::Stdio::piped());
+    if capture {
+        cmd.stderr(std::process::Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    let log = Arc::new(Mutex::new(String::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+    }
     let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     reader.read_line(&mut line).expect("read stdout");
     let address = line
         .trim()
         .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .unwrap_or_else(|| {
+            panic!(
+                "unexpected first line {line:?}; stderr: {}",
+                log.lock().unwrap_or_else(|e| e.into_inner())
+            )
+        })
         .to_string();
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    (child, address)
+    ((child, address), log)
 }
 
 impl Drop for ExpertNode {
@@ -219,6 +255,9 @@ pub fn process_alive(pid: u32) -> bool {
 pub struct Server {
     pub child: std::process::Child,
     pub url: String,
+    /// Its stderr (and, under `cluster`, its expert nodes'), when started with
+    /// [`Server::start_logged`].
+    log: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -228,14 +267,34 @@ impl Server {
         let mut cmd = std::process::Command::new(bin("coordinator"));
         cmd.args(args).args(["--listen", "127.0.0.1:0"]);
         let (child, url) = spawn_listening(cmd);
-        Self { child, url }
+        Self {
+            child,
+            url,
+            log: Arc::default(),
+        }
+    }
+
+    /// Like [`Server::start`] with `RUST_LOG=filter`, collecting stderr for [`Server::log`]. The
+    /// nodes that `coordinator cluster` starts inherit both, so their lines are there too.
+    pub fn start_logged(args: &[&str], filter: &str) -> Self {
+        let mut cmd = std::process::Command::new(bin("coordinator"));
+        cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+        let ((child, url), log) = spawn_listening_logged(cmd, filter, true);
+        Self { child, url, log }
+    }
+
+    /// What the server has written to stderr so far (empty unless started with
+    /// [`Server::start_logged`]).
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
 
-    /// Value of a metric without labels from /metrics.
+    /// Value of a metric without labels from /metrics. Panics, naming it, if /metrics does not
+    /// have it: a renamed or removed metric must fail the tests that read it, not read as 0.
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics"))
             .await
@@ -243,10 +302,14 @@ impl Server {
             .text()
             .await
             .unwrap();
-        text.lines()
+        let value = text
+            .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+            .unwrap_or_else(|| panic!("metric {name} is not in /metrics"));
+        value
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("metric {name} has value {value:?}, not a number: {e}"))
     }
 }
 
@@ -255,12 +318,13 @@ impl Drop for Server {
         let _ = std::process::Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Not an assertion: a server still running after this is killed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use omnishard_tests::{bin, model_dir, process_alive};
+use omnishard_tests::{PATIENCE, bin, model_dir, process_alive};
 
 /// The pids the cluster printed ("cluster: started expert-node i/N (pid P)").
 fn child_pids(stderr: &str) -> Vec<u32> {
@@ -26,7 +26,7 @@ fn cluster(args: &[&str]) -> Command {
 }
 
 fn assert_all_gone(pids: &[u32]) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + PATIENCE;
     while pids.iter().any(|&p| process_alive(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }

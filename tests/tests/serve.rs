@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use omnishard_tests::Server;
+use omnishard_tests::{PATIENCE, Server};
 use serde_json::{Value, json};
 
 const CORPUS: &str = include_str!("../../coordinator/demo-model/corpus.txt");
@@ -167,7 +167,7 @@ async fn concurrent_greedy_requests_match_their_solo_runs() {
 }
 
 async fn wait_for(server: &Server, metric: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PATIENCE;
     while server.metric(metric).await != want {
         assert!(Instant::now() < deadline, "{metric} never reached {want}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -323,6 +323,22 @@ async fn bad_requests_get_4xx_and_the_server_keeps_serving() {
         let v: Value = resp.json().await.unwrap();
         let msg = v["error"]["message"].as_str().unwrap_or_default();
         assert!(msg.contains(needle), "{body}: {v}");
+    }
+    // Requests are counted by the route they matched; anything else under one label.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"omnishard_requests_total{endpoint="/v1/completions",status="400"} 8"#,
+        r#"omnishard_requests_total{endpoint="/v1/completions",status="404"} 1"#,
+        r#"omnishard_requests_total{endpoint="/v1/completions",status="413"} 2"#,
+        r#"omnishard_requests_total{endpoint="/v1/chat/completions",status="400"} 3"#,
+        r#"omnishard_requests_total{endpoint="unmatched",status="404"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
     }
     let (status, _) = post(
         &server,

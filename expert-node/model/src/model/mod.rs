@@ -743,6 +743,8 @@ impl Model {
         let ids = Tensor::from_vec(all_ids, n, &self.device)?;
         let mut xs = self.embed_tokens.index_select(&ids, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            // For profiling (RUST_LOG=trace): when disabled this costs one relaxed load.
+            let _layer = tracing::trace_span!("layer", layer = l, tokens = n).entered();
             let normed = layer.input_layernorm.forward(&xs)?;
             let attn = layer.self_attn.forward(&normed, &cos, &sin, batch, l)?;
             let h = (xs + attn)?;

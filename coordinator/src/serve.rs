@@ -1,0 +1,253 @@
+//! Starting the OpenAI-compatible server, in one place for the `coordinator serve` command, the
+//! benchmarks and the tests: settings checked once, the tokenizer loaded, the scheduler thread
+//! started ([`start`]), then the router served on a listener until a shutdown signal, with the
+//! placement file re-read on SIGHUP when the experts are remote ([`Service::serve`]).
+//! [`launch`] does all of it for the binary.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use omnishard_proto::ModelConfig;
+use omnishard_proto::placement::Placement;
+use tokio::net::TcpListener;
+
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::remote::RemoteExperts;
+use crate::scheduler::{self, SchedulerConfig};
+use crate::server::{self, AppState, ServeConfig};
+use crate::tokenizer::{TextTokenizer, TokenizerError};
+
+/// Context length when neither `--max-context` nor the model's `max_position_embeddings` says.
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+
+/// How to serve a loaded model.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    /// The checkpoint directory: its `tokenizer.json`, its name (the default model id) and its
+    /// config (read again on each placement reload).
+    pub model_dir: PathBuf,
+    /// Model id reported by /v1/models and accepted in requests (default: the directory's name).
+    pub served_model_name: Option<String>,
+    /// Bearer token required on `/v1/*` and `/admin/*`.
+    pub api_key: Option<String>,
+    /// Prompt plus generated tokens per sequence (default: the model's max_position_embeddings,
+    /// else [`DEFAULT_MAX_CONTEXT`]).
+    pub max_context: Option<usize>,
+    pub scheduler: SchedulerConfig,
+    /// Placement file re-read on SIGHUP (only with remote experts).
+    pub placement: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("--max-context {max_context} exceeds the model's max_position_embeddings {model_max}")]
+    ContextBeyondModel {
+        max_context: usize,
+        model_max: usize,
+    },
+    #[error("--max-active-seqs, --max-batched-tokens and --queue-size must be at least 1")]
+    ZeroLimit,
+    #[error(
+        "--max-batched-tokens ({max_batched_tokens}) must be at least --max-active-seqs ({max_active}): every running sequence needs one token per pass"
+    )]
+    BatchBelowActive {
+        max_batched_tokens: usize,
+        max_active: usize,
+    },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// A server ready to accept connections: settings checked, scheduler running.
+pub struct Service {
+    state: Arc<AppState>,
+    placement: Option<PathBuf>,
+    model_dir: PathBuf,
+}
+
+/// Checks `settings` against the model, loads the tokenizer and starts the scheduler thread.
+/// Blocking (the tokenizer is read from disk): call it before entering the async runtime.
+pub fn start(
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    settings: ServeSettings,
+) -> Result<Service, ServeError> {
+    let ServeSettings {
+        model_dir,
+        served_model_name,
+        api_key,
+        max_context,
+        scheduler: sched,
+        placement,
+    } = settings;
+    let model_max = engine.config().max_position_embeddings;
+    let max_context = max_context.or(model_max).unwrap_or(DEFAULT_MAX_CONTEXT);
+    if let Some(model_max) = model_max
+        && max_context > model_max
+    {
+        return Err(ServeError::ContextBeyondModel {
+            max_context,
+            model_max,
+        });
+    }
+    if sched.max_active == 0 || sched.max_batched_tokens == 0 || sched.queue_size == 0 {
+        return Err(ServeError::ZeroLimit);
+    }
+    if sched.max_batched_tokens < sched.max_active {
+        return Err(ServeError::BatchBelowActive {
+            max_batched_tokens: sched.max_batched_tokens,
+            max_active: sched.max_active,
+        });
+    }
+    let tokenizer = Arc::new(TextTokenizer::load(&model_dir, engine.config())?);
+    let model_name = served_model_name.unwrap_or_else(|| default_model_name(&model_dir));
+    let scheduler = scheduler::start(engine.clone(), sched, metrics.clone());
+    let state = Arc::new(AppState::new(
+        engine,
+        tokenizer,
+        scheduler,
+        metrics,
+        ServeConfig {
+            model_name,
+            api_key,
+            max_context,
+        },
+    ));
+    Ok(Service {
+        state,
+        placement,
+        model_dir,
+    })
+}
+
+/// The model directory's own name (after resolving `.` and links), else "omnishard".
+fn default_model_name(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "omnishard".into())
+}
+
+impl Service {
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.state.config.model_name
+    }
+
+    /// Serves the API on `listener` until `shutdown` completes, then lets requests in flight
+    /// finish. With remote experts and a placement file, SIGHUP re-reads the file meanwhile.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let reload = match (self.state.engine.remote().cloned(), self.placement) {
+            (Some(remote), Some(path)) => {
+                Some(tokio::spawn(reload_on_sighup(remote, path, self.model_dir)))
+            }
+            _ => None,
+        };
+        let served = axum::serve(listener, server::router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServeError::Http);
+        if let Some(task) = reload {
+            task.abort();
+        }
+        served
+    }
+}
+
+/// `coordinator serve`: starts the server on `listen`, prints `listening on http://ADDR` on
+/// stdout (what scripts and tests wait for) and serves until Ctrl-C.
+pub fn launch(
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    settings: ServeSettings,
+    listen: SocketAddr,
+) -> Result<(), ServeError> {
+    let service = start(engine, metrics, settings)?;
+    // Two workers are plenty: the model runs on the scheduler thread, not here.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+        println!("listening on http://{addr}");
+        eprintln!(
+            "serving model `{}` on http://{addr} (OpenAI API under /v1)",
+            service.model_name()
+        );
+        service
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    })
+}
+
+/// On SIGHUP, re-reads the placement file: nodes new to it join, nodes gone from it retire.
+async fn reload_on_sighup(remote: Arc<RemoteExperts>, path: PathBuf, model: PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; placement reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let addresses = ModelConfig::from_model_dir(&model)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| Placement::from_file(&path, &cfg).map_err(|e| e.to_string()))
+                .map(|p| p.nodes.into_iter().map(|n| n.address).collect::<Vec<_>>());
+            match addresses {
+                Ok(addresses) => {
+                    let remote = remote.clone();
+                    let failures =
+                        tokio::task::spawn_blocking(move || remote.sync_addresses(&addresses))
+                            .await;
+                    match failures {
+                        Ok(f) if f.is_empty() => {
+                            tracing::info!(path = %path.display(), "placement reloaded")
+                        }
+                        Ok(f) => {
+                            tracing::warn!(?f, "placement reloaded; some nodes could not join")
+                        }
+                        Err(e) => tracing::error!(error = %e, "placement reload failed"),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "placement reload failed; keeping the current nodes")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (remote, path, model);
+}

@@ -1,0 +1,117 @@
+//! Operational routes: `GET /health` (503 with the reason when the scheduler is not running),
+//! `GET /metrics` (Prometheus), `GET /v1/models`, `GET /v1/stats` (expert usage and node traffic)
+//! and `GET|POST /admin/nodes` (list nodes, add one to a running cluster).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{AppState, GenerationError};
+
+pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.scheduler.stopped_reason() {
+        None => Json(json!({"status": "ok"})).into_response(),
+        // A server that cannot generate must fail its health check, so that a load balancer or
+        // orchestrator takes it out of service; the reason says what happened.
+        Some(reason) => GenerationError::SchedulerStopped { reason }.into_response(),
+    }
+}
+
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(state.engine.model().usage());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+pub(super) async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "omnishard"}]
+    }))
+}
+
+/// Usage statistics: tokens per (layer, expert), a per-layer summary, and per-node traffic.
+pub(super) async fn stats(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let cfg = state.engine.config();
+    let usage = state.engine.model().usage();
+    let snapshot = usage.snapshot();
+    let mut layers = Vec::new();
+    for layer in cfg.moe_layers() {
+        let mut counts: Vec<(usize, u64)> = snapshot
+            .iter()
+            .filter(|(l, _, _)| *l == layer)
+            .map(|&(_, e, n)| (e, n))
+            .collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let total: u64 = counts.iter().map(|c| c.1).sum();
+        let share = |n: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                n as f64 / total as f64
+            }
+        };
+        let top_k = cfg.num_experts_per_tok;
+        layers.push(json!({
+            "layer": layer,
+            "assignments": total,
+            "distinct_experts": counts.len(),
+            "top_experts": counts.iter().take(top_k).map(|&(e, n)| json!({"expert": e, "assignments": n, "share": share(n)})).collect::<Vec<_>>(),
+            "top_k_share": share(counts.iter().take(top_k).map(|c| c.1).sum()),
+        }));
+    }
+    let nodes = state
+        .engine
+        .remote()
+        .map(|r| r.status())
+        .unwrap_or_default();
+    Json(json!({
+        "tokens": usage.tokens(),
+        "top_k": cfg.num_experts_per_tok,
+        "moe_layers": cfg.moe_layers(),
+        "num_experts": cfg.num_experts,
+        "experts": snapshot.iter().map(|&(l, e, n)| json!({"layer": l, "expert": e, "assignments": n})).collect::<Vec<_>>(),
+        "layers": layers,
+        "nodes": nodes,
+    }))
+}
+
+pub(super) async fn list_nodes(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.remote() {
+        Some(remote) => Json(json!({"nodes": remote.status()})).into_response(),
+        None => GenerationError::NoExpertNodes.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNode {
+    address: String,
+}
+
+/// Adds an expert node to the running cluster: `{"address": "host:port"}`.
+pub(super) async fn add_node(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let Some(remote) = state.engine.remote().cloned() else {
+        return GenerationError::NoExpertNodes.into_response();
+    };
+    let req: AddNode = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return GenerationError::InvalidRequest(format!(
+                "expected {{\"address\": \"host:port\"}}: {e}"
+            ))
+            .into_response();
+        }
+    };
+    // Connecting and checking the node blocks; keep it off the async workers.
+    match tokio::task::spawn_blocking(move || remote.add_node(&req.address)).await {
+        Ok(Ok(status)) => Json(json!({"node": status})).into_response(),
+        Ok(Err(e)) => GenerationError::NodeRejected(e.to_string()).into_response(),
+        Err(e) => GenerationError::Internal(e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,168 @@
+//! The OpenAI-compatible HTTP API (axum): `POST /v1/chat/completions`, `POST /v1/completions`
+//! (streamed as server-sent events ending in `data: [DONE]`, or whole), `GET /v1/models`,
+//! `GET /v1/stats`, `GET|POST /admin/nodes`, `GET /health` and `GET /metrics`. Errors use
+//! OpenAI's JSON error shape ([`GenerationError`]).
+//!
+//! This file holds the shared state, the router and its middleware (request metrics, API key);
+//! the request and response shapes are in `types`, request checking in `validate`, the
+//! completion endpoints in `completions`, answer assembly in `stream`, the operational routes in
+//! `admin`. Starting a server is [`crate::serve`]'s job.
+
+mod admin;
+mod completions;
+mod error;
+mod stream;
+mod types;
+mod validate;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+pub use error::GenerationError;
+pub use validate::{
+    MAX_REQUEST_ID_LEN, REQUEST_ID_HEADER, RequestLimits, client_request_id, validate_body,
+};
+
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::scheduler::SchedulerHandle;
+use crate::tokenizer::TextTokenizer;
+
+/// Serving settings fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The model id clients must name (or omit).
+    pub model_name: String,
+    /// Bearer token required on `/v1/*` when set.
+    pub api_key: Option<String>,
+    /// Prompt plus generated tokens per sequence.
+    pub max_context: usize,
+}
+
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub scheduler: SchedulerHandle,
+    pub metrics: Arc<Metrics>,
+    pub config: ServeConfig,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(
+        engine: Arc<Engine>,
+        tokenizer: Arc<TextTokenizer>,
+        scheduler: SchedulerHandle,
+        metrics: Arc<Metrics>,
+        config: ServeConfig,
+    ) -> Self {
+        Self {
+            engine,
+            tokenizer,
+            scheduler,
+            metrics,
+            config,
+            created: unix_now(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn limits(&self) -> RequestLimits<'_> {
+        RequestLimits {
+            model_name: &self.config.model_name,
+            max_context: self.config.max_context,
+            vocab_size: self.engine.config().vocab_size,
+            tokenizer: &self.tokenizer,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/chat/completions", post(completions::chat_completions))
+        .route("/completions", post(completions::completions))
+        .route("/models", get(admin::models))
+        .route("/stats", get(admin::stats))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let admin = Router::new()
+        .route("/nodes", get(admin::list_nodes).post(admin::add_node))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .nest("/admin", admin)
+        .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
+        .fallback(|| async { GenerationError::NoSuchEndpoint })
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Label of requests that matched no route: one label for all of them, so probes of random
+/// paths cannot blow up the metric's cardinality.
+pub const UNMATCHED_ENDPOINT: &str = "unmatched";
+
+/// Counts and times every request by the route it matched (the route's pattern, so a route
+/// added later is labelled without touching this).
+async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    // `Router::layer` runs after routing in axum 0.8, so the matched route is known here; the
+    // fallback sets none.
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED_ENDPOINT, MatchedPath::as_str)
+        .to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .request_seconds
+        .with_label_values(&[&endpoint])
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .with_label_values(&[endpoint.as_str(), resp.status().as_str()])
+        .inc();
+    resp
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
+        if !ok {
+            return GenerationError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,283 @@
+//! Turning the scheduler's events for one request into an answer: text decoded incrementally
+//! and cut at stop strings, then sent whole (one JSON object) or streamed (server-sent events
+//! ending in `data: [DONE]`). Each request's end is logged once, in its span: finished (with
+//! token counts and duration), failed, or cancelled by the client.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::types::{Header, usage};
+use super::{AppState, GenerationError};
+use crate::scheduler::{Event, FinishReason, SchedulerHandle};
+use crate::tokenizer::{DecodeStream, StopMatcher, TextTokenizer};
+
+/// Turns scheduler events into text, honouring stop strings.
+struct Assembler {
+    decode: DecodeStream,
+    stop: StopMatcher,
+    completion_tokens: usize,
+}
+
+enum Piece {
+    Text(String),
+    Done { text: String, reason: &'static str },
+    Failed(GenerationError),
+}
+
+impl Assembler {
+    fn new(stop: Vec<String>) -> Self {
+        Self {
+            decode: DecodeStream::default(),
+            stop: StopMatcher::new(stop),
+            completion_tokens: 0,
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        tok: &TextTokenizer,
+        scheduler: &SchedulerHandle,
+        event: Option<Event>,
+    ) -> Piece {
+        let decode_failed = |e: crate::tokenizer::TokenizerError| {
+            Piece::Failed(GenerationError::Decode(e.to_string()))
+        };
+        match event {
+            Some(Event::Token(t)) => {
+                self.completion_tokens += 1;
+                let piece = match self.decode.push(tok, t) {
+                    Ok(p) => p.unwrap_or_default(),
+                    Err(e) => return decode_failed(e),
+                };
+                let (text, stopped) = self.stop.push(&piece);
+                if stopped {
+                    Piece::Done {
+                        text,
+                        reason: "stop",
+                    }
+                } else {
+                    Piece::Text(text)
+                }
+            }
+            Some(Event::Finished(reason)) => {
+                let tail = match self.decode.finish(tok) {
+                    Ok(t) => t,
+                    Err(e) => return decode_failed(e),
+                };
+                let (mut text, stopped) = self.stop.push(&tail);
+                if !stopped {
+                    text.push_str(&self.stop.flush());
+                }
+                let reason = match reason {
+                    _ if stopped => "stop",
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                };
+                Piece::Done { text, reason }
+            }
+            Some(Event::Error(e)) => Piece::Failed(e),
+            // The channel closed without a last event: the scheduler thread is gone.
+            None => Piece::Failed(GenerationError::SchedulerStopped {
+                reason: scheduler
+                    .stopped_reason()
+                    .unwrap_or_else(|| "it stopped before the request finished".into()),
+            }),
+        }
+    }
+}
+
+/// Logs how a request ended, once: finished, failed, or — when dropped before either, because
+/// the client went away and axum dropped the response — cancelled.
+pub(super) struct Outcome {
+    span: tracing::Span,
+    started: Instant,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    ended: bool,
+}
+
+impl Outcome {
+    pub fn new(span: tracing::Span, started: Instant, prompt_tokens: usize) -> Self {
+        Self {
+            span,
+            started,
+            prompt_tokens,
+            completion_tokens: 0,
+            ended: false,
+        }
+    }
+
+    fn finished(&mut self, reason: &str, completion_tokens: usize) {
+        self.ended = true;
+        self.completion_tokens = completion_tokens;
+        tracing::info!(
+            parent: &self.span,
+            finish_reason = %reason,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens,
+            seconds = self.started.elapsed().as_secs_f64(),
+            "request finished"
+        );
+    }
+
+    fn failed(&mut self, e: &GenerationError, completion_tokens: usize) {
+        self.ended = true;
+        self.completion_tokens = completion_tokens;
+        tracing::warn!(
+            parent: &self.span,
+            error = %e,
+            status = e.status().as_u16(),
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens,
+            seconds = self.started.elapsed().as_secs_f64(),
+            "request failed"
+        );
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.ended {
+            tracing::info!(
+                parent: &self.span,
+                prompt_tokens = self.prompt_tokens,
+                completion_tokens = self.completion_tokens,
+                seconds = self.started.elapsed().as_secs_f64(),
+                "request cancelled: the client went away"
+            );
+        }
+    }
+}
+
+/// What both answer forms need besides the events.
+pub(super) struct Answer {
+    pub header: Header,
+    pub stop: Vec<String>,
+    pub include_usage: bool,
+    pub outcome: Outcome,
+}
+
+pub(super) async fn whole_response(
+    state: Arc<AppState>,
+    answer: Answer,
+    mut rx: UnboundedReceiver<Event>,
+) -> Response {
+    let Answer {
+        mut header,
+        stop,
+        mut outcome,
+        ..
+    } = answer;
+    let mut asm = Assembler::new(stop);
+    let mut text = String::new();
+    let reason = loop {
+        match asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await) {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done { text: t, reason } => {
+                text.push_str(&t);
+                break reason;
+            }
+            Piece::Failed(e) => {
+                outcome.failed(&e, asm.completion_tokens);
+                return e.into_response();
+            }
+        }
+    };
+    outcome.finished(reason, asm.completion_tokens);
+    // As before the split: a whole response is stamped when it is complete.
+    header.created = super::unix_now();
+    let usage = usage(outcome.prompt_tokens, asm.completion_tokens);
+    Json(header.completion(&text, reason, usage)).into_response()
+}
+
+/// The per-request state of a stream, carried from one event to the next.
+struct StreamState {
+    state: Arc<AppState>,
+    rx: Option<UnboundedReceiver<Event>>,
+    asm: Assembler,
+    started: bool,
+    header: Header,
+    include_usage: bool,
+    outcome: Outcome,
+}
+
+impl StreamState {
+    fn chunk(&self, delta: serde_json::Value, reason: Option<&str>) -> SseEvent {
+        SseEvent::default().data(self.header.chunk(delta, reason).to_string())
+    }
+
+    /// The events for the scheduler's next event; `rx` is cleared once the stream is over.
+    fn next_events(&mut self, event: Option<Event>) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        if !self.started && self.header.kind == super::types::Kind::Chat {
+            out.push(self.chunk(json!({"role": "assistant", "content": ""}), None));
+        }
+        self.started = true;
+        match self
+            .asm
+            .on_event(&self.state.tokenizer, &self.state.scheduler, event)
+        {
+            Piece::Text(t) => {
+                if !t.is_empty() {
+                    out.push(self.chunk(json!({"content": t}), None));
+                }
+            }
+            Piece::Done { text, reason } => {
+                if !text.is_empty() {
+                    out.push(self.chunk(json!({"content": text}), None));
+                }
+                out.push(self.chunk(json!({}), Some(reason)));
+                if self.include_usage {
+                    let chunk = self
+                        .header
+                        .usage_chunk(self.outcome.prompt_tokens, self.asm.completion_tokens);
+                    out.push(SseEvent::default().data(chunk.to_string()));
+                }
+                out.push(SseEvent::default().data("[DONE]"));
+                self.outcome.finished(reason, self.asm.completion_tokens);
+                // Dropping the receiver cancels the sequence (a stop string may end it early).
+                self.rx = None;
+            }
+            Piece::Failed(e) => {
+                out.push(SseEvent::default().data(e.body().to_string()));
+                out.push(SseEvent::default().data("[DONE]"));
+                self.outcome.failed(&e, self.asm.completion_tokens);
+                self.rx = None;
+            }
+        }
+        // Kept current so a cancellation is logged with what was sent.
+        self.outcome.completion_tokens = self.asm.completion_tokens;
+        out
+    }
+}
+
+pub(super) fn stream_response(
+    state: Arc<AppState>,
+    answer: Answer,
+    rx: UnboundedReceiver<Event>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let st = StreamState {
+        state,
+        rx: Some(rx),
+        asm: Assembler::new(answer.stop),
+        started: false,
+        header: answer.header,
+        include_usage: answer.include_usage,
+        outcome: answer.outcome,
+    };
+    let events = futures::stream::unfold(st, |mut st| async move {
+        let event = st.rx.as_mut()?.recv().await;
+        let out = st.next_events(event);
+        Some((futures::stream::iter(out.into_iter().map(Ok)), st))
+    })
+    .flatten();
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

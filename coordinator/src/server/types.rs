@@ -1,0 +1,154 @@
+//! OpenAI's request and response shapes for `/v1/completions` and `/v1/chat/completions`:
+//! the body as it is parsed, and the JSON objects sent back (whole responses, stream chunks,
+//! usage). Reference: <https://platform.openai.com/docs/api-reference/chat>.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct Message {
+    pub role: String,
+    pub content: Content,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// The body of both completion endpoints; which of `messages` / `prompt` is required depends on
+/// the endpoint. Unknown fields are ignored, as OpenAI clients send many.
+#[derive(Debug, Deserialize)]
+pub(super) struct CompletionBody {
+    pub model: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    pub prompt: Option<Prompt>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Extension (as vLLM): -1 or absent means no limit.
+    pub top_k: Option<i64>,
+    /// Extension (as vLLM).
+    pub repetition_penalty: Option<f32>,
+    /// Extension (as vLLM): keep generating past stop tokens, up to max_tokens.
+    pub ignore_eos: Option<bool>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    pub logprobs: Option<Value>,
+}
+
+/// Which endpoint a request came through: it decides the prompt field, the defaults and the
+/// shape of the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    /// Prefix of the response ids (`chatcmpl-7`, `cmpl-7`), as OpenAI's.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl",
+            Kind::Text => "cmpl",
+        }
+    }
+
+    /// `object` of a stream chunk.
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        }
+    }
+}
+
+pub(super) fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// What every response object of one request shares.
+#[derive(Debug, Clone)]
+pub(super) struct Header {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub kind: Kind,
+}
+
+impl Header {
+    /// The whole (non-streamed) response.
+    pub fn completion(&self, text: &str, reason: &str, usage: Value) -> Value {
+        let Header {
+            id, created, model, ..
+        } = self;
+        match self.kind {
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": null}],
+                "usage": usage,
+            }),
+            Kind::Text => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": null}],
+                "usage": usage,
+            }),
+        }
+    }
+
+    /// One stream chunk: `delta` as chat sends it (`{"role"?, "content"?}`); completions send
+    /// only its text.
+    pub fn chunk(&self, delta: Value, reason: Option<&str>) -> Value {
+        let Header {
+            id, created, model, ..
+        } = self;
+        match self.kind {
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": null}],
+            }),
+            Kind::Text => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": reason, "logprobs": null}],
+            }),
+        }
+    }
+
+    /// The usage chunk sent last with `stream_options.include_usage`.
+    pub fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+        json!({"id": self.id, "object": self.kind.chunk_object(), "created": self.created, "model": self.model, "choices": [], "usage": usage(prompt, completion)})
+    }
+}
