@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use baseline_candle_core::{DType, Device, Tensor};
+use baseline_candle_nn::VarBuilder;
 use candle_transformers::models::qwen3_moe::{Config, ModelForCausalLM};
 
 struct Args {
