@@ -64,7 +64,7 @@ impl ServiceError for NodeError {
                 ExpertError::Candle(_)
                 | ExpertError::Inconsistent(_)
                 | ExpertError::Rejected { .. } => Code::Internal,
-                ExpertError::Node { .. } => Code::Unavailable,
+                ExpertError::Node { .. } | ExpertError::NoLiveHolder { .. } => Code::Unavailable,
             },
             NodeError::Encode(_) | NodeError::Join(_) => Code::Internal,
         }

@@ -101,9 +101,9 @@ pub(super) fn plan<N: Replica>(
             })?;
         if holders.is_empty() {
             // Possible after nodes were retired by a placement reload.
-            return Err(ExpertError::Node {
-                node: "none".into(),
+            return Err(ExpertError::NoLiveHolder {
                 layer,
+                expert: expert as usize,
                 reason: format!(
                     "no node in the cluster holds expert {expert}; add one that does (POST /admin/nodes or the placement file)"
                 ),
@@ -335,7 +335,7 @@ impl Experts for RemoteExperts {
 mod tests {
     use std::sync::Arc;
 
-    use omnishard_model::Assignment;
+    use omnishard_model::{Assignment, ExpertError};
 
     use super::{NodeShare, Replica, plan};
 
@@ -465,6 +465,17 @@ mod tests {
     fn an_expert_no_node_holds_names_the_fix() {
         let nodes = [Fake::up("a", 0, 0)];
         let err = plan(0, &[a(0, 1)], &table(&[&[0], &[]]), &nodes, &[]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ExpertError::NoLiveHolder {
+                    layer: 0,
+                    expert: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             "expert node none failed on layer 0: no node in the cluster holds expert 1; add one that does (POST /admin/nodes or the placement file)"

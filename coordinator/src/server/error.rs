@@ -132,9 +132,12 @@ impl GenerationError {
         let message = e.to_string();
         match e {
             ModelError::Experts { source, .. } => match source {
-                // A node failed, missed its deadline, or no live replica holds an expert: the
-                // cluster, not the request, is at fault, and a retry may succeed.
-                ExpertError::Node { .. } => Self::ExpertNodesUnavailable(message),
+                // A node failed or missed its deadline, no live replica of an expert is left, or
+                // no node holds the expert at all: the cluster, not the request, is at fault, and
+                // a retry may succeed.
+                ExpertError::Node { .. } | ExpertError::NoLiveHolder { .. } => {
+                    Self::ExpertNodesUnavailable(message)
+                }
                 ExpertError::UnknownLayer { .. }
                 | ExpertError::InvalidInput { .. }
                 | ExpertError::NotHeld { .. }
@@ -204,6 +207,27 @@ mod tests {
             assert_eq!(body["error"]["code"], json!(code), "{e:?}");
             assert_eq!(body["error"]["message"], json!(e.to_string()));
             assert!(body["error"]["param"].is_null());
+        }
+    }
+
+    #[test]
+    fn an_expert_no_node_holds_is_unavailable_like_a_failed_node() {
+        let cases = [
+            ExpertError::Node {
+                node: "a".into(),
+                layer: 0,
+                reason: "down".into(),
+            },
+            ExpertError::NoLiveHolder {
+                layer: 0,
+                expert: 1,
+                reason: "no node in the cluster holds expert 1".into(),
+            },
+        ];
+        for source in cases {
+            let e = GenerationError::from_forward(&ModelError::Experts { layer: 0, source });
+            assert_eq!(e.status().as_u16(), 503, "{e:?}");
+            assert_eq!(e.body()["error"]["code"], json!("expert_nodes_unavailable"));
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::mlp::SwiGlu;
 use crate::moe_cpu;
 use crate::ops::with_cpu_bf16;
+use crate::weights::Weights;
 use omnishard_proto::ModelConfig;
 
 /// Errors computing a layer's expert contribution.
@@ -36,6 +37,15 @@ pub enum ExpertError {
     Node {
         node: String,
         layer: usize,
+        reason: String,
+    },
+    /// No node in the cluster holds the expert at all (possible after a placement reload retired
+    /// its holders); [`ExpertError::Node`] is the case of holders that exist but failed. The
+    /// message keeps the wording of the `Node` error this case was once reported as.
+    #[error("expert node none failed on layer {layer}: {reason}")]
+    NoLiveHolder {
+        layer: usize,
+        expert: usize,
         reason: String,
     },
     #[error("expert node {node} refused layer {layer}: {reason}")]
@@ -134,14 +144,12 @@ impl LocalExperts {
         let mut experts: Vec<Vec<Option<SwiGlu>>> = (0..cfg.num_hidden_layers)
             .map(|_| vec![None; cfg.num_experts])
             .collect();
+        let root = Weights::new(ckpt, dtype, device);
         for (i, &(layer, expert)) in pairs.iter().enumerate() {
-            let mlp = SwiGlu::load(
-                ckpt,
-                &expert_prefix(cfg, layer, expert),
+            let mlp = SwiGlu::new(
                 cfg.hidden_size,
                 cfg.moe_intermediate_size,
-                dtype,
-                device,
+                root.pp(expert_prefix(cfg, layer, expert)),
             )?;
             experts[layer][expert] = Some(mlp);
             progress(i + 1, pairs.len());

@@ -1,7 +1,7 @@
 //! omnishard's math, shared by the `coordinator` and `expert-node` binaries so that both compute
 //! with exactly the same code: checkpoint reading, the transformer ([`model`]), the routed experts
-//! ([`experts`]), the compute backends ([`ops`]), the wire encoding of tensors ([`wire`]) and the
-//! model fingerprint. No servers and no command-line parsing live here.
+//! ([`experts`]), the compute backends ([`ops`]), the wire encoding of tensors ([`wire`]), the
+//! model fingerprint, and [`Weights`], through which every module loads its tensors. No servers and no command-line parsing live here.
 
 pub mod checkpoint;
 pub mod experts;
@@ -12,6 +12,7 @@ pub mod moe_cpu;
 pub mod ops;
 pub mod synthetic;
 pub mod usage;
+pub mod weights;
 pub mod wire;
 
 pub use checkpoint::{Checkpoint, CheckpointError, LoadFormat};
@@ -19,6 +20,7 @@ pub use experts::{Assignment, CallContext, ExpertError, Experts, LocalExperts, R
 pub use mlp::SwiGlu;
 pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
 pub use usage::ExpertUsage;
+pub use weights::Weights;
 
 /// Compute dtype of the coordinator and of the experts; both sides of a cluster must agree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! The SwiGLU feed-forward block, `down(silu(gate(x)) * up(x))` without biases: both the
-//! routed experts of an MoE layer and the dense MLP of `mlp_only_layers` use it
-//! (`Qwen3OmniMoeThinkerTextMLP` in transformers 4.57.3).
+//! routed experts of an MoE layer and the dense MLP of the layers without one (`mlp_only_layers`,
+//! `decoder_sparse_step`) use it (`Qwen3OmniMoeThinkerTextMLP` in transformers 4.57.3).
 //!
 //! In bf16 on the CPU the weights are re-laid out at load for the bandwidth-bound kernels
 //! ([`crate::moe_cpu::PackedExpert`]); elsewhere they stay candle tensors as in the checkpoint.
@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::CheckpointError;
 use crate::moe_cpu::PackedExpert;
 use crate::ops::{linear, with_cpu_bf16};
+use crate::weights::Weights;
 
 /// One SwiGLU MLP in the compute dtype.
 #[derive(Clone)]
@@ -34,27 +35,20 @@ fn load_err(name: &str) -> impl Fn(candle_core::Error) -> CheckpointError + '_ {
 }
 
 impl SwiGlu {
-    /// Loads `{prefix}.{gate_proj,up_proj,down_proj}.weight`.
-    pub fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        hidden: usize,
-        intermediate: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, CheckpointError> {
-        let w = |name: &str, shape: &[usize]| {
-            ckpt.tensor(&format!("{prefix}.{name}.weight"), shape, dtype, device)
-        };
-        let gate_proj = w("gate_proj", &[intermediate, hidden])?;
-        let up_proj = w("up_proj", &[intermediate, hidden])?;
-        let down_proj = w("down_proj", &[hidden, intermediate])?;
+    /// Loads `{gate_proj,up_proj,down_proj}.weight` of the module `w` names.
+    pub fn new(hidden: usize, intermediate: usize, w: Weights) -> Result<Self, CheckpointError> {
+        let (dtype, device) = (w.dtype(), w.device());
+        let get = |name: &str, shape: &[usize]| w.pp(name).get("weight", shape);
+        let gate_proj = get("gate_proj", &[intermediate, hidden])?;
+        let up_proj = get("up_proj", &[intermediate, hidden])?;
+        let down_proj = get("down_proj", &[hidden, intermediate])?;
         if dtype == DType::BF16 && matches!(device, Device::Cpu) {
             let flat = |t: &Tensor, name: &str| {
                 t.flatten_all()
                     .and_then(|t| t.to_vec1())
                     .map_err(load_err(name))
             };
+            let prefix = w.prefix();
             let gate = flat(&gate_proj, prefix)?;
             let up = flat(&up_proj, prefix)?;
             let down = flat(&down_proj, prefix)?;

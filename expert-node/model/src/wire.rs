@@ -25,7 +25,7 @@ pub fn candle_dtype(dtype: v1::Dtype) -> Option<DType> {
     }
 }
 
-/// Encodes a 2-D f32 or bf16 tensor.
+/// Encodes an f32 or bf16 tensor of any shape (what travels today is `[tokens, hidden]`).
 pub fn encode(t: &Tensor) -> candle_core::Result<v1::Tensor> {
     let dtype = wire_dtype(t.dtype())
         .ok_or_else(|| candle_core::Error::Msg(format!("{:?} tensors do not travel", t.dtype())))?;

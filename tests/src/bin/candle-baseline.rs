@@ -86,16 +86,14 @@ fn main() -> anyhow::Result<()> {
     let input = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
     let logits = model.forward(&input, 0)?;
     let mut next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-    let mut offset = prompt.len();
     let mut started = Instant::now();
     for step in 0..args.warmup + args.tokens {
         if step == args.warmup {
             started = Instant::now();
         }
         let input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-        let logits = model.forward(&input, offset)?;
+        let logits = model.forward(&input, prompt.len() + step)?;
         next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        offset += 1;
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(

@@ -1,0 +1,221 @@
+//! Self-attention of a decoder layer: `Qwen3OmniMoeThinkerTextAttention` (with
+//! `eager_attention_forward` and `repeat_kv`) in transformers 4.57.3. q/k/v/o projections, RMSNorm
+//! of q and k per head before RoPE (V is not normalized), grouped-query attention (query head `i`
+//! reads KV head `i / (n_heads / n_kv_heads)`), scale `1/sqrt(head_dim)`, causal mask, softmax in
+//! f32. A batch of sequences shares the projections; decode steps of several sequences attend
+//! together (`decode_attention` on the CPU in f32, a padded and masked batch elsewhere).
+
+use candle_core::{DType, Tensor};
+use omnishard_proto::ModelConfig;
+
+use super::decode_attention::decode_attention;
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::norm::RmsNorm;
+use super::rope::apply_rope;
+use super::{Result, SequenceInput};
+use crate::ops::matmul;
+use crate::weights::Weights;
+
+pub(super) struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads `{q,k,v,o}_proj` and `{q,k}_norm` of the module `w` names (`…layers.{l}.self_attn`).
+    pub(super) fn new(cfg: &ModelConfig, w: Weights) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let bias = cfg.attention_bias;
+        let eps = cfg.rms_norm_eps;
+        Ok(Self {
+            q_proj: Linear::new(h, nq * hd, bias, w.pp("q_proj"))?,
+            k_proj: Linear::new(h, nkv * hd, bias, w.pp("k_proj"))?,
+            v_proj: Linear::new(h, nkv * hd, bias, w.pp("v_proj"))?,
+            o_proj: Linear::new(nq * hd, h, bias, w.pp("o_proj"))?,
+            q_norm: RmsNorm::new(hd, eps, w.pp("q_norm"))?,
+            k_norm: RmsNorm::new(hd, eps, w.pp("k_norm"))?,
+            n_heads: nq,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// A batch of sequences: `xs` `[tokens, hidden]` (normed), the sequences' tokens one after
+    /// another; `cos`/`sin` `[tokens, head_dim]`. Projections, norms and RoPE run once over the
+    /// whole batch; only the attention itself runs per sequence, against its own cache.
+    pub(super) fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SequenceInput<'_>],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (n, _) = xs.dims2()?;
+        let hd = self.head_dim;
+        let split = |t: Tensor, heads: usize| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?) };
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let q = self
+            .q_norm
+            .forward(&split(self.q_proj.forward(xs)?, self.n_heads)?)?;
+        let q = apply_rope(&q, &cos, &sin)?;
+        let k = self
+            .k_norm
+            .forward(&split(self.k_proj.forward(xs)?, self.n_kv_heads)?)?;
+        let k = apply_rope(&k, &cos, &sin)?;
+        let v = split(self.v_proj.forward(xs)?, self.n_kv_heads)?;
+        // Decode steps (one new token after a non-empty cache) of several sequences are
+        // attended together; prompts and chunks go one sequence at a time.
+        let decoding: Vec<bool> = seqs
+            .iter()
+            .map(|seq| seq.tokens.len() == 1 && seq.cache.seq_len() > 0)
+            .collect();
+        let batched = decoding.iter().filter(|d| **d).count() >= 2;
+        let mut outs: Vec<Option<Tensor>> = vec![None; seqs.len()];
+        let mut decode_rows = Vec::new();
+        let mut start = 0;
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            let s = seq.tokens.len();
+            if batched && decoding[i] {
+                decode_rows.push((i, start));
+            } else {
+                let heads_first = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(0, start, s)?.transpose(0, 1)?.contiguous()?)
+                };
+                outs[i] = Some(self.attend(
+                    &heads_first(&q)?,
+                    heads_first(&k)?,
+                    heads_first(&v)?,
+                    seq.cache,
+                    layer,
+                )?);
+            }
+            start += s;
+        }
+        if !decode_rows.is_empty() {
+            let ys = self.attend_decode_batch(&q, &k, &v, seqs, &decode_rows, layer)?;
+            for (b, &(i, _)) in decode_rows.iter().enumerate() {
+                outs[i] = Some(ys.narrow(0, b, 1)?);
+            }
+        }
+        let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
+        self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// One decode step of several sequences at once: each query row attends to its own cache,
+    /// padded with zeros to the longest and masked there. Returns `[sequences, heads * d]`.
+    fn attend_decode_batch(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [SequenceInput<'_>],
+        rows: &[(usize, usize)],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let hd = self.head_dim;
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut values = Vec::with_capacity(rows.len());
+        let mut lens = Vec::with_capacity(rows.len());
+        for &(i, row) in rows {
+            // One row [1, kv_heads, d] is [kv_heads, 1, d] in memory already: a view, no copy.
+            let new = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.narrow(0, row, 1)?.reshape((self.n_kv_heads, 1, hd))?)
+            };
+            let (kc, vc) = seqs[i].cache.append(layer, new(k)?, new(v)?)?;
+            lens.push(kc.dim(1)?);
+            keys.push(kc);
+            values.push(vc);
+        }
+        let b = rows.len();
+        let idx: Vec<u32> = rows.iter().map(|&(_, row)| row as u32).collect();
+        let q = q.index_select(&Tensor::from_vec(idx, b, q.device())?, 0)?;
+        if let Some(out) = decode_attention(&q, &keys, &values, self.n_kv_heads)? {
+            return Ok(out);
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let pad = |ts: Vec<Tensor>| -> Result<Tensor> {
+            let padded = ts
+                .into_iter()
+                .zip(&lens)
+                .map(|(t, &len)| t.pad_with_zeros(1, 0, longest - len))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&padded, 0)?)
+        };
+        let (keys, values) = (pad(keys)?, pad(values)?);
+        let groups = self.n_heads / self.n_kv_heads;
+        // Query head h uses KV head h / groups: view the queries as [b, kv_heads, groups, d]
+        // instead of copying every key and value `groups` times.
+        let q = q.reshape((b, self.n_kv_heads, groups, hd))?;
+        let scores =
+            (matmul(&q, &keys.transpose(2, 3)?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
+        let mask: Vec<f32> = lens
+            .iter()
+            .flat_map(|&len| {
+                (0..longest).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, longest), q.device())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?.to_dtype(q.dtype())?;
+        Ok(matmul(&probs, &values)?.reshape((b, self.n_heads * hd))?)
+    }
+
+    /// Causal attention of one sequence's new queries `[heads, s, d]` over its cache plus the
+    /// new keys and values `[kv_heads, s, d]`; returns `[s, heads * d]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (_, s, hd) = q.dims3()?;
+        let past = cache.seq_len();
+        let (k, v) = cache.append(layer, k, v)?;
+        let total = past + s;
+        let groups = self.n_heads / self.n_kv_heads;
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            if groups == 1 {
+                return Ok(t);
+            }
+            Ok(t.unsqueeze(1)?
+                .expand((self.n_kv_heads, groups, total, hd))?
+                .reshape((self.n_heads, total, hd))?)
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scores = (matmul(q, &k.t()?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
+        // Query i sits at absolute index past + i and sees keys 0..=past + i; a single query
+        // (a decode step) sees everything.
+        let scores = if s == 1 {
+            scores
+        } else {
+            let mask: Vec<f32> = (0..s)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j <= past + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            scores.broadcast_add(&Tensor::from_vec(mask, (s, total), q.device())?)?
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        Ok(matmul(&probs, &v)?
+            .transpose(0, 1)?
+            .reshape((s, self.n_heads * hd))?)
+    }
+}

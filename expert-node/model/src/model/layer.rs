@@ -1,0 +1,94 @@
+//! One pre-norm decoder layer: `Qwen3OmniMoeThinkerTextDecoderLayer` in transformers 4.57.3.
+//! `h = x + self_attn(input_layernorm(x))`, then `y = h + mlp(post_attention_layernorm(h))`,
+//! residual adds in the compute dtype. The MLP is the sparse MoE block
+//! (`Qwen3OmniMoeThinkerTextSparseMoeBlock`: our [`Router`] here, the routed experts behind
+//! [`Experts`]) or, for `mlp_only_layers` and off the `decoder_sparse_step`, a dense
+//! `Qwen3OmniMoeThinkerTextMLP` ([`SwiGlu`]).
+
+use candle_core::Tensor;
+use omnishard_proto::ModelConfig;
+
+use super::attention::Attention;
+use super::norm::RmsNorm;
+use super::router::Router;
+use super::{ModelError, Result, SequenceInput};
+use crate::usage::ExpertUsage;
+use crate::weights::Weights;
+use crate::{CallContext, Experts, SwiGlu};
+
+enum Mlp {
+    Dense(SwiGlu),
+    Moe(Router),
+}
+
+/// What an MoE layer needs beyond its own weights: the routed experts, the usage counters they
+/// feed, and the requests the pass works for.
+pub(super) struct RoutedExperts<'a> {
+    pub experts: &'a dyn Experts,
+    pub usage: &'a ExpertUsage,
+    pub ctx: &'a CallContext,
+}
+
+pub(super) struct DecoderLayer {
+    layer_idx: usize,
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Loads layer `layer_idx` from the module `w` names (`…model.layers.{layer_idx}`). `masked`
+    /// lists the (layer, expert) pairs no node serves, masked out of the router.
+    pub(super) fn new(
+        cfg: &ModelConfig,
+        layer_idx: usize,
+        masked: &[(usize, usize)],
+        w: Weights,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let eps = cfg.rms_norm_eps;
+        let mlp = if cfg.is_moe_layer(layer_idx) {
+            Mlp::Moe(Router::new(cfg, layer_idx, masked, w.pp("mlp.gate"))?)
+        } else {
+            let inter = cfg.intermediate_size.unwrap_or(0);
+            Mlp::Dense(SwiGlu::new(h, inter, w.pp("mlp"))?)
+        };
+        Ok(Self {
+            layer_idx,
+            input_layernorm: RmsNorm::new(h, eps, w.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, w.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(h, eps, w.pp("post_attention_layernorm"))?,
+            mlp,
+        })
+    }
+
+    /// `xs`: `[tokens, hidden]`, the batch's sequences one after another; `cos`/`sin`
+    /// `[tokens, head_dim]`. Appends this layer's keys and values to each sequence's cache.
+    pub(super) fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batch: &mut [SequenceInput<'_>],
+        routed: &RoutedExperts<'_>,
+    ) -> Result<Tensor> {
+        let l = self.layer_idx;
+        let normed = self.input_layernorm.forward(xs)?;
+        let attn = self.self_attn.forward(&normed, cos, sin, batch, l)?;
+        let h = (xs + attn)?;
+        let normed = self.post_attention_layernorm.forward(&h)?;
+        let mlp_out = match &self.mlp {
+            Mlp::Dense(mlp) => mlp.forward(&normed)?,
+            Mlp::Moe(router) => {
+                let routing = router.route(&normed)?;
+                routed.usage.record(l, &routing.ids);
+                routed
+                    .experts
+                    .forward(l, &normed, &routing, routed.ctx)
+                    .map_err(|source| ModelError::Experts { layer: l, source })?
+            }
+        };
+        Ok((h + mlp_out)?)
+    }
+}
