@@ -478,7 +478,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "expert node none failed on layer 0: no node in the cluster holds expert 1; add one that does (POST /admin/nodes or the placement file)"
+            "layer 0: expert 1 has no live node: no node in the cluster holds expert 1; add one that does (POST /admin/nodes or the placement file)"
         );
         // Beyond the table: not held.
         let err = plan(0, &[a(0, 9)], &table(&[&[0]]), &nodes, &[]).unwrap_err();

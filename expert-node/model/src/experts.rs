@@ -42,7 +42,7 @@ pub enum ExpertError {
     /// No node in the cluster holds the expert at all (possible after a placement reload retired
     /// its holders); [`ExpertError::Node`] is the case of holders that exist but failed. The
     /// message keeps the wording of the `Node` error this case was once reported as.
-    #[error("expert node none failed on layer {layer}: {reason}")]
+    #[error("layer {layer}: expert {expert} has no live node: {reason}")]
     NoLiveHolder {
         layer: usize,
         expert: usize,
