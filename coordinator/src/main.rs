@@ -46,44 +46,12 @@ enum Command {
     Cluster(ClusterArgs),
     /// Write a placement file for N nodes, balanced by bytes and, with --stats, by expected
     /// load, replicating the most-used experts.
-    Plan(PlanArgs),
+    Plan(omnishard_coordinator::plan::command::PlanArgs),
     /// Write a random-weight checkpoint with a real model's dimensions (for benchmarks).
     Synth(omnishard_coordinator::synth::SynthArgs),
     /// Measure decode, prefill, RPC overhead, clusters and peers at the real model's size; prints
     /// a table and, last, one JSON line (see BENCHMARKS.md).
     Bench(omnishard_coordinator::bench::BenchArgs),
-}
-
-#[derive(Args)]
-struct PlanArgs {
-    /// Checkpoint directory (default: the demo model).
-    #[arg(long, env = "OMNISHARD_MODEL")]
-    model: Option<PathBuf>,
-    /// Number of expert nodes.
-    #[arg(long = "nodes", env = "OMNISHARD_PLAN_NODES", value_parser = clap::value_parser!(u32).range(1..=4096))]
-    count: u32,
-    /// Most copies of any one expert (default: 2 with --stats, else 1).
-    #[arg(long, env = "OMNISHARD_PLAN_REPLICAS")]
-    replicas: Option<usize>,
-    /// Memory for expert weights per node, e.g. 64GiB (default: unlimited).
-    #[arg(long, env = "OMNISHARD_PLAN_MEMORY_PER_NODE", value_parser = parse_size)]
-    memory_per_node: Option<u64>,
-    /// Usage statistics as saved from GET /v1/stats; without it every expert counts the same.
-    #[arg(long, env = "OMNISHARD_PLAN_STATS")]
-    stats: Option<PathBuf>,
-    /// Compute dtype the nodes will use (sets the bytes per expert).
-    #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
-    dtype: ComputeDtype,
-    /// Node addresses (host:port,...), one per node (default: 127.0.0.1:50051, :50052, ...).
-    #[arg(long, env = "OMNISHARD_PLAN_ADDRESSES", value_delimiter = ',')]
-    addresses: Vec<String>,
-    /// Where to write the placement file.
-    #[arg(long, env = "OMNISHARD_PLAN_OUT")]
-    out: PathBuf,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    omnishard_coordinator::plan::parse_bytes(s)
 }
 
 #[derive(Args)]
@@ -403,65 +371,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(serve::launch(engine, metrics, settings, args.listen)?)
 }
 
-fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    let dir = &model_or_demo(args.model.as_deref())?;
-    let cfg = ModelConfig::from_model_dir(dir)?;
-    let n = args.count as usize;
-    let load = match &args.stats {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()))?;
-            Some(omnishard_coordinator::plan::load_from_stats(&json).map_err(anyhow::Error::msg)?)
-        }
-        None => None,
-    };
-    let addresses: Vec<String> = if args.addresses.is_empty() {
-        (0..n).map(|i| format!("127.0.0.1:{}", 50051 + i)).collect()
-    } else if args.addresses.len() == n {
-        args.addresses.clone()
-    } else {
-        bail!(
-            "--addresses has {} entries for --nodes {n}",
-            args.addresses.len()
-        );
-    };
-    let dtype_bytes = args.dtype.dtype().size_in_bytes() as u64;
-    let request = omnishard_coordinator::plan::PlanRequest {
-        nodes: n,
-        max_replicas: args.replicas.unwrap_or(if load.is_some() { 2 } else { 1 }),
-        memory_per_node: args.memory_per_node,
-        expert_bytes: 3 * (cfg.hidden_size * cfg.moe_intermediate_size) as u64 * dtype_bytes,
-        load,
-        tolerance: 0.05,
-    };
-    let plan = omnishard_coordinator::plan::plan(&cfg, &request)?;
-    std::fs::write(&args.out, plan.to_toml(&addresses))
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    // Read it back as the nodes will, so a plan that does not parse is never left behind.
-    Placement::from_file(&args.out, &cfg)?;
-    let (max, mean) = plan.load_spread();
-    let replicated = plan.copies.values().filter(|&&c| c > 1).count();
-    eprintln!(
-        "wrote {}: {n} nodes, {} experts ({} with replicas), expected load max/mean {:.3}",
-        args.out.display(),
-        plan.copies.len(),
-        replicated,
-        if mean > 0.0 { max / mean } else { 1.0 }
-    );
-    for (i, node) in plan.nodes.iter().enumerate() {
-        eprintln!(
-            "  node-{i} {}: {} experts, {} MiB, expected load {:.1}",
-            addresses[i],
-            node.pairs.len(),
-            node.bytes >> 20,
-            node.load
-        );
-    }
-    Ok(())
-}
-
 fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let bin = match args.expert_node_bin {
         Some(bin) => bin,
@@ -531,7 +440,10 @@ fn main() -> anyhow::Result<()> {
         Command::Score(args) => score(args),
         Command::Serve(args) => serve(args),
         Command::Cluster(args) => cluster(args),
-        Command::Plan(args) => plan(args),
+        Command::Plan(mut args) => {
+            args.model = Some(model_or_demo(args.model.as_deref())?);
+            omnishard_coordinator::plan::command::run(&args).map_err(Into::into)
+        }
         Command::Bench(args) => omnishard_coordinator::bench::run(&args).map(|_| ()),
         Command::Synth(args) => omnishard_coordinator::synth::run(&args)
             .map(|_| ())

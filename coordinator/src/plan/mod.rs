@@ -9,6 +9,8 @@
 //! than `tolerance` over the mean, the hottest expert on it gets one more copy, up to
 //! `max_replicas` and the memory budget.
 
+pub mod command;
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
