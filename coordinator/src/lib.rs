@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod engine;
+pub mod error;
 pub mod metrics;
 pub mod plan;
 pub mod remote;

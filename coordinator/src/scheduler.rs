@@ -22,9 +22,9 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::Engine;
+use crate::error::GenerationError;
 use crate::metrics::Metrics;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::server::GenerationError;
 use omnishard_model::CallContext;
 use omnishard_model::model::{KvCache, LogitsFor, Positions, SequenceInput};
 
@@ -384,4 +384,13 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
         }
     }
     active.retain(|s| !s.done);
+}
+
+impl From<SubmitError> for GenerationError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull => Self::QueueFull,
+            SubmitError::Stopped { reason } => Self::SchedulerStopped { reason },
+        }
+    }
 }

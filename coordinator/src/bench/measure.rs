@@ -93,28 +93,36 @@ pub fn prefill_tok_s(engine: &Engine, len: usize, rounds: usize) -> Result<f64, 
     Ok(len as f64 / best)
 }
 
-/// Per-call latencies in microseconds of `experts` on one decode token of `layer` (random
-/// hidden state, top-k random distinct experts), `calls` calls after 3 untimed ones.
-pub fn layer_call_us(
-    experts: &dyn Experts,
+/// Per-call latencies in microseconds of `a` and `b` on one decode token of `layer` (random
+/// hidden state, top-k random distinct experts), in pairs: each pair calls both with the same
+/// routing, in alternating order, so load drift on a shared machine hits both alike and the
+/// per-pair difference isolates what `b` adds. `calls` pairs after 3 untimed ones.
+pub fn paired_layer_calls_us(
+    a: &dyn Experts,
+    b: &dyn Experts,
     layer: usize,
-    hidden: usize,
-    num_experts: usize,
-    top_k: usize,
+    cfg: &omnishard_proto::ModelConfig,
     dtype: DType,
     calls: usize,
-) -> Result<Vec<f64>, EngineError> {
+) -> Result<(Vec<f64>, Vec<f64>), EngineError> {
+    let (hidden, top_k) = (cfg.hidden_size, cfg.num_experts_per_tok);
     let mut rng = StdRng::seed_from_u64(layer as u64);
     let xs: Vec<f32> = (0..hidden).map(|_| rng.random_range(-1.0..1.0)).collect();
     let xs = Tensor::from_vec(xs, (1, hidden), &Device::Cpu)
         .and_then(|t| t.to_dtype(dtype))
         .map_err(omnishard_model::ModelError::from)?;
-    let mut ids: Vec<u32> = (0..num_experts as u32).collect();
+    let mut ids: Vec<u32> = (0..cfg.num_experts as u32).collect();
     let ctx = CallContext::default();
-    let mut out = Vec::with_capacity(calls);
+    let time = |experts: &dyn Experts, routing: &Routing| -> Result<f64, EngineError> {
+        let started = Instant::now();
+        experts
+            .forward(layer, &xs, routing, &ctx)
+            .map_err(|source| omnishard_model::ModelError::Experts { layer, source })?;
+        Ok(started.elapsed().as_secs_f64() * 1e6)
+    };
+    let (mut ta, mut tb) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
     for call in 0..calls + 3 {
-        // A fresh choice of experts each call, so no call reads weights another left in cache
-        // any more than real decoding would.
+        // A fresh choice of experts each pair, as real decoding makes.
         for i in 0..top_k {
             let j = rng.random_range(i..ids.len());
             ids.swap(i, j);
@@ -124,15 +132,19 @@ pub fn layer_call_us(
             ids: ids[..top_k].to_vec(),
             weights: vec![1.0 / top_k as f32; top_k],
         };
-        let started = Instant::now();
-        experts
-            .forward(layer, &xs, &routing, &ctx)
-            .map_err(|source| omnishard_model::ModelError::Experts { layer, source })?;
+        let (x, y) = if call % 2 == 0 {
+            let x = time(a, &routing)?;
+            (x, time(b, &routing)?)
+        } else {
+            let y = time(b, &routing)?;
+            (time(a, &routing)?, y)
+        };
         if call >= 3 {
-            out.push(started.elapsed().as_secs_f64() * 1e6);
+            ta.push(x);
+            tb.push(y);
         }
     }
-    Ok(out)
+    Ok((ta, tb))
 }
 
 pub fn median(values: &[f64]) -> f64 {

@@ -249,25 +249,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         |_, _| {},
     )?;
     let layer = cfg.moe_layers().first().copied().unwrap_or(0);
-    let call = |experts: &dyn omnishard_model::Experts| {
-        measure::layer_call_us(
-            experts,
-            layer,
-            cfg.hidden_size,
-            cfg.num_experts,
-            cfg.num_experts_per_tok,
-            args.dtype.dtype(),
-            sizes.rpc_calls / 2,
-        )
-    };
-    // Interleaved halves, so drift in the machine's load hits both alike.
-    let mut local_us = call(&local)?;
-    let mut remote_us = call(&remote)?;
-    local_us.extend(call(&local)?);
-    remote_us.extend(call(&remote)?);
+    let (local_us, remote_us) = measure::paired_layer_calls_us(
+        &local,
+        &remote,
+        layer,
+        &cfg,
+        args.dtype.dtype(),
+        sizes.rpc_calls,
+    )?;
     drop(local);
     drop(remote);
-    let overhead_us = measure::median(&remote_us) - measure::median(&local_us);
+    let differences: Vec<f64> = remote_us
+        .iter()
+        .zip(&local_us)
+        .map(|(r, l)| r - l)
+        .collect();
+    let overhead_us = measure::median(&differences);
 
     stage(5, "expert-node clusters");
     let mut clusters = Vec::new();

@@ -10,7 +10,6 @@
 
 mod admin;
 mod completions;
-mod error;
 mod stream;
 mod types;
 mod validate;
@@ -26,7 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-pub use error::GenerationError;
+pub use crate::error::GenerationError;
 pub use validate::{
     MAX_REQUEST_ID_LEN, REQUEST_ID_HEADER, RequestLimits, client_request_id, validate_body,
 };

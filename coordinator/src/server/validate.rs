@@ -6,8 +6,8 @@
 use axum::http::HeaderMap;
 use serde_json::Value;
 
-use super::error::GenerationError;
 use super::types::{CompletionBody, Content, Kind, Message, Prompt, Stop};
+use crate::error::GenerationError;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, TextTokenizer, chatml};
 

@@ -9,8 +9,6 @@ use axum::response::{IntoResponse, Response};
 use omnishard_model::{ExpertError, ModelError};
 use serde_json::{Value, json};
 
-use crate::scheduler::SubmitError;
-
 /// Why a request got no (or only part of a) completion.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GenerationError {
@@ -149,15 +147,6 @@ impl GenerationError {
             ModelError::Checkpoint(_) | ModelError::Input(_) | ModelError::Candle(_) => {
                 Self::ForwardFailed(message)
             }
-        }
-    }
-}
-
-impl From<SubmitError> for GenerationError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::QueueFull => Self::QueueFull,
-            SubmitError::Stopped { reason } => Self::SchedulerStopped { reason },
         }
     }
 }
