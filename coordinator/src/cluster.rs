@@ -91,9 +91,6 @@ impl LocalCluster {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
-            if std::env::var_os("RUST_LOG").is_none() {
-                cmd.env("RUST_LOG", "warn");
-            }
             die_with_parent(&mut cmd);
             let mut child = cmd.spawn().map_err(|source| LocalClusterError::Spawn {
                 bin: bin.to_path_buf(),
