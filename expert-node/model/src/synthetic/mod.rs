@@ -312,6 +312,53 @@ mod tests {
         assert_eq!(norm, [0x80, 0x3f].repeat(3));
     }
 
+    /// `--load-format dummy` and a written checkpoint are the same bits, tensor by tensor.
+    #[test]
+    fn written_checkpoint_equals_dummy_weights() {
+        let mut config = config_json(Preset::Qwen3Omni30bA3b, 2, 4);
+        let text = &mut config["thinker_config"]["text_config"];
+        for (key, value) in [
+            ("hidden_size", 32),
+            ("head_dim", 8),
+            ("num_attention_heads", 4),
+            ("num_key_value_heads", 2),
+            ("moe_intermediate_size", 16),
+            ("intermediate_size", 16),
+            ("vocab_size", 50),
+        ] {
+            text[key] = value.into();
+        }
+        text["rope_scaling"]["mrope_section"] = serde_json::json!([2, 1, 1]);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_checkpoint(dir.path(), &config, WeightDtype::Bf16, 3, |_, _| {}).unwrap();
+        let files = crate::Checkpoint::open(dir.path()).unwrap();
+        let dummy = crate::Checkpoint::dummy(&cfg, 3);
+        let other_seed = crate::Checkpoint::dummy(&cfg, 4);
+        let device = candle_core::Device::Cpu;
+        let specs = tensor_specs(&cfg);
+        assert_eq!(files.tensor_names().count(), specs.len());
+        let bytes = |c: &crate::Checkpoint, name: &str, shape: &[usize]| {
+            let t = c
+                .tensor(name, shape, candle_core::DType::F32, &device)
+                .unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let mut differs = false;
+        for (name, shape) in &specs {
+            assert_eq!(
+                bytes(&files, name, shape),
+                bytes(&dummy, name, shape),
+                "{name}"
+            );
+            differs |= bytes(&other_seed, name, shape) != bytes(&dummy, name, shape);
+        }
+        assert!(differs, "the seed changes the weights");
+        assert_eq!(
+            crate::fingerprint::fingerprint(&cfg, &files).unwrap(),
+            crate::fingerprint::fingerprint(&cfg, &dummy).unwrap()
+        );
+    }
+
     #[test]
     fn specs_name_every_tensor_of_both_presets() {
         for preset in [Preset::Qwen3_30bA3b, Preset::Qwen3Omni30bA3b] {
