@@ -47,23 +47,23 @@ pub struct BenchArgs {
     #[arg(long, default_value = "qwen3-30b-a3b")]
     pub preset: Preset,
     /// Decoder layers of the synthetic model (the real ones have 48; ~1.2 GB each in bf16).
-    #[arg(long, default_value_t = 2)]
-    pub layers: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub layers: u32,
     /// Experts per layer of the synthetic model.
-    #[arg(long, default_value_t = 128)]
-    pub experts: usize,
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub experts: u32,
     /// Compute dtype, f32 or bf16.
     #[arg(long, default_value = "bf16")]
     pub dtype: ComputeDtype,
     /// Threads of this process's pool (and of each peer); default: the machine's cores.
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
     /// Fewer tokens and calls: every key in a few minutes.
     #[arg(long)]
     pub quick: bool,
     /// Expert-node counts of the cluster stage.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
-    pub nodes: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub nodes: Vec<u32>,
 }
 
 /// How much of each measurement a run does.
@@ -119,6 +119,7 @@ fn active_bytes_per_token(cfg: &ModelConfig, dtype: ComputeDtype) -> f64 {
 pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let threads = args
         .threads
+        .map(|t| t as usize)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // One pool for everything this process computes; set before any parallel work.
     if let Err(e) = rayon::ThreadPoolBuilder::new()
@@ -153,7 +154,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         Some(dir) => dir.clone(),
         None => {
             let dir = scratch.path().join("model");
-            let config = synthetic::config_json(args.preset, args.layers, args.experts);
+            let config =
+                synthetic::config_json(args.preset, args.layers as usize, args.experts as usize);
             match args.load_format {
                 LoadFormat::Dummy => {
                     synthetic::write_config(&dir, &config)?;
@@ -269,7 +271,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     stage(5, "expert-node clusters");
     let mut clusters = Vec::new();
     let mut first = Some(one);
-    for &count in &args.nodes {
+    for count in args.nodes.iter().map(|&n| n as usize) {
         let nodes = match first.take() {
             Some(one) if count == 1 => one,
             _ => start_nodes(count)?,

@@ -89,6 +89,18 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// (job, first row) of every block of `block` rows of each job's `extent`: one task each.
+fn block_tasks(
+    jobs: &[ExpertJob<'_>],
+    extent: impl Fn(&ExpertJob<'_>) -> usize,
+    block: usize,
+) -> Vec<(usize, usize)> {
+    jobs.iter()
+        .enumerate()
+        .flat_map(|(j, job)| (0..extent(job)).step_by(block).map(move |r| (j, r)))
+        .collect()
+}
+
 /// Computes every job and writes `weight * expert(x)` for each job's rows, job after job, into
 /// `out` (`[sum of m, hidden]`, bf16).
 pub fn run(jobs: &[ExpertJob<'_>], out: &mut [bf16]) {
@@ -98,15 +110,7 @@ pub fn run(jobs: &[ExpertJob<'_>], out: &mut [bf16]) {
     };
     assert_eq!(out.len(), total * hidden, "output buffer size");
     // Phase 1: silu(gate) * up for every (expert, block of intermediate columns).
-    let tasks: Vec<(usize, usize)> = jobs
-        .iter()
-        .enumerate()
-        .flat_map(|(j, job)| {
-            (0..job.expert.inter)
-                .step_by(GATE_UP_ROWS)
-                .map(move |c| (j, c))
-        })
-        .collect();
+    let tasks = block_tasks(jobs, |job| job.expert.inter, GATE_UP_ROWS);
     let pieces: Vec<Vec<bf16>> = tasks
         .par_iter()
         .map(|&(j, start)| {
@@ -143,11 +147,7 @@ pub fn run(jobs: &[ExpertJob<'_>], out: &mut [bf16]) {
     }
     // Phase 2: down projection, rounded, times the routing weight, for every (expert, block of
     // hidden rows).
-    let tasks: Vec<(usize, usize)> = jobs
-        .iter()
-        .enumerate()
-        .flat_map(|(j, _)| (0..hidden).step_by(DOWN_ROWS).map(move |r| (j, r)))
-        .collect();
+    let tasks = block_tasks(jobs, |job| job.expert.hidden, DOWN_ROWS);
     let pieces: Vec<Vec<bf16>> = tasks
         .par_iter()
         .map(|&(j, start)| {
