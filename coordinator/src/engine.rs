@@ -33,11 +33,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads the whole model in this process, experts included.
-    pub fn load_local(dir: &Path, dtype: ComputeDtype) -> Result<Self, EngineError> {
+    /// Loads the whole model in this process, experts included, onto `device`.
+    pub fn load_local(
+        dir: &Path,
+        dtype: ComputeDtype,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
         let cfg = ModelConfig::from_model_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::load_local_from(&ckpt, &cfg, dtype)
+        Self::load_local_from(&ckpt, &cfg, dtype, device)
     }
 
     /// [`Engine::load_local`] from an open checkpoint (files or dummy weights).
@@ -45,16 +49,16 @@ impl Engine {
         ckpt: &Checkpoint,
         cfg: &ModelConfig,
         dtype: ComputeDtype,
+        device: &Device,
     ) -> Result<Self, EngineError> {
-        let device = Device::Cpu;
         let pairs = cfg.expert_pairs();
         let experts =
-            LocalExperts::load(ckpt, cfg, &pairs, dtype.dtype(), &device, |done, total| {
+            LocalExperts::load(ckpt, cfg, &pairs, dtype.dtype(), device, |done, total| {
                 if done % 256 == 0 || done == total {
                     tracing::info!(done, total, "experts loaded");
                 }
             })?;
-        Self::with_experts(ckpt, cfg, dtype, Arc::new(experts), &[])
+        Self::with_experts(ckpt, cfg, dtype, device, Arc::new(experts), &[])
     }
 
     /// Loads the dense part of the model and connects to expert nodes at `addresses` for the
@@ -62,13 +66,14 @@ impl Engine {
     pub fn load_remote(
         dir: &Path,
         dtype: ComputeDtype,
+        device: &Device,
         addresses: &[String],
         opts: RemoteOptions,
         allow_missing: bool,
     ) -> Result<Self, EngineError> {
         let cfg = ModelConfig::from_model_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::load_remote_from(&ckpt, &cfg, dtype, addresses, opts, allow_missing)
+        Self::load_remote_from(&ckpt, &cfg, dtype, device, addresses, opts, allow_missing)
     }
 
     /// [`Engine::load_remote`] from an open checkpoint (files or dummy weights).
@@ -76,6 +81,7 @@ impl Engine {
         ckpt: &Checkpoint,
         cfg: &ModelConfig,
         dtype: ComputeDtype,
+        device: &Device,
         addresses: &[String],
         opts: RemoteOptions,
         allow_missing: bool,
@@ -84,7 +90,7 @@ impl Engine {
         let (experts, masked) =
             RemoteExperts::connect(addresses, cfg, &fp, dtype.dtype(), opts, allow_missing)?;
         let experts = Arc::new(experts);
-        let mut engine = Self::with_experts(ckpt, cfg, dtype, experts.clone(), &masked)?;
+        let mut engine = Self::with_experts(ckpt, cfg, dtype, device, experts.clone(), &masked)?;
         engine.remote = Some(experts);
         Ok(engine)
     }
@@ -95,10 +101,11 @@ impl Engine {
         ckpt: &Checkpoint,
         cfg: &ModelConfig,
         dtype: ComputeDtype,
+        device: &Device,
         experts: Arc<dyn Experts>,
         masked: &[(usize, usize)],
     ) -> Result<Self, EngineError> {
-        let model = Model::load(ckpt, cfg, dtype.dtype(), &Device::Cpu, experts, masked)?;
+        let model = Model::load(ckpt, cfg, dtype.dtype(), device, experts, masked)?;
         Ok(Self {
             model,
             remote: None,

@@ -18,7 +18,7 @@ use omnishard_coordinator::{
     ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
     TextTokenizer, tokenizer::chatml,
 };
-use omnishard_model::{Checkpoint, LoadFormat};
+use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
 use omnishard_proto::placement::Placement;
 use omnishard_proto::{ModelConfig, defaults};
 
@@ -91,6 +91,11 @@ struct ModelArgs {
     /// use the same.
     #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
+    /// Where this process computes: `cpu`, or `cuda` / `cuda:N` for a GPU (a build with the
+    /// `cuda` feature): embeddings, attention and its KV cache, routers, lm_head and sampling,
+    /// and the experts when they run in this process.
+    #[arg(long, env = "OMNISHARD_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
     /// Where the weights come from: `auto` reads the checkpoint's safetensors; `dummy` makes
     /// random weights of config.json's shapes in memory from --weights-seed (benchmarks at the real size
     /// without the checkpoint; expert nodes must use the same --load-format and --weights-seed).
@@ -156,11 +161,12 @@ impl ModelArgs {
         };
         let cfg = ModelConfig::from_model_dir(dir)?;
         let ckpt = Checkpoint::load(dir, &cfg, self.load_format, self.weights_seed)?;
+        let device = self.device.open()?;
         if addresses.is_empty() {
             if self.allow_missing_experts {
                 bail!("--allow-missing-experts needs --nodes or --placement");
             }
-            return Ok(Engine::load_local_from(&ckpt, &cfg, self.dtype)?);
+            return Ok(Engine::load_local_from(&ckpt, &cfg, self.dtype, &device)?);
         }
         let opts = RemoteOptions {
             rpc_timeout: Duration::from_millis(self.rpc_timeout_ms.max(1)),
@@ -173,6 +179,7 @@ impl ModelArgs {
             &ckpt,
             &cfg,
             self.dtype,
+            &device,
             &addresses,
             opts,
             self.allow_missing_experts,

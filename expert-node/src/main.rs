@@ -7,10 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use clap::Parser;
 use omnishard_expert::{NodeState, load_experts, serve};
-use omnishard_model::{Checkpoint, ComputeDtype, LoadFormat, fingerprint::fingerprint};
+use omnishard_model::{Checkpoint, ComputeDtype, DeviceSpec, LoadFormat, fingerprint::fingerprint};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::defaults;
 use omnishard_proto::placement::{Placement, parse_shard, shard_pairs};
@@ -43,6 +42,11 @@ struct Cli {
     /// Compute dtype, f32 or bf16; must match the coordinator's.
     #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
+    /// Where the experts are held and computed: `cpu`, or `cuda` / `cuda:N` for a GPU (a build
+    /// with the `cuda` feature). In bf16 on a GPU the fused MoE kernels run; hidden states are
+    /// copied to and from the GPU at the gRPC boundary.
+    #[arg(long, env = "OMNISHARD_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
     /// Where the weights come from: `auto` reads the checkpoint's safetensors; `dummy` makes
     /// random weights of config.json's shapes from --weights-seed (must match the coordinator's).
     #[arg(long, env = "OMNISHARD_LOAD_FORMAT", default_value = "auto")]
@@ -125,11 +129,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let ckpt = Checkpoint::load(&model, &cfg, cli.load_format, cli.weights_seed)?;
     let dtype = cli.dtype.dtype();
+    let device = cli.device.open()?;
     let state = Arc::new(NodeState::new(
         name.clone(),
         fingerprint(&cfg, &ckpt)?,
         dtype,
-        Device::Cpu,
+        device.clone(),
     ));
 
     let listener = tokio::net::TcpListener::bind(cli.listen)
@@ -148,9 +153,9 @@ async fn main() -> anyhow::Result<()> {
         shutdown_signal(),
     ));
 
-    tracing::info!(node = %name, %addr, experts = pairs.len(), dtype = %cli.dtype, "loading experts");
+    tracing::info!(node = %name, %addr, experts = pairs.len(), dtype = %cli.dtype, device = %cli.device, "loading experts");
     let experts =
-        tokio::task::spawn_blocking(move || load_experts(&ckpt, &cfg, &pairs, dtype, &Device::Cpu));
+        tokio::task::spawn_blocking(move || load_experts(&ckpt, &cfg, &pairs, dtype, &device));
     let experts = tokio::select! {
         loaded = experts => loaded??,
         served = &mut server => {

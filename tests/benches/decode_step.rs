@@ -3,13 +3,14 @@
 //!
 //! Run: `cargo bench -p omnishard-tests --bench decode_step`
 
+use candle_core::Device;
 use std::time::{Duration, Instant};
 
 use omnishard_coordinator::{ComputeDtype, Engine, KvCache, LogitsFor, Positions, SequenceInput};
 use omnishard_tests::demo_model;
 
 fn main() {
-    let engine = Engine::load_local(&demo_model(), ComputeDtype::F32).unwrap();
+    let engine = Engine::load_local(&demo_model(), ComputeDtype::F32, &Device::Cpu).unwrap();
     let model = engine.model();
     let prompt: Vec<u32> = (1..=32).collect();
     println!("demo model, in-process experts, f32; one decode step after 32 cached tokens");

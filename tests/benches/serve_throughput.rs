@@ -7,6 +7,7 @@
 //!
 //! Run: `cargo bench -p omnishard-tests --bench serve_throughput`
 
+use candle_core::Device;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,7 @@ fn main() {
         Engine::load_remote(
             &model,
             ComputeDtype::F32,
+            &Device::Cpu,
             &nodes,
             RemoteOptions::default(),
             false,

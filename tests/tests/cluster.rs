@@ -2,12 +2,13 @@
 //! the in-process run, missing experts refused or masked, failures named and ended by the
 //! deadline.
 
+use candle_core::Device;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use omnishard_coordinator::remote::RemoteOptions;
 use omnishard_coordinator::{ComputeDtype, Engine, Sampler, SamplingParams};
-use omnishard_tests::{ExpertNode, Golden, addresses, compare, model_dir};
+use omnishard_tests::{ExpertNode, Golden, addresses, assert_bits_equal, compare, model_dir};
 
 fn remote(
     model: &Path,
@@ -20,7 +21,8 @@ fn remote(
         startup_timeout: Duration::from_secs(60),
         ..RemoteOptions::default()
     };
-    Engine::load_remote(model, dtype, addrs, opts, allow_missing).map_err(|e| e.to_string())
+    Engine::load_remote(model, dtype, &Device::Cpu, addrs, opts, allow_missing)
+        .map_err(|e| e.to_string())
 }
 
 fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
@@ -28,19 +30,6 @@ fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
     engine
         .generate(prompt, n, &mut sampler, &[], |_| true)
         .unwrap()
-}
-
-/// Bit-for-bit equality of two logit matrices.
-fn assert_bits_equal(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    for (i, (ra, rb)) in a.iter().zip(b).enumerate() {
-        let same = ra.iter().zip(rb).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(
-            same,
-            "{what}: row {i} differs (max |diff| {})",
-            compare(std::slice::from_ref(ra), std::slice::from_ref(rb)).max_abs
-        );
-    }
 }
 
 #[test]
@@ -57,7 +46,7 @@ fn sharded_clusters_match_in_process_bit_for_bit() {
     ] {
         let dir = model_dir(name);
         let golden = Golden::load(name);
-        let local = Engine::load_local(&dir, dtype).unwrap();
+        let local = Engine::load_local(&dir, dtype, &Device::Cpu).unwrap();
         let want_logits = local.score(&golden.token_ids, golden.positions()).unwrap();
         let want_tokens = greedy(&local, &golden.token_ids, 20);
         for &n in shard_counts {
@@ -148,7 +137,7 @@ fn placement_file_with_replicas_matches_in_process() {
     ]);
     let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let logits: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
-    let local = Engine::load_local(&model_dir(name), ComputeDtype::F32).unwrap();
+    let local = Engine::load_local(&model_dir(name), ComputeDtype::F32, &Device::Cpu).unwrap();
     assert_bits_equal(
         &logits,
         &local.score(&[5, 17, 42, 99, 3], None).unwrap(),
@@ -209,8 +198,15 @@ fn a_node_that_dies_or_hangs_mid_generation_fails_within_the_deadline() {
             startup_timeout: Duration::from_secs(60),
             ..RemoteOptions::default()
         };
-        let engine =
-            Engine::load_remote(&dir, ComputeDtype::F32, &addresses(&nodes), opts, false).unwrap();
+        let engine = Engine::load_remote(
+            &dir,
+            ComputeDtype::F32,
+            &Device::Cpu,
+            &addresses(&nodes),
+            opts,
+            false,
+        )
+        .unwrap();
         let mut sampler = Sampler::new(SamplingParams::default());
         let mut killed_at = None;
         let mut produced = 0;
@@ -256,6 +252,7 @@ fn unreachable_node_at_start_is_named() {
     let err = Engine::load_remote(
         &dir,
         ComputeDtype::F32,
+        &Device::Cpu,
         std::slice::from_ref(&address),
         opts,
         false,

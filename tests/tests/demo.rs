@@ -2,6 +2,7 @@
 //! continuation reproduces the text it was trained on and equals the reference's greedy tokens
 //! for the same weights (tests/fixtures/golden/demo.json, made by coordinator/demo-model/train.py).
 
+use candle_core::Device;
 use omnishard_coordinator::remote::RemoteOptions;
 use omnishard_coordinator::{ComputeDtype, Engine, Sampler, SamplingParams, TextTokenizer};
 use omnishard_tests::{ExpertNode, addresses, demo_model, fixtures_dir};
@@ -27,6 +28,7 @@ fn cluster_reproduces_the_trained_text_and_the_reference() {
     let engine = Engine::load_remote(
         &demo_model(),
         ComputeDtype::F32,
+        &Device::Cpu,
         &addresses(&nodes),
         RemoteOptions::default(),
         false,

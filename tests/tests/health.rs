@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use omnishard_coordinator::metrics::Metrics;
 use omnishard_coordinator::scheduler::SchedulerConfig;
 use omnishard_coordinator::serve::{self, ServeSettings};
@@ -40,8 +40,15 @@ async fn health_fails_with_the_reason_once_the_scheduler_dies() {
     let dir = demo_model();
     let cfg = ModelConfig::from_model_dir(&dir).unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
-    let engine =
-        Engine::with_experts(&ckpt, &cfg, ComputeDtype::F32, Arc::new(Exploding), &[]).unwrap();
+    let engine = Engine::with_experts(
+        &ckpt,
+        &cfg,
+        ComputeDtype::F32,
+        &Device::Cpu,
+        Arc::new(Exploding),
+        &[],
+    )
+    .unwrap();
     let service = serve::start(
         Arc::new(engine),
         Arc::new(Metrics::new()),

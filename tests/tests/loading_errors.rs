@@ -1,6 +1,7 @@
 //! Damaged checkpoints and unsupported configs give clear errors naming the file and tensor (or
 //! the config field), never a panic.
 
+use candle_core::Device;
 use std::path::Path;
 
 use omnishard_coordinator::{ComputeDtype, Engine};
@@ -10,7 +11,7 @@ const MODEL: &str = "omni-gqa-top4";
 const TENSOR: &str = "thinker.model.layers.0.self_attn.q_proj.weight";
 
 fn load_err(dir: &Path) -> String {
-    match Engine::load_local(dir, ComputeDtype::F32) {
+    match Engine::load_local(dir, ComputeDtype::F32, &Device::Cpu) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }

@@ -11,6 +11,7 @@
 //! memory over its partition.
 
 mod bandwidth;
+mod device;
 mod external;
 mod measure;
 
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use omnishard_model::synthetic::{self, Preset, WeightDtype};
-use omnishard_model::{Checkpoint, ComputeDtype, LoadFormat, LocalExperts};
+use omnishard_model::{Checkpoint, ComputeDtype, DeviceSpec, LoadFormat, LocalExperts};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::defaults;
 use serde_json::{Value, json};
@@ -64,6 +65,14 @@ pub struct BenchArgs {
     /// Expert-node counts of the cluster stage.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub nodes: Vec<u32>,
+    /// Where this process computes. `cuda`/`cuda:N` runs the GPU benchmark instead: in-process
+    /// on the GPU, then the coordinator on the GPU with expert nodes on each of --node-devices
+    /// (decode at batch 1 and 32, 512-token prefill, for every configuration).
+    #[arg(long, env = "OMNISHARD_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Devices of the expert nodes in the GPU benchmark, e.g. `cuda,cpu` (default: --device).
+    #[arg(long, value_delimiter = ',')]
+    pub node_devices: Vec<DeviceSpec>,
 }
 
 /// How much of each measurement a run does.
@@ -177,6 +186,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let cfg = ModelConfig::from_model_dir(&dir)?;
     let ckpt = Checkpoint::load(&dir, &cfg, args.load_format, args.weights_seed)?;
     let fingerprint = fingerprint(&cfg, &ckpt)?;
+    if args.device.is_cuda() {
+        return device::run(args, &dir, &cfg, &ckpt, threads);
+    }
+    if !args.node_devices.is_empty() {
+        anyhow::bail!("--node-devices belongs to the GPU benchmark: add --device cuda");
+    }
 
     stage(2, "read bandwidth");
     let bandwidth = bandwidth::read_bandwidth(1 << 30, if args.quick { 5 } else { 11 });
@@ -185,7 +200,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         3,
         "in-process decode (batch 1 and 32) and 512-token prefill",
     );
-    let engine = Engine::load_local_from(&ckpt, &cfg, args.dtype)?;
+    let engine = Engine::load_local_from(&ckpt, &cfg, args.dtype, &candle_core::Device::Cpu)?;
     let b1 = measure::decode_tok_s(&engine, 1, 16, 2, sizes.b1_steps)?;
     let b32 = measure::decode_tok_s(&engine, 32, 16, 1, sizes.b32_steps)?;
     let prefill = measure::prefill_tok_s(&engine, 512, sizes.prefill_rounds)?;
@@ -280,6 +295,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
             &ckpt,
             &cfg,
             args.dtype,
+            &candle_core::Device::Cpu,
             nodes.addresses(),
             opts.clone(),
             false,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use futures::future::join_all;
 use omnishard_model::experts::combine;
 use omnishard_model::wire::{self, assignments_to_wire};
@@ -205,6 +205,8 @@ impl Experts for RemoteExperts {
         let mut outputs = Vec::new();
         let mut assignments = Vec::with_capacity(pending.len());
         let mut failures: Vec<(String, String)> = Vec::new();
+        // Hidden states leave a GPU once per layer, then each node's rows are cut on the host.
+        let xs_host = xs.to_device(&Device::Cpu)?;
         // Each round sends what is left to live replicas; a node that fails is marked down and
         // its share goes to the next round, within this same call.
         while !pending.is_empty() {
@@ -212,8 +214,8 @@ impl Experts for RemoteExperts {
             pending.clear();
             let mut requests = Vec::with_capacity(shares.len());
             for share in &shares {
-                let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), xs.device())?;
-                let hidden = wire::encode(&xs.index_select(&idx, 0)?)?;
+                let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), &Device::Cpu)?;
+                let hidden = wire::encode(&xs_host.index_select(&idx, 0)?)?;
                 // The answer has one row per assignment: bound both directions.
                 let answer = share.global.len() * hidden.data.len() / share.tokens.len().max(1);
                 let largest = hidden.data.len().max(answer);

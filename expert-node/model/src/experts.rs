@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::mlp::SwiGlu;
 use crate::moe_cpu;
+use crate::ops::cuda::{self, StackedExperts};
 use crate::ops::with_cpu_bf16;
 use crate::weights::Weights;
 use omnishard_proto::ModelConfig;
@@ -115,9 +116,27 @@ pub trait Experts: Send + Sync {
     ) -> Result<Tensor, ExpertError>;
 }
 
-/// Experts held in this process, indexed `[layer][expert]`.
+/// One layer's experts as held in this process.
+enum LayerExperts {
+    /// Indexed by expert id, `None` where not held.
+    Each(Vec<Option<SwiGlu>>),
+    /// bf16 on a GPU: the held experts stacked for the fused kernels.
+    Stacked(StackedExperts),
+}
+
+impl LayerExperts {
+    fn holds(&self, expert: usize) -> bool {
+        match self {
+            LayerExperts::Each(row) => matches!(row.get(expert), Some(Some(_))),
+            LayerExperts::Stacked(stacked) => stacked.holds(expert),
+        }
+    }
+}
+
+/// Experts held in this process, per layer.
 pub struct LocalExperts {
-    experts: Vec<Vec<Option<SwiGlu>>>,
+    layers: Vec<LayerExperts>,
+    num_experts: usize,
     moe_layers: Vec<bool>,
     hidden_size: usize,
     dtype: DType,
@@ -133,6 +152,8 @@ pub fn expert_prefix(cfg: &ModelConfig, layer: usize, expert: usize) -> String {
 
 impl LocalExperts {
     /// Loads the given (layer, expert) pairs; `progress(done, total)` is called after each one.
+    /// In bf16 on a GPU each layer's experts are stacked for the fused kernels
+    /// ([`StackedExperts`]), read on the host and copied over once per layer.
     pub fn load(
         ckpt: &Checkpoint,
         cfg: &ModelConfig,
@@ -141,21 +162,60 @@ impl LocalExperts {
         device: &Device,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, CheckpointError> {
-        let mut experts: Vec<Vec<Option<SwiGlu>>> = (0..cfg.num_hidden_layers)
-            .map(|_| vec![None; cfg.num_experts])
-            .collect();
+        let (hidden, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let stack =
+            device.is_cuda() && dtype == DType::BF16 && StackedExperts::supports(hidden, inter);
+        let mut by_layer: Vec<Vec<usize>> = vec![Vec::new(); cfg.num_hidden_layers];
+        for &(layer, expert) in pairs {
+            if let Some(experts) = by_layer.get_mut(layer) {
+                experts.push(expert);
+            }
+        }
         let root = Weights::new(ckpt, dtype, device);
-        for (i, &(layer, expert)) in pairs.iter().enumerate() {
-            let mlp = SwiGlu::new(
-                cfg.hidden_size,
-                cfg.moe_intermediate_size,
-                root.pp(expert_prefix(cfg, layer, expert)),
-            )?;
-            experts[layer][expert] = Some(mlp);
-            progress(i + 1, pairs.len());
+        let host = Weights::new(ckpt, DType::BF16, &Device::Cpu);
+        let mut done = 0;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (layer, experts) in by_layer.iter().enumerate() {
+            if stack && !experts.is_empty() {
+                let mut tensors = Vec::with_capacity(experts.len());
+                for &expert in experts {
+                    let w = host.pp(expert_prefix(cfg, layer, expert));
+                    let get = |name: &str, shape: &[usize]| w.pp(name).get("weight", shape);
+                    tensors.push((
+                        expert,
+                        [
+                            get("gate_proj", &[inter, hidden])?,
+                            get("up_proj", &[inter, hidden])?,
+                            get("down_proj", &[hidden, inter])?,
+                        ],
+                    ));
+                    done += 1;
+                    progress(done, pairs.len());
+                }
+                let stacked =
+                    StackedExperts::new(cfg.num_experts, &tensors, device).map_err(|source| {
+                        CheckpointError::Candle {
+                            tensor: format!("the experts of layer {layer}"),
+                            source,
+                        }
+                    })?;
+                layers.push(LayerExperts::Stacked(stacked));
+                continue;
+            }
+            let mut row = vec![None; cfg.num_experts];
+            for &expert in experts {
+                let mlp = SwiGlu::new(hidden, inter, root.pp(expert_prefix(cfg, layer, expert)))?;
+                if let Some(slot) = row.get_mut(expert) {
+                    *slot = Some(mlp);
+                }
+                done += 1;
+                progress(done, pairs.len());
+            }
+            layers.push(LayerExperts::Each(row));
         }
         Ok(Self {
-            experts,
+            layers,
+            num_experts: cfg.num_experts,
             moe_layers: (0..cfg.num_hidden_layers)
                 .map(|l| cfg.is_moe_layer(l))
                 .collect(),
@@ -166,24 +226,24 @@ impl LocalExperts {
 
     /// The (layer, expert) pairs held, in order.
     pub fn held(&self) -> Vec<(usize, usize)> {
-        self.experts
+        self.layers
             .iter()
             .enumerate()
             .flat_map(|(l, row)| {
-                row.iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.is_some())
-                    .map(move |(e, _)| (l, e))
+                (0..self.num_experts)
+                    .filter(|&e| row.holds(e))
+                    .map(move |e| (l, e))
             })
             .collect()
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.experts
+        self.layers
             .iter()
-            .flatten()
-            .flatten()
-            .map(SwiGlu::size_in_bytes)
+            .map(|layer| match layer {
+                LayerExperts::Each(row) => row.iter().flatten().map(SwiGlu::size_in_bytes).sum(),
+                LayerExperts::Stacked(stacked) => stacked.size_in_bytes(),
+            })
             .sum()
     }
 
@@ -197,7 +257,7 @@ impl LocalExperts {
         assignments: &[Assignment],
     ) -> Result<Tensor, ExpertError> {
         let row = self
-            .experts
+            .layers
             .get(layer)
             .filter(|_| self.moe_layers[layer])
             .ok_or(ExpertError::UnknownLayer { layer })?;
@@ -222,7 +282,7 @@ impl LocalExperts {
                 self.dtype
             )));
         }
-        let groups = group_by_expert(assignments, row.len());
+        let groups = group_by_expert(assignments, self.num_experts);
         let mut seen = std::collections::HashSet::with_capacity(assignments.len());
         for a in assignments {
             if a.token as usize >= n_tokens {
@@ -237,7 +297,7 @@ impl LocalExperts {
                     a.weight, a.token
                 )));
             }
-            if row.get(a.expert as usize).is_none_or(Option::is_none) {
+            if !row.holds(a.expert as usize) {
                 return Err(ExpertError::NotHeld {
                     layer,
                     expert: a.expert as usize,
@@ -254,6 +314,12 @@ impl LocalExperts {
             .into_iter()
             .filter(|(_, slots)| !slots.is_empty())
             .collect();
+        let row = match row {
+            LayerExperts::Stacked(stacked) => {
+                return Ok(stacked.outputs(xs, assignments, &groups)?);
+            }
+            LayerExperts::Each(row) => row,
+        };
         if let Some(out) = self.packed_outputs(row, xs, assignments, &groups)? {
             return Ok(out);
         }
@@ -387,6 +453,9 @@ pub fn combine(
             "{rows} expert outputs for {} assignments",
             assignments.len()
         )));
+    }
+    if let Some(out) = cuda::combine(n_tokens, assignments, outputs)? {
+        return Ok(out);
     }
     let device = outputs.device();
     let num_experts = assignments

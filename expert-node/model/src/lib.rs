@@ -4,6 +4,7 @@
 //! model fingerprint, and [`Weights`], through which every module loads its tensors. No servers and no command-line parsing live here.
 
 pub mod checkpoint;
+pub mod device;
 pub mod experts;
 pub mod fingerprint;
 pub mod mlp;
@@ -16,6 +17,7 @@ pub mod weights;
 pub mod wire;
 
 pub use checkpoint::{Checkpoint, CheckpointError, LoadFormat};
+pub use device::{DeviceError, DeviceSpec};
 pub use experts::{Assignment, CallContext, ExpertError, Experts, LocalExperts, Routing};
 pub use mlp::SwiGlu;
 pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};

@@ -12,9 +12,8 @@ use super::decode_attention::decode_attention;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::norm::RmsNorm;
-use super::rope::apply_rope;
 use super::{Result, SequenceInput};
-use crate::ops::matmul;
+use crate::ops::{cuda, matmul};
 use crate::weights::Weights;
 
 pub(super) struct Attention {
@@ -63,15 +62,14 @@ impl Attention {
         let (n, _) = xs.dims2()?;
         let hd = self.head_dim;
         let split = |t: Tensor, heads: usize| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?) };
-        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-        let q = self
-            .q_norm
-            .forward(&split(self.q_proj.forward(xs)?, self.n_heads)?)?;
-        let q = apply_rope(&q, &cos, &sin)?;
-        let k = self
-            .k_norm
-            .forward(&split(self.k_proj.forward(xs)?, self.n_kv_heads)?)?;
-        let k = apply_rope(&k, &cos, &sin)?;
+        let q =
+            self.q_norm
+                .forward_rope(&split(self.q_proj.forward(xs)?, self.n_heads)?, cos, sin)?;
+        let k = self.k_norm.forward_rope(
+            &split(self.k_proj.forward(xs)?, self.n_kv_heads)?,
+            cos,
+            sin,
+        )?;
         let v = split(self.v_proj.forward(xs)?, self.n_kv_heads)?;
         // Decode steps (one new token after a non-empty cache) of several sequences are
         // attended together; prompts and chunks go one sequence at a time.
@@ -79,7 +77,9 @@ impl Attention {
             .iter()
             .map(|seq| seq.tokens.len() == 1 && seq.cache.seq_len() > 0)
             .collect();
-        let batched = decoding.iter().filter(|d| **d).count() >= 2;
+        // On a GPU every decode step of the batch goes to one kernel over the cache buffers.
+        let batched =
+            decoding.iter().filter(|d| **d).count() >= if xs.device().is_cuda() { 1 } else { 2 };
         let mut outs: Vec<Option<Tensor>> = vec![None; seqs.len()];
         let mut decode_rows = Vec::new();
         let mut start = 0;
@@ -122,6 +122,9 @@ impl Attention {
         rows: &[(usize, usize)],
         layer: usize,
     ) -> Result<Tensor> {
+        if let Some(out) = self.gpu_decode(q, k, v, seqs, rows, layer)? {
+            return Ok(out);
+        }
         let hd = self.head_dim;
         let mut keys = Vec::with_capacity(rows.len());
         let mut values = Vec::with_capacity(rows.len());
@@ -170,6 +173,50 @@ impl Attention {
         Ok(matmul(&probs, &values)?.reshape((b, self.n_heads * hd))?)
     }
 
+    /// [`Attention::attend_decode_batch`] with the fused GPU kernel, which also writes the new
+    /// keys and values into each cache; `None` (nothing written) where it does not apply.
+    fn gpu_decode(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [SequenceInput<'_>],
+        rows: &[(usize, usize)],
+        layer: usize,
+    ) -> Result<Option<Tensor>> {
+        if cuda::bf16_device(q).is_none() {
+            return Ok(None);
+        }
+        let shape = (self.n_kv_heads, 1, self.head_dim);
+        let mut buffers = Vec::with_capacity(rows.len());
+        for &(i, _) in rows {
+            let past = seqs[i].cache.seq_len();
+            let (kb, vb) = seqs[i].cache.reserve(layer, shape, k)?;
+            buffers.push((kb, vb, past));
+        }
+        let caches: Vec<cuda::CacheBuffers<'_>> = buffers
+            .iter()
+            .map(|(k, v, past)| cuda::CacheBuffers { k, v, past: *past })
+            .collect();
+        // The decode rows, as [rows, heads, d]: a view when they are the whole batch in order.
+        let all =
+            rows.iter().enumerate().all(|(b, &(_, row))| b == row) && rows.len() == q.dim(0)?;
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            if all {
+                return Ok(t.clone());
+            }
+            let idx: Vec<u32> = rows.iter().map(|&(_, row)| row as u32).collect();
+            let n = idx.len();
+            Ok(t.index_select(&Tensor::from_vec(idx, n, t.device())?, 0)?)
+        };
+        Ok(cuda::decode_attention(
+            &pick(q)?,
+            &pick(k)?,
+            &pick(v)?,
+            &caches,
+        )?)
+    }
+
     /// Causal attention of one sequence's new queries `[heads, s, d]` over its cache plus the
     /// new keys and values `[kv_heads, s, d]`; returns `[s, heads * d]`.
     fn attend(
@@ -184,6 +231,8 @@ impl Attention {
         let past = cache.seq_len();
         let (k, v) = cache.append(layer, k, v)?;
         let total = past + s;
+        // On a GPU the cache hands out views of its buffers.
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         let groups = self.n_heads / self.n_kv_heads;
         let repeat = |t: Tensor| -> Result<Tensor> {
             if groups == 1 {

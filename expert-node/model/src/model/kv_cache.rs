@@ -1,12 +1,15 @@
-//! The key/value cache of one sequence, every layer's keys and values grown by concatenation:
-//! the reference's `DynamicCache` (`DynamicLayer.update`, `transformers.cache_utils` 4.57.3),
-//! without the batch dimension.
+//! The key/value cache of one sequence: the reference's `DynamicCache` (`DynamicLayer.update`,
+//! `transformers.cache_utils` 4.57.3), without the batch dimension. On the CPU every layer's keys
+//! and values grow by concatenation; on a GPU they live in buffers of spare capacity (doubled when
+//! full) written in place, so a decode step copies one row instead of the whole cache and the
+//! decode-attention kernel reads the buffers directly.
 
 use candle_core::Tensor;
 
 use super::Result;
 
-/// Keys and values of every layer for one sequence, `[kv_heads, seq, head_dim]` each.
+/// Keys and values of every layer for one sequence, `[kv_heads, seq, head_dim]` each (on a GPU,
+/// `[kv_heads, capacity, head_dim]` buffers of which the first `seq` positions are used).
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -35,12 +38,60 @@ impl KvCache {
         if self.layers.len() <= layer {
             self.layers.resize(layer + 1, None);
         }
+        if k.device().is_cuda() {
+            return self.append_in_place(layer, &k, &v);
+        }
         let kv = match self.layers[layer].take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
             None => (k, v),
         };
         self.layers[layer] = Some(kv.clone());
         Ok(kv)
+    }
+
+    /// [`KvCache::append`] into the layer's buffers; returns views of the positions in use.
+    fn append_in_place(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (kv_heads, new, d) = k.dims3()?;
+        let (kb, vb) = self.reserve(layer, (kv_heads, new, d), k)?;
+        kb.slice_set(&k.contiguous()?, 1, self.seq_len)?;
+        vb.slice_set(&v.contiguous()?, 1, self.seq_len)?;
+        let used = self.seq_len + new;
+        Ok((kb.narrow(1, 0, used)?, vb.narrow(1, 0, used)?))
+    }
+
+    /// The GPU buffers of `layer` with room for `new` more positions after [`KvCache::seq_len`]
+    /// (shape `(kv_heads, new, d)`, dtype and device those of `like`), grown to twice the length
+    /// needed when full. The first `seq_len` positions hold the cache.
+    pub(super) fn reserve(
+        &mut self,
+        layer: usize,
+        (kv_heads, new, d): (usize, usize, usize),
+        like: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let needed = self.seq_len + new;
+        let buffers = match self.layers[layer].take() {
+            Some((kb, vb)) if kb.dim(1)? >= needed => (kb, vb),
+            old => {
+                let capacity = (2 * needed).max(64);
+                let fresh = || Tensor::zeros((kv_heads, capacity, d), like.dtype(), like.device());
+                let (kb, vb) = (fresh()?, fresh()?);
+                if let Some((ok, ov)) = old {
+                    kb.slice_set(&ok, 1, 0)?;
+                    vb.slice_set(&ov, 1, 0)?;
+                }
+                (kb, vb)
+            }
+        };
+        self.layers[layer] = Some(buffers.clone());
+        Ok(buffers)
     }
 
     /// Counts `tokens` more tokens as cached, after a forward pass appended them to every layer.

@@ -1,10 +1,14 @@
 //! RMSNorm over the last dimension: `Qwen3OmniMoeThinkerTextRMSNorm` (and the final
 //! `Qwen3OmniMoeTextRMSNorm`, the same math) in transformers 4.57.3. As the reference, the norm
 //! is computed in f32 and cast back to the input dtype before the multiplication by the weight.
+//! On a GPU in bf16 one fused kernel does it ([`crate::ops::cuda`]), with the q/k norms fused
+//! with the RoPE that follows them.
 
 use candle_core::{D, DType, Tensor};
 
 use super::Result;
+use super::rope::apply_rope;
+use crate::ops::cuda;
 use crate::weights::Weights;
 
 pub(super) struct RmsNorm {
@@ -21,7 +25,19 @@ impl RmsNorm {
         })
     }
 
+    /// This norm then RoPE with `cos`/`sin` `[tokens, d]`, of `xs` `[tokens, heads, d]`: one
+    /// fused kernel on a GPU in bf16.
+    pub(super) fn forward_rope(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if let Some(out) = cuda::norm_rope(xs, &self.weight, self.eps, cos, sin)? {
+            return Ok(out);
+        }
+        apply_rope(&self.forward(xs)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)
+    }
+
     pub(super) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(out) = cuda::rms_norm(xs, &self.weight, self.eps)? {
+            return Ok(out);
+        }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?

@@ -5,11 +5,16 @@
 //!   memory bandwidth (candle 0.9's CPU matmul has no bf16 kernel; widening a weight to f32 on
 //!   every call costs more than the multiply). f32 accumulation, rounded once to bf16, as
 //!   PyTorch's CPU bf16 matmul.
-//! - Everything else: candle's own matmul (gemm on the CPU).
-//!
-//! A CUDA backend will sit beside `cpu_bf16` behind the same functions.
+//! - bf16 on a GPU (`cuda` feature): [`cuda`], fused RMSNorm, q/k norm + RoPE and the fused MoE
+//!   step; matmuls are candle's (cuBLAS).
+//! - Everything else: candle's own ops (gemm on the CPU).
 
 pub mod cpu_bf16;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_absent.rs"]
+pub mod cuda;
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;

@@ -1,0 +1,185 @@
+//! `coordinator bench --device cuda`: the GPU figures of issue 10 in one run, on one set of
+//! weights (`--load-format dummy` at the full size): batch-1 and batch-32 decode and a 512-token
+//! prefill for (a) everything in this process on the GPU, then, for each `--node-devices` entry,
+//! (b/c) this process on the GPU with `--nodes` expert-node processes holding the experts on that
+//! device (`cuda`: the same GPU over loopback gRPC; `cpu`: the machine's cores, bf16). CPU nodes
+//! also get their share of the weight-bandwidth bound: expert bytes per token over the host's
+//! measured read bandwidth. The peer (Hugging Face transformers on the same GPU) is run beside
+//! this by `tests/gpu/bench.sh`.
+
+use std::time::{Duration, Instant};
+
+use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
+use omnishard_proto::ModelConfig;
+use serde_json::{Value, json};
+
+use super::{BenchArgs, bandwidth, measure};
+use crate::Engine;
+use crate::cluster::{LocalCluster, find_expert_node_binary};
+use crate::remote::RemoteOptions;
+
+/// One configuration's three figures.
+struct Row {
+    name: String,
+    b1: f64,
+    b32: f64,
+    prefill: f64,
+}
+
+fn measure_engine(engine: &Engine, name: String, quick: bool) -> anyhow::Result<Row> {
+    let (b1_steps, b32_steps) = if quick { (8, 3) } else { (48, 12) };
+    let row = Row {
+        name,
+        b1: measure::decode_tok_s(engine, 1, 16, 4, b1_steps)?,
+        b32: measure::decode_tok_s(engine, 32, 16, 2, b32_steps)?,
+        prefill: measure::prefill_tok_s(engine, 512, if quick { 2 } else { 4 })?,
+    };
+    eprintln!(
+        "bench: {}: b1 {:.1} tok/s, b32 {:.1} tok/s, prefill 512 {:.0} tok/s",
+        row.name, row.b1, row.b32, row.prefill
+    );
+    Ok(row)
+}
+
+/// Expert weight bytes read per token at batch 1 (top-k experts of every MoE layer).
+fn expert_bytes_per_token(cfg: &ModelConfig) -> f64 {
+    let per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2;
+    (cfg.moe_layers().len() * cfg.num_experts_per_tok * per_expert) as f64
+}
+
+/// Runs the GPU benchmark on `cfg`'s model in `dir`; returns the JSON object it printed last.
+pub fn run(
+    args: &BenchArgs,
+    dir: &std::path::Path,
+    cfg: &ModelConfig,
+    ckpt: &Checkpoint,
+    threads: usize,
+) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let device = args.device.open()?;
+    let mut rows = Vec::new();
+
+    eprintln!("bench: [1/3] in-process on {}", args.device);
+    let engine = Engine::load_local_from(ckpt, cfg, args.dtype, &device)?;
+    rows.push(measure_engine(
+        &engine,
+        format!("in-process, {}", args.device),
+        args.quick,
+    )?);
+    drop(engine);
+
+    eprintln!("bench: [2/3] host read bandwidth (the CPU nodes' bound)");
+    let host_bandwidth = bandwidth::read_bandwidth(1 << 30, if args.quick { 5 } else { 11 });
+
+    eprintln!("bench: [3/3] expert-node clusters");
+    let bin = find_expert_node_binary()?;
+    let opts = RemoteOptions {
+        rpc_timeout: Duration::from_secs(60),
+        ..RemoteOptions::default()
+    };
+    let mut cpu_fraction = None;
+    let node_devices = if args.node_devices.is_empty() {
+        vec![args.device]
+    } else {
+        args.node_devices.clone()
+    };
+    for node_device in node_devices {
+        for &count in &args.nodes {
+            let count = count as usize;
+            // CPU nodes share the machine's cores; GPU nodes need few host threads.
+            let node_threads = match node_device {
+                DeviceSpec::Cpu => (threads / count).max(1),
+                DeviceSpec::Cuda(_) => 2,
+            };
+            let mut node_args = vec![
+                "--threads".to_string(),
+                node_threads.to_string(),
+                "--device".to_string(),
+                node_device.to_string(),
+            ];
+            if args.load_format == LoadFormat::Dummy {
+                node_args.extend([
+                    "--load-format".into(),
+                    "dummy".into(),
+                    "--weights-seed".into(),
+                    args.weights_seed.to_string(),
+                ]);
+            }
+            let nodes = LocalCluster::start(
+                &bin,
+                dir,
+                count,
+                args.dtype,
+                Duration::from_secs(1800),
+                &node_args,
+            )?;
+            let engine = Engine::load_remote_from(
+                ckpt,
+                cfg,
+                args.dtype,
+                &device,
+                nodes.addresses(),
+                opts.clone(),
+                false,
+            )?;
+            let row = measure_engine(
+                &engine,
+                format!("{} + {count} {node_device} node(s)", args.device),
+                args.quick,
+            )?;
+            if node_device == DeviceSpec::Cpu {
+                cpu_fraction = Some(row.b1 * expert_bytes_per_token(cfg) / host_bandwidth);
+            }
+            rows.push(row);
+        }
+    }
+
+    let base = &rows[0];
+    println!(
+        "model: {} ({} layers, {} experts, hidden {}, vocab {}), {}",
+        dir.display(),
+        cfg.num_hidden_layers,
+        cfg.num_experts,
+        cfg.hidden_size,
+        cfg.vocab_size,
+        args.dtype
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>14}",
+        "configuration", "b1 tok/s", "b32 tok/s", "prefill tok/s"
+    );
+    for row in &rows {
+        println!(
+            "{:<34} {:>10.1} {:>10.1} {:>14.0}   (b1 {:.2}x, b32 {:.2}x of in-process)",
+            row.name,
+            row.b1,
+            row.b32,
+            row.prefill,
+            row.b1 / base.b1,
+            row.b32 / base.b32
+        );
+    }
+    println!("host read bandwidth {:.1} GB/s", host_bandwidth / 1e9);
+    if let Some(f) = cpu_fraction {
+        println!(
+            "CPU nodes' batch-1 decode at {:.0}% of their weight-bandwidth bound",
+            f * 100.0
+        );
+    }
+    println!("bench took {:.0} s", started.elapsed().as_secs_f64());
+    let report = json!({
+        "device": args.device.to_string(),
+        "dtype": args.dtype.to_string(),
+        "layers": cfg.num_hidden_layers,
+        "host_read_bandwidth_gb_s": host_bandwidth / 1e9,
+        "cpu_nodes_fraction_of_bound": cpu_fraction,
+        "rows": rows.iter().map(|r| json!({
+            "configuration": r.name,
+            "decode_tok_s_b1": r.b1,
+            "decode_tok_s_b32": r.b32,
+            "prefill_tok_s_512": r.prefill,
+        })).collect::<Vec<_>>(),
+    });
+    println!("{report}");
+    Ok(report)
+}

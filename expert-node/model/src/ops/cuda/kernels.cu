@@ -1,0 +1,278 @@
+// omnishard's CUDA kernels, bf16 in and out, f32 inside. Each rounds where the reference
+// (transformers 4.57.3 in bf16, see the Rust callers in ops/cuda/mod.rs) rounds, so the GPU path
+// stays within bf16 tolerance of the CPU f32 path; each output element is computed by one thread
+// or one warp in a fixed order, so results do not depend on how work is grouped into launches
+// (the cluster and the single process get the same bits).
+//
+// The fused MoE step follows the shape of vLLM's fused_moe (Kwon et al., SOSP'23; vLLM
+// fused_moe.py): (token, expert) slots sorted by expert on the host, one launch for gate+up+SiLU
+// over every selected expert of the layer, one for down with the router weight applied. For decode
+// and small batches it is a grouped GEMV: one warp streams one weight row with 16-byte loads and
+// applies it to every token of its expert, so each expert row is read from memory once.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ bf16 rn(float x) { return __float2bfloat16_rn(x); }
+
+// Butterfly sum: every lane ends with the same value, added in the same order on every run.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float p = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.f;
+        p = warp_sum(p);
+        if (lane == 0) total = p;
+    }
+    __syncthreads();
+    const float r = total;
+    __syncthreads();
+    return r;
+}
+
+// 8 bf16 products of a 16-byte chunk, added in order into acc.
+__device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
+    const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+    const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 x = __bfloat1622float2(pa[i]);
+        const float2 y = __bfloat1622float2(pb[i]);
+        acc = fmaf(x.x, y.x, acc);
+        acc = fmaf(x.y, y.y, acc);
+    }
+    return acc;
+}
+
+// RMSNorm of each row (Qwen3OmniMoeThinkerTextRMSNorm): the norm in f32, cast to bf16, then
+// times the weight in bf16. One block per row.
+extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                         bf16* __restrict__ out, int dim, float eps) {
+    const bf16* xr = x + (size_t)blockIdx.x * dim;
+    bf16* yr = out + (size_t)blockIdx.x * dim;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = f(xr[j]);
+        ss = fmaf(v, v, ss);
+    }
+    const float inv = 1.0f / sqrtf(block_sum(ss) / (float)dim + eps);
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) yr[j] = rn(f(rn(f(xr[j]) * inv)) * f(w[j]));
+}
+
+// q_norm/k_norm then RoPE (rotate_half), per (token, head) row of `d` = blockDim.x elements:
+// x [tokens, heads, d], cos/sin [tokens, d]. The rotation rounds as the reference's
+// `q * cos + rotate_half(q) * sin` in bf16: each product, then the sum.
+extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          const bf16* __restrict__ cos, const bf16* __restrict__ sin,
+                                          bf16* __restrict__ out, int heads, float eps) {
+    extern __shared__ bf16 normed[];
+    const int d = blockDim.x, j = threadIdx.x;
+    const size_t row = blockIdx.x;
+    const size_t token = row / heads;
+    const float v = f(x[row * d + j]);
+    const float inv = 1.0f / sqrtf(block_sum(v * v) / (float)d + eps);
+    const bf16 nv = rn(f(rn(v * inv)) * f(w[j]));
+    normed[j] = nv;
+    __syncthreads();
+    const int half = d / 2;
+    const float rot = j < half ? -f(normed[j + half]) : f(normed[j - half]);
+    const float c = f(cos[token * d + j]), s = f(sin[token * d + j]);
+    out[row * d + j] = rn(f(rn(f(nv) * c)) + f(rn(rot * s)));
+}
+
+// The routing tables of one MoE launch, one u32 buffer:
+//   [0, G)        local expert index of group g (row of the stacked weights)
+//   [G, 2G)       first sorted slot of group g
+//   [2G, 3G)      number of slots (tokens) of group g
+//   [3G, 3G+S)    token (row of xs) of each sorted slot
+//   [3G+S, 3G+2S) output row of each sorted slot (its assignment index)
+//   [3G+2S, 3G+3S) router weight of each sorted slot, f32 bits
+#define MOE_TOKENS 4
+
+__device__ __forceinline__ float silu_mul(float gate, float up) {
+    const float g = f(rn(gate)), u = f(rn(up));
+    return f(rn(g / (1.0f + expf(-g)))) * u;
+}
+
+// act[slot, j] = silu(gate_j . x) * (up_j . x) for every slot of group blockIdx.y, one warp per j.
+// w13: [experts, 2I, H], gate rows then up rows; act: [S, I] in sorted-slot order.
+extern "C" __global__ void moe_gate_up_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
+                                            const uint32_t* __restrict__ tab, int G, int S, int H,
+                                            int I, bf16* __restrict__ act) {
+    const int g = blockIdx.y, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= I) return;
+    const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
+    const uint32_t* token = tab + 3 * G;
+    const bf16* wg = w13 + ((size_t)e * 2 * I + j) * H;
+    const bf16* wu = wg + (size_t)I * H;
+    for (uint32_t t0 = 0; t0 < count; t0 += MOE_TOKENS) {
+        const bf16* xr[MOE_TOKENS];
+        float ag[MOE_TOKENS], au[MOE_TOKENS];
+#pragma unroll
+        for (int m = 0; m < MOE_TOKENS; ++m) {
+            const uint32_t t = min(t0 + m, count - 1);
+            xr[m] = xs + (size_t)token[start + t] * H;
+            ag[m] = 0.f;
+            au[m] = 0.f;
+        }
+        for (int k = lane * 8; k < H; k += 256) {
+            const uint4 gv = *reinterpret_cast<const uint4*>(wg + k);
+            const uint4 uv = *reinterpret_cast<const uint4*>(wu + k);
+#pragma unroll
+            for (int m = 0; m < MOE_TOKENS; ++m) {
+                const uint4 xv = *reinterpret_cast<const uint4*>(xr[m] + k);
+                ag[m] = dot8(gv, xv, ag[m]);
+                au[m] = dot8(uv, xv, au[m]);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MOE_TOKENS; ++m) {
+            ag[m] = warp_sum(ag[m]);
+            au[m] = warp_sum(au[m]);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < MOE_TOKENS; ++m)
+                if (t0 + m < count) act[(size_t)(start + t0 + m) * I + j] = rn(silu_mul(ag[m], au[m]));
+        }
+    }
+}
+
+// out[row(slot), h] = weight(slot) * (down_h . act[slot]) for every slot of group blockIdx.y, one
+// warp per h; the expert output is rounded to bf16, then scaled by the bf16 router weight, as
+// the reference's `expert_layer(x) * routing_weights` in bf16. w2: [experts, H, I].
+extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
+                                         const uint32_t* __restrict__ tab, int G, int S, int H,
+                                         int I, bf16* __restrict__ out) {
+    const int g = blockIdx.y, lane = threadIdx.x & 31;
+    const int h = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (h >= H) return;
+    const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
+    const uint32_t* row = tab + 3 * G + S;
+    const uint32_t* weight = tab + 3 * G + 2 * S;
+    const bf16* wd = w2 + ((size_t)e * H + h) * I;
+    for (uint32_t t0 = 0; t0 < count; t0 += MOE_TOKENS) {
+        const bf16* ar[MOE_TOKENS];
+        float acc[MOE_TOKENS];
+#pragma unroll
+        for (int m = 0; m < MOE_TOKENS; ++m) {
+            ar[m] = act + (size_t)(start + min(t0 + m, count - 1)) * I;
+            acc[m] = 0.f;
+        }
+        for (int k = lane * 8; k < I; k += 256) {
+            const uint4 wv = *reinterpret_cast<const uint4*>(wd + k);
+#pragma unroll
+            for (int m = 0; m < MOE_TOKENS; ++m)
+                acc[m] = dot8(wv, *reinterpret_cast<const uint4*>(ar[m] + k), acc[m]);
+        }
+#pragma unroll
+        for (int m = 0; m < MOE_TOKENS; ++m) acc[m] = warp_sum(acc[m]);
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < MOE_TOKENS; ++m) {
+                if (t0 + m < count) {
+                    const uint32_t s = start + t0 + m;
+                    const float w = f(rn(__uint_as_float(weight[s])));
+                    out[(size_t)row[s] * H + h] = rn(f(rn(acc[m])) * w);
+                }
+            }
+        }
+    }
+}
+
+// Per-token sum of its experts' weighted outputs: ys [rows, H]; the rows of token t are
+// idx[offsets[t] .. offsets[t+1]], in ascending expert id. Starts from zero and rounds to bf16
+// after every add, as the reference's index_add_ into a zero tensor, expert by expert.
+extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ ys, const uint32_t* __restrict__ offsets,
+                                            const uint32_t* __restrict__ idx, int H,
+                                            bf16* __restrict__ out) {
+    const int t = blockIdx.y;
+    const int h = blockIdx.x * blockDim.x + threadIdx.x;
+    if (h >= H) return;
+    bf16 acc = rn(0.f);
+    for (uint32_t i = offsets[t]; i < offsets[t + 1]; ++i) acc = rn(f(acc) + f(ys[(size_t)idx[i] * H + h]));
+    out[(size_t)t * H + h] = acc;
+}
+
+// One decode step of several sequences: block (head, seq) attends query head `head` of sequence
+// `seq` (q [seqs, heads, d]) to that sequence's cached positions and its new key/value (k_new,
+// v_new [seqs, kv_heads, d]), and the first query head of each KV head writes the new key/value
+// into the cache (no block reads that row from the cache, so no block waits for another).
+// `table` holds per sequence: key buffer, value buffer ([kv_heads, capacity, d] each), cached
+// length, capacity. Rounds as the reference's eager attention in bf16: scores =
+// bf16(bf16(q . k) * scale), softmax in f32, probabilities cast to bf16, then probs @ v with f32
+// accumulation. blockDim.x == d; dynamic shared memory holds one float per position.
+extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
+                                                 const bf16* __restrict__ v_new,
+                                                 const unsigned long long* __restrict__ table,
+                                                 bf16* __restrict__ out, int heads, int kv_heads,
+                                                 float scale) {
+    extern __shared__ float p[];
+    const int d = blockDim.x, head = blockIdx.x, seq = blockIdx.y;
+    const int groups = heads / kv_heads, kv = head / groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const unsigned long long* t = table + 4 * (size_t)seq;
+    const long long capacity = (long long)t[3];
+    bf16* kh = reinterpret_cast<bf16*>(t[0]) + (size_t)kv * capacity * d;
+    bf16* vh = reinterpret_cast<bf16*>(t[1]) + (size_t)kv * capacity * d;
+    const int past = (int)t[2], L = past + 1;
+    const bf16* qh = q + ((size_t)seq * heads + head) * d;
+    const bf16* kn = k_new + ((size_t)seq * kv_heads + kv) * d;
+    const bf16* vn = v_new + ((size_t)seq * kv_heads + kv) * d;
+    for (int j = warp; j < L; j += warps) {
+        const bf16* kr = j < past ? kh + (size_t)j * d : kn;
+        float acc = 0.f;
+        for (int i = lane; i < d; i += 32) acc = fmaf(f(qh[i]), f(kr[i]), acc);
+        acc = warp_sum(acc);
+        if (lane == 0) p[j] = f(rn(f(rn(acc)) * scale));
+    }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < L; j += d) m = fmaxf(m, p[j]);
+    __shared__ float part[32];
+    __shared__ float shared_max;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) part[warp] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float mm = part[0];
+        for (int w = 1; w < warps; ++w) mm = fmaxf(mm, part[w]);
+        shared_max = mm;
+    }
+    __syncthreads();
+    m = shared_max;
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < L; j += d) {
+        const float e = expf(p[j] - m);
+        p[j] = e;
+        sum += e;
+    }
+    const float total = block_sum(sum);
+    for (int j = threadIdx.x; j < L; j += d) p[j] = f(rn(p[j] / total));
+    __syncthreads();
+    const int c = threadIdx.x;
+    float acc = 0.f;
+    for (int j = 0; j < past; ++j) acc = fmaf(p[j], f(vh[(size_t)j * d + c]), acc);
+    acc = fmaf(p[past], f(vn[c]), acc);
+    out[((size_t)seq * heads + head) * d + c] = rn(acc);
+    if (head % groups == 0) {
+        kh[(size_t)past * d + c] = kn[c];
+        vh[(size_t)past * d + c] = vn[c];
+    }
+}

@@ -1,0 +1,255 @@
+//! The CUDA backend's own kernels (`kernels.cu`, compiled to PTX by the build script): fused
+//! RMSNorm, fused q/k norm + RoPE, and the fused MoE step. Everything else on the GPU is candle's
+//! (cuBLAS matmuls, its elementwise kernels). Each function takes and returns candle tensors on
+//! one CUDA device, launches on that device's stream and never synchronizes.
+//!
+//! Profiles of MoE decoding put the expert step at over half of GPU time (vLLM's fused_moe; see
+//! DESIGN §7), and candle's generic path costs one launch per elementary op: RMSNorm alone is
+//! nine. These kernels replace the launch-heavy and bandwidth-heavy parts.
+
+mod moe;
+
+pub use moe::{StackedExperts, combine};
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor, bail};
+use half::bf16;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/omnishard_kernels.ptx"));
+const MODULE: &str = "omnishard";
+
+/// The device of a bf16 CUDA tensor, `None` for any other.
+pub fn bf16_device(t: &Tensor) -> Option<&CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(dev) if t.dtype() == DType::BF16 => Some(dev),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the device memory of a contiguous bf16 CUDA tensor.
+/// The kernels load 16 bytes at a time, so a view that does not start on a 16-byte boundary is
+/// copied first.
+fn with_view<R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, bf16>) -> Result<R>) -> Result<R> {
+    let t = if t.is_contiguous() && t.layout().start_offset() % 8 == 0 {
+        t.clone()
+    } else {
+        t.force_contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!("expected a CUDA tensor, got {:?}", t.device())
+    };
+    let slice = s.as_cuda_slice::<bf16>()?;
+    let start = layout.start_offset();
+    f(&slice.slice(start..start + t.elem_count()))
+}
+
+/// A fresh bf16 tensor of `shape` from device memory a kernel has filled.
+fn wrap(dev: &CudaDevice, out: CudaSlice<bf16>, shape: impl Into<Shape>) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+fn launch_config(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+fn checked_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} exceeds i32")))
+}
+
+fn checked_u32(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} exceeds u32")))
+}
+
+/// RMSNorm over the last dimension of a bf16 CUDA tensor; `None` for any other tensor.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let Some(dev) = bf16_device(x) else {
+        return Ok(None);
+    };
+    let dim = x.dims().last().copied().unwrap_or(0);
+    if dim == 0 || weight.dims() != [dim] {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / dim;
+    if rows == 0 {
+        return Ok(Some(x.clone()));
+    }
+    let func = dev.get_or_load_custom_func("rms_norm_bf16", MODULE, PTX)?;
+    // SAFETY: every element is written by the kernel before the tensor is read.
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
+    with_view(x, |xv| {
+        with_view(weight, |wv| {
+            let (dim_i, eps_f) = (checked_i32("dim", dim)?, eps as f32);
+            let mut b = func.builder();
+            b.arg(xv).arg(wv).arg(&mut out).arg(&dim_i).arg(&eps_f);
+            let block = if dim >= 1024 { 256 } else { 128 };
+            let cfg = launch_config((checked_u32("rows", rows)?, 1), block, 0);
+            // SAFETY: argument types and order match `rms_norm_bf16`.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
+    })?;
+    Ok(Some(wrap(dev, out, x.shape().clone())))
+}
+
+/// Per-head RMSNorm then RoPE of `x` `[tokens, heads, d]` with `cos`/`sin` `[tokens, d]`, all
+/// bf16 on one CUDA device; `None` when the inputs are not (the caller runs candle's ops).
+pub fn norm_rope(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<Tensor>> {
+    let Some(dev) = bf16_device(x) else {
+        return Ok(None);
+    };
+    let Ok((n, heads, d)) = x.dims3() else {
+        return Ok(None);
+    };
+    if d % 32 != 0 || d > 1024 || cos.dims() != [n, d] || sin.dims() != [n, d] {
+        return Ok(None);
+    }
+    if bf16_device(cos).is_none() || bf16_device(sin).is_none() || n * heads == 0 {
+        return Ok(None);
+    }
+    let func = dev.get_or_load_custom_func("norm_rope_bf16", MODULE, PTX)?;
+    // SAFETY: every element is written by the kernel before the tensor is read.
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
+    with_view(x, |xv| {
+        with_view(weight, |wv| {
+            with_view(cos, |cv| {
+                with_view(sin, |sv| {
+                    let (heads_i, eps_f) = (checked_i32("heads", heads)?, eps as f32);
+                    let mut b = func.builder();
+                    b.arg(xv).arg(wv).arg(cv).arg(sv).arg(&mut out);
+                    b.arg(&heads_i).arg(&eps_f);
+                    let shared = checked_u32("head_dim", d * 2)?;
+                    let rows = checked_u32("rows", n * heads)?;
+                    let cfg = launch_config((rows, 1), d as u32, shared);
+                    // SAFETY: argument types and order match `norm_rope_bf16`.
+                    unsafe { b.launch(cfg) }.w()?;
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Ok(Some(wrap(dev, out, (n, heads, d))))
+}
+
+/// Longest cache the decode-attention kernel takes: its scores live in 48 KiB of shared memory.
+const DECODE_ATTENTION_MAX_LEN: usize = 12 * 1024;
+
+/// One sequence's KV cache buffers for [`decode_attention`]: keys and values `[kv_heads,
+/// capacity, d]` (contiguous, capacity above `past`) and the number of positions cached.
+pub struct CacheBuffers<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub past: usize,
+}
+
+/// One decode step of several sequences at once: `q` `[seqs, heads, d]` and the new keys and
+/// values `k_new`/`v_new` `[seqs, kv_heads, d]`; each sequence attends to its cache plus its new
+/// row, which the kernel also writes into the cache at `past`. Returns `[seqs, heads * d]`;
+/// `None` when the inputs are not bf16 on a GPU or a cache is too long for the kernel (nothing
+/// has been written then; the caller runs candle's ops).
+pub fn decode_attention(
+    q: &Tensor,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    caches: &[CacheBuffers<'_>],
+) -> Result<Option<Tensor>> {
+    let Some(dev) = bf16_device(q) else {
+        return Ok(None);
+    };
+    let (seqs, heads, d) = q.dims3()?;
+    let (_, kv_heads, _) = k_new.dims3()?;
+    let shapes_fit = seqs == caches.len()
+        && seqs > 0
+        && k_new.dims() == [seqs, kv_heads, d]
+        && v_new.dims() == [seqs, kv_heads, d]
+        && d % 32 == 0
+        && d <= 1024
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && bf16_device(k_new).is_some()
+        && bf16_device(v_new).is_some();
+    let caches_fit = caches.iter().all(|c| {
+        let dims = c.k.dims();
+        dims.len() == 3
+            && dims[0] == kv_heads
+            && dims[1] > c.past
+            && dims[2] == d
+            && c.v.dims() == dims
+            && c.past < DECODE_ATTENTION_MAX_LEN
+            && c.k.is_contiguous()
+            && c.v.is_contiguous()
+            && bf16_device(c.k).is_some()
+            && bf16_device(c.v).is_some()
+    });
+    if !shapes_fit || !caches_fit {
+        return Ok(None);
+    }
+    let stream = dev.cuda_stream();
+    let mut table = Vec::with_capacity(4 * seqs);
+    for c in caches {
+        let pointer = |t: &Tensor| -> Result<u64> {
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cuda(s) = &*storage else {
+                bail!("expected a CUDA tensor")
+            };
+            let slice = s.as_cuda_slice::<bf16>()?;
+            let view = slice.slice(layout.start_offset()..);
+            let (ptr, _sync) = view.device_ptr(&stream);
+            Ok(ptr)
+        };
+        table.extend([
+            pointer(c.k)?,
+            pointer(c.v)?,
+            c.past as u64,
+            c.k.dim(1)? as u64,
+        ]);
+    }
+    let table = dev.clone_htod(&table)?;
+    let longest = caches.iter().map(|c| c.past + 1).max().unwrap_or(1);
+    let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, PTX)?;
+    // SAFETY: the kernel writes every element (one thread per (sequence, head, dim)).
+    let mut out = unsafe { dev.alloc::<bf16>(seqs * heads * d) }?;
+    with_view(q, |qv| {
+        with_view(k_new, |kv| {
+            with_view(v_new, |vv| {
+                let (heads_i, kv_i) = (
+                    checked_i32("heads", heads)?,
+                    checked_i32("kv heads", kv_heads)?,
+                );
+                let scale = (d as f32).powf(-0.5);
+                let mut b = func.builder();
+                b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
+                b.arg(&heads_i).arg(&kv_i).arg(&scale);
+                let shared = checked_u32("cache length", longest * 4)?;
+                let grid = (
+                    checked_u32("heads", heads)?,
+                    checked_u32("sequences", seqs)?,
+                );
+                let cfg = launch_config(grid, d as u32, shared);
+                // SAFETY: argument types and order match `decode_attention_bf16`; every cache
+                // pointer names a live buffer with room for row `past`.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })
+    })?;
+    Ok(Some(wrap(dev, out, (seqs, heads * d))))
+}
+
+/// Copies `data` to the device (small routing tables).
+fn upload(dev: &CudaDevice, data: &[u32]) -> Result<CudaSlice<u32>> {
+    dev.clone_htod(data)
+}

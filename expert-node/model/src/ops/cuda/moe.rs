@@ -1,0 +1,218 @@
+//! The fused MoE step on the GPU: a layer's experts held as two stacked bf16 tensors, and one
+//! launch each for gate+up+SiLU, for down with the router weight, and for the per-token sum.
+//! Slots are grouped by expert on the host (the routing is there already) and travel in one small
+//! table; see `kernels.cu` for its layout and the numerics.
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::{Device, Result, Tensor};
+use half::bf16;
+
+use super::{
+    MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, upload, with_view, wrap,
+};
+use crate::experts::Assignment;
+
+/// Warps per block of the MoE kernels: one output row per warp.
+const WARPS: usize = 8;
+
+/// One MoE layer's held experts, stacked on one GPU: `w13` `[held, 2I, H]` (each expert's gate
+/// rows then its up rows), `w2` `[held, H, I]`.
+pub struct StackedExperts {
+    w13: Tensor,
+    w2: Tensor,
+    /// Stacked row of each expert id, `None` where the expert is not held.
+    row_of: Vec<Option<u32>>,
+    hidden: usize,
+    inter: usize,
+}
+
+impl StackedExperts {
+    /// Whether the kernels serve these sizes (16-byte rows).
+    pub fn supports(hidden: usize, inter: usize) -> bool {
+        hidden % 8 == 0 && inter % 8 == 0 && hidden > 0 && inter > 0
+    }
+
+    /// Stacks `experts` (expert id, then gate `[I, H]`, up `[I, H]`, down `[H, I]`, bf16 on the
+    /// host) of a layer with `num_experts` experts onto `device`, one copy per tensor.
+    pub fn new(
+        num_experts: usize,
+        experts: &[(usize, [Tensor; 3])],
+        device: &Device,
+    ) -> Result<Self> {
+        let Some((_, [gate, _, _])) = experts.first() else {
+            candle_core::bail!("no experts to stack");
+        };
+        let (inter, hidden) = gate.dims2()?;
+        let mut row_of = vec![None; num_experts];
+        let mut w13 = Vec::with_capacity(experts.len() * 2);
+        let mut w2 = Vec::with_capacity(experts.len());
+        for (row, (expert, [gate, up, down])) in experts.iter().enumerate() {
+            let slot = row_of
+                .get_mut(*expert)
+                .ok_or_else(|| candle_core::Error::Msg(format!("expert {expert} out of range")))?;
+            *slot = Some(checked_u32("expert row", row)?);
+            w13.push(gate.clone());
+            w13.push(up.clone());
+            w2.push(down.clone());
+        }
+        let held = experts.len();
+        let w13 = Tensor::cat(&w13, 0)?
+            .reshape((held, 2 * inter, hidden))?
+            .to_device(device)?;
+        let w2 = Tensor::stack(&w2, 0)?.to_device(device)?;
+        Ok(Self {
+            w13,
+            w2,
+            row_of,
+            hidden,
+            inter,
+        })
+    }
+
+    pub fn holds(&self, expert: usize) -> bool {
+        matches!(self.row_of.get(expert), Some(Some(_)))
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        (self.w13.elem_count() + self.w2.elem_count()) * 2
+    }
+
+    /// `weight * expert(xs[token])` for every assignment, rows in assignment order:
+    /// `[assignments.len(), H]`. `groups` lists each expert's assignment indices; every
+    /// assignment must be in exactly one group of a held expert (the caller validated that).
+    pub fn outputs(
+        &self,
+        xs: &Tensor,
+        assignments: &[Assignment],
+        groups: &[(usize, Vec<u32>)],
+    ) -> Result<Tensor> {
+        let dev = bf16_device(xs)
+            .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
+        let (h, i) = (self.hidden, self.inter);
+        let s = assignments.len();
+        if s == 0 {
+            return Tensor::zeros((0, h), xs.dtype(), xs.device());
+        }
+        let g = groups.len();
+        let mut tab = vec![0u32; 3 * g + 3 * s];
+        let mut next = 0u32;
+        for (gi, (expert, slots)) in groups.iter().enumerate() {
+            tab[gi] = self.row_of.get(*expert).copied().flatten().ok_or_else(|| {
+                candle_core::Error::Msg(format!("expert {expert} is not held here"))
+            })?;
+            tab[g + gi] = next;
+            tab[2 * g + gi] = checked_u32("slots", slots.len())?;
+            for &slot in slots {
+                let a = &assignments[slot as usize];
+                let k = next as usize;
+                tab[3 * g + k] = a.token;
+                tab[3 * g + s + k] = slot;
+                tab[3 * g + 2 * s + k] = a.weight.to_bits();
+                next += 1;
+            }
+        }
+        if next as usize != s {
+            candle_core::bail!("{next} grouped slots for {s} assignments");
+        }
+        let tab = upload(dev, &tab)?;
+        let (g_i, s_i, h_i, i_i) = (
+            checked_i32("groups", g)?,
+            checked_i32("slots", s)?,
+            checked_i32("hidden", h)?,
+            checked_i32("intermediate", i)?,
+        );
+        let gy = checked_u32("groups", g)?;
+        let block = (WARPS * 32) as u32;
+        // SAFETY: every row of `act` belongs to one slot and is written by `moe_gate_up_bf16`.
+        let mut act = unsafe { dev.alloc::<bf16>(s * i) }?;
+        // SAFETY: every assignment is in one group, so `moe_down_bf16` writes every row.
+        let mut out = unsafe { dev.alloc::<bf16>(s * h) }?;
+        with_view(xs, |xv| {
+            with_view(&self.w13, |wv| {
+                let func = dev.get_or_load_custom_func("moe_gate_up_bf16", MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(xv)
+                    .arg(wv)
+                    .arg(&tab)
+                    .arg(&g_i)
+                    .arg(&s_i)
+                    .arg(&h_i)
+                    .arg(&i_i);
+                b.arg(&mut act);
+                let cfg = launch_config((i.div_ceil(WARPS) as u32, gy), block, 0);
+                // SAFETY: argument types and order match `moe_gate_up_bf16`.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })?;
+        with_view(&self.w2, |wv| {
+            let func = dev.get_or_load_custom_func("moe_down_bf16", MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&act)
+                .arg(wv)
+                .arg(&tab)
+                .arg(&g_i)
+                .arg(&s_i)
+                .arg(&h_i)
+                .arg(&i_i);
+            b.arg(&mut out);
+            let cfg = launch_config((h.div_ceil(WARPS) as u32, gy), block, 0);
+            // SAFETY: argument types and order match `moe_down_bf16`.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })?;
+        Ok(wrap(dev, out, (s, h)))
+    }
+}
+
+/// Per-token sums of per-assignment outputs `ys` `[assignments.len(), H]` (bf16 on a GPU), each
+/// token's rows in ascending expert id: the CUDA form of [`crate::experts::combine`], the same
+/// bits. `None` when `ys` is not a bf16 CUDA tensor.
+pub fn combine(n_tokens: usize, assignments: &[Assignment], ys: &Tensor) -> Result<Option<Tensor>> {
+    let Some(dev) = bf16_device(ys) else {
+        return Ok(None);
+    };
+    let (_, h) = ys.dims2()?;
+    if n_tokens == 0 || h == 0 {
+        return Ok(Some(Tensor::zeros((n_tokens, h), ys.dtype(), ys.device())?));
+    }
+    // CSR of each token's assignment indices, ordered by expert id.
+    let mut per_token: Vec<Vec<(u32, u32)>> = vec![Vec::new(); n_tokens];
+    for (i, a) in assignments.iter().enumerate() {
+        let row = per_token.get_mut(a.token as usize).ok_or_else(|| {
+            candle_core::Error::Msg(format!("token {} out of range {n_tokens}", a.token))
+        })?;
+        row.push((a.expert, checked_u32("assignment", i)?));
+    }
+    let mut offsets = Vec::with_capacity(n_tokens + 1);
+    let mut idx = Vec::with_capacity(assignments.len());
+    offsets.push(0u32);
+    for row in &mut per_token {
+        row.sort_by_key(|&(expert, _)| expert);
+        idx.extend(row.iter().map(|&(_, i)| i));
+        offsets.push(checked_u32("assignments", idx.len())?);
+    }
+    let mut table = offsets;
+    let split = table.len();
+    table.extend(idx);
+    let table = upload(dev, &table)?;
+    let (offsets, idx) = (table.slice(..split), table.slice(split..));
+    // SAFETY: the kernel writes every element of every token's row.
+    let mut out = unsafe { dev.alloc::<bf16>(n_tokens * h) }?;
+    with_view(ys, |yv| {
+        let func = dev.get_or_load_custom_func("moe_combine_bf16", MODULE, PTX)?;
+        let h_i = checked_i32("hidden", h)?;
+        let mut b = func.builder();
+        b.arg(yv).arg(&offsets).arg(&idx).arg(&h_i).arg(&mut out);
+        let cfg = launch_config(
+            (h.div_ceil(256) as u32, checked_u32("tokens", n_tokens)?),
+            256,
+            0,
+        );
+        // SAFETY: argument types and order match `moe_combine_bf16`.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(Some(wrap(dev, out, (n_tokens, h))))
+}

@@ -1,0 +1,81 @@
+//! The CUDA backend's interface in builds without the `cuda` feature: no tensor is ever on a GPU
+//! there, so every kernel answers `None` ("not mine", the caller runs candle's ops) and no
+//! [`StackedExperts`] can exist.
+
+use candle_core::{Device, Result, Tensor};
+
+use crate::experts::Assignment;
+
+pub enum StackedExperts {}
+
+impl StackedExperts {
+    pub fn supports(_hidden: usize, _inter: usize) -> bool {
+        false
+    }
+
+    pub fn new(
+        _num_experts: usize,
+        _experts: &[(usize, [Tensor; 3])],
+        _device: &Device,
+    ) -> Result<Self> {
+        candle_core::bail!("stacked experts live on a GPU: build with the `cuda` feature")
+    }
+
+    pub fn holds(&self, _expert: usize) -> bool {
+        match *self {}
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        match *self {}
+    }
+
+    pub fn outputs(
+        &self,
+        _xs: &Tensor,
+        _assignments: &[Assignment],
+        _groups: &[(usize, Vec<u32>)],
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+}
+
+pub fn rms_norm(_x: &Tensor, _weight: &Tensor, _eps: f64) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+pub fn norm_rope(
+    _x: &Tensor,
+    _weight: &Tensor,
+    _eps: f64,
+    _cos: &Tensor,
+    _sin: &Tensor,
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+pub fn combine(
+    _n_tokens: usize,
+    _assignments: &[Assignment],
+    _ys: &Tensor,
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+pub struct CacheBuffers<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub past: usize,
+}
+
+pub fn decode_attention(
+    _q: &Tensor,
+    _k_new: &Tensor,
+    _v_new: &Tensor,
+    _caches: &[CacheBuffers<'_>],
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+pub fn bf16_device(_t: &Tensor) -> Option<&candle_core::CudaDevice> {
+    None
+}

@@ -1,0 +1,302 @@
+//! The GPU path (`cuda` feature; run on the device machine by `tests/gpu/check.sh`, never in CI):
+//! each CUDA kernel against the CPU path on random inputs with odd shapes, the model on every
+//! fixture against the reference within the bf16 tolerance of the fidelity tests, decoding with
+//! the cache against full recomputation, and a cluster of GPU expert nodes against the single GPU
+//! process bit for bit.
+#![cfg(feature = "cuda")]
+
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use omnishard_coordinator::remote::RemoteOptions;
+use omnishard_coordinator::{ComputeDtype, Engine, KvCache, LogitsFor, Positions, SequenceInput};
+use omnishard_model::experts::combine;
+use omnishard_model::ops::cuda;
+use omnishard_model::{Assignment, Checkpoint, DeviceSpec, LocalExperts};
+use omnishard_proto::ModelConfig;
+use omnishard_tests::{
+    ExpertNode, FIXTURES, Golden, addresses, assert_bf16_close, assert_bits_equal, model_dir,
+};
+
+fn gpu() -> Device {
+    DeviceSpec::Cuda(0).open().expect("a CUDA GPU")
+}
+
+/// ‖a − b‖ / ‖b‖ over two tensors of the same shape.
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let flat = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values")
+    };
+    let (a, b) = (flat(a), flat(b));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite output");
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn bits(t: &Tensor) -> Vec<u16> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<half::bf16>())
+        .expect("bf16 values")
+        .into_iter()
+        .map(half::bf16::to_bits)
+        .collect()
+}
+
+/// A qwen3-moe config with odd sizes (hidden 200, intermediate 72, 12 experts, top-3), written
+/// next to dummy weights.
+fn odd_config(dir: &Path) -> ModelConfig {
+    let text = std::fs::read_to_string(model_dir("qwen3moe-flat").join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["hidden_size"] = 200.into();
+    cfg["moe_intermediate_size"] = 72.into();
+    cfg["num_experts"] = 12.into();
+    cfg["num_experts_per_tok"] = 3.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    ModelConfig::from_model_dir(dir).unwrap()
+}
+
+/// Random assignments of `n` tokens, `k` distinct experts each, skewed so that one expert gets
+/// most tokens (more than one chunk of the kernel's token loop) and some get none.
+fn assignments(n: usize, k: usize, experts: usize, seed: u64) -> Vec<Assignment> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let mut out = Vec::new();
+    for t in 0..n {
+        let mut chosen = vec![0usize];
+        while chosen.len() < k {
+            let e = next() % (experts - 2);
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        for e in chosen {
+            out.push(Assignment {
+                token: t as u32,
+                expert: e as u32,
+                weight: (next() % 1000) as f32 / 1000.0 + 0.01,
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn fused_moe_matches_the_cpu_path_and_ignores_grouping() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = odd_config(dir.path());
+    let ckpt = Checkpoint::dummy(&cfg, 7);
+    let pairs = cfg.expert_pairs();
+    let cpu =
+        LocalExperts::load(&ckpt, &cfg, &pairs, DType::BF16, &Device::Cpu, |_, _| {}).unwrap();
+    let gpu_dev = gpu();
+    let on_gpu = LocalExperts::load(&ckpt, &cfg, &pairs, DType::BF16, &gpu_dev, |_, _| {}).unwrap();
+    assert_eq!(cpu.held(), on_gpu.held());
+    for (n, seed) in [(1usize, 1u64), (3, 2), (13, 3), (37, 4)] {
+        let xs = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .unwrap();
+        let xs_gpu = xs.to_device(&gpu_dev).unwrap();
+        let a = assignments(n, cfg.num_experts_per_tok, cfg.num_experts, seed);
+        let want = cpu.expert_outputs(1, &xs, &a).unwrap();
+        let got = on_gpu.expert_outputs(1, &xs_gpu, &a).unwrap();
+        let err = relative_error(&got, &want);
+        eprintln!("fused MoE, {n} tokens: relative error {err:.2e} against the CPU path");
+        assert!(err < 1e-2, "{n} tokens: relative error {err}");
+        // Each row depends only on its token and expert: a call with a subset gives the same bits.
+        let subset: Vec<(usize, Assignment)> = a
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, x)| x.expert % 2 == 1)
+            .collect();
+        let only: Vec<Assignment> = subset.iter().map(|(_, x)| *x).collect();
+        let part = on_gpu.expert_outputs(1, &xs_gpu, &only).unwrap();
+        let rows: Vec<u32> = subset.iter().map(|(i, _)| *i as u32).collect();
+        let picked = got
+            .index_select(&Tensor::new(rows.as_slice(), &gpu_dev).unwrap(), 0)
+            .unwrap();
+        assert_eq!(
+            bits(&part),
+            bits(&picked),
+            "{n} tokens: grouping changed bits"
+        );
+        // The GPU sum of expert outputs is the CPU one, bit for bit.
+        let sum_gpu = combine(n, &a, &got).unwrap();
+        let sum_cpu = combine(n, &a, &got.to_device(&Device::Cpu).unwrap()).unwrap();
+        assert_eq!(
+            bits(&sum_gpu),
+            bits(&sum_cpu),
+            "{n} tokens: combine differs"
+        );
+    }
+}
+
+#[test]
+fn norm_kernels_match_the_cpu_math() {
+    let dev = gpu();
+    for (rows, heads, d) in [(1usize, 3usize, 32usize), (7, 5, 64), (5, 32, 128)] {
+        let x = Tensor::randn(0f32, 2.0, (rows, heads, d), &Device::Cpu).unwrap();
+        let w = Tensor::randn(1f32, 0.2, d, &Device::Cpu).unwrap();
+        let pos: Vec<f32> = (0..rows * d).map(|i| (i / d) as f32 * 0.37 + 3.0).collect();
+        let angle = Tensor::from_vec(pos, (rows, d), &Device::Cpu).unwrap();
+        let (cos, sin) = (angle.cos().unwrap(), angle.sin().unwrap());
+        let eps = 1e-6;
+        // Reference in f32 on the host: RMSNorm, then x * cos + rotate_half(x) * sin.
+        let inv = (x.sqr().unwrap().mean_keepdim(2).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let normed = x.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap();
+        let half = d / 2;
+        let rotated = Tensor::cat(
+            &[
+                &normed.narrow(2, half, half).unwrap().neg().unwrap(),
+                &normed.narrow(2, 0, half).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        let want = (normed.broadcast_mul(&cos.unsqueeze(1).unwrap()).unwrap()
+            + rotated.broadcast_mul(&sin.unsqueeze(1).unwrap()).unwrap())
+        .unwrap();
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let got = cuda::norm_rope(&bf(&x), &bf(&w), eps, &bf(&cos), &bf(&sin))
+            .unwrap()
+            .expect("the fused kernel takes bf16 CUDA tensors");
+        let err = relative_error(&got, &want);
+        eprintln!("norm+rope {rows}x{heads}x{d}: relative error {err:.2e}");
+        assert!(err < 1e-2, "norm+rope relative error {err}");
+        let got = cuda::rms_norm(&bf(&x), &bf(&w), eps)
+            .unwrap()
+            .expect("the fused kernel takes bf16 CUDA tensors");
+        let err = relative_error(&got, &normed);
+        eprintln!("rms_norm {rows}x{heads}x{d}: relative error {err:.2e}");
+        assert!(err < 1e-2, "rms_norm relative error {err}");
+    }
+}
+
+#[test]
+fn gpu_logits_match_the_reference_on_every_fixture() {
+    let dev = gpu();
+    for name in FIXTURES {
+        let golden = Golden::load(name);
+        let engine = Engine::load_local(&model_dir(name), ComputeDtype::Bf16, &dev).unwrap();
+        let ours = engine.score(&golden.token_ids, None).unwrap();
+        assert_bf16_close(
+            &format!("{name} GPU vs reference bf16"),
+            &ours,
+            &golden.logits_bf16,
+        );
+        assert_bf16_close(&format!("{name} GPU vs CPU f32"), &ours, &golden.logits_f32);
+        if let (Some(pos), Some(reference)) = (golden.positions(), &golden.logits_mrope_f32) {
+            let ours = engine.score(&golden.token_ids, Some(pos)).unwrap();
+            assert_bf16_close(&format!("{name} GPU mrope vs CPU f32"), &ours, reference);
+        }
+    }
+}
+
+#[test]
+fn gpu_decode_with_cache_matches_full_recompute() {
+    let dev = gpu();
+    for name in FIXTURES {
+        let golden = Golden::load(name);
+        let engine = Engine::load_local(&model_dir(name), ComputeDtype::Bf16, &dev).unwrap();
+        let model = engine.model();
+        let prompts: Vec<Vec<u32>> = [5usize, 9, 14]
+            .iter()
+            .map(|&n| golden.token_ids[..n].to_vec())
+            .collect();
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+        for (p, cache) in prompts.iter().zip(caches.iter_mut()) {
+            let mut batch = [SequenceInput {
+                tokens: p,
+                positions: Positions::text(0, p.len()),
+                cache,
+            }];
+            model.forward(&mut batch, LogitsFor::Last).unwrap();
+        }
+        // Three decode steps of the three sequences together (the batched decode attention).
+        let mut seqs = prompts.clone();
+        for step in 0..3u32 {
+            let next = [11 + step, 23 + step, 42 + step];
+            let mut batch: Vec<SequenceInput<'_>> = caches
+                .iter_mut()
+                .zip(&seqs)
+                .zip(next.iter())
+                .map(|((cache, seq), t)| SequenceInput {
+                    tokens: std::slice::from_ref(t),
+                    positions: Positions::text(seq.len() as u32, 1),
+                    cache,
+                })
+                .collect();
+            let stepped = model.forward(&mut batch, LogitsFor::Last).unwrap();
+            for (i, (seq, logits)) in seqs.iter_mut().zip(stepped).enumerate() {
+                seq.push(next[i]);
+                let full = engine.score(seq, None).unwrap();
+                let ours = logits.to_vec2::<f32>().unwrap();
+                assert_bf16_close(
+                    &format!("{name} step {step} sequence {i}: cached vs recomputed"),
+                    &ours,
+                    &full[full.len() - 1..],
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
+    let dev = gpu();
+    for (name, shards) in [("omni-gqa-top4", 2usize), ("omni-mqa-step2", 3)] {
+        let dir = model_dir(name);
+        let golden = Golden::load(name);
+        let local = Engine::load_local(&dir, ComputeDtype::Bf16, &dev).unwrap();
+        let want = local.score(&golden.token_ids, golden.positions()).unwrap();
+        drop(local);
+        let nodes: Vec<ExpertNode> = (0..shards)
+            .map(|i| {
+                ExpertNode::start(
+                    &dir,
+                    &[
+                        "--shard",
+                        &format!("{i}/{shards}"),
+                        "--dtype",
+                        "bf16",
+                        "--device",
+                        "cuda",
+                    ],
+                )
+            })
+            .collect();
+        let opts = RemoteOptions {
+            rpc_timeout: Duration::from_secs(30),
+            startup_timeout: Duration::from_secs(120),
+            ..RemoteOptions::default()
+        };
+        let engine = Engine::load_remote(
+            &dir,
+            ComputeDtype::Bf16,
+            &dev,
+            &addresses(&nodes),
+            opts,
+            false,
+        )
+        .unwrap();
+        let got = engine.score(&golden.token_ids, golden.positions()).unwrap();
+        assert_bits_equal(&got, &want, &format!("{name} on {shards} GPU nodes"));
+        eprintln!("{name}: {shards} GPU expert nodes give the GPU process's logits bit for bit");
+    }
+}
