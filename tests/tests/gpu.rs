@@ -48,13 +48,12 @@ fn bits(t: &Tensor) -> Vec<u16> {
         .collect()
 }
 
-/// A qwen3-moe config with odd sizes (hidden 200, intermediate 72, 12 experts, top-3), written
-/// next to dummy weights.
-fn odd_config(dir: &Path) -> ModelConfig {
+/// A qwen3-moe config with the given sizes, 12 experts, top-3, for dummy weights.
+fn odd_config(dir: &Path, hidden: usize, inter: usize) -> ModelConfig {
     let text = std::fs::read_to_string(model_dir("qwen3moe-flat").join("config.json")).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
-    cfg["hidden_size"] = 200.into();
-    cfg["moe_intermediate_size"] = 72.into();
+    cfg["hidden_size"] = hidden.into();
+    cfg["moe_intermediate_size"] = inter.into();
     cfg["num_experts"] = 12.into();
     cfg["num_experts_per_tok"] = 3.into();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
@@ -93,8 +92,16 @@ fn assignments(n: usize, k: usize, experts: usize, seed: u64) -> Vec<Assignment>
 
 #[test]
 fn fused_moe_matches_the_cpu_path_and_ignores_grouping() {
+    // Odd sizes (GEMV kernels only), then multiples of 32 (experts with 16 or more tokens on the
+    // tensor-core kernels).
+    for (hidden, inter) in [(200, 72), (96, 64)] {
+        fused_moe_case(hidden, inter);
+    }
+}
+
+fn fused_moe_case(hidden: usize, inter: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = odd_config(dir.path());
+    let cfg = odd_config(dir.path(), hidden, inter);
     let ckpt = Checkpoint::dummy(&cfg, 7);
     let pairs = cfg.expert_pairs();
     let cpu =
@@ -111,7 +118,9 @@ fn fused_moe_matches_the_cpu_path_and_ignores_grouping() {
         let want = cpu.expert_outputs(1, &xs, &a).unwrap();
         let got = on_gpu.expert_outputs(1, &xs_gpu, &a).unwrap();
         let err = relative_error(&got, &want);
-        eprintln!("fused MoE, {n} tokens: relative error {err:.2e} against the CPU path");
+        eprintln!(
+            "fused MoE {hidden}x{inter}, {n} tokens: relative error {err:.2e} against the CPU path"
+        );
         assert!(err < 1e-2, "{n} tokens: relative error {err}");
         // Each row depends only on its token and expert: a call with a subset gives the same bits.
         let subset: Vec<(usize, Assignment)> = a

@@ -67,6 +67,9 @@ pub fn run(
         args.quick,
     )?);
     drop(engine);
+    // Freed device memory goes back to the driver at the next synchronization; the expert nodes
+    // started below need it.
+    device.synchronize()?;
 
     eprintln!("bench: [2/3] host read bandwidth (the CPU nodes' bound)");
     let host_bandwidth = bandwidth::read_bandwidth(1 << 30, if args.quick { 5 } else { 11 });

@@ -288,7 +288,7 @@ impl Experts for RemoteExperts {
                 let _in_call = span.enter();
                 let node = &nodes[share.node];
                 let checked = reply.and_then(|output| {
-                    let ys = wire::decode(Some(&output), "output", xs.device())
+                    let ys = wire::decode(Some(&output), "output", &Device::Cpu)
                         .map_err(|e| CallError::BadAnswer(e.to_string()))?;
                     if ys.dims() != [share.global.len(), xs.dims2().map(|d| d.1).unwrap_or(0)]
                         || ys.dtype() != self.shared.dtype
@@ -329,7 +329,9 @@ impl Experts for RemoteExperts {
         if outputs.is_empty() {
             return Ok(xs.zeros_like()?);
         }
-        combine(routing.n_tokens(), &assignments, &Tensor::cat(&outputs, 0)?)
+        // Answers are gathered on the host and cross to a GPU in one copy.
+        let outputs = Tensor::cat(&outputs, 0)?.to_device(xs.device())?;
+        combine(routing.n_tokens(), &assignments, &outputs)
     }
 }
 

@@ -30,17 +30,24 @@ pub fn encode(t: &Tensor) -> candle_core::Result<v1::Tensor> {
     let dtype = wire_dtype(t.dtype())
         .ok_or_else(|| candle_core::Error::Msg(format!("{:?} tensors do not travel", t.dtype())))?;
     let flat = t.flatten_all()?;
+    // Sized once and filled in place: a prefill's answer is tens of MiB per layer.
     let data: Vec<u8> = match t.dtype() {
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .into_iter()
-            .flat_map(|v| v.to_bits().to_le_bytes())
-            .collect(),
-        _ => flat
-            .to_vec1::<f32>()?
-            .into_iter()
-            .flat_map(f32::to_le_bytes)
-            .collect(),
+        DType::BF16 => {
+            let values = flat.to_vec1::<half::bf16>()?;
+            let mut data = vec![0u8; values.len() * 2];
+            for (out, v) in data.chunks_exact_mut(2).zip(&values) {
+                out.copy_from_slice(&v.to_bits().to_le_bytes());
+            }
+            data
+        }
+        _ => {
+            let values = flat.to_vec1::<f32>()?;
+            let mut data = vec![0u8; values.len() * 4];
+            for (out, v) in data.chunks_exact_mut(4).zip(&values) {
+                out.copy_from_slice(&v.to_le_bytes());
+            }
+            data
+        }
     };
     Ok(v1::Tensor {
         dtype: dtype as i32,

@@ -17,9 +17,8 @@ use crate::ops::{cuda, matmul};
 use crate::weights::Weights;
 
 pub(super) struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked: one matmul, split after.
+    qkv_proj: Linear,
     o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
@@ -36,9 +35,15 @@ impl Attention {
         let bias = cfg.attention_bias;
         let eps = cfg.rms_norm_eps;
         Ok(Self {
-            q_proj: Linear::new(h, nq * hd, bias, w.pp("q_proj"))?,
-            k_proj: Linear::new(h, nkv * hd, bias, w.pp("k_proj"))?,
-            v_proj: Linear::new(h, nkv * hd, bias, w.pp("v_proj"))?,
+            qkv_proj: Linear::stacked(
+                h,
+                bias,
+                &[
+                    (w.pp("q_proj"), nq * hd),
+                    (w.pp("k_proj"), nkv * hd),
+                    (w.pp("v_proj"), nkv * hd),
+                ],
+            )?,
             o_proj: Linear::new(nq * hd, h, bias, w.pp("o_proj"))?,
             q_norm: RmsNorm::new(hd, eps, w.pp("q_norm"))?,
             k_norm: RmsNorm::new(hd, eps, w.pp("k_norm"))?,
@@ -61,16 +66,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let (n, _) = xs.dims2()?;
         let hd = self.head_dim;
-        let split = |t: Tensor, heads: usize| -> Result<Tensor> { Ok(t.reshape((n, heads, hd))?) };
-        let q =
-            self.q_norm
-                .forward_rope(&split(self.q_proj.forward(xs)?, self.n_heads)?, cos, sin)?;
-        let k = self.k_norm.forward_rope(
-            &split(self.k_proj.forward(xs)?, self.n_kv_heads)?,
-            cos,
-            sin,
-        )?;
-        let v = split(self.v_proj.forward(xs)?, self.n_kv_heads)?;
+        let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let qkv = self.qkv_proj.forward(xs)?;
+        let split = |start: usize, width: usize, heads: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(1, start, width)?.reshape((n, heads, hd))?)
+        };
+        let q = self
+            .q_norm
+            .forward_rope(&split(0, nq, self.n_heads)?, cos, sin)?;
+        let k = self
+            .k_norm
+            .forward_rope(&split(nq, nkv, self.n_kv_heads)?, cos, sin)?;
+        let v = split(nq + nkv, nkv, self.n_kv_heads)?;
         // Decode steps (one new token after a non-empty cache) of several sequences are
         // attended together; prompts and chunks go one sequence at a time.
         let decoding: Vec<bool> = seqs
@@ -249,18 +256,16 @@ impl Attention {
         let scores = if s == 1 {
             scores
         } else {
-            let mask: Vec<f32> = (0..s)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j <= past + i {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            scores.broadcast_add(&Tensor::from_vec(mask, (s, total), q.device())?)?
+            // Built where the scores are: no host loop over s * total entries, no upload.
+            let dev = q.device();
+            let rows = Tensor::arange(past as u32, (past + s) as u32, dev)?.reshape((s, 1))?;
+            let cols = Tensor::arange(0u32, total as u32, dev)?.reshape((1, total))?;
+            let visible = cols.broadcast_le(&rows)?;
+            let mask = visible.where_cond(
+                &Tensor::zeros((s, total), DType::F32, dev)?,
+                &Tensor::full(f32::NEG_INFINITY, (s, total), dev)?,
+            )?;
+            scores.broadcast_add(&mask)?
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
         Ok(matmul(&probs, &v)?

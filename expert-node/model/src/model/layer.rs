@@ -76,8 +76,7 @@ impl DecoderLayer {
         let l = self.layer_idx;
         let normed = self.input_layernorm.forward(xs)?;
         let attn = self.self_attn.forward(&normed, cos, sin, batch, l)?;
-        let h = (xs + attn)?;
-        let normed = self.post_attention_layernorm.forward(&h)?;
+        let (h, normed) = self.post_attention_layernorm.forward_residual(xs, &attn)?;
         let mlp_out = match &self.mlp {
             Mlp::Dense(mlp) => mlp.forward(&normed)?,
             Mlp::Moe(router) => {

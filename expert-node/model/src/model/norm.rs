@@ -34,6 +34,21 @@ impl RmsNorm {
         apply_rope(&self.forward(xs)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)
     }
 
+    /// `(xs + residual, norm(xs + residual))`: the residual add and this norm, one fused kernel
+    /// on a GPU in bf16.
+    pub(super) fn forward_residual(
+        &self,
+        xs: &Tensor,
+        residual: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if let Some(both) = cuda::add_rms_norm(xs, residual, &self.weight, self.eps)? {
+            return Ok(both);
+        }
+        let h = (xs + residual)?;
+        let normed = self.forward(&h)?;
+        Ok((h, normed))
+    }
+
     pub(super) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if let Some(out) = cuda::rms_norm(xs, &self.weight, self.eps)? {
             return Ok(out);

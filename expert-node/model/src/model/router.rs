@@ -2,14 +2,15 @@
 //! transformers 4.57.3 and the top-k of its `forward`. `logits = gate(x)` (no bias), softmax over
 //! all experts in f32, top-k, divided by the sum of the k when `norm_topk_prob`. The experts
 //! themselves are behind [`crate::Experts`]; the reference's cast of the weights to the compute
-//! dtype and the weighted sum happen there.
+//! dtype and the weighted sum happen there. On a GPU in bf16 the softmax and top-k run in one
+//! kernel and only the chosen ids and weights come back to the host.
 
 use candle_core::{DType, Tensor};
 use omnishard_proto::ModelConfig;
 
 use super::{ModelError, Result};
 use crate::Routing;
-use crate::ops::linear;
+use crate::ops::{cuda, linear};
 use crate::weights::Weights;
 
 pub(super) struct Router {
@@ -21,6 +22,8 @@ pub(super) struct Router {
     /// (`--allow-missing-experts`). Its logit is set to -inf before the softmax, so it is never
     /// chosen and takes no probability mass. All `false` when every expert is served.
     masked: Vec<bool>,
+    /// `masked` as u8 on the GPU, for the top-k kernel; `None` on the CPU.
+    masked_on_device: Option<Tensor>,
 }
 
 impl Router {
@@ -45,7 +48,14 @@ impl Router {
                 cfg.num_experts_per_tok
             )));
         }
+        let masked_on_device = if w.device().is_cuda() {
+            let flags: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
+            Some(Tensor::from_vec(flags, cfg.num_experts, w.device())?)
+        } else {
+            None
+        };
         Ok(Self {
+            masked_on_device,
             gate: w.get("weight", &[cfg.num_experts, cfg.hidden_size])?,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
@@ -55,10 +65,18 @@ impl Router {
 
     /// The top-k experts and their weights for every row of `xs` `[tokens, hidden]`.
     pub(super) fn route(&self, xs: &Tensor) -> Result<Routing> {
-        let logits = linear(xs, &self.gate)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
+        let logits = linear(xs, &self.gate)?;
         let k = self.top_k;
+        if let Some(mask) = &self.masked_on_device
+            && let Some((ids, weights)) = cuda::router_topk(&logits, mask, k, self.norm_topk_prob)?
+        {
+            return Ok(Routing {
+                top_k: k,
+                ids,
+                weights,
+            });
+        }
+        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let mut ids = Vec::with_capacity(logits.len() * k);
         let mut weights = Vec::with_capacity(logits.len() * k);
         for row in logits {

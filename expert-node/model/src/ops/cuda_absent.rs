@@ -43,6 +43,15 @@ pub fn rms_norm(_x: &Tensor, _weight: &Tensor, _eps: f64) -> Result<Option<Tenso
     Ok(None)
 }
 
+pub fn add_rms_norm(
+    _x: &Tensor,
+    _r: &Tensor,
+    _weight: &Tensor,
+    _eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(None)
+}
+
 pub fn norm_rope(
     _x: &Tensor,
     _weight: &Tensor,
@@ -78,4 +87,13 @@ pub fn decode_attention(
 
 pub fn bf16_device(_t: &Tensor) -> Option<&candle_core::CudaDevice> {
     None
+}
+
+pub fn router_topk(
+    _logits: &Tensor,
+    _masked: &Tensor,
+    _k: usize,
+    _norm: bool,
+) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+    Ok(None)
 }

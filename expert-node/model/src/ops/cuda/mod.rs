@@ -12,7 +12,9 @@ mod moe;
 pub use moe::{StackedExperts, combine};
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor, bail};
 use half::bf16;
@@ -32,7 +34,7 @@ pub fn bf16_device(t: &Tensor) -> Option<&CudaDevice> {
 /// The kernels load 16 bytes at a time, so a view that does not start on a 16-byte boundary is
 /// copied first.
 fn with_view<R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, bf16>) -> Result<R>) -> Result<R> {
-    let t = if t.is_contiguous() && t.layout().start_offset() % 8 == 0 {
+    let t = if t.is_contiguous() && t.layout().start_offset().is_multiple_of(8) {
         t.clone()
     } else {
         t.force_contiguous()?
@@ -97,6 +99,48 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>>
         })
     })?;
     Ok(Some(wrap(dev, out, x.shape().clone())))
+}
+
+/// `(x + r, RMSNorm(x + r))` over the last dimension, bf16 on a GPU, in one kernel; `None` for
+/// any other tensors.
+pub fn add_rms_norm(
+    x: &Tensor,
+    r: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(dev) = bf16_device(x) else {
+        return Ok(None);
+    };
+    let dim = x.dims().last().copied().unwrap_or(0);
+    if dim == 0 || weight.dims() != [dim] || r.dims() != x.dims() || bf16_device(r).is_none() {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / dim;
+    if rows == 0 {
+        return Ok(None);
+    }
+    let func = dev.get_or_load_custom_func("add_rms_norm_bf16", MODULE, PTX)?;
+    // SAFETY: every element of both outputs is written by the kernel before they are read.
+    let mut sum = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
+    with_view(x, |xv| {
+        with_view(r, |rv| {
+            with_view(weight, |wv| {
+                let (dim_i, eps_f) = (checked_i32("dim", dim)?, eps as f32);
+                let mut b = func.builder();
+                b.arg(xv).arg(rv).arg(wv).arg(&mut sum).arg(&mut out);
+                b.arg(&dim_i).arg(&eps_f);
+                let block = if dim >= 1024 { 256 } else { 128 };
+                let cfg = launch_config((checked_u32("rows", rows)?, 1), block, 0);
+                // SAFETY: argument types and order match `add_rms_norm_bf16`.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })
+    })?;
+    let shape = x.shape().clone();
+    Ok(Some((wrap(dev, sum, shape.clone()), wrap(dev, out, shape))))
 }
 
 /// Per-head RMSNorm then RoPE of `x` `[tokens, heads, d]` with `cos`/`sin` `[tokens, d]`, all
@@ -247,6 +291,62 @@ pub fn decode_attention(
         })
     })?;
     Ok(Some(wrap(dev, out, (seqs, heads * d))))
+}
+
+/// The router's top-k on the GPU: `logits` `[tokens, experts]` (bf16) and `masked` (u8 per
+/// expert, nonzero = never chosen) on one device. Returns row-major ids and weights on the host
+/// (one copy back); `None` when the logits are not bf16 on a GPU.
+pub fn router_topk(
+    logits: &Tensor,
+    masked: &Tensor,
+    k: usize,
+    norm: bool,
+) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+    let Some(dev) = bf16_device(logits) else {
+        return Ok(None);
+    };
+    let (n, experts) = logits.dims2()?;
+    if masked.dims() != [experts] || masked.dtype() != DType::U8 || k == 0 || k > experts {
+        return Ok(None);
+    }
+    if n == 0 {
+        return Ok(Some((Vec::new(), Vec::new())));
+    }
+    let func = dev.get_or_load_custom_func("router_topk_bf16", MODULE, PTX)?;
+    // SAFETY: the kernel writes every id and weight of every token.
+    let mut out = unsafe { dev.alloc::<u32>(2 * n * k) }?;
+    let (storage, layout) = masked.storage_and_layout();
+    let Storage::Cuda(mask) = &*storage else {
+        bail!("the router mask is not on the GPU")
+    };
+    let mask = mask.as_cuda_slice::<u8>()?.slice(layout.start_offset()..);
+    with_view(logits, |lv| {
+        let (n_i, e_i, k_i) = (
+            checked_i32("tokens", n)?,
+            checked_i32("experts", experts)?,
+            checked_i32("top-k", k)?,
+        );
+        let norm_i = i32::from(norm);
+        let mut b = func.builder();
+        b.arg(lv)
+            .arg(&mask)
+            .arg(&n_i)
+            .arg(&e_i)
+            .arg(&k_i)
+            .arg(&norm_i)
+            .arg(&mut out);
+        let shared = checked_u32("experts", experts * 4)?;
+        let cfg = launch_config((checked_u32("tokens", n)?, 1), 32, shared);
+        // SAFETY: argument types and order match `router_topk_bf16`.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    let both = dev.clone_dtoh(&out)?;
+    let (ids, bits) = both.split_at(n * k);
+    Ok(Some((
+        ids.to_vec(),
+        bits.iter().map(|&b| f32::from_bits(b)).collect(),
+    )))
 }
 
 /// Copies `data` to the device (small routing tables).

@@ -1,10 +1,11 @@
 //! The fused MoE step on the GPU: a layer's experts held as two stacked bf16 tensors, and one
-//! launch each for gate+up+SiLU, for down with the router weight, and for the per-token sum.
+//! launch each for gate+up+SiLU, for down with the router weight, and for the per-token sum;
+//! experts with few tokens run as grouped GEMVs, those with many (prefill) on the tensor cores.
 //! Slots are grouped by expert on the host (the routing is there already) and travel in one small
 //! table; see `kernels.cu` for its layout and the numerics.
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use candle_core::{Device, Result, Tensor};
 use half::bf16;
 
@@ -13,8 +14,15 @@ use super::{
 };
 use crate::experts::Assignment;
 
-/// Warps per block of the MoE kernels: one output row per warp.
+/// Warps per block of the GEMV MoE kernels: one output row per warp.
 const WARPS: usize = 8;
+/// Experts with at least this many tokens run on the tensor cores (`moe_*_mma_bf16`), the rest
+/// as grouped GEMVs. Depends only on the expert's own token count, so a node holding the expert
+/// makes the same choice as a single process would.
+const MMA_MIN_TOKENS: usize = 16;
+/// Tile of the tensor-core kernels: slots by outputs (K steps of 32).
+const MMA_M: usize = 32;
+const MMA_N: usize = 64;
 
 /// One MoE layer's held experts, stacked on one GPU: `w13` `[held, 2I, H]` (each expert's gate
 /// rows then its up rows), `w2` `[held, H, I]`.
@@ -30,7 +38,7 @@ pub struct StackedExperts {
 impl StackedExperts {
     /// Whether the kernels serve these sizes (16-byte rows).
     pub fn supports(hidden: usize, inter: usize) -> bool {
-        hidden % 8 == 0 && inter % 8 == 0 && hidden > 0 && inter > 0
+        hidden.is_multiple_of(8) && inter.is_multiple_of(8) && hidden > 0 && inter > 0
     }
 
     /// Stacks `experts` (expert id, then gate `[I, H]`, up `[I, H]`, down `[H, I]`, bf16 on the
@@ -95,14 +103,25 @@ impl StackedExperts {
             return Tensor::zeros((0, h), xs.dtype(), xs.device());
         }
         let g = groups.len();
+        // Small groups first (the GEMV kernels take groups 0..small), then the tensor-core ones.
+        let mma = self.hidden.is_multiple_of(32) && self.inter.is_multiple_of(32);
+        let is_big = |slots: &[u32]| mma && slots.len() >= MMA_MIN_TOKENS;
+        let (big, small): (Vec<_>, Vec<_>) = groups.iter().partition(|(_, slots)| is_big(slots));
+        let n_small = small.len();
         let mut tab = vec![0u32; 3 * g + 3 * s];
+        let mut tiles = Vec::new();
         let mut next = 0u32;
-        for (gi, (expert, slots)) in groups.iter().enumerate() {
+        for (gi, (expert, slots)) in small.into_iter().chain(big).enumerate() {
             tab[gi] = self.row_of.get(*expert).copied().flatten().ok_or_else(|| {
                 candle_core::Error::Msg(format!("expert {expert} is not held here"))
             })?;
             tab[g + gi] = next;
             tab[2 * g + gi] = checked_u32("slots", slots.len())?;
+            if gi >= n_small {
+                for m0 in (0..slots.len()).step_by(MMA_M) {
+                    tiles.extend([checked_u32("group", gi)?, checked_u32("tile", m0)?]);
+                }
+            }
             for &slot in slots {
                 let a = &assignments[slot as usize];
                 let k = next as usize;
@@ -115,52 +134,61 @@ impl StackedExperts {
         if next as usize != s {
             candle_core::bail!("{next} grouped slots for {s} assignments");
         }
+        let n_tiles = checked_u32("tiles", tiles.len() / 2)?;
+        tab.extend(tiles);
         let tab = upload(dev, &tab)?;
-        let (g_i, s_i, h_i, i_i) = (
+        let tiles = tab.slice(3 * g + 3 * s..);
+        let sizes = [
             checked_i32("groups", g)?,
             checked_i32("slots", s)?,
             checked_i32("hidden", h)?,
             checked_i32("intermediate", i)?,
-        );
-        let gy = checked_u32("groups", g)?;
-        let block = (WARPS * 32) as u32;
-        // SAFETY: every row of `act` belongs to one slot and is written by `moe_gate_up_bf16`.
+        ];
+        let n_small = checked_u32("groups", n_small)?;
+        // SAFETY: every row of `act` belongs to one slot of one group and is written by one of
+        // the gate/up kernels; likewise every row of `out` by one of the down kernels.
         let mut act = unsafe { dev.alloc::<bf16>(s * i) }?;
-        // SAFETY: every assignment is in one group, so `moe_down_bf16` writes every row.
         let mut out = unsafe { dev.alloc::<bf16>(s * h) }?;
+        let launch = |name: &str,
+                      input: &CudaView<'_, bf16>,
+                      weights: &CudaView<'_, bf16>,
+                      out: &mut CudaSlice<bf16>,
+                      grid: (u32, u32),
+                      mma: bool|
+         -> Result<()> {
+            if grid.1 == 0 {
+                return Ok(());
+            }
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(input).arg(weights).arg(&tab);
+            for size in &sizes {
+                b.arg(size);
+            }
+            if mma {
+                b.arg(&tiles);
+            }
+            b.arg(out);
+            let block = if mma { 128 } else { (WARPS * 32) as u32 };
+            // SAFETY: argument types and order match the kernel `name` (kernels.cu).
+            unsafe { b.launch(launch_config(grid, block, 0)) }.w()?;
+            Ok(())
+        };
+        let rows = |n: usize, per: usize| n.div_ceil(per) as u32;
         with_view(xs, |xv| {
             with_view(&self.w13, |wv| {
-                let func = dev.get_or_load_custom_func("moe_gate_up_bf16", MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(xv)
-                    .arg(wv)
-                    .arg(&tab)
-                    .arg(&g_i)
-                    .arg(&s_i)
-                    .arg(&h_i)
-                    .arg(&i_i);
-                b.arg(&mut act);
-                let cfg = launch_config((i.div_ceil(WARPS) as u32, gy), block, 0);
-                // SAFETY: argument types and order match `moe_gate_up_bf16`.
-                unsafe { b.launch(cfg) }.w()?;
-                Ok(())
+                let gemv = (rows(i, WARPS), n_small);
+                launch("moe_gate_up_bf16", xv, wv, &mut act, gemv, false)?;
+                let tiled = (rows(i, MMA_N), n_tiles);
+                launch("moe_gate_up_mma_bf16", xv, wv, &mut act, tiled, true)
             })
         })?;
+        let act_view = act.slice(..);
         with_view(&self.w2, |wv| {
-            let func = dev.get_or_load_custom_func("moe_down_bf16", MODULE, PTX)?;
-            let mut b = func.builder();
-            b.arg(&act)
-                .arg(wv)
-                .arg(&tab)
-                .arg(&g_i)
-                .arg(&s_i)
-                .arg(&h_i)
-                .arg(&i_i);
-            b.arg(&mut out);
-            let cfg = launch_config((h.div_ceil(WARPS) as u32, gy), block, 0);
-            // SAFETY: argument types and order match `moe_down_bf16`.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(())
+            let gemv = (rows(h, WARPS), n_small);
+            launch("moe_down_bf16", &act_view, wv, &mut out, gemv, false)?;
+            let tiled = (rows(h, MMA_N), n_tiles);
+            launch("moe_down_mma_bf16", &act_view, wv, &mut out, tiled, true)
         })?;
         Ok(wrap(dev, out, (s, h)))
     }
