@@ -156,6 +156,24 @@ pub fn assert_bits_equal(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
     }
 }
 
+/// Runs each prompt through `model` alone (text positions from 0) and returns their caches.
+pub fn prefill_each(
+    model: &omnishard_coordinator::Model,
+    prompts: &[Vec<u32>],
+) -> Vec<omnishard_coordinator::KvCache> {
+    use omnishard_coordinator::{KvCache, LogitsFor, SequenceInput};
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+    for (p, cache) in prompts.iter().zip(caches.iter_mut()) {
+        let mut batch = [SequenceInput {
+            tokens: p,
+            positions: Positions::text(0, p.len()),
+            cache,
+        }];
+        model.forward(&mut batch, LogitsFor::Last).expect("prefill");
+    }
+    caches
+}
+
 /// Copies a fixture model into a fresh temporary directory, for tests that damage it.
 pub fn scratch_copy(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

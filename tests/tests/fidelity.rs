@@ -3,7 +3,9 @@
 
 use candle_core::Device;
 use omnishard_coordinator::{ComputeDtype, Engine, Sampler, SamplingParams};
-use omnishard_tests::{BF16_TOL, FIXTURES, Golden, assert_bf16_close, compare, model_dir};
+use omnishard_tests::{
+    BF16_TOL, FIXTURES, Golden, assert_bf16_close, compare, model_dir, prefill_each,
+};
 
 /// f32 bound: max |difference| <= F32_TOL * max(1, max |logit|).
 const F32_TOL: f32 = 1e-4;
@@ -84,7 +86,7 @@ fn greedy_with_cache_matches_reference_and_full_recompute() {
 
 #[test]
 fn batched_decode_matches_sequences_decoded_alone() {
-    use omnishard_coordinator::{KvCache, LogitsFor, Positions, SequenceInput};
+    use omnishard_coordinator::{LogitsFor, Positions, SequenceInput};
     // f32 takes the fused CPU kernel, bf16 the generic tensor path.
     for (name, dtype, tolerance) in [
         ("omni-gqa-top4", ComputeDtype::F32, 1e-5),
@@ -100,18 +102,8 @@ fn batched_decode_matches_sequences_decoded_alone() {
             .collect();
         let next = 42u32;
         // Prefill each alone, twice: one set of caches for the batched step, one for solo steps.
-        let mut batched_caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
-        let mut solo_caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
-        for caches in [&mut batched_caches, &mut solo_caches] {
-            for (p, cache) in prompts.iter().zip(caches.iter_mut()) {
-                let mut batch = [SequenceInput {
-                    tokens: p,
-                    positions: Positions::text(0, p.len()),
-                    cache,
-                }];
-                model.forward(&mut batch, LogitsFor::Last).unwrap();
-            }
-        }
+        let mut batched_caches = prefill_each(model, &prompts);
+        let mut solo_caches = prefill_each(model, &prompts);
         let tokens = [next];
         let mut batch: Vec<SequenceInput> = prompts
             .iter()

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_coordinator::remote::RemoteOptions;
-use omnishard_coordinator::{ComputeDtype, Engine, KvCache, LogitsFor, Positions, SequenceInput};
+use omnishard_coordinator::{ComputeDtype, Engine, LogitsFor, Positions, SequenceInput};
 use omnishard_model::experts::combine;
 use omnishard_model::ops::cuda;
 use omnishard_model::{Assignment, Checkpoint, DeviceSpec, LocalExperts};
 use omnishard_proto::ModelConfig;
 use omnishard_tests::{
     ExpertNode, FIXTURES, Golden, addresses, assert_bf16_close, assert_bits_equal, model_dir,
+    prefill_each,
 };
 
 fn gpu() -> Device {
@@ -228,15 +229,7 @@ fn gpu_decode_with_cache_matches_full_recompute() {
             .iter()
             .map(|&n| golden.token_ids[..n].to_vec())
             .collect();
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
-        for (p, cache) in prompts.iter().zip(caches.iter_mut()) {
-            let mut batch = [SequenceInput {
-                tokens: p,
-                positions: Positions::text(0, p.len()),
-                cache,
-            }];
-            model.forward(&mut batch, LogitsFor::Last).unwrap();
-        }
+        let mut caches = prefill_each(model, &prompts);
         // Three decode steps of the three sequences together (the batched decode attention).
         let mut seqs = prompts.clone();
         for step in 0..3u32 {

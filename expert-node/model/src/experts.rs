@@ -256,6 +256,25 @@ impl LocalExperts {
         xs: &Tensor,
         assignments: &[Assignment],
     ) -> Result<Tensor, ExpertError> {
+        let (row, groups) = self.checked_groups(layer, xs, assignments)?;
+        let row = match row {
+            LayerExperts::Stacked(stacked) => {
+                return Ok(stacked.outputs(xs, assignments, &groups)?);
+            }
+            LayerExperts::Each(row) => row,
+        };
+        self.outputs_each(row, layer, xs, assignments, groups)
+    }
+
+    /// Validates a call (everything a remote caller could get wrong) and groups the
+    /// assignments by expert: each held expert with tokens, its assignment indices in order.
+    #[allow(clippy::type_complexity)]
+    fn checked_groups(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        assignments: &[Assignment],
+    ) -> Result<(&LayerExperts, Vec<(usize, Vec<u32>)>), ExpertError> {
         let row = self
             .layers
             .get(layer)
@@ -283,7 +302,8 @@ impl LocalExperts {
             )));
         }
         let groups = group_by_expert(assignments, self.num_experts);
-        let mut seen = std::collections::HashSet::with_capacity(assignments.len());
+        // One bit per (token, expert) of this call: cheaper than hashing at prefill sizes.
+        let mut seen = vec![false; n_tokens * self.num_experts];
         for a in assignments {
             if a.token as usize >= n_tokens {
                 return Err(invalid(format!(
@@ -303,7 +323,8 @@ impl LocalExperts {
                     expert: a.expert as usize,
                 });
             }
-            if !seen.insert((a.token, a.expert)) {
+            let pair = a.token as usize * self.num_experts + a.expert as usize;
+            if std::mem::replace(&mut seen[pair], true) {
                 return Err(invalid(format!(
                     "token {} routed twice to expert {}",
                     a.token, a.expert
@@ -314,12 +335,19 @@ impl LocalExperts {
             .into_iter()
             .filter(|(_, slots)| !slots.is_empty())
             .collect();
-        let row = match row {
-            LayerExperts::Stacked(stacked) => {
-                return Ok(stacked.outputs(xs, assignments, &groups)?);
-            }
-            LayerExperts::Each(row) => row,
-        };
+        Ok((row, groups))
+    }
+
+    /// [`LocalExperts::expert_outputs`] for experts held one by one (CPU, or f32).
+    fn outputs_each(
+        &self,
+        row: &[Option<SwiGlu>],
+        layer: usize,
+        xs: &Tensor,
+        assignments: &[Assignment],
+        groups: Vec<(usize, Vec<u32>)>,
+    ) -> Result<Tensor, ExpertError> {
+        let hidden = self.hidden_size;
         if let Some(out) = self.packed_outputs(row, xs, assignments, &groups)? {
             return Ok(out);
         }
@@ -488,7 +516,15 @@ impl Experts for LocalExperts {
         _ctx: &CallContext,
     ) -> Result<Tensor, ExpertError> {
         let assignments: Vec<Assignment> = routing.assignments().collect();
-        let outputs = self.expert_outputs(layer, xs, &assignments)?;
+        let outputs = match self.checked_groups(layer, xs, &assignments)? {
+            // On a GPU the outputs are summed in the same launch sequence, with one upload.
+            (LayerExperts::Stacked(stacked), groups) => {
+                return Ok(stacked.forward(xs, &assignments, &groups, routing.n_tokens())?);
+            }
+            (LayerExperts::Each(row), groups) => {
+                self.outputs_each(row, layer, xs, &assignments, groups)?
+            }
+        };
         combine(routing.n_tokens(), &assignments, &outputs)
     }
 }

@@ -63,20 +63,27 @@ impl DecoderLayer {
         })
     }
 
-    /// `xs`: `[tokens, hidden]`, the batch's sequences one after another; `cos`/`sin`
-    /// `[tokens, head_dim]`. Appends this layer's keys and values to each sequence's cache.
+    /// `residual` plus `pending` (the previous layer's MLP output, added here so that the add
+    /// and this layer's input norm are one kernel on a GPU) is the layer's input `[tokens,
+    /// hidden]`, the batch's sequences one after another; `cos`/`sin` `[tokens, head_dim]`.
+    /// Appends this layer's keys and values to each sequence's cache. Returns the residual
+    /// stream after attention and this layer's MLP output, still to be added.
     pub(super) fn forward(
         &self,
-        xs: &Tensor,
+        residual: &Tensor,
+        pending: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
         batch: &mut [SequenceInput<'_>],
         routed: &RoutedExperts<'_>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let l = self.layer_idx;
-        let normed = self.input_layernorm.forward(xs)?;
+        let (xs, normed) = match pending {
+            Some(pending) => self.input_layernorm.forward_residual(residual, pending)?,
+            None => (residual.clone(), self.input_layernorm.forward(residual)?),
+        };
         let attn = self.self_attn.forward(&normed, cos, sin, batch, l)?;
-        let (h, normed) = self.post_attention_layernorm.forward_residual(xs, &attn)?;
+        let (h, normed) = self.post_attention_layernorm.forward_residual(&xs, &attn)?;
         let mlp_out = match &self.mlp {
             Mlp::Dense(mlp) => mlp.forward(&normed)?,
             Mlp::Moe(router) => {
@@ -88,6 +95,6 @@ impl DecoderLayer {
                     .map_err(|source| ModelError::Experts { layer: l, source })?
             }
         };
-        Ok((h + mlp_out)?)
+        Ok((h, mlp_out))
     }
 }

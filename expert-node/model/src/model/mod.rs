@@ -213,10 +213,16 @@ impl Model {
             usage: &self.usage,
             ctx,
         };
+        let mut pending: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
             // For profiling (RUST_LOG=trace): when disabled this costs one relaxed load.
             let _layer = tracing::trace_span!("layer", layer = l, tokens = n).entered();
-            xs = layer.forward(&xs, &cos, &sin, batch, &routed)?;
+            let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), &cos, &sin, batch, &routed)?;
+            xs = h;
+            pending = Some(mlp_out);
+        }
+        if let Some(mlp_out) = pending {
+            xs = (xs + mlp_out)?;
         }
         // The rows whose logits are wanted, for the whole batch at once.
         let mut rows = Vec::with_capacity(n);

@@ -59,36 +59,58 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
     return acc;
 }
 
+// Elements of a row each thread keeps in registers: rows up to NORM_PER * blockDim.x are read
+// from memory once (longer rows are re-read in a second pass).
+#define NORM_PER 8
+
 // RMSNorm of each row (Qwen3OmniMoeThinkerTextRMSNorm): the norm in f32, cast to bf16, then
-// times the weight in bf16. One block per row.
-extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+// times the weight in bf16. One block per row; with `r`, the row is first x + r in bf16 (the
+// decoder layer's residual add), written to `sum`.
+__device__ __forceinline__ void norm_row(const bf16* __restrict__ x, const bf16* __restrict__ r,
+                                         const bf16* __restrict__ w, bf16* __restrict__ sum,
                                          bf16* __restrict__ out, int dim, float eps) {
-    const bf16* xr = x + (size_t)blockIdx.x * dim;
-    bf16* yr = out + (size_t)blockIdx.x * dim;
+    const size_t base = (size_t)blockIdx.x * dim;
+    auto load = [&](int j) {
+        if (r == nullptr) return f(x[base + j]);
+        const bf16 h = rn(f(x[base + j]) + f(r[base + j]));
+        sum[base + j] = h;
+        return f(h);
+    };
+    float v[NORM_PER];
     float ss = 0.f;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float v = f(xr[j]);
-        ss = fmaf(v, v, ss);
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const int j = threadIdx.x + i * blockDim.x;
+        v[i] = j < dim ? load(j) : 0.f;
+        ss = fmaf(v[i], v[i], ss);
+    }
+    for (int j = threadIdx.x + NORM_PER * blockDim.x; j < dim; j += blockDim.x) {
+        const float t = load(j);
+        ss = fmaf(t, t, ss);
     }
     const float inv = 1.0f / sqrtf(block_sum(ss) / (float)dim + eps);
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) yr[j] = rn(f(rn(f(xr[j]) * inv)) * f(w[j]));
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const int j = threadIdx.x + i * blockDim.x;
+        if (j < dim) out[base + j] = rn(f(rn(v[i] * inv)) * f(w[j]));
+    }
+    for (int j = threadIdx.x + NORM_PER * blockDim.x; j < dim; j += blockDim.x) {
+        const float t = r == nullptr ? f(x[base + j]) : f(sum[base + j]);
+        out[base + j] = rn(f(rn(t * inv)) * f(w[j]));
+    }
+}
+
+extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                         bf16* __restrict__ out, int dim, float eps) {
+    norm_row(x, nullptr, w, nullptr, out, dim, eps);
 }
 
 // The residual add then RMSNorm of the decoder layer: h = x + r in bf16 (written to `sum`), then
-// normed = RMSNorm(h) as `rms_norm_bf16`. One block per row.
+// normed = RMSNorm(h) as `rms_norm_bf16`.
 extern "C" __global__ void add_rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ r,
                                              const bf16* __restrict__ w, bf16* __restrict__ sum,
                                              bf16* __restrict__ out, int dim, float eps) {
-    const size_t base = (size_t)blockIdx.x * dim;
-    float ss = 0.f;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        const bf16 h = rn(f(x[base + j]) + f(r[base + j]));
-        sum[base + j] = h;
-        ss = fmaf(f(h), f(h), ss);
-    }
-    const float inv = 1.0f / sqrtf(block_sum(ss) / (float)dim + eps);
-    for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        out[base + j] = rn(f(rn(f(sum[base + j]) * inv)) * f(w[j]));
+    norm_row(x, r, w, sum, out, dim, eps);
 }
 
 // q_norm/k_norm then RoPE (rotate_half), per (token, head) row of `d` = blockDim.x elements:
@@ -209,6 +231,7 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16* __restrict__ xs, const b
             ag[m] = 0.f;
             au[m] = 0.f;
         }
+#pragma unroll 4
         for (int k = lane * 8; k < H; k += 256) {
             const uint4 gv = *reinterpret_cast<const uint4*>(wg + k);
             const uint4 uv = *reinterpret_cast<const uint4*>(wu + k);
@@ -253,6 +276,7 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
             ar[m] = act + (size_t)(start + min(t0 + m, count - 1)) * I;
             acc[m] = 0.f;
         }
+#pragma unroll 4
         for (int k = lane * 8; k < I; k += 256) {
             const uint4 wv = *reinterpret_cast<const uint4*>(wd + k);
 #pragma unroll
@@ -434,20 +458,24 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ ys, const u
 // `seq` (q [seqs, heads, d]) to that sequence's cached positions and its new key/value (k_new,
 // v_new [seqs, kv_heads, d]), and the first query head of each KV head writes the new key/value
 // into the cache (no block reads that row from the cache, so no block waits for another).
-// `table` holds per sequence: key buffer, value buffer ([kv_heads, capacity, d] each), cached
-// length, capacity. Rounds as the reference's eager attention in bf16: scores =
+// `table` (a kernel parameter: no upload) holds for sequences seq_base + blockIdx.y: key buffer,
+// value buffer ([kv_heads, capacity, d] each), cached length, capacity. Rounds as the reference's eager attention in bf16: scores =
 // bf16(bf16(q . k) * scale), softmax in f32, probabilities cast to bf16, then probs @ v with f32
 // accumulation. blockDim.x == d; dynamic shared memory holds one float per position.
+#define DECODE_SEQS 32
+struct DecodeTable {
+    unsigned long long v[4 * DECODE_SEQS];
+};
+
 extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
-                                                 const bf16* __restrict__ v_new,
-                                                 const unsigned long long* __restrict__ table,
+                                                 const bf16* __restrict__ v_new, const DecodeTable table,
                                                  bf16* __restrict__ out, int heads, int kv_heads,
-                                                 float scale) {
+                                                 float scale, int seq_base) {
     extern __shared__ float p[];
-    const int d = blockDim.x, head = blockIdx.x, seq = blockIdx.y;
+    const int d = blockDim.x, head = blockIdx.x, seq = seq_base + blockIdx.y;
     const int groups = heads / kv_heads, kv = head / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const unsigned long long* t = table + 4 * (size_t)seq;
+    const unsigned long long* t = table.v + 4 * blockIdx.y;
     const long long capacity = (long long)t[3];
     bf16* kh = reinterpret_cast<bf16*>(t[0]) + (size_t)kv * capacity * d;
     bf16* vh = reinterpret_cast<bf16*>(t[1]) + (size_t)kv * capacity * d;

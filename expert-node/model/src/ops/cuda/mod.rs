@@ -190,6 +190,9 @@ pub fn norm_rope(
 
 /// Longest cache the decode-attention kernel takes: its scores live in 48 KiB of shared memory.
 const DECODE_ATTENTION_MAX_LEN: usize = 12 * 1024;
+/// Sequences per decode-attention launch: its table is a kernel parameter (`DECODE_SEQS` in
+/// kernels.cu).
+const DECODE_SEQS: usize = 32;
 
 /// One sequence's KV cache buffers for [`decode_attention`]: keys and values `[kv_heads,
 /// capacity, d]` (contiguous, capacity above `past`) and the number of positions cached.
@@ -242,27 +245,16 @@ pub fn decode_attention(
         return Ok(None);
     }
     let stream = dev.cuda_stream();
-    let mut table = Vec::with_capacity(4 * seqs);
-    for c in caches {
-        let pointer = |t: &Tensor| -> Result<u64> {
-            let (storage, layout) = t.storage_and_layout();
-            let Storage::Cuda(s) = &*storage else {
-                bail!("expected a CUDA tensor")
-            };
-            let slice = s.as_cuda_slice::<bf16>()?;
-            let view = slice.slice(layout.start_offset()..);
-            let (ptr, _sync) = view.device_ptr(&stream);
-            Ok(ptr)
+    let pointer = |t: &Tensor| -> Result<u64> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            bail!("expected a CUDA tensor")
         };
-        table.extend([
-            pointer(c.k)?,
-            pointer(c.v)?,
-            c.past as u64,
-            c.k.dim(1)? as u64,
-        ]);
-    }
-    let table = dev.clone_htod(&table)?;
-    let longest = caches.iter().map(|c| c.past + 1).max().unwrap_or(1);
+        let slice = s.as_cuda_slice::<bf16>()?;
+        let view = slice.slice(layout.start_offset()..);
+        let (ptr, _sync) = view.device_ptr(&stream);
+        Ok(ptr)
+    };
     let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, PTX)?;
     // SAFETY: the kernel writes every element (one thread per (sequence, head, dim)).
     let mut out = unsafe { dev.alloc::<bf16>(seqs * heads * d) }?;
@@ -274,18 +266,30 @@ pub fn decode_attention(
                     checked_i32("kv heads", kv_heads)?,
                 );
                 let scale = (d as f32).powf(-0.5);
-                let mut b = func.builder();
-                b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
-                b.arg(&heads_i).arg(&kv_i).arg(&scale);
-                let shared = checked_u32("cache length", longest * 4)?;
-                let grid = (
-                    checked_u32("heads", heads)?,
-                    checked_u32("sequences", seqs)?,
-                );
-                let cfg = launch_config(grid, d as u32, shared);
-                // SAFETY: argument types and order match `decode_attention_bf16`; every cache
-                // pointer names a live buffer with room for row `past`.
-                unsafe { b.launch(cfg) }.w()?;
+                // The table travels as a kernel parameter, DECODE_SEQS sequences per launch.
+                for (chunk, group) in caches.chunks(DECODE_SEQS).enumerate() {
+                    let mut table = [0u64; 4 * DECODE_SEQS];
+                    for (i, c) in group.iter().enumerate() {
+                        table[4 * i..4 * i + 4].copy_from_slice(&[
+                            pointer(c.k)?,
+                            pointer(c.v)?,
+                            c.past as u64,
+                            c.k.dim(1)? as u64,
+                        ]);
+                    }
+                    let longest = group.iter().map(|c| c.past + 1).max().unwrap_or(1);
+                    let seq_base = checked_i32("sequence", chunk * DECODE_SEQS)?;
+                    let mut b = func.builder();
+                    b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
+                    b.arg(&heads_i).arg(&kv_i).arg(&scale).arg(&seq_base);
+                    let shared = checked_u32("cache length", longest * 4)?;
+                    let grid = (checked_u32("heads", heads)?, group.len() as u32);
+                    let cfg = launch_config(grid, d as u32, shared);
+                    // SAFETY: argument types and order match `decode_attention_bf16` (the
+                    // table is its `DecodeTable`); every cache pointer names a live buffer with
+                    // room for row `past`.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
                 Ok(())
             })
         })

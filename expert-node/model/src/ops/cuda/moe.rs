@@ -6,7 +6,7 @@
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
-use candle_core::{Device, Result, Tensor};
+use candle_core::{CudaDevice, Device, Result, Tensor};
 use half::bf16;
 
 use super::{
@@ -95,12 +95,35 @@ impl StackedExperts {
         assignments: &[Assignment],
         groups: &[(usize, Vec<u32>)],
     ) -> Result<Tensor> {
+        self.run(xs, assignments, groups, None)
+    }
+
+    /// The per-token sums of [`StackedExperts::outputs`] (what [`combine`] makes of them), in
+    /// the same launch sequence with a single upload of every table: `[n_tokens, H]`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        assignments: &[Assignment],
+        groups: &[(usize, Vec<u32>)],
+        n_tokens: usize,
+    ) -> Result<Tensor> {
+        self.run(xs, assignments, groups, Some(n_tokens))
+    }
+
+    /// The outputs, or with `sum_tokens` their per-token sums.
+    fn run(
+        &self,
+        xs: &Tensor,
+        assignments: &[Assignment],
+        groups: &[(usize, Vec<u32>)],
+        sum_tokens: Option<usize>,
+    ) -> Result<Tensor> {
         let dev = bf16_device(xs)
             .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
         let (h, i) = (self.hidden, self.inter);
         let s = assignments.len();
         if s == 0 {
-            return Tensor::zeros((0, h), xs.dtype(), xs.device());
+            return Tensor::zeros((sum_tokens.unwrap_or(0), h), xs.dtype(), xs.device());
         }
         let g = groups.len();
         // Small groups first (the GEMV kernels take groups 0..small), then the tensor-core ones.
@@ -135,9 +158,14 @@ impl StackedExperts {
             candle_core::bail!("{next} grouped slots for {s} assignments");
         }
         let n_tiles = checked_u32("tiles", tiles.len() / 2)?;
+        let tiles_at = tab.len();
         tab.extend(tiles);
+        let sums_at = tab.len();
+        if let Some(n) = sum_tokens {
+            tab.extend(combine_table(n, assignments)?);
+        }
         let tab = upload(dev, &tab)?;
-        let tiles = tab.slice(3 * g + 3 * s..);
+        let tiles = tab.slice(tiles_at..sums_at);
         let sizes = [
             checked_i32("groups", g)?,
             checked_i32("slots", s)?,
@@ -190,7 +218,17 @@ impl StackedExperts {
             let tiled = (rows(h, MMA_N), n_tiles);
             launch("moe_down_mma_bf16", &act_view, wv, &mut out, tiled, true)
         })?;
-        Ok(wrap(dev, out, (s, h)))
+        match sum_tokens {
+            None => Ok(wrap(dev, out, (s, h))),
+            Some(n) => {
+                let (offsets, idx) = (
+                    tab.slice(sums_at..sums_at + n + 1),
+                    tab.slice(sums_at + n + 1..),
+                );
+                let sums = launch_combine(dev, &out.slice(..), &offsets, &idx, n, h)?;
+                Ok(wrap(dev, sums, (n, h)))
+            }
+        }
     }
 }
 
@@ -205,42 +243,57 @@ pub fn combine(n_tokens: usize, assignments: &[Assignment], ys: &Tensor) -> Resu
     if n_tokens == 0 || h == 0 {
         return Ok(Some(Tensor::zeros((n_tokens, h), ys.dtype(), ys.device())?));
     }
-    // CSR of each token's assignment indices, ordered by expert id.
-    let mut per_token: Vec<Vec<(u32, u32)>> = vec![Vec::new(); n_tokens];
-    for (i, a) in assignments.iter().enumerate() {
-        let row = per_token.get_mut(a.token as usize).ok_or_else(|| {
+    let table = upload(dev, &combine_table(n_tokens, assignments)?)?;
+    let (offsets, idx) = (table.slice(..n_tokens + 1), table.slice(n_tokens + 1..));
+    let sums = with_view(ys, |yv| {
+        launch_combine(dev, yv, &offsets, &idx, n_tokens, h)
+    })?;
+    Ok(Some(wrap(dev, sums, (n_tokens, h))))
+}
+
+/// The combine kernel's table: CSR offsets (`n_tokens + 1`) then each token's assignment
+/// indices ordered by expert id, by a counting sort (no per-token lists).
+fn combine_table(n_tokens: usize, assignments: &[Assignment]) -> Result<Vec<u32>> {
+    let mut offsets = vec![0u32; n_tokens + 1];
+    for a in assignments {
+        let slot = offsets.get_mut(a.token as usize + 1).ok_or_else(|| {
             candle_core::Error::Msg(format!("token {} out of range {n_tokens}", a.token))
         })?;
-        row.push((a.expert, checked_u32("assignment", i)?));
+        *slot += 1;
     }
-    let mut offsets = Vec::with_capacity(n_tokens + 1);
-    let mut idx = Vec::with_capacity(assignments.len());
-    offsets.push(0u32);
-    for row in &mut per_token {
-        row.sort_by_key(|&(expert, _)| expert);
-        idx.extend(row.iter().map(|&(_, i)| i));
-        offsets.push(checked_u32("assignments", idx.len())?);
+    for t in 0..n_tokens {
+        offsets[t + 1] += offsets[t];
+    }
+    let mut by_expert: Vec<u32> = (0..checked_u32("assignments", assignments.len())?).collect();
+    by_expert.sort_by_key(|&i| assignments[i as usize].expert);
+    let mut fill = offsets[..n_tokens].to_vec();
+    let mut idx = vec![0u32; assignments.len()];
+    for i in by_expert {
+        let t = assignments[i as usize].token as usize;
+        idx[fill[t] as usize] = i;
+        fill[t] += 1;
     }
     let mut table = offsets;
-    let split = table.len();
     table.extend(idx);
-    let table = upload(dev, &table)?;
-    let (offsets, idx) = (table.slice(..split), table.slice(split..));
+    Ok(table)
+}
+
+fn launch_combine(
+    dev: &CudaDevice,
+    ys: &CudaView<'_, bf16>,
+    offsets: &CudaView<'_, u32>,
+    idx: &CudaView<'_, u32>,
+    n_tokens: usize,
+    h: usize,
+) -> Result<CudaSlice<bf16>> {
     // SAFETY: the kernel writes every element of every token's row.
     let mut out = unsafe { dev.alloc::<bf16>(n_tokens * h) }?;
-    with_view(ys, |yv| {
-        let func = dev.get_or_load_custom_func("moe_combine_bf16", MODULE, PTX)?;
-        let h_i = checked_i32("hidden", h)?;
-        let mut b = func.builder();
-        b.arg(yv).arg(&offsets).arg(&idx).arg(&h_i).arg(&mut out);
-        let cfg = launch_config(
-            (h.div_ceil(256) as u32, checked_u32("tokens", n_tokens)?),
-            256,
-            0,
-        );
-        // SAFETY: argument types and order match `moe_combine_bf16`.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
-    })?;
-    Ok(Some(wrap(dev, out, (n_tokens, h))))
+    let func = dev.get_or_load_custom_func("moe_combine_bf16", MODULE, PTX)?;
+    let h_i = checked_i32("hidden", h)?;
+    let mut b = func.builder();
+    b.arg(ys).arg(offsets).arg(idx).arg(&h_i).arg(&mut out);
+    let grid = (h.div_ceil(256) as u32, checked_u32("tokens", n_tokens)?);
+    // SAFETY: argument types and order match `moe_combine_bf16`.
+    unsafe { b.launch(launch_config(grid, 256, 0)) }.w()?;
+    Ok(out)
 }
