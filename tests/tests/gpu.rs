@@ -199,6 +199,81 @@ fn norm_kernels_match_the_cpu_math() {
 }
 
 #[test]
+fn residual_norm_and_router_kernels_match_the_cpu_math() {
+    let dev = gpu();
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    // Residual add + RMSNorm: the sum bit for bit (one bf16 add), the norm within bf16 rounding.
+    for (rows, dim) in [(1usize, 2048usize), (5, 200), (3, 9000)] {
+        let x = bf(&Tensor::randn(0f32, 1.0, (rows, dim), &Device::Cpu).unwrap());
+        let r = bf(&Tensor::randn(0f32, 1.0, (rows, dim), &Device::Cpu).unwrap());
+        let w = bf(&Tensor::randn(1f32, 0.2, dim, &Device::Cpu).unwrap());
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let (sum, normed) = cuda::add_rms_norm(&on(&x), &on(&r), &on(&w), 1e-6)
+            .unwrap()
+            .expect("the fused kernel takes bf16 CUDA tensors");
+        let want_sum = (&x + &r).unwrap();
+        assert_eq!(bits(&sum), bits(&want_sum), "{rows}x{dim}: residual sum");
+        let h = want_sum.to_dtype(DType::F32).unwrap();
+        let inv = (h.sqr().unwrap().mean_keepdim(1).unwrap() + 1e-6)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let want = h
+            .broadcast_mul(&inv)
+            .unwrap()
+            .broadcast_mul(&w.to_dtype(DType::F32).unwrap())
+            .unwrap();
+        let err = relative_error(&normed, &want);
+        eprintln!("add+rms_norm {rows}x{dim}: relative error {err:.2e}");
+        assert!(err < 1e-2, "{rows}x{dim}: relative error {err}");
+    }
+    // Router: softmax over unmasked experts, top-k, optional renormalisation, against the host.
+    for (n, experts, k, norm) in [(1usize, 128usize, 8usize, true), (37, 12, 3, false)] {
+        let logits = bf(&Tensor::randn(0f32, 2.0, (n, experts), &Device::Cpu).unwrap());
+        let masked: Vec<u8> = (0..experts).map(|e| u8::from(e % 5 == 4)).collect();
+        let mask = Tensor::new(masked.as_slice(), &dev).unwrap();
+        let (ids, weights) = cuda::router_topk(&logits.to_device(&dev).unwrap(), &mask, k, norm)
+            .unwrap()
+            .expect("the kernel takes bf16 CUDA logits");
+        let rows = logits
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (t, row) in rows.iter().enumerate() {
+            let max = row
+                .iter()
+                .zip(&masked)
+                .filter(|(_, m)| **m == 0)
+                .map(|(l, _)| *l)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = row
+                .iter()
+                .zip(&masked)
+                .map(|(l, m)| if *m == 0 { (l - max).exp() } else { 0.0 })
+                .collect();
+            let total: f32 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..experts).collect();
+            order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]));
+            let top = &order[..k];
+            let kept: f32 = top.iter().map(|&e| exp[e] / total).sum();
+            for (i, &e) in top.iter().enumerate() {
+                assert_eq!(ids[t * k + i] as usize, e, "token {t} choice {i}");
+                let want = exp[e] / total / if norm { kept } else { 1.0 };
+                let got = weights[t * k + i];
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.max(1e-3),
+                    "token {t} choice {i}: weight {got} vs {want}"
+                );
+            }
+        }
+        eprintln!("router top-{k} of {experts} over {n} tokens: ids equal, weights within 1e-5");
+    }
+}
+
+#[test]
 fn gpu_logits_match_the_reference_on_every_fixture() {
     let dev = gpu();
     for name in FIXTURES {
