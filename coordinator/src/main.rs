@@ -92,8 +92,9 @@ struct ModelArgs {
     #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
     dtype: ComputeDtype,
     /// Where this process computes: `cpu`, or `cuda` / `cuda:N` for a GPU (a build with the
-    /// `cuda` feature): embeddings, attention and its KV cache, routers, lm_head and sampling,
-    /// and the experts when they run in this process.
+    /// `cuda` feature): embeddings, attention and its KV cache, routers, the final norm and
+    /// lm_head, and the experts when they run in this process (sampling reads the logits on the
+    /// host).
     #[arg(long, env = "OMNISHARD_DEVICE", default_value = "cpu")]
     device: DeviceSpec,
     /// Where the weights come from: `auto` reads the checkpoint's safetensors; `dummy` makes
