@@ -9,11 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
+use omnishard_model::{Checkpoint, DeviceSpec};
 use omnishard_proto::ModelConfig;
 use serde_json::{Value, json};
 
-use super::{BenchArgs, bandwidth, measure};
+use super::{BenchArgs, bandwidth, measure, node_args};
 use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
 use crate::remote::RemoteOptions;
@@ -94,20 +94,7 @@ pub fn run(
                 DeviceSpec::Cpu => (threads / count).max(1),
                 DeviceSpec::Cuda(_) => 2,
             };
-            let mut node_args = vec![
-                "--threads".to_string(),
-                node_threads.to_string(),
-                "--device".to_string(),
-                node_device.to_string(),
-            ];
-            if args.load_format == LoadFormat::Dummy {
-                node_args.extend([
-                    "--load-format".into(),
-                    "dummy".into(),
-                    "--weights-seed".into(),
-                    args.weights_seed.to_string(),
-                ]);
-            }
+            let node_args = node_args(args, node_threads, node_device);
             let nodes = LocalCluster::start(
                 &bin,
                 dir,

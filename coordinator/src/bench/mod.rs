@@ -124,6 +124,26 @@ fn active_bytes_per_token(cfg: &ModelConfig, dtype: ComputeDtype) -> f64 {
     elems as f64 * dtype.dtype().size_in_bytes() as f64
 }
 
+/// The arguments every expert node of a bench cluster gets: its compute threads and device, and
+/// the bench's dummy weights when it uses them.
+fn node_args(args: &BenchArgs, threads: usize, device: DeviceSpec) -> Vec<String> {
+    let mut a = vec![
+        "--threads".to_string(),
+        threads.to_string(),
+        "--device".to_string(),
+        device.to_string(),
+    ];
+    if args.load_format == LoadFormat::Dummy {
+        a.extend([
+            "--load-format".into(),
+            "dummy".into(),
+            "--weights-seed".into(),
+            args.weights_seed.to_string(),
+        ]);
+    }
+    a
+}
+
 /// Runs the benchmark; returns the JSON object it printed last.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let threads = args
@@ -209,18 +229,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let fraction = bound_s * b1;
 
     let bin = find_expert_node_binary()?;
-    let node_args: Vec<String> = {
-        let mut a = vec!["--threads".to_string(), threads.to_string()];
-        if args.load_format == LoadFormat::Dummy {
-            a.extend([
-                "--load-format".into(),
-                "dummy".into(),
-                "--weights-seed".into(),
-                args.weights_seed.to_string(),
-            ]);
-        }
-        a
-    };
+    let node_args = node_args(args, threads, DeviceSpec::Cpu);
     let start_nodes = |count: usize| {
         LocalCluster::start(
             &bin,
