@@ -84,9 +84,14 @@ impl Attention {
             .iter()
             .map(|seq| seq.tokens.len() == 1 && seq.cache.seq_len() > 0)
             .collect();
-        // On a GPU every decode step of the batch goes to one kernel over the cache buffers.
-        let batched =
-            decoding.iter().filter(|d| **d).count() >= if xs.device().is_cuda() { 1 } else { 2 };
+        // In bf16 on a GPU every decode step of the batch goes to one kernel over the cache
+        // buffers, a single one too.
+        let fewest = if cuda::bf16_device(xs).is_some() {
+            1
+        } else {
+            2
+        };
+        let batched = decoding.iter().filter(|d| **d).count() >= fewest;
         let mut outs: Vec<Option<Tensor>> = vec![None; seqs.len()];
         let mut decode_rows = Vec::new();
         let mut start = 0;
@@ -205,16 +210,21 @@ impl Attention {
             .iter()
             .map(|(k, v, past)| cuda::CacheBuffers { k, v, past: *past })
             .collect();
-        // The decode rows, as [rows, heads, d]: a view when they are the whole batch in order.
+        // The decode rows, as [rows, heads, d]: a view when they are the whole batch in order,
+        // else gathered with one index tensor for q, k and v.
         let all =
             rows.iter().enumerate().all(|(b, &(_, row))| b == row) && rows.len() == q.dim(0)?;
-        let pick = |t: &Tensor| -> Result<Tensor> {
-            if all {
-                return Ok(t.clone());
-            }
+        let idx = if all {
+            None
+        } else {
             let idx: Vec<u32> = rows.iter().map(|&(_, row)| row as u32).collect();
-            let n = idx.len();
-            Ok(t.index_select(&Tensor::from_vec(idx, n, t.device())?, 0)?)
+            Some(Tensor::from_vec(idx, rows.len(), q.device())?)
+        };
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            Ok(match &idx {
+                None => t.clone(),
+                Some(idx) => t.index_select(idx, 0)?,
+            })
         };
         Ok(cuda::decode_attention(
             &pick(q)?,
