@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use omnishard_model::ComputeDtype;
+use omnishard_model::{ComputeDtype, DeviceSpec};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -27,6 +27,10 @@ pub enum LocalClusterError {
     },
     #[error("expert node {shard} failed to start: {reason}")]
     Start { shard: String, reason: String },
+    #[error(
+        "{devices} node devices for {count} nodes: give one device for all of them or one per node (e.g. --node-devices cuda:1,cuda:2)"
+    )]
+    Devices { devices: usize, count: usize },
     #[error("expert node {shard} at {address} did not become healthy within {seconds} s")]
     Unhealthy {
         shard: String,
@@ -65,15 +69,24 @@ pub fn find_expert_node_binary() -> Result<PathBuf, LocalClusterError> {
 
 impl LocalCluster {
     /// Starts `count` nodes serving `model` in `dtype` and waits until every one reports
-    /// SERVING, or `timeout` passes. `extra_args` go to every node (e.g. `--load-format dummy`).
+    /// SERVING, or `timeout` passes. `devices`: none (each node's default, the CPU), one for
+    /// every node, or one per node (node i on `devices[i]`, e.g. one GPU each). `extra_args` go
+    /// to every node (e.g. `--load-format dummy`).
     pub fn start(
         bin: &Path,
         model: &Path,
         count: usize,
         dtype: ComputeDtype,
         timeout: Duration,
+        devices: &[DeviceSpec],
         extra_args: &[String],
     ) -> Result<Self, LocalClusterError> {
+        if devices.len() > 1 && devices.len() != count {
+            return Err(LocalClusterError::Devices {
+                devices: devices.len(),
+                count,
+            });
+        }
         let mut cluster = Self {
             children: Vec::with_capacity(count),
             addresses: Vec::with_capacity(count),
@@ -91,12 +104,20 @@ impl LocalCluster {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
+            if let Some(device) = devices.get(i).or(devices.first()) {
+                cmd.args(["--device", &device.to_string()]);
+            }
             die_with_parent(&mut cmd);
             let mut child = cmd.spawn().map_err(|source| LocalClusterError::Spawn {
                 bin: bin.to_path_buf(),
                 source,
             })?;
-            tracing::info!(pid = child.id(), shard = %format!("{i}/{count}"), "started expert-node");
+            let device = devices
+                .get(i)
+                .or(devices.first())
+                .copied()
+                .unwrap_or_default();
+            tracing::info!(pid = child.id(), shard = %format!("{i}/{count}"), %device, "started expert-node");
             eprintln!(
                 "cluster: started expert-node {i}/{count} (pid {})",
                 child.id()

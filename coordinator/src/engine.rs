@@ -4,11 +4,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use omnishard_model::fingerprint::fingerprint;
-use omnishard_model::{Checkpoint, CheckpointError, ComputeDtype, Experts, LocalExperts};
-use omnishard_proto::{Architecture, ConfigError, ModelConfig};
+use omnishard_model::{
+    CallContext, Checkpoint, CheckpointError, ComputeDtype, Experts, LocalExperts,
+};
+use omnishard_proto::{Architecture, ConfigError, ModelConfig, defaults};
 
+use crate::overlap;
 use crate::remote::{ClusterError, RemoteExperts, RemoteOptions};
 use crate::sampling::Sampler;
 use omnishard_model::model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
@@ -30,6 +33,9 @@ pub enum EngineError {
 pub struct Engine {
     model: Model,
     remote: Option<Arc<RemoteExperts>>,
+    /// Steps of at least this many sequences run as two overlapped micro-batches when the
+    /// experts are remote (`crate::overlap`); 0: never.
+    overlap_min_sequences: usize,
 }
 
 impl Engine {
@@ -109,7 +115,29 @@ impl Engine {
         Ok(Self {
             model,
             remote: None,
+            overlap_min_sequences: defaults::OVERLAP_MIN_SEQUENCES,
         })
+    }
+
+    /// Steps of at least `min_sequences` sequences (at least 2) run as two micro-batches whose
+    /// attention and expert calls overlap, when the experts are on nodes; 0 turns that off.
+    pub fn set_overlap_min_sequences(&mut self, min_sequences: usize) {
+        self.overlap_min_sequences = min_sequences;
+    }
+
+    /// One forward pass over `batch` (see [`Model::forward_for`]), as two overlapped
+    /// micro-batches where the overlap setting and the experts call for it.
+    pub fn forward(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        which: LogitsFor,
+        ctx: &CallContext,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let min = self.overlap_min_sequences;
+        if self.remote.is_some() && min > 0 && batch.len() >= min.max(2) {
+            return overlap::forward(&self.model, batch, which, ctx);
+        }
+        self.model.forward_for(batch, which, ctx)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -204,11 +232,9 @@ impl Engine {
                 cache: &mut cache,
             }];
             let logits = self.model.forward(&mut batch, LogitsFor::Last)?;
-            let row = logits[0]
-                .squeeze(0)
-                .and_then(|t| t.to_vec1::<f32>())
+            let token = sampler
+                .sample_tensor(&logits[0], &history)
                 .map_err(ModelError::from)?;
-            let token = sampler.sample(&row, &history);
             generated.push(token);
             history.push(token);
             if stop_tokens.contains(&token) || !on_token(token) {

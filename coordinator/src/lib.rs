@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod overlap;
 pub mod plan;
 pub mod remote;
 pub mod sampling;

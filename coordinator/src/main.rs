@@ -135,6 +135,12 @@ struct ModelArgs {
     /// re-admitted once it answers with the right fingerprint), in milliseconds.
     #[arg(long, env = "OMNISHARD_HEALTH_INTERVAL_MS", default_value_t = defaults::HEALTH_INTERVAL.as_millis() as u64)]
     health_interval_ms: u64,
+    /// With expert nodes: a step of at least this many sequences runs as two micro-batches, one
+    /// computing attention while the other's expert calls are on the wire. Same output in bf16
+    /// on CPUs without AMX; elsewhere (f32, AMX, GPU) logits move by rounding, as with any change
+    /// of batch composition. 0 turns the overlap off.
+    #[arg(long, env = "OMNISHARD_OVERLAP_MIN_SEQS", default_value_t = defaults::OVERLAP_MIN_SEQUENCES)]
+    overlap_min_seqs: usize,
 }
 
 impl ModelArgs {
@@ -176,7 +182,7 @@ impl ModelArgs {
             health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
             observer,
         };
-        Ok(Engine::load_remote_from(
+        let mut engine = Engine::load_remote_from(
             &ckpt,
             &cfg,
             self.dtype,
@@ -184,7 +190,9 @@ impl ModelArgs {
             &addresses,
             opts,
             self.allow_missing_experts,
-        )?)
+        )?;
+        engine.set_overlap_min_sequences(self.overlap_min_seqs);
+        Ok(engine)
     }
 }
 
@@ -199,6 +207,10 @@ struct ClusterArgs {
     /// The expert-node binary (default: next to this binary, else on PATH).
     #[arg(long, env = "OMNISHARD_EXPERT_NODE_BIN")]
     expert_node_bin: Option<PathBuf>,
+    /// Where the nodes hold their experts: one device for all (`cuda`, `cpu`) or one per node
+    /// (`cuda:1,cuda:2`: a GPU each, with the command on another). Default: the CPU.
+    #[arg(long, env = "OMNISHARD_NODE_DEVICES", value_delimiter = ',')]
+    node_devices: Vec<DeviceSpec>,
     #[command(subcommand)]
     command: ClusterCommand,
 }
@@ -413,6 +425,7 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
         args.count as usize,
         inner.dtype,
         timeout,
+        &args.node_devices,
         &weights,
     )?;
     inner.nodes = local.addresses().to_vec();

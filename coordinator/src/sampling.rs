@@ -1,8 +1,13 @@
 //! Choosing the next token from logits: greedy, or temperature sampling restricted by top-k and
 //! top-p (nucleus, Holtzman et al. 2019, arXiv:1904.09751), with the CTRL repetition penalty
 //! (Keskar et al. 2019, arXiv:1909.05858) as Hugging Face applies it. A seed makes runs
-//! reproducible.
+//! reproducible on the same kind of device. On a GPU the work over the whole vocabulary runs
+//! there (`omnishard_model::ops::cuda::sample_row`): unrestricted draws use the Gumbel-max trick,
+//! exact in distribution but not the host's draw for the same seed.
 
+use candle_core::{Device, Tensor};
+use omnishard_model::ops::cuda;
+use omnishard_model::ops::sampling::{DEVICE_CANDIDATES, DeviceDraw, RowSampling};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// Sampling settings; `temperature == 0` means greedy.
@@ -64,8 +69,55 @@ impl Sampler {
         Self { params, rng }
     }
 
-    /// Picks the next token from one row of logits; `history` is every token so far (prompt and
-    /// generated), used by the repetition penalty.
+    /// Picks the next token from one row of logits (f32, `[vocab]` or `[1, vocab]`) where they
+    /// lie: on a GPU the penalty, the greedy argmax, unrestricted draws (Gumbel-max) and the
+    /// selection of top-k / top-p candidates run there and only the candidates come back;
+    /// elsewhere, or when the nucleus is wider than the device hands back, on the host.
+    pub fn sample_tensor(&mut self, logits: &Tensor, history: &[u32]) -> candle_core::Result<u32> {
+        let p = &self.params;
+        let restricted = p.top_k.is_some() || p.top_p < 1.0;
+        let on_device = !matches!(logits.device(), Device::Cpu)
+            && (p.temperature == 0.0 || p.top_k.is_none_or(|k| k <= DEVICE_CANDIDATES));
+        if on_device {
+            let gumbel_key = (p.temperature > 0.0 && !restricted).then(|| self.rng.random());
+            let req = RowSampling {
+                penalized: if p.repetition_penalty != 1.0 {
+                    history
+                } else {
+                    &[]
+                },
+                penalty: p.repetition_penalty,
+                temperature: p.temperature,
+                top: p.top_k.unwrap_or(DEVICE_CANDIDATES),
+                gumbel_key,
+            };
+            match cuda::sample_row(logits, &req)? {
+                Some(DeviceDraw::Token(t)) => return Ok(t),
+                Some(DeviceDraw::Candidates { mut sorted, total }) => {
+                    let head = match self.params.top_k {
+                        Some(k) => {
+                            sorted.truncate(k);
+                            Head::Whole
+                        }
+                        None => Head::Of(total),
+                    };
+                    if let Some(t) = self.draw(&sorted, head) {
+                        return Ok(t);
+                    }
+                    tracing::debug!(
+                        candidates = sorted.len(),
+                        "the top-p nucleus is wider than the device's candidates; sampling on the host"
+                    );
+                }
+                Some(DeviceDraw::TooManyTies) | None => {}
+            }
+        }
+        let row = logits.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self.sample(&row, history))
+    }
+
+    /// Picks the next token from one row of logits on the host; `history` is every token so far
+    /// (prompt and generated), used by the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let mut logits = logits.to_vec();
         let penalty = self.params.repetition_penalty;
@@ -83,39 +135,61 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(&logits);
         }
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let mut order: Vec<(u32, f32)> = (0..).zip(logits).collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1));
         if let Some(k) = self.params.top_k {
             order.truncate(k.max(1));
         }
+        // The whole (top-k) list always holds its nucleus; the vocabulary is never empty.
+        self.draw(&order, Head::Whole).unwrap_or(0)
+    }
+
+    /// Draws from the top-p nucleus of `sorted` (descending logits, ties to the lower id) at the
+    /// sampler's temperature. `None`, drawing nothing, when `sorted` is only the head of the
+    /// distribution and does not reach the nucleus's mass.
+    fn draw(&mut self, sorted: &[(u32, f32)], head: Head) -> Option<u32> {
+        let &(_, max) = sorted.first()?;
         let t = self.params.temperature;
-        let max = logits[order[0]];
-        let mut probs: Vec<f32> = order
-            .iter()
-            .map(|&i| ((logits[i] - max) / t).exp())
-            .collect();
-        let sum: f32 = probs.iter().sum();
+        let mut probs: Vec<f32> = sorted.iter().map(|&(_, l)| ((l - max) / t).exp()).collect();
+        let sum = match head {
+            Head::Whole => probs.iter().sum(),
+            Head::Of(total) => total,
+        };
         probs.iter_mut().for_each(|p| *p /= sum);
         // Nucleus: the smallest prefix whose mass reaches top_p (always at least one token).
         let mut mass = 0.0;
-        let mut keep = probs.len();
+        let mut keep = None;
         for (i, p) in probs.iter().enumerate() {
             mass += p;
             if mass >= self.params.top_p {
-                keep = i + 1;
+                keep = Some(i + 1);
                 break;
             }
         }
+        let keep = match (keep, head) {
+            (Some(k), _) => k,
+            (None, Head::Whole) => probs.len(),
+            (None, Head::Of(_)) => return None,
+        };
         let kept: f32 = probs[..keep].iter().sum();
         let mut r = self.rng.random::<f32>() * kept;
-        for (i, p) in probs[..keep].iter().enumerate() {
+        for (&(id, _), p) in sorted.iter().zip(&probs[..keep]) {
             r -= p;
             if r <= 0.0 {
-                return order[i] as u32;
+                return Some(id);
             }
         }
-        order[keep - 1] as u32
+        Some(sorted[keep - 1].0)
     }
+}
+
+/// How much of the distribution a sorted candidate list is.
+#[derive(Debug, Clone, Copy)]
+enum Head {
+    /// All of it (after top-k): normalise over the list.
+    Whole,
+    /// The largest logits only, with the denominator over the whole vocabulary.
+    Of(f32),
 }
 
 /// Index of the largest logit; ties go to the lower index (as `torch.argmax`).
@@ -187,6 +261,56 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&[10.0, 0.0, 0.0, 0.0], &[]), 0);
         }
+    }
+
+    #[test]
+    fn a_head_too_short_for_the_nucleus_draws_nothing() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 5,
+            ..Default::default()
+        };
+        let logits = [2.0f32, 1.0, 0.5, 0.0];
+        let total: f32 = logits.iter().map(|l| (l - 2.0f32).exp()).sum();
+        let mut s = Sampler::new(params.clone());
+        // The two largest hold ~0.78 of the mass: not the 0.9 asked for.
+        assert_eq!(s.draw(&[(0, 2.0), (1, 1.0)], Head::Of(total)), None);
+        // With the whole list the head path draws what the host path draws, seed for seed.
+        let sorted: Vec<(u32, f32)> = (0..).zip(logits).collect();
+        let mut head = Sampler::new(params.clone());
+        let mut host = Sampler::new(params);
+        for _ in 0..20 {
+            let a = head.draw(&sorted, Head::Of(total));
+            assert_eq!(a, Some(host.sample(&logits, &[])));
+        }
+    }
+
+    #[test]
+    fn host_tensors_sample_on_the_host() {
+        let logits = [0.3f32, 2.5, -1.0, 2.5];
+        let t = Tensor::new(&logits[..], &Device::Cpu).unwrap();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: Some(3),
+            repetition_penalty: 1.3,
+            seed: 11,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
+        for _ in 0..20 {
+            assert_eq!(
+                a.sample_tensor(&t, &[1, 1, 2]).unwrap(),
+                b.sample(&logits, &[1, 1, 2])
+            );
+        }
+        let greedy = Tensor::new(&[[0.0f32, 1.0, 1.0]], &Device::Cpu).unwrap();
+        let mut g = Sampler::new(SamplingParams::default());
+        assert_eq!(
+            g.sample_tensor(&greedy, &[]).unwrap(),
+            1,
+            "ties go to the lower id"
+        );
     }
 
     #[test]

@@ -312,9 +312,7 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
     let result = {
         let _step =
             tracing::trace_span!("step", sequences = batch.len(), tokens = n_tokens).entered();
-        engine
-            .model()
-            .forward_for(&mut batch, LogitsFor::Last, &ctx)
+        engine.forward(&mut batch, LogitsFor::Last, &ctx)
     };
     drop(batch);
     let logits = match result {
@@ -339,21 +337,20 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
                 continue;
             }
         }
-        let row = match logits[k].squeeze(0).and_then(|t| t.to_vec1::<f32>()) {
-            Ok(row) => row,
+        let token = match seq.sampler.sample_tensor(&logits[k], &seq.history) {
+            Ok(token) => token,
             Err(e) => {
-                tracing::warn!(parent: &seq.req.span, error = %e, "cannot read the logits; failing the sequence");
+                tracing::warn!(parent: &seq.req.span, error = %e, "cannot sample from the logits; failing the sequence");
                 let _ = seq
                     .req
                     .events
                     .send(Event::Error(GenerationError::ForwardFailed(format!(
-                        "cannot read the logits: {e}"
+                        "cannot sample from the logits: {e}"
                     ))));
                 seq.done = true;
                 continue;
             }
         };
-        let token = seq.sampler.sample(&row, &seq.history);
         seq.history.push(token);
         seq.generated += 1;
         metrics.completion_tokens.inc();

@@ -13,6 +13,7 @@ fn main() {
     let src = "src/ops/cuda/kernels.cu";
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=src/ops/cuda/moe_mma.cuh");
+    println!("cargo:rerun-if-changed=src/ops/cuda/sample.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());

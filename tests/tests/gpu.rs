@@ -1,9 +1,13 @@
 //! The GPU path (`cuda` feature; run on the device machine by `tests/gpu/check.sh`, never in CI):
 //! each CUDA kernel against the CPU path on random inputs with odd shapes, the model on every
 //! fixture against the reference within the bf16 tolerance of the fidelity tests, decoding with
-//! the cache against full recomputation, and a cluster of GPU expert nodes against the single GPU
+//! the cache against full recomputation, sampling against the host sampler (`gpu/sampling.rs`),
+//! and a cluster of GPU expert nodes against the single GPU
 //! process bit for bit.
 #![cfg(feature = "cuda")]
+
+#[path = "gpu/sampling.rs"]
+mod sampling;
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,7 +17,9 @@ use omnishard_coordinator::remote::RemoteOptions;
 use omnishard_coordinator::{ComputeDtype, Engine, LogitsFor, Positions, SequenceInput};
 use omnishard_model::experts::combine;
 use omnishard_model::ops::cuda;
-use omnishard_model::{Assignment, Checkpoint, DeviceSpec, LocalExperts};
+use omnishard_model::{
+    Assignment, CallContext, Checkpoint, DeviceSpec, Experts, LocalExperts, Routing,
+};
 use omnishard_proto::ModelConfig;
 use omnishard_tests::{
     ExpertNode, FIXTURES, Golden, addresses, assert_bf16_close, assert_bits_equal, model_dir,
@@ -149,6 +155,21 @@ fn fused_moe_case(hidden: usize, inter: usize) {
             bits(&sum_cpu),
             "{n} tokens: combine differs"
         );
+        // The fused step (at one token: down, weight and sum in one kernel) is outputs + combine,
+        // bit for bit: what a node answers and the coordinator sums.
+        let routing = Routing {
+            top_k: cfg.num_experts_per_tok,
+            ids: a.iter().map(|x| x.expert).collect(),
+            weights: a.iter().map(|x| x.weight).collect(),
+        };
+        let fused = on_gpu
+            .forward(1, &xs_gpu, &routing, &CallContext::default())
+            .unwrap();
+        assert_eq!(
+            bits(&fused),
+            bits(&sum_gpu),
+            "{n} tokens: the fused step differs from outputs + combine"
+        );
     }
 }
 
@@ -228,6 +249,19 @@ fn residual_norm_and_router_kernels_match_the_cpu_math() {
         let err = relative_error(&normed, &want);
         eprintln!("add+rms_norm {rows}x{dim}: relative error {err:.2e}");
         assert!(err < 1e-2, "{rows}x{dim}: relative error {err}");
+    }
+    // Decode's GEMV (projections, routers) against the CPU bf16 matmul: f32 sums, one rounding.
+    for (m, n, k) in [(1usize, 128usize, 2048usize), (3, 77, 264), (4, 2051, 4096)] {
+        let x = bf(&Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap());
+        let w = bf(&Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap());
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let got = cuda::gemv(&on(&x), &on(&w))
+            .unwrap()
+            .expect("the GEMV takes a few bf16 CUDA rows");
+        let want = omnishard_model::ops::linear(&x, &w).unwrap();
+        let err = relative_error(&got, &want);
+        eprintln!("gemv {m}x{k} by {n}: relative error {err:.2e}");
+        assert!(err < 5e-3, "gemv {m}x{n}x{k}: relative error {err}");
     }
     // Router: softmax over unmasked experts, top-k, optional renormalisation, against the host.
     for (n, experts, k, norm) in [(1usize, 128usize, 8usize, true), (37, 12, 3, false)] {

@@ -4,13 +4,14 @@
 //! (b/c) this process on the GPU with `--nodes` expert-node processes holding the experts on that
 //! device (`cuda`: the same GPU over loopback gRPC; `cpu`: the machine's cores, bf16). CPU nodes
 //! also get their share of the weight-bandwidth bound: expert bytes per token over the host's
-//! measured read bandwidth. The peer (Hugging Face transformers on the same GPU) is run beside
-//! this by `tests/gpu/bench.sh`.
+//! measured read bandwidth. With `--scaling-gpus`, the scaling stage of issue 15: expert nodes
+//! each on a GPU of their own, with micro-batch overlap off and on, batch 128 included. The peer
+//! (Hugging Face transformers on the same GPU) is run beside this by `tests/gpu/bench.sh`.
 
 use std::time::{Duration, Instant};
 
 use omnishard_model::{Checkpoint, DeviceSpec};
-use omnishard_proto::ModelConfig;
+use omnishard_proto::{ModelConfig, defaults};
 use serde_json::{Value, json};
 
 use super::{BenchArgs, bandwidth, measure, node_args};
@@ -18,25 +19,38 @@ use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
 use crate::remote::RemoteOptions;
 
-/// One configuration's three figures.
+/// One configuration's figures.
 struct Row {
     name: String,
     b1: f64,
     b32: f64,
+    /// Measured with `--scaling-gpus` only.
+    b128: Option<f64>,
     prefill: f64,
 }
 
-fn measure_engine(engine: &Engine, name: String, quick: bool) -> anyhow::Result<Row> {
-    let (b1_steps, b32_steps) = if quick { (8, 3) } else { (48, 12) };
+fn measure_engine(engine: &Engine, name: String, args: &BenchArgs) -> anyhow::Result<Row> {
+    let quick = args.quick;
+    let (b1_steps, b32_steps, b128_steps) = if quick { (8, 3, 2) } else { (48, 12, 6) };
+    let b128 = if args.scaling_gpus.is_empty() {
+        None
+    } else {
+        Some(measure::decode_tok_s(engine, 128, 16, 2, b128_steps)?)
+    };
     let row = Row {
         name,
         b1: measure::decode_tok_s(engine, 1, 16, 4, b1_steps)?,
         b32: measure::decode_tok_s(engine, 32, 16, 2, b32_steps)?,
+        b128,
         prefill: measure::prefill_tok_s(engine, 512, if quick { 2 } else { 4 })?,
     };
     eprintln!(
-        "bench: {}: b1 {:.1} tok/s, b32 {:.1} tok/s, prefill 512 {:.0} tok/s",
-        row.name, row.b1, row.b32, row.prefill
+        "bench: {}: b1 {:.1} tok/s, b32 {:.1} tok/s, b128 {}, prefill 512 {:.0} tok/s",
+        row.name,
+        row.b1,
+        row.b32,
+        row.b128.map_or("-".into(), |v| format!("{v:.1} tok/s")),
+        row.prefill
     );
     Ok(row)
 }
@@ -64,7 +78,7 @@ pub fn run(
     rows.push(measure_engine(
         &engine,
         format!("in-process, {}", args.device),
-        args.quick,
+        args,
     )?);
     drop(engine);
     // Freed device memory goes back to the driver at the next synchronization; the expert nodes
@@ -94,13 +108,14 @@ pub fn run(
                 DeviceSpec::Cpu => (threads / count).max(1),
                 DeviceSpec::Cuda(_) => 2,
             };
-            let node_args = node_args(args, node_threads, node_device);
+            let node_args = node_args(args, node_threads);
             let nodes = LocalCluster::start(
                 &bin,
                 dir,
                 count,
                 args.dtype,
                 Duration::from_secs(1800),
+                &[node_device],
                 &node_args,
             )?;
             let engine = Engine::load_remote_from(
@@ -115,12 +130,53 @@ pub fn run(
             let row = measure_engine(
                 &engine,
                 format!("{} + {count} {node_device} node(s)", args.device),
-                args.quick,
+                args,
             )?;
             if node_device == DeviceSpec::Cpu {
                 cpu_fraction = Some(row.b1 * expert_bytes_per_token(cfg) / host_bandwidth);
             }
             rows.push(row);
+        }
+    }
+
+    for n in 1..=args.scaling_gpus.len() {
+        let devices: Vec<DeviceSpec> = args.scaling_gpus[..n]
+            .iter()
+            .map(|&g| DeviceSpec::Cuda(g))
+            .collect();
+        let names: Vec<String> = devices.iter().map(ToString::to_string).collect();
+        eprintln!("bench: scaling: {n} node(s) on {}", names.join(", "));
+        let nodes = LocalCluster::start(
+            &bin,
+            dir,
+            n,
+            args.dtype,
+            Duration::from_secs(1800),
+            &devices,
+            &node_args(args, 2),
+        )?;
+        let mut engine = Engine::load_remote_from(
+            ckpt,
+            cfg,
+            args.dtype,
+            &device,
+            nodes.addresses(),
+            opts.clone(),
+            false,
+        )?;
+        for overlap in [false, true] {
+            engine.set_overlap_min_sequences(if overlap {
+                defaults::OVERLAP_MIN_SEQUENCES
+            } else {
+                0
+            });
+            let name = format!(
+                "{} + nodes on {}, overlap {}",
+                args.device,
+                names.join("+"),
+                if overlap { "on" } else { "off" }
+            );
+            rows.push(measure_engine(&engine, name, args)?);
         }
     }
 
@@ -135,18 +191,24 @@ pub fn run(
         args.dtype
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>14}",
-        "configuration", "b1 tok/s", "b32 tok/s", "prefill tok/s"
+        "{:<44} {:>9} {:>9} {:>9} {:>13}",
+        "configuration", "b1 tok/s", "b32 tok/s", "b128 tok/s", "prefill tok/s"
     );
+    let b128_of = |r: &Row| r.b128.map_or("-".to_string(), |v| format!("{v:.1}"));
     for row in &rows {
         println!(
-            "{:<34} {:>10.1} {:>10.1} {:>14.0}   (b1 {:.2}x, b32 {:.2}x of in-process)",
+            "{:<44} {:>9.1} {:>9.1} {:>10} {:>13.0}   (of in-process: b1 {:.2}x, b32 {:.2}x{})",
             row.name,
             row.b1,
             row.b32,
+            b128_of(row),
             row.prefill,
             row.b1 / base.b1,
-            row.b32 / base.b32
+            row.b32 / base.b32,
+            match (row.b128, base.b128) {
+                (Some(r), Some(b)) => format!(", b128 {:.2}x", r / b),
+                _ => String::new(),
+            }
         );
     }
     println!("host read bandwidth {:.1} GB/s", host_bandwidth / 1e9);
@@ -167,6 +229,7 @@ pub fn run(
             "configuration": r.name,
             "decode_tok_s_b1": r.b1,
             "decode_tok_s_b32": r.b32,
+            "decode_tok_s_b128": r.b128,
             "prefill_tok_s_512": r.prefill,
         })).collect::<Vec<_>>(),
     });

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::Engine;
 use crate::engine::EngineError;
+use crate::sampling::{Sampler, SamplingParams};
 
 /// Deterministic prompt ids in the vocabulary.
 pub fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
@@ -20,11 +21,10 @@ pub fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The greedy token, chosen where the logits lie (on a GPU, only the id comes back).
 fn argmax(logits: &Tensor) -> Result<u32, EngineError> {
-    Ok(logits
-        .flatten_all()
-        .and_then(|l| l.argmax(0))
-        .and_then(|t| t.to_scalar::<u32>())
+    Ok(Sampler::new(SamplingParams::default())
+        .sample_tensor(logits, &[])
         .map_err(omnishard_model::ModelError::from)?)
 }
 
@@ -49,7 +49,7 @@ pub fn decode_tok_s(
             cache,
         })
         .collect();
-    let logits = engine.model().forward(&mut inputs, LogitsFor::Last)?;
+    let logits = engine.forward(&mut inputs, LogitsFor::Last, &CallContext::default())?;
     let mut next: Vec<u32> = logits.iter().map(argmax).collect::<Result<_, _>>()?;
     let mut started = Instant::now();
     for step in 0..warmup + steps {
@@ -69,7 +69,7 @@ pub fn decode_tok_s(
                 }
             })
             .collect();
-        let logits = engine.model().forward(&mut inputs, LogitsFor::Last)?;
+        let logits = engine.forward(&mut inputs, LogitsFor::Last, &CallContext::default())?;
         next = logits.iter().map(argmax).collect::<Result<_, _>>()?;
     }
     Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
@@ -87,7 +87,7 @@ pub fn prefill_tok_s(engine: &Engine, len: usize, rounds: usize) -> Result<f64, 
             cache: &mut cache,
         }];
         let started = Instant::now();
-        engine.model().forward(&mut input, LogitsFor::Last)?;
+        engine.forward(&mut input, LogitsFor::Last, &CallContext::default())?;
         best = best.min(started.elapsed().as_secs_f64());
     }
     Ok(len as f64 / best)

@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// Devices of the expert nodes in the GPU benchmark, e.g. `cuda,cpu` (default: --device).
     #[arg(long, value_delimiter = ',')]
     pub node_devices: Vec<DeviceSpec>,
+    /// GPU benchmark, scaling stage: GPUs for expert nodes of their own, e.g. `1,2,3` (the
+    /// coordinator keeps --device): 1 node on the first, then 2 on the first two, and so on, each
+    /// with micro-batch overlap off and on; batch 128 is measured too. Default: no such stage.
+    #[arg(long, value_delimiter = ',')]
+    pub scaling_gpus: Vec<usize>,
 }
 
 /// How much of each measurement a run does.
@@ -126,13 +131,8 @@ fn active_bytes_per_token(cfg: &ModelConfig, dtype: ComputeDtype) -> f64 {
 
 /// The arguments every expert node of a bench cluster gets: its compute threads and device, and
 /// the bench's dummy weights when it uses them.
-fn node_args(args: &BenchArgs, threads: usize, device: DeviceSpec) -> Vec<String> {
-    let mut a = vec![
-        "--threads".to_string(),
-        threads.to_string(),
-        "--device".to_string(),
-        device.to_string(),
-    ];
+fn node_args(args: &BenchArgs, threads: usize) -> Vec<String> {
+    let mut a = vec!["--threads".to_string(), threads.to_string()];
     if args.load_format == LoadFormat::Dummy {
         a.extend([
             "--load-format".into(),
@@ -229,7 +229,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     let fraction = bound_s * b1;
 
     let bin = find_expert_node_binary()?;
-    let node_args = node_args(args, threads, DeviceSpec::Cpu);
+    let node_args = node_args(args, threads);
     let start_nodes = |count: usize| {
         LocalCluster::start(
             &bin,
@@ -237,6 +237,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
             count,
             args.dtype,
             defaults::STARTUP_TIMEOUT.max(Duration::from_secs(600)),
+            &[DeviceSpec::Cpu],
             &node_args,
         )
     };

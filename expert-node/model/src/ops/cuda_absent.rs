@@ -5,6 +5,7 @@
 use candle_core::{Device, Result, Tensor};
 
 use crate::experts::Assignment;
+use crate::ops::sampling::{DeviceDraw, RowSampling};
 
 pub enum StackedExperts {}
 
@@ -105,5 +106,15 @@ pub fn router_topk(
     _k: usize,
     _norm: bool,
 ) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+    Ok(None)
+}
+
+pub fn sample_row(_logits: &Tensor, _req: &RowSampling<'_>) -> Result<Option<DeviceDraw>> {
+    Ok(None)
+}
+
+pub const GEMV_MAX_ROWS: usize = 4;
+
+pub fn gemv(_x: &Tensor, _w: &Tensor) -> Result<Option<Tensor>> {
     Ok(None)
 }

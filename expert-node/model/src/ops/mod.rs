@@ -8,6 +8,8 @@
 //! - bf16 on a GPU (`cuda` feature): [`cuda`], fused RMSNorm, q/k norm + RoPE and the fused MoE
 //!   step; matmuls are candle's (cuBLAS).
 //! - Everything else: candle's own ops (gemm on the CPU).
+//!
+//! [`sampling`] is the device side of choosing the next token (the coordinator's sampler asks).
 
 pub mod cpu_bf16;
 #[cfg(feature = "cuda")]
@@ -15,6 +17,7 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_absent.rs"]
 pub mod cuda;
+pub mod sampling;
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
@@ -65,6 +68,9 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
             }
             return Tensor::from_vec(round_to_bf16(&out), dims, xs.device());
         }
+    }
+    if let Some(out) = cuda::gemv(xs, weight)? {
+        return Ok(out);
     }
     matmul(xs, &weight.t()?)
 }

@@ -298,6 +298,86 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
     }
 }
 
+// Batch-1 decode: down with the router weight and the per-token sum in one launch. One warp per
+// output h streams the down row of every selected expert (the groups, in ascending expert id, one
+// slot each) with the same per-lane order and butterfly as moe_down_bf16, rounds each expert's
+// output and its weighted value as that kernel does, and adds them in ascending expert id with a
+// bf16 rounding after every add, as moe_combine_bf16: the same bits as the two-kernel path, one
+// launch and one write fewer, and eight rows' loads in flight per lane instead of one.
+#define DOWN1_EXPERTS 8
+extern "C" __global__ void moe_down_combine1_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
+                                                  const uint32_t* __restrict__ tab, int G, int S, int H,
+                                                  int I, bf16* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const int h = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (h >= H) return;
+    const uint32_t* weight = tab + 3 * G + 2 * S;
+    bf16 sum = rn(0.f);
+    for (int g0 = 0; g0 < G; g0 += DOWN1_EXPERTS) {
+        float acc[DOWN1_EXPERTS];
+        const bf16* wd[DOWN1_EXPERTS];
+        const bf16* ar[DOWN1_EXPERTS];
+#pragma unroll
+        for (int m = 0; m < DOWN1_EXPERTS; ++m) {
+            const int g = min(g0 + m, G - 1);
+            wd[m] = w2 + ((size_t)tab[g] * H + h) * I;
+            ar[m] = act + (size_t)tab[G + g] * I;
+            acc[m] = 0.f;
+        }
+#pragma unroll 2
+        for (int k = lane * 8; k < I; k += 256) {
+#pragma unroll
+            for (int m = 0; m < DOWN1_EXPERTS; ++m)
+                acc[m] = dot8(*reinterpret_cast<const uint4*>(wd[m] + k), *reinterpret_cast<const uint4*>(ar[m] + k), acc[m]);
+        }
+#pragma unroll
+        for (int m = 0; m < DOWN1_EXPERTS; ++m) acc[m] = warp_sum(acc[m]);
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < DOWN1_EXPERTS; ++m) {
+                if (g0 + m < G) {
+                    const uint32_t s = tab[G + g0 + m];
+                    const float w = f(rn(__uint_as_float(weight[s])));
+                    sum = rn(f(sum) + f(rn(f(rn(acc[m])) * w)));
+                }
+            }
+        }
+    }
+    if (lane == 0) out[h] = sum;
+}
+
+// y[t, j] = w_j . x[t] for a few rows x (decode's projections and routers): one warp per output
+// j streams its weight row once for every token, 16-byte loads, f32 accumulation, one bf16
+// rounding (as cuBLAS's bf16 GEMM with f32 compute). x: [m, K], w: [N, K], y: [m, N].
+#define GEMV_TOKENS 4
+extern "C" __global__ void gemv_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, int m, int N,
+                                     int K, bf16* __restrict__ y) {
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= N) return;
+    const bf16* wr = w + (size_t)j * K;
+    float acc[GEMV_TOKENS];
+    const bf16* xr[GEMV_TOKENS];
+#pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; ++t) {
+        xr[t] = x + (size_t)min(t, m - 1) * K;
+        acc[t] = 0.f;
+    }
+#pragma unroll 4
+    for (int k = lane * 8; k < K; k += 256) {
+        const uint4 wv = *reinterpret_cast<const uint4*>(wr + k);
+#pragma unroll
+        for (int t = 0; t < GEMV_TOKENS; ++t) acc[t] = dot8(wv, *reinterpret_cast<const uint4*>(xr[t] + k), acc[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; ++t) acc[t] = warp_sum(acc[t]);
+    if (lane == 0) {
+#pragma unroll
+        for (int t = 0; t < GEMV_TOKENS; ++t)
+            if (t < m) y[(size_t)t * N + j] = rn(acc[t]);
+    }
+}
+
 #include "moe_mma.cuh"
 
 // Per-token sum of its experts' weighted outputs: ys [rows, H]; the rows of token t are
@@ -385,3 +465,5 @@ extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, con
         vh[(size_t)past * d + c] = vn[c];
     }
 }
+
+#include "sample.cuh"

@@ -1,15 +1,18 @@
 //! The CUDA backend's own kernels (`kernels.cu`, compiled to PTX by the build script): fused
-//! RMSNorm, fused q/k norm + RoPE, and the fused MoE step. Everything else on the GPU is candle's
-//! (cuBLAS matmuls, its elementwise kernels). Each function takes and returns candle tensors on
-//! one CUDA device, launches on that device's stream and never synchronizes.
+//! RMSNorm, fused q/k norm + RoPE, the fused MoE step and next-token sampling. Everything else on
+//! the GPU is candle's (cuBLAS matmuls, its elementwise kernels). Each function takes and returns
+//! candle tensors on one CUDA device and launches on that device's stream; only the router top-k
+//! and sampling synchronize, to bring their few results back.
 //!
 //! Profiles of MoE decoding put the expert step at over half of GPU time (vLLM's fused_moe; see
 //! DESIGN §7), and candle's generic path costs one launch per elementary op: RMSNorm alone is
 //! nine. These kernels replace the launch-heavy and bandwidth-heavy parts.
 
 mod moe;
+mod sample;
 
 pub use moe::{StackedExperts, combine};
+pub use sample::sample_row;
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -68,6 +71,58 @@ fn checked_i32(what: &str, v: usize) -> Result<i32> {
 
 fn checked_u32(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} exceeds u32")))
+}
+
+/// Rows of `x` up to which [`gemv`] replaces cuBLAS (one pass over the weight for all of them).
+pub const GEMV_MAX_ROWS: usize = 4;
+/// Outputs up to which [`gemv`] replaces cuBLAS: lm_head (152k rows) streams at 2.9 TB/s there.
+const GEMV_MAX_OUTPUTS: usize = 32_768;
+
+/// `x @ w^T` for `x` `[..., K]` with at most [`GEMV_MAX_ROWS`] rows and a checkpoint weight `w`
+/// `[N, K]`, bf16 on one GPU: decode's projections and routers as one warp per output row (the
+/// profile had cuBLAS's split-K GEMV plus its reduction at 1.3 TB/s on o_proj). `None` for other
+/// shapes and tensors (the caller uses cuBLAS).
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let Some(dev) = bf16_device(x) else {
+        return Ok(None);
+    };
+    let Ok((n, k)) = w.dims2() else {
+        return Ok(None);
+    };
+    let rows = x.elem_count() / k.max(1);
+    if bf16_device(w).is_none()
+        || x.dims().last() != Some(&k)
+        || rows == 0
+        || rows > GEMV_MAX_ROWS
+        || n > GEMV_MAX_OUTPUTS
+        || !k.is_multiple_of(8)
+        || !w.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let func = dev.get_or_load_custom_func("gemv_bf16", MODULE, PTX)?;
+    // SAFETY: the kernel writes every element of every row.
+    let mut out = unsafe { dev.alloc::<bf16>(rows * n) }?;
+    with_view(x, |xv| {
+        with_view(w, |wv| {
+            let (m_i, n_i, k_i) = (
+                checked_i32("rows", rows)?,
+                checked_i32("outputs", n)?,
+                checked_i32("inputs", k)?,
+            );
+            let mut b = func.builder();
+            b.arg(xv).arg(wv).arg(&m_i).arg(&n_i).arg(&k_i).arg(&mut out);
+            let cfg = launch_config((checked_u32("outputs", n.div_ceil(8))?, 1), 256, 0);
+            // SAFETY: argument types and order match `gemv_bf16`.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
+    })?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok(Some(wrap(dev, out, dims)))
 }
 
 /// RMSNorm over the last dimension of a bf16 CUDA tensor; `None` for any other tensor.

@@ -212,6 +212,22 @@ impl StackedExperts {
             })
         })?;
         let act_view = act.slice(..);
+        if sum_tokens == Some(1) && n_small as usize == g {
+            // Batch-1 decode: down, weight and sum in one launch (the same bits).
+            // SAFETY: the kernel writes every element of the one token's row.
+            let mut sums = unsafe { dev.alloc::<bf16>(h) }?;
+            with_view(&self.w2, |wv| {
+                launch(
+                    "moe_down_combine1_bf16",
+                    &act_view,
+                    wv,
+                    &mut sums,
+                    (rows(h, WARPS), 1),
+                    false,
+                )
+            })?;
+            return Ok(wrap(dev, sums, (1, h)));
+        }
         with_view(&self.w2, |wv| {
             let gemv = (rows(h, WARPS), n_small);
             launch("moe_down_bf16", &act_view, wv, &mut out, gemv, false)?;

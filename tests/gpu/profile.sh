@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Where a batch-1 decode step's time goes, on the device machine (carry .gpu; see package.sh):
+#   tests/gpu/profile.sh [--layers N]
+# 1. `coordinator bench --quick` on an N-layer model (default 8): the wall time per decoded token;
+# 2. the same under Nsight Compute, timing every kernel of three decode steps with the caches
+#    left warm (--cache-control none: what the kernel costs inside the running step) and the
+#    clocks as they are. Kernel time per step against wall time per step is the launch and
+#    synchronization overhead; the per-kernel table says which kernels to work on.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+work=${WORK:-/tmp/omnishard-gpu}
+"$root/tests/gpu/unpack.sh" "$work" || exit 1
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+out=${OUT:-/tmp}
+layers=8
+while [ $# -gt 0 ]; do
+  case $1 in
+    --layers) layers=$2; shift ;;
+    *) echo "profile.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+bench=("$work/release/coordinator" bench --device cuda --load-format dummy --preset qwen3-30b-a3b
+  --layers "$layers" --dtype bf16 --nodes 1 --node-devices cuda --quick)
+RUST_LOG=warn "${bench[@]}" 2>&1 | grep -E "in-process|^bench: \[1" | tee "$out/profile-wall.txt"
+# Launches of one b1 step: ~14 per layer plus ~10; skip the load, the 16-token prompt and the
+# warm-up steps, then time three steps.
+per_step=$((14 * layers + 10))
+skip=$((3 * per_step + 200))
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+RUST_LOG=warn "$ncu" --clock-control none --cache-control none --launch-skip "$skip" \
+  --launch-count $((3 * per_step)) --metrics gpu__time_duration.sum --csv \
+  --print-summary per-kernel "${bench[@]}" >"$out/profile-ncu.csv" 2>"$out/profile-ncu.err"
+python3 - "$out/profile-ncu.csv" "$layers" <<'PY'
+import csv, io, sys
+text = open(sys.argv[1]).read()
+start = text.find('"ID"')
+if start < 0:
+    sys.exit("profile.sh: no per-kernel summary in the ncu output (see profile-ncu.err)")
+rows = list(csv.DictReader(io.StringIO(text[start:])))
+total = 0.0
+kernels = []
+for r in rows:
+    if r.get("Metric Name") != "gpu__time_duration.sum":
+        continue
+    unit = r.get("Metric Unit", "nsecond")
+    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(unit, 1e-3)
+    avg = float(r["Average"].replace(",", "")) * scale
+    n = int(r.get("Invocations", r.get("ID", "1")).replace(",", "") or 1)
+    kernels.append((avg * n, n, avg, r["Kernel Name"][:90]))
+    total += avg * n
+kernels.sort(reverse=True)
+print(f"kernel time over the profiled launches: {total:.0f} us; per step (/3): {total / 3:.0f} us")
+for t, n, avg, name in kernels[:25]:
+    print(f"{t / 3:9.1f} us/step  {n:5d} x {avg:7.2f} us  {name}")
+PY
