@@ -23,34 +23,33 @@ done
 bench=("$work/release/coordinator" bench --device cuda --load-format dummy --preset qwen3-30b-a3b
   --layers "$layers" --dtype bf16 --nodes 1 --node-devices cuda --quick)
 RUST_LOG=warn "${bench[@]}" 2>&1 | grep -E "in-process|^bench: \[1" | tee "$out/profile-wall.txt"
-# Launches of one b1 step: ~14 per layer plus ~10; skip the load, the 16-token prompt and the
-# warm-up steps, then time three steps.
-per_step=$((14 * layers + 10))
+# Launches of one b1 step: ~12 per layer plus ~10; skip the load, the 16-token prompt and the
+# warm-up steps, then time about three steps.
+per_step=$((12 * layers + 10))
 skip=$((3 * per_step + 200))
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 RUST_LOG=warn "$ncu" --clock-control none --cache-control none --launch-skip "$skip" \
   --launch-count $((3 * per_step)) --metrics gpu__time_duration.sum --csv \
   --print-summary per-kernel "${bench[@]}" >"$out/profile-ncu.csv" 2>"$out/profile-ncu.err"
-python3 - "$out/profile-ncu.csv" "$layers" <<'PY'
+python3 - "$out/profile-ncu.csv" <<'PY'
 import csv, io, sys
 text = open(sys.argv[1]).read()
-start = text.find('"ID"')
+start = text.find('"Process ID"')
 if start < 0:
     sys.exit("profile.sh: no per-kernel summary in the ncu output (see profile-ncu.err)")
-rows = list(csv.DictReader(io.StringIO(text[start:])))
-total = 0.0
-kernels = []
-for r in rows:
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+kernels, total = [], 0.0
+for r in csv.DictReader(io.StringIO(text[start:])):
     if r.get("Metric Name") != "gpu__time_duration.sum":
         continue
-    unit = r.get("Metric Unit", "nsecond")
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(unit, 1e-3)
-    avg = float(r["Average"].replace(",", "")) * scale
-    n = int(r.get("Invocations", r.get("ID", "1")).replace(",", "") or 1)
-    kernels.append((avg * n, n, avg, r["Kernel Name"][:90]))
+    avg = float(r["Average"].replace(",", "")) * scale.get(r["Metric Unit"], 1e-3)
+    n = int(r["Invocations"].replace(",", ""))
+    kernels.append((avg * n, n, avg, r["Kernel Name"][:70], r["Grid Size"]))
     total += avg * n
+# One sampling launch per decode step: the number of steps the profiled launches cover.
+steps = sum(n for _, n, _, name, _ in kernels if name.startswith("sample_argmax_partial")) or 3
 kernels.sort(reverse=True)
-print(f"kernel time over the profiled launches: {total:.0f} us; per step (/3): {total / 3:.0f} us")
-for t, n, avg, name in kernels[:25]:
-    print(f"{t / 3:9.1f} us/step  {n:5d} x {avg:7.2f} us  {name}")
+print(f"kernel time per step ({steps} steps profiled): {total / steps:.0f} us")
+for t, n, avg, name, grid in kernels:
+    print("%9.1f us/step %5d x %7.2f us  %s %s" % (t / steps, n, avg, name, grid))
 PY

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_coordinator::remote::RemoteOptions;
-use omnishard_coordinator::{ComputeDtype, Engine, LogitsFor, Positions, SequenceInput};
+use omnishard_coordinator::{ComputeDtype, Engine, KvCache, LogitsFor, Positions, SequenceInput};
 use omnishard_model::experts::combine;
 use omnishard_model::ops::cuda;
 use omnishard_model::{
@@ -368,6 +368,28 @@ fn gpu_decode_with_cache_matches_full_recompute() {
     }
 }
 
+/// Greedy decoding of `steps` tokens after `prompt`, one sequence: every step's logits.
+fn decode_steps(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new();
+    let mut input = prompt.to_vec();
+    let mut rows = Vec::new();
+    for _ in 0..=steps {
+        let pos = cache.seq_len() as u32;
+        let mut batch = [SequenceInput {
+            tokens: &input,
+            positions: Positions::text(pos, input.len()),
+            cache: &mut cache,
+        }];
+        let logits = engine
+            .forward(&mut batch, LogitsFor::Last, &CallContext::default())
+            .unwrap();
+        let row: Vec<f32> = logits[0].flatten_all().unwrap().to_vec1().unwrap();
+        input = vec![omnishard_coordinator::sampling::argmax(&row)];
+        rows.push(row);
+    }
+    rows
+}
+
 #[test]
 fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
     let dev = gpu();
@@ -376,6 +398,27 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
         let golden = Golden::load(name);
         let local = Engine::load_local(&dir, ComputeDtype::Bf16, &dev).unwrap();
         let want = local.score(&golden.token_ids, golden.positions()).unwrap();
+        // Batch-1 decode in process keeps the routing on the GPU (tables built there); the
+        // cluster's nodes get it from the host: the same bits either way.
+        let prompt = &golden.token_ids[..golden.token_ids.len().min(6)];
+        let want_steps = decode_steps(&local, prompt, 8);
+        let cfg = local.config().clone();
+        let per_layer = local.model().usage().snapshot().into_iter().fold(
+            vec![0u64; cfg.num_hidden_layers],
+            |mut acc, (layer, _, n)| {
+                acc[layer] += n;
+                acc
+            },
+        );
+        for layer in cfg.moe_layers() {
+            // The score call, the prompt and 8 single-token steps, top-k experts per token.
+            let tokens = (golden.token_ids.len() + prompt.len() + 8) as u64;
+            assert_eq!(
+                per_layer[layer],
+                tokens * cfg.num_experts_per_tok as u64,
+                "{name}: layer {layer}'s usage counts (GPU-kept batch-1 counts folded in)"
+            );
+        }
         drop(local);
         let nodes: Vec<ExpertNode> = (0..shards)
             .map(|i| {
@@ -408,6 +451,12 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
         .unwrap();
         let got = engine.score(&golden.token_ids, golden.positions()).unwrap();
         assert_bits_equal(&got, &want, &format!("{name} on {shards} GPU nodes"));
+        let got_steps = decode_steps(&engine, prompt, 8);
+        assert_bits_equal(
+            &got_steps,
+            &want_steps,
+            &format!("{name} on {shards} GPU nodes, batch-1 decode"),
+        );
         eprintln!("{name}: {shards} GPU expert nodes give the GPU process's logits bit for bit");
     }
 }

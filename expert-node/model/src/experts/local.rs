@@ -12,7 +12,7 @@ use super::{
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::mlp::SwiGlu;
 use crate::moe_cpu;
-use crate::ops::cuda::StackedExperts;
+use crate::ops::cuda::{self, StackedExperts};
 use crate::ops::with_cpu_bf16;
 use crate::weights::Weights;
 use omnishard_proto::ModelConfig;
@@ -159,6 +159,11 @@ impl LocalExperts {
         self.outputs_each(row, layer, xs, assignments, groups)
     }
 
+    /// The experts of MoE layer `layer`, if it is one.
+    fn layer_experts(&self, layer: usize) -> Option<&LayerExperts> {
+        self.layers.get(layer).filter(|_| self.moe_layers[layer])
+    }
+
     /// Validates a call (everything a remote caller could get wrong) and groups the
     /// assignments by expert: each held expert with tokens, its assignment indices in order.
     #[allow(clippy::type_complexity)]
@@ -169,9 +174,7 @@ impl LocalExperts {
         assignments: &[Assignment],
     ) -> Result<(&LayerExperts, Vec<(usize, Vec<u32>)>), ExpertError> {
         let row = self
-            .layers
-            .get(layer)
-            .filter(|_| self.moe_layers[layer])
+            .layer_experts(layer)
             .ok_or(ExpertError::UnknownLayer { layer })?;
         let invalid = |reason: String| ExpertError::InvalidRouting { layer, reason };
         let bad_input = |reason: String| ExpertError::InvalidInput { layer, reason };
@@ -367,5 +370,28 @@ impl Experts for LocalExperts {
             }
         };
         combine(routing.n_tokens(), &assignments, &outputs)
+    }
+
+    fn takes_device_routing(&self, layer: usize) -> bool {
+        matches!(
+            self.layer_experts(layer),
+            Some(LayerExperts::Stacked(stacked)) if stacked.takes_device_routing()
+        )
+    }
+
+    fn forward_device_routed(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &cuda::DeviceRouting,
+        usage: &Tensor,
+    ) -> Result<Tensor, ExpertError> {
+        match self.layer_experts(layer) {
+            Some(LayerExperts::Stacked(stacked)) => Ok(stacked.forward_one(xs, routing, usage)?),
+            Some(LayerExperts::Each(_)) => Err(ExpertError::Inconsistent(format!(
+                "layer {layer}: experts held on the CPU take no routing left on the GPU"
+            ))),
+            None => Err(ExpertError::UnknownLayer { layer }),
+        }
     }
 }

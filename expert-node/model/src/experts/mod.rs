@@ -111,6 +111,26 @@ pub trait Experts: Send + Sync {
         routing: &Routing,
         ctx: &CallContext,
     ) -> Result<Tensor, ExpertError>;
+
+    /// Whether [`Experts::forward_device_routed`] serves `layer` (experts held on this GPU).
+    fn takes_device_routing(&self, _layer: usize) -> bool {
+        false
+    }
+
+    /// One token's expert step with the router's choice left on the GPU (batch-1 decode: no
+    /// host round trip per layer), adding the chosen experts to `usage` (the layer's u32 counts
+    /// on the GPU). Only called where [`Experts::takes_device_routing`] said yes.
+    fn forward_device_routed(
+        &self,
+        layer: usize,
+        _xs: &Tensor,
+        _routing: &cuda::DeviceRouting,
+        _usage: &Tensor,
+    ) -> Result<Tensor, ExpertError> {
+        Err(ExpertError::Inconsistent(format!(
+            "layer {layer}: these experts take no routing left on the GPU"
+        )))
+    }
 }
 
 /// Name prefix of one expert's tensors in the checkpoint.

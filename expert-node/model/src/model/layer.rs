@@ -87,12 +87,30 @@ impl DecoderLayer {
         let mlp_out = match &self.mlp {
             Mlp::Dense(mlp) => mlp.forward(&normed)?,
             Mlp::Moe(router) => {
-                let routing = router.route(&normed)?;
-                routed.usage.record(l, &routing.ids);
-                routed
-                    .experts
-                    .forward(l, &normed, &routing, routed.ctx)
-                    .map_err(|source| ModelError::Experts { layer: l, source })?
+                let to_experts = |source| ModelError::Experts { layer: l, source };
+                // Batch-1 decode with experts on this GPU: the routing stays there.
+                let on_device = if normed.dim(0)? == 1 && routed.experts.takes_device_routing(l) {
+                    match routed.usage.layer_counts_on_device(l)? {
+                        Some(counts) => router.route_on_device(&normed)?.map(|r| (r, counts)),
+                        None => None,
+                    }
+                } else {
+                    None
+                };
+                match on_device {
+                    Some((routing, counts)) => routed
+                        .experts
+                        .forward_device_routed(l, &normed, &routing, &counts)
+                        .map_err(to_experts)?,
+                    None => {
+                        let routing = router.route(&normed)?;
+                        routed.usage.record(l, &routing.ids);
+                        routed
+                            .experts
+                            .forward(l, &normed, &routing, routed.ctx)
+                            .map_err(to_experts)?
+                    }
+                }
             }
         };
         Ok((h, mlp_out))

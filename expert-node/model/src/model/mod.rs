@@ -134,7 +134,10 @@ impl Model {
             lm_head,
             rotary: RotaryEmbedding::new(cfg),
             experts,
-            usage: Arc::new(ExpertUsage::new(cfg.num_hidden_layers, cfg.num_experts)),
+            usage: Arc::new(
+                ExpertUsage::new(cfg.num_hidden_layers, cfg.num_experts)
+                    .with_device_counts(w.device())?,
+            ),
         })
     }
 

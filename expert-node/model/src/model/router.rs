@@ -63,6 +63,20 @@ impl Router {
         })
     }
 
+    /// The top-k for the rows of `xs` left on the GPU (no copy back), where `xs` is bf16 there.
+    pub(super) fn route_on_device(&self, xs: &Tensor) -> Result<Option<cuda::DeviceRouting>> {
+        let Some(mask) = &self.masked_on_device else {
+            return Ok(None);
+        };
+        let logits = linear(xs, &self.gate)?;
+        Ok(cuda::router_topk_on_device(
+            &logits,
+            mask,
+            self.top_k,
+            self.norm_topk_prob,
+        )?)
+    }
+
     /// The top-k experts and their weights for every row of `xs` `[tokens, hidden]`.
     pub(super) fn route(&self, xs: &Tensor) -> Result<Routing> {
         let logits = linear(xs, &self.gate)?;

@@ -9,7 +9,32 @@ use crate::ops::sampling::{DeviceDraw, RowSampling};
 
 pub enum StackedExperts {}
 
+/// A router's top-k left on a GPU: never made here.
+pub enum DeviceRouting {}
+
+pub fn router_topk_on_device(
+    _logits: &Tensor,
+    _masked: &Tensor,
+    _k: usize,
+    _norm: bool,
+) -> Result<Option<DeviceRouting>> {
+    Ok(None)
+}
+
 impl StackedExperts {
+    pub fn takes_device_routing(&self) -> bool {
+        match *self {}
+    }
+
+    pub fn forward_one(
+        &self,
+        _xs: &Tensor,
+        _routing: &DeviceRouting,
+        _usage: &Tensor,
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+
     pub fn supports(_hidden: usize, _inter: usize) -> bool {
         false
     }

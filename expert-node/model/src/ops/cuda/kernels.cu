@@ -209,6 +209,45 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
     return f(rn(g / (1.0f + expf(-g)))) * u;
 }
 
+// One chunk of T tokens (T <= MOE_TOKENS) of a gate+up row pair. A template so that a chunk of
+// one token (every expert at batch 1, most at batch 32) does one token's work, not MOE_TOKENS'
+// with the last row repeated: at batch 1 the repeats made the kernel issue-bound, not
+// bandwidth-bound. Each token's sum runs in the same order whatever T is (the same bits).
+template <int T>
+__device__ __forceinline__ void gate_up_chunk(const bf16* __restrict__ xs, const bf16* __restrict__ wg,
+                                              const bf16* __restrict__ wu, const uint32_t* __restrict__ token,
+                                              uint32_t first, int H, int I, int j, int lane,
+                                              bf16* __restrict__ act) {
+    const bf16* xr[T];
+    float ag[T], au[T];
+#pragma unroll
+    for (int m = 0; m < T; ++m) {
+        xr[m] = xs + (size_t)token[first + m] * H;
+        ag[m] = 0.f;
+        au[m] = 0.f;
+    }
+#pragma unroll 4
+    for (int k = lane * 8; k < H; k += 256) {
+        const uint4 gv = *reinterpret_cast<const uint4*>(wg + k);
+        const uint4 uv = *reinterpret_cast<const uint4*>(wu + k);
+#pragma unroll
+        for (int m = 0; m < T; ++m) {
+            const uint4 xv = *reinterpret_cast<const uint4*>(xr[m] + k);
+            ag[m] = dot8(gv, xv, ag[m]);
+            au[m] = dot8(uv, xv, au[m]);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < T; ++m) {
+        ag[m] = warp_sum(ag[m]);
+        au[m] = warp_sum(au[m]);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < T; ++m) act[(size_t)(first + m) * I + j] = rn(silu_mul(ag[m], au[m]));
+    }
+}
+
 // act[slot, j] = silu(gate_j . x) * (up_j . x) for every slot of group blockIdx.y, one warp per j.
 // w13: [experts, 2I, H], gate rows then up rows; act: [S, I] in sorted-slot order.
 extern "C" __global__ void moe_gate_up_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
@@ -222,35 +261,41 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16* __restrict__ xs, const b
     const bf16* wg = w13 + ((size_t)e * 2 * I + j) * H;
     const bf16* wu = wg + (size_t)I * H;
     for (uint32_t t0 = 0; t0 < count; t0 += MOE_TOKENS) {
-        const bf16* xr[MOE_TOKENS];
-        float ag[MOE_TOKENS], au[MOE_TOKENS];
-#pragma unroll
-        for (int m = 0; m < MOE_TOKENS; ++m) {
-            const uint32_t t = min(t0 + m, count - 1);
-            xr[m] = xs + (size_t)token[start + t] * H;
-            ag[m] = 0.f;
-            au[m] = 0.f;
+        switch (min(count - t0, (uint32_t)MOE_TOKENS)) {
+            case 1: gate_up_chunk<1>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
+            case 2: gate_up_chunk<2>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
+            case 3: gate_up_chunk<3>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
+            default: gate_up_chunk<MOE_TOKENS>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
         }
+    }
+}
+
+// One chunk of T slots of a down row (see gate_up_chunk).
+template <int T>
+__device__ __forceinline__ void down_chunk(const bf16* __restrict__ act, const bf16* __restrict__ wd,
+                                           const uint32_t* __restrict__ row, const uint32_t* __restrict__ weight,
+                                           uint32_t first, int H, int I, int h, int lane, bf16* __restrict__ out) {
+    const bf16* ar[T];
+    float acc[T];
+#pragma unroll
+    for (int m = 0; m < T; ++m) {
+        ar[m] = act + (size_t)(first + m) * I;
+        acc[m] = 0.f;
+    }
 #pragma unroll 4
-        for (int k = lane * 8; k < H; k += 256) {
-            const uint4 gv = *reinterpret_cast<const uint4*>(wg + k);
-            const uint4 uv = *reinterpret_cast<const uint4*>(wu + k);
+    for (int k = lane * 8; k < I; k += 256) {
+        const uint4 wv = *reinterpret_cast<const uint4*>(wd + k);
 #pragma unroll
-            for (int m = 0; m < MOE_TOKENS; ++m) {
-                const uint4 xv = *reinterpret_cast<const uint4*>(xr[m] + k);
-                ag[m] = dot8(gv, xv, ag[m]);
-                au[m] = dot8(uv, xv, au[m]);
-            }
-        }
+        for (int m = 0; m < T; ++m) acc[m] = dot8(wv, *reinterpret_cast<const uint4*>(ar[m] + k), acc[m]);
+    }
 #pragma unroll
-        for (int m = 0; m < MOE_TOKENS; ++m) {
-            ag[m] = warp_sum(ag[m]);
-            au[m] = warp_sum(au[m]);
-        }
-        if (lane == 0) {
+    for (int m = 0; m < T; ++m) acc[m] = warp_sum(acc[m]);
+    if (lane == 0) {
 #pragma unroll
-            for (int m = 0; m < MOE_TOKENS; ++m)
-                if (t0 + m < count) act[(size_t)(start + t0 + m) * I + j] = rn(silu_mul(ag[m], au[m]));
+        for (int m = 0; m < T; ++m) {
+            const uint32_t s = first + m;
+            const float w = f(rn(__uint_as_float(weight[s])));
+            out[(size_t)row[s] * H + h] = rn(f(rn(acc[m])) * w);
         }
     }
 }
@@ -269,33 +314,35 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
     const uint32_t* weight = tab + 3 * G + 2 * S;
     const bf16* wd = w2 + ((size_t)e * H + h) * I;
     for (uint32_t t0 = 0; t0 < count; t0 += MOE_TOKENS) {
-        const bf16* ar[MOE_TOKENS];
-        float acc[MOE_TOKENS];
-#pragma unroll
-        for (int m = 0; m < MOE_TOKENS; ++m) {
-            ar[m] = act + (size_t)(start + min(t0 + m, count - 1)) * I;
-            acc[m] = 0.f;
-        }
-#pragma unroll 4
-        for (int k = lane * 8; k < I; k += 256) {
-            const uint4 wv = *reinterpret_cast<const uint4*>(wd + k);
-#pragma unroll
-            for (int m = 0; m < MOE_TOKENS; ++m)
-                acc[m] = dot8(wv, *reinterpret_cast<const uint4*>(ar[m] + k), acc[m]);
-        }
-#pragma unroll
-        for (int m = 0; m < MOE_TOKENS; ++m) acc[m] = warp_sum(acc[m]);
-        if (lane == 0) {
-#pragma unroll
-            for (int m = 0; m < MOE_TOKENS; ++m) {
-                if (t0 + m < count) {
-                    const uint32_t s = start + t0 + m;
-                    const float w = f(rn(__uint_as_float(weight[s])));
-                    out[(size_t)row[s] * H + h] = rn(f(rn(acc[m])) * w);
-                }
-            }
+        switch (min(count - t0, (uint32_t)MOE_TOKENS)) {
+            case 1: down_chunk<1>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
+            case 2: down_chunk<2>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
+            case 3: down_chunk<3>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
+            default: down_chunk<MOE_TOKENS>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
         }
     }
+}
+
+#include "moe_mma.cuh"
+
+// Batch-1 decode's routing table built on the GPU from the router's top-k (one token, k distinct
+// experts: ids at routed[0, k), weights at routed[k, 2k)), so the step needs no host round trip:
+// the table StackedExperts builds on the host for one token (groups in ascending expert id, one
+// slot each, G = S = k), and the layer's usage count of each chosen expert.
+extern "C" __global__ void moe_table1(const uint32_t* __restrict__ routed, int k, const uint32_t* __restrict__ row_of,
+                                      uint32_t* __restrict__ usage, uint32_t* __restrict__ tab) {
+    const int i = threadIdx.x;
+    if (i >= k) return;
+    const uint32_t e = routed[i];
+    int rank = 0;
+    for (int j = 0; j < k; ++j) rank += routed[j] < e;
+    tab[rank] = row_of[e];
+    tab[k + rank] = rank;
+    tab[2 * k + rank] = 1;
+    tab[3 * k + rank] = 0;
+    tab[4 * k + rank] = i;
+    tab[5 * k + rank] = routed[k + i];
+    atomicAdd(&usage[e], 1u);
 }
 
 // Batch-1 decode: down with the router weight and the per-token sum in one launch. One warp per
@@ -347,38 +394,43 @@ extern "C" __global__ void moe_down_combine1_bf16(const bf16* __restrict__ act, 
 }
 
 // y[t, j] = w_j . x[t] for a few rows x (decode's projections and routers): one warp per output
-// j streams its weight row once for every token, 16-byte loads, f32 accumulation, one bf16
-// rounding (as cuBLAS's bf16 GEMM with f32 compute). x: [m, K], w: [N, K], y: [m, N].
-#define GEMV_TOKENS 4
-extern "C" __global__ void gemv_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, int m, int N,
-                                     int K, bf16* __restrict__ y) {
+// j streams its weight row once for all T tokens, 16-byte loads, f32 accumulation, one bf16
+// rounding (as cuBLAS's bf16 GEMM with f32 compute). x: [T, K], w: [N, K], y: [T, N].
+template <int T>
+__device__ __forceinline__ void gemv_rows(const bf16* __restrict__ x, const bf16* __restrict__ w, int N, int K,
+                                          bf16* __restrict__ y) {
     const int lane = threadIdx.x & 31;
     const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (j >= N) return;
     const bf16* wr = w + (size_t)j * K;
-    float acc[GEMV_TOKENS];
-    const bf16* xr[GEMV_TOKENS];
+    float acc[T];
 #pragma unroll
-    for (int t = 0; t < GEMV_TOKENS; ++t) {
-        xr[t] = x + (size_t)min(t, m - 1) * K;
-        acc[t] = 0.f;
-    }
+    for (int t = 0; t < T; ++t) acc[t] = 0.f;
 #pragma unroll 4
     for (int k = lane * 8; k < K; k += 256) {
         const uint4 wv = *reinterpret_cast<const uint4*>(wr + k);
 #pragma unroll
-        for (int t = 0; t < GEMV_TOKENS; ++t) acc[t] = dot8(wv, *reinterpret_cast<const uint4*>(xr[t] + k), acc[t]);
+        for (int t = 0; t < T; ++t) acc[t] = dot8(wv, *reinterpret_cast<const uint4*>(x + (size_t)t * K + k), acc[t]);
     }
 #pragma unroll
-    for (int t = 0; t < GEMV_TOKENS; ++t) acc[t] = warp_sum(acc[t]);
+    for (int t = 0; t < T; ++t) acc[t] = warp_sum(acc[t]);
     if (lane == 0) {
 #pragma unroll
-        for (int t = 0; t < GEMV_TOKENS; ++t)
-            if (t < m) y[(size_t)t * N + j] = rn(acc[t]);
+        for (int t = 0; t < T; ++t) y[(size_t)t * N + j] = rn(acc[t]);
     }
 }
 
-#include "moe_mma.cuh"
+extern "C" __global__ void gemv_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, int m, int N,
+                                     int K, bf16* __restrict__ y) {
+    switch (m) {
+        case 1: gemv_rows<1>(x, w, N, K, y); break;
+        case 2: gemv_rows<2>(x, w, N, K, y); break;
+        case 3: gemv_rows<3>(x, w, N, K, y); break;
+        default: gemv_rows<4>(x, w, N, K, y); break;
+    }
+}
+
+
 
 // Per-token sum of its experts' weighted outputs: ys [rows, H]; the rows of token t are
 // idx[offsets[t] .. offsets[t+1]], in ascending expert id. Starts from zero and rounds to bf16

@@ -111,7 +111,12 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
                 checked_i32("inputs", k)?,
             );
             let mut b = func.builder();
-            b.arg(xv).arg(wv).arg(&m_i).arg(&n_i).arg(&k_i).arg(&mut out);
+            b.arg(xv)
+                .arg(wv)
+                .arg(&m_i)
+                .arg(&n_i)
+                .arg(&k_i)
+                .arg(&mut out);
             let cfg = launch_config((checked_u32("outputs", n.div_ceil(8))?, 1), 256, 0);
             // SAFETY: argument types and order match `gemv_bf16`.
             unsafe { b.launch(cfg) }.w()?;
@@ -352,24 +357,30 @@ pub fn decode_attention(
     Ok(Some(wrap(dev, out, (seqs, heads * d))))
 }
 
+/// A router's top-k left on the GPU: `[tokens * k]` expert ids then `[tokens * k]` weights (f32
+/// bits), row-major, as `router_topk_bf16` writes them.
+pub struct DeviceRouting {
+    buf: CudaSlice<u32>,
+    pub tokens: usize,
+    pub k: usize,
+}
+
 /// The router's top-k on the GPU: `logits` `[tokens, experts]` (bf16) and `masked` (u8 per
-/// expert, nonzero = never chosen) on one device. Returns row-major ids and weights on the host
-/// (one copy back); `None` when the logits are not bf16 on a GPU.
-pub fn router_topk(
+/// expert, nonzero = never chosen) on one device, left there; `None` when the logits are not
+/// bf16 on a GPU or the shapes do not fit the kernel.
+pub fn router_topk_on_device(
     logits: &Tensor,
     masked: &Tensor,
     k: usize,
     norm: bool,
-) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+) -> Result<Option<DeviceRouting>> {
     let Some(dev) = bf16_device(logits) else {
         return Ok(None);
     };
     let (n, experts) = logits.dims2()?;
-    if masked.dims() != [experts] || masked.dtype() != DType::U8 || k == 0 || k > experts {
+    if masked.dims() != [experts] || masked.dtype() != DType::U8 || k == 0 || k > experts || n == 0
+    {
         return Ok(None);
-    }
-    if n == 0 {
-        return Ok(Some((Vec::new(), Vec::new())));
     }
     let func = dev.get_or_load_custom_func("router_topk_bf16", MODULE, PTX)?;
     // SAFETY: the kernel writes every id and weight of every token.
@@ -400,8 +411,31 @@ pub fn router_topk(
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     })?;
-    let both = dev.clone_dtoh(&out)?;
-    let (ids, bits) = both.split_at(n * k);
+    Ok(Some(DeviceRouting {
+        buf: out,
+        tokens: n,
+        k,
+    }))
+}
+
+/// [`router_topk_on_device`] with the ids and weights copied back to the host (one copy).
+pub fn router_topk(
+    logits: &Tensor,
+    masked: &Tensor,
+    k: usize,
+    norm: bool,
+) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+    let Some(dev) = bf16_device(logits) else {
+        return Ok(None);
+    };
+    if logits.dim(0)? == 0 {
+        return Ok(Some((Vec::new(), Vec::new())));
+    }
+    let Some(routing) = router_topk_on_device(logits, masked, k, norm)? else {
+        return Ok(None);
+    };
+    let both = dev.clone_dtoh(&routing.buf)?;
+    let (ids, bits) = both.split_at(routing.tokens * k);
     Ok(Some((
         ids.to_vec(),
         bits.iter().map(|&b| f32::from_bits(b)).collect(),

@@ -6,11 +6,12 @@
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
-use candle_core::{CudaDevice, Device, Result, Tensor};
+use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 use half::bf16;
 
 use super::{
-    MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, upload, with_view, wrap,
+    DeviceRouting, MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, upload,
+    with_view, wrap,
 };
 use crate::experts::Assignment;
 
@@ -31,6 +32,9 @@ pub struct StackedExperts {
     w2: Tensor,
     /// Stacked row of each expert id, `None` where the expert is not held.
     row_of: Vec<Option<u32>>,
+    /// `row_of` on the GPU (`u32::MAX` where not held), for tables built there; `None` unless
+    /// every expert of the layer is held (the only case [`StackedExperts::forward_one`] takes).
+    row_of_device: Option<CudaSlice<u32>>,
     hidden: usize,
     inter: usize,
 }
@@ -69,10 +73,18 @@ impl StackedExperts {
             .reshape((held, 2 * inter, hidden))?
             .to_device(device)?;
         let w2 = Tensor::stack(&w2, 0)?.to_device(device)?;
+        let row_of_device = match (device, row_of.iter().all(Option::is_some)) {
+            (Device::Cuda(dev), true) => {
+                let rows: Vec<u32> = row_of.iter().map(|r| r.unwrap_or(u32::MAX)).collect();
+                Some(upload(dev, &rows)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             w13,
             w2,
             row_of,
+            row_of_device,
             hidden,
             inter,
         })
@@ -108,6 +120,90 @@ impl StackedExperts {
         n_tokens: usize,
     ) -> Result<Tensor> {
         self.run(xs, assignments, groups, Some(n_tokens))
+    }
+
+    /// Whether [`StackedExperts::forward_one`] serves this layer (every expert held here).
+    pub fn takes_device_routing(&self) -> bool {
+        self.row_of_device.is_some()
+    }
+
+    /// Batch-1 decode with the routing left on the GPU: builds the table there (and adds the
+    /// chosen experts to `usage`, u32 per expert of this layer), then gate+up and the fused
+    /// down+sum, the same kernels and bits as [`StackedExperts::forward`] on one token, with no
+    /// host round trip. `xs` `[1, H]`.
+    pub fn forward_one(
+        &self,
+        xs: &Tensor,
+        routing: &DeviceRouting,
+        usage: &Tensor,
+    ) -> Result<Tensor> {
+        let dev = bf16_device(xs)
+            .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
+        let Some(row_of) = &self.row_of_device else {
+            candle_core::bail!("batch-1 device routing needs every expert of the layer held here")
+        };
+        let k = routing.k;
+        if routing.tokens != 1 || xs.dims() != [1, self.hidden] || k > 32 {
+            candle_core::bail!(
+                "batch-1 device routing takes one token and at most 32 experts, got {} tokens, k = {k}, input {:?}",
+                routing.tokens,
+                xs.dims()
+            );
+        }
+        let (h, i) = (self.hidden, self.inter);
+        // SAFETY: moe_table1 writes all 6k entries (one thread per chosen expert).
+        let mut tab = unsafe { dev.alloc::<u32>(6 * k) }?;
+        let k_i = checked_i32("top-k", k)?;
+        let func = dev.get_or_load_custom_func("moe_table1", MODULE, PTX)?;
+        if usage.dtype() != DType::U32 || usage.dims() != [self.row_of.len()] {
+            candle_core::bail!("usage counts must be u32, one per expert of the layer");
+        }
+        let (counts, layout) = usage.storage_and_layout();
+        let Storage::Cuda(counts) = &*counts else {
+            candle_core::bail!("the usage counts are not on the GPU")
+        };
+        let counts = counts
+            .as_cuda_slice::<u32>()?
+            .slice(layout.start_offset()..layout.start_offset() + self.row_of.len());
+        let mut b = func.builder();
+        b.arg(&routing.buf)
+            .arg(&k_i)
+            .arg(row_of)
+            .arg(&counts)
+            .arg(&mut tab);
+        // SAFETY: argument types and order match `moe_table1` (kernels.cu).
+        unsafe { b.launch(launch_config((1, 1), 32, 0)) }.w()?;
+        let sizes = [
+            k_i,
+            k_i,
+            checked_i32("hidden", h)?,
+            checked_i32("intermediate", i)?,
+        ];
+        // SAFETY: gate/up writes every row of `act` (one slot per group), the fused down every
+        // element of the token's sum.
+        let mut act = unsafe { dev.alloc::<bf16>(k * i) }?;
+        let mut sums = unsafe { dev.alloc::<bf16>(h) }?;
+        let rows = |n: usize| n.div_ceil(WARPS) as u32;
+        let k_u = checked_u32("top-k", k)?;
+        with_view(xs, |xv| {
+            with_view(&self.w13, |wv| {
+                let gemv = Gemv {
+                    name: "moe_gate_up_bf16",
+                    tab: &tab,
+                    sizes: &sizes,
+                };
+                gemv.launch(dev, xv, wv, &mut act, (rows(i), k_u))
+            })
+        })?;
+        with_view(&self.w2, |wv| {
+            let gemv = Gemv {
+                name: "moe_down_combine1_bf16",
+                tab: &tab,
+                sizes: &sizes,
+            };
+            gemv.launch(dev, &act.slice(..), wv, &mut sums, (rows(h), 1))
+        })?;
+        Ok(wrap(dev, sums, (1, h)))
     }
 
     /// The outputs, or with `sum_tokens` their per-token sums.
@@ -245,6 +341,37 @@ impl StackedExperts {
                 Ok(wrap(dev, sums, (n, h)))
             }
         }
+    }
+}
+
+/// A launch of one of the GEMV MoE kernels (`moe_gate_up_bf16`, `moe_down_bf16`,
+/// `moe_down_combine1_bf16`): input rows, stacked weights, the routing table and its sizes
+/// `[G, S, H, I]`, one warp per output row.
+struct Gemv<'a> {
+    name: &'static str,
+    tab: &'a CudaSlice<u32>,
+    sizes: &'a [i32; 4],
+}
+
+impl Gemv<'_> {
+    fn launch(
+        &self,
+        dev: &CudaDevice,
+        input: &CudaView<'_, bf16>,
+        weights: &CudaView<'_, bf16>,
+        out: &mut CudaSlice<bf16>,
+        grid: (u32, u32),
+    ) -> Result<()> {
+        let func = dev.get_or_load_custom_func(self.name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(input).arg(weights).arg(self.tab);
+        for size in self.sizes {
+            b.arg(size);
+        }
+        b.arg(out);
+        // SAFETY: argument types and order match the GEMV MoE kernel `name` (kernels.cu).
+        unsafe { b.launch(launch_config(grid, (WARPS * 32) as u32, 0)) }.w()?;
+        Ok(())
     }
 }
 

@@ -59,7 +59,11 @@ pub fn sample_row(logits: &Tensor, req: &RowSampling<'_>) -> Result<Option<Devic
     let gumbel = i32::from(req.gumbel_key.is_some());
     let func = dev.get_or_load_custom_func("sample_argmax_partial_f32", MODULE, PTX)?;
     let mut b = func.builder();
-    b.arg(&zv).arg(&v_i).arg(&req.temperature).arg(&key).arg(&gumbel);
+    b.arg(&zv)
+        .arg(&v_i)
+        .arg(&req.temperature)
+        .arg(&key)
+        .arg(&gumbel);
     b.arg(&mut partial);
     let blocks = checked_u32("blocks", PARTIAL_BLOCKS)?;
     // SAFETY: argument types and order match `sample_argmax_partial_f32` (sample.cuh).
@@ -72,7 +76,10 @@ pub fn sample_row(logits: &Tensor, req: &RowSampling<'_>) -> Result<Option<Devic
     let func = dev.get_or_load_custom_func("sample_row_f32", MODULE, PTX)?;
     let mut b = func.builder();
     b.arg(&zv).arg(&v_i).arg(&partial).arg(&n_partial);
-    b.arg(&req.temperature).arg(&top_i).arg(&cap_i).arg(&candidates_i);
+    b.arg(&req.temperature)
+        .arg(&top_i)
+        .arg(&cap_i)
+        .arg(&candidates_i);
     b.arg(&mut out);
     let threads = if candidates { FINISH_THREADS } else { THREADS };
     // SAFETY: argument types and order match `sample_row_f32` (sample.cuh).
@@ -114,7 +121,12 @@ fn penalize(
     let n = checked_i32("penalised tokens", tokens.len())?;
     let func = dev.get_or_load_custom_func("sample_penalize_f32", MODULE, PTX)?;
     let mut b = func.builder();
-    b.arg(logits).arg(z).arg(&vocab).arg(&list).arg(&n).arg(&penalty);
+    b.arg(logits)
+        .arg(z)
+        .arg(&vocab)
+        .arg(&list)
+        .arg(&n)
+        .arg(&penalty);
     let grid = checked_u32("penalised tokens", tokens.len().div_ceil(THREADS as usize))?;
     // SAFETY: argument types and order match `sample_penalize_f32` (sample.cuh); `z` is this
     // call's own copy of the logits.
