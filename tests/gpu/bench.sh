@@ -9,11 +9,8 @@
 # transformers (the machine's own) on the same shape and GPU with its grouped_mm experts, and
 # the ratios side by side.
 set -uo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-work=${WORK:-/tmp/omnishard-gpu}
-"$root/tests/gpu/unpack.sh" "$work" || exit 1
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-out=${OUT:-/tmp}
+# shellcheck source=setup.sh
+source "$(dirname "$0")/setup.sh"
 layers=48
 quick=()
 node_devices=cuda,cpu

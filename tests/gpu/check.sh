@@ -5,10 +5,8 @@
 # (tests/tests/gpu.rs). Build and pack first with tests/gpu/package.sh; then, in one device call
 # carrying .gpu:   tests/gpu/check.sh
 set -uo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-work=${WORK:-/tmp/omnishard-gpu}
-"$root/tests/gpu/unpack.sh" "$work" || exit 1
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+# shellcheck source=setup.sh
+source "$(dirname "$0")/setup.sh"
 export OMNISHARD_TESTS_DIR=$root/tests
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$work/release/deps/gpu-tests" --test-threads 1 --nocapture "$@"

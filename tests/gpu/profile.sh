@@ -7,11 +7,8 @@
 #    clocks as they are. Kernel time per step against wall time per step is the launch and
 #    synchronization overhead; the per-kernel table says which kernels to work on.
 set -uo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-work=${WORK:-/tmp/omnishard-gpu}
-"$root/tests/gpu/unpack.sh" "$work" || exit 1
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-out=${OUT:-/tmp}
+# shellcheck source=setup.sh
+source "$(dirname "$0")/setup.sh"
 layers=8
 while [ $# -gt 0 ]; do
   case $1 in

@@ -62,14 +62,18 @@ fn success_matches_in_process_and_stops_children() {
 #[test]
 fn node_devices_name_one_device_for_all_or_one_per_node() {
     let score = ["score", "--token-ids", "5,17,42"];
+    let with_devices = |devices: &str| {
+        let args: Vec<&str> = ["--node-devices", devices]
+            .iter()
+            .chain(&score)
+            .copied()
+            .collect();
+        let out = cluster(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out, stderr)
+    };
     let plain = cluster(&score).output().unwrap();
-    let args: Vec<&str> = ["--node-devices", "cpu,cpu"]
-        .iter()
-        .chain(&score)
-        .copied()
-        .collect();
-    let out = cluster(&args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = with_devices("cpu,cpu");
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
         out.stdout, plain.stdout,
@@ -77,13 +81,7 @@ fn node_devices_name_one_device_for_all_or_one_per_node() {
     );
     assert_all_gone(&child_pids(&stderr));
     // Three devices for two nodes fits neither form: refused before any node starts.
-    let args: Vec<&str> = ["--node-devices", "cpu,cpu,cpu"]
-        .iter()
-        .chain(&score)
-        .copied()
-        .collect();
-    let out = cluster(&args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = with_devices("cpu,cpu,cpu");
     assert!(!out.status.success());
     assert!(stderr.contains("3 node devices for 2 nodes"), "{stderr}");
     assert!(child_pids(&stderr).is_empty(), "{stderr}");

@@ -61,6 +61,53 @@ fn expert_bytes_per_token(cfg: &ModelConfig) -> f64 {
     (cfg.moe_layers().len() * cfg.num_experts_per_tok * per_expert) as f64
 }
 
+/// Starts expert-node clusters on this benchmark's model and connects an engine on this
+/// process's device to them.
+struct Clusters<'a> {
+    args: &'a BenchArgs,
+    bin: std::path::PathBuf,
+    dir: &'a std::path::Path,
+    cfg: &'a ModelConfig,
+    ckpt: &'a Checkpoint,
+    device: &'a candle_core::Device,
+}
+
+impl Clusters<'_> {
+    /// `count` nodes on `devices` (one for all, or one each) with `threads` host threads each;
+    /// the nodes stop when the returned cluster is dropped.
+    fn start(
+        &self,
+        count: usize,
+        devices: &[DeviceSpec],
+        threads: usize,
+    ) -> anyhow::Result<(LocalCluster, Engine)> {
+        let a = self.args;
+        let nodes = LocalCluster::start(
+            &self.bin,
+            self.dir,
+            count,
+            a.dtype,
+            Duration::from_secs(1800),
+            devices,
+            &node_args(a, threads),
+        )?;
+        let opts = RemoteOptions {
+            rpc_timeout: Duration::from_secs(60),
+            ..RemoteOptions::default()
+        };
+        let engine = Engine::load_remote_from(
+            self.ckpt,
+            self.cfg,
+            a.dtype,
+            self.device,
+            nodes.addresses(),
+            opts,
+            false,
+        )?;
+        Ok((nodes, engine))
+    }
+}
+
 /// Runs the GPU benchmark on `cfg`'s model in `dir`; returns the JSON object it printed last.
 pub fn run(
     args: &BenchArgs,
@@ -89,10 +136,13 @@ pub fn run(
     let host_bandwidth = bandwidth::read_bandwidth(1 << 30, if args.quick { 5 } else { 11 });
 
     eprintln!("bench: [3/3] expert-node clusters");
-    let bin = find_expert_node_binary()?;
-    let opts = RemoteOptions {
-        rpc_timeout: Duration::from_secs(60),
-        ..RemoteOptions::default()
+    let cluster = Clusters {
+        args,
+        bin: find_expert_node_binary()?,
+        dir,
+        cfg,
+        ckpt,
+        device: &device,
     };
     let mut cpu_fraction = None;
     let node_devices = if args.node_devices.is_empty() {
@@ -108,25 +158,7 @@ pub fn run(
                 DeviceSpec::Cpu => (threads / count).max(1),
                 DeviceSpec::Cuda(_) => 2,
             };
-            let node_args = node_args(args, node_threads);
-            let nodes = LocalCluster::start(
-                &bin,
-                dir,
-                count,
-                args.dtype,
-                Duration::from_secs(1800),
-                &[node_device],
-                &node_args,
-            )?;
-            let engine = Engine::load_remote_from(
-                ckpt,
-                cfg,
-                args.dtype,
-                &device,
-                nodes.addresses(),
-                opts.clone(),
-                false,
-            )?;
+            let (_nodes, engine) = cluster.start(count, &[node_device], node_threads)?;
             let row = measure_engine(
                 &engine,
                 format!("{} + {count} {node_device} node(s)", args.device),
@@ -146,24 +178,7 @@ pub fn run(
             .collect();
         let names: Vec<String> = devices.iter().map(ToString::to_string).collect();
         eprintln!("bench: scaling: {n} node(s) on {}", names.join(", "));
-        let nodes = LocalCluster::start(
-            &bin,
-            dir,
-            n,
-            args.dtype,
-            Duration::from_secs(1800),
-            &devices,
-            &node_args(args, 2),
-        )?;
-        let mut engine = Engine::load_remote_from(
-            ckpt,
-            cfg,
-            args.dtype,
-            &device,
-            nodes.addresses(),
-            opts.clone(),
-            false,
-        )?;
+        let (_nodes, mut engine) = cluster.start(n, &devices, 2)?;
         for overlap in [false, true] {
             engine.set_overlap_min_sequences(if overlap {
                 defaults::OVERLAP_MIN_SEQUENCES

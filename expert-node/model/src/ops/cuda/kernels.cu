@@ -26,6 +26,19 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Warp argmax of (v, i): the larger value, ties to the lower index; every lane ends with it.
+__device__ __forceinline__ void warp_argmax(float& v, uint32_t& i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const uint32_t oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v) {
     __shared__ float partial[32];
@@ -164,24 +177,16 @@ extern "C" __global__ void router_topk_bf16(const bf16* __restrict__ logits,
     float total = 0.f;
     for (int i = 0; i < k; ++i) {
         float best = -1.f;
-        int idx = E;
+        uint32_t idx = E;
         for (int e = lane; e < E; e += 32) {
             if (p[e] > best) {
                 best = p[e];
                 idx = e;
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (ob > best || (ob == best && oi < idx)) {
-                best = ob;
-                idx = oi;
-            }
-        }
+        warp_argmax(best, idx);
         if (lane == 0) {
-            out[(size_t)t * k + i] = (uint32_t)idx;
+            out[(size_t)t * k + i] = idx;
             out[(size_t)n * k + (size_t)t * k + i] = __float_as_uint(best);
             p[idx] = -1.f;
         }

@@ -38,15 +38,7 @@ __device__ void block_argmax(float& v, uint32_t& i) {
     __shared__ float vals[32];
     __shared__ uint32_t idxs[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const uint32_t oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ov > v || (ov == v && oi < i)) {
-            v = ov;
-            i = oi;
-        }
-    }
+    warp_argmax(v, i);
     if (lane == 0) {
         vals[warp] = v;
         idxs[warp] = i;
@@ -56,15 +48,7 @@ __device__ void block_argmax(float& v, uint32_t& i) {
         const bool live = lane < (int)(blockDim.x >> 5);
         v = live ? vals[lane] : -INFINITY;
         i = live ? idxs[lane] : 0xffffffffu;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const uint32_t oi = __shfl_xor_sync(0xffffffffu, i, o);
-            if (ov > v || (ov == v && oi < i)) {
-                v = ov;
-                i = oi;
-            }
-        }
+        warp_argmax(v, i);
         if (lane == 0) {
             vals[0] = v;
             idxs[0] = i;
