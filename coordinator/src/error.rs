@@ -36,6 +36,15 @@ pub enum GenerationError {
         prompt: usize,
         requested: usize,
     },
+    /// The prompt's text is longer than any `max_context`-token prompt can be: refused unread.
+    #[error(
+        "the prompt is {bytes} bytes; this model's context of {max_context} tokens holds at most {max_bytes} bytes of text"
+    )]
+    PromptTooLarge {
+        bytes: usize,
+        max_bytes: usize,
+        max_context: usize,
+    },
     /// The scheduler's queue is full: back-pressure, the client should retry.
     #[error("the request queue is full; retry later")]
     QueueFull,
@@ -80,7 +89,7 @@ impl GenerationError {
             ),
             ModelNotFound { .. } => (StatusCode::NOT_FOUND, INVALID, Some("model_not_found")),
             NoSuchEndpoint => (StatusCode::NOT_FOUND, INVALID, Some("not_found")),
-            ContextLengthExceeded { .. } => (
+            ContextLengthExceeded { .. } | PromptTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 INVALID,
                 Some("context_length_exceeded"),
@@ -179,6 +188,15 @@ mod tests {
                     max_context: 8,
                     prompt: 8,
                     requested: 1,
+                },
+                413,
+                Some("context_length_exceeded"),
+            ),
+            (
+                GenerationError::PromptTooLarge {
+                    bytes: 9,
+                    max_bytes: 8,
+                    max_context: 2,
                 },
                 413,
                 Some("context_length_exceeded"),

@@ -10,6 +10,9 @@ use omnishard_model::ops::cuda;
 use omnishard_model::ops::sampling::{DEVICE_CANDIDATES, DeviceDraw, RowSampling};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+/// Accepted repetition penalties: 1 is none; 100 either way already leaves no choice.
+pub const REPETITION_PENALTY_RANGE: std::ops::RangeInclusive<f32> = 0.01..=100.0;
+
 /// Sampling settings; `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -47,9 +50,12 @@ impl SamplingParams {
         if self.top_k == Some(0) {
             return Err("top_k must be at least 1".to_string());
         }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+        // Dividing a logit by a tiny penalty overflows to infinity and the softmax to NaN.
+        if !(REPETITION_PENALTY_RANGE.contains(&self.repetition_penalty)) {
             return Err(format!(
-                "repetition_penalty must be > 0, got {}",
+                "repetition_penalty must be in [{}, {}], got {}",
+                REPETITION_PENALTY_RANGE.start(),
+                REPETITION_PENALTY_RANGE.end(),
                 self.repetition_penalty
             ));
         }
@@ -330,6 +336,14 @@ mod tests {
             },
             SamplingParams {
                 repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 1e-45,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: f32::NAN,
                 ..Default::default()
             },
         ] {

@@ -255,6 +255,9 @@ fn run(
             continue;
         }
         step(engine, cfg, &mut active, metrics);
+        // Also after the step: when its last sequence finishes, the loop next blocks waiting for
+        // work, and an idle server must not keep showing the sequences it had.
+        metrics.active_sequences.set(active.len() as i64);
     }
 }
 

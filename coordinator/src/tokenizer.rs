@@ -22,6 +22,8 @@ pub enum TokenizerError {
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     stop_tokens: Vec<u32>,
+    /// Bytes of text one token can stand for, at most.
+    max_token_bytes: usize,
 }
 
 impl TextTokenizer {
@@ -57,11 +59,30 @@ impl TextTokenizer {
                 .filter_map(|t| inner.token_to_id(t))
                 .collect()
         };
-        Ok(Self { inner, stop_tokens })
+        // Every token stands for at most this many bytes of text (UTF-8 length of its vocabulary
+        // string, which for byte-level BPE over-counts: safe as an upper bound).
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        Ok(Self {
+            inner,
+            stop_tokens,
+            max_token_bytes,
+        })
     }
 
     pub fn stop_tokens(&self) -> &[u32] {
         &self.stop_tokens
+    }
+
+    /// The longest text, in bytes, that can encode to fewer than `tokens` tokens: a text longer
+    /// than this needs at least `tokens` of them, so it can be refused before tokenizing.
+    pub fn max_bytes_for(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.max_token_bytes)
     }
 
     /// Encodes text; special tokens written in the text (e.g. `<|im_start|>`) are recognised.

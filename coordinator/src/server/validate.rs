@@ -18,6 +18,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// expert node, so they must stay short.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// Longest stop string accepted: matching costs grow with it on every generated token.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// What request validation needs to know about the served model.
 pub struct RequestLimits<'a> {
     pub model_name: &'a str,
@@ -127,7 +130,17 @@ fn prepare(
     {
         return Err(invalid("logprobs are not supported"));
     }
+    // A text of more bytes than `max_context` tokens can hold cannot fit: refuse it before the
+    // tokenizer spends time and memory on it (a 2 MB prompt cost ~200 MB to tokenize).
+    let max_bytes = limits.tokenizer.max_bytes_for(limits.max_context);
     let encode = |text: &str| {
+        if text.len() > max_bytes {
+            return Err(GenerationError::PromptTooLarge {
+                bytes: text.len(),
+                max_bytes,
+                max_context: limits.max_context,
+            });
+        }
         limits
             .tokenizer
             .encode(text)
@@ -204,6 +217,12 @@ fn prepare(
     };
     if stop.len() > 4 || stop.iter().any(String::is_empty) {
         return Err(invalid("`stop` takes at most 4 non-empty strings"));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(invalid(format!(
+            "a `stop` string is {} bytes long; at most {MAX_STOP_BYTES} are accepted",
+            long.len()
+        )));
     }
     Ok(Prepared {
         prompt,

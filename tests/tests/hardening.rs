@@ -1,0 +1,118 @@
+//! Work bounded per request (issue 11), against a real server on the demo model: a prompt too
+//! long for the context is refused by its byte length before the tokenizer sees it (and the
+//! server's peak memory barely moves), chat turns count the same way, stop strings are capped,
+//! sampling parameters that would make NaN probabilities are refused, and an idle server's
+//! active-sequence gauge reads 0.
+
+use std::time::{Duration, Instant};
+
+use omnishard_tests::{PATIENCE, Server};
+use serde_json::{Value, json};
+
+async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Peak resident memory of a process so far (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_abusive_requests_are_refused_cheaply() {
+    let server = Server::start(&["serve"]);
+    // Warm up (the first request allocates the scheduler's buffers), then measure.
+    let (status, _) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The lighthouse", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let before = peak_rss(server.child.id());
+
+    // 1.9 MB of text (under the HTTP body limit): ~200 MB to tokenize before; now refused unread.
+    let prompt = "lighthouse keeper ".repeat(1_900_000 / 18);
+    let (status, body) = post(&server, "/v1/completions", &json!({"prompt": prompt})).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
+    let grown = peak_rss(server.child.id()).saturating_sub(before);
+    assert!(grown < 20 << 20, "peak memory grew by {grown} bytes");
+
+    // 60,000 one-character messages: the rendered conversation is measured the same way.
+    let messages: Vec<Value> = (0..60_000)
+        .map(|_| json!({"role": "user", "content": "a"}))
+        .collect();
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": messages}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
+
+    // Stop strings: at most 4, each at most 256 bytes.
+    let long = "x".repeat(450_000);
+    let (status, body) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The", "stop": [long]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("256"),
+        "{body}"
+    );
+
+    // A penalty so small that penalised logits overflow (NaN probabilities for every seed).
+    let (status, body) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The", "repetition_penalty": 1e-45}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("repetition_penalty"),
+        "{body}"
+    );
+    // The server still serves, and once idle shows no active sequence (the gauge used to keep
+    // the last batch's count).
+    let (status, _) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The lighthouse", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + PATIENCE;
+    while server.metric("omnishard_active_sequences").await != 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.metric("omnishard_active_sequences").await, 0.0);
+}
