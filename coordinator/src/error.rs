@@ -36,6 +36,9 @@ pub enum GenerationError {
         prompt: usize,
         requested: usize,
     },
+    /// The HTTP body is over the server's size limit.
+    #[error("the request body is too large: {0}")]
+    BodyTooLarge(String),
     /// The prompt's text is longer than any `max_context`-token prompt can be: refused unread.
     #[error(
         "the prompt is {bytes} bytes; this model's context of {max_context} tokens holds at most {max_bytes} bytes of text"
@@ -89,6 +92,11 @@ impl GenerationError {
             ),
             ModelNotFound { .. } => (StatusCode::NOT_FOUND, INVALID, Some("model_not_found")),
             NoSuchEndpoint => (StatusCode::NOT_FOUND, INVALID, Some("not_found")),
+            BodyTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                INVALID,
+                Some("body_too_large"),
+            ),
             ContextLengthExceeded { .. } | PromptTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 INVALID,
@@ -200,6 +208,11 @@ mod tests {
                 },
                 413,
                 Some("context_length_exceeded"),
+            ),
+            (
+                GenerationError::BodyTooLarge("x".into()),
+                413,
+                Some("body_too_large"),
             ),
             (GenerationError::QueueFull, 429, Some("queue_full")),
             (

@@ -2,7 +2,7 @@
 //! long for the context is refused by its byte length before the tokenizer sees it (and the
 //! server's peak memory barely moves), chat turns count the same way, stop strings are capped,
 //! sampling parameters that would make NaN probabilities are refused, and an idle server's
-//! active-sequence gauge reads 0.
+//! active-sequence gauge reads 0; a body over the HTTP limit gets the OpenAI JSON error.
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,12 @@ async fn oversized_and_abusive_requests_are_refused_cheaply() {
     );
     let grown = peak_rss(server.child.id()).saturating_sub(before);
     assert!(grown < 20 << 20, "peak memory grew by {grown} bytes");
+
+    // Over the HTTP body limit: the same JSON error shape as every other refusal.
+    let huge = "x".repeat(3 << 20);
+    let (status, body) = post(&server, "/v1/completions", &json!({"prompt": huge})).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "body_too_large", "{body}");
 
     // 60,000 one-character messages: the rendered conversation is measured the same way.
     let messages: Vec<Value> = (0..60_000)

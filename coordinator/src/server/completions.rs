@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -23,17 +24,36 @@ use crate::scheduler::{Event, GenerationRequest};
 pub(super) async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(state, &headers, body, Kind::Chat).await
+    match body {
+        Ok(body) => handle(state, &headers, body, Kind::Chat).await,
+        Err(rejection) => body_refused(rejection),
+    }
 }
 
 pub(super) async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(state, &headers, body, Kind::Text).await
+    match body {
+        Ok(body) => handle(state, &headers, body, Kind::Text).await,
+        Err(rejection) => body_refused(rejection),
+    }
+}
+
+/// A body that could not be read (over the size limit, or broken off) as the OpenAI JSON error
+/// every other refusal is, not axum's plain text.
+fn body_refused(rejection: BytesRejection) -> Response {
+    let status = rejection.status();
+    let message = rejection.body_text();
+    let error = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        GenerationError::BodyTooLarge(message)
+    } else {
+        GenerationError::InvalidRequest(format!("cannot read the request body: {message}"))
+    };
+    error.into_response()
 }
 
 async fn handle(state: Arc<AppState>, headers: &HeaderMap, body: Bytes, kind: Kind) -> Response {

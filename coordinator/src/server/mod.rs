@@ -162,6 +162,26 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
     next.run(req).await
 }
 
+/// Compares the SHA-256 digests of both in time independent of their contents and lengths (a
+/// length check first would tell a client how long the key is).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
+    da.iter()
+        .zip(db.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn key_comparison_is_exact() {
+        assert!(constant_time_eq(b"secret-key", b"secret-key"));
+        for other in [&b"secret-kez"[..], b"secret-key ", b"", b"secret"] {
+            assert!(!constant_time_eq(b"secret-key", other));
+        }
+    }
 }
