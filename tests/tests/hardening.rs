@@ -20,6 +20,13 @@ async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// A short completion succeeds.
+async fn assert_serves(server: &Server) {
+    let body = json!({"prompt": "The lighthouse", "max_tokens": 2});
+    let (status, answer) = post(server, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
 /// Peak resident memory of a process so far (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -35,13 +42,7 @@ fn peak_rss(pid: u32) -> u64 {
 async fn oversized_and_abusive_requests_are_refused_cheaply() {
     let server = Server::start(&["serve"]);
     // Warm up (the first request allocates the scheduler's buffers), then measure.
-    let (status, _) = post(
-        &server,
-        "/v1/completions",
-        &json!({"prompt": "The lighthouse", "max_tokens": 2}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_serves(&server).await;
     let before = peak_rss(server.child.id());
 
     // 1.9 MB of text (under the HTTP body limit): ~200 MB to tokenize before; now refused unread.
@@ -109,13 +110,7 @@ async fn oversized_and_abusive_requests_are_refused_cheaply() {
     );
     // The server still serves, and once idle shows no active sequence (the gauge used to keep
     // the last batch's count).
-    let (status, _) = post(
-        &server,
-        "/v1/completions",
-        &json!({"prompt": "The lighthouse", "max_tokens": 2}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_serves(&server).await;
     let deadline = Instant::now() + PATIENCE;
     while server.metric("omnishard_active_sequences").await != 0.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
