@@ -79,6 +79,11 @@ struct ServeArgs {
     /// Requests waiting for a slot; more get HTTP 429.
     #[arg(long, env = "OMNISHARD_QUEUE_SIZE", default_value_t = 256)]
     queue_size: usize,
+    /// Let special tokens written in prompts and messages (`<|im_start|>`, ...) act as control
+    /// tokens, for trusted callers that render their own templates. Off: they are plain text, so
+    /// a message cannot forge a turn.
+    #[arg(long, env = "OMNISHARD_SPECIAL_TOKENS_IN_TEXT")]
+    special_tokens_in_text: bool,
 }
 
 #[derive(Args)]
@@ -381,6 +386,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         served_model_name: args.served_model_name,
         api_key: args.api_key,
         max_context: args.max_context,
+        special_tokens_in_text: args.special_tokens_in_text,
         scheduler: SchedulerConfig {
             max_active: args.max_active_seqs,
             max_batched_tokens: args.max_batched_tokens,

@@ -36,6 +36,9 @@ pub struct ServeSettings {
     /// Prompt plus generated tokens per sequence (default: the model's max_position_embeddings,
     /// else [`DEFAULT_MAX_CONTEXT`]).
     pub max_context: Option<usize>,
+    /// Special tokens written in prompts and messages act as control tokens (trusted callers
+    /// that render their own templates); otherwise they are plain text.
+    pub special_tokens_in_text: bool,
     pub scheduler: SchedulerConfig,
     /// Placement file re-read on SIGHUP (only with remote experts).
     pub placement: Option<PathBuf>,
@@ -89,6 +92,7 @@ pub fn start(
         served_model_name,
         api_key,
         max_context,
+        special_tokens_in_text,
         scheduler: sched,
         placement,
     } = settings;
@@ -123,6 +127,7 @@ pub fn start(
             model_name,
             api_key,
             max_context,
+            special_tokens_in_text,
         },
     ));
     Ok(Service {

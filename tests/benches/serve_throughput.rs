@@ -91,6 +91,7 @@ fn main() {
             served_model_name: Some("demo-model".into()),
             api_key: None,
             max_context: Some(512),
+            special_tokens_in_text: false,
             scheduler: SchedulerConfig {
                 max_active: 64,
                 max_batched_tokens: 512,

@@ -57,6 +57,7 @@ async fn health_fails_with_the_reason_once_the_scheduler_dies() {
             served_model_name: None,
             api_key: None,
             max_context: None,
+            special_tokens_in_text: false,
             scheduler: SchedulerConfig {
                 max_active: 4,
                 max_batched_tokens: 64,

@@ -44,6 +44,8 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// Prompt plus generated tokens per sequence.
     pub max_context: usize,
+    /// Special tokens in client text act as control tokens (else they are plain text).
+    pub special_tokens_in_text: bool,
 }
 
 pub struct AppState {
@@ -79,6 +81,7 @@ impl AppState {
         RequestLimits {
             model_name: &self.config.model_name,
             max_context: self.config.max_context,
+            special_tokens_in_text: self.config.special_tokens_in_text,
             vocab_size: self.engine.config().vocab_size,
             tokenizer: &self.tokenizer,
         }

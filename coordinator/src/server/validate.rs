@@ -27,6 +27,8 @@ pub struct RequestLimits<'a> {
     pub max_context: usize,
     pub vocab_size: usize,
     pub tokenizer: &'a TextTokenizer,
+    /// Special tokens in client text act as control tokens (else they are plain text).
+    pub special_tokens_in_text: bool,
 }
 
 /// A validated request, ready for the scheduler.
@@ -133,7 +135,7 @@ fn prepare(
     // A text of more bytes than `max_context` tokens can hold cannot fit: refuse it before the
     // tokenizer spends time and memory on it (a 2 MB prompt cost ~200 MB to tokenize).
     let max_bytes = limits.tokenizer.max_bytes_for(limits.max_context);
-    let encode = |text: &str| {
+    let fits = |text: &str| {
         if text.len() > max_bytes {
             return Err(GenerationError::PromptTooLarge {
                 bytes: text.len(),
@@ -141,10 +143,18 @@ fn prepare(
                 max_context: limits.max_context,
             });
         }
-        limits
-            .tokenizer
-            .encode(text)
-            .map_err(|e| invalid(e.to_string()))
+        Ok(())
+    };
+    let tok = limits.tokenizer;
+    let trusted = limits.special_tokens_in_text;
+    let encode = |text: &str| {
+        fits(text)?;
+        let ids = if trusted {
+            tok.encode(text)
+        } else {
+            tok.encode_text(text)
+        };
+        ids.map_err(|e| invalid(e.to_string()))
     };
     let prompt = match kind {
         Kind::Chat => {
@@ -152,7 +162,15 @@ fn prepare(
                 .messages
                 .take()
                 .ok_or_else(|| invalid("`messages` is required"))?;
-            encode(&chatml(&chat_turns(messages)?))?
+            let turns = chat_turns(messages)?;
+            let rendered = chatml(&turns);
+            fits(&rendered)?;
+            let ids = if trusted {
+                tok.encode(&rendered)
+            } else {
+                tok.encode_chatml(&turns)
+            };
+            ids.map_err(|e| invalid(e.to_string()))?
         }
         Kind::Text => match body.prompt.take() {
             None => return Err(invalid("`prompt` is required")),
