@@ -51,7 +51,7 @@ pub fn http_body(data: &[u8]) {
         max_context: 512,
         vocab_size: 512,
         tokenizer: &TOKENIZER,
-        special_tokens_in_text: data.len() % 2 == 0,
+        special_tokens_in_text: first & 2 == 2,
     };
     if let Ok((prompt, max_tokens)) = validate_body(&limits, body, first & 1 == 1) {
         assert!(prompt > 0 && max_tokens >= 1 && prompt + max_tokens <= 512);
