@@ -84,6 +84,10 @@ struct ServeArgs {
     /// a message cannot forge a turn.
     #[arg(long, env = "OMNISHARD_SPECIAL_TOKENS_IN_TEXT")]
     special_tokens_in_text: bool,
+    /// Seconds an HTTP/1 connection may take to send a request head, idle keep-alive waits
+    /// included, before the server closes it (stalled and abandoned clients hold no socket).
+    #[arg(long, env = "OMNISHARD_HTTP_IDLE_TIMEOUT_S", default_value_t = defaults::HTTP_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    http_idle_timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -387,6 +391,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key,
         max_context: args.max_context,
         special_tokens_in_text: args.special_tokens_in_text,
+        idle_timeout: Duration::from_secs(args.http_idle_timeout_s),
         scheduler: SchedulerConfig {
             max_active: args.max_active_seqs,
             max_batched_tokens: args.max_batched_tokens,

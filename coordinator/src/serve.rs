@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::Placement;
@@ -39,6 +40,9 @@ pub struct ServeSettings {
     /// Special tokens written in prompts and messages act as control tokens (trusted callers
     /// that render their own templates); otherwise they are plain text.
     pub special_tokens_in_text: bool,
+    /// How long an HTTP/1 connection may take to send a request head, idle keep-alive waits
+    /// included, before it is closed.
+    pub idle_timeout: Duration,
     pub scheduler: SchedulerConfig,
     /// Placement file re-read on SIGHUP (only with remote experts).
     pub placement: Option<PathBuf>,
@@ -78,6 +82,7 @@ pub struct Service {
     state: Arc<AppState>,
     placement: Option<PathBuf>,
     model_dir: PathBuf,
+    idle_timeout: Duration,
 }
 
 /// Checks `settings` against the model, loads the tokenizer and starts the scheduler thread.
@@ -93,6 +98,7 @@ pub fn start(
         api_key,
         max_context,
         special_tokens_in_text,
+        idle_timeout,
         scheduler: sched,
         placement,
     } = settings;
@@ -134,6 +140,7 @@ pub fn start(
         state,
         placement,
         model_dir,
+        idle_timeout,
     })
 }
 
@@ -167,15 +174,75 @@ impl Service {
             }
             _ => None,
         };
-        let served = axum::serve(listener, server::router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServeError::Http);
+        let served = accept(
+            listener,
+            server::router(self.state),
+            self.idle_timeout,
+            shutdown,
+        )
+        .await;
         if let Some(task) = reload {
             task.abort();
         }
         served
     }
+}
+
+/// Serves `router` on every connection `listener` accepts until `shutdown`, then waits for the
+/// open connections to finish their requests. Connections that send nothing, or (HTTP/1) do not
+/// complete a request head, within `idle_timeout` (a slow or stalled client, or a keep-alive
+/// connection left idle) are closed: axum's own `serve` sets no timer, and unfinished
+/// connections stayed open forever.
+async fn accept(
+    listener: TcpListener,
+    router: axum::Router,
+    idle_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: pause rather than spin, keep serving.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            // The protocol detection waits for a first byte with no timer of its own: a
+            // connection that never sends one is dropped here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(idle_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// `coordinator serve`: starts the server on `listen`, prints `listening on http://ADDR` on

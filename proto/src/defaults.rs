@@ -20,6 +20,10 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// (expert nodes only; below this the doubled per-layer calls cost more than they hide).
 pub const OVERLAP_MIN_SEQUENCES: usize = 8;
 
+/// How long the coordinator's HTTP server waits for a connection to send a request head
+/// (including idle keep-alive time) before closing it.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Log filter of both binaries when `RUST_LOG` is not set.
 pub const LOG_FILTER: &str = "info";
 

@@ -3,7 +3,8 @@
 //! server's peak memory barely moves), chat turns count the same way, stop strings are capped,
 //! sampling parameters that would make NaN probabilities are refused, and an idle server's
 //! active-sequence gauge reads 0; a body over the HTTP limit gets the OpenAI JSON error; special
-//! tokens a client writes are text unless the server trusts its callers.
+//! tokens a client writes are text unless the server trusts its callers; stalled and idle
+//! connections are closed after the idle timeout.
 
 use std::time::{Duration, Instant};
 
@@ -151,4 +152,53 @@ async fn special_tokens_in_client_text_are_text_unless_trusted() {
     drop(server);
     let trusted = Server::start(&["serve", "--special-tokens-in-text"]);
     assert_eq!(prompt_tokens(&trusted, marker).await, 1);
+}
+
+/// Whether the server closed `stream` (end of file or reset) within `within`.
+fn closed_within(stream: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            // A response (e.g. 408) before the close: keep reading.
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_idle_connections_are_closed() {
+    use std::io::Write;
+    let server = Server::start(&["serve", "--http-idle-timeout-s", "1"]);
+    let addr = server.url("").trim_start_matches("http://").to_string();
+    let connect = || std::net::TcpStream::connect(&addr).unwrap();
+    // Unfinished request heads, silent connections, and a keep-alive connection after a
+    // complete request.
+    let mut stalled: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = connect();
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    stalled.extend((0..40).map(|_| connect()));
+    let mut kept = connect();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    stalled.push(kept);
+    // Meanwhile the server answers others.
+    assert_serves(&server).await;
+    let started = Instant::now();
+    for (i, s) in stalled.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "connection {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_serves(&server).await;
 }
