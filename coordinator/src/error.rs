@@ -71,6 +71,16 @@ pub enum GenerationError {
     /// An expert node that asked to join was refused (unreachable, another model, ...).
     #[error("{0}")]
     NodeRejected(String),
+    /// An admin call that is not allowed: the admin API is off (no key), or the call came from
+    /// a web page (an `Origin` header).
+    #[error("{0}")]
+    AdminForbidden(String),
+    /// A body in a content type the endpoint does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Too many admin operations at once.
+    #[error("{0}")]
+    AdminBusy(String),
     /// A bug or a lost worker task: nothing the client can change.
     #[error("{0}")]
     Internal(String),
@@ -127,6 +137,17 @@ impl GenerationError {
             ),
             NoExpertNodes => (StatusCode::BAD_REQUEST, INVALID, Some("no_expert_nodes")),
             NodeRejected(_) => (StatusCode::BAD_REQUEST, INVALID, Some("node_rejected")),
+            AdminForbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden")),
+            UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                INVALID,
+                Some("unsupported_media_type"),
+            ),
+            AdminBusy(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("admin_busy"),
+            ),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, SERVER, Some("internal")),
         }
     }
@@ -213,6 +234,21 @@ mod tests {
                 GenerationError::BodyTooLarge("x".into()),
                 413,
                 Some("body_too_large"),
+            ),
+            (
+                GenerationError::AdminForbidden("x".into()),
+                403,
+                Some("forbidden"),
+            ),
+            (
+                GenerationError::UnsupportedMediaType("x".into()),
+                415,
+                Some("unsupported_media_type"),
+            ),
+            (
+                GenerationError::AdminBusy("x".into()),
+                429,
+                Some("admin_busy"),
             ),
             (GenerationError::QueueFull, 429, Some("queue_full")),
             (

@@ -278,7 +278,7 @@ async fn a_node_joins_a_running_server() {
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("another model"),
+            .contains("not admitted"),
         "{v}"
     );
     let resp = add(&joiner.address, Some("k")).await.unwrap();

@@ -4,7 +4,8 @@
 //! sampling parameters that would make NaN probabilities are refused, and an idle server's
 //! active-sequence gauge reads 0; a body over the HTTP limit gets the OpenAI JSON error; special
 //! tokens a client writes are text unless the server trusts its callers; stalled and idle
-//! connections are closed after the idle timeout.
+//! connections are closed after the idle timeout; the admin API is off without a key, refuses
+//! web pages and takes JSON only.
 
 use std::time::{Duration, Instant};
 
@@ -201,4 +202,35 @@ async fn stalled_and_idle_connections_are_closed() {
         );
     }
     assert_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_a_key_json_and_no_web_page() {
+    let client = reqwest::Client::new();
+    let open = Server::start(&["serve"]);
+    let resp = client.get(open.url("/admin/nodes")).send().await.unwrap();
+    assert_eq!(resp.status(), 403, "admin without --api-key");
+    drop(open);
+    let server = Server::start(&["serve", "--api-key", "k"]);
+    let nodes = || client.get(server.url("/admin/nodes")).bearer_auth("k");
+    assert_eq!(
+        nodes().send().await.unwrap().status(),
+        400,
+        "no expert nodes here"
+    );
+    let from_page = nodes()
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(from_page.status(), 403);
+    let as_text = client
+        .post(server.url("/admin/nodes"))
+        .bearer_auth("k")
+        .header("Content-Type", "text/plain")
+        .body(r#"{"address": "127.0.0.1:1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_text.status(), 415);
 }

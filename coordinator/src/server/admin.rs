@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -94,10 +94,37 @@ struct AddNode {
     address: String,
 }
 
-/// Adds an expert node to the running cluster: `{"address": "host:port"}`.
-pub(super) async fn add_node(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// Admissions of new nodes checked at once; more get 429 (each holds a blocking thread while
+/// it connects, and 530 at once once starved the server).
+const ADMISSIONS_AT_ONCE: usize = 4;
+static ADMISSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ADMISSIONS_AT_ONCE);
+
+/// Adds an expert node to the running cluster: `{"address": "host:port"}` as
+/// `application/json`. The client hears one reason for any refusal (the detail is logged), so
+/// the endpoint does not tell open ports from closed ones.
+pub(super) async fn add_node(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if !json {
+        return GenerationError::UnsupportedMediaType(
+            "send the node as JSON (Content-Type: application/json)".into(),
+        )
+        .into_response();
+    }
     let Some(remote) = state.engine.remote().cloned() else {
         return GenerationError::NoExpertNodes.into_response();
+    };
+    let Ok(_permit) = ADMISSIONS.try_acquire() else {
+        return GenerationError::AdminBusy(format!(
+            "{ADMISSIONS_AT_ONCE} node admissions are already running; retry later"
+        ))
+        .into_response();
     };
     let req: AddNode = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -111,7 +138,13 @@ pub(super) async fn add_node(State(state): State<Arc<AppState>>, body: Bytes) ->
     // Connecting and checking the node blocks; keep it off the async workers.
     match tokio::task::spawn_blocking(move || remote.add_node(&req.address)).await {
         Ok(Ok(status)) => Json(json!({"node": status})).into_response(),
-        Ok(Err(e)) => GenerationError::NodeRejected(e.to_string()).into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "node not admitted");
+            GenerationError::NodeRejected(
+                "the node was not admitted: it is unreachable, not an expert node, or serves another model, dtype or partition (the server log says which)".into(),
+            )
+            .into_response()
+        }
         Err(e) => GenerationError::Internal(e.to_string()).into_response(),
     }
 }

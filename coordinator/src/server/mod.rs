@@ -109,7 +109,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/nodes", get(admin::list_nodes).post(admin::add_node))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            require_api_key,
+            require_admin_access,
         ));
     Router::new()
         .nest("/v1", v1)
@@ -167,6 +167,29 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
 
 /// Compares the SHA-256 digests of both in time independent of their contents and lengths (a
 /// length check first would tell a client how long the key is).
+/// The admin API changes the cluster: off unless the server has an API key, and never for a
+/// web page (a browser sends `Origin`; curl and SDKs do not), so a page open in a local browser
+/// cannot add a node to a server on localhost.
+async fn require_admin_access(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.config.api_key.is_none() {
+        return GenerationError::AdminForbidden(
+            "the admin API is off: start the server with --api-key to use /admin/*".into(),
+        )
+        .into_response();
+    }
+    if req.headers().contains_key(header::ORIGIN) {
+        return GenerationError::AdminForbidden(
+            "admin calls from web pages (requests with an Origin header) are refused".into(),
+        )
+        .into_response();
+    }
+    require_api_key(State(state), req, next).await
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use sha2::{Digest, Sha256};
     let (da, db) = (Sha256::digest(a), Sha256::digest(b));
