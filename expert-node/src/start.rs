@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use omnishard_model::{Checkpoint, CheckpointError, LocalExperts};
@@ -34,7 +34,14 @@ pub async fn serve(
         }
     });
     let service = ExpertNodeService::new(state).into_server(max_message_bytes);
+    // Bounds on what one client can hold: calls in flight per connection (the coordinator keeps
+    // at most two per layer in flight), and HTTP/2 pings so a vanished peer's connection is
+    // closed instead of kept forever.
     tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)

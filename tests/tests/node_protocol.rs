@@ -262,3 +262,33 @@ async fn info_and_health_report_the_partition() {
     assert_eq!(info.memory_bytes, 8 * 3 * 64 * 32 * 2);
     assert_eq!(info.fingerprint.len(), 64);
 }
+
+#[tokio::test]
+async fn a_token_routed_to_more_than_top_k_experts_is_refused() {
+    // 8 experts, top-4: one token sent to 5 held experts would be 5 outputs for one input row.
+    let node = ExpertNode::start(&model_dir("omni-gqa-top4"), &["--shard", "0/1"]);
+    let (mut client, info) = client(&node.address).await;
+    let held = &info.layers[0];
+    assert!(held.experts.len() >= 5, "{:?}", held.experts);
+    let request = ForwardRequest {
+        request_id: 1,
+        layer: held.layer,
+        hidden: Some(f32_tensor(1, HIDDEN, 0.5)),
+        token_index: vec![0; 5],
+        expert_id: held.experts[..5].to_vec(),
+        weight: vec![0.2; 5],
+        fingerprint: info.fingerprint.clone(),
+        trace_ids: Vec::new(),
+    };
+    let err = client.forward(request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("top-k = 4"), "{err:?}");
+    // Four is the model's own top-k: served.
+    let four = ForwardRequest {
+        token_index: vec![0; 4],
+        expert_id: held.experts[..4].to_vec(),
+        weight: vec![0.25; 4],
+        ..request
+    };
+    client.forward(four).await.unwrap();
+}

@@ -40,6 +40,9 @@ pub struct LocalExperts {
     num_experts: usize,
     moe_layers: Vec<bool>,
     hidden_size: usize,
+    /// Experts per token (`num_experts_per_tok`): no call may route a token to more, which
+    /// bounds a call's work and output at top-k times its input.
+    top_k: usize,
     dtype: DType,
 }
 
@@ -113,6 +116,7 @@ impl LocalExperts {
                 .map(|l| cfg.is_moe_layer(l))
                 .collect(),
             hidden_size: cfg.hidden_size,
+            top_k: cfg.num_experts_per_tok,
             dtype,
         })
     }
@@ -200,11 +204,20 @@ impl LocalExperts {
         let groups = group_by_expert(assignments, self.num_experts);
         // One bit per (token, expert) of this call: cheaper than hashing at prefill sizes.
         let mut seen = vec![false; n_tokens * self.num_experts];
+        let mut per_token = vec![0usize; n_tokens];
         for a in assignments {
             if a.token as usize >= n_tokens {
                 return Err(invalid(format!(
                     "token index {} out of range for {n_tokens} tokens",
                     a.token
+                )));
+            }
+            let count = &mut per_token[a.token as usize];
+            *count += 1;
+            if *count > self.top_k {
+                return Err(invalid(format!(
+                    "token {} routed to more than top-k = {} experts",
+                    a.token, self.top_k
                 )));
             }
             if !a.weight.is_finite() {
