@@ -316,3 +316,36 @@ async fn a_node_joins_a_running_server() {
         "the new node got no traffic: {nodes}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_fails_while_an_expert_has_no_live_node() {
+    let model = demo_model();
+    let a = ExpertNode::start(&model, &["--shard", "0/2"]);
+    let b = ExpertNode::start(&model, &["--shard", "1/2"]);
+    let server = serve_on(&[&a, &b], &[]);
+    let status = |path: &'static str| {
+        let url = server.url(path);
+        async move { reqwest::get(url).await.unwrap() }
+    };
+    assert_eq!(status("/health").await.status(), 200);
+    b.signal("KILL");
+    let deadline = Instant::now() + PATIENCE;
+    let resp = loop {
+        let resp = status("/health").await;
+        if resp.status() == 503 || Instant::now() > deadline {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(resp.status(), 503, "/health stayed OK with shard 1/2 gone");
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("have no live node"),
+        "{v}"
+    );
+    // Liveness: the process itself is fine (restarting it would not bring the experts back).
+    assert_eq!(status("/health?live").await.status(), 200);
+}

@@ -206,6 +206,28 @@ impl RemoteExperts {
         Ok((Self { shared, runtime }, missing))
     }
 
+    /// The (layer, expert) pairs that some node was placed to hold but no live one holds now
+    /// (pairs masked out at start-up, with no holder at all, are not counted).
+    pub fn uncovered(&self) -> Vec<(usize, usize)> {
+        let table = self.shared.table();
+        let nodes = self.shared.nodes();
+        let live = |&i: &usize| {
+            nodes.get(i).is_some_and(|n| {
+                n.up.load(std::sync::atomic::Ordering::Relaxed)
+                    && !n.retired.load(std::sync::atomic::Ordering::Relaxed)
+            })
+        };
+        let mut out = Vec::new();
+        for (layer, experts) in table.iter().enumerate() {
+            for (expert, holders) in experts.iter().enumerate() {
+                if !holders.is_empty() && !holders.iter().any(live) {
+                    out.push((layer, expert));
+                }
+            }
+        }
+        out
+    }
+
     /// Every node with its state, in the order added.
     pub fn status(&self) -> Vec<NodeStatus> {
         self.shared.nodes().iter().map(|n| n.status()).collect()

@@ -6,21 +6,49 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{AppState, GenerationError};
+use crate::remote::describe_pairs;
 
-pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
-    match state.scheduler.stopped_reason() {
-        None => Json(json!({"status": "ok"})).into_response(),
-        // A server that cannot generate must fail its health check, so that a load balancer or
-        // orchestrator takes it out of service; the reason says what happened.
-        Some(reason) => GenerationError::SchedulerStopped { reason }.into_response(),
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HealthQuery {
+    /// Liveness only: is this process able to work at all (a restart would help otherwise)?
+    live: Option<String>,
+}
+
+/// `GET /health`: 200 when requests can be served; 503 with the reason when the scheduler has
+/// stopped or some expert has no live node (a load balancer should send traffic elsewhere).
+/// `GET /health?live`: the scheduler only — uncovered experts are not fixed by restarting the
+/// coordinator, so a liveness probe must not count them.
+pub(super) async fn health(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HealthQuery>,
+) -> Response {
+    // A server that cannot generate must fail its health check, so that a load balancer or
+    // orchestrator takes it out of service; the reason says what happened.
+    if let Some(reason) = state.scheduler.stopped_reason() {
+        return GenerationError::SchedulerStopped { reason }.into_response();
     }
+    if query.live.is_none()
+        && let Some(remote) = state.engine.remote()
+    {
+        let uncovered = remote.uncovered();
+        if !uncovered.is_empty() {
+            return GenerationError::ExpertNodesUnavailable(format!(
+                "{} (layer, expert) pairs have no live node: {}",
+                uncovered.len(),
+                describe_pairs(&uncovered)
+            ))
+            .into_response();
+        }
+    }
+    Json(json!({"status": "ok"})).into_response()
 }
 
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
