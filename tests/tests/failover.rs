@@ -171,7 +171,7 @@ async fn without_a_replica_only_the_request_in_flight_fails() {
     assert!(message.contains(&nodes[1].address), "{message}");
     assert_eq!(err["error"]["code"], "expert_nodes_unavailable");
 
-    // While it is down: a clear 503, and the server itself is fine.
+    // While it is down: a clear 503, and the server itself is alive.
     let resp = reqwest::Client::new()
         .post(server.url("/v1/completions"))
         .json(&json!({"prompt": "The", "max_tokens": 5}))
@@ -187,8 +187,16 @@ async fn without_a_replica_only_the_request_in_flight_fails() {
             .contains("no live replica"),
         "{v}"
     );
+    // Not ready (an expert has no live node), but alive.
     assert_eq!(
         reqwest::get(server.url("/health")).await.unwrap().status(),
+        503
+    );
+    assert_eq!(
+        reqwest::get(server.url("/health?live"))
+            .await
+            .unwrap()
+            .status(),
         200
     );
 

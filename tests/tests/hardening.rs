@@ -5,7 +5,7 @@
 //! active-sequence gauge reads 0; a body over the HTTP limit gets the OpenAI JSON error; special
 //! tokens a client writes are text unless the server trusts its callers; stalled and idle
 //! connections are closed after the idle timeout; the admin API is off without a key, refuses
-//! web pages and takes JSON only.
+//! web pages and takes JSON only; a streamed request's duration runs to the end of its stream.
 
 use std::time::{Duration, Instant};
 
@@ -233,4 +233,52 @@ async fn the_admin_api_needs_a_key_json_and_no_web_page() {
         .await
         .unwrap();
     assert_eq!(as_text.status(), 415);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_timed_to_its_end() {
+    let server = Server::start(&["serve"]);
+    let body =
+        json!({"prompt": "The lighthouse", "max_tokens": 64, "ignore_eos": true, "stream": true});
+    let started = Instant::now();
+    let text = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(text.contains("[DONE]"), "{text}");
+    // Recorded when the server sees its body end, a moment after the client has the last byte.
+    let deadline = Instant::now() + PATIENCE;
+    let recorded = loop {
+        let metrics = reqwest::get(server.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let sum: Option<f64> = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("omnishard_request_seconds_sum") && l.contains("/v1/completions")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok());
+        match sum {
+            Some(s) => break s,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            None => panic!("no request duration for /v1/completions in {metrics}"),
+        }
+    };
+    // Headers leave at once; the stream's 64 tokens take most of the client's time.
+    assert!(
+        recorded > 0.5 * elapsed,
+        "recorded {recorded} s for a stream the client saw take {elapsed} s"
+    );
 }

@@ -139,15 +139,65 @@ async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
     let resp = next.run(req).await;
     state
         .metrics
-        .request_seconds
-        .with_label_values(&[&endpoint])
-        .observe(started.elapsed().as_secs_f64());
-    state
-        .metrics
         .requests
         .with_label_values(&[endpoint.as_str(), resp.status().as_str()])
         .inc();
-    resp
+    // The duration runs to the end of the body: a stream's response headers leave at once.
+    let seconds = state
+        .metrics
+        .request_seconds
+        .with_label_values(&[&endpoint]);
+    let (parts, body) = resp.into_parts();
+    let timed = TimedBody {
+        inner: body,
+        timer: Some((started, seconds)),
+    };
+    Response::from_parts(parts, axum::body::Body::new(timed))
+}
+
+/// A response body that records the request's duration when its last frame is sent (or when
+/// it is dropped: the client went away).
+struct TimedBody {
+    inner: axum::body::Body,
+    timer: Option<(Instant, prometheus::Histogram)>,
+}
+
+impl TimedBody {
+    fn observe(&mut self) {
+        if let Some((started, histogram)) = self.timer.take() {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for TimedBody {
+    fn drop(&mut self) {
+        self.observe();
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.observe();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
