@@ -357,3 +357,64 @@ async fn health_fails_while_an_expert_has_no_live_node() {
     // Liveness: the process itself is fine (restarting it would not bring the experts back).
     assert_eq!(status("/health?live").await.status(), 200);
 }
+
+/// Posts a short greedy completion until it gets `want`, or fails after PATIENCE.
+async fn completion_status_becomes(server: &Server, want: u16) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = reqwest::Client::new()
+            .post(server.url("/v1/completions"))
+            .json(&json!({"prompt": "The", "max_tokens": 3, "temperature": 0}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "completions still answer {status}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_its_address_is_checked_again() {
+    let model = demo_model();
+    let a = ExpertNode::start(&model, &["--shard", "0/2"]);
+    let mut b = ExpertNode::start(&model, &["--shard", "1/2"]);
+    let address = b.address.clone();
+    // A long health interval: the restarts below land between two checks, so the node's
+    // health never fails and only its Info shows what changed.
+    let list = format!("{},{}", a.address, address);
+    let server = Server::start(&["serve", "--nodes", &list, "--health-interval-ms", "1500"]);
+    let restart = |b: &mut ExpertNode, args: &[&str]| {
+        b.signal("KILL");
+        let _ = b.child.wait();
+        *b = ExpertNode::start_at(&model, &address, args);
+    };
+    completion_status_becomes(&server, 200).await;
+
+    // Back with another dtype: marked down with the reason, requests get 503, not 500.
+    restart(&mut b, &["--shard", "1/2", "--dtype", "bf16"]);
+    completion_status_becomes(&server, 503).await;
+    let reason = node_field(&server, &address, "last_error").await;
+    assert!(
+        reason
+            .as_str()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("bf16"),
+        "{reason}"
+    );
+    // Back as the other shard: routing follows what it holds (shard 1 is now missing)...
+    restart(&mut b, &["--shard", "0/2"]);
+    completion_status_becomes(&server, 503).await;
+    // ...and as its own shard again: the cluster is whole, requests succeed.
+    restart(&mut b, &["--shard", "1/2"]);
+    completion_status_becomes(&server, 200).await;
+    assert_eq!(node_field(&server, &address, "up").await, json!(true));
+}

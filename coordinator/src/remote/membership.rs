@@ -73,6 +73,16 @@ impl Node {
         self.up.load(Ordering::Acquire) && !self.retired.load(Ordering::Acquire)
     }
 
+    /// A down node that answered but was refused re-admission: the reason is shown in
+    /// `/admin/nodes` and logged whenever it changes (not every health interval).
+    pub(super) fn refused(&self, reason: &str) {
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != Some(reason) {
+            tracing::warn!(node = %self.label(), %reason, "expert node not re-admitted");
+            *last = Some(reason.to_string());
+        }
+    }
+
     pub(super) fn mark_down(&self, reason: &str) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
@@ -304,14 +314,14 @@ impl RemoteExperts {
     }
 }
 
-/// Brings a down node back if it answers Info with our fingerprint and dtype.
-async fn readmit(
+/// What the node holds, from its Info checked as at admission (fingerprint, dtype, layout).
+async fn checked_holdings(
     node: &Node,
     cfg: &ModelConfig,
     fingerprint: &str,
     dtype: DType,
     opts: &RemoteOptions,
-) -> Result<(), String> {
+) -> Result<Vec<(usize, usize)>, String> {
     let mut client = node.rpc.client.clone();
     let mut req = tonic::Request::new(InfoRequest {});
     req.set_timeout(opts.rpc_timeout);
@@ -320,8 +330,46 @@ async fn readmit(
         .await
         .map_err(|s| format!("Info failed: {:?}: {}", s.code(), s.message()))?
         .into_inner();
-    let held =
+    let mut held =
         check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())?;
+    held.sort_unstable();
+    Ok(held)
+}
+
+/// Checks a node that is up again as at admission: one restarted on its address between two
+/// health checks (another dtype, model or shard) answers health like the old one did, so only
+/// its Info tells. Returns whether what it holds changed (the routing table must follow).
+async fn recheck(
+    node: &Node,
+    cfg: &ModelConfig,
+    fingerprint: &str,
+    dtype: DType,
+    opts: &RemoteOptions,
+) -> Result<bool, String> {
+    let held = checked_holdings(node, cfg, fingerprint, dtype, opts).await?;
+    let mut current = node.held.lock().unwrap_or_else(|e| e.into_inner());
+    current.sort_unstable();
+    if *current == held {
+        return Ok(false);
+    }
+    tracing::warn!(
+        node = %node.label(),
+        experts = held.len(),
+        "expert node now holds a different partition (restarted?); routing follows"
+    );
+    *current = held;
+    Ok(true)
+}
+
+/// Brings a down node back if it answers Info with our fingerprint and dtype.
+async fn readmit(
+    node: &Node,
+    cfg: &ModelConfig,
+    fingerprint: &str,
+    dtype: DType,
+    opts: &RemoteOptions,
+) -> Result<(), String> {
+    let held = checked_holdings(node, cfg, fingerprint, dtype, opts).await?;
     *node.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
     // A fresh stream: the old one died with the node.
     node.rpc.drop_stream().await;
@@ -331,9 +379,10 @@ async fn readmit(
     Ok(())
 }
 
-/// Every `health_interval`: gRPC health of the nodes that are up (a failure marks them down
-/// before a request has to find out), Info of those that are down (re-admitted when their
-/// fingerprint matches). Ends when the experts are dropped.
+/// Every `health_interval`: gRPC health and Info of the nodes that are up (a failure or a
+/// mismatch marks them down before a request has to find out; a changed partition updates the
+/// routing), Info of those that are down (re-admitted when it matches). Ends when the experts
+/// are dropped.
 async fn health_loop(shared: std::sync::Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
@@ -353,12 +402,17 @@ async fn health_loop(shared: std::sync::Weak<Shared>) {
                 );
                 if !serving {
                     node.mark_down("health check failed");
+                    continue;
                 }
-            } else if readmit(node, &s.cfg, &s.fingerprint, s.dtype, &s.opts)
-                .await
-                .is_ok()
-            {
-                changed = true;
+                match recheck(node, &s.cfg, &s.fingerprint, s.dtype, &s.opts).await {
+                    Ok(held_changed) => changed |= held_changed,
+                    Err(reason) => node.mark_down(&format!("re-check failed: {reason}")),
+                }
+            } else {
+                match readmit(node, &s.cfg, &s.fingerprint, s.dtype, &s.opts).await {
+                    Ok(()) => changed = true,
+                    Err(reason) => node.refused(&reason),
+                }
             }
         }
         if changed {
