@@ -323,6 +323,29 @@ async fn a_node_joins_a_running_server() {
         joined["assignments"].as_u64().unwrap() > 0,
         "the new node got no traffic: {nodes}"
     );
+
+    // Removing a replica: its experts go to the joiner, requests keep succeeding.
+    let remove = |address: &str, key: Option<&str>| {
+        let mut req = client.delete(server.url(&format!("/admin/nodes/{address}")));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    assert_eq!(remove(&a.address, None).await.unwrap().status(), 401);
+    let resp = remove(&a.address, Some("k")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["node"]["retired"], true, "{v}");
+    assert_eq!(remove(&a.address, Some("k")).await.unwrap().status(), 400);
+    let resp = client
+        .post(server.url("/v1/completions"))
+        .bearer_auth("k")
+        .json(&json!({"prompt": "The lighthouse", "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

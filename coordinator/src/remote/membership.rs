@@ -289,6 +289,19 @@ impl RemoteExperts {
 
     /// Makes the cluster's membership `addresses`: new ones join, absent ones are retired.
     /// Returns the addresses that could not join, with the reason.
+    /// Takes the node at `address` out of the cluster: no new call is routed to it (calls in
+    /// flight finish), and its experts go to their other replicas. `None` for an address that is
+    /// not a member (or already retired).
+    pub fn retire_node(&self, address: &str) -> Option<NodeStatus> {
+        let node = self.shared.find(address)?;
+        if node.retired.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        tracing::warn!(node = %node.label(), "expert node retired by an administrator");
+        self.shared.rebuild_table();
+        Some(node.status())
+    }
+
     pub fn sync_addresses(&self, addresses: &[String]) -> Vec<(String, String)> {
         let mut failures = Vec::new();
         for address in addresses {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -113,6 +113,24 @@ pub(super) async fn list_nodes(State(state): State<Arc<AppState>>) -> Response {
     match state.engine.remote() {
         Some(remote) => Json(json!({"nodes": remote.status()})).into_response(),
         None => GenerationError::NoExpertNodes.into_response(),
+    }
+}
+
+/// Takes a node out of the running cluster (`DELETE /admin/nodes/{address}`): calls in flight
+/// finish, new ones go to the other replicas of its experts.
+pub(super) async fn remove_node(
+    State(state): State<Arc<AppState>>,
+    Path(address): Path<String>,
+) -> Response {
+    let Some(remote) = state.engine.remote() else {
+        return GenerationError::NoExpertNodes.into_response();
+    };
+    match remote.retire_node(&address) {
+        Some(status) => Json(json!({"node": status})).into_response(),
+        None => GenerationError::NodeRejected(format!(
+            "{address} is not a member of the cluster (or was already removed)"
+        ))
+        .into_response(),
     }
 }
 

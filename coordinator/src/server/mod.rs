@@ -23,7 +23,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
 pub use crate::error::GenerationError;
 pub use validate::{
@@ -107,6 +107,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     let admin = Router::new()
         .route("/nodes", get(admin::list_nodes).post(admin::add_node))
+        .route("/nodes/{address}", delete(admin::remove_node))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_admin_access,
