@@ -367,15 +367,20 @@ impl Server {
         format!("{}{path}", self.url)
     }
 
-    /// Value of a metric without labels from /metrics. Panics, naming it, if /metrics does not
-    /// have it: a renamed or removed metric must fail the tests that read it, not read as 0.
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
+    /// The text of /metrics.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Value of a metric without labels from /metrics. Panics, naming it, if /metrics does not
+    /// have it: a renamed or removed metric must fail the tests that read it, not read as 0.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
         let value = text
             .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))

@@ -269,14 +269,15 @@ async fn a_node_joins_a_running_server() {
         &["--shard", "0/1"],
     );
     let client = reqwest::Client::new();
+    let with_key = |req: reqwest::RequestBuilder, key: Option<&str>| match key {
+        Some(k) => req.bearer_auth(k).send(),
+        None => req.send(),
+    };
     let add = |address: &str, key: Option<&str>| {
-        let mut req = client
+        let req = client
             .post(server.url("/admin/nodes"))
             .json(&json!({"address": address}));
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        req.send()
+        with_key(req, key)
     };
     assert_eq!(add(&joiner.address, None).await.unwrap().status(), 401);
     let resp = add(&wrong.address, Some("k")).await.unwrap();
@@ -326,11 +327,10 @@ async fn a_node_joins_a_running_server() {
 
     // Removing a replica: its experts go to the joiner, requests keep succeeding.
     let remove = |address: &str, key: Option<&str>| {
-        let mut req = client.delete(server.url(&format!("/admin/nodes/{address}")));
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        req.send()
+        with_key(
+            client.delete(server.url(&format!("/admin/nodes/{address}"))),
+            key,
+        )
     };
     assert_eq!(remove(&a.address, None).await.unwrap().status(), 401);
     let resp = remove(&a.address, Some("k")).await.unwrap();

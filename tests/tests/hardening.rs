@@ -255,12 +255,7 @@ async fn a_stream_is_timed_to_its_end() {
     // Recorded when the server sees its body end, a moment after the client has the last byte.
     let deadline = Instant::now() + PATIENCE;
     let recorded = loop {
-        let metrics = reqwest::get(server.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = server.metrics_text().await;
         let sum: Option<f64> = metrics
             .lines()
             .find(|l| {
