@@ -104,7 +104,8 @@ impl LocalCluster {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
-            if let Some(device) = devices.get(i).or(devices.first()) {
+            let device = devices.get(i).or(devices.first()).copied();
+            if let Some(device) = device {
                 cmd.args(["--device", &device.to_string()]);
             }
             die_with_parent(&mut cmd);
@@ -112,11 +113,7 @@ impl LocalCluster {
                 bin: bin.to_path_buf(),
                 source,
             })?;
-            let device = devices
-                .get(i)
-                .or(devices.first())
-                .copied()
-                .unwrap_or_default();
+            let device = device.unwrap_or_default();
             tracing::info!(pid = child.id(), shard = %format!("{i}/{count}"), %device, "started expert-node");
             eprintln!(
                 "cluster: started expert-node {i}/{count} (pid {})",

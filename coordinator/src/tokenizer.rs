@@ -93,20 +93,12 @@ impl TextTokenizer {
 
     /// Encodes text; special tokens written in the text (e.g. `<|im_start|>`) are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        ids_of(&self.inner, text)
     }
 
     /// Encodes text a client wrote: special tokens in it are plain text.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .plain
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        ids_of(&self.plain, text)
     }
 
     /// The ids of [`chatml`]`(messages)` with the turn markers as the special tokens they are
@@ -114,22 +106,16 @@ impl TextTokenizer {
     /// string wherever the messages hold no special token: that encoding also splits the text at
     /// each marker and encodes the pieces between them on their own.
     pub fn encode_chatml(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizerError> {
-        let marker = |text: &str| -> Result<Vec<u32>, TokenizerError> {
-            match self.inner.token_to_id(text) {
-                Some(id) => Ok(vec![id]),
-                None => self.encode_text(text),
-            }
-        };
-        let (start, end) = (marker("<|im_start|>")?, marker("<|im_end|>")?);
         let mut ids = Vec::new();
-        for m in messages {
-            ids.extend(&start);
-            ids.extend(self.encode_text(&format!("{}\n{}", m.role, m.content))?);
-            ids.extend(&end);
-            ids.extend(self.encode_text("\n")?);
+        for piece in chatml_pieces(messages) {
+            match piece {
+                ChatPiece::Marker(marker) => match self.inner.token_to_id(marker) {
+                    Some(id) => ids.push(id),
+                    None => ids.extend(self.encode_text(marker)?),
+                },
+                ChatPiece::Text(text) => ids.extend(self.encode_text(&text)?),
+            }
         }
-        ids.extend(&start);
-        ids.extend(self.encode_text("assistant\n")?);
         Ok(ids)
     }
 
@@ -147,16 +133,43 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+fn ids_of(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, TokenizerError> {
+    let enc = tokenizer
+        .encode(text, false)
+        .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// A piece of a ChatML conversation: a turn marker, or the text between two markers.
+enum ChatPiece {
+    Marker(&'static str),
+    Text(String),
+}
+
+/// The ChatML layout, once, for both [`chatml`] and [`TextTokenizer::encode_chatml`]: each turn
+/// `<|im_start|>ROLE\nCONTENT<|im_end|>\n`, then the opened assistant turn.
+fn chatml_pieces(messages: &[ChatMessage]) -> Vec<ChatPiece> {
+    let mut pieces = Vec::with_capacity(4 * messages.len() + 2);
+    for m in messages {
+        pieces.push(ChatPiece::Marker("<|im_start|>"));
+        pieces.push(ChatPiece::Text(format!("{}\n{}", m.role, m.content)));
+        pieces.push(ChatPiece::Marker("<|im_end|>"));
+        pieces.push(ChatPiece::Text("\n".into()));
+    }
+    pieces.push(ChatPiece::Marker("<|im_start|>"));
+    pieces.push(ChatPiece::Text("assistant\n".into()));
+    pieces
+}
+
 /// ChatML text for `messages`, ending with the opened assistant turn.
 pub fn chatml(messages: &[ChatMessage]) -> String {
     let mut s = String::new();
-    for m in messages {
-        s.push_str(&format!(
-            "<|im_start|>{}\n{}<|im_end|>\n",
-            m.role, m.content
-        ));
+    for piece in chatml_pieces(messages) {
+        match piece {
+            ChatPiece::Marker(marker) => s.push_str(marker),
+            ChatPiece::Text(text) => s.push_str(&text),
+        }
     }
-    s.push_str("<|im_start|>assistant\n");
     s
 }
 

@@ -295,15 +295,15 @@ async fn a_node_joins_a_running_server() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["node"]["up"], true);
 
-    for _ in 0..3 {
-        let resp = client
+    let complete = || {
+        client
             .post(server.url("/v1/completions"))
             .bearer_auth("k")
             .json(&json!({"prompt": "The lighthouse", "max_tokens": 8, "temperature": 0}))
             .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
+    };
+    for _ in 0..3 {
+        assert_eq!(complete().await.unwrap().status(), 200);
     }
     let nodes: Value = client
         .get(server.url("/admin/nodes"))
@@ -338,14 +338,7 @@ async fn a_node_joins_a_running_server() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["node"]["retired"], true, "{v}");
     assert_eq!(remove(&a.address, Some("k")).await.unwrap().status(), 400);
-    let resp = client
-        .post(server.url("/v1/completions"))
-        .bearer_auth("k")
-        .json(&json!({"prompt": "The lighthouse", "max_tokens": 8, "temperature": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(complete().await.unwrap().status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

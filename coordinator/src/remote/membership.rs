@@ -221,12 +221,7 @@ impl RemoteExperts {
     pub fn uncovered(&self) -> Vec<(usize, usize)> {
         let table = self.shared.table();
         let nodes = self.shared.nodes();
-        let live = |&i: &usize| {
-            nodes.get(i).is_some_and(|n| {
-                n.up.load(std::sync::atomic::Ordering::Relaxed)
-                    && !n.retired.load(std::sync::atomic::Ordering::Relaxed)
-            })
-        };
+        let live = |&i: &usize| nodes.get(i).is_some_and(|n| n.routable());
         let mut out = Vec::new();
         for (layer, experts) in table.iter().enumerate() {
             for (expert, holders) in experts.iter().enumerate() {
@@ -343,10 +338,7 @@ async fn checked_holdings(
         .await
         .map_err(|s| format!("Info failed: {:?}: {}", s.code(), s.message()))?
         .into_inner();
-    let mut held =
-        check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())?;
-    held.sort_unstable();
-    Ok(held)
+    check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())
 }
 
 /// Checks a node that is up again as at admission: one restarted on its address between two
@@ -361,7 +353,6 @@ async fn recheck(
 ) -> Result<bool, String> {
     let held = checked_holdings(node, cfg, fingerprint, dtype, opts).await?;
     let mut current = node.held.lock().unwrap_or_else(|e| e.into_inner());
-    current.sort_unstable();
     if *current == held {
         return Ok(false);
     }
@@ -553,6 +544,8 @@ fn check_info(
             held.push((l, e as usize));
         }
     }
+    // One order for every node's list, whatever order it reported: re-checks compare them.
+    held.sort_unstable();
     Ok(held)
 }
 

@@ -216,8 +216,6 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
     next.run(req).await
 }
 
-/// Compares the SHA-256 digests of both in time independent of their contents and lengths (a
-/// length check first would tell a client how long the key is).
 /// The admin API changes the cluster: off unless the server has an API key, and never for a
 /// web page (a browser sends `Origin`; curl and SDKs do not), so a page open in a local browser
 /// cannot add a node to a server on localhost.
@@ -241,6 +239,8 @@ async fn require_admin_access(
     require_api_key(State(state), req, next).await
 }
 
+/// Compares the SHA-256 digests of both in time independent of their contents and lengths (a
+/// length check first would tell a client how long the key is).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use sha2::{Digest, Sha256};
     let (da, db) = (Sha256::digest(a), Sha256::digest(b));
