@@ -147,7 +147,7 @@ struct ModelArgs {
     /// With expert nodes: a step of at least this many sequences runs as two micro-batches, one
     /// computing attention while the other's expert calls are on the wire. Same output in bf16
     /// on CPUs without AMX; elsewhere (f32, AMX, GPU) logits move by rounding, as with any change
-    /// of batch composition. 0 turns the overlap off.
+    /// of batch composition. 0 turns the overlap off; 1 acts as 2 (one sequence is never split).
     #[arg(long, env = "OMNISHARD_OVERLAP_MIN_SEQS", default_value_t = defaults::OVERLAP_MIN_SEQUENCES)]
     overlap_min_seqs: usize,
 }
