@@ -107,8 +107,9 @@ impl GenerationError {
                 INVALID,
                 Some("body_too_large"),
             ),
+            // 400, as OpenAI and vLLM answer a context overflow (clients match on the code).
             ContextLengthExceeded { .. } | PromptTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::BAD_REQUEST,
                 INVALID,
                 Some("context_length_exceeded"),
             ),
@@ -218,7 +219,7 @@ mod tests {
                     prompt: 8,
                     requested: 1,
                 },
-                413,
+                400,
                 Some("context_length_exceeded"),
             ),
             (
@@ -227,7 +228,7 @@ mod tests {
                     max_bytes: 8,
                     max_context: 2,
                 },
-                413,
+                400,
                 Some("context_length_exceeded"),
             ),
             (

@@ -3,6 +3,7 @@
 //! [`omnishard_model::Experts`], in this process or on expert nodes.
 
 pub mod bench;
+pub mod chat;
 pub mod cluster;
 pub mod engine;
 pub mod error;
@@ -22,4 +23,4 @@ pub use omnishard_model::{
     ComputeDtype, KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput, model,
 };
 pub use sampling::{Sampler, SamplingParams};
-pub use tokenizer::{ChatMessage, DecodeStream, TextTokenizer};
+pub use tokenizer::{DecodeStream, TextTokenizer};

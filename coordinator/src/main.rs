@@ -15,8 +15,8 @@ use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
 use omnishard_coordinator::scheduler::SchedulerConfig;
 use omnishard_coordinator::serve::{self, ServeSettings};
 use omnishard_coordinator::{
-    ChatMessage, ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams,
-    TextTokenizer, tokenizer::chatml,
+    ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams, TextTokenizer,
+    chat::{ChatPrompter, ChatTemplate, Conversation},
 };
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
 use omnishard_proto::placement::Placement;
@@ -84,6 +84,10 @@ struct ServeArgs {
     /// a message cannot forge a turn.
     #[arg(long, env = "OMNISHARD_SPECIAL_TOKENS_IN_TEXT")]
     special_tokens_in_text: bool,
+    /// Jinja chat template file to use instead of the checkpoint's (chat_template.jinja,
+    /// chat_template.json or tokenizer_config.json; plain ChatML, with a warning, when it has none).
+    #[arg(long, env = "OMNISHARD_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
     /// Seconds an HTTP/1 connection may take to send a request head, idle keep-alive waits
     /// included, before the server closes it (stalled and abandoned clients hold no socket).
     #[arg(long, env = "OMNISHARD_HTTP_IDLE_TIMEOUT_S", default_value_t = defaults::HTTP_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -241,9 +245,13 @@ struct GenerateArgs {
     /// The prompt text.
     #[arg(long, env = "OMNISHARD_PROMPT")]
     prompt: String,
-    /// Wrap the prompt as a ChatML user turn and open the assistant turn.
+    /// Send the prompt as a user message through the model's chat template, which opens the
+    /// assistant's turn.
     #[arg(long, env = "OMNISHARD_CHAT")]
     chat: bool,
+    /// Jinja chat template file for --chat, instead of the checkpoint's.
+    #[arg(long, env = "OMNISHARD_CHAT_TEMPLATE", requires = "chat")]
+    chat_template: Option<PathBuf>,
     /// Maximum number of tokens to generate.
     #[arg(long, env = "OMNISHARD_MAX_TOKENS", default_value_t = 64)]
     max_tokens: usize,
@@ -307,16 +315,20 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let engine = args.model.load()?;
-    let tokenizer = TextTokenizer::load(&args.model.model_dir()?, engine.config())?;
-    let text = if args.chat {
-        chatml(&[ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        }])
+    let model_dir = args.model.model_dir()?;
+    let tokenizer = TextTokenizer::load(&model_dir, engine.config())?;
+    let prompt = if args.chat {
+        let template = ChatTemplate::load(&model_dir, args.chat_template.as_deref())?;
+        let conv = Conversation {
+            messages: vec![serde_json::json!({"role": "user", "content": args.prompt})],
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        // The operator's own prompt: special tokens in it act as written.
+        ChatPrompter::new(template, &tokenizer).encode(&tokenizer, conv, true, usize::MAX)?
     } else {
-        args.prompt.clone()
+        tokenizer.encode(&args.prompt)?
     };
-    let prompt = tokenizer.encode(&text)?;
     let mut sampler = Sampler::new(params);
     let mut stream = DecodeStream::default();
     let mut stdout = std::io::stdout().lock();
@@ -391,6 +403,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key,
         max_context: args.max_context,
         special_tokens_in_text: args.special_tokens_in_text,
+        chat_template: args.chat_template,
         idle_timeout: Duration::from_secs(args.http_idle_timeout_s),
         scheduler: SchedulerConfig {
             max_active: args.max_active_seqs,

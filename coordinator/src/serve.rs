@@ -14,6 +14,7 @@ use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::Placement;
 use tokio::net::TcpListener;
 
+use crate::chat::{ChatPrompter, ChatTemplate, TemplateError};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::remote::RemoteExperts;
@@ -40,6 +41,8 @@ pub struct ServeSettings {
     /// Special tokens written in prompts and messages act as control tokens (trusted callers
     /// that render their own templates); otherwise they are plain text.
     pub special_tokens_in_text: bool,
+    /// Chat template file overriding the checkpoint's.
+    pub chat_template: Option<PathBuf>,
     /// How long an HTTP/1 connection may take to send a request head, idle keep-alive waits
     /// included, before it is closed.
     pub idle_timeout: Duration,
@@ -66,6 +69,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    ChatTemplate(#[from] TemplateError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -98,6 +103,7 @@ pub fn start(
         api_key,
         max_context,
         special_tokens_in_text,
+        chat_template,
         idle_timeout,
         scheduler: sched,
         placement,
@@ -122,11 +128,15 @@ pub fn start(
         });
     }
     let tokenizer = Arc::new(TextTokenizer::load(&model_dir, engine.config())?);
+    let template = ChatTemplate::load(&model_dir, chat_template.as_deref())?;
+    tracing::info!(chat_template = %template.origin(), "chat template loaded");
+    let chat = Arc::new(ChatPrompter::new(template, &tokenizer));
     let model_name = served_model_name.unwrap_or_else(|| default_model_name(&model_dir));
     let scheduler = scheduler::start(engine.clone(), sched, metrics.clone());
     let state = Arc::new(AppState::new(
         engine,
         tokenizer,
+        chat,
         scheduler,
         metrics,
         ServeConfig {

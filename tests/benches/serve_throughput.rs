@@ -92,6 +92,7 @@ fn main() {
             api_key: None,
             max_context: Some(512),
             special_tokens_in_text: false,
+            chat_template: None,
             idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
             scheduler: SchedulerConfig {
                 max_active: 64,

@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 
 use candle_core::{DType, Device};
 use omnishard_coordinator::TextTokenizer;
+use omnishard_coordinator::chat::{ChatPrompter, ChatTemplate};
 use omnishard_coordinator::server::{RequestLimits, validate_body};
 use omnishard_expert::server::{NodeState, process};
 use omnishard_model::{Checkpoint, LocalExperts};
@@ -34,10 +35,13 @@ pub fn forward_request(data: &[u8]) {
     }
 }
 
-static TOKENIZER: LazyLock<TextTokenizer> = LazyLock::new(|| {
+static TOKENIZER: LazyLock<(TextTokenizer, ChatPrompter)> = LazyLock::new(|| {
     let dir = crate::demo_model();
     let cfg = ModelConfig::from_model_dir(&dir).expect("demo config");
-    TextTokenizer::load(&dir, &cfg).expect("demo tokenizer")
+    let tok = TextTokenizer::load(&dir, &cfg).expect("demo tokenizer");
+    let template = ChatTemplate::load(&dir, None).expect("demo chat template");
+    let chat = ChatPrompter::new(template, &tok);
+    (tok, chat)
 });
 
 /// Arbitrary bytes as the body of `/v1/completions` or `/v1/chat/completions` (the first byte
@@ -50,7 +54,8 @@ pub fn http_body(data: &[u8]) {
         model_name: "demo-model",
         max_context: 512,
         vocab_size: 512,
-        tokenizer: &TOKENIZER,
+        tokenizer: &TOKENIZER.0,
+        chat: &TOKENIZER.1,
         special_tokens_in_text: first & 2 == 2,
     };
     if let Ok((prompt, max_tokens)) = validate_body(&limits, body, first & 1 == 1) {

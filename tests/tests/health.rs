@@ -58,6 +58,7 @@ async fn health_fails_with_the_reason_once_the_scheduler_dies() {
             api_key: None,
             max_context: None,
             special_tokens_in_text: false,
+            chat_template: None,
             idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
             scheduler: SchedulerConfig {
                 max_active: 4,

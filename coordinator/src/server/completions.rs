@@ -116,6 +116,7 @@ async fn generate(
     tracing::info!(
         max_tokens = prepared.max_tokens,
         stream = prepared.stream,
+        user = prepared.user.as_deref(),
         "request queued"
     );
     let answer = Answer {

@@ -30,6 +30,7 @@ pub use validate::{
     MAX_REQUEST_ID_LEN, REQUEST_ID_HEADER, RequestLimits, client_request_id, validate_body,
 };
 
+use crate::chat::ChatPrompter;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::scheduler::SchedulerHandle;
@@ -51,6 +52,7 @@ pub struct ServeConfig {
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub tokenizer: Arc<TextTokenizer>,
+    pub chat: Arc<ChatPrompter>,
     pub scheduler: SchedulerHandle,
     pub metrics: Arc<Metrics>,
     pub config: ServeConfig,
@@ -62,6 +64,7 @@ impl AppState {
     pub fn new(
         engine: Arc<Engine>,
         tokenizer: Arc<TextTokenizer>,
+        chat: Arc<ChatPrompter>,
         scheduler: SchedulerHandle,
         metrics: Arc<Metrics>,
         config: ServeConfig,
@@ -69,6 +72,7 @@ impl AppState {
         Self {
             engine,
             tokenizer,
+            chat,
             scheduler,
             metrics,
             config,
@@ -84,6 +88,7 @@ impl AppState {
             special_tokens_in_text: self.config.special_tokens_in_text,
             vocab_size: self.engine.config().vocab_size,
             tokenizer: &self.tokenizer,
+            chat: &self.chat,
         }
     }
 }

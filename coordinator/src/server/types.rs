@@ -19,10 +19,36 @@ pub(super) struct ContentPart {
     pub text: Option<String>,
 }
 
+/// One chat message as OpenAI's SDK sends it, tool calls and tool results included.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct Message {
     pub role: String,
-    pub content: Content,
+    /// `null` (or absent) only on an assistant message that carries tool calls.
+    #[serde(default)]
+    pub content: Option<Content>,
+    pub name: Option<String>,
+    pub tool_calls: Option<Vec<ToolCall>>,
+    pub tool_call_id: Option<String>,
+    /// A reasoning model's earlier thinking, as vLLM returns it (and Qwen3's template reads it).
+    pub reasoning_content: Option<String>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: CalledFunction,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CalledFunction {
+    pub name: String,
+    /// A JSON string as OpenAI sends it (an object is accepted too).
+    pub arguments: Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,12 +67,14 @@ pub(super) enum Stop {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
 /// The body of both completion endpoints; which of `messages` / `prompt` is required depends on
-/// the endpoint. Unknown fields are ignored, as OpenAI clients send many.
+/// the endpoint. A field this server does not know lands in `unsupported` and is refused by name:
+/// a parameter silently ignored is a wrong answer the client cannot see.
 #[derive(Debug, Deserialize)]
 pub(super) struct CompletionBody {
     pub model: Option<String>,
@@ -68,6 +96,19 @@ pub(super) struct CompletionBody {
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
     pub logprobs: Option<Value>,
+    /// Function tools the model may call (chat); rendered into the prompt by the chat template.
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    /// Variables for the chat template (vLLM's extension), e.g. `{"enable_thinking": false}`.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Open a new assistant turn after the messages (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Continue the final (assistant) message instead of opening a new turn.
+    pub continue_final_message: Option<bool>,
+    /// OpenAI's end-user id: only logged.
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub unsupported: serde_json::Map<String, Value>,
 }
 
 /// Which endpoint a request came through: it decides the prompt field, the defaults and the

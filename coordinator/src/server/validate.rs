@@ -7,9 +7,10 @@ use axum::http::HeaderMap;
 use serde_json::Value;
 
 use super::types::{CompletionBody, Content, Kind, Message, Prompt, Stop};
+use crate::chat::{ChatPrompter, Conversation, PromptError};
 use crate::error::GenerationError;
 use crate::sampling::SamplingParams;
-use crate::tokenizer::{ChatMessage, TextTokenizer, chatml};
+use crate::tokenizer::TextTokenizer;
 
 /// The header a client may name its request with; echoed on the response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -27,6 +28,7 @@ pub struct RequestLimits<'a> {
     pub max_context: usize,
     pub vocab_size: usize,
     pub tokenizer: &'a TextTokenizer,
+    pub chat: &'a ChatPrompter,
     /// Special tokens in client text act as control tokens (else they are plain text).
     pub special_tokens_in_text: bool,
 }
@@ -40,6 +42,8 @@ pub(super) struct Prepared {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The client's end-user id, for the logs.
+    pub user: Option<String>,
 }
 
 /// The client's request id, if it sent one: 1 to [`MAX_REQUEST_ID_LEN`] visible ASCII characters
@@ -122,6 +126,38 @@ fn prepare(
             served: limits.model_name.to_string(),
         });
     }
+    if !body.unsupported.is_empty() {
+        let names: Vec<&str> = body.unsupported.keys().map(String::as_str).collect();
+        return Err(invalid(format!(
+            "unsupported parameter(s): {}; remove them (this server would otherwise ignore them)",
+            names.join(", ")
+        )));
+    }
+    if kind == Kind::Text {
+        let chat_only = [
+            ("messages", body.messages.is_some()),
+            ("tools", body.tools.is_some()),
+            ("tool_choice", body.tool_choice.is_some()),
+            ("chat_template_kwargs", body.chat_template_kwargs.is_some()),
+            (
+                "add_generation_prompt",
+                body.add_generation_prompt.is_some(),
+            ),
+            (
+                "continue_final_message",
+                body.continue_final_message.is_some(),
+            ),
+        ];
+        if let Some((name, _)) = chat_only.iter().find(|(_, given)| *given) {
+            return Err(invalid(format!(
+                "`{name}` belongs to /v1/chat/completions, not /v1/completions"
+            )));
+        }
+    } else if body.prompt.is_some() {
+        return Err(invalid(
+            "`prompt` belongs to /v1/completions; chat takes `messages`",
+        ));
+    }
     if body.n.is_some_and(|n| n != 1) {
         return Err(invalid("only n = 1 is supported"));
     }
@@ -158,19 +194,18 @@ fn prepare(
     };
     let prompt = match kind {
         Kind::Chat => {
-            let messages = body
-                .messages
-                .take()
-                .ok_or_else(|| invalid("`messages` is required"))?;
-            let turns = chat_turns(messages)?;
-            let rendered = chatml(&turns);
-            fits(&rendered)?;
-            let ids = if trusted {
-                tok.encode(&rendered)
-            } else {
-                tok.encode_chatml(&turns)
-            };
-            ids.map_err(|e| invalid(e.to_string()))?
+            let conv = conversation(&mut body)?;
+            limits
+                .chat
+                .encode(tok, conv, trusted, max_bytes)
+                .map_err(|e| match e {
+                    PromptError::TooLarge { bytes } => GenerationError::PromptTooLarge {
+                        bytes,
+                        max_bytes,
+                        max_context: limits.max_context,
+                    },
+                    other => invalid(other.to_string()),
+                })?
         }
         Kind::Text => match body.prompt.take() {
             None => return Err(invalid("`prompt` is required")),
@@ -253,49 +288,199 @@ fn prepare(
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        user: body.user,
     })
 }
 
-fn chat_turns(messages: Vec<Message>) -> Result<Vec<ChatMessage>, GenerationError> {
+/// Roles a chat message may have; `developer` is OpenAI's newer name for `system`.
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// The conversation as the chat template takes it: messages checked and turned into the JSON
+/// objects Hugging Face templates read (`content` a string, or null on an assistant message that
+/// only calls tools; text parts joined by newlines as vLLM joins them), the tools, and the
+/// template's options.
+fn conversation(body: &mut CompletionBody) -> Result<Conversation, GenerationError> {
+    let messages = body
+        .messages
+        .take()
+        .ok_or_else(|| invalid("`messages` is required"))?;
     if messages.is_empty() {
         return Err(invalid("`messages` must not be empty"));
     }
-    let mut turns = Vec::with_capacity(messages.len());
-    for (i, m) in messages.into_iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
+    let messages = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| message_json(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tools = body.tools.take();
+    if let Some(tools) = &tools {
+        for (i, tool) in tools.iter().enumerate() {
+            check_tool(tool).map_err(|why| invalid(format!("tools[{i}]: {why}")))?;
+        }
+    }
+    match body.tool_choice.as_ref() {
+        None => {}
+        Some(Value::String(s)) if s == "none" || s == "auto" => {}
+        Some(other) => {
             return Err(invalid(format!(
-                "messages[{i}].role `{}` is not system, user, assistant or tool",
-                m.role
+                "tool_choice {other} is not supported yet; use \"auto\" or \"none\""
             )));
         }
-        let content = match m.content {
-            Content::Text(t) => t,
-            Content::Parts(parts) => {
-                let mut t = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(s)) => t.push_str(&s),
-                        ("text", None) => {
-                            return Err(invalid(format!(
-                                "messages[{i}]: a text content part needs `text`"
-                            )));
-                        }
-                        (other, _) => {
-                            return Err(invalid(format!(
-                                "messages[{i}]: content part type `{other}` is not supported (text only)"
-                            )));
-                        }
+    }
+    let kwargs = body.chat_template_kwargs.take().unwrap_or_default();
+    if let Some(reserved) = ["messages", "tools", "add_generation_prompt"]
+        .into_iter()
+        .find(|k| kwargs.contains_key(*k))
+    {
+        return Err(invalid(format!(
+            "chat_template_kwargs.{reserved} is set by the request itself; pass it as a top-level field"
+        )));
+    }
+    let continue_final_message = body.continue_final_message.unwrap_or(false);
+    if continue_final_message
+        && messages
+            .last()
+            .and_then(|m| m.get("role"))
+            .and_then(Value::as_str)
+            != Some("assistant")
+    {
+        return Err(invalid(
+            "continue_final_message needs the last message to be the assistant's",
+        ));
+    }
+    Ok(Conversation {
+        messages,
+        tools,
+        add_generation_prompt: body
+            .add_generation_prompt
+            .unwrap_or(!continue_final_message),
+        continue_final_message,
+        kwargs,
+    })
+}
+
+fn message_json(i: usize, m: Message) -> Result<Value, GenerationError> {
+    let bad = |why: String| invalid(format!("messages[{i}]: {why}"));
+    if !ROLES.contains(&m.role.as_str()) {
+        return Err(bad(format!(
+            "role `{}` is not one of {}",
+            m.role,
+            ROLES.join(", ")
+        )));
+    }
+    let role = if m.role == "developer" {
+        "system"
+    } else {
+        m.role.as_str()
+    };
+    let calls_tools = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
+    if m.tool_calls.is_some() && role != "assistant" {
+        return Err(bad("only assistant messages carry `tool_calls`".into()));
+    }
+    if m.tool_call_id.is_some() && role != "tool" {
+        return Err(bad("only tool messages carry `tool_call_id`".into()));
+    }
+    if m.reasoning_content.is_some() && role != "assistant" {
+        return Err(bad(
+            "only assistant messages carry `reasoning_content`".into()
+        ));
+    }
+    let content = match m.content {
+        Some(Content::Text(t)) => Value::String(t),
+        Some(Content::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, p) in parts.into_iter().enumerate() {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(s)) => texts.push(s),
+                    ("text", None) => {
+                        return Err(bad(format!("content[{j}] is a text part without `text`")));
+                    }
+                    (other, _) => {
+                        return Err(bad(format!(
+                            "content[{j}] has type `{other}`; only `text` parts are supported"
+                        )));
                     }
                 }
-                t
             }
-        };
-        turns.push(ChatMessage {
-            role: m.role,
-            content,
-        });
+            Value::String(texts.join("\n"))
+        }
+        None if role == "assistant" && calls_tools => Value::Null,
+        None => return Err(bad(
+            "`content` is required (it may be null only on an assistant message with tool_calls)"
+                .into(),
+        )),
+    };
+    if let Some(calls) = &m.tool_calls {
+        for (j, call) in calls.iter().enumerate() {
+            if call.kind != "function" {
+                return Err(bad(format!("tool_calls[{j}].type must be \"function\"")));
+            }
+        }
     }
-    Ok(turns)
+    let mut out = serde_json::Map::new();
+    out.insert("role".into(), Value::String(role.to_string()));
+    out.insert("content".into(), content);
+    if let Some(name) = m.name {
+        out.insert("name".into(), Value::String(name));
+    }
+    if let Some(calls) = m.tool_calls {
+        out.insert(
+            "tool_calls".into(),
+            serde_json::to_value(calls).map_err(|e| bad(e.to_string()))?,
+        );
+    }
+    if let Some(id) = m.tool_call_id {
+        out.insert("tool_call_id".into(), Value::String(id));
+    }
+    if let Some(r) = m.reasoning_content {
+        out.insert("reasoning_content".into(), Value::String(r));
+    }
+    Ok(Value::Object(out))
+}
+
+/// OpenAI's rules for a function tool: `{"type": "function", "function": {"name", "description"?,
+/// "parameters"?, "strict"?}}`, the name 1 to 64 of `a-z A-Z 0-9 _ -`.
+fn check_tool(tool: &Value) -> Result<(), String> {
+    let obj = tool.as_object().ok_or("a tool is an object")?;
+    if let Some(extra) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "type" | "function"))
+    {
+        return Err(format!("unknown field `{extra}`"));
+    }
+    if obj.get("type").and_then(Value::as_str) != Some("function") {
+        return Err("`type` must be \"function\"".into());
+    }
+    let f = obj
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or("`function` (an object) is required")?;
+    if let Some(extra) = f
+        .keys()
+        .find(|k| !matches!(k.as_str(), "name" | "description" | "parameters" | "strict"))
+    {
+        return Err(format!("unknown field `function.{extra}`"));
+    }
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("`function.name` (a string) is required")?;
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(format!(
+            "function name `{name}` must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -"
+        ));
+    }
+    if f.get("description").is_some_and(|d| !d.is_string()) {
+        return Err("`function.description` must be a string".into());
+    }
+    if f.get("parameters").is_some_and(|p| !p.is_object()) {
+        return Err("`function.parameters` must be a JSON Schema object".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
