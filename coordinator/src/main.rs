@@ -16,7 +16,7 @@ use omnishard_coordinator::scheduler::SchedulerConfig;
 use omnishard_coordinator::serve::{self, ServeSettings};
 use omnishard_coordinator::{
     ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams, TextTokenizer,
-    chat::{ChatPrompter, ChatTemplate, Conversation},
+    chat::{ChatPrompter, ChatTemplate, Conversation, ReasoningParser, ToolCallParser},
 };
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
 use omnishard_proto::placement::Placement;
@@ -88,6 +88,15 @@ struct ServeArgs {
     /// chat_template.json or tokenizer_config.json; plain ChatML, with a warning, when it has none).
     #[arg(long, env = "OMNISHARD_CHAT_TEMPLATE")]
     chat_template: Option<PathBuf>,
+    /// How chat answers are split into `reasoning_content` and `content`: `auto` uses qwen3's
+    /// `<think>…</think>` when the chat template writes `<think>`.
+    #[arg(long, env = "OMNISHARD_REASONING_PARSER", value_enum, default_value_t)]
+    reasoning_parser: ReasoningParser,
+    /// How tool calls are read from chat answers: `auto` uses hermes `<tool_call>` blocks when
+    /// the chat template writes `<tool_call>`; with `none`, requests offering tools need
+    /// `tool_choice: "none"`.
+    #[arg(long, env = "OMNISHARD_TOOL_CALL_PARSER", value_enum, default_value_t)]
+    tool_call_parser: ToolCallParser,
     /// Seconds an HTTP/1 connection may take to send a request head, idle keep-alive waits
     /// included, before the server closes it (stalled and abandoned clients hold no socket).
     #[arg(long, env = "OMNISHARD_HTTP_IDLE_TIMEOUT_S", default_value_t = defaults::HTTP_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -325,7 +334,13 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         // The operator's own prompt: special tokens in it act as written.
-        ChatPrompter::new(template, &tokenizer).encode(&tokenizer, conv, true, usize::MAX)?
+        let prompter = ChatPrompter::new(
+            template,
+            &tokenizer,
+            ReasoningParser::None,
+            ToolCallParser::None,
+        );
+        prompter.encode(&tokenizer, conv, true, usize::MAX)?.ids
     } else {
         tokenizer.encode(&args.prompt)?
     };
@@ -404,6 +419,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_context: args.max_context,
         special_tokens_in_text: args.special_tokens_in_text,
         chat_template: args.chat_template,
+        reasoning_parser: args.reasoning_parser,
+        tool_call_parser: args.tool_call_parser,
         idle_timeout: Duration::from_secs(args.http_idle_timeout_s),
         scheduler: SchedulerConfig {
             max_active: args.max_active_seqs,

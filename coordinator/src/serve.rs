@@ -14,7 +14,7 @@ use omnishard_proto::ModelConfig;
 use omnishard_proto::placement::Placement;
 use tokio::net::TcpListener;
 
-use crate::chat::{ChatPrompter, ChatTemplate, TemplateError};
+use crate::chat::{ChatPrompter, ChatTemplate, ReasoningParser, TemplateError, ToolCallParser};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::remote::RemoteExperts;
@@ -43,6 +43,8 @@ pub struct ServeSettings {
     pub special_tokens_in_text: bool,
     /// Chat template file overriding the checkpoint's.
     pub chat_template: Option<PathBuf>,
+    pub reasoning_parser: ReasoningParser,
+    pub tool_call_parser: ToolCallParser,
     /// How long an HTTP/1 connection may take to send a request head, idle keep-alive waits
     /// included, before it is closed.
     pub idle_timeout: Duration,
@@ -104,6 +106,8 @@ pub fn start(
         max_context,
         special_tokens_in_text,
         chat_template,
+        reasoning_parser,
+        tool_call_parser,
         idle_timeout,
         scheduler: sched,
         placement,
@@ -129,8 +133,14 @@ pub fn start(
     }
     let tokenizer = Arc::new(TextTokenizer::load(&model_dir, engine.config())?);
     let template = ChatTemplate::load(&model_dir, chat_template.as_deref())?;
-    tracing::info!(chat_template = %template.origin(), "chat template loaded");
-    let chat = Arc::new(ChatPrompter::new(template, &tokenizer));
+    let chat = ChatPrompter::new(template, &tokenizer, reasoning_parser, tool_call_parser);
+    tracing::info!(
+        chat_template = %chat.template().origin(),
+        reasoning_parser = chat.parses_reasoning(),
+        tool_call_parser = chat.parses_tool_calls(),
+        "chat template loaded"
+    );
+    let chat = Arc::new(chat);
     let model_name = served_model_name.unwrap_or_else(|| default_model_name(&model_dir));
     let scheduler = scheduler::start(engine.clone(), sched, metrics.clone());
     let state = Arc::new(AppState::new(

@@ -93,6 +93,8 @@ fn main() {
             max_context: Some(512),
             special_tokens_in_text: false,
             chat_template: None,
+            reasoning_parser: Default::default(),
+            tool_call_parser: Default::default(),
             idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
             scheduler: SchedulerConfig {
                 max_active: 64,

@@ -40,7 +40,7 @@ static TOKENIZER: LazyLock<(TextTokenizer, ChatPrompter)> = LazyLock::new(|| {
     let cfg = ModelConfig::from_model_dir(&dir).expect("demo config");
     let tok = TextTokenizer::load(&dir, &cfg).expect("demo tokenizer");
     let template = ChatTemplate::load(&dir, None).expect("demo chat template");
-    let chat = ChatPrompter::new(template, &tok);
+    let chat = ChatPrompter::new(template, &tok, Default::default(), Default::default());
     (tok, chat)
 });
 

@@ -53,7 +53,12 @@ fn renders_as_transformers_does() {
     let golden = std::fs::read_to_string(fixtures_dir().join("golden/chat_template.json")).unwrap();
     let cases: Vec<Case> = serde_json::from_str(&golden).unwrap();
     assert!(cases.len() >= 9);
-    let prompter = ChatPrompter::new(ChatTemplate::load(&dir, None).unwrap(), &tok);
+    let prompter = ChatPrompter::new(
+        ChatTemplate::load(&dir, None).unwrap(),
+        &tok,
+        Default::default(),
+        Default::default(),
+    );
     for case in &cases {
         let conv = conversation(&case.request);
         let text = template.render(&conv).unwrap();
@@ -63,7 +68,8 @@ fn renders_as_transformers_does() {
         for trusted in [false, true] {
             let ids = prompter
                 .encode(&tok, conv.clone(), trusted, usize::MAX)
-                .unwrap();
+                .unwrap()
+                .ids;
             assert_eq!(
                 ids, case.ids,
                 "ids of case `{}` (trusted: {trusted})",

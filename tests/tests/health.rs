@@ -59,6 +59,8 @@ async fn health_fails_with_the_reason_once_the_scheduler_dies() {
             max_context: None,
             special_tokens_in_text: false,
             chat_template: None,
+            reasoning_parser: Default::default(),
+            tool_call_parser: Default::default(),
             idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
             scheduler: SchedulerConfig {
                 max_active: 4,

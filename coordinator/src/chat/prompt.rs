@@ -16,22 +16,83 @@ pub enum PromptError {
     TooLarge { bytes: usize },
 }
 
+/// How answers are split into reasoning (`--reasoning-parser`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReasoningParser {
+    /// `qwen3` when the chat template writes `<think>`, else none.
+    #[default]
+    Auto,
+    /// `<think>…</think>` becomes `reasoning_content` (vLLM's qwen3 parser).
+    Qwen3,
+    /// Reasoning stays in `content`.
+    None,
+}
+
+/// How tool calls are read from answers (`--tool-call-parser`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ToolCallParser {
+    /// `hermes` when the chat template writes `<tool_call>`, else none.
+    #[default]
+    Auto,
+    /// `<tool_call>{"name", "arguments"}</tool_call>` blocks (vLLM's hermes parser; Qwen models).
+    Hermes,
+    /// Requests with tools are refused unless `tool_choice` is "none".
+    None,
+}
+
+/// A chat request's prompt.
+#[derive(Debug)]
+pub struct ChatPrompt {
+    pub ids: Vec<u32>,
+    /// The prompt ends inside an opened `<think>`: the answer starts with reasoning.
+    pub opens_reasoning: bool,
+}
+
 /// The served model's way from messages to tokens.
 pub struct ChatPrompter {
     template: ChatTemplate,
     guard: SpecialTokenGuard,
+    reasoning: bool,
+    tool_calls: bool,
 }
 
 impl ChatPrompter {
-    pub fn new(template: ChatTemplate, tok: &TextTokenizer) -> Self {
+    pub fn new(
+        template: ChatTemplate,
+        tok: &TextTokenizer,
+        reasoning: ReasoningParser,
+        tool_calls: ToolCallParser,
+    ) -> Self {
+        let reasoning = match reasoning {
+            ReasoningParser::Auto => template.writes_think(),
+            ReasoningParser::Qwen3 => true,
+            ReasoningParser::None => false,
+        };
+        let tool_calls = match tool_calls {
+            ToolCallParser::Auto => template.writes_tool_calls(),
+            ToolCallParser::Hermes => true,
+            ToolCallParser::None => false,
+        };
         Self {
             template,
             guard: SpecialTokenGuard::new(tok),
+            reasoning,
+            tool_calls,
         }
     }
 
     pub fn template(&self) -> &ChatTemplate {
         &self.template
+    }
+
+    /// Answers are split into reasoning and content.
+    pub fn parses_reasoning(&self) -> bool {
+        self.reasoning
+    }
+
+    /// Tool calls are read from answers.
+    pub fn parses_tool_calls(&self) -> bool {
+        self.tool_calls
     }
 
     /// The prompt's tokens. `trusted`: special tokens in client strings act as control tokens
@@ -43,7 +104,7 @@ impl ChatPrompter {
         mut conv: Conversation,
         trusted: bool,
         max_bytes: usize,
-    ) -> Result<Vec<u32>, PromptError> {
+    ) -> Result<ChatPrompt, PromptError> {
         if !trusted {
             conv.messages.iter_mut().for_each(|m| self.guard.hide(m));
             if let Some(tools) = conv.tools.as_mut() {
@@ -57,10 +118,19 @@ impl ChatPrompter {
                 bytes: rendered.len(),
             });
         }
-        Ok(if trusted {
+        let ids = if trusted {
             tok.encode(&rendered)?
         } else {
             self.guard.encode(tok, &rendered)?
+        };
+        let opens_reasoning = self.reasoning && {
+            let end = rendered.trim_end();
+            end.rfind("<think>")
+                .is_some_and(|open| !end[open..].contains("</think>"))
+        };
+        Ok(ChatPrompt {
+            ids,
+            opens_reasoning,
         })
     }
 }

@@ -71,6 +71,10 @@ pub struct Conversation {
 pub struct ChatTemplate {
     env: Environment<'static>,
     origin: TemplateOrigin,
+    /// Whether the template writes `<think>` and `<tool_call>`: it was made for a model that
+    /// reasons and calls tools in those tags.
+    writes_think: bool,
+    writes_tool_calls: bool,
     /// `bos_token`, `eos_token`, … of `tokenizer_config.json`, as Hugging Face passes them.
     special_tokens: Map<String, Value>,
 }
@@ -112,6 +116,8 @@ impl ChatTemplate {
         origin: TemplateOrigin,
         special_tokens: Map<String, Value>,
     ) -> Result<Self, TemplateError> {
+        let writes_think = source.contains("<think>");
+        let writes_tool_calls = source.contains("<tool_call>");
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -126,12 +132,24 @@ impl ChatTemplate {
         Ok(Self {
             env,
             origin,
+            writes_think,
+            writes_tool_calls,
             special_tokens,
         })
     }
 
     pub fn origin(&self) -> &TemplateOrigin {
         &self.origin
+    }
+
+    /// The template writes `<think>` (Qwen3's reasoning tags).
+    pub fn writes_think(&self) -> bool {
+        self.writes_think
+    }
+
+    /// The template writes `<tool_call>` (Hermes-style tool calls, as Qwen models make them).
+    pub fn writes_tool_calls(&self) -> bool {
+        self.writes_tool_calls
     }
 
     /// The prompt text for `conv`.

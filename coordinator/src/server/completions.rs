@@ -127,6 +127,7 @@ async fn generate(
             kind,
         },
         stop: prepared.stop,
+        format: prepared.format,
         include_usage: prepared.include_usage,
         outcome: Outcome::new(span, started, prepared.prompt.len()),
     };

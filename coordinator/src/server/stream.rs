@@ -1,5 +1,5 @@
-//! Turning the scheduler's events for one request into an answer: text decoded incrementally
-//! and cut at stop strings, then sent whole (one JSON object) or streamed (server-sent events
+//! Turning the scheduler's events for one request into an answer: text decoded incrementally,
+//! cut at stop strings and split into reasoning, content and tool calls, then sent whole (one JSON object) or streamed (server-sent events
 //! ending in `data: [DONE]`). Each request's end is logged once, in its span: finished (with
 //! token counts and duration), failed, or cancelled by the client.
 
@@ -14,29 +14,36 @@ use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::types::{Header, usage};
+use super::types::{Header, tool_call_json, usage};
 use super::{AppState, GenerationError};
+use crate::chat::output::{self, Delta, OutputFormat, OutputParser};
 use crate::scheduler::{Event, FinishReason, SchedulerHandle};
 use crate::tokenizer::{DecodeStream, StopMatcher, TextTokenizer};
 
-/// Turns scheduler events into text, honouring stop strings.
+/// Turns scheduler events into text, honouring stop strings, then into answer pieces
+/// (reasoning, content, tool calls) as the request's [`OutputFormat`] says.
 struct Assembler {
     decode: DecodeStream,
     stop: StopMatcher,
+    output: OutputParser,
     completion_tokens: usize,
 }
 
 enum Piece {
-    Text(String),
-    Done { text: String, reason: &'static str },
+    Deltas(Vec<Delta>),
+    Done {
+        deltas: Vec<Delta>,
+        reason: &'static str,
+    },
     Failed(GenerationError),
 }
 
 impl Assembler {
-    fn new(stop: Vec<String>) -> Self {
+    fn new(stop: Vec<String>, format: OutputFormat) -> Self {
         Self {
             decode: DecodeStream::default(),
             stop: StopMatcher::new(stop),
+            output: OutputParser::new(format),
             completion_tokens: 0,
         }
     }
@@ -59,12 +66,9 @@ impl Assembler {
                 };
                 let (text, stopped) = self.stop.push(&piece);
                 if stopped {
-                    Piece::Done {
-                        text,
-                        reason: "stop",
-                    }
+                    self.done(&text, "stop")
                 } else {
-                    Piece::Text(text)
+                    Piece::Deltas(self.output.push(&text))
                 }
             }
             Some(Event::Finished(reason)) => {
@@ -81,7 +85,7 @@ impl Assembler {
                     FinishReason::Stop => "stop",
                     FinishReason::Length => "length",
                 };
-                Piece::Done { text, reason }
+                self.done(&text, reason)
             }
             Some(Event::Error(e)) => Piece::Failed(e),
             // The channel closed without a last event: the scheduler thread is gone.
@@ -91,6 +95,18 @@ impl Assembler {
                     .unwrap_or_else(|| "it stopped before the request finished".into()),
             }),
         }
+    }
+
+    /// The last text; an answer that stopped after calling tools finishes with `tool_calls`.
+    fn done(&mut self, text: &str, reason: &'static str) -> Piece {
+        let mut deltas = self.output.push(text);
+        deltas.extend(self.output.finish());
+        let reason = if reason == "stop" && self.output.tool_calls() > 0 {
+            "tool_calls"
+        } else {
+            reason
+        };
+        Piece::Done { deltas, reason }
     }
 }
 
@@ -161,6 +177,7 @@ impl Drop for Outcome {
 pub(super) struct Answer {
     pub header: Header,
     pub stop: Vec<String>,
+    pub format: OutputFormat,
     pub include_usage: bool,
     pub outcome: Outcome,
 }
@@ -173,16 +190,17 @@ pub(super) async fn whole_response(
     let Answer {
         mut header,
         stop,
+        format,
         mut outcome,
         ..
     } = answer;
-    let mut asm = Assembler::new(stop);
-    let mut text = String::new();
+    let mut asm = Assembler::new(stop, format);
+    let mut parts = output::Answer::default();
     let reason = loop {
         match asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await) {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Done { text: t, reason } => {
-                text.push_str(&t);
+            Piece::Deltas(deltas) => deltas.into_iter().for_each(|d| parts.add(d)),
+            Piece::Done { deltas, reason } => {
+                deltas.into_iter().for_each(|d| parts.add(d));
                 break reason;
             }
             Piece::Failed(e) => {
@@ -195,7 +213,7 @@ pub(super) async fn whole_response(
     // As before the split: a whole response is stamped when it is complete.
     header.created = super::unix_now();
     let usage = usage(outcome.prompt_tokens, asm.completion_tokens);
-    Json(header.completion(&text, reason, usage)).into_response()
+    Json(header.completion(&parts, reason, usage)).into_response()
 }
 
 /// The per-request state of a stream, carried from one event to the next.
@@ -207,11 +225,26 @@ struct StreamState {
     header: Header,
     include_usage: bool,
     outcome: Outcome,
+    tool_calls_sent: usize,
 }
 
 impl StreamState {
     fn chunk(&self, delta: serde_json::Value, reason: Option<&str>) -> SseEvent {
         SseEvent::default().data(self.header.chunk(delta, reason).to_string())
+    }
+
+    /// One answer piece as a chunk's `delta`; tool calls are numbered in order.
+    fn delta_chunk(&mut self, delta: Delta) -> SseEvent {
+        let delta = match delta {
+            Delta::Content(t) => json!({"content": t}),
+            Delta::Reasoning(t) => json!({"reasoning_content": t}),
+            Delta::ToolCall(call) => {
+                let index = self.tool_calls_sent;
+                self.tool_calls_sent += 1;
+                json!({"tool_calls": [tool_call_json(&call, Some(index))]})
+            }
+        };
+        self.chunk(delta, None)
     }
 
     /// The events for the scheduler's next event; `rx` is cleared once the stream is over.
@@ -225,14 +258,14 @@ impl StreamState {
             .asm
             .on_event(&self.state.tokenizer, &self.state.scheduler, event)
         {
-            Piece::Text(t) => {
-                if !t.is_empty() {
-                    out.push(self.chunk(json!({"content": t}), None));
+            Piece::Deltas(deltas) => {
+                for d in deltas {
+                    out.push(self.delta_chunk(d));
                 }
             }
-            Piece::Done { text, reason } => {
-                if !text.is_empty() {
-                    out.push(self.chunk(json!({"content": text}), None));
+            Piece::Done { deltas, reason } => {
+                for d in deltas {
+                    out.push(self.delta_chunk(d));
                 }
                 out.push(self.chunk(json!({}), Some(reason)));
                 if self.include_usage {
@@ -267,11 +300,12 @@ pub(super) fn stream_response(
     let st = StreamState {
         state,
         rx: Some(rx),
-        asm: Assembler::new(answer.stop),
+        asm: Assembler::new(answer.stop, answer.format),
         started: false,
         header: answer.header,
         include_usage: answer.include_usage,
         outcome: answer.outcome,
+        tool_calls_sent: 0,
     };
     let events = futures::stream::unfold(st, |mut st| async move {
         let event = st.rx.as_mut()?.recv().await;

@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::chat::output::{Answer, ParsedToolCall};
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub(super) enum Content {
@@ -137,6 +139,16 @@ impl Kind {
     }
 }
 
+/// A tool call as OpenAI returns it; streamed calls carry their `index`.
+pub(super) fn tool_call_json(call: &ParsedToolCall, index: Option<usize>) -> Value {
+    let id = format!("call_{:024x}", rand::random::<u128>() >> 32);
+    let mut v = json!({"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}});
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
 pub(super) fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -152,19 +164,36 @@ pub(super) struct Header {
 
 impl Header {
     /// The whole (non-streamed) response.
-    pub fn completion(&self, text: &str, reason: &str, usage: Value) -> Value {
+    pub fn completion(&self, answer: &Answer, reason: &str, usage: Value) -> Value {
         let Header {
             id, created, model, ..
         } = self;
         match self.kind {
-            Kind::Chat => json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": null}],
-                "usage": usage,
-            }),
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": answer.content});
+                if let Some(reasoning) = &answer.reasoning {
+                    message["reasoning_content"] = json!(reasoning);
+                }
+                if !answer.tool_calls.is_empty() {
+                    if answer.content.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    let calls: Vec<Value> = answer
+                        .tool_calls
+                        .iter()
+                        .map(|c| tool_call_json(c, None))
+                        .collect();
+                    message["tool_calls"] = Value::Array(calls);
+                }
+                json!({
+                    "id": id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": null}],
+                    "usage": usage,
+                })
+            }
             Kind::Text => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": null}],
+                "choices": [{"index": 0, "text": answer.content, "finish_reason": reason, "logprobs": null}],
                 "usage": usage,
             }),
         }

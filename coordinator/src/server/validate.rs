@@ -7,6 +7,7 @@ use axum::http::HeaderMap;
 use serde_json::Value;
 
 use super::types::{CompletionBody, Content, Kind, Message, Prompt, Stop};
+use crate::chat::output::OutputFormat;
 use crate::chat::{ChatPrompter, Conversation, PromptError};
 use crate::error::GenerationError;
 use crate::sampling::SamplingParams;
@@ -42,6 +43,8 @@ pub(super) struct Prepared {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// How the answer is split (reasoning, tool calls); everything is content for completions.
+    pub format: OutputFormat,
     /// The client's end-user id, for the logs.
     pub user: Option<String>,
 }
@@ -192,38 +195,55 @@ fn prepare(
         };
         ids.map_err(|e| invalid(e.to_string()))
     };
-    let prompt = match kind {
+    let (prompt, format) = match kind {
         Kind::Chat => {
+            let tools_offered = body.tools.as_ref().is_some_and(|t| !t.is_empty());
+            let calls_allowed = !matches!(&body.tool_choice, Some(Value::String(s)) if s == "none");
+            if tools_offered && calls_allowed && !limits.chat.parses_tool_calls() {
+                return Err(invalid(
+                    "this server reads no tool calls from answers (started with --tool-call-parser none); send tool_choice \"none\" or no tools",
+                ));
+            }
             let conv = conversation(&mut body)?;
-            limits
-                .chat
-                .encode(tok, conv, trusted, max_bytes)
-                .map_err(|e| match e {
-                    PromptError::TooLarge { bytes } => GenerationError::PromptTooLarge {
-                        bytes,
-                        max_bytes,
-                        max_context: limits.max_context,
-                    },
-                    other => invalid(other.to_string()),
-                })?
+            let prompt =
+                limits
+                    .chat
+                    .encode(tok, conv, trusted, max_bytes)
+                    .map_err(|e| match e {
+                        PromptError::TooLarge { bytes } => GenerationError::PromptTooLarge {
+                            bytes,
+                            max_bytes,
+                            max_context: limits.max_context,
+                        },
+                        other => invalid(other.to_string()),
+                    })?;
+            let format = OutputFormat {
+                reasoning: limits.chat.parses_reasoning(),
+                starts_in_reasoning: prompt.opens_reasoning,
+                tool_calls: tools_offered && calls_allowed,
+            };
+            (prompt.ids, format)
         }
-        Kind::Text => match body.prompt.take() {
-            None => return Err(invalid("`prompt` is required")),
-            Some(Prompt::Text(t)) => encode(&t)?,
-            Some(Prompt::Texts(v)) if v.len() == 1 => encode(&v[0])?,
-            Some(Prompt::Texts(_)) => {
-                return Err(invalid("exactly one prompt per request is supported"));
-            }
-            Some(Prompt::Tokens(ids)) => {
-                let vocab = limits.vocab_size;
-                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(invalid(format!(
-                        "prompt token {bad} is out of range (vocab size {vocab})"
-                    )));
+        Kind::Text => {
+            let ids = match body.prompt.take() {
+                None => return Err(invalid("`prompt` is required")),
+                Some(Prompt::Text(t)) => encode(&t)?,
+                Some(Prompt::Texts(v)) if v.len() == 1 => encode(&v[0])?,
+                Some(Prompt::Texts(_)) => {
+                    return Err(invalid("exactly one prompt per request is supported"));
                 }
-                ids
-            }
-        },
+                Some(Prompt::Tokens(ids)) => {
+                    let vocab = limits.vocab_size;
+                    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                        return Err(invalid(format!(
+                            "prompt token {bad} is out of range (vocab size {vocab})"
+                        )));
+                    }
+                    ids
+                }
+            };
+            (ids, OutputFormat::default())
+        }
     };
     if prompt.is_empty() {
         return Err(invalid("the prompt is empty"));
@@ -288,6 +308,7 @@ fn prepare(
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        format,
         user: body.user,
     })
 }
