@@ -321,6 +321,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
+        ..SamplingParams::default()
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let engine = args.model.load()?;

@@ -1,6 +1,9 @@
-//! Choosing the next token from logits: greedy, or temperature sampling restricted by top-k and
-//! top-p (nucleus, Holtzman et al. 2019, arXiv:1904.09751), with the CTRL repetition penalty
-//! (Keskar et al. 2019, arXiv:1909.05858) as Hugging Face applies it. A seed makes runs
+//! Choosing the next token from logits: greedy, or temperature sampling restricted by min-p
+//! (Nguyen et al. 2024, arXiv:2407.01082), top-k and top-p (nucleus, Holtzman et al. 2019,
+//! arXiv:1904.09751), with the CTRL repetition penalty (Keskar et al. 2019, arXiv:1909.05858) as
+//! Hugging Face applies it, OpenAI's presence and frequency penalties and `logit_bias`, and
+//! `min_tokens` (stop tokens barred until that many were generated), in vLLM's order: stop
+//! tokens barred, bias added, penalties, temperature, min-p, top-k, top-p. A seed makes runs
 //! reproducible on the same kind of device. On a GPU the work over the whole vocabulary runs
 //! there (`omnishard_model::ops::cuda::sample_row`): unrestricted draws use the Gumbel-max trick,
 //! exact in distribution but not the host's draw for the same seed.
@@ -13,13 +16,29 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 /// Accepted repetition penalties: 1 is none; 100 either way already leaves no choice.
 pub const REPETITION_PENALTY_RANGE: std::ops::RangeInclusive<f32> = 0.01..=100.0;
 
+/// Accepted presence and frequency penalties, as OpenAI's.
+pub const OPENAI_PENALTY_RANGE: std::ops::RangeInclusive<f32> = -2.0..=2.0;
+
+/// Accepted `logit_bias` values, as OpenAI's.
+pub const LOGIT_BIAS_RANGE: std::ops::RangeInclusive<f32> = -100.0..=100.0;
+
 /// Sampling settings; `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     pub temperature: f32,
     pub top_k: Option<usize>,
     pub top_p: f32,
+    /// Tokens whose probability is below `min_p` times the most likely one's are dropped.
+    pub min_p: f32,
     pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token generated so far (OpenAI).
+    pub presence_penalty: f32,
+    /// Subtracted once per time a token was generated so far (OpenAI).
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Stop tokens cannot be drawn before this many tokens were generated.
+    pub min_tokens: usize,
     pub seed: u64,
 }
 
@@ -29,7 +48,12 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: None,
             top_p: 1.0,
+            min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
             seed: 0,
         }
     }
@@ -50,6 +74,26 @@ impl SamplingParams {
         if self.top_k == Some(0) {
             return Err("top_k must be at least 1".to_string());
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !OPENAI_PENALTY_RANGE.contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !LOGIT_BIAS_RANGE.contains(b))
+        {
+            return Err(format!(
+                "logit_bias for token {t} must be in [-100, 100], got {b}"
+            ));
+        }
         // Dividing a logit by a tiny penalty overflows to infinity and the softmax to NaN.
         if !(REPETITION_PENALTY_RANGE.contains(&self.repetition_penalty)) {
             return Err(format!(
@@ -67,12 +111,49 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Tokens of the history before generation began (the prompt): presence and frequency
+    /// penalties and `min_tokens` count only what follows.
+    prompt_len: usize,
+    /// Barred until `min_tokens` were generated.
+    stop_tokens: Vec<u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            prompt_len: 0,
+            stop_tokens: Vec::new(),
+        }
+    }
+
+    /// A sampler for a sequence whose history starts with a `prompt_len`-token prompt and
+    /// which ends at `stop_tokens`.
+    pub fn for_sequence(params: SamplingParams, prompt_len: usize, stop_tokens: Vec<u32>) -> Self {
+        Self {
+            prompt_len,
+            stop_tokens,
+            ..Self::new(params)
+        }
+    }
+
+    /// Whether this step needs the host's full processing: a bias, OpenAI's penalties, min-p
+    /// or barred stop tokens (the device handles the repetition penalty, temperature and
+    /// top-k / top-p only).
+    fn needs_host(&self, history: &[u32]) -> bool {
+        let p = &self.params;
+        !p.logit_bias.is_empty()
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || (p.min_p > 0.0 && p.temperature > 0.0)
+            || self.barring_stops(history)
+    }
+
+    fn barring_stops(&self, history: &[u32]) -> bool {
+        history.len().saturating_sub(self.prompt_len) < self.params.min_tokens
+            && !self.stop_tokens.is_empty()
     }
 
     /// Picks the next token from one row of logits (f32, `[vocab]` or `[1, vocab]`) where they
@@ -83,6 +164,7 @@ impl Sampler {
         let p = &self.params;
         let restricted = p.top_k.is_some() || p.top_p < 1.0;
         let on_device = !matches!(logits.device(), Device::Cpu)
+            && !self.needs_host(history)
             && (p.temperature == 0.0 || p.top_k.is_none_or(|k| k <= DEVICE_CANDIDATES));
         if on_device {
             let gumbel_key = (p.temperature > 0.0 && !restricted).then(|| self.rng.random());
@@ -126,6 +208,18 @@ impl Sampler {
     /// (prompt and generated), used by the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let mut logits = logits.to_vec();
+        if self.barring_stops(history) {
+            for &t in &self.stop_tokens {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         let penalty = self.params.repetition_penalty;
         if penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
@@ -138,11 +232,30 @@ impl Sampler {
                 *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
             }
         }
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in history.get(self.prompt_len..).unwrap_or_default() {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= presence + frequency * n as f32;
+                }
+            }
+        }
         if self.params.temperature == 0.0 {
             return argmax(&logits);
         }
         let mut order: Vec<(u32, f32)> = (0..).zip(logits).collect();
         order.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if self.params.min_p > 0.0
+            && let Some(&(_, max)) = order.first()
+        {
+            // p / p_max >= min_p, in logits at this temperature.
+            let floor = max + self.params.temperature * self.params.min_p.ln();
+            order.retain(|&(_, l)| l >= floor);
+        }
         if let Some(k) = self.params.top_k {
             order.truncate(k.max(1));
         }
@@ -320,6 +433,45 @@ mod tests {
     }
 
     #[test]
+    fn bias_penalties_min_p_and_min_tokens() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let greedy = |params: SamplingParams, history: &[u32], prompt_len: usize| {
+            Sampler::for_sequence(params, prompt_len, vec![1]).sample(&logits, history)
+        };
+        let bias = SamplingParams {
+            logit_bias: vec![(1, -100.0), (3, 2.5)],
+            ..Default::default()
+        };
+        assert_eq!(greedy(bias, &[], 0), 3);
+        // Token 1 generated twice: 3 - (0.5 + 2 × 0.3) = 1.9 < 2.0. In the prompt: no penalty.
+        let penalties = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            ..Default::default()
+        };
+        assert_eq!(greedy(penalties.clone(), &[9, 1, 1], 1), 2);
+        assert_eq!(greedy(penalties, &[1, 1], 2), 1);
+        // Stop token 1 is barred until two tokens were generated.
+        let min_tokens = SamplingParams {
+            min_tokens: 2,
+            ..Default::default()
+        };
+        assert_eq!(greedy(min_tokens.clone(), &[7, 5], 1), 2);
+        assert_eq!(greedy(min_tokens, &[7, 5, 5], 1), 1);
+        // min_p 0.5: only tokens within ln 2 of the best (logit 3) survive, so always 1.
+        let min_p = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: 4,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(min_p);
+        for _ in 0..50 {
+            assert_eq!(s.sample(&logits, &[]), 1);
+        }
+    }
+
+    #[test]
     fn validate_rejects_bad_ranges() {
         for p in [
             SamplingParams {
@@ -344,6 +496,22 @@ mod tests {
             },
             SamplingParams {
                 repetition_penalty: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(0, 101.0)],
                 ..Default::default()
             },
         ] {

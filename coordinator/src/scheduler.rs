@@ -206,7 +206,11 @@ fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Sequence {
         "sequence admitted"
     );
     Sequence {
-        sampler: Sampler::new(req.sampling.clone()),
+        sampler: Sampler::for_sequence(
+            req.sampling.clone(),
+            req.prompt.len(),
+            req.stop_tokens.clone(),
+        ),
         history: req.prompt.clone(),
         req,
         enqueued,

@@ -157,10 +157,14 @@ fn submit(
         prompt: p.prompt.clone(),
         max_tokens: p.max_tokens,
         sampling: p.sampling.clone(),
-        stop_tokens: if p.ignore_eos {
-            Vec::new()
-        } else {
-            state.tokenizer.stop_tokens().to_vec()
+        stop_tokens: {
+            let mut stops = if p.ignore_eos {
+                Vec::new()
+            } else {
+                state.tokenizer.stop_tokens().to_vec()
+            };
+            stops.extend(&p.stop_token_ids);
+            stops
         },
         events: tx,
     };

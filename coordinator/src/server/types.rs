@@ -90,6 +90,16 @@ pub(super) struct CompletionBody {
     pub top_k: Option<i64>,
     /// Extension (as vLLM).
     pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, as OpenAI's) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// Extension (as vLLM).
+    pub min_p: Option<f32>,
+    /// Extension (as vLLM): stop tokens and stop token ids are barred before this many tokens.
+    pub min_tokens: Option<u32>,
+    /// Extension (as vLLM): more tokens that end the answer (kept out of the text).
+    pub stop_token_ids: Option<Vec<u32>>,
     /// Extension (as vLLM): keep generating past stop tokens, up to max_tokens.
     pub ignore_eos: Option<bool>,
     pub stop: Option<Stop>,

@@ -41,6 +41,8 @@ pub(super) struct Prepared {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Tokens that end the answer besides the model's stop tokens.
+    pub stop_token_ids: Vec<u32>,
     pub stream: bool,
     pub include_usage: bool,
     /// How the answer is split (reasoning, tool calls); everything is content for completions.
@@ -275,11 +277,42 @@ fn prepare(
             )));
         }
     };
+    let vocab = limits.vocab_size;
+    let out_of_vocab = |what: &str, t: u32| {
+        invalid(format!(
+            "{what}: token {t} is out of range (vocab size {vocab})"
+        ))
+    };
+    let mut logit_bias = Vec::new();
+    for (key, &bias) in body.logit_bias.iter().flatten() {
+        let t: u32 = key
+            .parse()
+            .map_err(|_| invalid(format!("logit_bias keys are token ids, got `{key}`")))?;
+        if t as usize >= vocab {
+            return Err(out_of_vocab("logit_bias", t));
+        }
+        logit_bias.push((t, bias));
+    }
+    let stop_token_ids = body.stop_token_ids.take().unwrap_or_default();
+    if let Some(&t) = stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(out_of_vocab("stop_token_ids", t));
+    }
+    let min_tokens = body.min_tokens.unwrap_or(0) as usize;
+    if min_tokens > max_tokens {
+        return Err(invalid(format!(
+            "min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})"
+        )));
+    }
     let sampling = SamplingParams {
         temperature: body.temperature.unwrap_or(1.0),
         top_k,
         top_p: body.top_p.unwrap_or(1.0),
+        min_p: body.min_p.unwrap_or(0.0),
         repetition_penalty: body.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: body.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: body.frequency_penalty.unwrap_or(0.0),
+        logit_bias,
+        min_tokens,
         seed: body.seed.unwrap_or_else(rand::random),
     };
     sampling.validate().map_err(invalid)?;
@@ -303,6 +336,7 @@ fn prepare(
         max_tokens,
         sampling,
         stop,
+        stop_token_ids,
         stream: body.stream.unwrap_or(false),
         include_usage: body
             .stream_options

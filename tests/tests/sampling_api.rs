@@ -1,0 +1,150 @@
+//! Sampling parameters change answers as specified, checked against a plain computation on the
+//! model's logits (`coordinator score`, the fidelity tool): `logit_bias`, presence and frequency
+//! penalties over the generated tokens, `stop_token_ids`, and `min_tokens` barring them — on a
+//! real cluster (demo model, two expert-node processes), greedy.
+
+use omnishard_coordinator::TextTokenizer;
+use omnishard_coordinator::sampling::argmax;
+use omnishard_proto::ModelConfig;
+use omnishard_tests::{Server, coordinator_score, demo_model};
+use serde_json::{Value, json};
+
+async fn complete(server: &Server, body: Value) -> Value {
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// The last row of the demo model's logits for `ids`.
+fn next_logits(ids: &[u32]) -> Vec<f32> {
+    let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let model = demo_model();
+    let out = coordinator_score(&[
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--token-ids".as_ref(),
+        list.as_ref(),
+    ]);
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    let rows = v["logits"].as_array().unwrap();
+    let last = rows.last().unwrap().as_array().unwrap();
+    last.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// Greedy decoding of `n` tokens with `adjust(logits, generated)` applied to each step's logits.
+fn expected(prompt: &[u32], n: usize, adjust: impl Fn(&mut [f32], &[u32])) -> Vec<u32> {
+    let mut ids = prompt.to_vec();
+    for _ in 0..n {
+        let mut logits = next_logits(&ids);
+        adjust(&mut logits, &ids[prompt.len()..]);
+        ids.push(argmax(&logits));
+    }
+    ids.split_off(prompt.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_parameters_do_what_they_say() {
+    let dir = demo_model();
+    let tok = TextTokenizer::load(&dir, &ModelConfig::from_model_dir(&dir).unwrap()).unwrap();
+    let prompt = tok
+        .encode("The lighthouse keeper of Omnishard Island")
+        .unwrap();
+    let server = Server::start(&["cluster", "--nodes", "2", "serve"]);
+    let text = |answer: &Value| answer["choices"][0]["text"].as_str().unwrap().to_string();
+    let base = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0});
+
+    let plain = expected(&prompt, 6, |_, _| {});
+    let answer = complete(&server, base.clone()).await;
+    assert_eq!(text(&answer), tok.decode(&plain).unwrap());
+
+    // logit_bias: -100 on the greedy first token, +5 on token 42.
+    let mut body = base.clone();
+    body["logit_bias"] = json!({ plain[0].to_string(): -100, "42": 5 });
+    let biased = expected(&prompt, 6, |l, _| {
+        l[plain[0] as usize] -= 100.0;
+        l[42] += 5.0;
+    });
+    assert_ne!(biased, plain);
+    assert_eq!(
+        text(&complete(&server, body).await),
+        tok.decode(&biased).unwrap()
+    );
+
+    // Presence and frequency penalties count generated tokens only. The memorised text never
+    // repeats itself, so start from token soup after which the model stutters.
+    let soup = [7u32, 7, 7, 7];
+    let mut body = json!({"prompt": soup, "temperature": 0});
+    body["max_tokens"] = json!(12);
+    body["presence_penalty"] = json!(2.0);
+    body["frequency_penalty"] = json!(1.5);
+    let penalized = expected(&soup, 12, |l, generated| {
+        let mut seen = std::collections::HashMap::<u32, f32>::new();
+        for &t in generated {
+            *seen.entry(t).or_default() += 1.0;
+        }
+        for (t, n) in seen {
+            l[t as usize] -= 2.0 + 1.5 * n;
+        }
+    });
+    assert_ne!(penalized, expected(&soup, 12, |_, _| {}));
+    assert_eq!(
+        text(&complete(&server, body).await),
+        tok.decode(&penalized).unwrap()
+    );
+
+    // stop_token_ids: the third greedy token ends the answer and is not in its text...
+    let mut body = base.clone();
+    body["stop_token_ids"] = json!([plain[2]]);
+    let answer = complete(&server, body.clone()).await;
+    assert_eq!(text(&answer), tok.decode(&plain[..2]).unwrap());
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    // ...unless min_tokens bars it until four tokens were generated.
+    body["min_tokens"] = json!(4);
+    let barred = expected(&prompt, 6, |l, generated| {
+        if generated.len() < 4 {
+            l[plain[2] as usize] = f32::NEG_INFINITY;
+            for &t in tok.stop_tokens() {
+                l[t as usize] = f32::NEG_INFINITY;
+            }
+        }
+    });
+    let end = barred
+        .iter()
+        .enumerate()
+        .position(|(i, &t)| i >= 4 && t == plain[2])
+        .unwrap_or(barred.len());
+    assert!(
+        end > 2,
+        "min_tokens let the answer run past the barred token"
+    );
+    let answer = complete(&server, body).await;
+    assert_eq!(text(&answer), tok.decode(&barred[..end]).unwrap());
+
+    // Out-of-range values are refused, naming the parameter.
+    for (field, value) in [
+        ("presence_penalty", json!(2.5)),
+        ("logit_bias", json!({"99999": 1})),
+        ("min_p", json!(-0.1)),
+        ("min_tokens", json!(7)),
+    ] {
+        let mut body = base.clone();
+        body[field] = value;
+        let resp = reqwest::Client::new()
+            .post(server.url("/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{field}");
+        let err: Value = resp.json().await.unwrap();
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(field),
+            "{field}: {err}"
+        );
+    }
+}
