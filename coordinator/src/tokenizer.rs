@@ -111,6 +111,12 @@ impl TextTokenizer {
             .collect()
     }
 
+    /// A token's vocabulary string (byte-level BPE shows bytes as their stand-in characters),
+    /// or an empty string for an id the tokenizer does not know.
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_default()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, true)

@@ -196,3 +196,54 @@ async fn what_is_not_supported_is_refused_by_name() {
     let (status, answer) = post(&server, "/v1/chat/completions", &conversation).await;
     assert_eq!(status, 200, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoints_and_model_details() {
+    let server = Server::start(&["cluster", "--nodes", "2", "serve"]);
+    let golden = std::fs::read_to_string(fixtures_dir().join("golden/chat_template.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&golden).unwrap();
+    // Chat messages tokenize exactly as the chat template renders them.
+    let case = &cases[1];
+    let (status, answer) = post(&server, "/tokenize", &case["request"]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["tokens"], case["ids"]);
+    assert_eq!(answer["count"], case["ids"].as_array().unwrap().len());
+    assert_eq!(answer["max_model_len"], DEMO_CONTEXT);
+    // A prompt, with each token's text; and back.
+    let body = json!({"prompt": "The lighthouse keeper", "return_token_strs": true});
+    let (status, answer) = post(&server, "/tokenize", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let strs = answer["token_strs"].as_array().unwrap();
+    assert_eq!(strs.len(), answer["count"].as_u64().unwrap() as usize);
+    let (status, back) = post(&server, "/detokenize", &json!({"tokens": answer["tokens"]})).await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["prompt"], "The lighthouse keeper");
+    for (path, body) in [
+        (
+            "/tokenize",
+            json!({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        ("/tokenize", json!({"prompt": "x", "padding": true})),
+        ("/detokenize", json!({"tokens": [99999]})),
+        ("/tokenize", json!({"prompt": "x", "model": "gpt-4"})),
+    ] {
+        let (status, answer) = post(&server, path, &body).await;
+        assert!(
+            status == 400 || status == 404,
+            "{path} {body}: {status} {answer}"
+        );
+    }
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(server.url(path)).send();
+    let card: Value = get("/v1/models/demo-model")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(card["id"], "demo-model");
+    assert_eq!(card["max_model_len"], DEMO_CONTEXT);
+    assert_eq!(get("/v1/models/other").await.unwrap().status(), 404);
+    let version: Value = get("/version").await.unwrap().json().await.unwrap();
+    assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+}

@@ -59,7 +59,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 pub(super) async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "omnishard"}]
+        "data": [super::tokens::model_card(&state)]
     }))
 }
 

@@ -45,7 +45,7 @@ pub(super) async fn completions(
 
 /// A body that could not be read (over the size limit, or broken off) as the OpenAI JSON error
 /// every other refusal is, not axum's plain text.
-fn body_refused(rejection: BytesRejection) -> Response {
+pub(super) fn body_refused(rejection: BytesRejection) -> Response {
     let status = rejection.status();
     let message = rejection.body_text();
     let error = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {

@@ -1,16 +1,19 @@
 //! The OpenAI-compatible HTTP API (axum): `POST /v1/chat/completions`, `POST /v1/completions`
-//! (streamed as server-sent events ending in `data: [DONE]`, or whole), `GET /v1/models`,
-//! `GET /v1/stats`, `GET|POST /admin/nodes`, `GET /health` and `GET /metrics`. Errors use
-//! OpenAI's JSON error shape ([`GenerationError`]).
+//! (streamed as server-sent events ending in `data: [DONE]`, or whole), `GET /v1/models` and
+//! `/v1/models/{id}`, `POST /tokenize` and `/detokenize`, `GET /version`, `GET /v1/stats`,
+//! `GET|POST /admin/nodes`, `GET /health` and `GET /metrics`. Errors use OpenAI's JSON error
+//! shape ([`GenerationError`]).
 //!
 //! This file holds the shared state, the router and its middleware (request metrics, API key);
 //! the request and response shapes are in `types`, request checking in `validate`, the
-//! completion endpoints in `completions`, answer assembly in `stream`, the operational routes in
-//! `admin`. Starting a server is [`crate::serve`]'s job.
+//! completion endpoints in `completions`, answer assembly in `stream`, the token endpoints and
+//! model details in `tokens`, the operational routes in `admin`. Starting a server is
+//! [`crate::serve`]'s job.
 
 mod admin;
 mod completions;
 mod stream;
+mod tokens;
 mod types;
 mod validate;
 
@@ -24,6 +27,8 @@ use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+
+use completions::body_refused;
 
 pub use crate::error::GenerationError;
 pub use validate::{
@@ -105,6 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/chat/completions", post(completions::chat_completions))
         .route("/completions", post(completions::completions))
         .route("/models", get(admin::models))
+        .route("/models/{id}", get(tokens::model))
         .route("/stats", get(admin::stats))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -117,8 +123,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             require_admin_access,
         ));
+    let tokens = Router::new()
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .nest("/v1", v1)
+        .merge(tokens)
+        .route("/version", get(tokens::version))
         .nest("/admin", admin)
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))

@@ -80,7 +80,6 @@ pub(super) struct StreamOptions {
 #[derive(Debug, Deserialize)]
 pub(super) struct CompletionBody {
     pub model: Option<String>,
-    pub messages: Option<Vec<Message>>,
     pub prompt: Option<Prompt>,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
@@ -108,7 +107,19 @@ pub(super) struct CompletionBody {
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
     pub logprobs: Option<Value>,
-    /// Function tools the model may call (chat); rendered into the prompt by the chat template.
+    #[serde(flatten)]
+    pub chat: ChatFields,
+    /// OpenAI's end-user id: only logged.
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub unsupported: serde_json::Map<String, Value>,
+}
+
+/// What a chat request says about its conversation; `/tokenize` takes the same.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ChatFields {
+    pub messages: Option<Vec<Message>>,
+    /// Function tools the model may call; rendered into the prompt by the chat template.
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
     /// Variables for the chat template (vLLM's extension), e.g. `{"enable_thinking": false}`.
@@ -117,10 +128,50 @@ pub(super) struct CompletionBody {
     pub add_generation_prompt: Option<bool>,
     /// Continue the final (assistant) message instead of opening a new turn.
     pub continue_final_message: Option<bool>,
-    /// OpenAI's end-user id: only logged.
-    pub user: Option<String>,
+}
+
+impl ChatFields {
+    /// The fields that were given, by name.
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            ("messages", self.messages.is_some()),
+            ("tools", self.tools.is_some()),
+            ("tool_choice", self.tool_choice.is_some()),
+            ("chat_template_kwargs", self.chat_template_kwargs.is_some()),
+            (
+                "add_generation_prompt",
+                self.add_generation_prompt.is_some(),
+            ),
+            (
+                "continue_final_message",
+                self.continue_final_message.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
+}
+
+/// `POST /tokenize` (vLLM's): a `prompt`, or chat `messages` rendered by the chat template.
+#[derive(Debug, Deserialize)]
+pub(super) struct TokenizeBody {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    #[serde(flatten)]
+    pub chat: ChatFields,
+    /// Also return each token's text.
+    pub return_token_strs: Option<bool>,
     #[serde(flatten)]
     pub unsupported: serde_json::Map<String, Value>,
+}
+
+/// `POST /detokenize` (vLLM's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DetokenizeBody {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
 }
 
 /// Which endpoint a request came through: it decides the prompt field, the defaults and the

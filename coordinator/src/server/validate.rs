@@ -6,9 +6,9 @@
 use axum::http::HeaderMap;
 use serde_json::Value;
 
-use super::types::{CompletionBody, Content, Kind, Message, Prompt, Stop};
+use super::types::{ChatFields, CompletionBody, Content, Kind, Message, Prompt, Stop};
 use crate::chat::output::OutputFormat;
-use crate::chat::{ChatPrompter, Conversation, PromptError};
+use crate::chat::{ChatPrompt, ChatPrompter, Conversation, PromptError};
 use crate::error::GenerationError;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
@@ -32,6 +32,62 @@ pub struct RequestLimits<'a> {
     pub chat: &'a ChatPrompter,
     /// Special tokens in client text act as control tokens (else they are plain text).
     pub special_tokens_in_text: bool,
+}
+
+impl RequestLimits<'_> {
+    /// The longest prompt text, in bytes, that could fit the context: a longer one is refused
+    /// before the tokenizer spends time and memory on it (a 2 MB prompt cost ~200 MB).
+    fn max_bytes(&self) -> usize {
+        self.tokenizer.max_bytes_for(self.max_context)
+    }
+
+    fn too_large(&self, bytes: usize) -> GenerationError {
+        GenerationError::PromptTooLarge {
+            bytes,
+            max_bytes: self.max_bytes(),
+            max_context: self.max_context,
+        }
+    }
+
+    /// A request may name the served model, or none.
+    pub(super) fn check_model(&self, model: Option<&str>) -> Result<(), GenerationError> {
+        match model {
+            Some(model) if model != self.model_name => Err(GenerationError::ModelNotFound {
+                requested: model.to_string(),
+                served: self.model_name.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tokens of a prompt text.
+    pub(super) fn text_ids(&self, text: &str) -> Result<Vec<u32>, GenerationError> {
+        if text.len() > self.max_bytes() {
+            return Err(self.too_large(text.len()));
+        }
+        let ids = if self.special_tokens_in_text {
+            self.tokenizer.encode(text)
+        } else {
+            self.tokenizer.encode_text(text)
+        };
+        ids.map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The prompt of a conversation, through the chat template.
+    pub(super) fn chat_prompt(&self, chat: &mut ChatFields) -> Result<ChatPrompt, GenerationError> {
+        let conv = conversation(chat)?;
+        self.chat
+            .encode(
+                self.tokenizer,
+                conv,
+                self.special_tokens_in_text,
+                self.max_bytes(),
+            )
+            .map_err(|e| match e {
+                PromptError::TooLarge { bytes } => self.too_large(bytes),
+                other => invalid(other.to_string()),
+            })
+    }
 }
 
 /// A validated request, ready for the scheduler.
@@ -79,7 +135,9 @@ pub fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, Generati
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
 
-pub(super) fn parse_body(body: &[u8]) -> Result<CompletionBody, GenerationError> {
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<T, GenerationError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -114,7 +172,7 @@ pub(super) fn parse_and_prepare(
     parse_body(body).and_then(|b| prepare(limits, b, kind))
 }
 
-fn invalid(message: impl Into<String>) -> GenerationError {
+pub(super) fn invalid(message: impl Into<String>) -> GenerationError {
     GenerationError::InvalidRequest(message.into())
 }
 
@@ -123,37 +181,10 @@ fn prepare(
     mut body: CompletionBody,
     kind: Kind,
 ) -> Result<Prepared, GenerationError> {
-    if let Some(model) = &body.model
-        && model != limits.model_name
-    {
-        return Err(GenerationError::ModelNotFound {
-            requested: model.clone(),
-            served: limits.model_name.to_string(),
-        });
-    }
-    if !body.unsupported.is_empty() {
-        let names: Vec<&str> = body.unsupported.keys().map(String::as_str).collect();
-        return Err(invalid(format!(
-            "unsupported parameter(s): {}; remove them (this server would otherwise ignore them)",
-            names.join(", ")
-        )));
-    }
+    limits.check_model(body.model.as_deref())?;
+    refuse_unsupported(&body.unsupported)?;
     if kind == Kind::Text {
-        let chat_only = [
-            ("messages", body.messages.is_some()),
-            ("tools", body.tools.is_some()),
-            ("tool_choice", body.tool_choice.is_some()),
-            ("chat_template_kwargs", body.chat_template_kwargs.is_some()),
-            (
-                "add_generation_prompt",
-                body.add_generation_prompt.is_some(),
-            ),
-            (
-                "continue_final_message",
-                body.continue_final_message.is_some(),
-            ),
-        ];
-        if let Some((name, _)) = chat_only.iter().find(|(_, given)| *given) {
+        if let Some(name) = body.chat.given().first() {
             return Err(invalid(format!(
                 "`{name}` belongs to /v1/chat/completions, not /v1/completions"
             )));
@@ -173,52 +204,17 @@ fn prepare(
     {
         return Err(invalid("logprobs are not supported"));
     }
-    // A text of more bytes than `max_context` tokens can hold cannot fit: refuse it before the
-    // tokenizer spends time and memory on it (a 2 MB prompt cost ~200 MB to tokenize).
-    let max_bytes = limits.tokenizer.max_bytes_for(limits.max_context);
-    let fits = |text: &str| {
-        if text.len() > max_bytes {
-            return Err(GenerationError::PromptTooLarge {
-                bytes: text.len(),
-                max_bytes,
-                max_context: limits.max_context,
-            });
-        }
-        Ok(())
-    };
-    let tok = limits.tokenizer;
-    let trusted = limits.special_tokens_in_text;
-    let encode = |text: &str| {
-        fits(text)?;
-        let ids = if trusted {
-            tok.encode(text)
-        } else {
-            tok.encode_text(text)
-        };
-        ids.map_err(|e| invalid(e.to_string()))
-    };
     let (prompt, format) = match kind {
         Kind::Chat => {
-            let tools_offered = body.tools.as_ref().is_some_and(|t| !t.is_empty());
-            let calls_allowed = !matches!(&body.tool_choice, Some(Value::String(s)) if s == "none");
+            let tools_offered = body.chat.tools.as_ref().is_some_and(|t| !t.is_empty());
+            let calls_allowed =
+                !matches!(&body.chat.tool_choice, Some(Value::String(s)) if s == "none");
             if tools_offered && calls_allowed && !limits.chat.parses_tool_calls() {
                 return Err(invalid(
                     "this server reads no tool calls from answers (started with --tool-call-parser none); send tool_choice \"none\" or no tools",
                 ));
             }
-            let conv = conversation(&mut body)?;
-            let prompt =
-                limits
-                    .chat
-                    .encode(tok, conv, trusted, max_bytes)
-                    .map_err(|e| match e {
-                        PromptError::TooLarge { bytes } => GenerationError::PromptTooLarge {
-                            bytes,
-                            max_bytes,
-                            max_context: limits.max_context,
-                        },
-                        other => invalid(other.to_string()),
-                    })?;
+            let prompt = limits.chat_prompt(&mut body.chat)?;
             let format = OutputFormat {
                 reasoning: limits.chat.parses_reasoning(),
                 starts_in_reasoning: prompt.opens_reasoning,
@@ -229,8 +225,8 @@ fn prepare(
         Kind::Text => {
             let ids = match body.prompt.take() {
                 None => return Err(invalid("`prompt` is required")),
-                Some(Prompt::Text(t)) => encode(&t)?,
-                Some(Prompt::Texts(v)) if v.len() == 1 => encode(&v[0])?,
+                Some(Prompt::Text(t)) => limits.text_ids(&t)?,
+                Some(Prompt::Texts(v)) if v.len() == 1 => limits.text_ids(&v[0])?,
                 Some(Prompt::Texts(_)) => {
                     return Err(invalid("exactly one prompt per request is supported"));
                 }
@@ -347,6 +343,21 @@ fn prepare(
     })
 }
 
+/// Fields the server does not know are refused by name: ignored, they would change nothing the
+/// client could see.
+pub(super) fn refuse_unsupported(
+    fields: &serde_json::Map<String, Value>,
+) -> Result<(), GenerationError> {
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    Err(invalid(format!(
+        "unsupported parameter(s): {}; remove them (this server would otherwise ignore them)",
+        names.join(", ")
+    )))
+}
+
 /// Roles a chat message may have; `developer` is OpenAI's newer name for `system`.
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -354,7 +365,7 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 /// objects Hugging Face templates read (`content` a string, or null on an assistant message that
 /// only calls tools; text parts joined by newlines as vLLM joins them), the tools, and the
 /// template's options.
-fn conversation(body: &mut CompletionBody) -> Result<Conversation, GenerationError> {
+pub(super) fn conversation(body: &mut ChatFields) -> Result<Conversation, GenerationError> {
     let messages = body
         .messages
         .take()
