@@ -59,7 +59,7 @@ struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Address of the HTTP server.
-    #[arg(long, env = "OMNISHARD_LISTEN", default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "OMNISHARD_LISTEN", default_value = "127.0.0.1:8000", value_parser = listen_address)]
     listen: std::net::SocketAddr,
     /// Require `Authorization: Bearer KEY` on /v1/*.
     #[arg(long, env = "OMNISHARD_API_KEY", hide_env_values = true)]
@@ -133,7 +133,8 @@ struct ModelArgs {
         long,
         env = "OMNISHARD_NODES",
         value_delimiter = ',',
-        conflicts_with = "placement"
+        conflicts_with = "placement",
+        value_parser = node_address
     )]
     nodes: Vec<String>,
     /// Placement file (TOML) whose node addresses serve the experts; the routing table still
@@ -297,6 +298,15 @@ struct ScoreArgs {
     /// Default: text positions 0..n on all three rows.
     #[arg(long, env = "OMNISHARD_POSITION_IDS")]
     position_ids: Option<PathBuf>,
+}
+
+fn node_address(s: &str) -> Result<String, String> {
+    omnishard_proto::address::check_node_address(s)?;
+    Ok(s.to_string())
+}
+
+fn listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    omnishard_proto::address::resolve_listen(s)
 }
 
 fn read_positions(path: &Path) -> anyhow::Result<Positions> {

@@ -114,3 +114,18 @@ fn score_rejects_bad_input_with_a_message() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn malformed_addresses_fail_at_once_naming_the_fix() {
+    for args in [
+        &["generate", "--prompt", "x", "--nodes", "10.0.0.2:1,foo"][..],
+        &["serve", "--listen", "localhost"],
+    ] {
+        let started = std::time::Instant::now();
+        let out = coordinator().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains("HOST:PORT"), "{args:?}: {stderr}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
+}

@@ -27,8 +27,9 @@ struct Cli {
     #[arg(long, env = "OMNISHARD_MODEL")]
     model: Option<PathBuf>,
     /// Address to listen on. Use 0.0.0.0:PORT to accept coordinators on other machines; port 0
-    /// picks a free port. The bound address is printed on stdout as "listening on ADDR".
-    #[arg(long, env = "OMNISHARD_LISTEN", default_value = "127.0.0.1:50051")]
+    /// picks a free port; a host name is resolved (localhost:50051). The bound address is printed
+    /// on stdout as "listening on ADDR".
+    #[arg(long, env = "OMNISHARD_LISTEN", default_value = "127.0.0.1:50051", value_parser = omnishard_proto::address::resolve_listen)]
     listen: SocketAddr,
     /// Hold shard I of N (0-based): (layer, expert) pair p goes to shard p mod N.
     #[arg(long, env = "OMNISHARD_SHARD", value_name = "I/N")]

@@ -1,6 +1,7 @@
 //! omnishard's shared contract: the validated model configuration that every process agrees on,
 //! and the versioned gRPC wire format (`omnishard.v1`) between the coordinator and expert nodes.
 
+pub mod address;
 pub mod config;
 pub mod defaults;
 pub mod placement;

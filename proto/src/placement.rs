@@ -168,15 +168,8 @@ impl Placement {
             if !names.insert(node.name.clone()) {
                 return Err(invalid(format!("node name {:?} appears twice", node.name)));
             }
-            if node
-                .address
-                .rsplit_once(':')
-                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-            {
-                return Err(invalid(format!(
-                    "node {:?}: address {:?} is not host:port",
-                    node.name, node.address
-                )));
+            if let Err(e) = crate::address::check_node_address(&node.address) {
+                return Err(invalid(format!("node {:?}: {e}", node.name)));
             }
             let mut pairs = BTreeSet::new();
             for spec in &node.experts {
@@ -269,7 +262,7 @@ mod tests {
             ),
             (
                 "[[node]]\nname=\"a\"\naddress=\"h\"\nexperts=[]\n",
-                "host:port",
+                "HOST:PORT",
             ),
             (
                 "[[node]]\nname=\"a\"\naddress=\"h:1\"\nexperts=[]\nextra=1\n",

@@ -181,6 +181,9 @@ pub(super) async fn add_node(
             .into_response();
         }
     };
+    if let Err(e) = omnishard_proto::address::check_node_address(&req.address) {
+        return GenerationError::InvalidRequest(e).into_response();
+    }
     // Connecting and checking the node blocks; keep it off the async workers.
     match tokio::task::spawn_blocking(move || remote.add_node(&req.address)).await {
         Ok(Ok(status)) => Json(json!({"node": status})).into_response(),
