@@ -311,6 +311,44 @@ enum Head {
     Of(f32),
 }
 
+/// Log-probabilities of one step, as the model gave them (log-softmax of the raw logits, before
+/// any penalty, bias or temperature: vLLM's default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token's.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first (ties to the lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Most `top_logprobs` a request may ask for, as OpenAI's.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// [`TokenLogprobs`] of `token` and the `top` most likely tokens of a row of logits.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits
+        .iter()
+        .map(|&l| f64::from(l - max).exp())
+        .sum::<f64>()
+        .ln() as f32;
+    let lp = |l: f32| l - max - log_sum;
+    let mut best: Vec<(u32, f32)> = (0..).zip(logits.iter().copied()).collect();
+    let top = top.min(best.len());
+    if top > 0 {
+        best.select_nth_unstable_by(top - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    }
+    best.truncate(top);
+    best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    TokenLogprobs {
+        logprob: logits
+            .get(token as usize)
+            .copied()
+            .map_or(f32::NEG_INFINITY, lp),
+        top: best.into_iter().map(|(t, l)| (t, lp(l))).collect(),
+    }
+}
+
 /// Index of the largest logit; ties go to the lower index (as `torch.argmax`).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -469,6 +507,16 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&logits, &[]), 1);
         }
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax() {
+        let l = logprobs(&[1.0, 3.0, 2.0, 3.0], 2, 2);
+        let z: f32 = [1.0f32, 3.0, 2.0, 3.0].iter().map(|x| x.exp()).sum();
+        assert!((l.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3]);
+        assert!((l.top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert!(logprobs(&[0.0], 0, 0).top.is_empty());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::engine::Engine;
 use crate::error::GenerationError;
 use crate::metrics::Metrics;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprobs, logprobs};
 use omnishard_model::CallContext;
 use omnishard_model::model::{KvCache, LogitsFor, Positions, SequenceInput};
 
@@ -51,8 +51,9 @@ pub enum FinishReason {
 /// What the scheduler reports for a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A generated token (stop tokens are not sent).
-    Token(u32),
+    /// A generated token (stop tokens are not sent), with its log-probabilities when the
+    /// request asked for them.
+    Token(u32, Option<TokenLogprobs>),
     Finished(FinishReason),
     /// The sequence failed and was dropped; nothing follows.
     Error(GenerationError),
@@ -68,6 +69,8 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop_tokens: Vec<u32>,
+    /// Return each token's log-probability and this many of the most likely ones.
+    pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -372,7 +375,16 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
         let done = if seq.req.stop_tokens.contains(&token) {
             Some(FinishReason::Stop)
         } else {
-            let _ = seq.req.events.send(Event::Token(token));
+            let logprobs = match seq.req.logprobs {
+                None => None,
+                Some(top) => logits[k]
+                    .flatten_all()
+                    .and_then(|row| row.to_vec1::<f32>())
+                    .map(|row| logprobs(&row, token, top))
+                    .inspect_err(|e| tracing::warn!(parent: &seq.req.span, error = %e, "cannot read the logits for logprobs"))
+                    .ok(),
+            };
+            let _ = seq.req.events.send(Event::Token(token, logprobs));
             (seq.generated >= seq.req.max_tokens).then_some(FinishReason::Length)
         };
         if let Some(reason) = done {

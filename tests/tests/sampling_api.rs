@@ -1,7 +1,8 @@
 //! Sampling parameters change answers as specified, checked against a plain computation on the
 //! model's logits (`coordinator score`, the fidelity tool): `logit_bias`, presence and frequency
 //! penalties over the generated tokens, `stop_token_ids`, and `min_tokens` barring them — on a
-//! real cluster (demo model, two expert-node processes), greedy.
+//! real cluster (demo model, two expert-node processes), greedy; and log-probabilities are the
+//! log-softmax of those logits, in both of OpenAI's shapes, streamed and not.
 
 use omnishard_coordinator::TextTokenizer;
 use omnishard_coordinator::sampling::argmax;
@@ -125,12 +126,68 @@ async fn sampling_parameters_do_what_they_say() {
     let answer = complete(&server, body).await;
     assert_eq!(text(&answer), tok.decode(&barred[..end]).unwrap());
 
+    // Log-probabilities: the log-softmax of the model's logits, streamed and not.
+    let mut body = base.clone();
+    body["max_tokens"] = json!(3);
+    body["logprobs"] = json!(2);
+    let answer = complete(&server, body.clone()).await;
+    let lp = &answer["choices"][0]["logprobs"];
+    let mut ids = prompt.clone();
+    for (i, &t) in plain[..3].iter().enumerate() {
+        let logits = next_logits(&ids);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_z = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+        let got = lp["token_logprobs"][i].as_f64().unwrap() as f32;
+        assert!((got - (logits[t as usize] - log_z)).abs() < 1e-3, "{lp}");
+        assert_eq!(lp["tokens"][i], tok.decode(&[t]).unwrap());
+        assert_eq!(lp["top_logprobs"][i].as_object().unwrap().len(), 2, "{lp}");
+        ids.push(t);
+    }
+    assert_eq!(lp["text_offset"][0], 0);
+    body["stream"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut streamed = Vec::new();
+    for line in resp.text().await.unwrap().lines() {
+        if let Some(data) = line.strip_prefix("data: ")
+            && data != "[DONE]"
+        {
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            if let Some(v) = chunk["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+                streamed.extend(v.iter().cloned());
+            }
+        }
+    }
+    assert_eq!(Value::Array(streamed), lp["token_logprobs"]);
+    let chat = json!({"messages": [{"role": "user", "content": "Who keeps the ledger?"}], "max_tokens": 2,
+        "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = resp.json().await.unwrap();
+    let content = answer["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 2, "{answer}");
+    let top = content[0]["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), 3);
+    // Greedy: the chosen token is the most likely one.
+    assert_eq!(top[0]["token"], content[0]["token"]);
+    assert_eq!(top[0]["logprob"], content[0]["logprob"]);
+
     // Out-of-range values are refused, naming the parameter.
     for (field, value) in [
         ("presence_penalty", json!(2.5)),
         ("logit_bias", json!({"99999": 1})),
         ("min_p", json!(-0.1)),
         ("min_tokens", json!(7)),
+        ("logprobs", json!(21)),
+        ("top_logprobs", json!(1)),
     ] {
         let mut body = base.clone();
         body[field] = value;

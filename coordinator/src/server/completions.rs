@@ -128,6 +128,7 @@ async fn generate(
         },
         stop: prepared.stop,
         format: prepared.format,
+        logprobs: prepared.logprobs.is_some(),
         include_usage: prepared.include_usage,
         outcome: Outcome::new(span, started, prepared.prompt.len()),
     };
@@ -166,6 +167,7 @@ fn submit(
             stops.extend(&p.stop_token_ids);
             stops
         },
+        logprobs: p.logprobs,
         events: tx,
     };
     state.scheduler.submit(req)?;

@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::types::{Header, tool_call_json, usage};
+use super::types::{Header, LogprobEntry, tool_call_json, usage};
 use super::{AppState, GenerationError};
 use crate::chat::output::{self, Delta, OutputFormat, OutputParser};
 use crate::scheduler::{Event, FinishReason, SchedulerHandle};
@@ -27,6 +27,8 @@ struct Assembler {
     stop: StopMatcher,
     output: OutputParser,
     completion_tokens: usize,
+    /// Log-probabilities of tokens received and not yet sent (when the request asked).
+    logprobs: Vec<LogprobEntry>,
 }
 
 enum Piece {
@@ -45,6 +47,7 @@ impl Assembler {
             stop: StopMatcher::new(stop),
             output: OutputParser::new(format),
             completion_tokens: 0,
+            logprobs: Vec::new(),
         }
     }
 
@@ -58,8 +61,16 @@ impl Assembler {
             Piece::Failed(GenerationError::Decode(e.to_string()))
         };
         match event {
-            Some(Event::Token(t)) => {
+            Some(Event::Token(t, logprobs)) => {
                 self.completion_tokens += 1;
+                if let Some(lp) = logprobs {
+                    let text = |id: u32| tok.decode(&[id]).unwrap_or_default();
+                    self.logprobs.push(LogprobEntry {
+                        token: text(t),
+                        logprob: lp.logprob,
+                        top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect(),
+                    });
+                }
                 let piece = match self.decode.push(tok, t) {
                     Ok(p) => p.unwrap_or_default(),
                     Err(e) => return decode_failed(e),
@@ -178,6 +189,8 @@ pub(super) struct Answer {
     pub header: Header,
     pub stop: Vec<String>,
     pub format: OutputFormat,
+    /// The request asked for log-probabilities.
+    pub logprobs: bool,
     pub include_usage: bool,
     pub outcome: Outcome,
 }
@@ -192,12 +205,16 @@ pub(super) async fn whole_response(
         stop,
         format,
         mut outcome,
+        logprobs: wants_logprobs,
         ..
     } = answer;
     let mut asm = Assembler::new(stop, format);
     let mut parts = output::Answer::default();
+    let mut logprobs = Vec::new();
     let reason = loop {
-        match asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await) {
+        let piece = asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await);
+        logprobs.append(&mut asm.logprobs);
+        match piece {
             Piece::Deltas(deltas) => deltas.into_iter().for_each(|d| parts.add(d)),
             Piece::Done { deltas, reason } => {
                 deltas.into_iter().for_each(|d| parts.add(d));
@@ -213,7 +230,8 @@ pub(super) async fn whole_response(
     // As before the split: a whole response is stamped when it is complete.
     header.created = super::unix_now();
     let usage = usage(outcome.prompt_tokens, asm.completion_tokens);
-    Json(header.completion(&parts, reason, usage)).into_response()
+    let logprobs = wants_logprobs.then_some(logprobs.as_slice());
+    Json(header.completion(&parts, logprobs, reason, usage)).into_response()
 }
 
 /// The per-request state of a stream, carried from one event to the next.
@@ -226,11 +244,21 @@ struct StreamState {
     include_usage: bool,
     outcome: Outcome,
     tool_calls_sent: usize,
+    wants_logprobs: bool,
+    /// Where the next token's text starts in the answer (completions' `text_offset`).
+    text_offset: usize,
 }
 
 impl StreamState {
-    fn chunk(&self, delta: serde_json::Value, reason: Option<&str>) -> SseEvent {
-        SseEvent::default().data(self.header.chunk(delta, reason).to_string())
+    /// A chunk; log-probabilities of tokens received so far ride on it.
+    fn chunk(&mut self, delta: serde_json::Value, reason: Option<&str>) -> SseEvent {
+        let logprobs = std::mem::take(&mut self.asm.logprobs);
+        let logprobs = self.wants_logprobs.then_some(logprobs.as_slice());
+        let chunk = self.header.chunk(delta, logprobs, reason, self.text_offset);
+        if let Some(entries) = logprobs {
+            self.text_offset += entries.iter().map(|e| e.token.len()).sum::<usize>();
+        }
+        SseEvent::default().data(chunk.to_string())
     }
 
     /// One answer piece as a chunk's `delta`; tool calls are numbered in order.
@@ -306,6 +334,8 @@ pub(super) fn stream_response(
         include_usage: answer.include_usage,
         outcome: answer.outcome,
         tool_calls_sent: 0,
+        wants_logprobs: answer.logprobs,
+        text_offset: 0,
     };
     let events = futures::stream::unfold(st, |mut st| async move {
         let event = st.rx.as_mut()?.recv().await;

@@ -106,7 +106,11 @@ pub(super) struct CompletionBody {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
+    /// Chat: `true` to return each token's log-probability. Completions: how many of the most
+    /// likely tokens to return with each (0 to 20).
     pub logprobs: Option<Value>,
+    /// Chat: how many of the most likely tokens to return with each (0 to 20).
+    pub top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub chat: ChatFields,
     /// OpenAI's end-user id: only logged.
@@ -200,6 +204,62 @@ impl Kind {
     }
 }
 
+/// One generated token's log-probability and the most likely alternatives, with their texts.
+#[derive(Debug, Clone)]
+pub(super) struct LogprobEntry {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// `logprobs` of a choice in OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes,
+/// top_logprobs}]}`, completions' `{tokens, token_logprobs, top_logprobs, text_offset}` (offsets
+/// from `offset`, where these tokens' text starts in the answer). Null when not asked for.
+fn logprobs_json(kind: Kind, entries: Option<&[LogprobEntry]>, offset: usize) -> Value {
+    let Some(entries) = entries else {
+        return Value::Null;
+    };
+    let bytes = |t: &str| t.as_bytes().to_vec();
+    match kind {
+        Kind::Chat => {
+            let content: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let top: Vec<Value> = e
+                        .top
+                        .iter()
+                        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": bytes(t)}))
+                        .collect();
+                    json!({"token": e.token, "logprob": e.logprob, "bytes": bytes(&e.token), "top_logprobs": top})
+                })
+                .collect();
+            json!({ "content": content })
+        }
+        Kind::Text => {
+            let mut at = offset;
+            let mut offsets = Vec::with_capacity(entries.len());
+            for e in entries {
+                offsets.push(at);
+                at += e.token.len();
+            }
+            let top: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let map: serde_json::Map<String, Value> =
+                        e.top.iter().map(|(t, l)| (t.clone(), json!(l))).collect();
+                    Value::Object(map)
+                })
+                .collect();
+            json!({
+                "tokens": entries.iter().map(|e| e.token.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
 /// A tool call as OpenAI returns it; streamed calls carry their `index`.
 pub(super) fn tool_call_json(call: &ParsedToolCall, index: Option<usize>) -> Value {
     let id = format!("call_{:024x}", rand::random::<u128>() >> 32);
@@ -225,7 +285,13 @@ pub(super) struct Header {
 
 impl Header {
     /// The whole (non-streamed) response.
-    pub fn completion(&self, answer: &Answer, reason: &str, usage: Value) -> Value {
+    pub fn completion(
+        &self,
+        answer: &Answer,
+        logprobs: Option<&[LogprobEntry]>,
+        reason: &str,
+        usage: Value,
+    ) -> Value {
         let Header {
             id, created, model, ..
         } = self;
@@ -248,13 +314,13 @@ impl Header {
                 }
                 json!({
                     "id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": null}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": logprobs_json(self.kind, logprobs, 0)}],
                     "usage": usage,
                 })
             }
             Kind::Text => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": answer.content, "finish_reason": reason, "logprobs": null}],
+                "choices": [{"index": 0, "text": answer.content, "finish_reason": reason, "logprobs": logprobs_json(self.kind, logprobs, 0)}],
                 "usage": usage,
             }),
         }
@@ -262,18 +328,25 @@ impl Header {
 
     /// One stream chunk: `delta` as chat sends it (`{"role"?, "content"?}`); completions send
     /// only its text.
-    pub fn chunk(&self, delta: Value, reason: Option<&str>) -> Value {
+    pub fn chunk(
+        &self,
+        delta: Value,
+        logprobs: Option<&[LogprobEntry]>,
+        reason: Option<&str>,
+        text_offset: usize,
+    ) -> Value {
         let Header {
             id, created, model, ..
         } = self;
+        let logprobs = logprobs_json(self.kind, logprobs, text_offset);
         match self.kind {
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": null}],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}],
             }),
             Kind::Text => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": reason, "logprobs": null}],
+                "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": reason, "logprobs": logprobs}],
             }),
         }
     }

@@ -10,7 +10,7 @@ use super::types::{ChatFields, CompletionBody, Content, Kind, Message, Prompt, S
 use crate::chat::output::OutputFormat;
 use crate::chat::{ChatPrompt, ChatPrompter, Conversation, PromptError};
 use crate::error::GenerationError;
-use crate::sampling::SamplingParams;
+use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
 /// The header a client may name its request with; echoed on the response.
@@ -103,6 +103,8 @@ pub(super) struct Prepared {
     pub include_usage: bool,
     /// How the answer is split (reasoning, tool calls); everything is content for completions.
     pub format: OutputFormat,
+    /// Return log-probabilities, with this many of the most likely tokens at each step.
+    pub logprobs: Option<usize>,
     /// The client's end-user id, for the logs.
     pub user: Option<String>,
 }
@@ -197,13 +199,7 @@ fn prepare(
     if body.n.is_some_and(|n| n != 1) {
         return Err(invalid("only n = 1 is supported"));
     }
-    if body
-        .logprobs
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
-    {
-        return Err(invalid("logprobs are not supported"));
-    }
+    let logprobs = logprobs_requested(&body, kind)?;
     let (prompt, format) = match kind {
         Kind::Chat => {
             let tools_offered = body.chat.tools.as_ref().is_some_and(|t| !t.is_empty());
@@ -339,8 +335,57 @@ fn prepare(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         format,
+        logprobs,
         user: body.user,
     })
+}
+
+/// How many top log-probabilities per token the request asks for, if it asks: chat sends
+/// `logprobs: true` and `top_logprobs: N`, completions `logprobs: N`.
+fn logprobs_requested(body: &CompletionBody, kind: Kind) -> Result<Option<usize>, GenerationError> {
+    let top_in_range = |n: u64, name: &str| {
+        if n as usize > MAX_TOP_LOGPROBS {
+            Err(invalid(format!(
+                "{name} must be 0 to {MAX_TOP_LOGPROBS}, got {n}"
+            )))
+        } else {
+            Ok(n as usize)
+        }
+    };
+    match kind {
+        Kind::Chat => {
+            let on = match &body.logprobs {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "logprobs is true or false in chat, got {other}"
+                    )));
+                }
+            };
+            match (on, body.top_logprobs) {
+                (true, top) => top_in_range(top.unwrap_or(0).into(), "top_logprobs").map(Some),
+                (false, Some(_)) => Err(invalid("top_logprobs needs logprobs: true")),
+                (false, None) => Ok(None),
+            }
+        }
+        Kind::Text => {
+            if body.top_logprobs.is_some() {
+                return Err(invalid(
+                    "top_logprobs belongs to chat; completions take logprobs: N",
+                ));
+            }
+            match &body.logprobs {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(n) => top_in_range(n, "logprobs").map(Some),
+                    None => Err(invalid(format!(
+                        "logprobs is a number of top tokens (0 to {MAX_TOP_LOGPROBS}) in completions, got {v}"
+                    ))),
+                },
+            }
+        }
+    }
 }
 
 /// Fields the server does not know are refused by name: ignored, they would change nothing the
