@@ -172,7 +172,9 @@ async fn sampling_parameters_do_what_they_say() {
         .await
         .unwrap();
     let answer: Value = resp.json().await.unwrap();
-    let content = answer["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let content = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
     assert_eq!(content.len(), 2, "{answer}");
     let top = content[0]["top_logprobs"].as_array().unwrap();
     assert_eq!(top.len(), 3);

@@ -111,12 +111,32 @@ pub(super) struct CompletionBody {
     pub logprobs: Option<Value>,
     /// Chat: how many of the most likely tokens to return with each (0 to 20).
     pub top_logprobs: Option<u32>,
-    #[serde(flatten)]
-    pub chat: ChatFields,
+    // The chat fields one by one, not a flattened `ChatFields`: serde reports errors inside a
+    // flattened struct without the field's name.
+    pub messages: Option<Vec<Message>>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
     /// OpenAI's end-user id: only logged.
     pub user: Option<String>,
     #[serde(flatten)]
     pub unsupported: serde_json::Map<String, Value>,
+}
+
+impl CompletionBody {
+    /// The chat fields, moved out.
+    pub fn take_chat(&mut self) -> ChatFields {
+        ChatFields {
+            messages: self.messages.take(),
+            tools: self.tools.take(),
+            tool_choice: self.tool_choice.take(),
+            chat_template_kwargs: self.chat_template_kwargs.take(),
+            add_generation_prompt: self.add_generation_prompt.take(),
+            continue_final_message: self.continue_final_message.take(),
+        }
+    }
 }
 
 /// What a chat request says about its conversation; `/tokenize` takes the same.

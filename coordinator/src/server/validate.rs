@@ -185,8 +185,9 @@ fn prepare(
 ) -> Result<Prepared, GenerationError> {
     limits.check_model(body.model.as_deref())?;
     refuse_unsupported(&body.unsupported)?;
+    let mut chat = body.take_chat();
     if kind == Kind::Text {
-        if let Some(name) = body.chat.given().first() {
+        if let Some(name) = chat.given().first() {
             return Err(invalid(format!(
                 "`{name}` belongs to /v1/chat/completions, not /v1/completions"
             )));
@@ -202,15 +203,14 @@ fn prepare(
     let logprobs = logprobs_requested(&body, kind)?;
     let (prompt, format) = match kind {
         Kind::Chat => {
-            let tools_offered = body.chat.tools.as_ref().is_some_and(|t| !t.is_empty());
-            let calls_allowed =
-                !matches!(&body.chat.tool_choice, Some(Value::String(s)) if s == "none");
+            let tools_offered = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
+            let calls_allowed = !matches!(&chat.tool_choice, Some(Value::String(s)) if s == "none");
             if tools_offered && calls_allowed && !limits.chat.parses_tool_calls() {
                 return Err(invalid(
                     "this server reads no tool calls from answers (started with --tool-call-parser none); send tool_choice \"none\" or no tools",
                 ));
             }
-            let prompt = limits.chat_prompt(&mut body.chat)?;
+            let prompt = limits.chat_prompt(&mut chat)?;
             let format = OutputFormat {
                 reasoning: limits.chat.parses_reasoning(),
                 starts_in_reasoning: prompt.opens_reasoning,
