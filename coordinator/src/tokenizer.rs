@@ -117,6 +117,11 @@ impl TextTokenizer {
         self.inner.id_to_token(id).unwrap_or_default()
     }
 
+    /// One token's text, special tokens included (`<|im_end|>`), as log-probabilities show it.
+    pub fn token_piece(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, true)

@@ -64,7 +64,7 @@ impl Assembler {
             Some(Event::Token(t, logprobs)) => {
                 self.completion_tokens += 1;
                 if let Some(lp) = logprobs {
-                    let text = |id: u32| tok.decode(&[id]).unwrap_or_default();
+                    let text = |id: u32| tok.token_piece(id);
                     self.logprobs.push(LogprobEntry {
                         token: text(t),
                         logprob: lp.logprob,
