@@ -367,6 +367,44 @@ impl Server {
         format!("{}{path}", self.url)
     }
 
+    /// POSTs `body` as JSON to `path`: the status and the JSON answer (null if it is not JSON).
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POSTs a streamed request and returns its server-sent `data:` payloads as JSON, `[DONE]`
+    /// left out; fails the test unless the answer is 200.
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Vec<serde_json::Value> {
+        let resp = reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
     /// The text of /metrics.
     pub async fn metrics_text(&self) -> String {
         reqwest::get(self.url("/metrics"))

@@ -4,7 +4,6 @@
 //! `reasoning_content` streamed and not, and what the server does not support is refused by
 //! name instead of ignored.
 
-use futures::StreamExt;
 use omnishard_tests::{Server, fixtures_dir};
 use serde_json::{Value, json};
 
@@ -12,35 +11,7 @@ use serde_json::{Value, json};
 const DEMO_CONTEXT: usize = 512;
 
 async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(server.url(path))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-/// The `data:` payloads of a streamed answer, `[DONE]` excluded.
-async fn stream_chunks(server: &Server, body: &Value) -> Vec<Value> {
-    let resp = reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut text = String::new();
-    let mut bytes = resp.bytes_stream();
-    while let Some(b) = bytes.next().await {
-        text.push_str(&String::from_utf8_lossy(&b.unwrap()));
-    }
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
+    server.post_json(path, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +76,7 @@ async fn reasoning_is_split_streamed_and_not() {
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let chunks = stream_chunks(&server, &streamed).await;
+    let chunks = server.post_stream("/v1/chat/completions", &streamed).await;
     let mut pieces = String::new();
     for chunk in &chunks {
         let delta = &chunk["choices"][0]["delta"];

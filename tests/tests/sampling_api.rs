@@ -11,14 +11,9 @@ use omnishard_tests::{Server, coordinator_score, demo_model};
 use serde_json::{Value, json};
 
 async fn complete(server: &Server, body: Value) -> Value {
-    let resp = reqwest::Client::new()
-        .post(server.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.json().await.unwrap()
+    let (status, answer) = server.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
 }
 
 /// The last row of the demo model's logits for `ids`.
@@ -145,33 +140,16 @@ async fn sampling_parameters_do_what_they_say() {
     }
     assert_eq!(lp["text_offset"][0], 0);
     body["stream"] = json!(true);
-    let resp = reqwest::Client::new()
-        .post(server.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
     let mut streamed = Vec::new();
-    for line in resp.text().await.unwrap().lines() {
-        if let Some(data) = line.strip_prefix("data: ")
-            && data != "[DONE]"
-        {
-            let chunk: Value = serde_json::from_str(data).unwrap();
-            if let Some(v) = chunk["choices"][0]["logprobs"]["token_logprobs"].as_array() {
-                streamed.extend(v.iter().cloned());
-            }
+    for chunk in server.post_stream("/v1/completions", &body).await {
+        if let Some(v) = chunk["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+            streamed.extend(v.iter().cloned());
         }
     }
     assert_eq!(Value::Array(streamed), lp["token_logprobs"]);
     let chat = json!({"messages": [{"role": "user", "content": "Who keeps the ledger?"}], "max_tokens": 2,
         "temperature": 0, "logprobs": true, "top_logprobs": 3});
-    let resp = reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
-    let answer: Value = resp.json().await.unwrap();
+    let (_, answer) = server.post_json("/v1/chat/completions", &chat).await;
     let content = answer["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap();
@@ -193,14 +171,8 @@ async fn sampling_parameters_do_what_they_say() {
     ] {
         let mut body = base.clone();
         body[field] = value;
-        let resp = reqwest::Client::new()
-            .post(server.url("/v1/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 400, "{field}");
-        let err: Value = resp.json().await.unwrap();
+        let (status, err) = server.post_json("/v1/completions", &body).await;
+        assert_eq!(status, 400, "{field}");
         assert!(
             err["error"]["message"].as_str().unwrap().contains(field),
             "{field}: {err}"

@@ -27,6 +27,10 @@ pub(super) async fn tokenize(
     let answer = tokio::task::spawn_blocking(move || tokenize_body(&state, &body))
         .await
         .unwrap_or_else(|e| Err(GenerationError::Internal(e.to_string())));
+    json_answer(answer)
+}
+
+fn json_answer(answer: Result<Value, GenerationError>) -> Response {
     match answer {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -67,13 +71,9 @@ pub(super) async fn detokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => return body_refused(rejection),
-    };
-    match detokenize_body(&state, &body) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
+    match body {
+        Ok(body) => json_answer(detokenize_body(&state, &body)),
+        Err(rejection) => body_refused(rejection),
     }
 }
 
