@@ -13,14 +13,7 @@ use omnishard_tests::{PATIENCE, Server};
 use serde_json::{Value, json};
 
 async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(server.url(path))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    server.post_json(path, body).await
 }
 
 /// A short completion succeeds.
