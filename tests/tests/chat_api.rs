@@ -123,6 +123,16 @@ async fn what_is_not_supported_is_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
+            json!({"messages": user, "echo": true}),
+            "`echo` belongs to /v1/completions",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "echo": true, "logprobs": 1}),
+            "echo with logprobs",
+        ),
+        (
+            "/v1/chat/completions",
             json!({"messages": [{"role": "user", "content": null}]}),
             "messages[0]: `content` is required",
         ),

@@ -2,7 +2,8 @@
 //! model's logits (`coordinator score`, the fidelity tool): `logit_bias`, presence and frequency
 //! penalties over the generated tokens, `stop_token_ids`, and `min_tokens` barring them — on a
 //! real cluster (demo model, two expert-node processes), greedy; and log-probabilities are the
-//! log-softmax of those logits, in both of OpenAI's shapes, streamed and not.
+//! log-softmax of those logits, in both of OpenAI's shapes, streamed and not; `echo` puts the
+//! prompt first.
 
 use omnishard_coordinator::TextTokenizer;
 use omnishard_coordinator::sampling::argmax;
@@ -159,6 +160,24 @@ async fn sampling_parameters_do_what_they_say() {
     // Greedy: the chosen token is the most likely one.
     assert_eq!(top[0]["token"], content[0]["token"]);
     assert_eq!(top[0]["logprob"], content[0]["logprob"]);
+
+    // echo: the answer starts with the prompt's text, streamed and not.
+    let mut body = base.clone();
+    body["echo"] = json!(true);
+    let echoed = format!(
+        "{}{}",
+        tok.decode(&prompt).unwrap(),
+        tok.decode(&plain).unwrap()
+    );
+    assert_eq!(text(&complete(&server, body.clone()).await), echoed);
+    body["stream"] = json!(true);
+    let streamed: String = server
+        .post_stream("/v1/completions", &body)
+        .await
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed, echoed);
 
     // Out-of-range values are refused, naming the parameter.
     for (field, value) in [

@@ -129,6 +129,7 @@ async fn generate(
         stop: prepared.stop,
         format: prepared.format,
         logprobs: prepared.logprobs.is_some(),
+        echo: prepared.echo,
         include_usage: prepared.include_usage,
         outcome: Outcome::new(span, started, prepared.prompt.len()),
     };

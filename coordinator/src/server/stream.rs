@@ -191,6 +191,8 @@ pub(super) struct Answer {
     pub format: OutputFormat,
     /// The request asked for log-probabilities.
     pub logprobs: bool,
+    /// Text sent before the answer (completions' `echo`).
+    pub echo: Option<String>,
     pub include_usage: bool,
     pub outcome: Outcome,
 }
@@ -206,10 +208,14 @@ pub(super) async fn whole_response(
         format,
         mut outcome,
         logprobs: wants_logprobs,
+        echo,
         ..
     } = answer;
     let mut asm = Assembler::new(stop, format);
-    let mut parts = output::Answer::default();
+    let mut parts = output::Answer {
+        content: echo.unwrap_or_default(),
+        ..Default::default()
+    };
     let mut logprobs = Vec::new();
     let reason = loop {
         let piece = asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await);
@@ -245,6 +251,8 @@ struct StreamState {
     outcome: Outcome,
     tool_calls_sent: usize,
     wants_logprobs: bool,
+    /// The prompt's text, sent first (completions' `echo`).
+    echo: Option<String>,
     /// Where the next token's text starts in the answer (completions' `text_offset`).
     text_offset: usize,
 }
@@ -280,6 +288,9 @@ impl StreamState {
         let mut out = Vec::new();
         if !self.started && self.header.kind == super::types::Kind::Chat {
             out.push(self.chunk(json!({"role": "assistant", "content": ""}), None));
+        }
+        if let Some(echo) = self.echo.take() {
+            out.push(self.chunk(json!({ "content": echo }), None));
         }
         self.started = true;
         match self
@@ -335,6 +346,7 @@ pub(super) fn stream_response(
         outcome: answer.outcome,
         tool_calls_sent: 0,
         wants_logprobs: answer.logprobs,
+        echo: answer.echo,
         text_offset: 0,
     };
     let events = futures::stream::unfold(st, |mut st| async move {

@@ -111,6 +111,8 @@ pub(super) struct CompletionBody {
     pub logprobs: Option<Value>,
     /// Chat: how many of the most likely tokens to return with each (0 to 20).
     pub top_logprobs: Option<u32>,
+    /// Completions: the answer starts with the prompt's text.
+    pub echo: Option<bool>,
     // The chat fields one by one, not a flattened `ChatFields`: serde reports errors inside a
     // flattened struct without the field's name.
     pub messages: Option<Vec<Message>>,

@@ -105,6 +105,8 @@ pub(super) struct Prepared {
     pub format: OutputFormat,
     /// Return log-probabilities, with this many of the most likely tokens at each step.
     pub logprobs: Option<usize>,
+    /// Text the answer starts with (completions' `echo`: the prompt).
+    pub echo: Option<String>,
     /// The client's end-user id, for the logs.
     pub user: Option<String>,
 }
@@ -201,6 +203,17 @@ fn prepare(
         return Err(invalid("only n = 1 is supported"));
     }
     let logprobs = logprobs_requested(&body, kind)?;
+    let echo = body.echo.unwrap_or(false);
+    if echo && kind == Kind::Chat {
+        return Err(invalid(
+            "`echo` belongs to /v1/completions; in chat, send the text as a final assistant message with continue_final_message",
+        ));
+    }
+    if echo && logprobs.is_some() {
+        return Err(invalid(
+            "echo with logprobs needs the prompt's log-probabilities, which are not supported yet; send one of them",
+        ));
+    }
     let (prompt, format) = match kind {
         Kind::Chat => {
             let tools_offered = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
@@ -242,6 +255,16 @@ fn prepare(
     if prompt.is_empty() {
         return Err(invalid("the prompt is empty"));
     }
+    let echo = if echo {
+        Some(
+            limits
+                .tokenizer
+                .decode(&prompt)
+                .map_err(|e| invalid(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let max_context = limits.max_context;
     let too_long = |requested: usize| GenerationError::ContextLengthExceeded {
         max_context,
@@ -336,6 +359,7 @@ fn prepare(
             .unwrap_or(false),
         format,
         logprobs,
+        echo,
         user: body.user,
     })
 }
