@@ -7,6 +7,7 @@ pub mod chat;
 pub mod cluster;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod metrics;
 pub mod overlap;
 pub mod plan;

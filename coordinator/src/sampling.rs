@@ -9,6 +9,8 @@
 //! exact in distribution but not the host's draw for the same seed.
 
 use candle_core::{Device, Tensor};
+
+use crate::grammar::Constraint;
 use omnishard_model::ops::cuda;
 use omnishard_model::ops::sampling::{DEVICE_CANDIDATES, DeviceDraw, RowSampling};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -107,10 +109,11 @@ impl SamplingParams {
     }
 }
 
-/// Per-sequence sampler state (its random stream).
+/// Per-sequence sampler state (its random stream, and the grammar the answer must follow).
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    constraint: Option<Constraint>,
     /// Tokens of the history before generation began (the prompt): presence and frequency
     /// penalties and `min_tokens` count only what follows.
     prompt_len: usize,
@@ -124,9 +127,21 @@ impl Sampler {
         Self {
             params,
             rng,
+            constraint: None,
             prompt_len: 0,
             stop_tokens: Vec::new(),
         }
+    }
+
+    /// Every token drawn from now on must continue `constraint`'s grammar.
+    pub fn constrained(mut self, constraint: Constraint) -> Self {
+        self.constraint = Some(constraint);
+        self
+    }
+
+    /// The grammar the answer follows is complete: nothing more may be generated.
+    pub fn grammar_finished(&self) -> bool {
+        self.constraint.as_ref().is_some_and(Constraint::finished)
     }
 
     /// A sampler for a sequence whose history starts with a `prompt_len`-token prompt and
@@ -139,12 +154,13 @@ impl Sampler {
         }
     }
 
-    /// Whether this step needs the host's full processing: a bias, OpenAI's penalties, min-p
-    /// or barred stop tokens (the device handles the repetition penalty, temperature and
+    /// Whether this step needs the host's full processing: a grammar, a bias, OpenAI's
+    /// penalties, min-p or barred stop tokens (the device handles the repetition penalty, temperature and
     /// top-k / top-p only).
     fn needs_host(&self, history: &[u32]) -> bool {
         let p = &self.params;
-        !p.logit_bias.is_empty()
+        self.constraint.is_some()
+            || !p.logit_bias.is_empty()
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
             || (p.min_p > 0.0 && p.temperature > 0.0)
@@ -200,8 +216,17 @@ impl Sampler {
                 Some(DeviceDraw::TooManyTies) | None => {}
             }
         }
-        let row = logits.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self.sample(&row, history))
+        let mut row = logits.flatten_all()?.to_vec1::<f32>()?;
+        let step_failed = |e: crate::grammar::GrammarError| candle_core::Error::Msg(e.to_string());
+        if let Some(c) = self.constraint.as_mut() {
+            c.mask(&mut row).map_err(step_failed)?;
+        }
+        let token = self.sample(&row, history);
+        let ends = self.stop_tokens.contains(&token);
+        if let Some(c) = self.constraint.as_mut().filter(|_| !ends) {
+            c.consume(token).map_err(step_failed)?;
+        }
+        Ok(token)
     }
 
     /// Picks the next token from one row of logits on the host; `history` is every token so far

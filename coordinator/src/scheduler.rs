@@ -23,6 +23,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::Engine;
 use crate::error::GenerationError;
+use crate::grammar::Constraint;
 use crate::metrics::Metrics;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprobs, logprobs};
 use omnishard_model::CallContext;
@@ -71,6 +72,8 @@ pub struct GenerationRequest {
     pub stop_tokens: Vec<u32>,
     /// Return each token's log-probability and this many of the most likely ones.
     pub logprobs: Option<usize>,
+    /// The grammar the answer must follow (structured output, forced tool calls).
+    pub constraint: Option<Constraint>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -200,7 +203,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
 }
 
 fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Sequence {
-    let (req, enqueued) = seq;
+    let (mut req, enqueued) = seq;
     metrics.queue_depth.dec();
     metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
     tracing::debug!(
@@ -209,11 +212,17 @@ fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Sequence {
         "sequence admitted"
     );
     Sequence {
-        sampler: Sampler::for_sequence(
-            req.sampling.clone(),
-            req.prompt.len(),
-            req.stop_tokens.clone(),
-        ),
+        sampler: {
+            let sampler = Sampler::for_sequence(
+                req.sampling.clone(),
+                req.prompt.len(),
+                req.stop_tokens.clone(),
+            );
+            match req.constraint.take() {
+                Some(c) => sampler.constrained(c),
+                None => sampler,
+            }
+        },
         history: req.prompt.clone(),
         req,
         enqueued,
@@ -385,7 +394,11 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
                     .ok(),
             };
             let _ = seq.req.events.send(Event::Token(token, logprobs));
-            (seq.generated >= seq.req.max_tokens).then_some(FinishReason::Length)
+            if seq.sampler.grammar_finished() {
+                Some(FinishReason::Stop)
+            } else {
+                (seq.generated >= seq.req.max_tokens).then_some(FinishReason::Length)
+            }
         };
         if let Some(reason) = done {
             tracing::debug!(

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::chat::{ChatPrompter, ChatTemplate, ReasoningParser, TemplateError, ToolCallParser};
 use crate::engine::Engine;
+use crate::grammar::Grammars;
 use crate::metrics::Metrics;
 use crate::remote::RemoteExperts;
 use crate::scheduler::{self, SchedulerConfig};
@@ -141,12 +142,23 @@ pub fn start(
         "chat template loaded"
     );
     let chat = Arc::new(chat);
+    let grammars = Grammars::load(
+        &model_dir,
+        tokenizer.clone(),
+        engine.config().vocab_size,
+        tokenizer.stop_tokens(),
+    )
+    .map_err(|e| {
+        tracing::warn!(error = %e, "constrained decoding (structured output, forced tool calls) is unavailable; such requests will be refused");
+        e.to_string()
+    });
     let model_name = served_model_name.unwrap_or_else(|| default_model_name(&model_dir));
     let scheduler = scheduler::start(engine.clone(), sched, metrics.clone());
     let state = Arc::new(AppState::new(
         engine,
         tokenizer,
         chat,
+        grammars,
         scheduler,
         metrics,
         ServeConfig {

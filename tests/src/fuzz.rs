@@ -2,11 +2,12 @@
 //! `tests/fuzz/` and the regression test that replays every crash they found
 //! (`tests/fixtures/fuzz-regressions/<target>/`).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use candle_core::{DType, Device};
 use omnishard_coordinator::TextTokenizer;
 use omnishard_coordinator::chat::{ChatPrompter, ChatTemplate};
+use omnishard_coordinator::grammar::Grammars;
 use omnishard_coordinator::server::{RequestLimits, validate_body};
 use omnishard_expert::server::{NodeState, process};
 use omnishard_model::{Checkpoint, LocalExperts};
@@ -35,13 +36,26 @@ pub fn forward_request(data: &[u8]) {
     }
 }
 
-static TOKENIZER: LazyLock<(TextTokenizer, ChatPrompter)> = LazyLock::new(|| {
+/// The demo model's tokenizer, chat template and grammar engine, as a server holds them.
+struct Demo {
+    tok: Arc<TextTokenizer>,
+    chat: ChatPrompter,
+    grammars: Grammars,
+}
+
+static DEMO: LazyLock<Demo> = LazyLock::new(|| {
     let dir = crate::demo_model();
     let cfg = ModelConfig::from_model_dir(&dir).expect("demo config");
-    let tok = TextTokenizer::load(&dir, &cfg).expect("demo tokenizer");
+    let tok = Arc::new(TextTokenizer::load(&dir, &cfg).expect("demo tokenizer"));
     let template = ChatTemplate::load(&dir, None).expect("demo chat template");
     let chat = ChatPrompter::new(template, &tok, Default::default(), Default::default());
-    (tok, chat)
+    let stops = tok.stop_tokens().to_vec();
+    let grammars = Grammars::load(&dir, tok.clone(), cfg.vocab_size, &stops).expect("grammars");
+    Demo {
+        tok,
+        chat,
+        grammars,
+    }
 });
 
 /// Arbitrary bytes as the body of `/v1/completions` or `/v1/chat/completions` (the first byte
@@ -54,8 +68,9 @@ pub fn http_body(data: &[u8]) {
         model_name: "demo-model",
         max_context: 512,
         vocab_size: 512,
-        tokenizer: &TOKENIZER.0,
-        chat: &TOKENIZER.1,
+        tokenizer: &DEMO.tok,
+        chat: &DEMO.chat,
+        grammars: Ok(&DEMO.grammars),
         special_tokens_in_text: first & 2 == 2,
     };
     if let Ok((prompt, max_tokens)) = validate_body(&limits, body, first & 1 == 1) {

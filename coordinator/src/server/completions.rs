@@ -104,12 +104,12 @@ async fn generate(
     })
     .await
     .unwrap_or_else(|e| Err(GenerationError::Internal(e.to_string())));
-    let prepared = match prepared {
+    let mut prepared = match prepared {
         Ok(p) => p,
         Err(e) => return refused(e),
     };
     span.record("prompt_tokens", prepared.prompt.len());
-    let rx = match submit(&state, &prepared, request_id, &span) {
+    let rx = match submit(&state, &mut prepared, request_id, &span) {
         Ok(rx) => rx,
         Err(e) => return refused(e),
     };
@@ -148,7 +148,7 @@ fn refused(e: GenerationError) -> Response {
 
 fn submit(
     state: &AppState,
-    p: &Prepared,
+    p: &mut Prepared,
     request_id: &str,
     span: &tracing::Span,
 ) -> Result<UnboundedReceiver<Event>, GenerationError> {
@@ -169,6 +169,7 @@ fn submit(
             stops
         },
         logprobs: p.logprobs,
+        constraint: p.constraint.take(),
         events: tx,
     };
     state.scheduler.submit(req)?;

@@ -37,6 +37,7 @@ pub use validate::{
 
 use crate::chat::ChatPrompter;
 use crate::engine::Engine;
+use crate::grammar::Grammars;
 use crate::metrics::Metrics;
 use crate::scheduler::SchedulerHandle;
 use crate::tokenizer::TextTokenizer;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub tokenizer: Arc<TextTokenizer>,
     pub chat: Arc<ChatPrompter>,
+    /// Constrained decoding, or why it is unavailable.
+    pub grammars: Result<Grammars, String>,
     pub scheduler: SchedulerHandle,
     pub metrics: Arc<Metrics>,
     pub config: ServeConfig,
@@ -70,6 +73,7 @@ impl AppState {
         engine: Arc<Engine>,
         tokenizer: Arc<TextTokenizer>,
         chat: Arc<ChatPrompter>,
+        grammars: Result<Grammars, String>,
         scheduler: SchedulerHandle,
         metrics: Arc<Metrics>,
         config: ServeConfig,
@@ -78,6 +82,7 @@ impl AppState {
             engine,
             tokenizer,
             chat,
+            grammars,
             scheduler,
             metrics,
             config,
@@ -94,6 +99,7 @@ impl AppState {
             vocab_size: self.engine.config().vocab_size,
             tokenizer: &self.tokenizer,
             chat: &self.chat,
+            grammars: self.grammars.as_ref().map_err(String::as_str),
         }
     }
 }

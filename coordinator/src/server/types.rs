@@ -113,6 +113,15 @@ pub(super) struct CompletionBody {
     pub top_logprobs: Option<u32>,
     /// Completions: the answer starts with the prompt's text.
     pub echo: Option<bool>,
+    /// Structured output (OpenAI's): `text`, `json_object` or `json_schema`.
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM's structured-output extensions: the answer matches this JSON schema, regular
+    /// expression or one of these strings.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    /// vLLM's newer form of the same.
+    pub structured_outputs: Option<StructuredOutputs>,
     // The chat fields one by one, not a flattened `ChatFields`: serde reports errors inside a
     // flattened struct without the field's name.
     pub messages: Option<Vec<Message>>,
@@ -139,6 +148,37 @@ impl CompletionBody {
             continue_final_message: self.continue_final_message.take(),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub(super) enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct JsonSchemaFormat {
+    /// Required by OpenAI; it names the schema for the client only.
+    #[serde(rename = "name")]
+    _name: String,
+    #[serde(rename = "description")]
+    _description: Option<String>,
+    /// Absent: any JSON value.
+    pub schema: Option<Value>,
+    /// The schema is always enforced, so `strict` changes nothing.
+    #[serde(rename = "strict")]
+    _strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StructuredOutputs {
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
 }
 
 /// What a chat request says about its conversation; `/tokenize` takes the same.

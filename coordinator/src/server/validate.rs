@@ -6,10 +6,13 @@
 use axum::http::HeaderMap;
 use serde_json::Value;
 
-use super::types::{ChatFields, CompletionBody, Content, Kind, Message, Prompt, Stop};
+use super::types::{
+    ChatFields, CompletionBody, Content, Kind, Message, Prompt, ResponseFormat, Stop,
+};
 use crate::chat::output::OutputFormat;
 use crate::chat::{ChatPrompt, ChatPrompter, Conversation, PromptError};
 use crate::error::GenerationError;
+use crate::grammar::{Constraint, GrammarSpec, Grammars};
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
@@ -30,6 +33,8 @@ pub struct RequestLimits<'a> {
     pub vocab_size: usize,
     pub tokenizer: &'a TextTokenizer,
     pub chat: &'a ChatPrompter,
+    /// Constrained decoding, or why this server cannot do it.
+    pub grammars: Result<&'a Grammars, &'a str>,
     /// Special tokens in client text act as control tokens (else they are plain text).
     pub special_tokens_in_text: bool,
 }
@@ -92,6 +97,8 @@ impl RequestLimits<'_> {
 
 /// A validated request, ready for the scheduler.
 pub(super) struct Prepared {
+    /// The grammar the answer must follow.
+    pub constraint: Option<Constraint>,
     pub prompt: Vec<u32>,
     pub ignore_eos: bool,
     pub max_tokens: usize,
@@ -203,6 +210,7 @@ fn prepare(
         return Err(invalid("only n = 1 is supported"));
     }
     let logprobs = logprobs_requested(&body, kind)?;
+    let requested = structured_output(&mut body)?;
     let echo = body.echo.unwrap_or(false);
     if echo && kind == Kind::Chat {
         return Err(invalid(
@@ -214,20 +222,23 @@ fn prepare(
             "echo with logprobs needs the prompt's log-probabilities, which are not supported yet; send one of them",
         ));
     }
+    let mut grammar = None;
     let (prompt, format) = match kind {
         Kind::Chat => {
             let tools_offered = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
-            let calls_allowed = !matches!(&chat.tool_choice, Some(Value::String(s)) if s == "none");
-            if tools_offered && calls_allowed && !limits.chat.parses_tool_calls() {
+            let choice = tool_choice(&chat)?;
+            let calls_allowed = tools_offered && choice != ToolChoice::None;
+            if calls_allowed && !limits.chat.parses_tool_calls() {
                 return Err(invalid(
                     "this server reads no tool calls from answers (started with --tool-call-parser none); send tool_choice \"none\" or no tools",
                 ));
             }
+            grammar = forced_call(&chat, &choice)?;
             let prompt = limits.chat_prompt(&mut chat)?;
             let format = OutputFormat {
                 reasoning: limits.chat.parses_reasoning(),
                 starts_in_reasoning: prompt.opens_reasoning,
-                tool_calls: tools_offered && calls_allowed,
+                tool_calls: calls_allowed,
             };
             (prompt.ids, format)
         }
@@ -345,7 +356,31 @@ fn prepare(
             long.len()
         )));
     }
+    let grammar = match (grammar, requested) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "a forced tool call (tool_choice) and a structured output cannot be asked for together",
+            ));
+        }
+        (g, r) => g.or(r),
+    };
+    let constraint = match &grammar {
+        None => None,
+        Some(spec) => {
+            let grammars = limits.grammars.map_err(|reason| {
+                invalid(format!(
+                    "constrained decoding is not available on this server: {reason}"
+                ))
+            })?;
+            Some(
+                grammars
+                    .constraint(spec)
+                    .map_err(|e| invalid(e.to_string()))?,
+            )
+        }
+    };
     Ok(Prepared {
+        constraint,
         prompt,
         ignore_eos: body.ignore_eos.unwrap_or(false),
         max_tokens,
@@ -412,6 +447,141 @@ fn logprobs_requested(body: &CompletionBody, kind: Kind) -> Result<Option<usize>
     }
 }
 
+/// What `tool_choice` asks for.
+#[derive(Debug, PartialEq)]
+enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+fn tool_choice(chat: &ChatFields) -> Result<ToolChoice, GenerationError> {
+    let bad = |v: &Value| {
+        invalid(format!(
+            "tool_choice {v} is not \"none\", \"auto\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"
+        ))
+    };
+    let choice = match &chat.tool_choice {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => return Err(bad(chat.tool_choice.as_ref().unwrap_or(&Value::Null))),
+        },
+        Some(v) => {
+            let name = (v.get("type").and_then(Value::as_str) == Some("function"))
+                .then(|| v.pointer("/function/name").and_then(Value::as_str))
+                .flatten()
+                .ok_or_else(|| bad(v))?;
+            ToolChoice::Named(name.to_string())
+        }
+    };
+    let has_tools = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
+    if matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) && !has_tools {
+        return Err(invalid(
+            "tool_choice asks for a tool call, but `tools` offers none",
+        ));
+    }
+    Ok(choice)
+}
+
+/// The grammar of a forced call: `required` calls one of the tools, a named choice that one.
+fn forced_call(
+    chat: &ChatFields,
+    choice: &ToolChoice,
+) -> Result<Option<GrammarSpec>, GenerationError> {
+    let functions = chat.tools.iter().flatten().filter_map(|t| {
+        let f = t.get("function")?;
+        let name = f.get("name")?.as_str()?.to_string();
+        let parameters = f
+            .get("parameters")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+        Some((name, parameters))
+    });
+    match choice {
+        ToolChoice::None | ToolChoice::Auto => Ok(None),
+        ToolChoice::Required => Ok(Some(GrammarSpec::ToolCall(functions.collect()))),
+        ToolChoice::Named(name) => {
+            let chosen: Vec<_> = functions.filter(|(n, _)| n == name).collect();
+            if chosen.is_empty() {
+                return Err(invalid(format!(
+                    "tool_choice names function `{name}`, which `tools` does not offer"
+                )));
+            }
+            Ok(Some(GrammarSpec::ToolCall(chosen)))
+        }
+    }
+}
+
+/// The structured output a request asks for (OpenAI's `response_format`, or vLLM's
+/// `guided_json` / `guided_regex` / `guided_choice` / `structured_outputs`): at most one.
+fn structured_output(body: &mut CompletionBody) -> Result<Option<GrammarSpec>, GenerationError> {
+    let mut specs: Vec<(&str, GrammarSpec)> = Vec::new();
+    match body.response_format.take() {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => specs.push((
+            "response_format",
+            GrammarSpec::JsonSchema(serde_json::json!({"type": "object"})),
+        )),
+        Some(ResponseFormat::JsonSchema { json_schema }) => specs.push((
+            "response_format",
+            GrammarSpec::JsonSchema(json_schema.schema.unwrap_or_else(|| serde_json::json!({}))),
+        )),
+    }
+    let schema = |v: Value| -> Result<GrammarSpec, GenerationError> {
+        // vLLM accepts the schema as an object or as JSON text.
+        let v = match v {
+            Value::String(text) => serde_json::from_str(&text)
+                .map_err(|e| invalid(format!("guided_json is not JSON: {e}")))?,
+            v => v,
+        };
+        Ok(GrammarSpec::JsonSchema(v))
+    };
+    let choice = |c: Vec<String>, name: &str| {
+        if c.is_empty() {
+            Err(invalid(format!("{name} needs at least one choice")))
+        } else {
+            Ok(GrammarSpec::Choice(c))
+        }
+    };
+    if let Some(v) = body.guided_json.take() {
+        specs.push(("guided_json", schema(v)?));
+    }
+    if let Some(rx) = body.guided_regex.take() {
+        specs.push(("guided_regex", GrammarSpec::Regex(rx)));
+    }
+    if let Some(c) = body.guided_choice.take() {
+        specs.push(("guided_choice", choice(c, "guided_choice")?));
+    }
+    if let Some(so) = body.structured_outputs.take() {
+        if let Some(v) = so.json {
+            specs.push(("structured_outputs.json", schema(v)?));
+        }
+        if let Some(rx) = so.regex {
+            specs.push(("structured_outputs.regex", GrammarSpec::Regex(rx)));
+        }
+        if let Some(c) = so.choice {
+            specs.push((
+                "structured_outputs.choice",
+                choice(c, "structured_outputs.choice")?,
+            ));
+        }
+    }
+    match specs.len() {
+        0 | 1 => Ok(specs.pop().map(|(_, spec)| spec)),
+        _ => {
+            let names: Vec<&str> = specs.iter().map(|(n, _)| *n).collect();
+            Err(invalid(format!(
+                "ask for one structured output, not {}",
+                names.join(" and ")
+            )))
+        }
+    }
+}
+
 /// Fields the server does not know are refused by name: ignored, they would change nothing the
 /// client could see.
 pub(super) fn refuse_unsupported(
@@ -451,15 +621,6 @@ pub(super) fn conversation(body: &mut ChatFields) -> Result<Conversation, Genera
     if let Some(tools) = &tools {
         for (i, tool) in tools.iter().enumerate() {
             check_tool(tool).map_err(|why| invalid(format!("tools[{i}]: {why}")))?;
-        }
-    }
-    match body.tool_choice.as_ref() {
-        None => {}
-        Some(Value::String(s)) if s == "none" || s == "auto" => {}
-        Some(other) => {
-            return Err(invalid(format!(
-                "tool_choice {other} is not supported yet; use \"auto\" or \"none\""
-            )));
         }
     }
     let kwargs = body.chat_template_kwargs.take().unwrap_or_default();
