@@ -14,6 +14,7 @@ use omnishard_coordinator::metrics::Metrics;
 use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
 use omnishard_coordinator::scheduler::SchedulerConfig;
 use omnishard_coordinator::serve::{self, ServeSettings};
+use omnishard_coordinator::server::loading::Progress;
 use omnishard_coordinator::{
     ComputeDtype, DecodeStream, Engine, Positions, Sampler, SamplingParams, TextTokenizer,
     chat::{ChatPrompter, ChatTemplate, Conversation, ReasoningParser, ToolCallParser},
@@ -422,7 +423,6 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let engine = Arc::new(args.model.load_observed(Some(metrics.clone()))?);
     let settings = ServeSettings {
         model_dir: args.model.model_dir()?,
         served_model_name: args.served_model_name,
@@ -438,9 +438,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_batched_tokens: args.max_batched_tokens,
             queue_size: args.queue_size,
         },
-        placement: args.model.placement,
+        placement: args.model.placement.clone(),
     };
-    Ok(serve::launch(engine, metrics, settings, args.listen)?)
+    let observer = metrics.clone();
+    let load = move |progress: &Progress| {
+        progress.stage("loading the model and connecting to its expert nodes");
+        args.model
+            .load_observed(Some(observer))
+            .map(Arc::new)
+            .map_err(|e| format!("{e:#}"))
+    };
+    Ok(serve::launch(load, metrics, settings, args.listen)?)
 }
 
 fn cluster(args: ClusterArgs) -> anyhow::Result<()> {

@@ -20,6 +20,7 @@ use crate::grammar::Grammars;
 use crate::metrics::Metrics;
 use crate::remote::RemoteExperts;
 use crate::scheduler::{self, SchedulerConfig};
+use crate::server::loading::{Progress, Staged};
 use crate::server::{self, AppState, ServeConfig};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 
@@ -83,6 +84,8 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("the HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("cannot load the model: {0}")]
+    Load(String),
 }
 
 /// A server ready to accept connections: settings checked, scheduler running.
@@ -193,6 +196,39 @@ impl Service {
         &self.state.config.model_name
     }
 
+    /// With remote experts and a placement file: the task that re-reads the file on SIGHUP.
+    fn reload_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let remote = self.state.engine.remote().cloned()?;
+        let path = self.placement.clone()?;
+        Some(tokio::spawn(reload_on_sighup(
+            remote,
+            path,
+            self.model_dir.clone(),
+        )))
+    }
+
+    /// One line on what is served: model, layers, experts and where they run, dtype, device,
+    /// context, chat template.
+    pub fn summary(&self, addr: SocketAddr) -> String {
+        let state = &self.state;
+        let cfg = state.engine.config();
+        let experts = match state.engine.remote() {
+            Some(remote) => format!("on {} expert nodes", remote.status().len()),
+            None => "in process".to_string(),
+        };
+        let model = state.engine.model();
+        format!(
+            "serving model `{}` on http://{addr} (OpenAI API under /v1): {} layers, {} experts per layer {experts}, {:?} on {:?}, context {} tokens, chat template {}",
+            state.config.model_name,
+            cfg.num_hidden_layers,
+            cfg.num_experts,
+            model.dtype(),
+            model.device().location(),
+            state.config.max_context,
+            state.chat.template().origin(),
+        )
+    }
+
     /// Serves the API on `listener` until `shutdown` completes, then lets requests in flight
     /// finish. With remote experts and a placement file, SIGHUP re-reads the file meanwhile.
     pub async fn serve(
@@ -200,12 +236,7 @@ impl Service {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let reload = match (self.state.engine.remote().cloned(), self.placement) {
-            (Some(remote), Some(path)) => {
-                Some(tokio::spawn(reload_on_sighup(remote, path, self.model_dir)))
-            }
-            _ => None,
-        };
+        let reload = self.reload_task();
         let served = accept(
             listener,
             server::router(self.state),
@@ -277,15 +308,19 @@ async fn accept(
     Ok(())
 }
 
-/// `coordinator serve`: starts the server on `listen`, prints `listening on http://ADDR` on
-/// stdout (what scripts and tests wait for) and serves until Ctrl-C.
-pub fn launch(
-    engine: Arc<Engine>,
+/// `coordinator serve`: binds `listen` first (a port in use fails at once), answers 503 with
+/// the loading stage while `load` builds the engine, then serves until Ctrl-C. Prints
+/// `listening on http://ADDR` on stdout once ready (what scripts and tests wait for), and one
+/// summary line on stderr.
+pub fn launch<F>(
+    load: F,
     metrics: Arc<Metrics>,
     settings: ServeSettings,
     listen: SocketAddr,
-) -> Result<(), ServeError> {
-    let service = start(engine, metrics, settings)?;
+) -> Result<(), ServeError>
+where
+    F: FnOnce(&Progress) -> Result<Arc<Engine>, String> + Send + 'static,
+{
     // Two workers are plenty: the model runs on the scheduler thread, not here.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -293,26 +328,54 @@ pub fn launch(
         .build()
         .map_err(ServeError::Runtime)?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        let bind_error = |source| ServeError::Bind {
             addr: listen,
             source,
-        })?;
-        println!("listening on http://{addr}");
+        };
+        let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
         eprintln!(
-            "serving model `{}` on http://{addr} (OpenAI API under /v1)",
-            service.model_name()
+            "bound http://{addr}; loading the model (GET /health answers 503 with the progress until it is ready)"
         );
-        service
-            .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+        let staged = Staged::default();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let idle_timeout = settings.idle_timeout;
+        let server = tokio::spawn(accept(listener, staged.router(), idle_timeout, {
+            let stop = stop.clone();
+            async move { stop.notified().await }
+        }));
+        let progress = staged.progress().clone();
+        let loading = tokio::task::spawn_blocking(move || {
+            let engine = load(&progress).map_err(ServeError::Load)?;
+            progress.stage("starting the scheduler");
+            start(engine, metrics, settings)
+        });
+        let service = tokio::select! {
+            loaded = loading => loaded.map_err(|e| ServeError::Load(e.to_string()))?,
+            _ = tokio::signal::ctrl_c() => {
+                stop.notify_one();
+                return Ok(());
+            }
+        };
+        let service = match service {
+            Ok(s) => s,
+            Err(e) => {
+                stop.notify_one();
+                return Err(e);
+            }
+        };
+        let reload = service.reload_task();
+        staged.ready(server::router(service.state.clone()));
+        println!("listening on http://{addr}");
+        eprintln!("{}", service.summary(addr));
+        let _ = tokio::signal::ctrl_c().await;
+        stop.notify_one();
+        if let Some(task) = reload {
+            task.abort();
+        }
+        server
             .await
+            .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
     })
 }
 

@@ -12,6 +12,7 @@
 
 mod admin;
 mod completions;
+pub mod loading;
 mod stream;
 mod tokens;
 mod types;

@@ -145,6 +145,16 @@ impl Model {
         &self.cfg
     }
 
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Where the dense part runs.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Tokens routed to each (layer, expert) since load.
     pub fn usage(&self) -> &Arc<ExpertUsage> {
         &self.usage

@@ -1,0 +1,95 @@
+//! The HTTP listener is bound before the model loads (a port clash shows at once, not after
+//! minutes of loading), and until the server is ready every request gets 503: `/health` with
+//! the loading stage and how long it has taken (for probes and for people), anything else with
+//! OpenAI's error shape and a `Retry-After`. Once ready, requests go to the real router.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tower::ServiceExt;
+
+/// What start-up is doing, for `/health` while loading.
+#[derive(Clone)]
+pub struct Progress {
+    started: Instant,
+    stage: Arc<Mutex<String>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            stage: Arc::new(Mutex::new("starting".into())),
+        }
+    }
+}
+
+impl Progress {
+    /// Records (and logs) the stage start-up has reached.
+    pub fn stage(&self, stage: &str) {
+        tracing::info!(stage, "loading");
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = stage.to_string();
+    }
+
+    fn describe(&self) -> (String, f64) {
+        let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (stage, self.started.elapsed().as_secs_f64())
+    }
+}
+
+/// Answers with the loading page until [`Staged::ready`] hands it the real router.
+#[derive(Clone, Default)]
+pub struct Staged {
+    ready: Arc<OnceLock<Router>>,
+    progress: Progress,
+}
+
+impl Staged {
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// From now on, requests go to `router`.
+    pub fn ready(&self, router: Router) {
+        let _ = self.ready.set(router);
+    }
+
+    /// The router to serve from the start.
+    pub fn router(&self) -> Router {
+        let staged = self.clone();
+        Router::new().fallback(move |req: Request| {
+            let staged = staged.clone();
+            async move {
+                match staged.ready.get() {
+                    Some(router) => match router.clone().oneshot(req).await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    },
+                    None => staged.loading(&req),
+                }
+            }
+        })
+    }
+
+    fn loading(&self, req: &Request) -> Response {
+        let (stage, seconds) = self.progress.describe();
+        let body = if req.uri().path() == "/health" {
+            json!({"status": "loading", "stage": stage, "seconds": seconds})
+        } else {
+            json!({"error": {
+                "message": format!("the server is still loading the model ({stage}, {seconds:.0} s so far); retry shortly"),
+                "type": "service_unavailable", "param": null, "code": "loading"}})
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            axum::Json(body),
+        )
+            .into_response()
+    }
+}
