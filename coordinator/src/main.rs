@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use omnishard_coordinator::cluster::{LocalCluster, find_expert_node_binary};
+use omnishard_coordinator::kv_budget;
 use omnishard_coordinator::metrics::Metrics;
 use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
 use omnishard_coordinator::scheduler::SchedulerConfig;
@@ -77,6 +78,15 @@ struct ServeArgs {
     /// Prompt plus generated tokens per sequence (default: the model's max_position_embeddings, else 4096).
     #[arg(long, env = "OMNISHARD_MAX_CONTEXT")]
     max_context: Option<usize>,
+    /// Memory for the KV cache of running sequences and cached prefixes, e.g. 8GiB (default:
+    /// half the memory available at start-up). It must hold --max-context tokens; when running
+    /// sequences outgrow it the newest is preempted and recomputed later.
+    #[arg(long, env = "OMNISHARD_KV_CACHE_MEMORY", value_parser = kv_budget::parse_bytes)]
+    kv_cache_memory: Option<usize>,
+    /// Do not keep the KV of prompts' whole 16-token blocks for later prompts that start the
+    /// same way (automatic prefix caching is on by default).
+    #[arg(long, env = "OMNISHARD_NO_PREFIX_CACHING")]
+    no_prefix_caching: bool,
     /// Requests waiting for a slot; more get HTTP 429.
     #[arg(long, env = "OMNISHARD_QUEUE_SIZE", default_value_t = 256)]
     queue_size: usize,
@@ -437,6 +447,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_active: args.max_active_seqs,
             max_batched_tokens: args.max_batched_tokens,
             queue_size: args.queue_size,
+            kv_cache_bytes: match args.kv_cache_memory {
+                Some(bytes) => bytes,
+                None => kv_budget::default_budget_bytes().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "cannot read the available memory from /proc/meminfo; give --kv-cache-memory"
+                    )
+                })?,
+            },
+            prefix_caching: !args.no_prefix_caching,
         },
         placement: args.model.placement.clone(),
     };

@@ -17,6 +17,11 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub queue_depth: IntGauge,
     pub active_sequences: IntGauge,
+    pub kv_cache_tokens: IntGauge,
+    pub kv_cache_capacity_tokens: IntGauge,
+    pub prefix_cache_query_tokens: IntCounter,
+    pub prefix_cache_hit_tokens: IntCounter,
+    pub preemptions: IntCounter,
     pub node_rpc_seconds: HistogramVec,
     pub node_rpc_errors: IntCounterVec,
     expert_tokens: IntCounterVec,
@@ -97,6 +102,26 @@ impl Metrics {
             active_sequences: gauge(
                 "omnishard_active_sequences",
                 "Sequences being prefilled or decoded",
+            ),
+            kv_cache_tokens: gauge(
+                "omnishard_kv_cache_tokens",
+                "Token positions held in the KV cache (running sequences and cached prefixes)",
+            ),
+            kv_cache_capacity_tokens: gauge(
+                "omnishard_kv_cache_capacity_tokens",
+                "Token positions the KV cache budget (--kv-cache-memory) holds",
+            ),
+            prefix_cache_query_tokens: counter(
+                "omnishard_prefix_cache_query_tokens_total",
+                "Prompt tokens looked up in the prefix cache",
+            ),
+            prefix_cache_hit_tokens: counter(
+                "omnishard_prefix_cache_hit_tokens_total",
+                "Prompt tokens found in the prefix cache (not computed again)",
+            ),
+            preemptions: counter(
+                "omnishard_preemptions_total",
+                "Sequences whose KV cache was dropped to make room, to be recomputed",
             ),
             node_rpc_seconds: hist(
                 "omnishard_node_rpc_seconds",

@@ -14,6 +14,7 @@
 //! the experts, which pass them on to the expert nodes.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
@@ -24,6 +25,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::engine::Engine;
 use crate::error::GenerationError;
 use crate::grammar::Constraint;
+use crate::kv_budget::{self, KvBudget};
 use crate::metrics::Metrics;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprobs, logprobs};
 use omnishard_model::CallContext;
@@ -38,6 +40,10 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     /// Requests waiting for admission before new ones get 429.
     pub queue_size: usize,
+    /// Bytes of keys and values the running sequences and the prefix cache may hold.
+    pub kv_cache_bytes: usize,
+    /// Keep the KV of prompts' whole blocks for later prompts that start the same way.
+    pub prefix_caching: bool,
 }
 
 /// Why a sequence ended.
@@ -132,8 +138,11 @@ struct Sequence {
     enqueued: Instant,
     cache: KvCache,
     sampler: Sampler,
-    /// Prompt tokens already in the cache.
+    /// Tokens of `history` already in the cache.
     prefilled: usize,
+    /// Tokens of `history` to put in the cache before decoding: the prompt, or after a
+    /// preemption everything so far.
+    to_prefill: usize,
     /// Prompt and generated tokens, for the repetition penalty.
     history: Vec<u32>,
     generated: usize,
@@ -145,7 +154,23 @@ struct Sequence {
 
 impl Sequence {
     fn decoding(&self) -> bool {
-        self.prefilled == self.req.prompt.len()
+        self.prefilled >= self.to_prefill
+    }
+
+    /// Drops the cache to free its memory; everything so far is computed again when the
+    /// sequence runs next (the same tokens, so the same text).
+    fn preempt(&mut self) {
+        self.cache = KvCache::new();
+        self.prefilled = 0;
+        self.next_position = 0;
+        self.to_prefill = self.history.len();
+    }
+
+    /// Starts from a cached prefix of `history`.
+    fn resume_from(&mut self, cache: KvCache, len: usize) {
+        self.cache = cache;
+        self.prefilled = len;
+        self.next_position = len as u32;
     }
 }
 
@@ -224,6 +249,7 @@ fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Sequence {
             }
         },
         history: req.prompt.clone(),
+        to_prefill: req.prompt.len(),
         req,
         enqueued,
         cache: KvCache::new(),
@@ -241,20 +267,66 @@ fn run(
     rx: &Receiver<(GenerationRequest, Instant)>,
     metrics: &Metrics,
 ) {
+    let bytes_per_token =
+        kv_budget::bytes_per_token(engine.config(), engine.model().dtype().size_in_bytes());
+    let mut kv = KvBudget::new(cfg.kv_cache_bytes, bytes_per_token, cfg.prefix_caching);
     let mut active: Vec<Sequence> = Vec::new();
+    // Admitted once and preempted since: they go before new requests.
+    let mut preempted: VecDeque<Sequence> = VecDeque::new();
+    // Taken from the queue but not admitted yet (no room in the KV budget).
+    let mut next: Option<(GenerationRequest, Instant)> = None;
     loop {
-        if active.is_empty() {
+        if active.is_empty() && preempted.is_empty() && next.is_none() {
             match rx.recv() {
-                Ok(seq) => active.push(admit(seq, metrics)),
+                Ok(req) => next = Some(req),
                 Err(_) => return,
             }
         }
         while active.len() < cfg.max_active {
-            match rx.try_recv() {
-                Ok(seq) => active.push(admit(seq, metrics)),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            if next.is_none() && preempted.is_empty() {
+                match rx.try_recv() {
+                    Ok(req) => next = Some(req),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let in_use = in_cache(&active);
+            let need = match (preempted.front(), &next) {
+                (Some(seq), _) => seq.history.len() + 1,
+                (None, Some((req, _))) => req.prompt.len() + 1,
+                (None, None) => break,
+            };
+            if !kv.make_room(in_use, need) {
+                break;
+            }
+            let mut seq = match preempted.pop_front() {
+                Some(seq) => seq,
+                None => match next.take() {
+                    Some(req) => admit(req, metrics),
+                    None => break,
+                },
+            };
+            // At least the last token is computed: its logits pick the next one.
+            if let Some((cache, len)) = kv.lookup(&seq.history, seq.to_prefill - 1) {
+                metrics.prefix_cache_hit_tokens.inc_by(len as u64);
+                seq.resume_from(cache, len);
+            }
+            metrics
+                .prefix_cache_query_tokens
+                .inc_by(seq.to_prefill as u64);
+            active.push(seq);
+        }
+        // Decoding adds a position per running sequence: preempt the newest until that fits.
+        while active.len() > 1 && !kv.make_room(in_cache(&active), active.len()) {
+            if let Some(mut seq) = active.pop() {
+                tracing::debug!(parent: &seq.req.span, "sequence preempted: the KV cache budget is full; it will be recomputed");
+                metrics.preemptions.inc();
+                seq.preempt();
+                preempted.push_front(seq);
             }
         }
+        metrics
+            .kv_cache_tokens
+            .set((in_cache(&active) + kv.cached()) as i64);
         active.retain(|s| {
             let gone = s.req.events.is_closed();
             if gone {
@@ -270,17 +342,35 @@ fn run(
         if active.is_empty() {
             continue;
         }
-        step(engine, cfg, &mut active, metrics);
+        let room = kv
+            .capacity()
+            .saturating_sub(in_cache(&active) + kv.cached());
+        step(engine, cfg, &mut active, metrics, &mut kv, room);
         // Also after the step: when its last sequence finishes, the loop next blocks waiting for
         // work, and an idle server must not keep showing the sequences it had.
         metrics.active_sequences.set(active.len() as i64);
     }
 }
 
-/// One forward pass over a batch chosen from `active`; finished sequences are removed.
-fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metrics: &Metrics) {
+/// Positions the running sequences' caches hold.
+fn in_cache(active: &[Sequence]) -> usize {
+    active.iter().map(|s| s.cache.seq_len()).sum()
+}
+
+/// One forward pass over a batch chosen from `active`, adding at most `kv_room` positions to
+/// their caches; finished sequences are removed, and prompts just computed are offered to the
+/// prefix cache.
+fn step(
+    engine: &Engine,
+    cfg: &SchedulerConfig,
+    active: &mut Vec<Sequence>,
+    metrics: &Metrics,
+    kv: &mut KvBudget,
+    kv_room: usize,
+) {
     // Decoding sequences first (one token each), then prompt chunks with what budget is left.
-    let mut budget = cfg.max_batched_tokens.max(1);
+    let mut budget = cfg.max_batched_tokens.max(1).min(kv_room.max(1));
+    let in_use_after = in_cache(active) + budget;
     let mut chosen: Vec<(usize, Vec<u32>)> = Vec::new();
     for (i, seq) in active.iter().enumerate() {
         if seq.decoding() && budget > 0 {
@@ -291,11 +381,8 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
     }
     for (i, seq) in active.iter().enumerate() {
         if !seq.decoding() && budget > 0 {
-            let take = (seq.req.prompt.len() - seq.prefilled).min(budget);
-            chosen.push((
-                i,
-                seq.req.prompt[seq.prefilled..seq.prefilled + take].to_vec(),
-            ));
+            let take = (seq.to_prefill - seq.prefilled).min(budget);
+            chosen.push((i, seq.history[seq.prefilled..seq.prefilled + take].to_vec()));
             budget -= take;
         }
     }
@@ -355,6 +442,7 @@ fn step(engine: &Engine, cfg: &SchedulerConfig, active: &mut Vec<Sequence>, metr
             if !seq.decoding() {
                 continue;
             }
+            kv.remember(&seq.history[..seq.to_prefill], &seq.cache, in_use_after);
         }
         let token = match seq.sampler.sample_tensor(&logits[k], &seq.history) {
             Ok(token) => token,

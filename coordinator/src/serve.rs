@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::chat::{ChatPrompter, ChatTemplate, ReasoningParser, TemplateError, ToolCallParser};
 use crate::engine::Engine;
 use crate::grammar::Grammars;
+use crate::kv_budget;
 use crate::metrics::Metrics;
 use crate::remote::RemoteExperts;
 use crate::scheduler::{self, SchedulerConfig};
@@ -61,6 +62,14 @@ pub enum ServeError {
     ContextBeyondModel {
         max_context: usize,
         model_max: usize,
+    },
+    #[error(
+        "the KV cache budget holds {capacity} tokens, fewer than one sequence of --max-context {max_context} needs: give --kv-cache-memory at least {needed_bytes} bytes, or a smaller --max-context"
+    )]
+    KvBudgetTooSmall {
+        capacity: usize,
+        max_context: usize,
+        needed_bytes: usize,
     },
     #[error("--max-active-seqs, --max-batched-tokens and --queue-size must be at least 1")]
     ZeroLimit,
@@ -129,6 +138,19 @@ pub fn start(
     if sched.max_active == 0 || sched.max_batched_tokens == 0 || sched.queue_size == 0 {
         return Err(ServeError::ZeroLimit);
     }
+    let bytes_per_token =
+        kv_budget::bytes_per_token(engine.config(), engine.model().dtype().size_in_bytes());
+    let capacity = sched.kv_cache_bytes / bytes_per_token.max(1);
+    if capacity < max_context {
+        return Err(ServeError::KvBudgetTooSmall {
+            capacity,
+            max_context,
+            needed_bytes: max_context.saturating_mul(bytes_per_token),
+        });
+    }
+    metrics
+        .kv_cache_capacity_tokens
+        .set(capacity.min(i64::MAX as usize) as i64);
     if sched.max_batched_tokens < sched.max_active {
         return Err(ServeError::BatchBelowActive {
             max_batched_tokens: sched.max_batched_tokens,
@@ -218,13 +240,14 @@ impl Service {
         };
         let model = state.engine.model();
         format!(
-            "serving model `{}` on http://{addr} (OpenAI API under /v1): {} layers, {} experts per layer {experts}, {:?} on {:?}, context {} tokens, chat template {}",
+            "serving model `{}` on http://{addr} (OpenAI API under /v1): {} layers, {} experts per layer {experts}, {:?} on {:?}, context {} tokens, KV cache budget {} tokens, chat template {}",
             state.config.model_name,
             cfg.num_hidden_layers,
             cfg.num_experts,
             model.dtype(),
             model.device().location(),
             state.config.max_context,
+            state.metrics.kv_cache_capacity_tokens.get(),
             state.chat.template().origin(),
         )
     }

@@ -100,6 +100,8 @@ fn main() {
                 max_active: 64,
                 max_batched_tokens: 512,
                 queue_size: 256,
+                kv_cache_bytes: usize::MAX,
+                prefix_caching: true,
             },
             placement: None,
         },

@@ -66,6 +66,8 @@ async fn health_fails_with_the_reason_once_the_scheduler_dies() {
                 max_active: 4,
                 max_batched_tokens: 64,
                 queue_size: 4,
+                kv_cache_bytes: usize::MAX,
+                prefix_caching: true,
             },
             placement: None,
         },

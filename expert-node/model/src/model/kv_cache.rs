@@ -94,6 +94,40 @@ impl KvCache {
         Ok(buffers)
     }
 
+    /// A cache holding a copy of this one's first `len` positions (for prefix caching): its
+    /// own tensors, so neither cache's later appends touch the other.
+    pub fn prefix(&self, len: usize) -> Result<KvCache> {
+        let len = len.min(self.seq_len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        // Always a fresh tensor of just these positions: a prefix that happens to
+                        // be contiguous would otherwise share (and keep alive) the whole buffer.
+                        let own = |t: &Tensor| t.narrow(1, 0, len)?.force_contiguous();
+                        Ok((own(k)?, own(v)?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            seq_len: len,
+        })
+    }
+
+    /// Bytes the cache's tensors take (on a GPU, with their spare capacity).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Counts `tokens` more tokens as cached, after a forward pass appended them to every layer.
     pub(super) fn advance(&mut self, tokens: usize) {
         self.seq_len += tokens;
