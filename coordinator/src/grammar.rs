@@ -7,7 +7,6 @@
 //! The mask is computed on the host after each forward pass and applied to the host copy of the
 //! logits (a constrained request samples on the host even on a GPU).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
@@ -19,8 +18,8 @@ use crate::tokenizer::TextTokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrammarError {
-    #[error("cannot build the token trie for constrained decoding from {path}: {reason}")]
-    Trie { path: String, reason: String },
+    #[error("cannot build the token trie for constrained decoding: {reason}")]
+    Trie { reason: String },
     #[error("the {what} cannot be used for constrained decoding: {reason}")]
     Compile { what: &'static str, reason: String },
     #[error("constrained decoding failed: {0}")]
@@ -126,21 +125,15 @@ pub struct Grammars {
 }
 
 impl Grammars {
-    /// From the checkpoint's `tokenizer.json`; `vocab_size` is the model's (the tokenizer may
-    /// have fewer tokens), `stop_tokens` end a finished answer.
+    /// From the served tokenizer; `vocab_size` is the model's (the tokenizer may have fewer
+    /// tokens), `stop_tokens` end a finished answer.
     pub fn load(
-        dir: &Path,
         tokenizer: Arc<TextTokenizer>,
         vocab_size: usize,
         stop_tokens: &[u32],
     ) -> Result<Self, GrammarError> {
-        let path = dir.join("tokenizer.json");
-        let trie_error = |reason: String| GrammarError::Trie {
-            path: path.display().to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(&path).map_err(|e| trie_error(e.to_string()))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| trie_error(e.to_string()))?;
+        let trie_error = |reason: String| GrammarError::Trie { reason };
+        let json = tokenizer.to_json().map_err(|e| trie_error(e.to_string()))?;
         let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
             .map_err(|e| trie_error(e.to_string()))?;
         if words.len() > vocab_size {
@@ -221,13 +214,14 @@ impl Constraint {
 mod tests {
     use super::*;
     use omnishard_proto::ModelConfig;
+    use std::path::Path;
 
     fn demo() -> (Arc<TextTokenizer>, Grammars) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model");
         let cfg = ModelConfig::from_model_dir(&dir).unwrap();
         let tok = Arc::new(TextTokenizer::load(&dir, &cfg).unwrap());
         let stops = tok.stop_tokens().to_vec();
-        let g = Grammars::load(&dir, tok.clone(), cfg.vocab_size, &stops).unwrap();
+        let g = Grammars::load(tok.clone(), cfg.vocab_size, &stops).unwrap();
         (tok, g)
     }
 

@@ -20,6 +20,7 @@ pub mod serve;
 pub mod server;
 pub mod synth;
 pub mod tokenizer;
+pub mod tokenizer_files;
 
 pub use engine::{Engine, EngineError};
 pub use omnishard_model::{

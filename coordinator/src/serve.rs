@@ -168,7 +168,6 @@ pub fn start(
     );
     let chat = Arc::new(chat);
     let grammars = Grammars::load(
-        &model_dir,
         tokenizer.clone(),
         engine.config().vocab_size,
         tokenizer.stop_tokens(),

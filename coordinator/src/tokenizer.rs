@@ -30,14 +30,24 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `DIR/tokenizer.json`. Stop tokens: `eos_token_id` of `generation_config.json`, else
-    /// of `config.json`, else `<|im_end|>` and `<|endoftext|>` as the tokenizer knows them.
+    /// Loads `DIR/tokenizer.json`, or, when the checkpoint has none, `vocab.json` +
+    /// `merges.txt` with the added tokens of `tokenizer_config.json` (as transformers'
+    /// `Qwen2TokenizerFast` builds it). Stop tokens: `eos_token_id` of `generation_config.json`,
+    /// else of `config.json`, else `<|im_end|>` and `<|endoftext|>` as the tokenizer knows them.
     pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let load_error = |path: &Path, reason: String| TokenizerError::Load {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let inner = if path.is_file() || !dir.join("vocab.json").is_file() {
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| load_error(&path, e.to_string()))?
+        } else {
+            let json = crate::tokenizer_files::tokenizer_json(dir)
+                .map_err(|reason| load_error(&dir.join("vocab.json"), reason))?;
+            tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+                .map_err(|e| load_error(&dir.join("vocab.json"), e.to_string()))?
+        };
         let gen_path = dir.join("generation_config.json");
         let from_gen = match std::fs::read_to_string(&gen_path) {
             Ok(text) => {
@@ -99,6 +109,15 @@ impl TextTokenizer {
     /// Encodes text a client wrote: special tokens in it are plain text.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         ids_of(&self.plain, text)
+    }
+
+    /// The tokenizer as `tokenizer.json` holds it (for the grammar engine's token trie).
+    pub fn to_json(&self) -> Result<serde_json::Value, TokenizerError> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
     /// The tokenizer's special tokens (text, id): the control tokens client text may not forge.

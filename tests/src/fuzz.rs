@@ -50,7 +50,7 @@ static DEMO: LazyLock<Demo> = LazyLock::new(|| {
     let template = ChatTemplate::load(&dir, None).expect("demo chat template");
     let chat = ChatPrompter::new(template, &tok, Default::default(), Default::default());
     let stops = tok.stop_tokens().to_vec();
-    let grammars = Grammars::load(&dir, tok.clone(), cfg.vocab_size, &stops).expect("grammars");
+    let grammars = Grammars::load(tok.clone(), cfg.vocab_size, &stops).expect("grammars");
     Demo {
         tok,
         chat,
