@@ -233,6 +233,25 @@ impl RemoteExperts {
         out
     }
 
+    /// The names of the nodes that hold each (layer, expert), indexed `[layer][expert]`.
+    pub fn holders(&self) -> Vec<Vec<Vec<String>>> {
+        let table = self.shared.table();
+        let nodes = self.shared.nodes();
+        table
+            .iter()
+            .map(|experts| {
+                experts
+                    .iter()
+                    .map(|held| {
+                        held.iter()
+                            .filter_map(|&i| nodes.get(i).map(|n| n.status().name))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Every node with its state, in the order added.
     pub fn status(&self) -> Vec<NodeStatus> {
         self.shared.nodes().iter().map(|n| n.status()).collect()

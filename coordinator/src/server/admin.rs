@@ -93,12 +93,24 @@ pub(super) async fn stats(State(state): State<Arc<AppState>>) -> Json<Value> {
             "top_k_share": share(counts.iter().take(top_k).map(|c| c.1).sum()),
         }));
     }
-    let nodes = state
-        .engine
-        .remote()
-        .map(|r| r.status())
-        .unwrap_or_default();
+    let remote = state.engine.remote();
+    let nodes = remote.map(|r| r.status()).unwrap_or_default();
+    let holders = remote.map(|r| r.holders());
+    let m = &state.metrics;
     Json(json!({
+        "model": state.config.model_name,
+        "serving": {
+            "queue_depth": m.queue_depth.get(),
+            "active_sequences": m.active_sequences.get(),
+            "kv_cache_tokens": m.kv_cache_tokens.get(),
+            "kv_cache_capacity_tokens": m.kv_cache_capacity_tokens.get(),
+            "prompt_tokens_total": m.prompt_tokens.get(),
+            "completion_tokens_total": m.completion_tokens.get(),
+            "prefix_cache_query_tokens_total": m.prefix_cache_query_tokens.get(),
+            "prefix_cache_hit_tokens_total": m.prefix_cache_hit_tokens.get(),
+            "preemptions_total": m.preemptions.get(),
+        },
+        "holders": holders,
         "tokens": usage.tokens(),
         "top_k": cfg.num_experts_per_tok,
         "moe_layers": cfg.moe_layers(),
@@ -107,6 +119,12 @@ pub(super) async fn stats(State(state): State<Arc<AppState>>) -> Json<Value> {
         "layers": layers,
         "nodes": nodes,
     }))
+}
+
+/// `GET /dashboard`: one self-contained page (no external scripts or fonts) that polls
+/// `/v1/stats`: nodes, throughput, queue and KV usage, and the routing heatmap.
+pub(super) async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
 }
 
 pub(super) async fn list_nodes(State(state): State<Arc<AppState>>) -> Response {

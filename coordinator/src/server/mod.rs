@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (axum): `POST /v1/chat/completions`, `POST /v1/completions`
 //! (streamed as server-sent events ending in `data: [DONE]`, or whole), `GET /v1/models` and
 //! `/v1/models/{id}`, `POST /tokenize` and `/detokenize`, `GET /version`, `GET /v1/stats`,
+//! `GET /dashboard`,
 //! `GET|POST /admin/nodes`, `GET /health` and `GET /metrics`. Errors use OpenAI's JSON error
 //! shape ([`GenerationError`]).
 //!
@@ -141,6 +142,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .nest("/v1", v1)
         .merge(tokens)
         .route("/version", get(tokens::version))
+        .route("/dashboard", get(admin::dashboard))
         .nest("/admin", admin)
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
