@@ -432,7 +432,12 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let model_dir = args.model.model_dir()?;
+    let model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| serve::default_model_name(&model_dir));
+    let metrics = Arc::new(Metrics::for_model(Some(&model_name)));
     let settings = ServeSettings {
         model_dir: args.model.model_dir()?,
         served_model_name: args.served_model_name,

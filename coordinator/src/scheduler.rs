@@ -26,7 +26,7 @@ use crate::engine::Engine;
 use crate::error::GenerationError;
 use crate::grammar::Constraint;
 use crate::kv_budget::{self, KvBudget};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ThroughputLog};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprobs, logprobs};
 use omnishard_model::CallContext;
 use omnishard_model::model::{KvCache, LogitsFor, Positions, SequenceInput};
@@ -231,6 +231,9 @@ fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Sequence {
     let (mut req, enqueued) = seq;
     metrics.queue_depth.dec();
     metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
+    metrics
+        .request_queue_seconds
+        .observe(enqueued.elapsed().as_secs_f64());
     tracing::debug!(
         parent: &req.span,
         queued_ms = enqueued.elapsed().as_secs_f64() * 1e3,
@@ -275,7 +278,9 @@ fn run(
     let mut preempted: VecDeque<Sequence> = VecDeque::new();
     // Taken from the queue but not admitted yet (no room in the KV budget).
     let mut next: Option<(GenerationRequest, Instant)> = None;
+    let mut throughput = ThroughputLog::new(metrics);
     loop {
+        throughput.tick(metrics);
         if active.is_empty() && preempted.is_empty() && next.is_none() {
             match rx.recv() {
                 Ok(req) => next = Some(req),

@@ -201,7 +201,7 @@ pub fn start(
 }
 
 /// The model directory's own name (after resolving `.` and links), else "omnishard".
-fn default_model_name(dir: &Path) -> String {
+pub fn default_model_name(dir: &Path) -> String {
     std::fs::canonicalize(dir)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))

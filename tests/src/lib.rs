@@ -415,13 +415,21 @@ impl Server {
             .unwrap()
     }
 
-    /// Value of a metric without labels from /metrics. Panics, naming it, if /metrics does not
-    /// have it: a renamed or removed metric must fail the tests that read it, not read as 0.
+    /// Value of a metric with no labels but the served model's `model_name` from /metrics.
+    /// Panics, naming it, if /metrics does not have it: a renamed or removed metric must fail
+    /// the tests that read it, not read as 0.
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self.metrics_text().await;
         let value = text
             .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let rest = match rest.strip_prefix("{model_name=\"") {
+                    Some(labelled) => labelled.split_once("\"} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                Some(rest)
+            })
             .unwrap_or_else(|| panic!("metric {name} is not in /metrics"));
         value
             .trim()

@@ -252,7 +252,7 @@ async fn usage_statistics_add_up() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("omnishard_node_rpc_seconds_count{node=\"0/2\"}"),
+        metrics.contains("omnishard_node_rpc_seconds_count{node=\"0/2\","),
         "per-node RPC metrics missing"
     );
 }

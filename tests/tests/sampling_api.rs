@@ -179,6 +179,18 @@ async fn sampling_parameters_do_what_they_say() {
         .collect();
     assert_eq!(streamed, echoed);
 
+    // Per-request metrics, each series naming the model.
+    let metrics = server.metrics_text().await;
+    for series in [
+        "omnishard_request_finished_total{finish_reason=\"length\",model_name=\"demo-model\"}",
+        "omnishard_request_finished_total{finish_reason=\"stop\",model_name=\"demo-model\"}",
+        "omnishard_request_e2e_seconds_count{model_name=\"demo-model\"}",
+        "omnishard_request_queue_seconds_count{model_name=\"demo-model\"}",
+        "omnishard_request_generation_tokens_bucket{model_name=\"demo-model\",le=\"8\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+
     // Out-of-range values are refused, naming the parameter.
     for (field, value) in [
         ("presence_penalty", json!(2.5)),

@@ -324,7 +324,8 @@ async fn bad_requests_get_4xx_and_the_server_keeps_serving() {
         let msg = v["error"]["message"].as_str().unwrap_or_default();
         assert!(msg.contains(needle), "{body}: {v}");
     }
-    // Requests are counted by the route they matched; anything else under one label.
+    // Requests are counted by the route they matched; anything else under one label. Every
+    // series names the model (vLLM's `model_name`).
     let metrics = reqwest::get(server.url("/metrics"))
         .await
         .unwrap()
@@ -332,10 +333,10 @@ async fn bad_requests_get_4xx_and_the_server_keeps_serving() {
         .await
         .unwrap();
     for series in [
-        r#"omnishard_requests_total{endpoint="/v1/completions",status="400"} 10"#,
-        r#"omnishard_requests_total{endpoint="/v1/completions",status="404"} 1"#,
-        r#"omnishard_requests_total{endpoint="/v1/chat/completions",status="400"} 3"#,
-        r#"omnishard_requests_total{endpoint="unmatched",status="404"} 1"#,
+        r#"omnishard_requests_total{endpoint="/v1/completions",status="400",model_name="demo-model"} 10"#,
+        r#"omnishard_requests_total{endpoint="/v1/completions",status="404",model_name="demo-model"} 1"#,
+        r#"omnishard_requests_total{endpoint="/v1/chat/completions",status="400",model_name="demo-model"} 3"#,
+        r#"omnishard_requests_total{endpoint="unmatched",status="404",model_name="demo-model"} 1"#,
     ] {
         assert!(metrics.contains(series), "{series} missing:\n{metrics}");
     }

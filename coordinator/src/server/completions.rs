@@ -131,7 +131,7 @@ async fn generate(
         logprobs: prepared.logprobs.is_some(),
         echo: prepared.echo,
         include_usage: prepared.include_usage,
-        outcome: Outcome::new(span, started, prepared.prompt.len()),
+        outcome: Outcome::new(span, state.metrics.clone(), started, prepared.prompt.len()),
     };
     if prepared.stream {
         stream_response(state, answer, rx).into_response()

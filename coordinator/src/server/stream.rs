@@ -125,38 +125,70 @@ impl Assembler {
 /// the client went away and axum dropped the response — cancelled.
 pub(super) struct Outcome {
     span: tracing::Span,
+    metrics: Arc<crate::metrics::Metrics>,
     started: Instant,
     prompt_tokens: usize,
     completion_tokens: usize,
+    first_token: Option<Instant>,
     ended: bool,
 }
 
 impl Outcome {
-    pub fn new(span: tracing::Span, started: Instant, prompt_tokens: usize) -> Self {
+    pub fn new(
+        span: tracing::Span,
+        metrics: Arc<crate::metrics::Metrics>,
+        started: Instant,
+        prompt_tokens: usize,
+    ) -> Self {
         Self {
             span,
+            metrics,
             started,
             prompt_tokens,
             completion_tokens: 0,
+            first_token: None,
             ended: false,
         }
     }
 
+    /// Keeps the count of tokens received current (and when the first came).
+    fn tokens(&mut self, completion_tokens: usize) {
+        if completion_tokens > 0 && self.first_token.is_none() {
+            self.first_token = Some(Instant::now());
+        }
+        self.completion_tokens = completion_tokens;
+    }
+
+    /// One line per request: id (the span), tokens in and out, time to first token, duration,
+    /// finish reason; and the per-request metrics.
     fn finished(&mut self, reason: &str, completion_tokens: usize) {
         self.ended = true;
-        self.completion_tokens = completion_tokens;
+        self.tokens(completion_tokens);
+        let seconds = self.started.elapsed().as_secs_f64();
+        let ttft = self.first_token.map(|t| (t - self.started).as_secs_f64());
         tracing::info!(
             parent: &self.span,
             finish_reason = %reason,
             prompt_tokens = self.prompt_tokens,
             completion_tokens,
-            seconds = self.started.elapsed().as_secs_f64(),
+            ttft_seconds = ttft,
+            seconds,
             "request finished"
         );
+        let m = &self.metrics;
+        m.request_e2e_seconds.observe(seconds);
+        m.request_finished.with_label_values(&[reason]).inc();
+        m.request_prompt_tokens.observe(self.prompt_tokens as f64);
+        m.request_generation_tokens
+            .observe(completion_tokens as f64);
     }
 
     fn failed(&mut self, e: &GenerationError, completion_tokens: usize) {
         self.ended = true;
+        self.metrics
+            .request_finished
+            .with_label_values(&["error"])
+            .inc();
         self.completion_tokens = completion_tokens;
         tracing::warn!(
             parent: &self.span,
@@ -219,6 +251,7 @@ pub(super) async fn whole_response(
     let mut logprobs = Vec::new();
     let reason = loop {
         let piece = asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await);
+        outcome.tokens(asm.completion_tokens);
         logprobs.append(&mut asm.logprobs);
         match piece {
             Piece::Deltas(deltas) => deltas.into_iter().for_each(|d| parts.add(d)),
@@ -326,7 +359,7 @@ impl StreamState {
             }
         }
         // Kept current so a cancellation is logged with what was sent.
-        self.outcome.completion_tokens = self.asm.completion_tokens;
+        self.outcome.tokens(self.asm.completion_tokens);
         out
     }
 }
