@@ -28,6 +28,7 @@ use crate::grammar::Constraint;
 use crate::kv_budget::{self, KvBudget};
 use crate::metrics::{Metrics, ThroughputLog};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprobs, logprobs};
+use candle_core::Tensor;
 use omnishard_model::CallContext;
 use omnishard_model::model::{KvCache, LogitsFor, Positions, SequenceInput};
 
@@ -79,6 +80,16 @@ pub struct GenerationRequest {
     /// Return each token's log-probability and this many of the most likely ones.
     pub logprobs: Option<usize>,
     /// The grammar the answer must follow (structured output, forced tool calls).
+    pub constraint: Option<Constraint>,
+    /// More answers to the same prompt (`n` > 1): once the prompt is computed, each starts from
+    /// a copy of its KV cache and draws its own tokens from the same first logits.
+    pub forks: Vec<Fork>,
+    pub events: UnboundedSender<Event>,
+}
+
+/// Another answer to a request's prompt.
+pub struct Fork {
+    pub sampling: SamplingParams,
     pub constraint: Option<Constraint>,
     pub events: UnboundedSender<Event>,
 }
@@ -164,6 +175,54 @@ impl Sequence {
         self.prefilled = 0;
         self.next_position = 0;
         self.to_prefill = self.history.len();
+    }
+
+    /// Another answer to this sequence's prompt, computed: a copy of its cache, its own sampler.
+    /// `None` (the fork is told why) if the cache cannot be copied.
+    fn fork(&self, fork: Fork) -> Option<Sequence> {
+        let cache = match self.cache.prefix(self.to_prefill) {
+            Ok(cache) => cache,
+            Err(e) => {
+                let _ = fork
+                    .events
+                    .send(Event::Error(GenerationError::ForwardFailed(format!(
+                        "cannot copy the prompt's KV cache for another choice: {e}"
+                    ))));
+                return None;
+            }
+        };
+        let mut sampler = Sampler::for_sequence(
+            fork.sampling.clone(),
+            self.req.prompt.len(),
+            self.req.stop_tokens.clone(),
+        );
+        if let Some(c) = fork.constraint {
+            sampler = sampler.constrained(c);
+        }
+        Some(Sequence {
+            req: GenerationRequest {
+                id: self.req.id.clone(),
+                span: self.req.span.clone(),
+                prompt: self.req.prompt.clone(),
+                max_tokens: self.req.max_tokens,
+                sampling: fork.sampling,
+                stop_tokens: self.req.stop_tokens.clone(),
+                logprobs: self.req.logprobs,
+                constraint: None,
+                forks: Vec::new(),
+                events: fork.events,
+            },
+            enqueued: self.enqueued,
+            cache,
+            sampler,
+            prefilled: self.to_prefill,
+            to_prefill: self.to_prefill,
+            history: self.history[..self.to_prefill].to_vec(),
+            generated: 0,
+            last_token_at: None,
+            next_position: self.next_position,
+            done: false,
+        })
     }
 
     /// Starts from a cached prefix of `history`.
@@ -297,7 +356,8 @@ fn run(
             let in_use = in_cache(&active);
             let need = match (preempted.front(), &next) {
                 (Some(seq), _) => seq.history.len() + 1,
-                (None, Some((req, _))) => req.prompt.len() + 1,
+                // Every choice of the request will hold a copy of the prompt.
+                (None, Some((req, _))) => (req.prompt.len() + 1) * (1 + req.forks.len()),
                 (None, None) => break,
             };
             if !kv.make_room(in_use, need) {
@@ -440,6 +500,7 @@ fn step(
             return;
         }
     };
+    let mut spawned: Vec<Sequence> = Vec::new();
     for (k, (seq, (_, tokens))) in selected.into_iter().zip(&chosen).enumerate() {
         seq.next_position = positions_next[k];
         if !seq.decoding() {
@@ -449,63 +510,77 @@ fn step(
             }
             kv.remember(&seq.history[..seq.to_prefill], &seq.cache, in_use_after);
         }
-        let token = match seq.sampler.sample_tensor(&logits[k], &seq.history) {
-            Ok(token) => token,
-            Err(e) => {
-                tracing::warn!(parent: &seq.req.span, error = %e, "cannot sample from the logits; failing the sequence");
-                let _ = seq
-                    .req
-                    .events
-                    .send(Event::Error(GenerationError::ForwardFailed(format!(
-                        "cannot sample from the logits: {e}"
-                    ))));
-                seq.done = true;
-                continue;
+        // Its prompt just computed, a request with more choices forks them now.
+        let forks = (!seq.req.forks.is_empty()).then(|| std::mem::take(&mut seq.req.forks));
+        if let Some(forks) = forks {
+            for mut fork in forks.into_iter().filter_map(|f| seq.fork(f)) {
+                take_token(&mut fork, &logits[k], metrics);
+                spawned.push(fork);
             }
-        };
-        seq.history.push(token);
-        seq.generated += 1;
-        metrics.completion_tokens.inc();
-        let now = Instant::now();
-        match seq.last_token_at {
-            None => metrics
-                .time_to_first_token
-                .observe((now - seq.enqueued).as_secs_f64()),
-            Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
         }
-        seq.last_token_at = Some(now);
-        let done = if seq.req.stop_tokens.contains(&token) {
+        take_token(seq, &logits[k], metrics);
+    }
+    active.extend(spawned);
+    active.retain(|s| !s.done);
+}
+
+/// Draws `seq`'s next token from its row of logits and sends it on (or ends the sequence).
+fn take_token(seq: &mut Sequence, logits: &Tensor, metrics: &Metrics) {
+    let token = match seq.sampler.sample_tensor(logits, &seq.history) {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::warn!(parent: &seq.req.span, error = %e, "cannot sample from the logits; failing the sequence");
+            let _ = seq
+                .req
+                .events
+                .send(Event::Error(GenerationError::ForwardFailed(format!(
+                    "cannot sample from the logits: {e}"
+                ))));
+            seq.done = true;
+            return;
+        }
+    };
+    seq.history.push(token);
+    seq.generated += 1;
+    metrics.completion_tokens.inc();
+    let now = Instant::now();
+    match seq.last_token_at {
+        None => metrics
+            .time_to_first_token
+            .observe((now - seq.enqueued).as_secs_f64()),
+        Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+    }
+    seq.last_token_at = Some(now);
+    let done = if seq.req.stop_tokens.contains(&token) {
+        Some(FinishReason::Stop)
+    } else {
+        let logprobs = match seq.req.logprobs {
+            None => None,
+            Some(top) => logits
+                .flatten_all()
+                .and_then(|row| row.to_vec1::<f32>())
+                .map(|row| logprobs(&row, token, top))
+                .inspect_err(|e| tracing::warn!(parent: &seq.req.span, error = %e, "cannot read the logits for logprobs"))
+                .ok(),
+        };
+        let _ = seq.req.events.send(Event::Token(token, logprobs));
+        if seq.sampler.grammar_finished() {
             Some(FinishReason::Stop)
         } else {
-            let logprobs = match seq.req.logprobs {
-                None => None,
-                Some(top) => logits[k]
-                    .flatten_all()
-                    .and_then(|row| row.to_vec1::<f32>())
-                    .map(|row| logprobs(&row, token, top))
-                    .inspect_err(|e| tracing::warn!(parent: &seq.req.span, error = %e, "cannot read the logits for logprobs"))
-                    .ok(),
-            };
-            let _ = seq.req.events.send(Event::Token(token, logprobs));
-            if seq.sampler.grammar_finished() {
-                Some(FinishReason::Stop)
-            } else {
-                (seq.generated >= seq.req.max_tokens).then_some(FinishReason::Length)
-            }
-        };
-        if let Some(reason) = done {
-            tracing::debug!(
-                parent: &seq.req.span,
-                ?reason,
-                completion_tokens = seq.generated,
-                seconds = seq.enqueued.elapsed().as_secs_f64(),
-                "sequence finished"
-            );
-            let _ = seq.req.events.send(Event::Finished(reason));
-            seq.done = true;
+            (seq.generated >= seq.req.max_tokens).then_some(FinishReason::Length)
         }
+    };
+    if let Some(reason) = done {
+        tracing::debug!(
+            parent: &seq.req.span,
+            ?reason,
+            completion_tokens = seq.generated,
+            seconds = seq.enqueued.elapsed().as_secs_f64(),
+            "sequence finished"
+        );
+        let _ = seq.req.events.send(Event::Finished(reason));
+        seq.done = true;
     }
-    active.retain(|s| !s.done);
 }
 
 impl From<SubmitError> for GenerationError {

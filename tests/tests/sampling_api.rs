@@ -210,3 +210,67 @@ async fn sampling_parameters_do_what_they_say() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_fork_the_computed_prompt() {
+    let server = Server::start(&["cluster", "--nodes", "2", "serve"]);
+    let text_of = |a: &Value, i: usize| a["choices"][i]["text"].as_str().unwrap().to_string();
+    // Greedy: every choice is the one answer, from its copy of the prompt's cache.
+    let greedy = json!({"prompt": "The lighthouse keeper of Omnishard Island", "max_tokens": 16, "temperature": 0});
+    let solo = complete(&server, greedy.clone()).await;
+    let mut three = greedy.clone();
+    three["n"] = json!(3);
+    let answer = complete(&server, three).await;
+    let choices = answer["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{answer}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(text_of(&answer, i), text_of(&solo, 0), "{answer}");
+    }
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        3 * solo["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        answer["usage"]["prompt_tokens"],
+        solo["usage"]["prompt_tokens"]
+    );
+    // Sampled: each choice draws with its own seed (the request's plus its index).
+    let sampled = json!({"prompt": [7, 7, 7, 7], "max_tokens": 12, "temperature": 1.5, "seed": 11, "n": 4, "ignore_eos": true});
+    let answer = complete(&server, sampled).await;
+    let texts: Vec<String> = (0..4).map(|i| text_of(&answer, i)).collect();
+    assert!(texts.iter().any(|t| t != &texts[0]), "{texts:?}");
+    // Structured output holds for every choice.
+    let chat = json!({
+        "messages": [{"role": "user", "content": "Who keeps the ledger?"}], "n": 2, "max_tokens": 40,
+        "temperature": 1.0, "seed": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}}},
+    });
+    let (status, answer) = server.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{answer}");
+    for choice in answer["choices"].as_array().unwrap() {
+        let v: Value =
+            serde_json::from_str(choice["message"]["content"].as_str().unwrap()).unwrap();
+        assert!(v["ok"].is_boolean(), "{answer}");
+    }
+    // Bounds, and streams of several choices, are refused saying so.
+    for (body, expected) in [
+        (json!({"prompt": "x", "n": 0}), "n must be 1 to 16"),
+        (json!({"prompt": "x", "n": 17}), "n must be 1 to 16"),
+        (
+            json!({"prompt": "x", "n": 2, "stream": true}),
+            "not supported with stream",
+        ),
+    ] {
+        let (status, answer) = server.post_json("/v1/completions", &body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
+            "{answer}"
+        );
+    }
+}

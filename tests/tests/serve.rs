@@ -287,9 +287,9 @@ async fn bad_requests_get_4xx_and_the_server_keeps_serving() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "x", "n": 2}).to_string(),
+            json!({"prompt": "x", "n": 99}).to_string(),
             400,
-            "n = 1",
+            "n must be 1 to 16",
         ),
         (
             "/v1/chat/completions",

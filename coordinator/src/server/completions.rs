@@ -19,7 +19,8 @@ use super::stream::{Answer, Outcome, stream_response, whole_response};
 use super::types::{Header, Kind};
 use super::validate::{Prepared, REQUEST_ID_HEADER, client_request_id, parse_and_prepare};
 use super::{AppState, GenerationError, unix_now};
-use crate::scheduler::{Event, GenerationRequest};
+use crate::sampling::SamplingParams;
+use crate::scheduler::{Event, Fork, GenerationRequest};
 
 pub(super) async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -109,7 +110,7 @@ async fn generate(
         Err(e) => return refused(e),
     };
     span.record("prompt_tokens", prepared.prompt.len());
-    let rx = match submit(&state, &mut prepared, request_id, &span) {
+    let mut receivers = match submit(&state, &mut prepared, request_id, &span) {
         Ok(rx) => rx,
         Err(e) => return refused(e),
     };
@@ -134,9 +135,11 @@ async fn generate(
         outcome: Outcome::new(span, state.metrics.clone(), started, prepared.prompt.len()),
     };
     if prepared.stream {
+        // Validation allows a stream of one choice only.
+        let rx = receivers.swap_remove(0);
         stream_response(state, answer, rx).into_response()
     } else {
-        whole_response(state, answer, rx).await
+        whole_response(state, answer, receivers).await
     }
 }
 
@@ -151,8 +154,27 @@ fn submit(
     p: &mut Prepared,
     request_id: &str,
     span: &tracing::Span,
-) -> Result<UnboundedReceiver<Event>, GenerationError> {
+) -> Result<Vec<UnboundedReceiver<Event>>, GenerationError> {
     let (tx, rx) = unbounded_channel();
+    let mut receivers = vec![rx];
+    // Choices after the first: forks of the first once its prompt is computed, each with its
+    // own seed (the request's plus its index) and grammar state.
+    let mut constraints = std::mem::take(&mut p.constraints).into_iter();
+    let first_constraint = constraints.next();
+    let forks = (1..p.n)
+        .map(|i| {
+            let (tx, rx) = unbounded_channel();
+            receivers.push(rx);
+            Fork {
+                sampling: SamplingParams {
+                    seed: p.sampling.seed.wrapping_add(i as u64),
+                    ..p.sampling.clone()
+                },
+                constraint: constraints.next(),
+                events: tx,
+            }
+        })
+        .collect();
     let req = GenerationRequest {
         id: request_id.to_string(),
         span: span.clone(),
@@ -169,9 +191,10 @@ fn submit(
             stops
         },
         logprobs: p.logprobs,
-        constraint: p.constraint.take(),
+        constraint: first_constraint,
+        forks,
         events: tx,
     };
     state.scheduler.submit(req)?;
-    Ok(rx)
+    Ok(receivers)
 }

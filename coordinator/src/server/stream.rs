@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::types::{Header, LogprobEntry, tool_call_json, usage};
+use super::types::{Choice, Header, LogprobEntry, tool_call_json, usage};
 use super::{AppState, GenerationError};
 use crate::chat::output::{self, Delta, OutputFormat, OutputParser};
 use crate::scheduler::{Event, FinishReason, SchedulerHandle};
@@ -229,10 +229,55 @@ pub(super) struct Answer {
     pub outcome: Outcome,
 }
 
+/// One choice's answer, assembled from its events.
+struct Assembled {
+    parts: output::Answer,
+    logprobs: Vec<LogprobEntry>,
+    reason: &'static str,
+    completion_tokens: usize,
+}
+
+/// Reads one choice's events to its end. Each choice has its own unbounded channel, so reading
+/// them one after another holds nothing up.
+async fn assemble(
+    state: &AppState,
+    stop: Vec<String>,
+    format: OutputFormat,
+    echo: Option<String>,
+    rx: &mut UnboundedReceiver<Event>,
+    outcome: &mut Outcome,
+    before: usize,
+) -> Result<Assembled, (GenerationError, usize)> {
+    let mut asm = Assembler::new(stop, format);
+    let mut parts = output::Answer {
+        content: echo.unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut logprobs = Vec::new();
+    loop {
+        let piece = asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await);
+        outcome.tokens(before + asm.completion_tokens);
+        logprobs.append(&mut asm.logprobs);
+        match piece {
+            Piece::Deltas(deltas) => deltas.into_iter().for_each(|d| parts.add(d)),
+            Piece::Done { deltas, reason } => {
+                deltas.into_iter().for_each(|d| parts.add(d));
+                return Ok(Assembled {
+                    parts,
+                    logprobs,
+                    reason,
+                    completion_tokens: asm.completion_tokens,
+                });
+            }
+            Piece::Failed(e) => return Err((e, asm.completion_tokens)),
+        }
+    }
+}
+
 pub(super) async fn whole_response(
     state: Arc<AppState>,
     answer: Answer,
-    mut rx: UnboundedReceiver<Event>,
+    receivers: Vec<UnboundedReceiver<Event>>,
 ) -> Response {
     let Answer {
         mut header,
@@ -243,34 +288,44 @@ pub(super) async fn whole_response(
         echo,
         ..
     } = answer;
-    let mut asm = Assembler::new(stop, format);
-    let mut parts = output::Answer {
-        content: echo.unwrap_or_default(),
-        ..Default::default()
-    };
-    let mut logprobs = Vec::new();
-    let reason = loop {
-        let piece = asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await);
-        outcome.tokens(asm.completion_tokens);
-        logprobs.append(&mut asm.logprobs);
-        match piece {
-            Piece::Deltas(deltas) => deltas.into_iter().for_each(|d| parts.add(d)),
-            Piece::Done { deltas, reason } => {
-                deltas.into_iter().for_each(|d| parts.add(d));
-                break reason;
+    let mut choices = Vec::with_capacity(receivers.len());
+    let mut completion_tokens = 0;
+    for mut rx in receivers {
+        let assembled = assemble(
+            &state,
+            stop.clone(),
+            format,
+            echo.clone(),
+            &mut rx,
+            &mut outcome,
+            completion_tokens,
+        )
+        .await;
+        match assembled {
+            Ok(a) => {
+                completion_tokens += a.completion_tokens;
+                choices.push(a);
             }
-            Piece::Failed(e) => {
-                outcome.failed(&e, asm.completion_tokens);
+            Err((e, tokens)) => {
+                outcome.failed(&e, completion_tokens + tokens);
                 return e.into_response();
             }
         }
-    };
-    outcome.finished(reason, asm.completion_tokens);
+    }
+    let reason = choices.first().map_or("stop", |c| c.reason);
+    outcome.finished(reason, completion_tokens);
     // As before the split: a whole response is stamped when it is complete.
     header.created = super::unix_now();
-    let usage = usage(outcome.prompt_tokens, asm.completion_tokens);
-    let logprobs = wants_logprobs.then_some(logprobs.as_slice());
-    Json(header.completion(&parts, logprobs, reason, usage)).into_response()
+    let usage = usage(outcome.prompt_tokens, completion_tokens);
+    let views: Vec<Choice<'_>> = choices
+        .iter()
+        .map(|c| Choice {
+            answer: &c.parts,
+            logprobs: wants_logprobs.then_some(c.logprobs.as_slice()),
+            reason: c.reason,
+        })
+        .collect();
+    Json(header.completion(&views, usage)).into_response()
 }
 
 /// The per-request state of a stream, carried from one event to the next.

@@ -266,6 +266,13 @@ impl Kind {
     }
 }
 
+/// One finished answer of a request.
+pub(super) struct Choice<'a> {
+    pub answer: &'a Answer,
+    pub logprobs: Option<&'a [LogprobEntry]>,
+    pub reason: &'a str,
+}
+
 /// One generated token's log-probability and the most likely alternatives, with their texts.
 #[derive(Debug, Clone)]
 pub(super) struct LogprobEntry {
@@ -347,16 +354,30 @@ pub(super) struct Header {
 
 impl Header {
     /// The whole (non-streamed) response.
-    pub fn completion(
-        &self,
-        answer: &Answer,
-        logprobs: Option<&[LogprobEntry]>,
-        reason: &str,
-        usage: Value,
-    ) -> Value {
+    /// The whole (non-streamed) response, with one choice per answer, in order.
+    pub fn completion(&self, choices: &[Choice<'_>], usage: Value) -> Value {
         let Header {
             id, created, model, ..
         } = self;
+        let choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| self.choice_json(index, c))
+            .collect();
+        let object = match self.kind {
+            Kind::Chat => "chat.completion",
+            Kind::Text => "text_completion",
+        };
+        json!({
+            "id": id, "object": object, "created": created, "model": model,
+            "choices": choices,
+            "usage": usage,
+        })
+    }
+
+    fn choice_json(&self, index: usize, c: &Choice<'_>) -> Value {
+        let logprobs = logprobs_json(self.kind, c.logprobs, 0);
+        let answer = c.answer;
         match self.kind {
             Kind::Chat => {
                 let mut message = json!({"role": "assistant", "content": answer.content});
@@ -374,17 +395,11 @@ impl Header {
                         .collect();
                     message["tool_calls"] = Value::Array(calls);
                 }
-                json!({
-                    "id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": logprobs_json(self.kind, logprobs, 0)}],
-                    "usage": usage,
-                })
+                json!({"index": index, "message": message, "finish_reason": c.reason, "logprobs": logprobs})
             }
-            Kind::Text => json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": answer.content, "finish_reason": reason, "logprobs": logprobs_json(self.kind, logprobs, 0)}],
-                "usage": usage,
-            }),
+            Kind::Text => {
+                json!({"index": index, "text": answer.content, "finish_reason": c.reason, "logprobs": logprobs})
+            }
         }
     }
 

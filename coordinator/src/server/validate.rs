@@ -23,6 +23,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// expert node, so they must stay short.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// Most choices (`n`) one request may ask for: each is a sequence of its own.
+pub const MAX_CHOICES: usize = 16;
+
 /// Longest stop string accepted: matching costs grow with it on every generated token.
 pub const MAX_STOP_BYTES: usize = 256;
 
@@ -97,8 +100,10 @@ impl RequestLimits<'_> {
 
 /// A validated request, ready for the scheduler.
 pub(super) struct Prepared {
-    /// The grammar the answer must follow.
-    pub constraint: Option<Constraint>,
+    /// Answers (choices) asked for.
+    pub n: usize,
+    /// The grammar each answer must follow: one state per choice, or none.
+    pub constraints: Vec<Constraint>,
     pub prompt: Vec<u32>,
     pub ignore_eos: bool,
     pub max_tokens: usize,
@@ -206,8 +211,14 @@ fn prepare(
             "`prompt` belongs to /v1/completions; chat takes `messages`",
         ));
     }
-    if body.n.is_some_and(|n| n != 1) {
-        return Err(invalid("only n = 1 is supported"));
+    let n = body.n.unwrap_or(1) as usize;
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(invalid(format!("n must be 1 to {MAX_CHOICES}, got {n}")));
+    }
+    if n > 1 && body.stream == Some(true) {
+        return Err(invalid(
+            "n > 1 is not supported with stream yet; ask for the choices whole, or one per request",
+        ));
     }
     let logprobs = logprobs_requested(&body, kind)?;
     let requested = structured_output(&mut body)?;
@@ -364,23 +375,26 @@ fn prepare(
         }
         (g, r) => g.or(r),
     };
-    let constraint = match &grammar {
-        None => None,
+    let constraints = match &grammar {
+        None => Vec::new(),
         Some(spec) => {
             let grammars = limits.grammars.map_err(|reason| {
                 invalid(format!(
                     "constrained decoding is not available on this server: {reason}"
                 ))
             })?;
-            Some(
-                grammars
-                    .constraint(spec)
-                    .map_err(|e| invalid(e.to_string()))?,
-            )
+            (0..n)
+                .map(|_| {
+                    grammars
+                        .constraint(spec)
+                        .map_err(|e| invalid(e.to_string()))
+                })
+                .collect::<Result<_, _>>()?
         }
     };
     Ok(Prepared {
-        constraint,
+        n,
+        constraints,
         prompt,
         ignore_eos: body.ignore_eos.unwrap_or(false),
         max_tokens,
