@@ -56,6 +56,32 @@ pub struct ServeSettings {
     pub placement: Option<PathBuf>,
 }
 
+impl ServeSettings {
+    /// `coordinator serve`'s defaults for the checkpoint in `model_dir`, with no memory bound on
+    /// the KV cache (embedders and tests; the CLI sizes it from the machine).
+    pub fn new(model_dir: PathBuf) -> Self {
+        Self {
+            model_dir,
+            served_model_name: None,
+            api_key: None,
+            max_context: None,
+            special_tokens_in_text: false,
+            chat_template: None,
+            reasoning_parser: ReasoningParser::default(),
+            tool_call_parser: ToolCallParser::default(),
+            idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
+            scheduler: SchedulerConfig {
+                max_active: 64,
+                max_batched_tokens: 512,
+                queue_size: 256,
+                kv_cache_bytes: usize::MAX,
+                prefix_caching: true,
+            },
+            placement: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("--max-context {max_context} exceeds the model's max_position_embeddings {model_max}")]

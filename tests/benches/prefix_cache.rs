@@ -49,23 +49,14 @@ fn start(rt: &tokio::runtime::Runtime, dir: &std::path::Path, prefix_caching: bo
         engine,
         Arc::new(Metrics::new()),
         ServeSettings {
-            model_dir: dir.to_path_buf(),
             served_model_name: Some("demo-model".into()),
-            api_key: None,
             max_context: Some(2048),
-            special_tokens_in_text: false,
-            chat_template: None,
-            reasoning_parser: Default::default(),
-            tool_call_parser: Default::default(),
-            idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
             scheduler: SchedulerConfig {
-                max_active: 64,
-                max_batched_tokens: 512,
-                queue_size: 256,
                 kv_cache_bytes: 1 << 30,
                 prefix_caching,
+                ..ServeSettings::new(dir.to_path_buf()).scheduler
             },
-            placement: None,
+            ..ServeSettings::new(dir.to_path_buf())
         },
     )
     .unwrap();

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use omnishard_coordinator::metrics::Metrics;
 use omnishard_coordinator::remote::RemoteOptions;
-use omnishard_coordinator::scheduler::SchedulerConfig;
 use omnishard_coordinator::serve::{self, ServeSettings};
 use omnishard_coordinator::{ComputeDtype, Engine};
 use omnishard_proto::ModelConfig;
@@ -87,23 +86,9 @@ fn main() {
         engine,
         metrics,
         ServeSettings {
-            model_dir: model.clone(),
             served_model_name: Some("demo-model".into()),
-            api_key: None,
             max_context: Some(512),
-            special_tokens_in_text: false,
-            chat_template: None,
-            reasoning_parser: Default::default(),
-            tool_call_parser: Default::default(),
-            idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
-            scheduler: SchedulerConfig {
-                max_active: 64,
-                max_batched_tokens: 512,
-                queue_size: 256,
-                kv_cache_bytes: usize::MAX,
-                prefix_caching: true,
-            },
-            placement: None,
+            ..ServeSettings::new(model.clone())
         },
     )
     .unwrap();

@@ -53,23 +53,13 @@ async fn health_fails_with_the_reason_once_the_scheduler_dies() {
         Arc::new(engine),
         Arc::new(Metrics::new()),
         ServeSettings {
-            model_dir: dir,
-            served_model_name: None,
-            api_key: None,
-            max_context: None,
-            special_tokens_in_text: false,
-            chat_template: None,
-            reasoning_parser: Default::default(),
-            tool_call_parser: Default::default(),
-            idle_timeout: omnishard_proto::defaults::HTTP_IDLE_TIMEOUT,
             scheduler: SchedulerConfig {
                 max_active: 4,
                 max_batched_tokens: 64,
                 queue_size: 4,
-                kv_cache_bytes: usize::MAX,
-                prefix_caching: true,
+                ..ServeSettings::new(dir.clone()).scheduler
             },
-            placement: None,
+            ..ServeSettings::new(dir)
         },
     )
     .unwrap();
