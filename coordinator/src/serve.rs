@@ -393,6 +393,7 @@ where
             async move { stop.notified().await }
         }));
         let progress = staged.progress().clone();
+        let spinner = progress.spinner();
         let loading = tokio::task::spawn_blocking(move || {
             let engine = load(&progress).map_err(ServeError::Load)?;
             progress.stage("starting the scheduler");
@@ -412,6 +413,7 @@ where
                 return Err(e);
             }
         };
+        drop(spinner);
         let reload = service.reload_task();
         staged.ready(server::router(service.state.clone()));
         println!("listening on http://{addr}");

@@ -42,6 +42,50 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// Shows the stage and elapsed time on a spinner line while loading, when stderr is a
+    /// terminal (logs and pipes get the stage lines and the summary only); cleared by the
+    /// returned guard.
+    pub fn spinner(&self) -> Option<Spinner> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} loading: {msg} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        let (progress, shown) = (self.clone(), bar.clone());
+        let ticker = std::thread::spawn(move || {
+            while !shown.is_finished() {
+                shown.set_message(progress.describe().0);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        Some(Spinner {
+            bar,
+            ticker: Some(ticker),
+        })
+    }
+}
+
+/// The loading spinner; cleared when dropped.
+pub struct Spinner {
+    bar: indicatif::ProgressBar,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Answers with the loading page until [`Staged::ready`] hands it the real router.
 #[derive(Clone, Default)]
 pub struct Staged {
