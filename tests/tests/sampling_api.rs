@@ -235,6 +235,29 @@ async fn n_choices_fork_the_computed_prompt() {
         answer["usage"]["prompt_tokens"],
         solo["usage"]["prompt_tokens"]
     );
+    // Streamed: the choices interleave, each with its index, then one usage chunk.
+    let mut streamed = greedy.clone();
+    streamed["n"] = json!(3);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = server.post_stream("/v1/completions", &streamed).await;
+    let mut texts = vec![String::new(); 3];
+    let mut finished = 0;
+    for chunk in &chunks {
+        for c in chunk["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(c["text"].as_str().unwrap());
+            finished += usize::from(!c["finish_reason"].is_null());
+        }
+    }
+    assert_eq!(finished, 3);
+    assert!(texts.iter().all(|t| *t == text_of(&solo, 0)), "{texts:?}");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        usage["completion_tokens"],
+        3 * solo["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+
     // Sampled: each choice draws with its own seed (the request's plus its index).
     let sampled = json!({"prompt": [7, 7, 7, 7], "max_tokens": 12, "temperature": 1.5, "seed": 11, "n": 4, "ignore_eos": true});
     let answer = complete(&server, sampled).await;
@@ -254,14 +277,10 @@ async fn n_choices_fork_the_computed_prompt() {
             serde_json::from_str(choice["message"]["content"].as_str().unwrap()).unwrap();
         assert!(v["ok"].is_boolean(), "{answer}");
     }
-    // Bounds, and streams of several choices, are refused saying so.
+    // Out of bounds: refused, saying so.
     for (body, expected) in [
         (json!({"prompt": "x", "n": 0}), "n must be 1 to 16"),
         (json!({"prompt": "x", "n": 17}), "n must be 1 to 16"),
-        (
-            json!({"prompt": "x", "n": 2, "stream": true}),
-            "not supported with stream",
-        ),
     ] {
         let (status, answer) = server.post_json("/v1/completions", &body).await;
         assert_eq!(status, 400, "{body}: {answer}");

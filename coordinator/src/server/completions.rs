@@ -110,7 +110,7 @@ async fn generate(
         Err(e) => return refused(e),
     };
     span.record("prompt_tokens", prepared.prompt.len());
-    let mut receivers = match submit(&state, &mut prepared, request_id, &span) {
+    let receivers = match submit(&state, &mut prepared, request_id, &span) {
         Ok(rx) => rx,
         Err(e) => return refused(e),
     };
@@ -135,9 +135,7 @@ async fn generate(
         outcome: Outcome::new(span, state.metrics.clone(), started, prepared.prompt.len()),
     };
     if prepared.stream {
-        // Validation allows a stream of one choice only.
-        let rx = receivers.swap_remove(0);
-        stream_response(state, answer, rx).into_response()
+        stream_response(state, answer, receivers).into_response()
     } else {
         whole_response(state, answer, receivers).await
     }

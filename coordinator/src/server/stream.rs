@@ -328,29 +328,33 @@ pub(super) async fn whole_response(
     Json(header.completion(&views, usage)).into_response()
 }
 
-/// The per-request state of a stream, carried from one event to the next.
-struct StreamState {
-    state: Arc<AppState>,
+/// One choice of a stream, carried from one event to the next.
+struct ChoiceState {
+    index: usize,
+    /// Cleared once the choice is over (dropping it cancels the sequence: a stop string may
+    /// end it early).
     rx: Option<UnboundedReceiver<Event>>,
     asm: Assembler,
     started: bool,
-    header: Header,
-    include_usage: bool,
-    outcome: Outcome,
     tool_calls_sent: usize,
-    wants_logprobs: bool,
     /// The prompt's text, sent first (completions' `echo`).
     echo: Option<String>,
     /// Where the next token's text starts in the answer (completions' `text_offset`).
     text_offset: usize,
 }
 
-impl StreamState {
-    /// A chunk; log-probabilities of tokens received so far ride on it.
-    fn chunk(&mut self, delta: serde_json::Value, reason: Option<&str>) -> SseEvent {
+impl ChoiceState {
+    /// A chunk of this choice; log-probabilities of tokens received so far ride on it.
+    fn chunk(
+        &mut self,
+        header: &Header,
+        wants_logprobs: bool,
+        delta: serde_json::Value,
+        reason: Option<&str>,
+    ) -> SseEvent {
         let logprobs = std::mem::take(&mut self.asm.logprobs);
-        let logprobs = self.wants_logprobs.then_some(logprobs.as_slice());
-        let chunk = self.header.chunk(delta, logprobs, reason, self.text_offset);
+        let logprobs = wants_logprobs.then_some(logprobs.as_slice());
+        let chunk = header.chunk(self.index, delta, logprobs, reason, self.text_offset);
         if let Some(entries) = logprobs {
             self.text_offset += entries.iter().map(|e| e.token.len()).sum::<usize>();
         }
@@ -358,7 +362,7 @@ impl StreamState {
     }
 
     /// One answer piece as a chunk's `delta`; tool calls are numbered in order.
-    fn delta_chunk(&mut self, delta: Delta) -> SseEvent {
+    fn delta_chunk(&mut self, header: &Header, wants_logprobs: bool, delta: Delta) -> SseEvent {
         let delta = match delta {
             Delta::Content(t) => json!({"content": t}),
             Delta::Reasoning(t) => json!({"reasoning_content": t}),
@@ -368,53 +372,84 @@ impl StreamState {
                 json!({"tool_calls": [tool_call_json(&call, Some(index))]})
             }
         };
-        self.chunk(delta, None)
+        self.chunk(header, wants_logprobs, delta, None)
+    }
+}
+
+/// The per-request state of a stream: its choices, interleaved as their tokens come.
+struct StreamState {
+    state: Arc<AppState>,
+    choices: Vec<ChoiceState>,
+    header: Header,
+    include_usage: bool,
+    outcome: Outcome,
+    wants_logprobs: bool,
+    /// The first choice's finish reason, for the request's log line.
+    reason: Option<&'static str>,
+}
+
+impl StreamState {
+    fn completion_tokens(&self) -> usize {
+        self.choices.iter().map(|c| c.asm.completion_tokens).sum()
     }
 
-    /// The events for the scheduler's next event; `rx` is cleared once the stream is over.
-    fn next_events(&mut self, event: Option<Event>) -> Vec<SseEvent> {
+    /// The events for choice `i`'s next scheduler event; when the last choice ends, the usage
+    /// chunk (if asked for) and `[DONE]`.
+    fn next_events(&mut self, i: usize, event: Option<Event>) -> Vec<SseEvent> {
+        let (header, wants) = (&self.header, self.wants_logprobs);
+        let choice = &mut self.choices[i];
         let mut out = Vec::new();
-        if !self.started && self.header.kind == super::types::Kind::Chat {
-            out.push(self.chunk(json!({"role": "assistant", "content": ""}), None));
+        if !choice.started && header.kind == super::types::Kind::Chat {
+            out.push(choice.chunk(
+                header,
+                wants,
+                json!({"role": "assistant", "content": ""}),
+                None,
+            ));
         }
-        if let Some(echo) = self.echo.take() {
-            out.push(self.chunk(json!({ "content": echo }), None));
+        if let Some(echo) = choice.echo.take() {
+            out.push(choice.chunk(header, wants, json!({ "content": echo }), None));
         }
-        self.started = true;
-        match self
+        choice.started = true;
+        match choice
             .asm
             .on_event(&self.state.tokenizer, &self.state.scheduler, event)
         {
             Piece::Deltas(deltas) => {
                 for d in deltas {
-                    out.push(self.delta_chunk(d));
+                    out.push(choice.delta_chunk(header, wants, d));
                 }
             }
             Piece::Done { deltas, reason } => {
                 for d in deltas {
-                    out.push(self.delta_chunk(d));
+                    out.push(choice.delta_chunk(header, wants, d));
                 }
-                out.push(self.chunk(json!({}), Some(reason)));
-                if self.include_usage {
-                    let chunk = self
-                        .header
-                        .usage_chunk(self.outcome.prompt_tokens, self.asm.completion_tokens);
-                    out.push(SseEvent::default().data(chunk.to_string()));
+                out.push(choice.chunk(header, wants, json!({}), Some(reason)));
+                choice.rx = None;
+                if i == 0 {
+                    self.reason = Some(reason);
                 }
-                out.push(SseEvent::default().data("[DONE]"));
-                self.outcome.finished(reason, self.asm.completion_tokens);
-                // Dropping the receiver cancels the sequence (a stop string may end it early).
-                self.rx = None;
+                if self.choices.iter().all(|c| c.rx.is_none()) {
+                    let tokens = self.completion_tokens();
+                    if self.include_usage {
+                        let chunk = self.header.usage_chunk(self.outcome.prompt_tokens, tokens);
+                        out.push(SseEvent::default().data(chunk.to_string()));
+                    }
+                    out.push(SseEvent::default().data("[DONE]"));
+                    self.outcome.finished(self.reason.unwrap_or("stop"), tokens);
+                }
             }
             Piece::Failed(e) => {
                 out.push(SseEvent::default().data(e.body().to_string()));
                 out.push(SseEvent::default().data("[DONE]"));
-                self.outcome.failed(&e, self.asm.completion_tokens);
-                self.rx = None;
+                self.outcome.failed(&e, self.completion_tokens());
+                // One choice failing ends the request: the others are cancelled.
+                self.choices.iter_mut().for_each(|c| c.rx = None);
             }
         }
         // Kept current so a cancellation is logged with what was sent.
-        self.outcome.tokens(self.asm.completion_tokens);
+        let tokens = self.completion_tokens();
+        self.outcome.tokens(tokens);
         out
     }
 }
@@ -422,24 +457,45 @@ impl StreamState {
 pub(super) fn stream_response(
     state: Arc<AppState>,
     answer: Answer,
-    rx: UnboundedReceiver<Event>,
+    receivers: Vec<UnboundedReceiver<Event>>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let choices = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(index, rx)| ChoiceState {
+            index,
+            rx: Some(rx),
+            asm: Assembler::new(answer.stop.clone(), answer.format),
+            started: false,
+            tool_calls_sent: 0,
+            echo: answer.echo.clone(),
+            text_offset: 0,
+        })
+        .collect();
     let st = StreamState {
         state,
-        rx: Some(rx),
-        asm: Assembler::new(answer.stop, answer.format),
-        started: false,
+        choices,
         header: answer.header,
         include_usage: answer.include_usage,
         outcome: answer.outcome,
-        tool_calls_sent: 0,
         wants_logprobs: answer.logprobs,
-        echo: answer.echo,
-        text_offset: 0,
+        reason: None,
     };
     let events = futures::stream::unfold(st, |mut st| async move {
-        let event = st.rx.as_mut()?.recv().await;
-        let out = st.next_events(event);
+        // The next event of whichever choice has one first.
+        let (event, i) = {
+            let waiting = st.choices.iter_mut().filter_map(|c| {
+                let index = c.index;
+                c.rx.as_mut()
+                    .map(|rx| Box::pin(async move { (rx.recv().await, index) }))
+            });
+            let waiting: Vec<_> = waiting.collect();
+            if waiting.is_empty() {
+                return None;
+            }
+            futures::future::select_all(waiting).await.0
+        };
+        let out = st.next_events(i, event);
         Some((futures::stream::iter(out.into_iter().map(Ok)), st))
     })
     .flatten();

@@ -407,6 +407,7 @@ impl Header {
     /// only its text.
     pub fn chunk(
         &self,
+        index: usize,
         delta: Value,
         logprobs: Option<&[LogprobEntry]>,
         reason: Option<&str>,
@@ -419,11 +420,11 @@ impl Header {
         match self.kind {
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}],
+                "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}],
             }),
             Kind::Text => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": reason, "logprobs": logprobs}],
+                "choices": [{"index": index, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": reason, "logprobs": logprobs}],
             }),
         }
     }

@@ -215,11 +215,6 @@ fn prepare(
     if !(1..=MAX_CHOICES).contains(&n) {
         return Err(invalid(format!("n must be 1 to {MAX_CHOICES}, got {n}")));
     }
-    if n > 1 && body.stream == Some(true) {
-        return Err(invalid(
-            "n > 1 is not supported with stream yet; ask for the choices whole, or one per request",
-        ));
-    }
     let logprobs = logprobs_requested(&body, kind)?;
     let requested = structured_output(&mut body)?;
     let echo = body.echo.unwrap_or(false);
