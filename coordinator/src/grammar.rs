@@ -49,8 +49,8 @@ impl GrammarSpec {
         }
     }
 
-    fn grammar(&self) -> TopLevelGrammar {
-        match self {
+    fn grammar(&self) -> Result<TopLevelGrammar, String> {
+        Ok(match self {
             GrammarSpec::JsonSchema(schema) => {
                 let mut schema = schema.clone();
                 // Unless the schema says otherwise, JSON laid out as Python writes it: free
@@ -79,13 +79,35 @@ impl GrammarSpec {
                         })
                     })
                     .collect();
-                // Laid out as the chat template writes calls into the prompt.
-                let schema = json!({ "anyOf": calls, "x-guidance": *LAYOUT });
+                // Laid out as the chat template writes calls into the prompt. Each tool's
+                // `$defs` move to the root, where its `#/$defs/…` references resolve.
+                let mut defs = serde_json::Map::new();
+                for (name, parameters) in functions {
+                    let Some(own) = parameters.get("$defs").and_then(Value::as_object) else {
+                        continue;
+                    };
+                    for (k, v) in own {
+                        match defs.get(k) {
+                            Some(existing) if existing != v => {
+                                return Err(format!(
+                                    "tools define `$defs/{k}` differently (tool `{name}` among them); give the definitions distinct names"
+                                ));
+                            }
+                            _ => {
+                                defs.insert(k.clone(), v.clone());
+                            }
+                        }
+                    }
+                }
+                let mut schema = json!({ "anyOf": calls, "x-guidance": *LAYOUT });
+                if !defs.is_empty() {
+                    schema["$defs"] = Value::Object(defs);
+                }
                 TopLevelGrammar::from_lark(format!(
                     "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}"
                 ))
             }
-        }
+        })
     }
 }
 
@@ -157,13 +179,15 @@ impl Grammars {
     /// A fresh constraint for one answer; a spec the engine cannot compile is the client's
     /// error.
     pub fn constraint(&self, spec: &GrammarSpec) -> Result<Constraint, GrammarError> {
-        let parser =
-            self.factory
-                .create_parser(spec.grammar())
-                .map_err(|e| GrammarError::Compile {
-                    what: spec.what(),
-                    reason: e.to_string(),
-                })?;
+        let compile_error = |reason: String| GrammarError::Compile {
+            what: spec.what(),
+            reason,
+        };
+        let grammar = spec.grammar().map_err(compile_error)?;
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| compile_error(e.to_string()))?;
         Ok(Constraint {
             matcher: Matcher::new(Ok(parser)),
         })
@@ -274,6 +298,14 @@ mod tests {
             body,
             r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#
         );
+        // A tool schema with `$defs` references (as Pydantic writes them).
+        let with_refs = GrammarSpec::ToolCall(vec![(
+            "ring".into(),
+            json!({"type": "object", "properties": {"bell": {"$ref": "#/$defs/Bell"}}, "required": ["bell"],
+                   "additionalProperties": false, "$defs": {"Bell": {"enum": ["big"]}}}),
+        )]);
+        let text = walk(&tok, &mut g.constraint(&with_refs).unwrap(), 512);
+        assert!(text.contains(r#""arguments": {"bell": "big"}"#), "{text}");
         let bad = GrammarSpec::Regex("(".into());
         assert!(g.constraint(&bad).is_err());
     }

@@ -100,6 +100,16 @@ impl PrefixCache {
         if covered {
             return;
         }
+        // Entries this one extends hold nothing it does not: drop them.
+        let covered_ids: Vec<usize> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| tokens[..len].starts_with(&e.tokens))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in covered_ids {
+            self.remove(id);
+        }
         let snapshot = match cache.prefix(len) {
             Ok(c) => c,
             Err(e) => {
@@ -132,9 +142,34 @@ impl PrefixCache {
             let Some((&id, _)) = self.entries.iter().min_by_key(|(_, e)| e.last_used) else {
                 break;
             };
-            if let Some(e) = self.entries.remove(&id) {
-                self.bytes -= e.bytes;
-                self.index.retain(|_, entry| *entry != id);
+            self.remove(id);
+        }
+    }
+
+    /// Drops an entry; its blocks' hashes point to another entry holding them, if one does.
+    fn remove(&mut self, id: usize) {
+        let Some(gone) = self.entries.remove(&id) else {
+            return;
+        };
+        self.bytes -= gone.bytes;
+        let hashes = block_hashes(&gone.tokens);
+        for (i, h) in hashes.iter().enumerate() {
+            if self.index.get(h) != Some(&id) {
+                continue;
+            }
+            let len = (i + 1) * BLOCK_TOKENS;
+            let other = self
+                .entries
+                .iter()
+                .find(|(_, e)| e.tokens.get(..len) == Some(&gone.tokens[..len]))
+                .map(|(&other, _)| other);
+            match other {
+                Some(other) => {
+                    self.index.insert(*h, other);
+                }
+                None => {
+                    self.index.remove(h);
+                }
             }
         }
     }

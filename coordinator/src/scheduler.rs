@@ -168,6 +168,11 @@ impl Sequence {
         self.prefilled >= self.to_prefill
     }
 
+    /// KV positions this sequence holds or has been admitted to hold.
+    fn reserved(&self) -> usize {
+        self.cache.seq_len().max(self.to_prefill) + self.req.forks.len() * self.to_prefill
+    }
+
     /// Drops the cache to free its memory; everything so far is computed again when the
     /// sequence runs next (the same tokens, so the same text).
     fn preempt(&mut self) {
@@ -346,21 +351,45 @@ fn run(
                 Err(_) => return,
             }
         }
-        while active.len() < cfg.max_active {
+        // A waiting request whose client went away is dropped before it can hold the line.
+        if next.as_ref().is_some_and(|(req, _)| req.events.is_closed())
+            && let Some((req, enqueued)) = next.take()
+        {
+            drop(admit((req, enqueued), metrics));
+        }
+        while running(&active) < cfg.max_active {
             if next.is_none() && preempted.is_empty() {
                 match rx.try_recv() {
                     Ok(req) => next = Some(req),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            let in_use = in_cache(&active);
-            let need = match (preempted.front(), &next) {
-                (Some(seq), _) => seq.history.len() + 1,
+            let (need, choices) = match (preempted.front(), &next) {
+                (Some(seq), _) => (seq.history.len() + 1, 1),
                 // Every choice of the request will hold a copy of the prompt.
-                (None, Some((req, _))) => (req.prompt.len() + 1) * (1 + req.forks.len()),
+                (None, Some((req, _))) => {
+                    let choices = 1 + req.forks.len();
+                    ((req.prompt.len() + 1) * choices, choices)
+                }
                 (None, None) => break,
             };
-            if !kv.make_room(in_use, need) {
+            if need > kv.capacity() {
+                // Validation refuses these; a request that slips through fails instead of
+                // waiting forever at the head of the queue.
+                if let Some((req, enqueued)) = next.take() {
+                    let seq = admit((req, enqueued), metrics);
+                    let _ = seq
+                        .req
+                        .events
+                        .send(Event::Error(GenerationError::InvalidRequest(format!(
+                            "the request needs {need} KV cache positions; the budget holds {}",
+                            kv.capacity()
+                        ))));
+                }
+                continue;
+            }
+            let crowded = !active.is_empty() && running(&active) + choices > cfg.max_active;
+            if crowded || !kv.make_room(in_cache(&active), need) {
                 break;
             }
             let mut seq = match preempted.pop_front() {
@@ -380,8 +409,10 @@ fn run(
                 .inc_by(seq.to_prefill as u64);
             active.push(seq);
         }
-        // Decoding adds a position per running sequence: preempt the newest until that fits.
-        while active.len() > 1 && !kv.make_room(in_cache(&active), active.len()) {
+        // Decoding adds a position per running sequence: evict cached prefixes, then preempt
+        // the newest sequence, until that fits (a lone sequence always fits: validation bounds
+        // it by the context, which the budget holds).
+        while !kv.make_room(in_cache(&active), active.len()) && active.len() > 1 {
             if let Some(mut seq) = active.pop() {
                 tracing::debug!(parent: &seq.req.span, "sequence preempted: the KV cache budget is full; it will be recomputed");
                 metrics.preemptions.inc();
@@ -407,23 +438,26 @@ fn run(
         if active.is_empty() {
             continue;
         }
-        let room = kv
-            .capacity()
-            .saturating_sub(in_cache(&active) + kv.cached());
-        step(engine, cfg, &mut active, metrics, &mut kv, room);
+        step(engine, cfg, &mut active, metrics, &mut kv);
         // Also after the step: when its last sequence finishes, the loop next blocks waiting for
         // work, and an idle server must not keep showing the sequences it had.
         metrics.active_sequences.set(active.len() as i64);
     }
 }
 
-/// Positions the running sequences' caches hold.
+/// Positions the running sequences hold or will hold once their prompts are computed (each
+/// choice still to be forked holds a copy of the prompt).
 fn in_cache(active: &[Sequence]) -> usize {
-    active.iter().map(|s| s.cache.seq_len()).sum()
+    active.iter().map(Sequence::reserved).sum()
 }
 
-/// One forward pass over a batch chosen from `active`, adding at most `kv_room` positions to
-/// their caches; finished sequences are removed, and prompts just computed are offered to the
+/// Sequences running, counting the choices still to be forked.
+fn running(active: &[Sequence]) -> usize {
+    active.iter().map(|s| 1 + s.req.forks.len()).sum()
+}
+
+/// One forward pass over a batch chosen from `active` (whose prompts the KV budget holds
+/// already); finished sequences are removed, and prompts just computed are offered to the
 /// prefix cache.
 fn step(
     engine: &Engine,
@@ -431,10 +465,9 @@ fn step(
     active: &mut Vec<Sequence>,
     metrics: &Metrics,
     kv: &mut KvBudget,
-    kv_room: usize,
 ) {
     // Decoding sequences first (one token each), then prompt chunks with what budget is left.
-    let mut budget = cfg.max_batched_tokens.max(1).min(kv_room.max(1));
+    let mut budget = cfg.max_batched_tokens.max(1);
     let in_use_after = in_cache(active) + budget;
     let mut chosen: Vec<(usize, Vec<u32>)> = Vec::new();
     for (i, seq) in active.iter().enumerate() {

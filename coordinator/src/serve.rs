@@ -57,8 +57,8 @@ pub struct ServeSettings {
 }
 
 impl ServeSettings {
-    /// `coordinator serve`'s defaults for the checkpoint in `model_dir`, with no memory bound on
-    /// the KV cache (embedders and tests; the CLI sizes it from the machine).
+    /// `coordinator serve`'s defaults for the checkpoint in `model_dir`, with a 1 GiB KV cache
+    /// budget (embedders and tests; the CLI sizes it from the machine).
     pub fn new(model_dir: PathBuf) -> Self {
         Self {
             model_dir,
@@ -74,7 +74,8 @@ impl ServeSettings {
                 max_active: 64,
                 max_batched_tokens: 512,
                 queue_size: 256,
-                kv_cache_bytes: usize::MAX,
+                // Bounded, so the prefix cache is: it keeps what the budget has room for.
+                kv_cache_bytes: 1 << 30,
                 prefix_caching: true,
             },
             placement: None,
@@ -203,6 +204,7 @@ pub fn start(
         e.to_string()
     });
     let model_name = served_model_name.unwrap_or_else(|| default_model_name(&model_dir));
+    let sched_max_active = sched.max_active;
     let scheduler = scheduler::start(engine.clone(), sched, metrics.clone());
     let state = Arc::new(AppState::new(
         engine,
@@ -216,6 +218,8 @@ pub fn start(
             api_key,
             max_context,
             special_tokens_in_text,
+            kv_capacity: capacity,
+            max_sequences: sched_max_active,
         },
     ));
     Ok(Service {
@@ -402,8 +406,9 @@ where
         let service = tokio::select! {
             loaded = loading => loaded.map_err(|e| ServeError::Load(e.to_string()))?,
             _ = tokio::signal::ctrl_c() => {
-                stop.notify_one();
-                return Ok(());
+                // The loader cannot be interrupted, and the runtime would wait for it on drop.
+                eprintln!("interrupted while loading the model");
+                std::process::exit(130);
             }
         };
         let service = match service {

@@ -136,6 +136,13 @@ impl TextTokenizer {
         self.inner.id_to_token(id).unwrap_or_default()
     }
 
+    /// Text of `ids` with special tokens written out (`<|im_end|>`), as a prompt was sent.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
     /// One token's text, special tokens included (`<|im_end|>`), as log-probabilities show it.
     pub fn token_piece(&self, id: u32) -> String {
         self.inner.decode(&[id], false).unwrap_or_default()

@@ -71,6 +71,8 @@ pub fn http_body(data: &[u8]) {
         tokenizer: &DEMO.tok,
         chat: &DEMO.chat,
         grammars: Ok(&DEMO.grammars),
+        kv_capacity: 4096,
+        max_sequences: 64,
         special_tokens_in_text: first & 2 == 2,
     };
     if let Ok((prompt, max_tokens)) = validate_body(&limits, body, first & 1 == 1) {

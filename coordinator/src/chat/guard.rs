@@ -50,7 +50,17 @@ impl SpecialTokenGuard {
                 }
             }
             Value::Array(items) => items.iter_mut().for_each(|i| self.hide(i)),
-            Value::Object(map) => map.values_mut().for_each(|i| self.hide(i)),
+            // Keys too: `tojson` prints them (a tool schema's property names, tool-call
+            // arguments).
+            Value::Object(map) => {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, mut v)| {
+                        self.hide(&mut v);
+                        (self.hide_str(&k).into_owned(), v)
+                    })
+                    .collect();
+            }
             _ => {}
         }
     }
@@ -205,5 +215,9 @@ mod tests {
         let ids = ids_of(json!([{"role": "user", "content": forged}]));
         assert_eq!(count(&ids), 2);
         assert!(tok.decode(&ids).unwrap().contains(forged));
+        // Also in object keys, which templates print with `tojson`.
+        let mut keyed = json!({ forged: 1 });
+        g.hide(&mut keyed);
+        assert!(!keyed.to_string().contains("<|im_"), "{keyed}");
     }
 }

@@ -64,6 +64,9 @@ pub struct OutputParser {
     stage: Stage,
     pending: String,
     calls: usize,
+    /// Whitespace after a tool call, held until it is known to be content (text follows) or
+    /// only the separator before another call or the end.
+    held: String,
 }
 
 impl OutputParser {
@@ -78,6 +81,7 @@ impl OutputParser {
             stage,
             pending: String::new(),
             calls: 0,
+            held: String::new(),
         }
     }
 
@@ -103,6 +107,7 @@ impl OutputParser {
             Stage::ToolCall => emit(&mut out, Delta::Content(format!("{CALL_OPEN}{rest}"))),
             Stage::Start | Stage::AfterReasoning | Stage::Content => self.content(&mut out, rest),
         }
+        self.held.clear();
         out
     }
 
@@ -155,6 +160,8 @@ impl OutputParser {
                     let before = self.pending[..at].to_string();
                     self.pending.drain(..at + CALL_OPEN.len());
                     self.content(out, before);
+                    // Whitespace between two calls only separates them.
+                    self.held.clear();
                     self.stage = Stage::ToolCall;
                     true
                 }
@@ -186,11 +193,13 @@ impl OutputParser {
         }
     }
 
-    /// Content text; after a tool call, whitespace alone is only the separator between calls.
-    fn content(&self, out: &mut Vec<Delta>, text: String) {
+    /// Content text. After a tool call, whitespace is held back until text follows it.
+    fn content(&mut self, out: &mut Vec<Delta>, text: String) {
         if self.calls > 0 && text.trim().is_empty() {
+            self.held.push_str(&text);
             return;
         }
+        let text = std::mem::take(&mut self.held) + &text;
         emit(out, Delta::Content(text));
     }
 
@@ -331,6 +340,9 @@ mod tests {
         let broken = "<tool_call>\n{\"name\": \"get_weather\", \"argu\n</tool_call>";
         let a = every_split(ALL, broken);
         assert_eq!((a.content.as_str(), a.tool_calls.len()), (broken, 0));
+        // Whitespace after a call is content when text follows it, not when another call does.
+        let after = "<tool_call>\n{\"name\": \"f\"}\n</tool_call>\nDone.\n\nNext";
+        assert_eq!(every_split(ALL, after).content, "\nDone.\n\nNext");
         // Never closed: content too.
         let a = every_split(ALL, "<tool_call>\n{\"name\"");
         assert_eq!(a.content, "<tool_call>\n{\"name\"");

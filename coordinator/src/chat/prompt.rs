@@ -95,6 +95,28 @@ impl ChatPrompter {
         self.tool_calls
     }
 
+    /// Whether the answer starts inside an opened `<think>`: the template's generation prompt
+    /// opens one (thinking-only models), or the continued final message left one open. Client
+    /// text elsewhere saying `<think>` does not count.
+    fn opens_reasoning(&self, conv: &Conversation, rendered: &str) -> Result<bool, PromptError> {
+        let open = |text: &str| {
+            text.rfind("<think>")
+                .is_some_and(|at| !text[at..].contains("</think>"))
+        };
+        if conv.continue_final_message {
+            let last = conv.messages.last().and_then(|m| m.get("content"));
+            return Ok(last.and_then(|c| c.as_str()).is_some_and(open));
+        }
+        if !conv.add_generation_prompt {
+            return Ok(false);
+        }
+        let without = self.template.render(&Conversation {
+            add_generation_prompt: false,
+            ..conv.clone()
+        })?;
+        Ok(rendered.strip_prefix(without.as_str()).is_some_and(open))
+    }
+
     /// The prompt's tokens. `trusted`: special tokens in client strings act as control tokens
     /// (`--special-tokens-in-text`). A rendered prompt over `max_bytes` is refused before
     /// tokenizing.
@@ -123,11 +145,7 @@ impl ChatPrompter {
         } else {
             self.guard.encode(tok, &rendered)?
         };
-        let opens_reasoning = self.reasoning && {
-            let end = rendered.trim_end();
-            end.rfind("<think>")
-                .is_some_and(|open| !end[open..].contains("</think>"))
-        };
+        let opens_reasoning = self.reasoning && self.opens_reasoning(&conv, &rendered)?;
         Ok(ChatPrompt {
             ids,
             opens_reasoning,

@@ -55,6 +55,10 @@ pub struct ServeConfig {
     pub max_context: usize,
     /// Special tokens in client text act as control tokens (else they are plain text).
     pub special_tokens_in_text: bool,
+    /// Token positions the KV cache budget holds.
+    pub kv_capacity: usize,
+    /// Sequences the scheduler runs at once.
+    pub max_sequences: usize,
 }
 
 pub struct AppState {
@@ -98,6 +102,8 @@ impl AppState {
             model_name: &self.config.model_name,
             max_context: self.config.max_context,
             special_tokens_in_text: self.config.special_tokens_in_text,
+            kv_capacity: self.config.kv_capacity,
+            max_sequences: self.config.max_sequences,
             vocab_size: self.engine.config().vocab_size,
             tokenizer: &self.tokenizer,
             chat: &self.chat,

@@ -38,6 +38,10 @@ pub struct RequestLimits<'a> {
     pub chat: &'a ChatPrompter,
     /// Constrained decoding, or why this server cannot do it.
     pub grammars: Result<&'a Grammars, &'a str>,
+    /// Token positions the KV cache budget holds.
+    pub kv_capacity: usize,
+    /// Sequences the scheduler runs at once.
+    pub max_sequences: usize,
     /// Special tokens in client text act as control tokens (else they are plain text).
     pub special_tokens_in_text: bool,
 }
@@ -212,8 +216,9 @@ fn prepare(
         ));
     }
     let n = body.n.unwrap_or(1) as usize;
-    if !(1..=MAX_CHOICES).contains(&n) {
-        return Err(invalid(format!("n must be 1 to {MAX_CHOICES}, got {n}")));
+    let most = MAX_CHOICES.min(limits.max_sequences);
+    if !(1..=most).contains(&n) {
+        return Err(invalid(format!("n must be 1 to {most}, got {n}")));
     }
     let logprobs = logprobs_requested(&body, kind)?;
     let requested = structured_output(&mut body)?;
@@ -229,6 +234,7 @@ fn prepare(
         ));
     }
     let mut grammar = None;
+    let mut echo_text = None;
     let (prompt, format) = match kind {
         Kind::Chat => {
             let tools_offered = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
@@ -242,7 +248,10 @@ fn prepare(
             grammar = forced_call(&chat, &choice)?;
             let prompt = limits.chat_prompt(&mut chat)?;
             let format = OutputFormat {
-                reasoning: limits.chat.parses_reasoning(),
+                // A grammar shapes the whole answer: there is no reasoning to split off.
+                reasoning: limits.chat.parses_reasoning()
+                    && grammar.is_none()
+                    && requested.is_none(),
                 starts_in_reasoning: prompt.opens_reasoning,
                 tool_calls: calls_allowed,
             };
@@ -251,8 +260,17 @@ fn prepare(
         Kind::Text => {
             let ids = match body.prompt.take() {
                 None => return Err(invalid("`prompt` is required")),
-                Some(Prompt::Text(t)) => limits.text_ids(&t)?,
-                Some(Prompt::Texts(v)) if v.len() == 1 => limits.text_ids(&v[0])?,
+                Some(Prompt::Text(t)) => {
+                    let ids = limits.text_ids(&t)?;
+                    echo_text = Some(t);
+                    ids
+                }
+                Some(Prompt::Texts(mut v)) if v.len() == 1 => {
+                    let t = v.remove(0);
+                    let ids = limits.text_ids(&t)?;
+                    echo_text = Some(t);
+                    ids
+                }
                 Some(Prompt::Texts(_)) => {
                     return Err(invalid("exactly one prompt per request is supported"));
                 }
@@ -272,15 +290,16 @@ fn prepare(
     if prompt.is_empty() {
         return Err(invalid("the prompt is empty"));
     }
-    let echo = if echo {
-        Some(
+    // The prompt as sent: its text, or its tokens' text with special tokens written out.
+    let echo = match (echo, echo_text) {
+        (false, _) => None,
+        (true, Some(text)) => Some(text),
+        (true, None) => Some(
             limits
                 .tokenizer
-                .decode(&prompt)
+                .decode_with_special(&prompt)
                 .map_err(|e| invalid(e.to_string()))?,
-        )
-    } else {
-        None
+        ),
     };
     let max_context = limits.max_context;
     let too_long = |requested: usize| GenerationError::ContextLengthExceeded {
@@ -292,6 +311,15 @@ fn prepare(
         return Err(too_long(1));
     }
     let room = max_context - prompt.len();
+    // Each choice holds a copy of the prompt in the KV cache.
+    if n * (prompt.len() + 1) > limits.kv_capacity {
+        return Err(invalid(format!(
+            "{n} choices of a {}-token prompt need {} KV cache positions; this server's budget holds {}: ask for fewer choices",
+            prompt.len(),
+            n * (prompt.len() + 1),
+            limits.kv_capacity
+        )));
+    }
     let max_tokens = match body.max_tokens.or(body.max_completion_tokens) {
         Some(0) => return Err(invalid("max_tokens must be at least 1")),
         Some(n) if n as usize > room => return Err(too_long(n as usize)),
