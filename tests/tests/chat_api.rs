@@ -90,6 +90,18 @@ async fn reasoning_is_split_streamed_and_not() {
     }
     assert_eq!(pieces, reasoning);
 
+    // A user who writes `<think>` opens no reasoning: only the template or a continued message
+    // can.
+    let asks = json!({"messages": [{"role": "user", "content": "What does the <think> tag do?"}], "max_tokens": 6, "temperature": 0});
+    let (status, answer) = post(&server, "/v1/chat/completions", &asks).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none(),
+        "{answer}"
+    );
+
     // A plain question: no reasoning, all content.
     let plain = json!({"messages": [{"role": "user", "content": "Who keeps the ledger?"}], "max_tokens": 8, "temperature": 0});
     let (status, answer) = post(&server, "/v1/chat/completions", &plain).await;

@@ -62,6 +62,21 @@ async fn preempted_sequences_answer_as_they_do_alone() {
     for (body, answer) in bodies.iter().zip(&together) {
         assert_eq!(&text(&server, body).await, answer);
     }
+    // Choices that together cannot fit the budget are refused up front.
+    let (status, answer) = server
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "n": 16, "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("KV cache positions"),
+        "{answer}"
+    );
     // A budget below one full context is refused at start-up, saying what to give.
     let out = std::process::Command::new(omnishard_tests::bin("coordinator"))
         .args([
