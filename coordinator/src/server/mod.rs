@@ -6,15 +6,18 @@
 //! shape ([`GenerationError`]).
 //!
 //! This file holds the shared state, the router and its middleware (request metrics, API key);
-//! the request and response shapes are in `types`, request checking in `validate`, the
+//! the request and response shapes are in `types`, request checking in `validate` (a chat's
+//! messages, tools and tool choice in `conversation`, structured output in `structured`), the
 //! completion endpoints in `completions`, answer assembly in `stream`, the token endpoints and
 //! model details in `tokens`, the operational routes in `admin`. Starting a server is
 //! [`crate::serve`]'s job.
 
 mod admin;
 mod completions;
+mod conversation;
 pub mod loading;
 mod stream;
+mod structured;
 mod tokens;
 mod types;
 mod validate;
