@@ -342,6 +342,9 @@ enum Head {
 pub struct TokenLogprobs {
     /// The chosen token's.
     pub logprob: f32,
+    /// The chosen token's place among all tokens, from 1 (vLLM's `rank`: one more than the
+    /// number of tokens more likely than it).
+    pub rank: usize,
     /// The most likely tokens, most likely first (ties to the lower id).
     pub top: Vec<(u32, f32)>,
 }
@@ -365,11 +368,12 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
     }
     best.truncate(top);
     best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let chosen = logits.get(token as usize).copied();
     TokenLogprobs {
-        logprob: logits
-            .get(token as usize)
-            .copied()
-            .map_or(f32::NEG_INFINITY, lp),
+        logprob: chosen.map_or(f32::NEG_INFINITY, lp),
+        rank: chosen.map_or(logits.len() + 1, |c| {
+            1 + logits.iter().filter(|&&l| l > c).count()
+        }),
         top: best.into_iter().map(|(t, l)| (t, lp(l))).collect(),
     }
 }
@@ -539,6 +543,8 @@ mod tests {
         let l = logprobs(&[1.0, 3.0, 2.0, 3.0], 2, 2);
         let z: f32 = [1.0f32, 3.0, 2.0, 3.0].iter().map(|x| x.exp()).sum();
         assert!((l.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(l.rank, 3);
+        assert_eq!(logprobs(&[1.0, 3.0, 2.0, 3.0], 3, 0).rank, 1);
         assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3]);
         assert!((l.top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-6);
         assert!(logprobs(&[0.0], 0, 0).top.is_empty());

@@ -140,8 +140,8 @@ async fn what_is_not_supported_is_refused_by_name() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "hi", "echo": true, "logprobs": 1}),
-            "echo with logprobs",
+            json!({"prompt": "hi", "echo": true, "prompt_logprobs": 25}),
+            "prompt_logprobs must be 0 to 20",
         ),
         (
             "/v1/chat/completions",

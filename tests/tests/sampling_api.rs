@@ -3,7 +3,8 @@
 //! penalties over the generated tokens, `stop_token_ids`, and `min_tokens` barring them — on a
 //! real cluster (demo model, two expert-node processes), greedy; and log-probabilities are the
 //! log-softmax of those logits, in both of OpenAI's shapes, streamed and not; `echo` puts the
-//! prompt first.
+//! prompt first, and with `logprobs` its tokens' log-probabilities too (as does vLLM's
+//! `prompt_logprobs`), computed over chunked prefill and never from the prefix cache.
 
 use omnishard_coordinator::TextTokenizer;
 use omnishard_coordinator::sampling::argmax;
@@ -19,6 +20,11 @@ async fn complete(server: &Server, body: Value) -> Value {
 
 /// The last row of the demo model's logits for `ids`.
 fn next_logits(ids: &[u32]) -> Vec<f32> {
+    all_logits(ids).pop().unwrap()
+}
+
+/// Every row of the demo model's logits for `ids`.
+fn all_logits(ids: &[u32]) -> Vec<Vec<f32>> {
     let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let model = demo_model();
     let out = coordinator_score(&[
@@ -29,8 +35,12 @@ fn next_logits(ids: &[u32]) -> Vec<f32> {
     ]);
     let v: Value = serde_json::from_slice(&out).unwrap();
     let rows = v["logits"].as_array().unwrap();
-    let last = rows.last().unwrap().as_array().unwrap();
-    last.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    rows.iter()
+        .map(|r| {
+            let r = r.as_array().unwrap();
+            r.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        })
+        .collect()
 }
 
 /// Greedy decoding of `n` tokens with `adjust(logits, generated)` applied to each step's logits.
@@ -292,4 +302,109 @@ async fn n_choices_fork_the_computed_prompt() {
             "{answer}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_logprobs_are_the_log_softmax_of_every_prompt_row() {
+    let dir = demo_model();
+    let tok = TextTokenizer::load(&dir, &ModelConfig::from_model_dir(&dir).unwrap()).unwrap();
+    let prompt = tok
+        .encode("The lighthouse keeper of Omnishard Island")
+        .unwrap();
+    let rows = all_logits(&prompt);
+    // Chunks of 4 tokens: the prompt's rows come from several forward passes.
+    let server = Server::start(&[
+        "cluster",
+        "--nodes",
+        "2",
+        "serve",
+        "--max-batched-tokens",
+        "4",
+        "--max-active-seqs",
+        "4",
+    ]);
+    let body = json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": true,
+        "logprobs": 1, "prompt_logprobs": 3});
+    // Twice: the second time the prompt's blocks are cached, and must not be used.
+    let first = complete(&server, body.clone()).await;
+    let answer = complete(&server, body.clone()).await;
+    assert_eq!(first["choices"], answer["choices"]);
+    let choice = &answer["choices"][0];
+    let lp = &choice["logprobs"];
+    let n = prompt.len();
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n + 2, "{lp}");
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    let vllm = choice["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(vllm.len(), n);
+    assert!(vllm[0].is_null());
+    for i in 1..n {
+        let row = &rows[i - 1];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_z = row.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+        let t = prompt[i] as usize;
+        let want = row[t] - log_z;
+        let got = lp["token_logprobs"][i].as_f64().unwrap() as f32;
+        assert!((got - want).abs() < 1e-3, "token {i}: {got} vs {want}");
+        assert_eq!(lp["tokens"][i], tok.token_piece(prompt[i]));
+        let entry = vllm[i].as_object().unwrap();
+        let mine = &entry[&t.to_string()];
+        assert!((mine["logprob"].as_f64().unwrap() as f32 - want).abs() < 1e-3);
+        let rank = 1 + row.iter().filter(|&&l| l > row[t]).count();
+        assert_eq!(mine["rank"], rank, "{mine}");
+        assert_eq!(mine["decoded_token"], tok.token_piece(prompt[i]));
+        // The three most likely, plus the prompt's token when it is not among them.
+        assert_eq!(entry.len(), if rank <= 3 { 3 } else { 4 }, "{entry:?}");
+    }
+    // The answer's own log-probabilities follow the prompt's.
+    let plain = expected(&prompt, 2, |_, _| {});
+    let last = next_logits(&prompt);
+    let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = last.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    let got = lp["token_logprobs"][n].as_f64().unwrap() as f32;
+    assert!((got - (last[plain[0] as usize] - log_z)).abs() < 1e-3);
+
+    // Streamed: the same numbers, the prompt's riding on the first chunk with the echo.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let chunks = server.post_stream("/v1/completions", &streamed).await;
+    assert_eq!(
+        chunks[0]["choices"][0]["prompt_logprobs"],
+        choice["prompt_logprobs"]
+    );
+    assert_eq!(
+        chunks[0]["choices"][0]["text"],
+        tok.decode(&prompt).unwrap()
+    );
+    let mut token_logprobs = Vec::new();
+    for chunk in &chunks {
+        if let Some(v) = chunk["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+            token_logprobs.extend(v.iter().cloned());
+        }
+    }
+    assert_eq!(Value::Array(token_logprobs), lp["token_logprobs"]);
+
+    // Every choice gets them; prompt_logprobs alone leaves `logprobs` out.
+    let answer = complete(
+        &server,
+        json!({"prompt": prompt, "max_tokens": 1, "n": 2, "prompt_logprobs": 0}),
+    )
+    .await;
+    for c in answer["choices"].as_array().unwrap() {
+        assert!(c["logprobs"].is_null(), "{c}");
+        assert_eq!(c["prompt_logprobs"].as_array().unwrap().len(), n, "{c}");
+        assert_eq!(c["prompt_logprobs"][1].as_object().unwrap().len(), 1, "{c}");
+    }
+    let (status, err) = server
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": "x", "prompt_logprobs": 21}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("prompt_logprobs")
+    );
 }

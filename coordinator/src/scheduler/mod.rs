@@ -64,6 +64,9 @@ pub enum Event {
     /// A generated token (stop tokens are not sent), with its log-probabilities when the
     /// request asked for them.
     Token(u32, Option<TokenLogprobs>),
+    /// Each prompt token with its log-probabilities given the tokens before it (none for the
+    /// first), sent once, before the first token, when the request asked for them.
+    PromptLogprobs(Vec<(u32, Option<TokenLogprobs>)>),
     Finished(FinishReason),
     /// The sequence failed and was dropped; nothing follows.
     Error(GenerationError),
@@ -81,6 +84,9 @@ pub struct GenerationRequest {
     pub stop_tokens: Vec<u32>,
     /// Return each token's log-probability and this many of the most likely ones.
     pub logprobs: Option<usize>,
+    /// Return the prompt tokens' log-probabilities and this many of the most likely tokens at
+    /// each prompt position. Such a prompt is computed whole (not taken from the prefix cache).
+    pub prompt_logprobs: Option<usize>,
     /// The grammar the answer must follow (structured output, forced tool calls).
     pub constraint: Option<Constraint>,
     /// More answers to the same prompt (`n` > 1): once the prompt is computed, each starts from
@@ -270,8 +276,14 @@ fn run(
                     None => break,
                 },
             };
-            // At least the last token is computed: its logits pick the next one.
-            if let Some((cache, len)) = kv.lookup(&seq.history, seq.to_prefill - 1) {
+            // At least the last token is computed: its logits pick the next one. A prompt whose
+            // log-probabilities are asked for is computed whole, so each token gets them.
+            let lookup = if seq.wants_prompt_logprobs() {
+                None
+            } else {
+                kv.lookup(&seq.history, seq.to_prefill - 1)
+            };
+            if let Some((cache, len)) = lookup {
                 metrics.prefix_cache_hit_tokens.inc_by(len as u64);
                 seq.resume_from(cache, len);
             }
@@ -372,6 +384,16 @@ fn step(
             .collect::<Vec<_>>()
             .into(),
     };
+    // Every row's logits only when a prompt in the batch wants its log-probabilities (the
+    // other sequences then use their last row).
+    let which = if selected
+        .iter()
+        .any(|s| !s.decoding() && s.wants_prompt_logprobs())
+    {
+        LogitsFor::All
+    } else {
+        LogitsFor::Last
+    };
     let n_tokens: usize = chosen.iter().map(|(_, t)| t.len()).sum();
     let mut batch: Vec<SequenceInput<'_>> = Vec::with_capacity(chosen.len());
     let mut positions_next = Vec::with_capacity(chosen.len());
@@ -387,7 +409,7 @@ fn step(
     let result = {
         let _step =
             tracing::trace_span!("step", sequences = batch.len(), tokens = n_tokens).entered();
-        engine.forward(&mut batch, LogitsFor::Last, &ctx)
+        engine.forward(&mut batch, which, &ctx)
     };
     drop(batch);
     let logits = match result {
@@ -407,22 +429,46 @@ fn step(
     let mut spawned: Vec<Sequence> = Vec::new();
     for (k, (seq, (_, tokens))) in selected.into_iter().zip(&chosen).enumerate() {
         seq.next_position = positions_next[k];
+        let rows = &logits[k];
+        let last = match rows
+            .dim(0)
+            .and_then(|n| rows.narrow(0, n.saturating_sub(1), 1))
+        {
+            Ok(last) => last,
+            Err(e) => {
+                seq.fail(&format!("cannot read the logits: {e}"));
+                continue;
+            }
+        };
         if !seq.decoding() {
+            if seq.wants_prompt_logprobs()
+                && let Err(e) = seq.record_prompt_logprobs(rows)
+            {
+                seq.fail(&format!("cannot read the prompt's logits: {e}"));
+                continue;
+            }
             seq.prefilled += tokens.len();
             if !seq.decoding() {
                 continue;
             }
             kv.remember(&seq.history[..seq.to_prefill], &seq.cache, in_use_after);
         }
+        let prompt_logprobs = seq.take_prompt_logprobs();
         // Its prompt just computed, a request with more choices forks them now.
         let forks = (!seq.req.forks.is_empty()).then(|| std::mem::take(&mut seq.req.forks));
         if let Some(forks) = forks {
             for mut fork in forks.into_iter().filter_map(|f| seq.fork(f)) {
-                take_token(&mut fork, &logits[k], metrics);
+                if let Some(lp) = &prompt_logprobs {
+                    let _ = fork.req.events.send(Event::PromptLogprobs(lp.clone()));
+                }
+                take_token(&mut fork, &last, metrics);
                 spawned.push(fork);
             }
         }
-        take_token(seq, &logits[k], metrics);
+        if let Some(lp) = prompt_logprobs {
+            let _ = seq.req.events.send(Event::PromptLogprobs(lp));
+        }
+        take_token(seq, &last, metrics);
     }
     active.extend(spawned);
     active.retain(|s| !s.done);

@@ -10,7 +10,7 @@ use omnishard_model::model::KvCache;
 use super::{Event, FinishReason, Fork, GenerationRequest};
 use crate::error::GenerationError;
 use crate::metrics::Metrics;
-use crate::sampling::{Sampler, logprobs};
+use crate::sampling::{Sampler, TokenLogprobs, logprobs};
 
 pub(super) struct Sequence {
     pub(super) req: GenerationRequest,
@@ -29,11 +29,55 @@ pub(super) struct Sequence {
     pub(super) next_position: u32,
     /// Finished or failed: removed after this pass.
     pub(super) done: bool,
+    /// The prompt tokens' log-probabilities computed so far, while the request wants them and
+    /// they have not been sent.
+    pub(super) prompt_logprobs: Vec<(u32, Option<TokenLogprobs>)>,
 }
 
 impl Sequence {
     pub(super) fn decoding(&self) -> bool {
         self.prefilled >= self.to_prefill
+    }
+
+    /// The request asked for its prompt's log-probabilities and has not had them yet.
+    pub(super) fn wants_prompt_logprobs(&self) -> bool {
+        self.req.prompt_logprobs.is_some()
+    }
+
+    /// Log-probabilities of the prompt tokens that `rows` (the logits of every token of the
+    /// chunk just computed) predict.
+    pub(super) fn record_prompt_logprobs(&mut self, rows: &Tensor) -> candle_core::Result<()> {
+        let top = self.req.prompt_logprobs.unwrap_or(0);
+        if self.prompt_logprobs.is_empty()
+            && let Some(&first) = self.req.prompt.first()
+        {
+            self.prompt_logprobs.push((first, None));
+        }
+        for (i, row) in rows.to_vec2::<f32>()?.iter().enumerate() {
+            if let Some(&next) = self.req.prompt.get(self.prefilled + i + 1) {
+                self.prompt_logprobs
+                    .push((next, Some(logprobs(row, next, top))));
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt's log-probabilities once its last token is computed, taken once.
+    pub(super) fn take_prompt_logprobs(&mut self) -> Option<Vec<(u32, Option<TokenLogprobs>)>> {
+        self.req.prompt_logprobs.take()?;
+        Some(std::mem::take(&mut self.prompt_logprobs))
+    }
+
+    /// Tells the client why the sequence cannot go on, and ends it.
+    pub(super) fn fail(&mut self, why: &str) {
+        tracing::warn!(parent: &self.req.span, error = why, "failing the sequence");
+        let _ = self
+            .req
+            .events
+            .send(Event::Error(GenerationError::ForwardFailed(
+                why.to_string(),
+            )));
+        self.done = true;
     }
 
     /// KV positions this sequence holds or has been admitted to hold.
@@ -48,6 +92,8 @@ impl Sequence {
         self.prefilled = 0;
         self.next_position = 0;
         self.to_prefill = self.history.len();
+        // Computed again with the prompt, if they were not sent yet.
+        self.prompt_logprobs.clear();
     }
 
     /// Another answer to this sequence's prompt, computed: a copy of its cache, its own sampler.
@@ -81,6 +127,7 @@ impl Sequence {
                 sampling: fork.sampling,
                 stop_tokens: self.req.stop_tokens.clone(),
                 logprobs: self.req.logprobs,
+                prompt_logprobs: None,
                 constraint: None,
                 forks: Vec::new(),
                 events: fork.events,
@@ -95,6 +142,7 @@ impl Sequence {
             last_token_at: None,
             next_position: self.next_position,
             done: false,
+            prompt_logprobs: Vec::new(),
         })
     }
 
@@ -140,6 +188,7 @@ pub(super) fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Seq
         last_token_at: None,
         next_position: 0,
         done: false,
+        prompt_logprobs: Vec::new(),
     }
 }
 
@@ -148,14 +197,7 @@ pub(super) fn take_token(seq: &mut Sequence, logits: &Tensor, metrics: &Metrics)
     let token = match seq.sampler.sample_tensor(logits, &seq.history) {
         Ok(token) => token,
         Err(e) => {
-            tracing::warn!(parent: &seq.req.span, error = %e, "cannot sample from the logits; failing the sequence");
-            let _ = seq
-                .req
-                .events
-                .send(Event::Error(GenerationError::ForwardFailed(format!(
-                    "cannot sample from the logits: {e}"
-                ))));
-            seq.done = true;
+            seq.fail(&format!("cannot sample from the logits: {e}"));
             return;
         }
     };

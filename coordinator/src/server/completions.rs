@@ -130,6 +130,7 @@ async fn generate(
         stop: prepared.stop,
         format: prepared.format,
         logprobs: prepared.logprobs.is_some(),
+        prompt_logprobs: prepared.prompt_logprobs,
         echo: prepared.echo,
         include_usage: prepared.include_usage,
         outcome: Outcome::new(span, state.metrics.clone(), started, prepared.prompt.len()),
@@ -189,6 +190,7 @@ fn submit(
             stops
         },
         logprobs: p.logprobs,
+        prompt_logprobs: p.prompt_top_logprobs,
         constraint: first_constraint,
         forks,
         events: tx,

@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::types::{Choice, Header, LogprobEntry, tool_call_json, usage};
+use super::types::{Choice, Header, LogprobEntry, prompt_logprobs_json, tool_call_json, usage};
 use super::{AppState, GenerationError};
 use crate::chat::output::{self, Delta, OutputFormat, OutputParser};
 use crate::scheduler::{Event, FinishReason, SchedulerHandle};
@@ -29,6 +29,18 @@ struct Assembler {
     completion_tokens: usize,
     /// Log-probabilities of tokens received and not yet sent (when the request asked).
     logprobs: Vec<LogprobEntry>,
+    prompt: PromptLogprobs,
+    /// vLLM's `prompt_logprobs` of the choice, once received and until sent.
+    prompt_logprobs: Option<serde_json::Value>,
+}
+
+/// What a request does with its prompt's log-probabilities.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PromptLogprobs {
+    /// Put them before the answer's in `logprobs` (completions' `echo` with `logprobs`).
+    pub echoed: bool,
+    /// Return them as vLLM's `prompt_logprobs`.
+    pub separate: bool,
 }
 
 enum Piece {
@@ -41,13 +53,15 @@ enum Piece {
 }
 
 impl Assembler {
-    fn new(stop: Vec<String>, format: OutputFormat) -> Self {
+    fn new(stop: Vec<String>, format: OutputFormat, prompt: PromptLogprobs) -> Self {
         Self {
             decode: DecodeStream::default(),
             stop: StopMatcher::new(stop),
             output: OutputParser::new(format),
             completion_tokens: 0,
             logprobs: Vec::new(),
+            prompt,
+            prompt_logprobs: None,
         }
     }
 
@@ -60,16 +74,29 @@ impl Assembler {
         let decode_failed = |e: crate::tokenizer::TokenizerError| {
             Piece::Failed(GenerationError::Decode(e.to_string()))
         };
+        let text = |id: u32| tok.token_piece(id);
+        let entry = |t: u32, lp: &Option<crate::sampling::TokenLogprobs>| LogprobEntry {
+            token: text(t),
+            logprob: lp.as_ref().map(|lp| lp.logprob),
+            top: lp
+                .as_ref()
+                .map(|lp| lp.top.iter().map(|&(id, l)| (text(id), l)).collect()),
+        };
         match event {
+            Some(Event::PromptLogprobs(tokens)) => {
+                if self.prompt.echoed {
+                    self.logprobs
+                        .extend(tokens.iter().map(|(t, lp)| entry(*t, lp)));
+                }
+                if self.prompt.separate {
+                    self.prompt_logprobs = Some(prompt_logprobs_json(&tokens, text));
+                }
+                Piece::Deltas(Vec::new())
+            }
             Some(Event::Token(t, logprobs)) => {
                 self.completion_tokens += 1;
-                if let Some(lp) = logprobs {
-                    let text = |id: u32| tok.token_piece(id);
-                    self.logprobs.push(LogprobEntry {
-                        token: text(t),
-                        logprob: lp.logprob,
-                        top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect(),
-                    });
+                if logprobs.is_some() {
+                    self.logprobs.push(entry(t, &logprobs));
                 }
                 let piece = match self.decode.push(tok, t) {
                     Ok(p) => p.unwrap_or_default(),
@@ -223,6 +250,7 @@ pub(super) struct Answer {
     pub format: OutputFormat,
     /// The request asked for log-probabilities.
     pub logprobs: bool,
+    pub prompt_logprobs: PromptLogprobs,
     /// Text sent before the answer (completions' `echo`).
     pub echo: Option<String>,
     pub include_usage: bool,
@@ -233,6 +261,7 @@ pub(super) struct Answer {
 struct Assembled {
     parts: output::Answer,
     logprobs: Vec<LogprobEntry>,
+    prompt_logprobs: Option<serde_json::Value>,
     reason: &'static str,
     completion_tokens: usize,
 }
@@ -241,14 +270,12 @@ struct Assembled {
 /// them one after another holds nothing up.
 async fn assemble(
     state: &AppState,
-    stop: Vec<String>,
-    format: OutputFormat,
+    mut asm: Assembler,
     echo: Option<String>,
     rx: &mut UnboundedReceiver<Event>,
     outcome: &mut Outcome,
     before: usize,
 ) -> Result<Assembled, (GenerationError, usize)> {
-    let mut asm = Assembler::new(stop, format);
     let mut parts = output::Answer {
         content: echo.unwrap_or_default(),
         ..Default::default()
@@ -265,6 +292,7 @@ async fn assemble(
                 return Ok(Assembled {
                     parts,
                     logprobs,
+                    prompt_logprobs: asm.prompt_logprobs.take(),
                     reason,
                     completion_tokens: asm.completion_tokens,
                 });
@@ -285,16 +313,17 @@ pub(super) async fn whole_response(
         format,
         mut outcome,
         logprobs: wants_logprobs,
+        prompt_logprobs,
         echo,
         ..
     } = answer;
     let mut choices = Vec::with_capacity(receivers.len());
     let mut completion_tokens = 0;
     for mut rx in receivers {
+        let asm = Assembler::new(stop.clone(), format, prompt_logprobs);
         let assembled = assemble(
             &state,
-            stop.clone(),
-            format,
+            asm,
             echo.clone(),
             &mut rx,
             &mut outcome,
@@ -322,6 +351,7 @@ pub(super) async fn whole_response(
         .map(|c| Choice {
             answer: &c.parts,
             logprobs: wants_logprobs.then_some(c.logprobs.as_slice()),
+            prompt_logprobs: c.prompt_logprobs.as_ref(),
             reason: c.reason,
         })
         .collect();
@@ -354,7 +384,10 @@ impl ChoiceState {
     ) -> SseEvent {
         let logprobs = std::mem::take(&mut self.asm.logprobs);
         let logprobs = wants_logprobs.then_some(logprobs.as_slice());
-        let chunk = header.chunk(self.index, delta, logprobs, reason, self.text_offset);
+        let mut chunk = header.chunk(self.index, delta, logprobs, reason, self.text_offset);
+        if let Some(p) = self.asm.prompt_logprobs.take() {
+            chunk["choices"][0]["prompt_logprobs"] = p;
+        }
         if let Some(entries) = logprobs {
             self.text_offset += entries.iter().map(|e| e.token.len()).sum::<usize>();
         }
@@ -399,6 +432,12 @@ impl StreamState {
         let (header, wants) = (&self.header, self.wants_logprobs);
         let choice = &mut self.choices[i];
         let mut out = Vec::new();
+        // The prompt's log-probabilities ride on the choice's first chunk (with the echo).
+        let prompt_piece = matches!(event, Some(Event::PromptLogprobs(_))).then(|| {
+            choice
+                .asm
+                .on_event(&self.state.tokenizer, &self.state.scheduler, event.clone())
+        });
         if !choice.started && header.kind == super::types::Kind::Chat {
             out.push(choice.chunk(
                 header,
@@ -411,10 +450,18 @@ impl StreamState {
             out.push(choice.chunk(header, wants, json!({ "content": echo }), None));
         }
         choice.started = true;
-        match choice
-            .asm
-            .on_event(&self.state.tokenizer, &self.state.scheduler, event)
-        {
+        let piece = match prompt_piece {
+            Some(piece) => {
+                if out.is_empty() {
+                    out.push(choice.chunk(header, wants, json!({"content": ""}), None));
+                }
+                piece
+            }
+            None => choice
+                .asm
+                .on_event(&self.state.tokenizer, &self.state.scheduler, event),
+        };
+        match piece {
             Piece::Deltas(deltas) => {
                 for d in deltas {
                     out.push(choice.delta_chunk(header, wants, d));
@@ -465,7 +512,7 @@ pub(super) fn stream_response(
         .map(|(index, rx)| ChoiceState {
             index,
             rx: Some(rx),
-            asm: Assembler::new(answer.stop.clone(), answer.format),
+            asm: Assembler::new(answer.stop.clone(), answer.format, answer.prompt_logprobs),
             started: false,
             tool_calls_sent: 0,
             echo: answer.echo.clone(),

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::chat::output::{Answer, ParsedToolCall};
+use crate::sampling::TokenLogprobs;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -111,8 +112,12 @@ pub(super) struct CompletionBody {
     pub logprobs: Option<Value>,
     /// Chat: how many of the most likely tokens to return with each (0 to 20).
     pub top_logprobs: Option<u32>,
-    /// Completions: the answer starts with the prompt's text.
+    /// Completions: the answer starts with the prompt's text (with `logprobs`, the prompt
+    /// tokens' log-probabilities come first too).
     pub echo: Option<bool>,
+    /// Extension (as vLLM): the prompt tokens' log-probabilities, with this many of the most
+    /// likely tokens at each position (0 to 20), as the choice's `prompt_logprobs`.
+    pub prompt_logprobs: Option<u32>,
     /// Structured output (OpenAI's): `text`, `json_object` or `json_schema`.
     pub response_format: Option<ResponseFormat>,
     /// vLLM's structured-output extensions: the answer matches this JSON schema, regular
@@ -270,15 +275,43 @@ impl Kind {
 pub(super) struct Choice<'a> {
     pub answer: &'a Answer,
     pub logprobs: Option<&'a [LogprobEntry]>,
+    /// vLLM's `prompt_logprobs`, when asked for.
+    pub prompt_logprobs: Option<&'a Value>,
     pub reason: &'a str,
 }
 
-/// One generated token's log-probability and the most likely alternatives, with their texts.
+/// One token's log-probability and the most likely alternatives, with their texts; none for
+/// the prompt's first token (echoed with `logprobs`), which nothing predicts.
 #[derive(Debug, Clone)]
 pub(super) struct LogprobEntry {
     pub token: String,
-    pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    pub logprob: Option<f32>,
+    pub top: Option<Vec<(String, f32)>>,
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, null for the first, else an object from token id
+/// to `{logprob, rank, decoded_token}` holding the prompt's token and the most likely ones.
+pub(super) fn prompt_logprobs_json(
+    tokens: &[(u32, Option<TokenLogprobs>)],
+    text: impl Fn(u32) -> String,
+) -> Value {
+    let entry = |&(token, ref lp): &(u32, Option<TokenLogprobs>)| {
+        let Some(lp) = lp else {
+            return Value::Null;
+        };
+        let mut map = serde_json::Map::new();
+        for (rank, &(id, logprob)) in lp.top.iter().enumerate() {
+            map.insert(
+                id.to_string(),
+                json!({"logprob": logprob, "rank": rank + 1, "decoded_token": text(id)}),
+            );
+        }
+        map.entry(token.to_string()).or_insert_with(
+            || json!({"logprob": lp.logprob, "rank": lp.rank, "decoded_token": text(token)}),
+        );
+        Value::Object(map)
+    };
+    Value::Array(tokens.iter().map(entry).collect())
 }
 
 /// `logprobs` of a choice in OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes,
@@ -297,6 +330,7 @@ fn logprobs_json(kind: Kind, entries: Option<&[LogprobEntry]>, offset: usize) ->
                     let top: Vec<Value> = e
                         .top
                         .iter()
+                        .flatten()
                         .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": bytes(t)}))
                         .collect();
                     json!({"token": e.token, "logprob": e.logprob, "bytes": bytes(&e.token), "top_logprobs": top})
@@ -313,10 +347,11 @@ fn logprobs_json(kind: Kind, entries: Option<&[LogprobEntry]>, offset: usize) ->
             }
             let top: Vec<Value> = entries
                 .iter()
-                .map(|e| {
-                    let map: serde_json::Map<String, Value> =
-                        e.top.iter().map(|(t, l)| (t.clone(), json!(l))).collect();
-                    Value::Object(map)
+                .map(|e| match &e.top {
+                    Some(top) => {
+                        Value::Object(top.iter().map(|(t, l)| (t.clone(), json!(l))).collect())
+                    }
+                    None => Value::Null,
                 })
                 .collect();
             json!({
@@ -378,7 +413,7 @@ impl Header {
     fn choice_json(&self, index: usize, c: &Choice<'_>) -> Value {
         let logprobs = logprobs_json(self.kind, c.logprobs, 0);
         let answer = c.answer;
-        match self.kind {
+        let mut choice = match self.kind {
             Kind::Chat => {
                 let mut message = json!({"role": "assistant", "content": answer.content});
                 if let Some(reasoning) = &answer.reasoning {
@@ -400,7 +435,11 @@ impl Header {
             Kind::Text => {
                 json!({"index": index, "text": answer.content, "finish_reason": c.reason, "logprobs": logprobs})
             }
+        };
+        if let Some(p) = c.prompt_logprobs {
+            choice["prompt_logprobs"] = p.clone();
         }
+        choice
     }
 
     /// One stream chunk: `delta` as chat sends it (`{"role"?, "content"?}`); completions send

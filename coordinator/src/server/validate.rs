@@ -7,6 +7,7 @@ use axum::http::HeaderMap;
 use serde_json::Value;
 
 use super::conversation::{ToolChoice, conversation, forced_call, tool_choice};
+use super::stream::PromptLogprobs;
 use super::structured::structured_output;
 use super::types::{ChatFields, CompletionBody, Kind, Prompt, Stop};
 use crate::chat::output::OutputFormat;
@@ -123,6 +124,10 @@ pub(super) struct Prepared {
     pub logprobs: Option<usize>,
     /// Text the answer starts with (completions' `echo`: the prompt).
     pub echo: Option<String>,
+    /// What to return of the prompt's log-probabilities.
+    pub prompt_logprobs: PromptLogprobs,
+    /// Most likely tokens to compute at each prompt position, when any are returned.
+    pub prompt_top_logprobs: Option<usize>,
     /// The client's end-user id, for the logs.
     pub user: Option<String>,
 }
@@ -228,11 +233,20 @@ fn prepare(
             "`echo` belongs to /v1/completions; in chat, send the text as a final assistant message with continue_final_message",
         ));
     }
-    if echo && logprobs.is_some() {
-        return Err(invalid(
-            "echo with logprobs needs the prompt's log-probabilities, which are not supported yet; send one of them",
-        ));
-    }
+    let prompt_logprobs = PromptLogprobs {
+        echoed: echo && logprobs.is_some(),
+        separate: body.prompt_logprobs.is_some(),
+    };
+    let prompt_top_logprobs = match body.prompt_logprobs {
+        Some(n) if n as usize > MAX_TOP_LOGPROBS => {
+            return Err(invalid(format!(
+                "prompt_logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {n}"
+            )));
+        }
+        Some(n) => Some((n as usize).max(logprobs.unwrap_or(0))),
+        None if prompt_logprobs.echoed => logprobs,
+        None => None,
+    };
     let mut grammar = None;
     let mut echo_text = None;
     let (prompt, format) = match kind {
@@ -432,6 +446,8 @@ fn prepare(
         format,
         logprobs,
         echo,
+        prompt_logprobs,
+        prompt_top_logprobs,
         user: body.user,
     })
 }
