@@ -51,6 +51,9 @@ pub enum GenerationError {
     /// The scheduler's queue is full: back-pressure, the client should retry.
     #[error("the request queue is full; retry later")]
     QueueFull,
+    /// The server is shutting down: it takes no new requests (another replica should).
+    #[error("the server is shutting down; retry on another replica")]
+    ShuttingDown,
     /// The scheduler thread never started or has died; nothing can be generated.
     #[error("the scheduler has stopped: {reason}")]
     SchedulerStopped { reason: String },
@@ -121,6 +124,11 @@ impl GenerationError {
             SchedulerStopped { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, SERVER, Some("unavailable"))
             }
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                SERVER,
+                Some("shutting_down"),
+            ),
             ExpertNodesUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 SERVER,
@@ -192,7 +200,15 @@ impl GenerationError {
 
 impl IntoResponse for GenerationError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut resp = (self.status(), Json(self.body())).into_response();
+        if matches!(self, GenerationError::ShuttingDown) {
+            // Seconds; by then a load balancer has moved the client to another replica.
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+        }
+        resp
     }
 }
 

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod overlap;
 pub mod plan;
 pub mod prefix_cache;
+pub mod probe;
 pub mod remote;
 pub mod sampling;
 pub mod scheduler;

@@ -54,6 +54,9 @@ enum Command {
     /// Measure decode, prefill, RPC overhead, clusters and peers at the real model's size; prints
     /// a table and, last, one JSON line (see BENCHMARKS.md).
     Bench(omnishard_coordinator::bench::BenchArgs),
+    /// Health check for containers: exit 0 when a coordinator's /health answers 200 (--url) or an
+    /// expert node's gRPC health is SERVING (--node), else 1 with the reason.
+    Probe(omnishard_coordinator::probe::ProbeArgs),
 }
 
 #[derive(Args)]
@@ -112,6 +115,11 @@ struct ServeArgs {
     /// included, before the server closes it (stalled and abandoned clients hold no socket).
     #[arg(long, env = "OMNISHARD_HTTP_IDLE_TIMEOUT_S", default_value_t = defaults::HTTP_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
     http_idle_timeout_s: u64,
+    /// On SIGTERM or Ctrl-C: new requests get 503 with Retry-After and /health fails at once;
+    /// requests in flight get this many seconds to finish, then end with an error event. A
+    /// second signal exits at once.
+    #[arg(long, env = "OMNISHARD_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    shutdown_grace_s: u64,
 }
 
 #[derive(Args)]
@@ -175,6 +183,10 @@ struct ModelArgs {
     /// of batch composition. 0 turns the overlap off; 1 acts as 2 (one sequence is never split).
     #[arg(long, env = "OMNISHARD_OVERLAP_MIN_SEQS", default_value_t = defaults::OVERLAP_MIN_SEQUENCES)]
     overlap_min_seqs: usize,
+    /// TLS to `https://` expert nodes: --tls-ca verifies them, --tls-cert/--tls-key is the
+    /// client certificate nodes started with --tls-ca require.
+    #[command(flatten)]
+    tls: omnishard_proto::tls::TlsArgs,
 }
 
 impl ModelArgs {
@@ -215,6 +227,7 @@ impl ModelArgs {
             max_message_bytes: self.max_message_mib << 20,
             health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
             observer,
+            tls: self.tls.client()?,
         };
         let mut engine = Engine::load_remote_from(
             &ckpt,
@@ -463,6 +476,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             prefix_caching: !args.no_prefix_caching,
         },
         placement: args.model.placement.clone(),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
     };
     let observer = metrics.clone();
     let load = move |progress: &Progress| {
@@ -550,6 +564,16 @@ fn main() -> anyhow::Result<()> {
             omnishard_coordinator::plan::command::run(&args).map_err(Into::into)
         }
         Command::Bench(args) => omnishard_coordinator::bench::run(&args).map(|_| ()),
+        Command::Probe(args) => match omnishard_coordinator::probe::run(&args) {
+            Ok(seen) => {
+                println!("{seen}");
+                Ok(())
+            }
+            Err(why) => {
+                eprintln!("unhealthy: {why}");
+                std::process::exit(1);
+            }
+        },
         Command::Synth(args) => omnishard_coordinator::synth::run(&args)
             .map(|_| ())
             .map_err(Into::into),

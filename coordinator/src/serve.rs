@@ -54,6 +54,9 @@ pub struct ServeSettings {
     pub scheduler: SchedulerConfig,
     /// Placement file re-read on SIGHUP (only with remote experts).
     pub placement: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C, how long requests in flight may take to finish (new ones get 503)
+    /// before they are ended with an error.
+    pub shutdown_grace: Duration,
 }
 
 impl ServeSettings {
@@ -79,6 +82,7 @@ impl ServeSettings {
                 prefix_caching: true,
             },
             placement: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -130,6 +134,7 @@ pub struct Service {
     placement: Option<PathBuf>,
     model_dir: PathBuf,
     idle_timeout: Duration,
+    shutdown_grace: Duration,
 }
 
 /// Checks `settings` against the model, loads the tokenizer and starts the scheduler thread.
@@ -151,6 +156,7 @@ pub fn start(
         idle_timeout,
         scheduler: sched,
         placement,
+        shutdown_grace,
     } = settings;
     let model_max = engine.config().max_position_embeddings;
     let max_context = max_context.or(model_max).unwrap_or(DEFAULT_MAX_CONTEXT);
@@ -227,6 +233,7 @@ pub fn start(
         placement,
         model_dir,
         idle_timeout,
+        shutdown_grace,
     })
 }
 
@@ -281,19 +288,25 @@ impl Service {
         )
     }
 
-    /// Serves the API on `listener` until `shutdown` completes, then lets requests in flight
-    /// finish. With remote experts and a placement file, SIGHUP re-reads the file meanwhile.
+    /// Serves the API on `listener` until `shutdown` completes, then drains: new requests get
+    /// 503, those in flight get the shutdown grace to finish. With remote experts and a
+    /// placement file, SIGHUP re-reads the file meanwhile.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let reload = self.reload_task();
+        let draining = self.state.shutdown.clone();
+        let grace = self.shutdown_grace;
         let served = accept(
             listener,
             server::router(self.state),
             self.idle_timeout,
-            shutdown,
+            async move {
+                shutdown.await;
+                draining.drain(grace).await;
+            },
         )
         .await;
         if let Some(task) = reload {
@@ -361,7 +374,8 @@ async fn accept(
 }
 
 /// `coordinator serve`: binds `listen` first (a port in use fails at once), answers 503 with
-/// the loading stage while `load` builds the engine, then serves until Ctrl-C. Prints
+/// the loading stage while `load` builds the engine, then serves until SIGTERM or Ctrl-C, and
+/// drains (see [`server::shutdown`]); a second signal exits at once. Prints
 /// `listening on http://ADDR` on stdout once ready (what scripts and tests wait for), and one
 /// summary line on stderr.
 pub fn launch<F>(
@@ -392,6 +406,7 @@ where
         let staged = Staged::default();
         let stop = Arc::new(tokio::sync::Notify::new());
         let idle_timeout = settings.idle_timeout;
+        let grace = settings.shutdown_grace;
         let server = tokio::spawn(accept(listener, staged.router(), idle_timeout, {
             let stop = stop.clone();
             async move { stop.notified().await }
@@ -405,7 +420,7 @@ where
         });
         let service = tokio::select! {
             loaded = loading => loaded.map_err(|e| ServeError::Load(e.to_string()))?,
-            _ = tokio::signal::ctrl_c() => {
+            () = stop_signal() => {
                 // The loader cannot be interrupted, and the runtime would wait for it on drop.
                 eprintln!("interrupted while loading the model");
                 std::process::exit(130);
@@ -423,7 +438,24 @@ where
         staged.ready(server::router(service.state.clone()));
         println!("listening on http://{addr}");
         eprintln!("{}", service.summary(addr));
-        let _ = tokio::signal::ctrl_c().await;
+        stop_signal().await;
+        let shutdown = service.state.shutdown.clone();
+        eprintln!(
+            "shutting down: new requests get 503; waiting up to {} s for {} in flight (a second signal exits now)",
+            grace.as_secs(),
+            shutdown.in_flight()
+        );
+        tokio::select! {
+            cut = shutdown.drain(grace) => {
+                if cut > 0 {
+                    tracing::warn!(requests = cut, "shutdown grace over: requests still running were ended with an error");
+                }
+            }
+            () = stop_signal() => {
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
         stop.notify_one();
         if let Some(task) = reload {
             task.abort();
@@ -432,6 +464,22 @@ where
             .await
             .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
     })
+}
+
+/// Resolves on Ctrl-C or (Unix) SIGTERM, the signal orchestrators stop processes with.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// On SIGHUP, re-reads the placement file: nodes new to it join, nodes gone from it retire.

@@ -6,4 +6,4 @@ pub mod server;
 mod start;
 
 pub use server::{ExpertNodeService, NodeError, NodeState, process};
-pub use start::{load_experts, serve};
+pub use start::{ServeOptions, load_experts, serve};

@@ -1,5 +1,7 @@
 //! `expert-node`: loads a partition of a checkpoint's (layer, expert) MLPs into memory and serves
-//! them over gRPC to a coordinator. Every flag can also be set through its environment variable.
+//! them over gRPC to a coordinator (with mutual TLS when given certificates). Every flag can also
+//! be set through its environment variable. SIGTERM or Ctrl-C drains it: NOT_SERVING, new calls
+//! refused (the coordinator re-sends them to a replica), calls in flight finished, then exit.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use omnishard_expert::{NodeState, load_experts, serve};
+use omnishard_expert::{NodeState, ServeOptions, load_experts, serve};
 use omnishard_model::{Checkpoint, ComputeDtype, DeviceSpec, LoadFormat, fingerprint::fingerprint};
 use omnishard_proto::ModelConfig;
 use omnishard_proto::defaults;
@@ -62,6 +64,12 @@ struct Cli {
     /// Largest gRPC message accepted or sent, in MiB.
     #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = defaults::MAX_MESSAGE_MIB)]
     max_message_mib: usize,
+    #[command(flatten)]
+    tls: omnishard_proto::tls::TlsArgs,
+    /// On SIGTERM, how long the calls in flight may take to finish before the node exits anyway
+    /// (new calls are refused at once and go to replicas).
+    #[arg(long, env = "OMNISHARD_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    shutdown_grace_s: u64,
 }
 
 async fn shutdown_signal() {
@@ -106,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         Some(dir) => dir,
         None => defaults::demo_model_dir().map_err(anyhow::Error::msg)?,
     };
+    let tls = cli.tls.server()?;
     let cfg = ModelConfig::from_model_dir(&model)?;
     let (name, pairs) = match (&cli.shard, &cli.placement, &cli.node) {
         (Some(shard), None, _) => {
@@ -144,14 +153,30 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on {addr}")?;
+        let scheme = if tls.is_some() { "https://" } else { "" };
+        writeln!(out, "listening on {scheme}{addr}")?;
         out.flush()?;
     }
+    // The signal is watched twice: by the server, which drains, and here, to bound how long the
+    // drain and the closing of connections may take.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grace = std::time::Duration::from_secs(cli.shutdown_grace_s);
     let mut server = tokio::spawn(serve(
         listener,
         state.clone(),
-        cli.max_message_mib << 20,
-        shutdown_signal(),
+        ServeOptions {
+            max_message_bytes: cli.max_message_mib << 20,
+            tls,
+            shutdown_grace: grace,
+        },
+        stopped(stop_rx.clone()),
     ));
 
     tracing::info!(node = %name, %addr, experts = pairs.len(), dtype = %cli.dtype, device = %cli.device, "loading experts");
@@ -168,7 +193,14 @@ async fn main() -> anyhow::Result<()> {
         bail!("experts loaded twice");
     }
     tracing::info!(node = %name, "serving");
-    server.await??;
+    let give_up = async {
+        stopped(stop_rx).await;
+        tokio::time::sleep(grace + std::time::Duration::from_secs(5)).await;
+    };
+    tokio::select! {
+        served = server => served??,
+        () = give_up => tracing::warn!("connections still open after the shutdown grace; exiting"),
+    }
     tracing::info!("shut down");
     Ok(())
 }

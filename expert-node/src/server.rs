@@ -5,9 +5,15 @@
 //! Every request is validated before any compute; a bad request gets INVALID_ARGUMENT or
 //! FAILED_PRECONDITION and the node goes on serving everyone else. Compute runs on the blocking
 //! pool, never on the async runtime.
+//!
+//! Shutting down ([`NodeState::drain`]) the node finishes the calls it has started, refuses new
+//! ones with UNAVAILABLE (the coordinator re-sends them to a replica) and ends its forward
+//! streams once their calls are answered, so a rolling restart loses no work.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 use futures::StreamExt;
@@ -29,6 +35,8 @@ use omnishard_model::{ExpertError, LocalExperts};
 pub enum NodeError {
     #[error("the node is still loading its experts; retry when its health is SERVING")]
     Loading,
+    #[error("the node is shutting down; send the call to a replica")]
+    ShuttingDown,
     #[error("model fingerprint mismatch: the request is for {got}, this node serves {expected}")]
     Fingerprint { expected: String, got: String },
     #[error(
@@ -53,7 +61,7 @@ impl ServiceError for NodeError {
     fn status_code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            NodeError::Loading => Code::Unavailable,
+            NodeError::Loading | NodeError::ShuttingDown => Code::Unavailable,
             NodeError::Fingerprint { .. } => Code::FailedPrecondition,
             NodeError::Lengths { .. } | NodeError::Decode(_) => Code::InvalidArgument,
             NodeError::Expert(e) => match e {
@@ -80,6 +88,11 @@ pub struct NodeState {
     experts: OnceLock<Arc<LocalExperts>>,
     loaded: watch::Sender<bool>,
     seen: Mutex<RecentIds>,
+    /// Set once shutdown begins: new calls are refused, streams end.
+    draining: watch::Sender<bool>,
+    /// Calls being computed, and a wake-up when the count changes.
+    in_flight: AtomicUsize,
+    idle: tokio::sync::Notify,
 }
 
 impl NodeState {
@@ -92,7 +105,37 @@ impl NodeState {
             experts: OnceLock::new(),
             loaded: watch::Sender::new(false),
             seen: Mutex::new(RecentIds::default()),
+            draining: watch::Sender::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Begins shutdown: new calls are refused with UNAVAILABLE and forward streams end once their
+    /// calls are answered. Returns when no call is in flight, or after `grace`.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.draining.send_replace(true);
+        let idle = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(grace, idle).await.is_ok()
+    }
+
+    fn draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Counts a call in flight until the guard drops; `None` once shutdown has begun.
+    fn start_call(self: &Arc<Self>) -> Option<CallGuard> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = CallGuard(self.clone());
+        (!self.draining()).then_some(guard)
     }
 
     /// Makes the loaded experts available; health turns SERVING. Returns false if experts were
@@ -121,6 +164,16 @@ impl NodeState {
             if seen.insert(id) {
                 tracing::info!(request_id = %id, node = %self.name, layer, "first expert call for request");
             }
+        }
+    }
+}
+
+struct CallGuard(Arc<NodeState>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
         }
     }
 }
@@ -169,6 +222,9 @@ impl ExpertNodeService {
 
     #[instrument(skip_all, fields(node = %self.state.name, layer = req.layer, call = req.request_id, requests = ?req.trace_ids, n_assignments = req.token_index.len()))]
     async fn handle(&self, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
+        let Some(_call) = self.state.start_call() else {
+            return Err(NodeError::ShuttingDown);
+        };
         self.state.note_trace_ids(&req.trace_ids, req.layer);
         let state = self.state.clone();
         let result = tokio::task::spawn_blocking(move || process(&state, req))
@@ -253,8 +309,16 @@ impl ExpertService for ExpertNodeService {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let svc = self.clone();
+        let mut draining = self.state.draining.subscribe();
         tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
+            loop {
+                // Shutting down: read no more; the stream ends once the calls already taken are
+                // answered (each holds a sender), and the coordinator re-sends the rest.
+                let msg = tokio::select! {
+                    msg = inbound.next() => msg,
+                    _ = draining.wait_for(|d| *d) => None,
+                };
+                let Some(msg) = msg else { break };
                 let req = match msg {
                     Ok(req) => req,
                     Err(status) => {

@@ -12,13 +12,36 @@ use omnishard_proto::v1::expert_service_server::ExpertServiceServer;
 
 use crate::server::{ExpertNodeService, NodeState, incoming};
 
+/// How a node serves.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// TLS (and client-certificate checking), if the node serves TLS; it then refuses plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// On shutdown, how long calls in flight may take to finish before the node exits anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: omnishard_proto::defaults::MAX_MESSAGE_MIB << 20,
+            tls: None,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serves `state` on `listener` until `shutdown` resolves. gRPC health reports NOT_SERVING until
 /// the experts are installed ([`NodeState::install`]) and SERVING after, so a coordinator can wait
-/// for a node that is still loading.
+/// for a node that is still loading. On `shutdown` health turns NOT_SERVING again, new calls are
+/// refused with UNAVAILABLE (the coordinator re-sends them to a replica), and the server stops
+/// once the calls in flight are answered (or after the grace).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<NodeState>,
-    max_message_bytes: usize,
+    opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -26,25 +49,49 @@ pub async fn serve(
         .set_not_serving::<ExpertServiceServer<ExpertNodeService>>()
         .await;
     let mut loaded = state.loaded();
-    tokio::spawn(async move {
+    let serving = health.clone();
+    let serving = tokio::spawn(async move {
         if loaded.wait_for(|done| *done).await.is_ok() {
-            health
+            serving
                 .set_serving::<ExpertServiceServer<ExpertNodeService>>()
                 .await;
         }
     });
-    let service = ExpertNodeService::new(state).into_server(max_message_bytes);
+    let drained = {
+        let state = state.clone();
+        async move {
+            shutdown.await;
+            serving.abort();
+            health
+                .set_not_serving::<ExpertServiceServer<ExpertNodeService>>()
+                .await;
+            tracing::info!(
+                grace_s = opts.shutdown_grace.as_secs_f64(),
+                "shutting down: NOT_SERVING, new calls refused, finishing the calls in flight"
+            );
+            if state.drain(opts.shutdown_grace).await {
+                tracing::info!("calls in flight finished");
+            } else {
+                tracing::warn!("shutdown grace over with calls still in flight; exiting anyway");
+            }
+        }
+    };
+    let service = ExpertNodeService::new(state).into_server(opts.max_message_bytes);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = opts.tls {
+        builder = builder.tls_config(tls)?;
+    }
     // Bounds on what one client can hold: calls in flight per connection (the coordinator keeps
     // at most two per layer in flight), and HTTP/2 pings so a vanished peer's connection is
     // closed instead of kept forever.
-    tonic::transport::Server::builder()
+    builder
         .concurrency_limit_per_connection(64)
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), drained)
         .await
 }
 

@@ -1,18 +1,20 @@
-//! Addresses as users write them: a node's `HOST:PORT` (checked when given, not when first
-//! dialled, so a typo fails at start-up instead of after the connect timeout), and a listen
-//! address that may name its host (`localhost:8000`).
+//! Addresses as users write them: a node's `HOST:PORT`, or `https://HOST:PORT` for a TLS node
+//! (checked when given, not when first dialled, so a typo fails at start-up instead of after the
+//! connect timeout), and a listen address that may name its host (`localhost:8000`).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-/// Checks a node address: `HOST:PORT`, host a name, IPv4 address or bracketed IPv6 address.
+/// Checks a node address: `HOST:PORT` or `https://HOST:PORT`, host a name, IPv4 address or
+/// bracketed IPv6 address.
 pub fn check_node_address(address: &str) -> Result<(), String> {
     let bad = |why: &str| {
         Err(format!(
-            "node address `{address}` {why}; write HOST:PORT, e.g. 10.0.0.2:50051 or node-0.experts:50051"
+            "node address `{address}` {why}; write HOST:PORT, e.g. 10.0.0.2:50051 or node-0.experts:50051 (https://HOST:PORT for a TLS node)"
         ))
     };
+    let (_, address) = crate::tls::split_scheme(address);
     if address.contains("://") {
-        return bad("has a scheme");
+        return bad("has a scheme other than https://");
     }
     let Some((host, port)) = address.rsplit_once(':') else {
         return bad("has no port");
@@ -56,6 +58,7 @@ mod tests {
             "node-0.experts.svc:1",
             "[::1]:50051",
             "localhost:9",
+            "https://node-0.experts:50051",
         ] {
             assert!(check_node_address(ok).is_ok(), "{ok}");
         }
@@ -66,6 +69,7 @@ mod tests {
             "foo:0",
             "foo:70000",
             "http://foo:1",
+            "https://foo",
             "a b:1",
         ] {
             let err = check_node_address(bad).unwrap_err();

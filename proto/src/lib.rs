@@ -5,6 +5,7 @@ pub mod address;
 pub mod config;
 pub mod defaults;
 pub mod placement;
+pub mod tls;
 pub mod wire;
 
 pub use config::{Architecture, ConfigError, ModelConfig};

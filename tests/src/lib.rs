@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end tests: where the fixtures are, their golden outputs (made by
 //! `tests/fixtures/make_fixtures.py` with transformers 4.57.3), and logit comparison.
 
+pub mod cluster_api;
 pub mod fuzz;
 
 use std::path::PathBuf;
@@ -494,7 +495,7 @@ pub fn in_process_node(
     rt.spawn(omnishard_expert::serve(
         listener,
         state,
-        omnishard_proto::defaults::MAX_MESSAGE_MIB << 20,
+        omnishard_expert::ServeOptions::default(),
         std::future::pending(),
     ));
     address

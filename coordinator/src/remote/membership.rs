@@ -14,8 +14,8 @@ use candle_core::DType;
 use futures::future::join_all;
 use omnishard_model::wire;
 use omnishard_proto::ModelConfig;
+use omnishard_proto::tls::error_chain;
 use omnishard_proto::v1::{self, InfoRequest, expert_service_client::ExpertServiceClient};
-use tonic::transport::Endpoint;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -446,6 +446,16 @@ async fn health_loop(shared: std::sync::Weak<Shared>) {
     }
 }
 
+/// A failed attempt to reach a node at start-up.
+enum Attempt {
+    /// It may be starting or loading: try again until the deadline.
+    Retry(String),
+    /// Misconfigured (TLS): waiting will not help.
+    Fatal(String),
+    /// Likely misconfigured (TLS): fatal if it keeps happening.
+    Suspect(String),
+}
+
 async fn connect_node(
     address: String,
     cfg: &ModelConfig,
@@ -457,20 +467,31 @@ async fn connect_node(
         address: address.clone(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| unreachable(format!("not a valid host:port ({e})")))?
+    let endpoint = omnishard_proto::tls::endpoint(&address, opts.tls.as_ref())
+        .map_err(unreachable)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     let deadline = Instant::now() + opts.startup_timeout;
-    // Retry while the node is starting (refused) or loading (UNAVAILABLE), up to the deadline.
+    // Retry while the node is starting (refused) or loading (UNAVAILABLE), up to the deadline;
+    // a TLS failure is a configuration error, which waiting does not mend.
+    let failed = |what: String, chain: &str| match omnishard_proto::tls::diagnose(
+        &address,
+        opts.tls.as_ref(),
+        chain,
+    ) {
+        Some((why, true)) => Attempt::Fatal(format!("TLS failed: {why} ({chain})")),
+        Some((why, false)) => Attempt::Suspect(format!("TLS failed: {why} ({chain})")),
+        None => Attempt::Retry(what),
+    };
+    let mut suspicions = 0;
     let info = loop {
         let attempt = async {
-            let channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+            let channel = endpoint.connect().await.map_err(|e| {
+                let chain = error_chain(&e);
+                failed(format!("cannot connect: {chain}"), &chain)
+            })?;
             let mut client = ExpertServiceClient::new(channel.clone())
                 .max_decoding_message_size(opts.max_message_bytes)
                 .max_encoding_message_size(opts.max_message_bytes);
@@ -478,18 +499,31 @@ async fn connect_node(
             req.set_timeout(opts.rpc_timeout);
             match client.info(req).await {
                 Ok(info) => Ok((client, channel, info.into_inner())),
-                Err(s) => Err(format!("Info failed: {:?}: {}", s.code(), s.message())),
+                Err(s) => Err(failed(
+                    format!("Info failed: {:?}: {}", s.code(), s.message()),
+                    &error_chain(&s),
+                )),
             }
         };
         match attempt.await {
             Ok(ok) => break ok,
-            Err(reason) if Instant::now() >= deadline => {
+            Err(Attempt::Fatal(reason)) => return Err(unreachable(reason)),
+            // The same likely TLS verdict again and again is no node still starting.
+            Err(Attempt::Suspect(reason)) if suspicions >= 4 => {
+                return Err(unreachable(reason));
+            }
+            Err(Attempt::Suspect(reason)) => {
+                suspicions += 1;
+                tracing::debug!(%address, %reason, "expert node refused the connection");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(Attempt::Retry(reason)) if Instant::now() >= deadline => {
                 return Err(unreachable(format!(
                     "{reason} (gave up after {} s)",
                     opts.startup_timeout.as_secs()
                 )));
             }
-            Err(reason) => {
+            Err(Attempt::Retry(reason)) => {
                 tracing::debug!(%address, %reason, "expert node not ready yet");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -570,15 +604,4 @@ fn check_info(
 
 fn dtype_name(d: DType) -> String {
     format!("{d:?}").to_lowercase()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }

@@ -55,6 +55,8 @@ pub struct RemoteOptions {
     /// How often the health of every node is checked in the background.
     pub health_interval: Duration,
     pub observer: Option<Arc<dyn RpcObserver>>,
+    /// What `https://` nodes are verified with and shown.
+    pub tls: Option<omnishard_proto::tls::ClientTls>,
 }
 
 impl std::fmt::Debug for RemoteOptions {
@@ -75,6 +77,7 @@ impl Default for RemoteOptions {
             max_message_bytes: defaults::MAX_MESSAGE_MIB << 20,
             health_interval: defaults::HEALTH_INTERVAL,
             observer: None,
+            tls: None,
         }
     }
 }

@@ -35,6 +35,9 @@ pub(super) async fn health(
     if let Some(reason) = state.scheduler.stopped_reason() {
         return GenerationError::SchedulerStopped { reason }.into_response();
     }
+    if state.shutdown.stopping() {
+        return GenerationError::ShuttingDown.into_response();
+    }
     if query.live.is_none()
         && let Some(remote) = state.engine.remote()
     {

@@ -96,6 +96,10 @@ async fn generate(
     started: Instant,
 ) -> Response {
     let span = tracing::Span::current();
+    let in_flight = match state.shutdown.admit() {
+        Ok(guard) => guard,
+        Err(e) => return refused(e),
+    };
     // Parsing and tokenising a long prompt takes a while: keep it off the async workers.
     let parsing = state.clone();
     let in_span = span.clone();
@@ -133,6 +137,7 @@ async fn generate(
         prompt_logprobs: prepared.prompt_logprobs,
         echo: prepared.echo,
         include_usage: prepared.include_usage,
+        in_flight,
         outcome: Outcome::new(span, state.metrics.clone(), started, prepared.prompt.len()),
     };
     if prepared.stream {

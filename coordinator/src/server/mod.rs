@@ -16,6 +16,7 @@ mod admin;
 mod completions;
 mod conversation;
 pub mod loading;
+pub mod shutdown;
 mod stream;
 mod structured;
 mod tokens;
@@ -73,6 +74,8 @@ pub struct AppState {
     pub scheduler: SchedulerHandle,
     pub metrics: Arc<Metrics>,
     pub config: ServeConfig,
+    /// Graceful shutdown: whether new requests are admitted, and those in flight.
+    pub shutdown: Arc<shutdown::Shutdown>,
     created: u64,
     next_id: AtomicU64,
 }
@@ -95,6 +98,7 @@ impl AppState {
             scheduler,
             metrics,
             config,
+            shutdown: Arc::default(),
             created: unix_now(),
             next_id: AtomicU64::new(1),
         }

@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::shutdown::InFlight;
 use super::types::{Choice, Header, LogprobEntry, prompt_logprobs_json, tool_call_json, usage};
 use super::{AppState, GenerationError};
 use crate::chat::output::{self, Delta, OutputFormat, OutputParser};
@@ -254,6 +255,8 @@ pub(super) struct Answer {
     /// Text sent before the answer (completions' `echo`).
     pub echo: Option<String>,
     pub include_usage: bool,
+    /// Counts the request as in flight (for graceful shutdown) until the answer is sent.
+    pub in_flight: InFlight,
     pub outcome: Outcome,
 }
 
@@ -281,8 +284,13 @@ async fn assemble(
         ..Default::default()
     };
     let mut logprobs = Vec::new();
+    let mut cancelled = std::pin::pin!(state.shutdown.cancelled());
     loop {
-        let piece = asm.on_event(&state.tokenizer, &state.scheduler, rx.recv().await);
+        let event = tokio::select! {
+            event = rx.recv() => event,
+            () = &mut cancelled => Some(Event::Error(GenerationError::ShuttingDown)),
+        };
+        let piece = asm.on_event(&state.tokenizer, &state.scheduler, event);
         outcome.tokens(before + asm.completion_tokens);
         logprobs.append(&mut asm.logprobs);
         match piece {
@@ -315,6 +323,7 @@ pub(super) async fn whole_response(
         logprobs: wants_logprobs,
         prompt_logprobs,
         echo,
+        in_flight: _in_flight,
         ..
     } = answer;
     let mut choices = Vec::with_capacity(receivers.len());
@@ -419,6 +428,7 @@ struct StreamState {
     wants_logprobs: bool,
     /// The first choice's finish reason, for the request's log line.
     reason: Option<&'static str>,
+    _in_flight: InFlight,
 }
 
 impl StreamState {
@@ -527,10 +537,14 @@ pub(super) fn stream_response(
         outcome: answer.outcome,
         wants_logprobs: answer.logprobs,
         reason: None,
+        _in_flight: answer.in_flight,
     };
-    let events = futures::stream::unfold(st, |mut st| async move {
-        // The next event of whichever choice has one first.
+    let cancelled = st.state.shutdown.cancelled();
+    let events = futures::stream::unfold((st, Box::pin(cancelled)), |(mut st, mut cancelled)| async move {
+        // The next event of whichever choice has one first; at the end of a shutdown's grace,
+        // an error ends the stream.
         let (event, i) = {
+            let open = st.choices.iter().find(|c| c.rx.is_some()).map_or(0, |c| c.index);
             let waiting = st.choices.iter_mut().filter_map(|c| {
                 let index = c.index;
                 c.rx.as_mut()
@@ -540,10 +554,13 @@ pub(super) fn stream_response(
             if waiting.is_empty() {
                 return None;
             }
-            futures::future::select_all(waiting).await.0
+            tokio::select! {
+                (ready, _, _) = futures::future::select_all(waiting) => ready,
+                () = &mut cancelled => (Some(Event::Error(GenerationError::ShuttingDown)), open),
+            }
         };
         let out = st.next_events(i, event);
-        Some((futures::stream::iter(out.into_iter().map(Ok)), st))
+        Some((futures::stream::iter(out.into_iter().map(Ok)), (st, cancelled)))
     })
     .flatten();
     Sse::new(events).keep_alive(KeepAlive::default())
