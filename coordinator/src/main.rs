@@ -187,6 +187,13 @@ struct ModelArgs {
     /// client certificate nodes started with --tls-ca require.
     #[command(flatten)]
     tls: omnishard_proto::tls::TlsArgs,
+    /// Hedging: a call to an expert node that runs well past that node's usual latency for its
+    /// size (three times mean + 4 deviations, never less than this many milliseconds) is re-sent
+    /// to replicas of its experts and the first answer taken; the late node is marked down until
+    /// its health check passes. Experts without a live replica wait for --rpc-timeout-ms. 0
+    /// turns hedging off.
+    #[arg(long, env = "OMNISHARD_HEDGE_FLOOR_MS", default_value_t = defaults::HEDGE_FLOOR.as_millis() as u64)]
+    hedge_floor_ms: u64,
 }
 
 impl ModelArgs {
@@ -228,6 +235,8 @@ impl ModelArgs {
             health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
             observer,
             tls: self.tls.client()?,
+            hedge_floor: (self.hedge_floor_ms > 0)
+                .then(|| Duration::from_millis(self.hedge_floor_ms)),
         };
         let mut engine = Engine::load_remote_from(
             &ckpt,

@@ -16,6 +16,10 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the coordinator checks every node's health in the background.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The least time a call to a replicated expert set waits before it is hedged to replicas
+/// (the threshold itself adapts to each node's latency).
+pub const HEDGE_FLOOR: Duration = Duration::from_millis(100);
+
 /// Sequences a step needs before the coordinator splits it into two overlapped micro-batches
 /// (expert nodes only; below this the doubled per-layer calls cost more than they hide).
 pub const OVERLAP_MIN_SEQUENCES: usize = 8;

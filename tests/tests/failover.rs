@@ -341,3 +341,52 @@ async fn a_node_restarted_on_its_address_is_checked_again() {
     completion_status_becomes(&server, 200).await;
     assert_eq!(node_field(&server, &address, "up").await, json!(true));
 }
+
+/// A node that stops answering without closing anything (SIGSTOP: the kernel still acks, as
+/// with a network partition no reset comes) is hedged around within the same step, and
+/// re-admitted soon after it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_is_hedged_around_and_readmitted_when_it_thaws() {
+    let model = demo_model();
+    let nodes: Vec<ExpertNode> = ["0/2", "1/2", "0/2", "1/2"]
+        .iter()
+        .map(|s| ExpertNode::start(&model, &["--shard", s]))
+        .collect();
+    // The fixed deadline is 10 s, as by default: only hedging makes the stall short.
+    let list = nodes
+        .iter()
+        .map(|n| n.address.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let server = Server::start(&["serve", "--nodes", &list, "--health-interval-ms", "200"]);
+    let (undisturbed, normal_gap, err) = stream(&server, 200, |_| {}).await;
+    assert!(err.is_none(), "{err:?}");
+    let victim = &nodes[0];
+    let (text, stall, err) = stream(&server, 200, |n| {
+        if n == 40 {
+            victim.signal("STOP");
+        }
+    })
+    .await;
+    assert!(err.is_none(), "the request failed: {err:?}");
+    assert_eq!(text, undisturbed, "output changed when a node froze");
+    eprintln!(
+        "node frozen mid-stream: longest gap between tokens {stall:?} (undisturbed: {normal_gap:?})"
+    );
+    // Far below the 10 s deadline (generous: this machine may be busy with other tests).
+    assert!(
+        stall < Duration::from_secs(4),
+        "stalled {stall:?}: no hedging"
+    );
+    assert_eq!(
+        node_field(&server, &victim.address, "up").await,
+        json!(false)
+    );
+    victim.signal("CONT");
+    let thawed = Instant::now();
+    wait_until_up(&server, &victim.address).await;
+    eprintln!(
+        "frozen node re-admitted {:?} after it resumed",
+        thawed.elapsed()
+    );
+}

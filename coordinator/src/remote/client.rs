@@ -28,13 +28,12 @@ struct StreamConn {
     alive: Arc<AtomicBool>,
 }
 
-/// One expert node: its unary client and its long-lived stream (opened on first use, reopened
-/// after a failure).
+/// One expert node: its connection (replaced by a fresh one when a down node is re-admitted)
+/// and its long-lived stream (opened on first use, reopened after a failure).
 pub(super) struct NodeClient {
     pub(super) name: String,
     pub(super) address: String,
-    pub(super) client: ExpertServiceClient<Channel>,
-    pub(super) channel: Channel,
+    conn: Mutex<(ExpertServiceClient<Channel>, Channel)>,
     stream: tokio::sync::Mutex<Option<StreamConn>>,
     next_id: AtomicU64,
     /// Set when the coordinator shuts down, so the end of the stream is not reported as a fault.
@@ -51,8 +50,7 @@ impl NodeClient {
         Self {
             name,
             address,
-            client,
-            channel,
+            conn: Mutex::new((client, channel)),
             stream: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(0),
             closing: Arc::new(AtomicBool::new(false)),
@@ -61,6 +59,29 @@ impl NodeClient {
 
     pub(super) fn label(&self) -> String {
         format!("{} ({})", self.name, self.address)
+    }
+
+    pub(super) fn client(&self) -> ExpertServiceClient<Channel> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    pub(super) fn channel(&self) -> Channel {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Uses a fresh connection from now on (the old one may be dead without knowing it: a
+    /// partition drops packets and resets nothing), with a fresh stream.
+    pub(super) async fn replace(&self, client: ExpertServiceClient<Channel>, channel: Channel) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = (client, channel);
+        self.drop_stream().await;
     }
 
     /// The coordinator is shutting down: the end of the stream that follows is no fault.
@@ -81,7 +102,7 @@ impl NodeClient {
             return Ok((conn.tx.clone(), conn.pending.clone()));
         }
         let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = client
             .forward_stream(ReceiverStream::new(rx))
             .await
@@ -183,6 +204,8 @@ pub(super) enum CallError {
     Transport(String),
     /// No answer before the deadline.
     Timeout(Duration),
+    /// No answer within this node's hedging threshold: replicas answered instead.
+    Hedged(Duration),
     /// The node answered with an error status.
     Status { code: tonic::Code, message: String },
     /// The node answered something that does not fit the request.
@@ -215,9 +238,10 @@ impl CallError {
     pub(super) fn fault(&self) -> Fault {
         use tonic::Code;
         match self {
-            CallError::Transport(_) | CallError::Timeout(_) | CallError::BadAnswer(_) => {
-                Fault::Node
-            }
+            CallError::Transport(_)
+            | CallError::Timeout(_)
+            | CallError::Hedged(_)
+            | CallError::BadAnswer(_) => Fault::Node,
             CallError::Status { code, .. } => match code {
                 // The request is malformed or too large: every replica would say the same.
                 Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
@@ -251,6 +275,11 @@ impl std::fmt::Display for CallError {
             CallError::Timeout(t) => {
                 write!(f, "no answer within the {} ms deadline", t.as_millis())
             }
+            CallError::Hedged(t) => write!(
+                f,
+                "no answer within {} ms, well past its usual latency; replicas answered instead",
+                t.as_millis()
+            ),
             CallError::Status { code, message } => write!(f, "{code:?}: {message}"),
         }
     }
@@ -298,6 +327,7 @@ mod tests {
     fn every_call_error_is_blamed_on_the_node_or_the_request() {
         assert_eq!(CallError::Transport("reset".into()).fault(), Fault::Node);
         assert_eq!(CallError::Timeout(TIMEOUT).fault(), Fault::Node);
+        assert_eq!(CallError::Hedged(TIMEOUT).fault(), Fault::Node);
         assert_eq!(CallError::BadAnswer("short".into()).fault(), Fault::Node);
         for (code, blame) in BLAME {
             assert_eq!(CallError::status(code, "x").fault(), blame, "{code:?}");

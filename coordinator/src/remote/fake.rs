@@ -34,6 +34,8 @@ pub(super) enum Script {
     Malformed,
     /// Nothing, ever (the stream stays open).
     Silent,
+    /// Answers this many requests, then nothing (a node cut off by a partition).
+    SilentAfter(usize),
     /// Ends the response stream at the first request, answering nothing.
     EndStream,
     /// Refuses to open the stream at all.
@@ -159,7 +161,7 @@ impl ExpertService for Fake {
         let fake = self.clone();
         tokio::spawn(async move {
             while let Some(Ok(req)) = inbound.next().await {
-                fake.calls.fetch_add(1, Ordering::SeqCst);
+                let seen = fake.calls.fetch_add(1, Ordering::SeqCst);
                 let error = |code: tonic::Code, message: &str| ForwardResponse {
                     request_id: req.request_id,
                     output: None,
@@ -169,7 +171,8 @@ impl ExpertService for Fake {
                     }),
                 };
                 let resp = match fake.script {
-                    Script::Answer | Script::Malformed => {
+                    Script::SilentAfter(n) if seen >= n => continue,
+                    Script::Answer | Script::Malformed | Script::SilentAfter(_) => {
                         match answer(&req, matches!(fake.script, Script::Malformed)) {
                             Some(output) => ForwardResponse {
                                 request_id: req.request_id,

@@ -7,18 +7,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use futures::future::join_all;
 use omnishard_model::experts::combine;
-use omnishard_model::wire::{self, assignments_to_wire};
+use omnishard_model::wire;
 use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Routing};
-use omnishard_proto::v1::ForwardRequest;
-use tracing::Instrument;
 
 use super::RemoteExperts;
 use super::client::{CallError, Fault};
+use super::layer_call::LayerCall;
 use super::membership::Node;
 
 /// The share of one layer's work that goes to one node.
@@ -76,13 +74,15 @@ impl Replica for Node {
 /// batch wherever it lives.
 ///
 /// `table` is `[layer][expert]` → indices into `nodes`; `failures` are the (node, reason) of the
-/// calls that already failed in this layer's call, for the error when no replica is left.
+/// calls that already failed in this layer's call, for the error when no replica is left;
+/// `skip` is a node not to use (a late one whose work is being hedged).
 pub(super) fn plan<N: Replica>(
     layer: usize,
     pending: &[Assignment],
     table: &[Vec<Vec<usize>>],
     nodes: &[Arc<N>],
     failures: &[(String, String)],
+    skip: Option<usize>,
 ) -> Result<Vec<NodeShare>, ExpertError> {
     let mut by_expert: BTreeMap<u32, Vec<Assignment>> = BTreeMap::new();
     for a in pending {
@@ -112,7 +112,7 @@ pub(super) fn plan<N: Replica>(
         let best = holders
             .iter()
             .copied()
-            .filter(|&i| nodes[i].routable())
+            .filter(|&i| Some(i) != skip && nodes[i].routable())
             .min_by_key(|&i| {
                 let n = &nodes[i];
                 (n.outstanding() + planned[i], n.served(), i)
@@ -200,104 +200,46 @@ impl Experts for RemoteExperts {
         // node list read after it.
         let table = self.shared.table();
         let nodes = self.shared.nodes();
-        let opts = &self.shared.opts;
         let mut pending: Vec<Assignment> = routing.assignments().collect();
         let mut outputs = Vec::new();
         let mut assignments = Vec::with_capacity(pending.len());
         let mut failures: Vec<(String, String)> = Vec::new();
         // Hidden states leave a GPU once per layer, then each node's rows are cut on the host.
         let xs_host = xs.to_device(&Device::Cpu)?;
+        let call = LayerCall {
+            layer,
+            xs_host: &xs_host,
+            ctx,
+            table: &table,
+            nodes: &nodes,
+            opts: &self.shared.opts,
+            fingerprint: &self.shared.fingerprint,
+        };
+        let hidden = xs.dims2().map(|d| d.1).unwrap_or(0);
         // Each round sends what is left to live replicas; a node that fails is marked down and
         // its share goes to the next round, within this same call.
         while !pending.is_empty() {
-            let shares = plan(layer, &pending, &table, &nodes, &failures)?;
+            let shares = plan(layer, &pending, &table, &nodes, &failures, None)?;
             pending.clear();
-            let mut requests = Vec::with_capacity(shares.len());
-            for share in &shares {
-                let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), &Device::Cpu)?;
-                let hidden = wire::encode(&xs_host.index_select(&idx, 0)?)?;
-                // The answer has one row per assignment: bound both directions.
-                let answer = share.global.len() * hidden.data.len() / share.tokens.len().max(1);
-                let largest = hidden.data.len().max(answer);
-                if largest > opts.max_message_bytes {
-                    return Err(ExpertError::Rejected {
-                        node: nodes[share.node].label(),
-                        layer,
-                        reason: format!(
-                            "a {} MiB message would exceed the {} MiB limit; raise --max-message-mib on the coordinator and the nodes, or lower --max-batched-tokens",
-                            largest >> 20,
-                            opts.max_message_bytes >> 20
-                        ),
-                    });
-                }
-                let (token_index, expert_id, weight) = assignments_to_wire(&share.local);
-                requests.push(ForwardRequest {
-                    request_id: 0,
-                    layer: layer as u32,
-                    hidden: Some(hidden),
-                    token_index,
-                    expert_id,
-                    weight,
-                    fingerprint: self.shared.fingerprint.clone(),
-                    trace_ids: ctx.request_ids.to_vec(),
-                });
+            let mut sends = Vec::with_capacity(shares.len());
+            for share in shares {
+                let req = call.request(&share)?;
+                sends.push(call.share(share, req));
             }
-            // One span per call to one node, entered again while its reply is handled, so that
-            // whatever is logged about the call (a node marked down) names layer, node and sizes.
-            // Info level: a span prints nothing by itself, and a disabled span would strip these
-            // fields from the warnings logged inside it.
-            let spans: Vec<tracing::Span> = shares
-                .iter()
-                .map(|share| {
-                    tracing::info_span!(
-                        "forward",
-                        layer,
-                        node = %nodes[share.node].rpc.name,
-                        n_tokens = share.tokens.len(),
-                        n_assignments = share.global.len(),
-                    )
-                })
-                .collect();
-            let calls = shares
-                .iter()
-                .zip(requests)
-                .zip(&spans)
-                .map(|((share, req), span)| {
-                    let node = nodes[share.node].clone();
-                    let observer = opts.observer.clone();
-                    let work = share.global.len() as u64;
-                    let timeout = opts.rpc_timeout;
-                    async move {
-                        node.outstanding.fetch_add(work, Ordering::Relaxed);
-                        let started = Instant::now();
-                        let result = node.rpc.forward(req, timeout).await;
-                        node.outstanding.fetch_sub(work, Ordering::Relaxed);
-                        if let Some(o) = &observer {
-                            o.observe(
-                                &node.rpc.name,
-                                started.elapsed().as_secs_f64(),
-                                result.is_ok(),
-                            );
-                        }
-                        result
-                    }
-                    .instrument(span.clone())
-                });
-            let replies = self.block_on(join_all(calls));
-            for ((share, reply), span) in shares.into_iter().zip(replies).zip(&spans) {
-                let _in_call = span.enter();
-                let node = &nodes[share.node];
-                let checked = reply.and_then(|output| {
+            let answers = self.block_on(join_all(sends));
+            for answer in answers.into_iter().flatten() {
+                let _in_call = answer.span.enter();
+                let node = &nodes[answer.node];
+                let checked = answer.result.and_then(|output| {
                     let ys = wire::decode(Some(&output), "output", &Device::Cpu)
                         .map_err(|e| CallError::BadAnswer(e.to_string()))?;
-                    if ys.dims() != [share.global.len(), xs.dims2().map(|d| d.1).unwrap_or(0)]
-                        || ys.dtype() != self.shared.dtype
+                    if ys.dims() != [answer.global.len(), hidden] || ys.dtype() != self.shared.dtype
                     {
                         return Err(CallError::BadAnswer(format!(
                             "answered a {:?} {:?} tensor for {} assignments",
                             ys.dtype(),
                             ys.dims(),
-                            share.global.len()
+                            answer.global.len()
                         )));
                     }
                     Ok(ys)
@@ -305,15 +247,17 @@ impl Experts for RemoteExperts {
                 match checked.map_err(|e| (e.fault(), e)) {
                     Ok(ys) => {
                         node.served
-                            .fetch_add(share.global.len() as u64, Ordering::Relaxed);
+                            .fetch_add(answer.global.len() as u64, Ordering::Relaxed);
                         outputs.push(ys);
-                        assignments.extend_from_slice(&share.global);
+                        assignments.extend_from_slice(&answer.global);
                     }
                     Err((Fault::Node, e)) => {
                         let reason = e.to_string();
                         node.mark_down(&reason);
                         failures.push((node.label(), reason));
-                        pending.extend_from_slice(&share.global);
+                        if !answer.covered {
+                            pending.extend_from_slice(&answer.global);
+                        }
                     }
                     // The node refused the request itself: no replica would take it either.
                     Err((Fault::Refused, e)) => {
@@ -421,18 +365,26 @@ mod tests {
     #[test]
     fn each_expert_goes_to_the_replica_with_least_outstanding_work() {
         let nodes = [Fake::up("a", 5, 0), Fake::up("b", 2, 0)];
-        let shares = plan(0, &[a(0, 0), a(1, 0)], &table(&[&[0, 1]]), &nodes, &[]).unwrap();
+        let shares = plan(
+            0,
+            &[a(0, 0), a(1, 0)],
+            &table(&[&[0, 1]]),
+            &nodes,
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(experts_by_node(&shares), [(1, vec![0])]);
 
         // Work planned in this call counts: expert 0's three tokens make "a" the busier.
         let nodes = [Fake::up("a", 0, 0), Fake::up("b", 0, 0)];
         let pending = [a(0, 0), a(1, 0), a(2, 0), a(0, 1)];
-        let shares = plan(0, &pending, &table(&[&[0, 1], &[0, 1]]), &nodes, &[]).unwrap();
+        let shares = plan(0, &pending, &table(&[&[0, 1], &[0, 1]]), &nodes, &[], None).unwrap();
         assert_eq!(experts_by_node(&shares), [(0, vec![0]), (1, vec![1])]);
 
         // Equal work: the node that has served least, then the first.
         let nodes = [Fake::up("a", 1, 9), Fake::up("b", 1, 3)];
-        let shares = plan(0, &[a(0, 0)], &table(&[&[0, 1]]), &nodes, &[]).unwrap();
+        let shares = plan(0, &[a(0, 0)], &table(&[&[0, 1]]), &nodes, &[], None).unwrap();
         assert_eq!(experts_by_node(&shares), [(1, vec![0])]);
     }
 
@@ -445,16 +397,21 @@ mod tests {
             &table(&[&[0, 1], &[1, 0]]),
             &nodes,
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(experts_by_node(&shares), [(1, vec![0, 1])]);
+        // A node being hedged away from is skipped like a down one.
+        let nodes = [Fake::up("a", 0, 0), Fake::up("b", 100, 100)];
+        let shares = plan(0, &[a(0, 0)], &table(&[&[0, 1]]), &nodes, &[], Some(0)).unwrap();
+        assert_eq!(experts_by_node(&shares), [(1, vec![0])]);
     }
 
     #[test]
     fn a_share_sends_each_token_once_and_keeps_request_order() {
         let nodes = [Fake::up("a", 0, 0)];
         let pending = [a(4, 2), a(7, 0), a(4, 0), a(9, 2)];
-        let shares = plan(0, &pending, &table(&[&[0], &[], &[0]]), &nodes, &[]).unwrap();
+        let shares = plan(0, &pending, &table(&[&[0], &[], &[0]]), &nodes, &[], None).unwrap();
         let [share] = &shares[..] else {
             panic!("{shares:?}")
         };
@@ -468,7 +425,7 @@ mod tests {
     #[test]
     fn an_expert_no_node_holds_names_the_fix() {
         let nodes = [Fake::up("a", 0, 0)];
-        let err = plan(0, &[a(0, 1)], &table(&[&[0], &[]]), &nodes, &[]).unwrap_err();
+        let err = plan(0, &[a(0, 1)], &table(&[&[0], &[]]), &nodes, &[], None).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -485,7 +442,7 @@ mod tests {
             "layer 0: expert 1 has no live node: no node in the cluster holds expert 1; add one that does (POST /admin/nodes or the placement file)"
         );
         // Beyond the table: not held.
-        let err = plan(0, &[a(0, 9)], &table(&[&[0]]), &nodes, &[]).unwrap_err();
+        let err = plan(0, &[a(0, 9)], &table(&[&[0]]), &nodes, &[], None).unwrap_err();
         assert_eq!(err.to_string(), "expert 9 of layer 0 is not held here");
     }
 
@@ -502,6 +459,7 @@ mod tests {
             &[vec![], vec![], vec![], t[0].clone()],
             &nodes,
             &[],
+            None,
         );
         assert_eq!(
             err.unwrap_err().to_string(),
@@ -512,7 +470,7 @@ mod tests {
             "a".to_string(),
             "no answer within the 10 ms deadline".to_string(),
         )];
-        let err = plan(0, &[a(0, 0)], &t, &nodes, &failures).unwrap_err();
+        let err = plan(0, &[a(0, 0)], &t, &nodes, &failures, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "expert node a failed on layer 0: no answer within the 10 ms deadline; no live replica holds expert 0"

@@ -16,9 +16,7 @@ use omnishard_model::wire;
 use omnishard_proto::ModelConfig;
 use omnishard_proto::tls::error_chain;
 use omnishard_proto::v1::{self, InfoRequest, expert_service_client::ExpertServiceClient};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic::transport::{Channel, Endpoint};
 
 use super::client::NodeClient;
 use super::{ClusterError, NodeStatus, RemoteExperts, RemoteOptions, Runtime, describe_pairs};
@@ -39,7 +37,9 @@ pub(super) struct Node {
     pub(super) served: AtomicU64,
     pub(super) errors: AtomicU64,
     pub(super) last_error: Mutex<Option<String>>,
-    held: Mutex<Vec<(usize, usize)>>,
+    /// This node's latency per call size, for hedging.
+    pub(super) latency: Mutex<super::hedge::LatencyModel>,
+    pub(super) held: Mutex<Vec<(usize, usize)>>,
 }
 
 impl Node {
@@ -117,7 +117,7 @@ impl Shared {
         self.nodes().into_iter().find(|n| n.rpc.address == address)
     }
 
-    fn rebuild_table(&self) {
+    pub(super) fn rebuild_table(&self) {
         let table = build_table(&self.cfg, &self.nodes());
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
@@ -152,7 +152,7 @@ impl RemoteExperts {
         experts
             .runtime
             .handle()
-            .spawn(health_loop(Arc::downgrade(&experts.shared)));
+            .spawn(super::health::health_loop(Arc::downgrade(&experts.shared)));
         Ok((experts, missing))
     }
 
@@ -268,7 +268,7 @@ impl RemoteExperts {
                 self.shared.dtype,
                 &self.shared.opts,
             );
-            let readmitted = self.block_on(readmit(&node, cfg, fp, dtype, opts));
+            let readmitted = self.block_on(super::health::readmit(&node, cfg, fp, dtype, opts));
             if let Err(reason) = readmitted {
                 return Err(ClusterError::Unreachable {
                     address: address.to_string(),
@@ -341,109 +341,21 @@ impl RemoteExperts {
     }
 }
 
-/// What the node holds, from its Info checked as at admission (fingerprint, dtype, layout).
-async fn checked_holdings(
-    node: &Node,
-    cfg: &ModelConfig,
-    fingerprint: &str,
-    dtype: DType,
-    opts: &RemoteOptions,
-) -> Result<Vec<(usize, usize)>, String> {
-    let mut client = node.rpc.client.clone();
-    let mut req = tonic::Request::new(InfoRequest {});
-    req.set_timeout(opts.rpc_timeout);
-    let info = client
-        .info(req)
-        .await
-        .map_err(|s| format!("Info failed: {:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())
+/// How a node is dialled: TLS for `https://`, no Nagle delay, and HTTP/2 pings even between
+/// calls, so a connection a partition silently killed is found dead within seconds and redialled.
+pub(super) fn node_endpoint(address: &str, opts: &RemoteOptions) -> Result<Endpoint, String> {
+    Ok(omnishard_proto::tls::endpoint(address, opts.tls.as_ref())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true))
 }
 
-/// Checks a node that is up again as at admission: one restarted on its address between two
-/// health checks (another dtype, model or shard) answers health like the old one did, so only
-/// its Info tells. Returns whether what it holds changed (the routing table must follow).
-async fn recheck(
-    node: &Node,
-    cfg: &ModelConfig,
-    fingerprint: &str,
-    dtype: DType,
-    opts: &RemoteOptions,
-) -> Result<bool, String> {
-    let held = checked_holdings(node, cfg, fingerprint, dtype, opts).await?;
-    let mut current = node.held.lock().unwrap_or_else(|e| e.into_inner());
-    if *current == held {
-        return Ok(false);
-    }
-    tracing::warn!(
-        node = %node.label(),
-        experts = held.len(),
-        "expert node now holds a different partition (restarted?); routing follows"
-    );
-    *current = held;
-    Ok(true)
-}
-
-/// Brings a down node back if it answers Info with our fingerprint and dtype.
-async fn readmit(
-    node: &Node,
-    cfg: &ModelConfig,
-    fingerprint: &str,
-    dtype: DType,
-    opts: &RemoteOptions,
-) -> Result<(), String> {
-    let held = checked_holdings(node, cfg, fingerprint, dtype, opts).await?;
-    *node.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
-    // A fresh stream: the old one died with the node.
-    node.rpc.drop_stream().await;
-    if !node.up.swap(true, Ordering::AcqRel) {
-        tracing::info!(node = %node.label(), "expert node re-admitted");
-    }
-    Ok(())
-}
-
-/// Every `health_interval`: gRPC health and Info of the nodes that are up (a failure or a
-/// mismatch marks them down before a request has to find out; a changed partition updates the
-/// routing), Info of those that are down (re-admitted when it matches). Ends when the experts
-/// are dropped.
-async fn health_loop(shared: std::sync::Weak<Shared>) {
-    loop {
-        let Some(s) = shared.upgrade() else { return };
-        let interval = s.opts.health_interval;
-        let nodes = s.nodes();
-        let mut changed = false;
-        for node in nodes.iter().filter(|n| !n.retired.load(Ordering::Acquire)) {
-            if node.up.load(Ordering::Acquire) {
-                let mut health = HealthClient::new(node.rpc.channel.clone());
-                let mut req = tonic::Request::new(HealthCheckRequest {
-                    service: "omnishard.v1.ExpertService".into(),
-                });
-                req.set_timeout(s.opts.rpc_timeout);
-                let serving = matches!(
-                    health.check(req).await,
-                    Ok(r) if r.get_ref().status() == ServingStatus::Serving
-                );
-                if !serving {
-                    node.mark_down("health check failed");
-                    continue;
-                }
-                match recheck(node, &s.cfg, &s.fingerprint, s.dtype, &s.opts).await {
-                    Ok(held_changed) => changed |= held_changed,
-                    Err(reason) => node.mark_down(&format!("re-check failed: {reason}")),
-                }
-            } else {
-                match readmit(node, &s.cfg, &s.fingerprint, s.dtype, &s.opts).await {
-                    Ok(()) => changed = true,
-                    Err(reason) => node.refused(&reason),
-                }
-            }
-        }
-        if changed {
-            s.rebuild_table();
-        }
-        drop(s);
-        tokio::time::sleep(interval).await;
-    }
+pub(super) fn node_client(channel: Channel, opts: &RemoteOptions) -> ExpertServiceClient<Channel> {
+    ExpertServiceClient::new(channel)
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes)
 }
 
 /// A failed attempt to reach a node at start-up.
@@ -467,12 +379,7 @@ async fn connect_node(
         address: address.clone(),
         reason,
     };
-    let endpoint = omnishard_proto::tls::endpoint(&address, opts.tls.as_ref())
-        .map_err(unreachable)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let endpoint = node_endpoint(&address, opts).map_err(unreachable)?;
     let deadline = Instant::now() + opts.startup_timeout;
     // Retry while the node is starting (refused) or loading (UNAVAILABLE), up to the deadline;
     // a TLS failure is a configuration error, which waiting does not mend.
@@ -492,9 +399,7 @@ async fn connect_node(
                 let chain = error_chain(&e);
                 failed(format!("cannot connect: {chain}"), &chain)
             })?;
-            let mut client = ExpertServiceClient::new(channel.clone())
-                .max_decoding_message_size(opts.max_message_bytes)
-                .max_encoding_message_size(opts.max_message_bytes);
+            let mut client = node_client(channel.clone(), opts);
             let mut req = tonic::Request::new(InfoRequest {});
             req.set_timeout(opts.rpc_timeout);
             match client.info(req).await {
@@ -546,12 +451,13 @@ async fn connect_node(
         served: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         last_error: Mutex::new(None),
+        latency: Mutex::default(),
         held: Mutex::new(held),
     })
 }
 
 /// Checks a node's Info against this model; returns the (layer, expert) pairs it holds.
-fn check_info(
+pub(super) fn check_info(
     address: &str,
     info: v1::InfoResponse,
     cfg: &ModelConfig,

@@ -15,14 +15,20 @@
 //! silent is marked down and its share of the call is re-sent to replicas within the same call.
 //!
 //! - `client.rs`: one node's stream, request ids, deadlines, and whom a failed call is blamed on.
-//! - `membership.rs`: connecting, identity checks, re-admission, health, the routing table.
+//! - `membership.rs`: connecting, identity checks, joining and retiring, the routing table.
+//! - `health.rs`: the background health checks and re-admission.
 //! - `fanout.rs`: planning a layer's call over the nodes, failover, [`Experts`] for
 //!   [`RemoteExperts`].
+//! - `layer_call.rs`: sending a round of a layer's call, hedged to replicas past
+//!   `hedge.rs`'s per-node latency threshold.
 //!
 //! [`Experts`]: omnishard_model::Experts
 
 mod client;
 mod fanout;
+mod health;
+mod hedge;
+mod layer_call;
 mod membership;
 
 #[cfg(test)]
@@ -57,6 +63,9 @@ pub struct RemoteOptions {
     pub observer: Option<Arc<dyn RpcObserver>>,
     /// What `https://` nodes are verified with and shown.
     pub tls: Option<omnishard_proto::tls::ClientTls>,
+    /// Hedging: a call running well past its node's usual latency (never less than this) is
+    /// re-sent to replicas. `None`: only the deadline.
+    pub hedge_floor: Option<Duration>,
 }
 
 impl std::fmt::Debug for RemoteOptions {
@@ -65,6 +74,8 @@ impl std::fmt::Debug for RemoteOptions {
             .field("rpc_timeout", &self.rpc_timeout)
             .field("startup_timeout", &self.startup_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("health_interval", &self.health_interval)
+            .field("hedge_floor", &self.hedge_floor)
             .finish_non_exhaustive()
     }
 }
@@ -78,6 +89,7 @@ impl Default for RemoteOptions {
             health_interval: defaults::HEALTH_INTERVAL,
             observer: None,
             tls: None,
+            hedge_floor: Some(defaults::HEDGE_FLOOR),
         }
     }
 }

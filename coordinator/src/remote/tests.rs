@@ -15,11 +15,17 @@ const LAYERS: [u32; 2] = [0, 1];
 const ALL: [u32; 4] = [0, 1, 2, 3];
 
 fn cluster(addresses: &[String]) -> RemoteExperts {
-    let opts = RemoteOptions {
-        rpc_timeout: Duration::from_millis(150),
-        startup_timeout: Duration::from_secs(2),
-        ..RemoteOptions::default()
-    };
+    cluster_with(
+        addresses,
+        RemoteOptions {
+            rpc_timeout: Duration::from_millis(150),
+            startup_timeout: Duration::from_secs(2),
+            ..RemoteOptions::default()
+        },
+    )
+}
+
+fn cluster_with(addresses: &[String], opts: RemoteOptions) -> RemoteExperts {
     let cfg = fake::tiny_config();
     // No health loop: it would re-admit the faulty node between rounds, at random.
     let (experts, missing) =
@@ -216,4 +222,48 @@ fn a_node_marked_down_is_logged_with_the_layer_the_node_and_the_sizes() {
         line.contains("forward{layer=1 node=faulty n_tokens=3 n_assignments=3}"),
         "{line}"
     );
+}
+
+#[test]
+fn a_node_gone_silent_is_hedged_to_a_replica_long_before_the_deadline() {
+    let rt = fake_runtime();
+    let (xs, routing) = layer_input();
+    let ctx = CallContext::default();
+    let replica = rt.block_on(fake::spawn("replica", Script::Answer, &LAYERS, &ALL));
+    let direct = cluster(&[replica.address()])
+        .forward(1, &xs, &routing, &ctx)
+        .expect("the replica answers");
+    // Answers a few calls (its latency is learnt), then falls silent as if cut off.
+    let late = rt.block_on(fake::spawn("late", Script::SilentAfter(6), &LAYERS, &ALL));
+    let deadline = Duration::from_secs(20);
+    let experts = cluster_with(
+        &[late.address(), replica.address()],
+        RemoteOptions {
+            rpc_timeout: deadline,
+            startup_timeout: Duration::from_secs(2),
+            hedge_floor: Some(Duration::from_millis(30)),
+            ..RemoteOptions::default()
+        },
+    );
+    for _ in 0..6 {
+        let ys = experts.forward(1, &xs, &routing, &ctx).expect("answered");
+        assert_eq!(bits(&ys), bits(&direct));
+    }
+    assert_eq!(late.calls(), 6);
+    let started = std::time::Instant::now();
+    let ys = experts
+        .forward(1, &xs, &routing, &ctx)
+        .expect("hedged to the replica");
+    let took = started.elapsed();
+    assert_eq!(bits(&ys), bits(&direct), "hedging changed the bits");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let status = experts.status();
+    assert!(!status[0].up, "the late node stays routed to");
+    let why = status[0].last_error.clone().unwrap_or_default();
+    assert!(why.contains("replicas answered instead"), "{why}");
+    // Later calls go straight to the replica.
+    let started = std::time::Instant::now();
+    experts.forward(0, &xs, &routing, &ctx).expect("answered");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(late.calls(), 7);
 }

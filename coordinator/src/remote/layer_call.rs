@@ -1,0 +1,232 @@
+//! Sending one round of a layer's call: each node's share becomes a request (bounded by the
+//! message limit), is sent with its deadline and counted as that node's outstanding work, and —
+//! when hedging is on and the node runs well past its usual latency — re-sent to replicas
+//! (`hedge.rs` says when), whichever answers first being taken. What comes back is a list of
+//! [`Answer`]s for `fanout.rs` to check and sum.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use futures::future::join_all;
+use omnishard_model::wire::{self, assignments_to_wire};
+use omnishard_model::{Assignment, CallContext, ExpertError};
+use omnishard_proto::v1::{self, ForwardRequest};
+use tracing::Instrument;
+
+use super::RemoteOptions;
+use super::client::CallError;
+use super::fanout::{NodeShare, plan};
+use super::membership::{Node, Table};
+
+/// One node's answer (or failure) for some assignments of the layer.
+pub(super) struct Answer {
+    pub(super) node: usize,
+    pub(super) global: Vec<Assignment>,
+    pub(super) result: Result<v1::Tensor, CallError>,
+    /// The assignments were also sent elsewhere (hedged) and are accounted for there: a failure
+    /// here marks the node down but re-sends nothing.
+    pub(super) covered: bool,
+    /// The call's span (layer, node, sizes), for whatever is logged about the answer.
+    pub(super) span: tracing::Span,
+}
+
+/// Everything one round of a layer's call needs.
+pub(super) struct LayerCall<'a> {
+    pub(super) layer: usize,
+    pub(super) xs_host: &'a Tensor,
+    pub(super) ctx: &'a CallContext,
+    pub(super) table: &'a Table,
+    pub(super) nodes: &'a [Arc<Node>],
+    pub(super) opts: &'a RemoteOptions,
+    pub(super) fingerprint: &'a str,
+}
+
+/// Counts a call's assignments as its node's outstanding work until the call ends or is
+/// abandoned.
+struct Busy<'a>(&'a Node, u64);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
+impl LayerCall<'_> {
+    /// The request for one share: its hidden rows and assignments, refused before sending when
+    /// it or its answer would exceed the message limit.
+    pub(super) fn request(&self, share: &NodeShare) -> Result<ForwardRequest, ExpertError> {
+        let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), &Device::Cpu)?;
+        let hidden = wire::encode(&self.xs_host.index_select(&idx, 0)?)?;
+        // The answer has one row per assignment: bound both directions.
+        let answer = share.global.len() * hidden.data.len() / share.tokens.len().max(1);
+        let largest = hidden.data.len().max(answer);
+        if largest > self.opts.max_message_bytes {
+            return Err(ExpertError::Rejected {
+                node: self.nodes[share.node].label(),
+                layer: self.layer,
+                reason: format!(
+                    "a {} MiB message would exceed the {} MiB limit; raise --max-message-mib on the coordinator and the nodes, or lower --max-batched-tokens",
+                    largest >> 20,
+                    self.opts.max_message_bytes >> 20
+                ),
+            });
+        }
+        let (token_index, expert_id, weight) = assignments_to_wire(&share.local);
+        Ok(ForwardRequest {
+            request_id: 0,
+            layer: self.layer as u32,
+            hidden: Some(hidden),
+            token_index,
+            expert_id,
+            weight,
+            fingerprint: self.fingerprint.to_string(),
+            trace_ids: self.ctx.request_ids.to_vec(),
+        })
+    }
+
+    /// One share's span: a span prints nothing by itself, and at info level the warnings logged
+    /// inside it (a node marked down) name layer, node and sizes.
+    fn span(&self, share: &NodeShare) -> tracing::Span {
+        tracing::info_span!(
+            "forward",
+            layer = self.layer,
+            node = %self.nodes[share.node].rpc.name,
+            n_tokens = share.tokens.len(),
+            n_assignments = share.global.len(),
+        )
+    }
+
+    /// Sends `req` to `share`'s node with the RPC deadline; learns the node's latency from it.
+    async fn send(&self, share: &NodeShare, req: ForwardRequest) -> Result<v1::Tensor, CallError> {
+        let node = &self.nodes[share.node];
+        let work = share.global.len() as u64;
+        node.outstanding.fetch_add(work, Ordering::Relaxed);
+        let _busy = Busy(node, work);
+        let started = Instant::now();
+        let result = node.rpc.forward(req, self.opts.rpc_timeout).await;
+        let seconds = started.elapsed().as_secs_f64();
+        if result.is_ok() {
+            node.latency
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(work, seconds);
+        }
+        if let Some(o) = &self.opts.observer {
+            o.observe(&node.rpc.name, seconds, result.is_ok());
+        }
+        result
+    }
+
+    fn answer(
+        share: &NodeShare,
+        result: Result<v1::Tensor, CallError>,
+        covered: bool,
+        span: tracing::Span,
+    ) -> Answer {
+        Answer {
+            node: share.node,
+            global: share.global.clone(),
+            result,
+            covered,
+            span,
+        }
+    }
+
+    /// Sends one share; past its node's hedging threshold, the same work goes to replicas too
+    /// and the first complete answer wins.
+    pub(super) async fn share(&self, share: NodeShare, req: ForwardRequest) -> Vec<Answer> {
+        let span = self.span(&share);
+        let primary = self.send(&share, req).instrument(span.clone());
+        let after = self.opts.hedge_floor.and_then(|floor| {
+            self.nodes[share.node]
+                .latency
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .hedge_after(share.global.len() as u64, floor)
+        });
+        let Some(after) = after.filter(|a| *a < self.opts.rpc_timeout) else {
+            return vec![Self::answer(&share, primary.await, false, span)];
+        };
+        let mut primary = pin!(primary);
+        tokio::select! {
+            result = &mut primary => return vec![Self::answer(&share, result, false, span)],
+            () = tokio::time::sleep(after) => {}
+        }
+        // Replicas for all of the share, away from the late node; none: wait for it.
+        let hedges = plan(
+            self.layer,
+            &share.global,
+            self.table,
+            self.nodes,
+            &[],
+            Some(share.node),
+        );
+        let (hedges, requests): (Vec<NodeShare>, Vec<ForwardRequest>) =
+            match hedges.and_then(|hedges| {
+                hedges
+                    .into_iter()
+                    .map(|h| self.request(&h).map(|r| (h, r)))
+                    .collect::<Result<Vec<_>, _>>()
+            }) {
+                Ok(h) if !h.is_empty() => h.into_iter().unzip(),
+                _ => return vec![Self::answer(&share, primary.await, false, span)],
+            };
+        span.in_scope(|| {
+            tracing::warn!(
+                after_ms = after.as_millis() as u64,
+                replicas = hedges.len(),
+                "no answer yet; hedging the call to replicas"
+            )
+        });
+        let spans: Vec<tracing::Span> = hedges.iter().map(|h| self.span(h)).collect();
+        let sent = hedges
+            .iter()
+            .zip(requests)
+            .zip(&spans)
+            .map(|((h, req), s)| self.send(h, req).instrument(s.clone()));
+        let mut hedged = pin!(join_all(sent));
+        let hedge_answers = |results: Vec<Result<v1::Tensor, CallError>>, keep_ok: bool| {
+            hedges
+                .iter()
+                .zip(results)
+                .zip(&spans)
+                .filter(|((_, r), _)| keep_ok || r.is_err())
+                // Failed hedges re-send their work only when they, not the late node, carry it.
+                .map(|((h, r), s)| Self::answer(h, r, !keep_ok, s.clone()))
+                .collect::<Vec<_>>()
+        };
+        tokio::select! {
+            result = &mut primary => {
+                if result.is_ok() {
+                    return vec![Self::answer(&share, result, false, span)];
+                }
+                // The late node failed: the replicas carry the work now.
+                let mut out = vec![Self::answer(&share, result, true, span)];
+                out.extend(hedge_answers(hedged.await, true));
+                out
+            }
+            results = &mut hedged => {
+                if results.iter().all(Result::is_ok) {
+                    let late = Err(CallError::Hedged(after));
+                    let mut out = vec![Self::answer(&share, late, true, span)];
+                    out.extend(hedge_answers(results, true));
+                    return out;
+                }
+                // A replica failed too: the late node's answer is the one to wait for.
+                let result = primary.await;
+                if result.is_ok() {
+                    let mut out = vec![Self::answer(&share, result, false, span)];
+                    out.extend(hedge_answers(results, false));
+                    out
+                } else {
+                    let mut out = vec![Self::answer(&share, result, true, span)];
+                    out.extend(hedge_answers(results, true));
+                    out
+                }
+            }
+        }
+    }
+}
