@@ -187,7 +187,9 @@ pub fn diagnose(address: &str, tls: Option<&ClientTls>, chain: &str) -> Option<(
         return Some((why.to_string(), true));
     }
     let (secure, _) = split_scheme(address);
-    let closed = chain.contains("connection closed") || chain.contains("connection reset");
+    let closed = ["connection closed", "connection reset", "broken pipe"]
+        .iter()
+        .any(|s| chain.contains(s));
     if !(secure && closed) {
         return None;
     }

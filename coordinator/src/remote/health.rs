@@ -91,7 +91,7 @@ pub(super) async fn readmit(
 /// Every `health_interval`: gRPC health and Info of the nodes that are up (a failure or a
 /// mismatch marks them down before a request has to find out; a changed partition updates the
 /// routing), Info of those that are down over a fresh connection (re-admitted when it matches).
-/// All nodes are checked at once, a down node's check bounded by the interval (at least
+/// All nodes are checked at once, a down node's check bounded by half the interval (at least
 /// 200 ms): a partitioned node, which answers nothing, is re-admitted within an interval or two
 /// of the partition healing. A node that is up gets three intervals (at least 1 s) to answer, so
 /// a busy machine is not taken for a dead one. Both are capped by the RPC deadline. Ends when the
@@ -106,7 +106,7 @@ pub(super) async fn health_loop(shared: std::sync::Weak<Shared>) {
         };
         let (up, down) = (
             bounded((interval * 3).max(Duration::from_secs(1))),
-            bounded(interval.max(Duration::from_millis(200))),
+            bounded((interval / 2).max(Duration::from_millis(200))),
         );
         let nodes = s.nodes();
         let checks = nodes
