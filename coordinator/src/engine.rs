@@ -14,7 +14,9 @@ use omnishard_proto::{Architecture, ConfigError, ModelConfig, defaults};
 use crate::overlap;
 use crate::remote::{ClusterError, RemoteExperts, RemoteOptions};
 use crate::sampling::Sampler;
-use omnishard_model::model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
+use omnishard_model::model::{
+    KvCache, LogitsFor, MediaSpan, Model, ModelError, Positions, SequenceInput,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -160,6 +162,16 @@ impl Engine {
         tokens: &[u32],
         positions: Option<Positions>,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.score_media(tokens, positions, &[])
+    }
+
+    /// [`Engine::score`] with encoder embeddings in place of some tokens' (audio).
+    pub fn score_media(
+        &self,
+        tokens: &[u32],
+        positions: Option<Positions>,
+        media: &[MediaSpan],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::Input("no token ids given".into()));
         }
@@ -176,7 +188,12 @@ impl Engine {
             positions,
             cache: &mut cache,
         }];
-        let logits = self.model.forward(&mut batch, LogitsFor::All)?;
+        let logits = self.model.forward_media(
+            &mut batch,
+            LogitsFor::All,
+            &CallContext::default(),
+            &[media.to_vec()],
+        )?;
         Ok(logits[0].to_vec2::<f32>().map_err(ModelError::from)?)
     }
 

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod grammar;
 pub mod kv_budget;
+pub mod media;
 pub mod metrics;
 pub mod overlap;
 pub mod plan;

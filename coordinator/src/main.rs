@@ -11,6 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use omnishard_coordinator::cluster::{LocalCluster, find_expert_node_binary};
 use omnishard_coordinator::kv_budget;
+use omnishard_coordinator::media::AudioInput;
+use omnishard_coordinator::media::audio::decode as decode_audio;
 use omnishard_coordinator::metrics::Metrics;
 use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
 use omnishard_coordinator::scheduler::SchedulerConfig;
@@ -331,6 +333,11 @@ struct ScoreArgs {
     /// Default: text positions 0..n on all three rows.
     #[arg(long, env = "OMNISHARD_POSITION_IDS")]
     position_ids: Option<PathBuf>,
+    /// Audio file (WAV, FLAC, MP3, Ogg Vorbis; 16 kHz) for a Qwen3-Omni checkpoint, repeatable:
+    /// the i-th `<|audio_pad|>` of --token-ids becomes clip i's audio-tower embeddings, one token
+    /// each, as the reference processor expands it. Positions stay text positions 0..n.
+    #[arg(long)]
+    audio: Vec<PathBuf>,
 }
 
 fn node_address(s: &str) -> Result<String, String> {
@@ -446,7 +453,38 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .map(read_positions)
         .transpose()?;
     let engine = args.model.load()?;
-    let logits = engine.score(&args.token_ids, positions)?;
+    let logits = if args.audio.is_empty() {
+        engine.score(&args.token_ids, positions)?
+    } else {
+        if positions.is_some() {
+            bail!(
+                "--position-ids with --audio: the expanded prompt's positions are text positions; drop --position-ids"
+            );
+        }
+        let dir = args.model.model_dir()?;
+        let cfg = ModelConfig::from_model_dir(&dir)?;
+        let ckpt = Checkpoint::load(&dir, &cfg, args.model.load_format, args.model.weights_seed)?;
+        let device = engine.model().device().clone();
+        let audio =
+            AudioInput::load(&dir, &ckpt, engine.model().dtype(), &device)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} has no audio tower (thinker_config.audio_config)",
+                    dir.display()
+                )
+            })?;
+        let clips = args
+            .audio
+            .iter()
+            .map(|path| {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let ext = path.extension().and_then(|e| e.to_str());
+                decode_audio(bytes, ext, 3600.0).with_context(|| path.display().to_string())
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (tokens, spans) = audio.expand(&args.token_ids, &clips, &device)?;
+        engine.score_media(&tokens, None, &spans)?
+    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": logits }))?;
     writeln!(out)?;

@@ -4,6 +4,7 @@
 pub mod address;
 pub mod config;
 pub mod defaults;
+pub mod omni;
 pub mod placement;
 pub mod tls;
 pub mod wire;

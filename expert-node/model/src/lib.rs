@@ -3,6 +3,7 @@
 //! ([`experts`]), the compute backends ([`ops`]), the wire encoding of tensors ([`wire`]), the
 //! model fingerprint, and [`Weights`], through which every module loads its tensors. No servers and no command-line parsing live here.
 
+pub mod audio;
 pub mod checkpoint;
 pub mod device;
 pub mod experts;
@@ -20,7 +21,7 @@ pub use checkpoint::{Checkpoint, CheckpointError, LoadFormat};
 pub use device::{DeviceError, DeviceSpec};
 pub use experts::{Assignment, CallContext, ExpertError, Experts, LocalExperts, Routing};
 pub use mlp::SwiGlu;
-pub use model::{KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput};
+pub use model::{KvCache, LogitsFor, MediaSpan, Model, ModelError, Positions, SequenceInput};
 pub use usage::ExpertUsage;
 pub use weights::Weights;
 

@@ -9,14 +9,14 @@ use super::Result;
 use crate::ops::linear;
 use crate::weights::Weights;
 
-pub(super) struct Linear {
+pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// Loads `weight` `[out_dim, in_dim]` and, with `bias`, `bias` `[out_dim]`.
-    pub(super) fn new(in_dim: usize, out_dim: usize, bias: bool, w: Weights) -> Result<Self> {
+    pub(crate) fn new(in_dim: usize, out_dim: usize, bias: bool, w: Weights) -> Result<Self> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
         let bias = if bias {
             Some(w.get("bias", &[out_dim])?)
@@ -45,7 +45,7 @@ impl Linear {
         })
     }
 
-    pub(super) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = linear(xs, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => ys.broadcast_add(b)?,

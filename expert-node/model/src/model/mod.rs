@@ -27,7 +27,7 @@ mod attention;
 mod decode_attention;
 mod kv_cache;
 mod layer;
-mod linear;
+pub(crate) mod linear;
 mod norm;
 mod rope;
 mod router;
@@ -59,6 +59,15 @@ pub struct SequenceInput<'a> {
     pub tokens: &'a [u32],
     pub positions: Positions,
     pub cache: &'a mut KvCache,
+}
+
+/// Embeddings from an encoder for `rows` consecutive tokens of a sequence's pass, from token
+/// `start` on.
+#[derive(Debug, Clone)]
+pub struct MediaSpan {
+    pub start: usize,
+    /// `[rows, hidden_size]`.
+    pub embeds: Tensor,
 }
 
 /// Which rows of logits a forward pass returns per sequence.
@@ -178,6 +187,20 @@ impl Model {
         which: LogitsFor,
         ctx: &CallContext,
     ) -> Result<Vec<Tensor>> {
+        self.forward_media(batch, which, ctx, &[])
+    }
+
+    /// [`Model::forward_for`] with media: `media[k]` lists spans of sequence `k`'s tokens in
+    /// this pass whose embeddings are an encoder's output instead of the token table's (as the
+    /// reference's `masked_scatter` of audio features over `<|audio_pad|>`); sequences past
+    /// the end of `media` have none.
+    pub fn forward_media(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        which: LogitsFor,
+        ctx: &CallContext,
+        media: &[Vec<MediaSpan>],
+    ) -> Result<Vec<Tensor>> {
         let mut all_ids = Vec::new();
         // Positions of every token of the batch, so cos/sin are built once.
         let mut all_positions = Positions {
@@ -221,6 +244,29 @@ impl Model {
         self.usage.record_tokens(n);
         let ids = Tensor::from_vec(all_ids, n, &self.device)?;
         let mut xs = self.embed_tokens.index_select(&ids, 0)?;
+        let mut offset = 0;
+        for (k, seq) in batch.iter().enumerate() {
+            for span in media.get(k).into_iter().flatten() {
+                let rows = span.embeds.dim(0)?;
+                if span.embeds.dims() != [rows, self.cfg.hidden_size]
+                    || span.start + rows > seq.tokens.len()
+                {
+                    return Err(ModelError::Input(format!(
+                        "media embeddings {:?} at token {} do not fit a {}-token sequence of width {}",
+                        span.embeds.dims(),
+                        span.start,
+                        seq.tokens.len(),
+                        self.cfg.hidden_size
+                    )));
+                }
+                let at = offset + span.start;
+                xs = xs.slice_assign(
+                    &[at..at + rows, 0..self.cfg.hidden_size],
+                    &span.embeds.to_dtype(self.dtype)?.to_device(&self.device)?,
+                )?;
+            }
+            offset += seq.tokens.len();
+        }
         let routed = RoutedExperts {
             experts: self.experts.as_ref(),
             usage: &self.usage,

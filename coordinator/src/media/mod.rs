@@ -1,0 +1,102 @@
+//! Media in prompts (Qwen3-Omni's thinker): audio decoded and turned into the audio tower's
+//! embeddings, which replace the prompt's `<|audio_pad|>` placeholder, expanded to one token per
+//! embedding as `Qwen3OmniMoeProcessor` expands it. Images and video follow the same path.
+
+pub mod audio;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use omnishard_model::audio::{AudioEncoder, MelParams, log_mel};
+use omnishard_model::{Checkpoint, MediaSpan, ModelError, Weights};
+use omnishard_proto::omni::OmniConfig;
+
+/// Why a piece of media cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("cannot decode the {0}")]
+    Undecodable(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Placeholders(String),
+    #[error("the audio tower failed: {0}")]
+    Encoder(#[from] ModelError),
+}
+
+/// The audio side of a checkpoint: its tower and placeholder token.
+pub struct AudioInput {
+    encoder: AudioEncoder,
+    token_id: u32,
+}
+
+impl AudioInput {
+    /// Loads `thinker.audio_tower` of a Qwen3-Omni checkpoint; `None` when it has no audio
+    /// tower.
+    pub fn load(
+        dir: &Path,
+        ckpt: &Checkpoint,
+        dtype: candle_core::DType,
+        device: &Device,
+    ) -> Result<Option<Self>, MediaError> {
+        let omni =
+            OmniConfig::from_model_dir(dir).map_err(|e| MediaError::Unsupported(e.to_string()))?;
+        let (Some(cfg), Some(token_id)) = (omni.audio, omni.audio_token_id) else {
+            return Ok(None);
+        };
+        let w = Weights::new(ckpt, dtype, device).pp("thinker.audio_tower");
+        Ok(Some(Self {
+            encoder: AudioEncoder::new(&cfg, w)?,
+            token_id,
+        }))
+    }
+
+    /// The clip's log-mel features `[mel bins, frames]`.
+    pub fn features(&self, samples: &[f32], device: &Device) -> Result<Tensor, MediaError> {
+        let params = MelParams::whisper(self.encoder.config().num_mel_bins);
+        let (mel, frames) = log_mel(samples, &params).ok_or_else(|| {
+            MediaError::Unsupported("audio shorter than 12.5 ms has no features".into())
+        })?;
+        Tensor::from_vec(mel, (params.n_mels, frames), device)
+            .map_err(|e| MediaError::Encoder(e.into()))
+    }
+
+    /// Replaces the `i`-th `<|audio_pad|>` of `tokens` by as many as clip `i` has embeddings;
+    /// returns the expanded tokens and where each clip's embeddings go. There must be one
+    /// placeholder per clip.
+    pub fn expand(
+        &self,
+        tokens: &[u32],
+        clips: &[Vec<f32>],
+        device: &Device,
+    ) -> Result<(Vec<u32>, Vec<MediaSpan>), MediaError> {
+        let placeholders = tokens.iter().filter(|&&t| t == self.token_id).count();
+        if placeholders != clips.len() {
+            return Err(MediaError::Placeholders(format!(
+                "{} audio clips for {placeholders} audio placeholders (token {}): give one placeholder per clip",
+                clips.len(),
+                self.token_id
+            )));
+        }
+        let mut clips = clips.iter();
+        let mut out = Vec::with_capacity(tokens.len());
+        let mut spans = Vec::new();
+        for &t in tokens {
+            if t != self.token_id {
+                out.push(t);
+                continue;
+            }
+            let Some(clip) = clips.next() else { break };
+            let embeds = self.encoder.forward(&self.features(clip, device)?)?;
+            let rows = embeds.dim(0).map_err(ModelError::from)?;
+            spans.push(MediaSpan {
+                start: out.len(),
+                embeds,
+            });
+            out.extend(std::iter::repeat_n(self.token_id, rows));
+        }
+        Ok((out, spans))
+    }
+}
