@@ -11,6 +11,7 @@ use omnishard_model::{
 };
 use omnishard_proto::{Architecture, ConfigError, ModelConfig, defaults};
 
+use crate::media::AudioInput;
 use crate::overlap;
 use crate::remote::{ClusterError, RemoteExperts, RemoteOptions};
 use crate::sampling::Sampler;
@@ -38,9 +39,20 @@ pub struct Engine {
     /// Steps of at least this many sequences run as two overlapped micro-batches when the
     /// experts are remote (`crate::overlap`); 0: never.
     overlap_min_sequences: usize,
+    /// The audio tower (Qwen3-Omni), when the checkpoint has one and it was loaded.
+    audio: Option<Arc<AudioInput>>,
 }
 
 impl Engine {
+    /// Gives the engine the checkpoint's audio tower, so prompts may carry audio.
+    pub fn set_audio(&mut self, audio: AudioInput) {
+        self.audio = Some(Arc::new(audio));
+    }
+
+    pub fn audio(&self) -> Option<&AudioInput> {
+        self.audio.as_deref()
+    }
+
     /// Loads the whole model in this process, experts included, onto `device`.
     pub fn load_local(
         dir: &Path,
@@ -118,6 +130,7 @@ impl Engine {
             model,
             remote: None,
             overlap_min_sequences: defaults::OVERLAP_MIN_SEQUENCES,
+            audio: None,
         })
     }
 
@@ -135,11 +148,23 @@ impl Engine {
         which: LogitsFor,
         ctx: &CallContext,
     ) -> Result<Vec<Tensor>, ModelError> {
+        self.forward_media(batch, which, ctx, &[])
+    }
+
+    /// [`Engine::forward`] with encoder embeddings for some tokens (see
+    /// [`Model::forward_media`]).
+    pub fn forward_media(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        which: LogitsFor,
+        ctx: &CallContext,
+        media: &[Vec<MediaSpan>],
+    ) -> Result<Vec<Tensor>, ModelError> {
         let min = self.overlap_min_sequences;
         if self.remote.is_some() && min > 0 && batch.len() >= min.max(2) {
-            return overlap::forward(&self.model, batch, which, ctx);
+            return overlap::forward(&self.model, batch, which, ctx, media);
         }
-        self.model.forward_for(batch, which, ctx)
+        self.model.forward_media(batch, which, ctx, media)
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -122,6 +122,28 @@ struct ServeArgs {
     /// second signal exits at once.
     #[arg(long, env = "OMNISHARD_SHUTDOWN_GRACE_S", default_value_t = 30)]
     shutdown_grace_s: u64,
+    /// Most media items of each kind one prompt may carry, e.g. `audio=4` (vLLM's flag);
+    /// more is a 400.
+    #[arg(long, env = "OMNISHARD_LIMIT_MM_PER_PROMPT", default_value = "audio=4", value_parser = media_limit)]
+    limit_mm_per_prompt: usize,
+    /// Longest audio clip accepted, in seconds; longer is a 400.
+    #[arg(long, env = "OMNISHARD_MAX_AUDIO_SECONDS", default_value_t = 600.0)]
+    max_audio_seconds: f64,
+}
+
+/// `audio=N` (the only medium served so far).
+fn media_limit(s: &str) -> Result<usize, String> {
+    let (kind, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: write KIND=N, e.g. audio=4"))?;
+    if kind.trim() != "audio" {
+        return Err(format!(
+            "`{kind}`: only audio is served so far (images and video are not wired in yet)"
+        ));
+    }
+    n.trim()
+        .parse()
+        .map_err(|e| format!("`{n}` is not a count: {e}"))
 }
 
 #[derive(Args)]
@@ -224,11 +246,21 @@ impl ModelArgs {
         let cfg = ModelConfig::from_model_dir(dir)?;
         let ckpt = Checkpoint::load(dir, &cfg, self.load_format, self.weights_seed)?;
         let device = self.device.open()?;
+        // Qwen3-Omni's audio tower, where the checkpoint's files have one (not with dummy
+        // weights, which cover the text model only).
+        let audio = match self.load_format {
+            LoadFormat::Auto => AudioInput::load(dir, &ckpt, self.dtype.dtype(), &device)?,
+            LoadFormat::Dummy => None,
+        };
         if addresses.is_empty() {
             if self.allow_missing_experts {
                 bail!("--allow-missing-experts needs --nodes or --placement");
             }
-            return Ok(Engine::load_local_from(&ckpt, &cfg, self.dtype, &device)?);
+            let mut engine = Engine::load_local_from(&ckpt, &cfg, self.dtype, &device)?;
+            if let Some(audio) = audio {
+                engine.set_audio(audio);
+            }
+            return Ok(engine);
         }
         let opts = RemoteOptions {
             rpc_timeout: Duration::from_millis(self.rpc_timeout_ms.max(1)),
@@ -250,6 +282,9 @@ impl ModelArgs {
             self.allow_missing_experts,
         )?;
         engine.set_overlap_min_sequences(self.overlap_min_seqs);
+        if let Some(audio) = audio {
+            engine.set_audio(audio);
+        }
         Ok(engine)
     }
 }
@@ -461,17 +496,9 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
                 "--position-ids with --audio: the expanded prompt's positions are text positions; drop --position-ids"
             );
         }
-        let dir = args.model.model_dir()?;
-        let cfg = ModelConfig::from_model_dir(&dir)?;
-        let ckpt = Checkpoint::load(&dir, &cfg, args.model.load_format, args.model.weights_seed)?;
-        let device = engine.model().device().clone();
-        let audio =
-            AudioInput::load(&dir, &ckpt, engine.model().dtype(), &device)?.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{} has no audio tower (thinker_config.audio_config)",
-                    dir.display()
-                )
-            })?;
+        let audio = engine.audio().ok_or_else(|| {
+            anyhow::anyhow!("this model has no audio tower (thinker_config.audio_config)")
+        })?;
         let clips = args
             .audio
             .iter()
@@ -482,7 +509,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
                 decode_audio(bytes, ext, 3600.0).with_context(|| path.display().to_string())
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let (tokens, spans) = audio.expand(&args.token_ids, &clips, &device)?;
+        let (tokens, spans) = audio.expand(&args.token_ids, &clips)?;
         engine.score_media(&tokens, None, &spans)?
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -524,6 +551,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         placement: args.model.placement.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        media: omnishard_coordinator::server::media::MediaLimits {
+            audio_per_prompt: args.limit_mm_per_prompt,
+            max_audio_seconds: args.max_audio_seconds,
+        },
     };
     let observer = metrics.clone();
     let load = move |progress: &Progress| {

@@ -10,7 +10,7 @@
 //! composition under continuous batching already makes them.
 
 use candle_core::Tensor;
-use omnishard_model::{CallContext, LogitsFor, Model, ModelError, SequenceInput};
+use omnishard_model::{CallContext, LogitsFor, MediaSpan, Model, ModelError, SequenceInput};
 
 /// Where to cut `batch` into two micro-batches of about equal tokens: the first sequence of the
 /// second half, always leaving at least one sequence on each side (`batch.len() >= 2`).
@@ -34,14 +34,17 @@ pub fn forward(
     batch: &mut [SequenceInput<'_>],
     which: LogitsFor,
     ctx: &CallContext,
+    media: &[Vec<MediaSpan>],
 ) -> Result<Vec<Tensor>, ModelError> {
     let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
-    let (first, second) = batch.split_at_mut(split_point(&lens));
+    let cut = split_point(&lens);
+    let (first, second) = batch.split_at_mut(cut);
+    let (media_a, media_b) = media.split_at(cut.min(media.len()));
     let _span =
         tracing::trace_span!("overlap", first = first.len(), second = second.len()).entered();
     let (a, b) = std::thread::scope(|s| {
-        let b = s.spawn(|| model.forward_for(second, which, ctx));
-        let a = model.forward_for(first, which, ctx);
+        let b = s.spawn(|| model.forward_media(second, which, ctx, media_b));
+        let a = model.forward_media(first, which, ctx, media_a);
         (a, b.join())
     });
     // A panic in the second micro-batch is a bug, not an input error: pass it on as such.

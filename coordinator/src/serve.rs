@@ -54,6 +54,8 @@ pub struct ServeSettings {
     pub scheduler: SchedulerConfig,
     /// Placement file re-read on SIGHUP (only with remote experts).
     pub placement: Option<PathBuf>,
+    /// How much media one prompt may carry.
+    pub media: crate::server::media::MediaLimits,
     /// On SIGTERM or Ctrl-C, how long requests in flight may take to finish (new ones get 503)
     /// before they are ended with an error.
     pub shutdown_grace: Duration,
@@ -82,6 +84,7 @@ impl ServeSettings {
                 prefix_caching: true,
             },
             placement: None,
+            media: Default::default(),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -156,6 +159,7 @@ pub fn start(
         idle_timeout,
         scheduler: sched,
         placement,
+        media,
         shutdown_grace,
     } = settings;
     let model_max = engine.config().max_position_embeddings;
@@ -226,6 +230,7 @@ pub fn start(
             special_tokens_in_text,
             kv_capacity: capacity,
             max_sequences: sched_max_active,
+            media,
         },
     ));
     Ok(Service {

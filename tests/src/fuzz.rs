@@ -74,6 +74,8 @@ pub fn http_body(data: &[u8]) {
         kv_capacity: 4096,
         max_sequences: 64,
         special_tokens_in_text: first & 2 == 2,
+        audio: None,
+        media: Default::default(),
     };
     if let Ok((prompt, max_tokens)) = validate_body(&limits, body, first & 1 == 1) {
         assert!(prompt > 0 && max_tokens >= 1 && prompt + max_tokens <= 512);

@@ -47,7 +47,7 @@ fn features_and_embeddings_match_the_reference() {
         .expect("loads")
         .expect("an audio tower");
     let samples = clip();
-    let mel = audio.features(&samples, &Device::Cpu).expect("features");
+    let mel = audio.features(&samples).expect("features");
     let want = &golden["mel"];
     let d = max_diff(&mel, want);
     eprintln!("mel: max |ours - reference| = {d:e}");
@@ -58,9 +58,7 @@ fn features_and_embeddings_match_the_reference() {
     );
 
     let ids: Vec<u32> = vec![1, audio_token(&meta), 2];
-    let (tokens, spans) = audio
-        .expand(&ids, &[samples], &Device::Cpu)
-        .expect("expands");
+    let (tokens, spans) = audio.expand(&ids, &[samples]).expect("expands");
     let n = meta["audio_tokens"].as_u64().expect("count") as usize;
     assert_eq!(tokens.len(), n + 2);
     assert_eq!(spans.len(), 1);

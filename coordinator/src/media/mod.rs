@@ -30,6 +30,7 @@ pub enum MediaError {
 pub struct AudioInput {
     encoder: AudioEncoder,
     token_id: u32,
+    device: Device,
 }
 
 impl AudioInput {
@@ -50,16 +51,17 @@ impl AudioInput {
         Ok(Some(Self {
             encoder: AudioEncoder::new(&cfg, w)?,
             token_id,
+            device: device.clone(),
         }))
     }
 
-    /// The clip's log-mel features `[mel bins, frames]`.
-    pub fn features(&self, samples: &[f32], device: &Device) -> Result<Tensor, MediaError> {
+    /// The clip's log-mel features `[mel bins, frames]`, on the tower's device.
+    pub fn features(&self, samples: &[f32]) -> Result<Tensor, MediaError> {
         let params = MelParams::whisper(self.encoder.config().num_mel_bins);
         let (mel, frames) = log_mel(samples, &params).ok_or_else(|| {
             MediaError::Unsupported("audio shorter than 12.5 ms has no features".into())
         })?;
-        Tensor::from_vec(mel, (params.n_mels, frames), device)
+        Tensor::from_vec(mel, (params.n_mels, frames), &self.device)
             .map_err(|e| MediaError::Encoder(e.into()))
     }
 
@@ -70,7 +72,6 @@ impl AudioInput {
         &self,
         tokens: &[u32],
         clips: &[Vec<f32>],
-        device: &Device,
     ) -> Result<(Vec<u32>, Vec<MediaSpan>), MediaError> {
         let placeholders = tokens.iter().filter(|&&t| t == self.token_id).count();
         if placeholders != clips.len() {
@@ -89,7 +90,7 @@ impl AudioInput {
                 continue;
             }
             let Some(clip) = clips.next() else { break };
-            let embeds = self.encoder.forward(&self.features(clip, device)?)?;
+            let embeds = self.encoder.forward(&self.features(clip)?)?;
             let rows = embeds.dim(0).map_err(ModelError::from)?;
             spans.push(MediaSpan {
                 start: out.len(),

@@ -31,7 +31,7 @@ use crate::kv_budget::{self, KvBudget};
 use crate::metrics::{Metrics, ThroughputLog};
 use crate::sampling::{SamplingParams, TokenLogprobs};
 use omnishard_model::CallContext;
-use omnishard_model::model::{LogitsFor, Positions, SequenceInput};
+use omnishard_model::model::{LogitsFor, MediaSpan, Positions, SequenceInput};
 use sequence::{Sequence, admit, take_token};
 
 /// Scheduler limits.
@@ -87,6 +87,10 @@ pub struct GenerationRequest {
     /// Return the prompt tokens' log-probabilities and this many of the most likely tokens at
     /// each prompt position. Such a prompt is computed whole (not taken from the prefix cache).
     pub prompt_logprobs: Option<usize>,
+    /// Encoder embeddings in place of some prompt tokens (audio), positions counted from the
+    /// prompt's start. Such a prompt never goes to or comes from the prefix cache: its tokens
+    /// alone do not say what it holds.
+    pub media: Vec<MediaSpan>,
     /// The grammar the answer must follow (structured output, forced tool calls).
     pub constraint: Option<Constraint>,
     /// More answers to the same prompt (`n` > 1): once the prompt is computed, each starts from
@@ -278,7 +282,7 @@ fn run(
             };
             // At least the last token is computed: its logits pick the next one. A prompt whose
             // log-probabilities are asked for is computed whole, so each token gets them.
-            let lookup = if seq.wants_prompt_logprobs() {
+            let lookup = if seq.wants_prompt_logprobs() || !seq.req.media.is_empty() {
                 None
             } else {
                 kv.lookup(&seq.history, seq.to_prefill - 1)
@@ -394,6 +398,16 @@ fn step(
     } else {
         LogitsFor::Last
     };
+    // Each prompt chunk's share of its media, counted from the chunk's start.
+    let media: Vec<Vec<MediaSpan>> = selected
+        .iter()
+        .zip(&chosen)
+        .map(|(seq, (_, tokens))| chunk_media(&seq.req.media, seq.prefilled, tokens.len()))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot cut media embeddings to a prompt chunk");
+            Vec::new()
+        });
     let n_tokens: usize = chosen.iter().map(|(_, t)| t.len()).sum();
     let mut batch: Vec<SequenceInput<'_>> = Vec::with_capacity(chosen.len());
     let mut positions_next = Vec::with_capacity(chosen.len());
@@ -409,7 +423,7 @@ fn step(
     let result = {
         let _step =
             tracing::trace_span!("step", sequences = batch.len(), tokens = n_tokens).entered();
-        engine.forward(&mut batch, which, &ctx)
+        engine.forward_media(&mut batch, which, &ctx, &media)
     };
     drop(batch);
     let logits = match result {
@@ -451,7 +465,9 @@ fn step(
             if !seq.decoding() {
                 continue;
             }
-            kv.remember(&seq.history[..seq.to_prefill], &seq.cache, in_use_after);
+            if seq.req.media.is_empty() {
+                kv.remember(&seq.history[..seq.to_prefill], &seq.cache, in_use_after);
+            }
         }
         let prompt_logprobs = seq.take_prompt_logprobs();
         // Its prompt just computed, a request with more choices forks them now.
@@ -472,6 +488,27 @@ fn step(
     }
     active.extend(spawned);
     active.retain(|s| !s.done);
+}
+
+/// The parts of `media` (spans from the prompt's start) that fall in the chunk of `len` tokens
+/// from `start`, re-based to the chunk's start.
+fn chunk_media(
+    media: &[MediaSpan],
+    start: usize,
+    len: usize,
+) -> candle_core::Result<Vec<MediaSpan>> {
+    let mut out = Vec::new();
+    for span in media {
+        let rows = span.embeds.dim(0)?;
+        let (lo, hi) = (span.start.max(start), (span.start + rows).min(start + len));
+        if lo < hi {
+            out.push(MediaSpan {
+                start: lo - start,
+                embeds: span.embeds.narrow(0, lo - span.start, hi - lo)?,
+            });
+        }
+    }
+    Ok(out)
 }
 
 impl From<SubmitError> for GenerationError {

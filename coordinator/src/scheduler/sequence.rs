@@ -128,6 +128,7 @@ impl Sequence {
                 stop_tokens: self.req.stop_tokens.clone(),
                 logprobs: self.req.logprobs,
                 prompt_logprobs: None,
+                media: self.req.media.clone(),
                 constraint: None,
                 forks: Vec::new(),
                 events: fork.events,

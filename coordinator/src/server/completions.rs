@@ -196,6 +196,7 @@ fn submit(
         },
         logprobs: p.logprobs,
         prompt_logprobs: p.prompt_top_logprobs,
+        media: std::mem::take(&mut p.media),
         constraint: first_constraint,
         forks,
         events: tx,

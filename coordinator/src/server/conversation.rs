@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 
+use super::media::MediaRef;
 use super::types::{ChatFields, Content, Message};
 use super::validate::invalid;
 use crate::chat::Conversation;
@@ -17,7 +18,12 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 /// objects Hugging Face templates read (`content` a string, or null on an assistant message that
 /// only calls tools; text parts joined by newlines as vLLM joins them), the tools, and the
 /// template's options.
-pub(super) fn conversation(body: &mut ChatFields) -> Result<Conversation, GenerationError> {
+///
+/// Media parts (audio) come back beside it, in prompt order; their messages' content is then a
+/// list of parts, as Hugging Face passes it to the template.
+pub(super) fn conversation(
+    body: &mut ChatFields,
+) -> Result<(Conversation, Vec<MediaRef>), GenerationError> {
     let messages = body
         .messages
         .take()
@@ -25,10 +31,11 @@ pub(super) fn conversation(body: &mut ChatFields) -> Result<Conversation, Genera
     if messages.is_empty() {
         return Err(invalid("`messages` must not be empty"));
     }
+    let mut media = Vec::new();
     let messages = messages
         .into_iter()
         .enumerate()
-        .map(|(i, m)| message_json(i, m))
+        .map(|(i, m)| message_json(i, m, &mut media))
         .collect::<Result<Vec<_>, _>>()?;
     let tools = body.tools.take();
     if let Some(tools) = &tools {
@@ -57,18 +64,21 @@ pub(super) fn conversation(body: &mut ChatFields) -> Result<Conversation, Genera
             "continue_final_message needs the last message to be the assistant's",
         ));
     }
-    Ok(Conversation {
-        messages,
-        tools,
-        add_generation_prompt: body
-            .add_generation_prompt
-            .unwrap_or(!continue_final_message),
-        continue_final_message,
-        kwargs,
-    })
+    Ok((
+        Conversation {
+            messages,
+            tools,
+            add_generation_prompt: body
+                .add_generation_prompt
+                .unwrap_or(!continue_final_message),
+            continue_final_message,
+            kwargs,
+        },
+        media,
+    ))
 }
 
-fn message_json(i: usize, m: Message) -> Result<Value, GenerationError> {
+fn message_json(i: usize, m: Message, media: &mut Vec<MediaRef>) -> Result<Value, GenerationError> {
     let bad = |why: String| invalid(format!("messages[{i}]: {why}"));
     if !ROLES.contains(&m.role.as_str()) {
         return Err(bad(format!(
@@ -97,21 +107,23 @@ fn message_json(i: usize, m: Message) -> Result<Value, GenerationError> {
     let content = match m.content {
         Some(Content::Text(t)) => Value::String(t),
         Some(Content::Parts(parts)) => {
-            let mut texts = Vec::with_capacity(parts.len());
+            let mut out = Vec::with_capacity(parts.len());
+            let before = media.len();
             for (j, p) in parts.into_iter().enumerate() {
-                match (p.kind.as_str(), p.text) {
-                    ("text", Some(s)) => texts.push(s),
-                    ("text", None) => {
-                        return Err(bad(format!("content[{j}] is a text part without `text`")));
-                    }
-                    (other, _) => {
-                        return Err(bad(format!(
-                            "content[{j}] has type `{other}`; only `text` parts are supported"
-                        )));
-                    }
-                }
+                let (part, item) = super::media::part(&format!("messages[{i}].content[{j}]"), p)?;
+                out.push(part);
+                media.extend(item);
             }
-            Value::String(texts.join("\n"))
+            if media.len() == before {
+                // Text only: one string, the parts joined by newlines as vLLM joins them.
+                let texts: Vec<&str> = out
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect();
+                Value::String(texts.join("\n"))
+            } else {
+                Value::Array(out)
+            }
         }
         None if role == "assistant" && calls_tools => Value::Null,
         None => return Err(bad(

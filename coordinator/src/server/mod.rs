@@ -16,6 +16,7 @@ mod admin;
 mod completions;
 mod conversation;
 pub mod loading;
+pub mod media;
 pub mod shutdown;
 mod stream;
 mod structured;
@@ -63,6 +64,8 @@ pub struct ServeConfig {
     pub kv_capacity: usize,
     /// Sequences the scheduler runs at once.
     pub max_sequences: usize,
+    /// How much media one prompt may carry.
+    pub media: media::MediaLimits,
 }
 
 pub struct AppState {
@@ -115,6 +118,8 @@ impl AppState {
             tokenizer: &self.tokenizer,
             chat: &self.chat,
             grammars: self.grammars.as_ref().map_err(String::as_str),
+            audio: self.engine.audio(),
+            media: self.config.media,
         }
     }
 }

@@ -51,7 +51,16 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, GenerationError
             }
             limits.text_ids(&prompt)?
         }
-        (None, true) => limits.chat_prompt(&mut body.chat)?.ids,
+        (None, true) => {
+            let (prompt, media) = limits.chat_prompt(&mut body.chat)?;
+            if let Some(m) = media.first() {
+                return Err(invalid(format!(
+                    "{}: /tokenize does not run media through their encoders; send the text only",
+                    m.part
+                )));
+            }
+            prompt.ids
+        }
         _ => return Err(invalid("send either `prompt` or `messages`")),
     };
     let token_strs = body.return_token_strs.unwrap_or(false).then(|| {

@@ -15,11 +15,39 @@ pub(super) enum Content {
     Parts(Vec<ContentPart>),
 }
 
+/// One part of a message's content: text, or media (OpenAI's `input_audio` and `image_url`,
+/// vLLM's `audio_url` and `video_url`).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    pub input_audio: Option<InputAudio>,
+    pub audio_url: Option<MediaUrl>,
+    /// Read so the part parses, then refused by type: images and video are not wired in yet.
+    #[serde(rename = "image_url")]
+    pub _image_url: Option<MediaUrl>,
+    #[serde(rename = "video_url")]
+    pub _video_url: Option<MediaUrl>,
+}
+
+/// OpenAI's `input_audio`: base64 data and its format.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InputAudio {
+    pub data: String,
+    pub format: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MediaUrl {
+    pub url: String,
+    /// OpenAI's image detail level; accepted, and changes nothing (the processor's rules set the
+    /// resolution).
+    #[serde(rename = "detail")]
+    _detail: Option<String>,
 }
 
 /// One chat message as OpenAI's SDK sends it, tool calls and tool results included.

@@ -7,6 +7,7 @@ use axum::http::HeaderMap;
 use serde_json::Value;
 
 use super::conversation::{ToolChoice, conversation, forced_call, tool_choice};
+use super::media::{MediaLimits, MediaRef, expand_audio};
 use super::stream::PromptLogprobs;
 use super::structured::structured_output;
 use super::types::{ChatFields, CompletionBody, Kind, Prompt, Stop};
@@ -14,8 +15,10 @@ use crate::chat::output::OutputFormat;
 use crate::chat::{ChatPrompt, ChatPrompter, PromptError};
 use crate::error::GenerationError;
 use crate::grammar::{Constraint, Grammars};
+use crate::media::AudioInput;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::tokenizer::TextTokenizer;
+use omnishard_model::MediaSpan;
 
 /// The header a client may name its request with; echoed on the response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -45,6 +48,9 @@ pub struct RequestLimits<'a> {
     pub max_sequences: usize,
     /// Special tokens in client text act as control tokens (else they are plain text).
     pub special_tokens_in_text: bool,
+    /// The model's audio tower, if it has one, and how much media a prompt may carry.
+    pub audio: Option<&'a AudioInput>,
+    pub media: MediaLimits,
 }
 
 impl RequestLimits<'_> {
@@ -86,10 +92,15 @@ impl RequestLimits<'_> {
         ids.map_err(|e| invalid(e.to_string()))
     }
 
-    /// The prompt of a conversation, through the chat template.
-    pub(super) fn chat_prompt(&self, chat: &mut ChatFields) -> Result<ChatPrompt, GenerationError> {
-        let conv = conversation(chat)?;
-        self.chat
+    /// The prompt of a conversation, through the chat template, and its media in prompt order
+    /// (each still one placeholder token).
+    pub(super) fn chat_prompt(
+        &self,
+        chat: &mut ChatFields,
+    ) -> Result<(ChatPrompt, Vec<MediaRef>), GenerationError> {
+        let (conv, media) = conversation(chat)?;
+        let prompt = self
+            .chat
             .encode(
                 self.tokenizer,
                 conv,
@@ -99,7 +110,8 @@ impl RequestLimits<'_> {
             .map_err(|e| match e {
                 PromptError::TooLarge { bytes } => self.too_large(bytes),
                 other => invalid(other.to_string()),
-            })
+            })?;
+        Ok((prompt, media))
     }
 }
 
@@ -124,6 +136,8 @@ pub(super) struct Prepared {
     pub logprobs: Option<usize>,
     /// Text the answer starts with (completions' `echo`: the prompt).
     pub echo: Option<String>,
+    /// Encoder embeddings in place of the prompt's media placeholders.
+    pub media: Vec<MediaSpan>,
     /// What to return of the prompt's log-probabilities.
     pub prompt_logprobs: PromptLogprobs,
     /// Most likely tokens to compute at each prompt position, when any are returned.
@@ -249,6 +263,7 @@ fn prepare(
     };
     let mut grammar = None;
     let mut echo_text = None;
+    let mut media = Vec::new();
     let (prompt, format) = match kind {
         Kind::Chat => {
             let tools_offered = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
@@ -260,7 +275,8 @@ fn prepare(
                 ));
             }
             grammar = forced_call(&chat, &choice)?;
-            let prompt = limits.chat_prompt(&mut chat)?;
+            let (prompt, found) = limits.chat_prompt(&mut chat)?;
+            media = found;
             let format = OutputFormat {
                 // A grammar shapes the whole answer: there is no reasoning to split off.
                 reasoning: limits.chat.parses_reasoning()
@@ -304,6 +320,7 @@ fn prepare(
     if prompt.is_empty() {
         return Err(invalid("the prompt is empty"));
     }
+    let (prompt, media) = expand_audio(limits.audio, &limits.media, prompt, media)?;
     // The prompt as sent: its text, or its tokens' text with special tokens written out.
     let echo = match (echo, echo_text) {
         (false, _) => None,
@@ -448,6 +465,7 @@ fn prepare(
         echo,
         prompt_logprobs,
         prompt_top_logprobs,
+        media,
         user: body.user,
     })
 }
