@@ -247,6 +247,19 @@ impl Engine {
         max_tokens: usize,
         sampler: &mut Sampler,
         stop_tokens: &[u32],
+        on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        self.generate_media(prompt, &[], max_tokens, sampler, stop_tokens, on_token)
+    }
+
+    /// [`Engine::generate`] with encoder embeddings in place of some prompt tokens (audio).
+    pub fn generate_media(
+        &self,
+        prompt: &[u32],
+        media: &[MediaSpan],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        stop_tokens: &[u32],
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>, EngineError> {
         if prompt.is_empty() {
@@ -265,6 +278,7 @@ impl Engine {
         let mut generated = Vec::new();
         let mut input = prompt.to_vec();
         let mut next_pos = 0u32;
+        let mut media = vec![media.to_vec()];
         while generated.len() < max_tokens {
             let positions = Positions::text(next_pos, input.len());
             next_pos = positions.next_text_position();
@@ -273,7 +287,14 @@ impl Engine {
                 positions,
                 cache: &mut cache,
             }];
-            let logits = self.model.forward(&mut batch, LogitsFor::Last)?;
+            let logits = self.model.forward_media(
+                &mut batch,
+                LogitsFor::Last,
+                &CallContext::default(),
+                &media,
+            )?;
+            // The media is in the prompt, computed by the first pass.
+            media.clear();
             let token = sampler
                 .sample_tensor(&logits[0], &history)
                 .map_err(ModelError::from)?;

@@ -332,6 +332,10 @@ struct GenerateArgs {
     /// Jinja chat template file for --chat, instead of the checkpoint's.
     #[arg(long, env = "OMNISHARD_CHAT_TEMPLATE", requires = "chat")]
     chat_template: Option<PathBuf>,
+    /// Audio file (WAV, FLAC, MP3, Ogg Vorbis; any rate) placed before the prompt text in the
+    /// user message, for a checkpoint with an audio tower (Qwen3-Omni); repeatable; needs --chat.
+    #[arg(long, requires = "chat")]
+    audio: Vec<PathBuf>,
     /// Maximum number of tokens to generate.
     #[arg(long, env = "OMNISHARD_MAX_TOKENS", default_value_t = 64)]
     max_tokens: usize,
@@ -414,8 +418,19 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = TextTokenizer::load(&model_dir, engine.config())?;
     let prompt = if args.chat {
         let template = ChatTemplate::load(&model_dir, args.chat_template.as_deref())?;
+        let content = if args.audio.is_empty() {
+            serde_json::json!(args.prompt)
+        } else {
+            let mut parts: Vec<serde_json::Value> = args
+                .audio
+                .iter()
+                .map(|_| serde_json::json!({"type": "audio"}))
+                .collect();
+            parts.push(serde_json::json!({"type": "text", "text": args.prompt}));
+            serde_json::Value::Array(parts)
+        };
         let conv = Conversation {
-            messages: vec![serde_json::json!({"role": "user", "content": args.prompt})],
+            messages: vec![serde_json::json!({"role": "user", "content": content})],
             add_generation_prompt: true,
             ..Default::default()
         };
@@ -436,8 +451,17 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut first_token_at = None;
     let mut failed = None;
     let start = Instant::now();
-    let tokens = engine.generate(
+    let (prompt, media) = if args.audio.is_empty() {
+        (prompt, Vec::new())
+    } else {
+        let audio = engine.audio().ok_or_else(|| {
+            anyhow::anyhow!("this model has no audio tower (thinker_config.audio_config)")
+        })?;
+        audio.expand(&prompt, &read_clips(&args.audio)?)?
+    };
+    let tokens = engine.generate_media(
         &prompt,
+        &media,
         args.max_tokens,
         &mut sampler,
         tokenizer.stop_tokens(),
@@ -499,16 +523,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         let audio = engine.audio().ok_or_else(|| {
             anyhow::anyhow!("this model has no audio tower (thinker_config.audio_config)")
         })?;
-        let clips = args
-            .audio
-            .iter()
-            .map(|path| {
-                let bytes = std::fs::read(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                let ext = path.extension().and_then(|e| e.to_str());
-                decode_audio(bytes, ext, 3600.0).with_context(|| path.display().to_string())
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let clips = read_clips(&args.audio)?;
         let (tokens, spans) = audio.expand(&args.token_ids, &clips)?;
         engine.score_media(&tokens, None, &spans)?
     };
@@ -516,6 +531,19 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": logits }))?;
     writeln!(out)?;
     Ok(())
+}
+
+/// The audio files' samples, mono at 16 kHz.
+fn read_clips(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<f32>>> {
+    paths
+        .iter()
+        .map(|path| {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let ext = path.extension().and_then(|e| e.to_str());
+            decode_audio(bytes, ext, 3600.0).with_context(|| path.display().to_string())
+        })
+        .collect()
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -1,6 +1,9 @@
 //! Audio files to 16 kHz mono samples, as the reference pipeline feeds `WhisperFeatureExtractor`
 //! (librosa loads mono: the mean of the channels). Decoding is symphonia's (pure Rust: WAV/PCM,
-//! FLAC, MP3, Ogg Vorbis), probed from the bytes, with the file name's extension as a hint.
+//! FLAC, MP3, Ogg Vorbis), probed from the bytes, with the file name's extension as a hint;
+//! other rates are resampled by rubato's FFT resampler (band-limited, for fixed ratios: the
+//! reference leaves resampling to the caller, librosa's soxr by default, so any good resampler
+//! is as faithful as another).
 
 use symphonia::core::audio::SampleBuffer;
 use symphonia::core::codecs::DecoderOptions;
@@ -44,12 +47,7 @@ pub fn decode(
     let rate = params
         .sample_rate
         .ok_or_else(|| MediaError::Undecodable("audio: the track has no sample rate".into()))?;
-    if rate != SAMPLE_RATE {
-        return Err(MediaError::Unsupported(format!(
-            "audio at {rate} Hz: resample it to {SAMPLE_RATE} Hz (resampling here is not implemented yet)"
-        )));
-    }
-    let max_samples = (max_seconds * f64::from(SAMPLE_RATE)) as usize;
+    let max_samples = (max_seconds * f64::from(rate)) as usize;
     let mut decoder = symphonia::default::get_codecs()
         .make(&params, &DecoderOptions::default())
         .map_err(undecodable)?;
@@ -85,5 +83,69 @@ pub fn decode(
     if samples.is_empty() {
         return Err(MediaError::Undecodable("audio: no samples".into()));
     }
-    Ok(samples)
+    if rate == SAMPLE_RATE {
+        return Ok(samples);
+    }
+    resample(&samples, rate)
+}
+
+/// `samples` at `rate` to [`SAMPLE_RATE`], the resampler's delay trimmed off: output sample `i`
+/// is the input at time `i / 16000` s.
+fn resample(samples: &[f32], rate: u32) -> Result<Vec<f32>, MediaError> {
+    use rubato::{FftFixedIn, Resampler};
+    let failed = |e: &dyn std::fmt::Display| {
+        MediaError::Undecodable(format!("audio: resampling from {rate} Hz: {e}"))
+    };
+    let chunk = 1024;
+    let mut resampler = FftFixedIn::<f32>::new(rate as usize, SAMPLE_RATE as usize, chunk, 2, 1)
+        .map_err(|e| failed(&e))?;
+    let wanted = (samples.len() as u64 * u64::from(SAMPLE_RATE) / u64::from(rate)) as usize;
+    let delay = resampler.output_delay();
+    let mut out = Vec::with_capacity(wanted + delay + chunk);
+    let mut rest = samples;
+    while rest.len() >= resampler.input_frames_next() {
+        let (now, later) = rest.split_at(resampler.input_frames_next());
+        let y = resampler.process(&[now], None).map_err(|e| failed(&e))?;
+        out.extend_from_slice(&y[0]);
+        rest = later;
+    }
+    // The tail, then zeros until the delayed samples are out.
+    let y = resampler
+        .process_partial(Some(&[rest]), None)
+        .map_err(|e| failed(&e))?;
+    out.extend_from_slice(&y[0]);
+    while out.len() < delay + wanted {
+        let y = resampler
+            .process_partial::<&[f32]>(None, None)
+            .map_err(|e| failed(&e))?;
+        if y[0].is_empty() {
+            break;
+        }
+        out.extend_from_slice(&y[0]);
+    }
+    Ok(out.into_iter().skip(delay).take(wanted).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tone at 44.1 kHz comes out as the same tone at 16 kHz, in phase and of the right length.
+    #[test]
+    fn resampling_keeps_a_tone() {
+        let tone = |rate: f32, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (2.0 * std::f32::consts::PI * 440.0 * i as f32 / rate).sin())
+                .collect()
+        };
+        let out = resample(&tone(44_100.0, 44_100), 44_100).expect("resamples");
+        assert_eq!(out.len(), 16_000);
+        let want = tone(16_000.0, 16_000);
+        // Away from the edges the resampled tone is the tone.
+        let worst = out[2000..14000]
+            .iter()
+            .zip(&want[2000..14000])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 1e-2, "{worst}");
+    }
 }
