@@ -20,6 +20,18 @@ async fn the_chat_template_makes_the_prompt() {
     let golden = std::fs::read_to_string(fixtures_dir().join("golden/chat_template.json")).unwrap();
     let cases: Vec<Value> = serde_json::from_str(&golden).unwrap();
     for case in &cases {
+        // Template-only cases: media parts without their data (tests/tests/audio_api.rs sends
+        // real media).
+        let media = case["request"]["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["content"].as_array())
+            .flatten()
+            .any(|p| p["type"] != "text");
+        if media {
+            continue;
+        }
         let mut body = case["request"].clone();
         let request = body.as_object_mut().unwrap();
         if let Some(thinking) = request.remove("enable_thinking") {
