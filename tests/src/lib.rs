@@ -3,6 +3,7 @@
 
 pub mod cluster_api;
 pub mod fuzz;
+pub mod pki;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

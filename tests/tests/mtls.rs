@@ -7,17 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use omnishard_tests::pki::{self, Ca};
 use omnishard_tests::{ExpertNode, bin, demo_model};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 /// A CA, and certificates it signs, written as PEM files in a temporary directory.
 struct Pki {
     dir: tempfile::TempDir,
-}
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    cert_pem: String,
 }
 
 impl Pki {
@@ -31,39 +26,19 @@ impl Pki {
         self.dir.path().join(name)
     }
 
+    /// A CA, its certificate as `{name}.pem`.
     fn ca(&self, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = KeyPair::generate().expect("a key");
-        let cert = params.self_signed(&key).expect("a self-signed CA");
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write CA");
-        Ca {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
+        pki::ca(name, &self.path(&format!("{name}.pem")))
     }
 
-    /// A leaf certificate for `names`, signed by `ca`, as `{name}.pem` and `{name}.key`;
-    /// `expired` makes one whose validity ended yesterday.
+    /// A leaf certificate for `names`, signed by `ca`, as `{name}.pem` and `{name}.key`.
     fn leaf(&self, ca: &Ca, name: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf) {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().expect("a key");
-        let cert = params.signed_by(&key, &ca.issuer).expect("signed");
-        let (cert_path, key_path) = (
+        let (cert, key) = (
             self.path(&format!("{name}.pem")),
             self.path(&format!("{name}.key")),
         );
-        std::fs::write(&cert_path, cert.pem()).expect("write cert");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        (cert_path, key_path)
+        pki::leaf(ca, names, expired, &cert, &key);
+        (cert, key)
     }
 }
 
@@ -112,7 +87,6 @@ fn mutual_tls_serves_exactly_and_refuses_what_it_should_naming_why() {
     let pki = Pki::new();
     let ca = pki.ca("ca");
     let other = pki.ca("other-ca");
-    assert_ne!(ca.cert_pem, other.cert_pem);
     let (node_cert, node_key) = pki.leaf(&ca, "node", &["localhost"], false);
     let (client_cert, client_key) = pki.leaf(&ca, "client", &["coordinator"], false);
     let (rogue_cert, rogue_key) = pki.leaf(&other, "rogue", &["coordinator"], false);

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use omnishard_tests::pki::{ca, leaf};
 
 /// The names the nodes' certificate is valid for.
 const NODE_NAMES: [&str; 5] = [
@@ -17,39 +17,20 @@ const NODE_NAMES: [&str; 5] = [
     "localhost",
 ];
 
-fn write(dir: &Path, name: &str, text: &str) {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-}
-
-/// A self-signed CA written as `{name}.crt`.
-fn ca(dir: &Path, name: &str) -> Issuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    let key = KeyPair::generate().expect("a key");
-    let cert = params.self_signed(&key).expect("a self-signed CA");
-    write(dir, &format!("{name}.crt"), &cert.pem());
-    Issuer::new(params, key)
-}
-
-/// A certificate for `names` signed by `issuer`, written as `{name}.crt` and `{name}.key`.
-fn leaf(dir: &Path, issuer: &Issuer<'static, KeyPair>, name: &str, names: &[&str]) {
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let params = CertificateParams::new(names).expect("leaf params");
-    let key = KeyPair::generate().expect("a key");
-    let cert = params.signed_by(&key, issuer).expect("signed");
-    write(dir, &format!("{name}.crt"), &cert.pem());
-    write(dir, &format!("{name}.key"), &key.serialize_pem());
-}
-
 /// Writes every file named in the module's header into `dir`.
 pub fn make(dir: &Path) {
-    let cluster = ca(dir, "ca");
-    leaf(dir, &cluster, "node", &NODE_NAMES);
-    leaf(dir, &cluster, "coordinator", &["omnishard-coordinator"]);
-    let rogue = ca(dir, "rogue-ca");
-    leaf(dir, &rogue, "rogue", &NODE_NAMES);
+    let cluster = ca("ca", &dir.join("ca.crt"));
+    let signed = |ca, name: &str, names: &[&str]| {
+        leaf(
+            ca,
+            names,
+            false,
+            &dir.join(format!("{name}.crt")),
+            &dir.join(format!("{name}.key")),
+        )
+    };
+    signed(&cluster, "node", &NODE_NAMES);
+    signed(&cluster, "coordinator", &["omnishard-coordinator"]);
+    let rogue = ca("rogue-ca", &dir.join("rogue-ca.crt"));
+    signed(&rogue, "rogue", &NODE_NAMES);
 }

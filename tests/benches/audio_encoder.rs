@@ -1,0 +1,180 @@
+//! The cost of audio in a prompt at Qwen3-Omni's real size, on this machine's CPU, in one run:
+//! log-mel features and the audio tower (`Qwen3OmniMoeAudioEncoder` at the checkpoint's
+//! dimensions: 32 layers of width 1280, 480-channel convolutions, 128 mel bins) for 10 s of audio
+//! (130 embeddings), beside the text model's prefill of the same number of tokens at its real
+//! dimensions — 2 of its 48 layers (with their 128 experts each) measured, the 48-layer time
+//! extrapolated per layer. Random bf16 weights (`omnishard_model::synthetic::fill`, the bits
+//! `coordinator synth` writes), bf16 compute, median of 3.
+//!
+//! Run: `cargo bench -p omnishard-tests --bench audio_encoder` (about 1 GB of weights are written
+//! to a temporary directory first).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use omnishard_coordinator::{ComputeDtype, Engine};
+use omnishard_model::audio::{AudioEncoder, MelParams, log_mel};
+use omnishard_model::synthetic::{Preset, WeightDtype, config_json, fill};
+use omnishard_model::{Checkpoint, Weights};
+use omnishard_proto::ModelConfig;
+use omnishard_proto::omni::{AudioConfig, audio_output_len};
+
+const SECONDS: usize = 10;
+const RUNS: usize = 3;
+
+/// Qwen3-Omni-30B-A3B's `thinker_config.audio_config`.
+fn real_audio_config() -> AudioConfig {
+    serde_json::from_value(serde_json::json!({
+        "num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20,
+        "encoder_ffn_dim": 5120, "d_model": 1280, "n_window": 50, "n_window_infer": 800,
+        "downsample_hidden_size": 480, "output_dim": 2048, "max_source_positions": 1500,
+    }))
+    .expect("a valid audio config")
+}
+
+/// The tower's tensors, by name under `thinker.audio_tower.`, with their shapes.
+fn tower_shapes(c: &AudioConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, ds, ffn) = (c.d_model, c.downsample_hidden_size, c.encoder_ffn_dim);
+    let mut t: Vec<(String, Vec<usize>)> = vec![
+        ("conv2d1.weight".into(), vec![ds, 1, 3, 3]),
+        ("conv2d2.weight".into(), vec![ds, ds, 3, 3]),
+        ("conv2d3.weight".into(), vec![ds, ds, 3, 3]),
+        (
+            "conv_out.weight".into(),
+            vec![d, ds * c.frequencies_after_cnn()],
+        ),
+        ("proj1.weight".into(), vec![d, d]),
+        ("proj2.weight".into(), vec![c.output_dim, d]),
+    ];
+    for (name, n) in [
+        ("conv2d1.bias", ds),
+        ("conv2d2.bias", ds),
+        ("conv2d3.bias", ds),
+        ("proj1.bias", d),
+        ("proj2.bias", c.output_dim),
+        ("ln_post.weight", d),
+        ("ln_post.bias", d),
+    ] {
+        t.push((name.into(), vec![n]));
+    }
+    for l in 0..c.encoder_layers {
+        let p = format!("layers.{l}.");
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            t.push((format!("{p}self_attn.{proj}.weight"), vec![d, d]));
+            t.push((format!("{p}self_attn.{proj}.bias"), vec![d]));
+        }
+        for norm in ["self_attn_layer_norm", "final_layer_norm"] {
+            t.push((format!("{p}{norm}.weight"), vec![d]));
+            t.push((format!("{p}{norm}.bias"), vec![d]));
+        }
+        t.push((format!("{p}fc1.weight"), vec![ffn, d]));
+        t.push((format!("{p}fc1.bias"), vec![ffn]));
+        t.push((format!("{p}fc2.weight"), vec![d, ffn]));
+        t.push((format!("{p}fc2.bias"), vec![d]));
+    }
+    t
+}
+
+fn write_tower(dir: &std::path::Path, c: &AudioConfig) {
+    let shapes = tower_shapes(c);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let full = format!("thinker.audio_tower.{name}");
+            let bytes = fill(7, &full, shape.iter().product(), WeightDtype::Bf16);
+            (full, shape, bytes)
+        })
+        .collect();
+    let views: HashMap<String, safetensors::tensor::TensorView<'_>> = data
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::BF16,
+                shape.clone(),
+                bytes,
+            )
+            .expect("a tensor view");
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(&views, None, &dir.join("model.safetensors"))
+        .expect("write the tower");
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let cfg = real_audio_config();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    write_tower(dir.path(), &cfg);
+    let ckpt = Checkpoint::open(dir.path()).expect("the tower's checkpoint");
+    let w = Weights::new(&ckpt, DType::BF16, &Device::Cpu).pp("thinker.audio_tower");
+    let tower = AudioEncoder::new(&cfg, w).expect("the tower");
+    let samples: Vec<f32> = (0..SECONDS * 16_000)
+        .map(|i| {
+            let t = i as f32 / 16_000.0;
+            0.3 * (2.0 * std::f32::consts::PI * (220.0 + 80.0 * t) * t).sin()
+        })
+        .collect();
+    let params = MelParams::whisper(cfg.num_mel_bins);
+    let (mut mel_times, mut tower_times) = (Vec::new(), Vec::new());
+    let mut embeddings = 0;
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let (mel, frames) = log_mel(&samples, &params).expect("features");
+        mel_times.push(started.elapsed());
+        let mel = candle_core::Tensor::from_vec(mel, (params.n_mels, frames), &Device::Cpu)
+            .expect("a tensor");
+        let started = Instant::now();
+        let out = tower.forward(&mel).expect("encodes");
+        tower_times.push(started.elapsed());
+        embeddings = out.dim(0).expect("rows");
+    }
+    assert_eq!(embeddings, audio_output_len(SECONDS * 100));
+
+    // The text model at its real dimensions, 2 layers, prefilling as many tokens.
+    let layers = 2;
+    let text = config_json(Preset::Qwen3Omni30bA3b, layers, 128).to_string();
+    let text_cfg = ModelConfig::from_json(&text, std::path::Path::new("synth")).expect("config");
+    let engine = Engine::load_local_from(
+        &Checkpoint::dummy(&text_cfg, 0),
+        &text_cfg,
+        ComputeDtype::Bf16,
+        &Device::Cpu,
+    )
+    .expect("the text model");
+    let tokens: Vec<u32> = (0..embeddings as u32).map(|i| 1000 + i * 7).collect();
+    let prefill = median(
+        (0..RUNS)
+            .map(|_| {
+                let started = Instant::now();
+                engine.score(&tokens, None).expect("prefill");
+                started.elapsed()
+            })
+            .collect(),
+    );
+    let (mel, tower) = (median(mel_times), median(tower_times));
+    let per_layer = prefill.as_secs_f64() / layers as f64;
+    println!("{SECONDS} s of audio -> {embeddings} embeddings (bf16, 2 CPU threads):");
+    println!(
+        "  log-mel features      {:>8.1} ms",
+        mel.as_secs_f64() * 1e3
+    );
+    println!(
+        "  audio tower (32 layers) {:>6.1} ms",
+        tower.as_secs_f64() * 1e3
+    );
+    println!(
+        "  text prefill of {embeddings} tokens: {:.1} ms for {layers} layers; {:.1} ms for 48 layers (per-layer x 48, embeddings and lm_head counted in the 2)",
+        prefill.as_secs_f64() * 1e3,
+        per_layer * 48.0 * 1e3
+    );
+    println!(
+        "  audio (features + tower) / 48-layer text prefill of the same tokens: {:.2}",
+        (mel + tower).as_secs_f64() / (per_layer * 48.0)
+    );
+}
