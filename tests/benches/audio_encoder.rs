@@ -4,7 +4,8 @@
 //! (130 embeddings), beside the text model's prefill of the same number of tokens at its real
 //! dimensions — 2 of its 48 layers (with their 128 experts each) measured, the 48-layer time
 //! extrapolated per layer. Random bf16 weights (`omnishard_model::synthetic::fill`, the bits
-//! `coordinator synth` writes), bf16 compute, median of 3.
+//! `coordinator synth` writes), the tower computing in f32 as the coordinator runs it on the
+//! CPU, the text model in bf16; median of 3.
 //!
 //! Run: `cargo bench -p omnishard-tests --bench audio_encoder` (about 1 GB of weights are written
 //! to a temporary directory first).
@@ -112,7 +113,8 @@ fn main() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     write_tower(dir.path(), &cfg);
     let ckpt = Checkpoint::open(dir.path()).expect("the tower's checkpoint");
-    let w = Weights::new(&ckpt, DType::BF16, &Device::Cpu).pp("thinker.audio_tower");
+    // As the coordinator loads it on the CPU: f32 (candle's CPU matmul has no bf16).
+    let w = Weights::new(&ckpt, DType::F32, &Device::Cpu).pp("thinker.audio_tower");
     let tower = AudioEncoder::new(&cfg, w).expect("the tower");
     let samples: Vec<f32> = (0..SECONDS * 16_000)
         .map(|i| {
@@ -159,7 +161,9 @@ fn main() {
     );
     let (mel, tower) = (median(mel_times), median(tower_times));
     let per_layer = prefill.as_secs_f64() / layers as f64;
-    println!("{SECONDS} s of audio -> {embeddings} embeddings (bf16, 2 CPU threads):");
+    println!(
+        "{SECONDS} s of audio -> {embeddings} embeddings (tower f32, text bf16, 2 CPU threads):"
+    );
     println!(
         "  log-mel features      {:>8.1} ms",
         mel.as_secs_f64() * 1e3

@@ -124,5 +124,11 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
             .contains("at most 1"),
         "{v}"
     );
-    assert_eq!(answer(&local, &chat(input_audio)).await.0, text);
+    assert_eq!(answer(&local, &chat(input_audio.clone())).await.0, text);
+    // In bf16 on the CPU the tower computes in f32 (candle's CPU matmul has no bf16).
+    let bf16 = Server::start(&["serve", "--dtype", "bf16"]);
+    let (status, v) = bf16
+        .post_json("/v1/chat/completions", &chat(input_audio))
+        .await;
+    assert_eq!(status, 200, "{v}");
 }

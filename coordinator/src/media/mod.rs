@@ -3,6 +3,9 @@
 //! embedding as `Qwen3OmniMoeProcessor` expands it. Images and video follow the same path.
 
 pub mod audio;
+pub mod image;
+pub mod resize;
+pub mod vision;
 
 use std::path::Path;
 
@@ -22,8 +25,18 @@ pub enum MediaError {
     TooLarge(String),
     #[error("{0}")]
     Placeholders(String),
-    #[error("the audio tower failed: {0}")]
+    #[error("the encoder failed: {0}")]
     Encoder(#[from] ModelError),
+}
+
+/// The dtype an encoder tower computes in: the model's, but f32 on the CPU (candle's CPU matmul
+/// and convolutions take no bf16).
+pub fn encoder_dtype(dtype: candle_core::DType, device: &Device) -> candle_core::DType {
+    if device.is_cpu() {
+        candle_core::DType::F32
+    } else {
+        dtype
+    }
 }
 
 /// The audio side of a checkpoint: its tower and placeholder token.
@@ -35,7 +48,8 @@ pub struct AudioInput {
 
 impl AudioInput {
     /// Loads `thinker.audio_tower` of a Qwen3-Omni checkpoint; `None` when it has no audio
-    /// tower.
+    /// tower. On the CPU the tower computes in f32 whatever `dtype` is (candle's CPU matmul and
+    /// convolutions have no bf16); its embeddings are cast to the text model's dtype.
     pub fn load(
         dir: &Path,
         ckpt: &Checkpoint,
@@ -47,7 +61,7 @@ impl AudioInput {
         let (Some(cfg), Some(token_id)) = (omni.audio, omni.audio_token_id) else {
             return Ok(None);
         };
-        let w = Weights::new(ckpt, dtype, device).pp("thinker.audio_tower");
+        let w = Weights::new(ckpt, encoder_dtype(dtype, device), device).pp("thinker.audio_tower");
         Ok(Some(Self {
             encoder: AudioEncoder::new(&cfg, w)?,
             token_id,

@@ -14,6 +14,7 @@ pub mod moe_cpu;
 pub mod ops;
 pub mod synthetic;
 pub mod usage;
+pub mod vision;
 pub mod weights;
 pub mod wire;
 
