@@ -12,6 +12,7 @@ use omnishard_model::{
 use omnishard_proto::{Architecture, ConfigError, ModelConfig, defaults};
 
 use crate::media::AudioInput;
+use crate::media::vision::VisionInput;
 use crate::overlap;
 use crate::remote::{ClusterError, RemoteExperts, RemoteOptions};
 use crate::sampling::Sampler;
@@ -41,6 +42,8 @@ pub struct Engine {
     overlap_min_sequences: usize,
     /// The audio tower (Qwen3-Omni), when the checkpoint has one and it was loaded.
     audio: Option<Arc<AudioInput>>,
+    /// The vision tower and image processor (Qwen3-Omni), likewise.
+    vision: Option<Arc<VisionInput>>,
 }
 
 impl Engine {
@@ -51,6 +54,15 @@ impl Engine {
 
     pub fn audio(&self) -> Option<&AudioInput> {
         self.audio.as_deref()
+    }
+
+    /// Gives the engine the checkpoint's vision tower, so prompts may carry images and video.
+    pub fn set_vision(&mut self, vision: VisionInput) {
+        self.vision = Some(Arc::new(vision));
+    }
+
+    pub fn vision(&self) -> Option<&VisionInput> {
+        self.vision.as_deref()
     }
 
     /// Loads the whole model in this process, experts included, onto `device`.
@@ -131,6 +143,7 @@ impl Engine {
             remote: None,
             overlap_min_sequences: defaults::OVERLAP_MIN_SEQUENCES,
             audio: None,
+            vision: None,
         })
     }
 

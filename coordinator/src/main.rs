@@ -13,6 +13,9 @@ use omnishard_coordinator::cluster::{LocalCluster, find_expert_node_binary};
 use omnishard_coordinator::kv_budget;
 use omnishard_coordinator::media::AudioInput;
 use omnishard_coordinator::media::audio::decode as decode_audio;
+use omnishard_coordinator::media::image;
+use omnishard_coordinator::media::prompt::{MediaItems, expand};
+use omnishard_coordinator::media::vision::VisionInput;
 use omnishard_coordinator::metrics::Metrics;
 use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
 use omnishard_coordinator::scheduler::SchedulerConfig;
@@ -252,6 +255,13 @@ impl ModelArgs {
             LoadFormat::Auto => AudioInput::load(dir, &ckpt, self.dtype.dtype(), &device)?,
             LoadFormat::Dummy => None,
         };
+        // And its vision tower, where it also ships the image processor's settings.
+        let vision = match self.load_format {
+            LoadFormat::Auto if dir.join("preprocessor_config.json").is_file() => {
+                VisionInput::load(dir, &ckpt, self.dtype.dtype(), &device)?
+            }
+            _ => None,
+        };
         if addresses.is_empty() {
             if self.allow_missing_experts {
                 bail!("--allow-missing-experts needs --nodes or --placement");
@@ -259,6 +269,9 @@ impl ModelArgs {
             let mut engine = Engine::load_local_from(&ckpt, &cfg, self.dtype, &device)?;
             if let Some(audio) = audio {
                 engine.set_audio(audio);
+            }
+            if let Some(vision) = vision {
+                engine.set_vision(vision);
             }
             return Ok(engine);
         }
@@ -284,6 +297,9 @@ impl ModelArgs {
         engine.set_overlap_min_sequences(self.overlap_min_seqs);
         if let Some(audio) = audio {
             engine.set_audio(audio);
+        }
+        if let Some(vision) = vision {
+            engine.set_vision(vision);
         }
         Ok(engine)
     }
@@ -377,6 +393,17 @@ struct ScoreArgs {
     /// each, as the reference processor expands it. Positions stay text positions 0..n.
     #[arg(long)]
     audio: Vec<PathBuf>,
+    /// Image file (PNG, JPEG, WebP), repeatable: the i-th `<|image_pad|>` becomes image i's
+    /// vision-tower embeddings (deepstack included), with the reference's mRoPE positions.
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    /// One video as its frames, comma-separated image files (all of one size) sampled at
+    /// --video-fps: the prompt's `<|video_pad|>` becomes its embeddings.
+    #[arg(long, value_delimiter = ',')]
+    video_frames: Vec<PathBuf>,
+    /// Frames per second of --video-frames.
+    #[arg(long, default_value_t = 1.0)]
+    video_fps: f64,
 }
 
 fn node_address(s: &str) -> Result<String, String> {
@@ -512,26 +539,50 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .map(read_positions)
         .transpose()?;
     let engine = args.model.load()?;
-    let logits = if args.audio.is_empty() {
+    let media = !(args.audio.is_empty() && args.image.is_empty() && args.video_frames.is_empty());
+    let logits = if !media {
         engine.score(&args.token_ids, positions)?
     } else {
         if positions.is_some() {
             bail!(
-                "--position-ids with --audio: the expanded prompt's positions are text positions; drop --position-ids"
+                "--position-ids with media: the expanded prompt's positions come from its media; drop --position-ids"
             );
         }
-        let audio = engine.audio().ok_or_else(|| {
-            anyhow::anyhow!("this model has no audio tower (thinker_config.audio_config)")
-        })?;
-        let clips = read_clips(&args.audio)?;
-        let (tokens, spans) = audio.expand(&args.token_ids, &clips)?;
-        engine.score_media(&tokens, None, &spans)?
+        let read_image = |path: &PathBuf| -> anyhow::Result<_> {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            image::decode(&bytes, MAX_IMAGE_PIXELS).with_context(|| path.display().to_string())
+        };
+        let items = MediaItems {
+            audio: read_clips(&args.audio)?,
+            images: args
+                .image
+                .iter()
+                .map(read_image)
+                .collect::<anyhow::Result<_>>()?,
+            videos: if args.video_frames.is_empty() {
+                Vec::new()
+            } else {
+                vec![
+                    args.video_frames
+                        .iter()
+                        .map(read_image)
+                        .collect::<anyhow::Result<_>>()?,
+                ]
+            },
+            video_fps: args.video_fps,
+        };
+        let e = expand(&args.token_ids, &items, engine.audio(), engine.vision())?;
+        engine.score_media(&e.tokens, e.positions, &e.spans)?
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": logits }))?;
     writeln!(out)?;
     Ok(())
 }
+
+/// Largest decoded image accepted on the command line, in pixels.
+const MAX_IMAGE_PIXELS: u64 = 64 << 20;
 
 /// The audio files' samples, mono at 16 kHz.
 fn read_clips(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<f32>>> {

@@ -4,7 +4,9 @@
 
 pub mod audio;
 pub mod image;
+pub mod prompt;
 pub mod resize;
+pub mod rope_index;
 pub mod vision;
 
 use std::path::Path;
@@ -79,6 +81,15 @@ impl AudioInput {
             .map_err(|e| MediaError::Encoder(e.into()))
     }
 
+    /// The audio tower's embeddings of one clip (mono samples at 16 kHz).
+    pub fn embed(&self, samples: &[f32]) -> Result<Tensor, MediaError> {
+        Ok(self.encoder.forward(&self.features(samples)?)?)
+    }
+
+    pub fn token_id(&self) -> u32 {
+        self.token_id
+    }
+
     /// Replaces the `i`-th `<|audio_pad|>` of `tokens` by as many as clip `i` has embeddings;
     /// returns the expanded tokens and where each clip's embeddings go. There must be one
     /// placeholder per clip.
@@ -109,6 +120,7 @@ impl AudioInput {
             spans.push(MediaSpan {
                 start: out.len(),
                 embeds,
+                deepstack: Vec::new(),
             });
             out.extend(std::iter::repeat_n(self.token_id, rows));
         }

@@ -14,6 +14,7 @@ use omnishard_proto::omni::OmniConfig;
 
 use super::MediaError;
 use super::image::{ImageProcessorConfig, PixelPatches, preprocess_frames, preprocess_image};
+use super::rope_index::MediaIds;
 
 pub struct VisionInput {
     encoder: VisionEncoder,
@@ -22,6 +23,8 @@ pub struct VisionInput {
     pub image_token_id: u32,
     /// `<|video_pad|>`, if the checkpoint names one.
     pub video_token_id: Option<u32>,
+    /// The ids and settings mRoPE positions of media depend on.
+    pub ids: MediaIds,
     device: Device,
 }
 
@@ -57,11 +60,26 @@ impl VisionInput {
         }
         let w =
             Weights::new(ckpt, super::encoder_dtype(dtype, device), device).pp("thinker.visual");
+        let vision_start = omni.vision_start_token_id.ok_or_else(|| {
+            MediaError::Unsupported("config.json names no vision_start_token_id".into())
+        })?;
+        // Ids a prompt cannot hold stand in for what the checkpoint does not have.
+        let ids = MediaIds {
+            image: image_token_id,
+            video: omni.video_token_id.unwrap_or(u32::MAX),
+            vision_start,
+            audio: omni.audio_token_id.unwrap_or(u32::MAX),
+            audio_start: omni.audio_start_token_id.unwrap_or(u32::MAX),
+            // transformers' Qwen3OmniMoeThinkerConfig default.
+            position_id_per_seconds: omni.position_id_per_seconds.unwrap_or(25.0),
+            spatial_merge: cfg.spatial_merge_size,
+        };
         Ok(Some(Self {
             encoder: VisionEncoder::new(&cfg, w)?,
             processor,
             image_token_id,
             video_token_id: omni.video_token_id,
+            ids,
             device: device.clone(),
         }))
     }

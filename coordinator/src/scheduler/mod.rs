@@ -502,9 +502,11 @@ fn chunk_media(
         let rows = span.embeds.dim(0)?;
         let (lo, hi) = (span.start.max(start), (span.start + rows).min(start + len));
         if lo < hi {
+            let cut = |t: &candle_core::Tensor| t.narrow(0, lo - span.start, hi - lo);
             out.push(MediaSpan {
                 start: lo - start,
-                embeds: span.embeds.narrow(0, lo - span.start, hi - lo)?,
+                embeds: cut(&span.embeds)?,
+                deepstack: span.deepstack.iter().map(cut).collect::<Result<_, _>>()?,
             });
         }
     }

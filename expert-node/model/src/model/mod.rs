@@ -68,6 +68,9 @@ pub struct MediaSpan {
     pub start: usize,
     /// `[rows, hidden_size]`.
     pub embeds: Tensor,
+    /// Deepstack features (images and video): `deepstack[l]` `[rows, hidden_size]` is added to
+    /// these rows of the hidden states after text layer `l` (`_deepstack_process`).
+    pub deepstack: Vec<Tensor>,
 }
 
 /// Which rows of logits a forward pass returns per sequence.
@@ -244,6 +247,8 @@ impl Model {
         self.usage.record_tokens(n);
         let ids = Tensor::from_vec(all_ids, n, &self.device)?;
         let mut xs = self.embed_tokens.index_select(&ids, 0)?;
+        // Per layer, what deepstack adds to the batch's hidden states (rows of visual tokens).
+        let mut deep: Vec<Option<Tensor>> = Vec::new();
         let mut offset = 0;
         for (k, seq) in batch.iter().enumerate() {
             for span in media.get(k).into_iter().flatten() {
@@ -260,10 +265,24 @@ impl Model {
                     )));
                 }
                 let at = offset + span.start;
+                let place = [at..at + rows, 0..self.cfg.hidden_size];
                 xs = xs.slice_assign(
-                    &[at..at + rows, 0..self.cfg.hidden_size],
+                    &place,
                     &span.embeds.to_dtype(self.dtype)?.to_device(&self.device)?,
                 )?;
+                for (l, feature) in span.deepstack.iter().enumerate() {
+                    if deep.len() <= l {
+                        deep.resize(l + 1, None);
+                    }
+                    let base = match deep[l].take() {
+                        Some(t) => t,
+                        None => xs.zeros_like()?,
+                    };
+                    let rows_now = base.narrow(0, at, rows)?;
+                    let added =
+                        (rows_now + feature.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+                    deep[l] = Some(base.slice_assign(&place, &added)?);
+                }
             }
             offset += seq.tokens.len();
         }
@@ -278,7 +297,11 @@ impl Model {
             let _layer = tracing::trace_span!("layer", layer = l, tokens = n).entered();
             let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), &cos, &sin, batch, &routed)?;
             xs = h;
-            pending = Some(mlp_out);
+            // This layer's output is xs + mlp_out: deepstack adds to it there.
+            pending = Some(match deep.get(l).and_then(Option::as_ref) {
+                Some(add) => (mlp_out + add)?,
+                None => mlp_out,
+            });
         }
         if let Some(mlp_out) = pending {
             xs = (xs + mlp_out)?;
