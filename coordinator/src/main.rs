@@ -125,28 +125,37 @@ struct ServeArgs {
     /// second signal exits at once.
     #[arg(long, env = "OMNISHARD_SHUTDOWN_GRACE_S", default_value_t = 30)]
     shutdown_grace_s: u64,
-    /// Most media items of each kind one prompt may carry, e.g. `audio=4` (vLLM's flag);
-    /// more is a 400.
-    #[arg(long, env = "OMNISHARD_LIMIT_MM_PER_PROMPT", default_value = "audio=4", value_parser = media_limit)]
-    limit_mm_per_prompt: usize,
+    /// Most media items of each kind one prompt may carry, e.g. `audio=4,image=4` (vLLM's flag;
+    /// a kind left out keeps its default of 4); more is a 400.
+    #[arg(long, env = "OMNISHARD_LIMIT_MM_PER_PROMPT", default_value = "audio=4,image=4", value_parser = media_limits)]
+    limit_mm_per_prompt: (usize, usize),
     /// Longest audio clip accepted, in seconds; longer is a 400.
     #[arg(long, env = "OMNISHARD_MAX_AUDIO_SECONDS", default_value_t = 600.0)]
     max_audio_seconds: f64,
 }
 
-/// `audio=N` (the only medium served so far).
-fn media_limit(s: &str) -> Result<usize, String> {
-    let (kind, n) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}`: write KIND=N, e.g. audio=4"))?;
-    if kind.trim() != "audio" {
-        return Err(format!(
-            "`{kind}`: only audio is served so far (images and video are not wired in yet)"
-        ));
+/// `audio=N,image=M`: (audio clips, images) per prompt.
+fn media_limits(s: &str) -> Result<(usize, usize), String> {
+    let (mut audio, mut image) = (4, 4);
+    for item in s.split(',').filter(|i| !i.trim().is_empty()) {
+        let (kind, n) = item
+            .split_once('=')
+            .ok_or_else(|| format!("`{item}`: write KIND=N, e.g. audio=4,image=4"))?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|e| format!("`{n}` is not a count: {e}"))?;
+        match kind.trim() {
+            "audio" => audio = n,
+            "image" => image = n,
+            other => {
+                return Err(format!(
+                    "`{other}`: the kinds are audio and image (video is not served yet)"
+                ));
+            }
+        }
     }
-    n.trim()
-        .parse()
-        .map_err(|e| format!("`{n}` is not a count: {e}"))
+    Ok((audio, image))
 }
 
 #[derive(Args)]
@@ -631,8 +640,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         placement: args.model.placement.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         media: omnishard_coordinator::server::media::MediaLimits {
-            audio_per_prompt: args.limit_mm_per_prompt,
+            audio_per_prompt: args.limit_mm_per_prompt.0,
+            images_per_prompt: args.limit_mm_per_prompt.1,
             max_audio_seconds: args.max_audio_seconds,
+            ..Default::default()
         },
     };
     let observer = metrics.clone();

@@ -75,6 +75,7 @@ pub fn http_body(data: &[u8]) {
         max_sequences: 64,
         special_tokens_in_text: first & 2 == 2,
         audio: None,
+        vision: None,
         media: Default::default(),
     };
     if let Ok((prompt, max_tokens)) = validate_body(&limits, body, first & 1 == 1) {

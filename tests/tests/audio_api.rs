@@ -100,8 +100,8 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
             "only data: URLs",
         ),
         (
-            chat(json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})),
-            "`image_url` parts are not supported yet",
+            chat(json!({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}})),
+            "`video_url` parts are not supported yet",
         ),
         (
             chat(json!({"type": "input_audio"})),

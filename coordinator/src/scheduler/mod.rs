@@ -91,6 +91,10 @@ pub struct GenerationRequest {
     /// prompt's start. Such a prompt never goes to or comes from the prefix cache: its tokens
     /// alone do not say what it holds.
     pub media: Vec<MediaSpan>,
+    /// The prompt's mRoPE positions when its media make them other than 0..n (images, video),
+    /// and the delta the positions of later tokens continue with (`index + delta`).
+    pub positions: Option<Positions>,
+    pub rope_delta: i64,
     /// The grammar the answer must follow (structured output, forced tool calls).
     pub constraint: Option<Constraint>,
     /// More answers to the same prompt (`n` > 1): once the prompt is computed, each starts from
@@ -410,10 +414,13 @@ fn step(
         });
     let n_tokens: usize = chosen.iter().map(|(_, t)| t.len()).sum();
     let mut batch: Vec<SequenceInput<'_>> = Vec::with_capacity(chosen.len());
-    let mut positions_next = Vec::with_capacity(chosen.len());
     for (seq, (_, tokens)) in selected.iter_mut().zip(&chosen) {
-        let positions = Positions::text(seq.next_position, tokens.len());
-        positions_next.push(positions.next_text_position());
+        let start = if seq.decoding() {
+            seq.history.len() - 1
+        } else {
+            seq.prefilled
+        };
+        let positions = seq.positions_at(start, tokens.len());
         batch.push(SequenceInput {
             tokens,
             positions,
@@ -442,7 +449,6 @@ fn step(
     };
     let mut spawned: Vec<Sequence> = Vec::new();
     for (k, (seq, (_, tokens))) in selected.into_iter().zip(&chosen).enumerate() {
-        seq.next_position = positions_next[k];
         let rows = &logits[k];
         let last = match rows
             .dim(0)

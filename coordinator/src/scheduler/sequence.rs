@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use candle_core::Tensor;
-use omnishard_model::model::KvCache;
+use omnishard_model::model::{KvCache, Positions};
 
 use super::{Event, FinishReason, Fork, GenerationRequest};
 use crate::error::GenerationError;
@@ -26,7 +26,6 @@ pub(super) struct Sequence {
     pub(super) history: Vec<u32>,
     pub(super) generated: usize,
     pub(super) last_token_at: Option<Instant>,
-    pub(super) next_position: u32,
     /// Finished or failed: removed after this pass.
     pub(super) done: bool,
     /// The prompt tokens' log-probabilities computed so far, while the request wants them and
@@ -37,6 +36,25 @@ pub(super) struct Sequence {
 impl Sequence {
     pub(super) fn decoding(&self) -> bool {
         self.prefilled >= self.to_prefill
+    }
+
+    /// Positions of the `len` tokens of `history` from index `start`: the prompt's mRoPE
+    /// positions where it has them, `index + rope_delta` after (text positions for a prompt
+    /// without images or video).
+    pub(super) fn positions_at(&self, start: usize, len: usize) -> Positions {
+        let Some(prompt) = &self.req.positions else {
+            return Positions::text(start as u32, len);
+        };
+        let mut rows: [Vec<u32>; 3] = Default::default();
+        for (r, row) in rows.iter_mut().enumerate() {
+            row.extend((start..start + len).map(|i| {
+                prompt.rows[r]
+                    .get(i)
+                    .copied()
+                    .unwrap_or((i as i64 + self.req.rope_delta).max(0) as u32)
+            }));
+        }
+        Positions { rows }
     }
 
     /// The request asked for its prompt's log-probabilities and has not had them yet.
@@ -90,7 +108,6 @@ impl Sequence {
     pub(super) fn preempt(&mut self) {
         self.cache = KvCache::new();
         self.prefilled = 0;
-        self.next_position = 0;
         self.to_prefill = self.history.len();
         // Computed again with the prompt, if they were not sent yet.
         self.prompt_logprobs.clear();
@@ -129,6 +146,8 @@ impl Sequence {
                 logprobs: self.req.logprobs,
                 prompt_logprobs: None,
                 media: self.req.media.clone(),
+                positions: self.req.positions.clone(),
+                rope_delta: self.req.rope_delta,
                 constraint: None,
                 forks: Vec::new(),
                 events: fork.events,
@@ -141,7 +160,6 @@ impl Sequence {
             history: self.history[..self.to_prefill].to_vec(),
             generated: 0,
             last_token_at: None,
-            next_position: self.next_position,
             done: false,
             prompt_logprobs: Vec::new(),
         })
@@ -151,7 +169,6 @@ impl Sequence {
     pub(super) fn resume_from(&mut self, cache: KvCache, len: usize) {
         self.cache = cache;
         self.prefilled = len;
-        self.next_position = len as u32;
     }
 }
 
@@ -187,7 +204,6 @@ pub(super) fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Seq
         prefilled: 0,
         generated: 0,
         last_token_at: None,
-        next_position: 0,
         done: false,
         prompt_logprobs: Vec::new(),
     }

@@ -197,6 +197,8 @@ fn submit(
         logprobs: p.logprobs,
         prompt_logprobs: p.prompt_top_logprobs,
         media: std::mem::take(&mut p.media),
+        positions: p.positions.take(),
+        rope_delta: p.rope_delta,
         constraint: first_constraint,
         forks,
         events: tx,

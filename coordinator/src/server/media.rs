@@ -1,9 +1,9 @@
-//! Media parts of chat messages: `input_audio` (base64 data and its format) and vLLM's
-//! `audio_url` with a `data:` URL, checked and decoded here, each refusal naming the part
-//! (`messages[0].content[1]`); the template sees a placeholder part in their place. Fetching
-//! `http(s)` URLs and reading local files are off (vLLM's `--allow-media-urls`-style opt-ins are
-//! not built yet), and images and video need the vision tower, which is not wired in yet: each
-//! is a 400 saying so, never silently dropped.
+//! Media parts of chat messages: `input_audio` (base64 data and its format), vLLM's
+//! `audio_url` and OpenAI's `image_url` with `data:` URLs, checked and decoded here, each refusal
+//! naming the part (`messages[0].content[1]`); the template sees a placeholder part in their
+//! place. Fetching `http(s)` URLs and reading local files are off (vLLM's
+//! `--allow-media-urls`-style opt-ins are not built yet), and video parts are not taken yet
+//! (they need a container decoder): each is a 400 saying so, never silently dropped.
 
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -11,33 +11,47 @@ use serde_json::{Value, json};
 use super::types::ContentPart;
 use super::validate::invalid;
 use crate::error::GenerationError;
-use crate::media::{AudioInput, audio};
-use omnishard_model::MediaSpan;
+use crate::media::prompt::{Expanded, MediaItems, expand};
+use crate::media::vision::VisionInput;
+use crate::media::{AudioInput, MediaError, audio, image};
 
 /// Audio formats `input_audio.format` may name (what the decoder reads).
 const AUDIO_FORMATS: [&str; 5] = ["wav", "mp3", "flac", "ogg", "oga"];
+
+/// What a media part holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MediaKind {
+    Audio,
+    Image,
+}
 
 /// One media item of a conversation, in prompt order.
 pub(super) struct MediaRef {
     /// Where it was sent, for errors: `messages[i].content[j]`.
     pub part: String,
+    pub kind: MediaKind,
     pub bytes: Vec<u8>,
     /// The format, as a file extension (a decoding hint).
     pub format: Option<String>,
 }
 
-/// How many media items one prompt may carry, and how long audio may be.
+/// How many media items one prompt may carry, how long audio and how large images may be.
 #[derive(Debug, Clone, Copy)]
 pub struct MediaLimits {
     pub audio_per_prompt: usize,
+    pub images_per_prompt: usize,
     pub max_audio_seconds: f64,
+    /// Pixels of a decoded image (before the processor resizes it).
+    pub max_image_pixels: u64,
 }
 
 impl Default for MediaLimits {
     fn default() -> Self {
         Self {
             audio_per_prompt: 4,
+            images_per_prompt: 4,
             max_audio_seconds: 600.0,
+            max_image_pixels: 64 << 20,
         }
     }
 }
@@ -74,6 +88,7 @@ pub(super) fn part(
                 json!({"type": "audio"}),
                 Some(MediaRef {
                     part: where_.to_string(),
+                    kind: MediaKind::Audio,
                     bytes,
                     format: Some(format),
                 }),
@@ -84,81 +99,142 @@ pub(super) fn part(
                 .audio_url
                 .ok_or_else(|| bad("an audio_url part without `audio_url`".into()))?
                 .url;
-            let (format, bytes) = data_url(&url).map_err(bad)?;
+            let (format, bytes) = data_url(&url, "audio").map_err(bad)?;
             Ok((
                 json!({"type": "audio"}),
                 Some(MediaRef {
                     part: where_.to_string(),
+                    kind: MediaKind::Audio,
                     bytes,
                     format,
                 }),
             ))
         }
-        "image_url" | "video_url" => Err(bad(format!(
-            "`{}` parts are not supported yet (this server reads text and audio); send the text, or audio as input_audio",
-            p.kind
-        ))),
+        "image_url" => {
+            let url = p
+                ._image_url
+                .ok_or_else(|| bad("an image_url part without `image_url`".into()))?
+                .url;
+            let (format, bytes) = data_url(&url, "image").map_err(bad)?;
+            Ok((
+                json!({"type": "image"}),
+                Some(MediaRef {
+                    part: where_.to_string(),
+                    kind: MediaKind::Image,
+                    bytes,
+                    format,
+                }),
+            ))
+        }
+        "video_url" => Err(bad(
+            "`video_url` parts are not supported yet (video containers are not decoded); send frames as images"
+                .into(),
+        )),
         other => Err(bad(format!(
-            "content part type `{other}` is not one of text, input_audio, audio_url"
+            "content part type `{other}` is not one of text, input_audio, audio_url, image_url"
         ))),
     }
 }
 
-/// The bytes of a `data:[<type>][;base64],<data>` URL and a format guessed from its media type.
-fn data_url(url: &str) -> Result<(Option<String>, Vec<u8>), String> {
+/// The bytes of a `data:[<type>][;base64],<data>` URL of `what` (audio, image) and a format
+/// guessed from its media type.
+fn data_url(url: &str, what: &str) -> Result<(Option<String>, Vec<u8>), String> {
     let Some(rest) = url.strip_prefix("data:") else {
-        return Err(
-            "only data: URLs are accepted (fetching http(s) URLs and reading local files are off on this server); send the audio inline".into(),
-        );
+        return Err(format!(
+            "only data: URLs are accepted (fetching http(s) URLs and reading local files are off on this server); send the {what} inline"
+        ));
     };
     let (meta, data) = rest
         .split_once(',')
         .ok_or_else(|| "a data: URL without a comma before its data".to_string())?;
     let Some(media_type) = meta.strip_suffix(";base64") else {
-        return Err("only base64 data: URLs are accepted (`data:audio/wav;base64,...`)".into());
+        return Err(format!(
+            "only base64 data: URLs are accepted (`data:{what}/...;base64,...`)"
+        ));
     };
-    let format = media_type.strip_prefix("audio/").map(|t| match t {
-        "mpeg" => "mp3".to_string(),
-        "x-wav" | "wave" => "wav".to_string(),
-        other => other.to_string(),
-    });
+    let format = media_type
+        .strip_prefix(&format!("{what}/"))
+        .map(|t| match t {
+            "mpeg" => "mp3".to_string(),
+            "x-wav" | "wave" => "wav".to_string(),
+            other => other.to_string(),
+        });
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| format!("the data: URL is not base64: {e}"))?;
     Ok((format, bytes))
 }
 
-/// Decodes the conversation's audio, runs the audio tower, and expands each `<|audio_pad|>`
-/// of `prompt` to one token per embedding. Errors name the part at fault.
-pub(super) fn expand_audio(
+/// Decodes the conversation's media, runs their encoders, and expands each placeholder of
+/// `prompt` to one token per embedding (with the mRoPE positions images make). Errors name the
+/// part at fault.
+pub(super) fn expand_media(
     audio: Option<&AudioInput>,
+    vision: Option<&VisionInput>,
     limits: &MediaLimits,
     prompt: Vec<u32>,
     media: Vec<MediaRef>,
-) -> Result<(Vec<u32>, Vec<MediaSpan>), GenerationError> {
+) -> Result<Expanded, GenerationError> {
     if media.is_empty() {
-        return Ok((prompt, Vec::new()));
+        return Ok(Expanded {
+            tokens: prompt,
+            spans: Vec::new(),
+            positions: None,
+            rope_delta: 0,
+        });
     }
-    let Some(audio) = audio else {
-        return Err(invalid(format!(
-            "{}: this model has no audio tower; send text only",
-            media[0].part
-        )));
+    let count = |k| media.iter().filter(|m| m.kind == k).count();
+    for (kind, name, most, flag) in [
+        (
+            MediaKind::Audio,
+            "audio clips",
+            limits.audio_per_prompt,
+            "audio",
+        ),
+        (
+            MediaKind::Image,
+            "images",
+            limits.images_per_prompt,
+            "image",
+        ),
+    ] {
+        if count(kind) > most {
+            return Err(invalid(format!(
+                "{} {name} in one prompt; this server takes at most {most} (--limit-mm-per-prompt {flag}=N)",
+                count(kind)
+            )));
+        }
+    }
+    let mut items = MediaItems {
+        video_fps: 1.0,
+        ..Default::default()
     };
-    if media.len() > limits.audio_per_prompt {
-        return Err(invalid(format!(
-            "{} audio clips in one prompt; this server takes at most {} (--limit-mm-per-prompt audio=N)",
-            media.len(),
-            limits.audio_per_prompt
-        )));
-    }
-    let mut clips = Vec::with_capacity(media.len());
     for m in media {
-        let samples = audio::decode(m.bytes, m.format.as_deref(), limits.max_audio_seconds)
-            .map_err(|e| invalid(format!("{}: {e}", m.part)))?;
-        clips.push(samples);
+        let at = |e: MediaError| invalid(format!("{}: {e}", m.part));
+        match m.kind {
+            MediaKind::Audio => {
+                if audio.is_none() {
+                    return Err(invalid(format!(
+                        "{}: this model has no audio tower; send text only",
+                        m.part
+                    )));
+                }
+                let samples = audio::decode(m.bytes, m.format.as_deref(), limits.max_audio_seconds)
+                    .map_err(at)?;
+                items.audio.push(samples);
+            }
+            MediaKind::Image => {
+                if vision.is_none() {
+                    return Err(invalid(format!(
+                        "{}: this model serves no images (no vision tower, or no preprocessor_config.json beside it)",
+                        m.part
+                    )));
+                }
+                items
+                    .images
+                    .push(image::decode(&m.bytes, limits.max_image_pixels).map_err(at)?);
+            }
+        }
     }
-    audio
-        .expand(&prompt, &clips)
-        .map_err(|e| invalid(e.to_string()))
+    expand(&prompt, &items, audio, vision).map_err(|e| invalid(e.to_string()))
 }

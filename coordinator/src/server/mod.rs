@@ -119,6 +119,7 @@ impl AppState {
             chat: &self.chat,
             grammars: self.grammars.as_ref().map_err(String::as_str),
             audio: self.engine.audio(),
+            vision: self.engine.vision(),
             media: self.config.media,
         }
     }

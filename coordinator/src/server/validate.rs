@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use serde_json::Value;
 
 use super::conversation::{ToolChoice, conversation, forced_call, tool_choice};
-use super::media::{MediaLimits, MediaRef, expand_audio};
+use super::media::{MediaLimits, MediaRef, expand_media};
 use super::stream::PromptLogprobs;
 use super::structured::structured_output;
 use super::types::{ChatFields, CompletionBody, Kind, Prompt, Stop};
@@ -16,6 +16,7 @@ use crate::chat::{ChatPrompt, ChatPrompter, PromptError};
 use crate::error::GenerationError;
 use crate::grammar::{Constraint, Grammars};
 use crate::media::AudioInput;
+use crate::media::vision::VisionInput;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 use omnishard_model::MediaSpan;
@@ -48,8 +49,10 @@ pub struct RequestLimits<'a> {
     pub max_sequences: usize,
     /// Special tokens in client text act as control tokens (else they are plain text).
     pub special_tokens_in_text: bool,
-    /// The model's audio tower, if it has one, and how much media a prompt may carry.
+    /// The model's audio and vision towers, if it has them, and how much media a prompt may
+    /// carry.
     pub audio: Option<&'a AudioInput>,
+    pub vision: Option<&'a VisionInput>,
     pub media: MediaLimits,
 }
 
@@ -138,6 +141,9 @@ pub(super) struct Prepared {
     pub echo: Option<String>,
     /// Encoder embeddings in place of the prompt's media placeholders.
     pub media: Vec<MediaSpan>,
+    /// The prompt's mRoPE positions when images make them other than 0..n, and the delta after.
+    pub positions: Option<omnishard_model::Positions>,
+    pub rope_delta: i64,
     /// What to return of the prompt's log-probabilities.
     pub prompt_logprobs: PromptLogprobs,
     /// Most likely tokens to compute at each prompt position, when any are returned.
@@ -320,7 +326,8 @@ fn prepare(
     if prompt.is_empty() {
         return Err(invalid("the prompt is empty"));
     }
-    let (prompt, media) = expand_audio(limits.audio, &limits.media, prompt, media)?;
+    let expanded = expand_media(limits.audio, limits.vision, &limits.media, prompt, media)?;
+    let (prompt, media) = (expanded.tokens, expanded.spans);
     // The prompt as sent: its text, or its tokens' text with special tokens written out.
     let echo = match (echo, echo_text) {
         (false, _) => None,
@@ -466,6 +473,8 @@ fn prepare(
         prompt_logprobs,
         prompt_top_logprobs,
         media,
+        positions: expanded.positions,
+        rope_delta: expanded.rope_delta,
         user: body.user,
     })
 }

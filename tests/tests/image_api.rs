@@ -1,0 +1,127 @@
+//! Images in chat requests over a real cluster (the demo model's untrained vision tower, two
+//! expert-node processes): an `image_url` data: URL renders as the template's
+//! `<|vision_start|><|image_pad|><|vision_end|>`, expands to one token per merged patch with
+//! the reference's mRoPE positions and deepstack features, and answers the same greedy text
+//! streamed or whole, in one prompt chunk or many, and in-process; a bad image is a 400 naming
+//! the part.
+
+use base64::Engine as _;
+use omnishard_tests::{Server, fixtures_dir};
+use serde_json::{Value, json};
+
+fn image_part(file: &str) -> Value {
+    let bytes = std::fs::read(fixtures_dir().join("media").join(file)).expect("the image");
+    let data = base64::engine::general_purpose::STANDARD.encode(bytes);
+    let kind = if file.ends_with(".webp") {
+        "webp"
+    } else {
+        "png"
+    };
+    json!({"type": "image_url", "image_url": {"url": format!("data:image/{kind};base64,{data}")}})
+}
+
+fn chat(parts: Vec<Value>) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": parts}],
+        "max_tokens": 12, "temperature": 0,
+        "chat_template_kwargs": {"enable_thinking": false},
+    })
+}
+
+async fn answer(server: &Server, body: &Value) -> (String, u64) {
+    let (status, v) = server.post_json("/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_string(),
+        v["usage"]["prompt_tokens"].as_u64().expect("usage"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused() {
+    let text = json!({"type": "text", "text": " What is in the picture?"});
+    let body = chat(vec![image_part("scene.png"), text.clone()]);
+    let cluster = Server::start(&["cluster", "--nodes", "2", "serve"]);
+    let (answer_text, prompt_tokens) = answer(&cluster, &body).await;
+    let (_, text_tokens) = answer(&cluster, &chat(vec![text.clone()])).await;
+    // 75x53 resized to 72x56 in 4-pixel patches: 14x18 patches, 2x2 merged: 63 tokens, plus
+    // <|vision_start|> and <|vision_end|>.
+    assert_eq!(prompt_tokens, text_tokens + 65);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let chunks = cluster.post_stream("/v1/chat/completions", &streamed).await;
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(joined, answer_text);
+    // Image and audio together; again (never from the prefix cache).
+    let audio = {
+        let bytes = std::fs::read(fixtures_dir().join("media/chirp.wav")).expect("the clip");
+        let data = base64::engine::general_purpose::STANDARD.encode(bytes);
+        json!({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
+    };
+    let mixed = chat(vec![image_part("scene.png"), audio, text.clone()]);
+    let (mixed_text, _) = answer(&cluster, &mixed).await;
+    assert_eq!(answer(&cluster, &mixed).await.0, mixed_text);
+
+    // In-process, and over the cluster in 16-token prompt chunks (the image and its deepstack
+    // rows cross chunk boundaries): the same text.
+    let local = Server::start(&["serve"]);
+    assert_eq!(answer(&local, &body).await.0, answer_text);
+    assert_eq!(answer(&local, &mixed).await.0, mixed_text);
+    let chunked = Server::start(&[
+        "cluster",
+        "--nodes",
+        "2",
+        "serve",
+        "--max-batched-tokens",
+        "16",
+        "--max-active-seqs",
+        "4",
+    ]);
+    assert_eq!(answer(&chunked, &body).await.0, answer_text);
+
+    let garbage = base64::engine::general_purpose::STANDARD.encode(b"no picture here");
+    let cases = [
+        (
+            chat(vec![
+                json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{garbage}")}}),
+            ]),
+            "messages[0].content[0]: cannot decode the image",
+        ),
+        (
+            chat(vec![
+                json!({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}),
+            ]),
+            "only data: URLs",
+        ),
+        (
+            chat(vec![
+                json!({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}),
+            ]),
+            "`video_url` parts are not supported yet",
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, v) = local.post_json("/v1/chat/completions", &body).await;
+        assert_eq!(status, 400, "{v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{message}");
+    }
+    let limited = Server::start(&["serve", "--limit-mm-per-prompt", "image=1"]);
+    let two = chat(vec![image_part("scene.png"), image_part("tiny.png")]);
+    let (status, v) = limited.post_json("/v1/chat/completions", &two).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at most 1"),
+        "{v}"
+    );
+    assert_eq!(answer(&local, &body).await.0, answer_text);
+}
