@@ -12,6 +12,7 @@ use omnishard_model::{
 use omnishard_proto::{Architecture, ConfigError, ModelConfig, defaults};
 
 use crate::media::AudioInput;
+use crate::media::prompt::Expanded;
 use crate::media::vision::VisionInput;
 use crate::overlap;
 use crate::remote::{ClusterError, RemoteExperts, RemoteOptions};
@@ -262,19 +263,27 @@ impl Engine {
         stop_tokens: &[u32],
         on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>, EngineError> {
-        self.generate_media(prompt, &[], max_tokens, sampler, stop_tokens, on_token)
+        let prompt = Expanded {
+            tokens: prompt.to_vec(),
+            spans: Vec::new(),
+            positions: None,
+            rope_delta: 0,
+        };
+        self.generate_media(&prompt, max_tokens, sampler, stop_tokens, on_token)
     }
 
-    /// [`Engine::generate`] with encoder embeddings in place of some prompt tokens (audio).
+    /// [`Engine::generate`] of a prompt with media: encoder embeddings in place of its
+    /// placeholders, and its own mRoPE positions (images), decoding continuing at `index +
+    /// rope_delta`.
     pub fn generate_media(
         &self,
-        prompt: &[u32],
-        media: &[MediaSpan],
+        expanded: &Expanded,
         max_tokens: usize,
         sampler: &mut Sampler,
         stop_tokens: &[u32],
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>, EngineError> {
+        let prompt = expanded.tokens.as_slice();
         if prompt.is_empty() {
             return Err(EngineError::Input("the prompt is empty".into()));
         }
@@ -290,11 +299,21 @@ impl Engine {
         let mut history = prompt.to_vec();
         let mut generated = Vec::new();
         let mut input = prompt.to_vec();
+        let mut media = vec![expanded.spans.clone()];
+        let mut prompt_positions = expanded.positions.clone();
         let mut next_pos = 0u32;
-        let mut media = vec![media.to_vec()];
         while generated.len() < max_tokens {
-            let positions = Positions::text(next_pos, input.len());
-            next_pos = positions.next_text_position();
+            let positions = match prompt_positions.take() {
+                Some(p) => {
+                    next_pos = (prompt.len() as i64 + expanded.rope_delta).max(0) as u32;
+                    p
+                }
+                None => {
+                    let p = Positions::text(next_pos, input.len());
+                    next_pos = p.next_text_position();
+                    p
+                }
+            };
             let mut batch = [SequenceInput {
                 tokens: &input,
                 positions,

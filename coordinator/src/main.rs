@@ -361,6 +361,10 @@ struct GenerateArgs {
     /// user message, for a checkpoint with an audio tower (Qwen3-Omni); repeatable; needs --chat.
     #[arg(long, requires = "chat")]
     audio: Vec<PathBuf>,
+    /// Image file (PNG, JPEG, WebP) placed before the audio and the prompt text in the user
+    /// message, for a checkpoint with a vision tower; repeatable; needs --chat.
+    #[arg(long, requires = "chat")]
+    image: Vec<PathBuf>,
     /// Maximum number of tokens to generate.
     #[arg(long, env = "OMNISHARD_MAX_TOKENS", default_value_t = 64)]
     max_tokens: usize,
@@ -454,13 +458,18 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = TextTokenizer::load(&model_dir, engine.config())?;
     let prompt = if args.chat {
         let template = ChatTemplate::load(&model_dir, args.chat_template.as_deref())?;
-        let content = if args.audio.is_empty() {
+        let content = if args.audio.is_empty() && args.image.is_empty() {
             serde_json::json!(args.prompt)
         } else {
             let mut parts: Vec<serde_json::Value> = args
-                .audio
+                .image
                 .iter()
-                .map(|_| serde_json::json!({"type": "audio"}))
+                .map(|_| serde_json::json!({"type": "image"}))
+                .chain(
+                    args.audio
+                        .iter()
+                        .map(|_| serde_json::json!({"type": "audio"})),
+                )
                 .collect();
             parts.push(serde_json::json!({"type": "text", "text": args.prompt}));
             serde_json::Value::Array(parts)
@@ -487,17 +496,18 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut first_token_at = None;
     let mut failed = None;
     let start = Instant::now();
-    let (prompt, media) = if args.audio.is_empty() {
-        (prompt, Vec::new())
-    } else {
-        let audio = engine.audio().ok_or_else(|| {
-            anyhow::anyhow!("this model has no audio tower (thinker_config.audio_config)")
-        })?;
-        audio.expand(&prompt, &read_clips(&args.audio)?)?
+    let items = MediaItems {
+        audio: read_clips(&args.audio)?,
+        images: args
+            .image
+            .iter()
+            .map(read_image)
+            .collect::<anyhow::Result<_>>()?,
+        ..Default::default()
     };
+    let prompt = expand(&prompt, &items, engine.audio(), engine.vision())?;
     let tokens = engine.generate_media(
         &prompt,
-        &media,
         args.max_tokens,
         &mut sampler,
         tokenizer.stop_tokens(),
@@ -535,7 +545,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     eprintln!(
         "{} prompt tokens in {prefill:.3} s; {} tokens generated in {total:.3} s ({decode_rate:.1} tokens/s decoding)",
-        prompt.len(),
+        prompt.tokens.len(),
         tokens.len()
     );
     Ok(())
@@ -557,11 +567,6 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
                 "--position-ids with media: the expanded prompt's positions come from its media; drop --position-ids"
             );
         }
-        let read_image = |path: &PathBuf| -> anyhow::Result<_> {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            image::decode(&bytes, MAX_IMAGE_PIXELS).with_context(|| path.display().to_string())
-        };
         let items = MediaItems {
             audio: read_clips(&args.audio)?,
             images: args
@@ -592,6 +597,11 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
 
 /// Largest decoded image accepted on the command line, in pixels.
 const MAX_IMAGE_PIXELS: u64 = 64 << 20;
+
+fn read_image(path: &PathBuf) -> anyhow::Result<image::RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    image::decode(&bytes, MAX_IMAGE_PIXELS).with_context(|| path.display().to_string())
+}
 
 /// The audio files' samples, mono at 16 kHz.
 fn read_clips(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<f32>>> {

@@ -112,6 +112,33 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
         let message = v["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(expected), "{message}");
     }
+    // The scheduler's positions (prompt mRoPE rows, then index + delta) against the engine's own
+    // decode loop in `coordinator generate`: the same greedy text.
+    let question = "What is in the picture?";
+    let plain = json!({"messages": [{"role": "user", "content": [image_part("scene.png"),
+        {"type": "text", "text": question}]}], "max_tokens": 12, "temperature": 0});
+    let served = answer(&local, &plain).await.0;
+    let out = std::process::Command::new(omnishard_tests::bin("coordinator"))
+        .args([
+            "generate",
+            "--chat",
+            "--max-tokens",
+            "12",
+            "--prompt",
+            question,
+            "--image",
+        ])
+        .arg(fixtures_dir().join("media/scene.png"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run coordinator generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), served);
+
     let limited = Server::start(&["serve", "--limit-mm-per-prompt", "image=1"]);
     let two = chat(vec![image_part("scene.png"), image_part("tiny.png")]);
     let (status, v) = limited.post_json("/v1/chat/completions", &two).await;
