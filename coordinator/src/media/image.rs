@@ -31,7 +31,7 @@ use super::MediaError;
 use super::resize::resize_bicubic;
 
 /// A decoded picture: 8-bit RGB, row-major.
-pub use image::RgbImage;
+pub use image::{Rgb, RgbImage};
 
 /// `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`: `Qwen2VLImageProcessor`'s defaults, written as
 /// transformers writes them (torch rounds them to f32 as Rust does).
