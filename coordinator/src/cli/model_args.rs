@@ -1,0 +1,194 @@
+//! The flags every model-running command shares (`generate`, `score`, `serve`): the checkpoint,
+//! dtype and device, in-process experts or expert nodes (addresses, deadlines, TLS, hedging), and
+//! loading the model with them, its audio and vision towers included.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use omnishard_coordinator::media::AudioInput;
+use omnishard_coordinator::media::vision::VisionInput;
+use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
+use omnishard_coordinator::{ComputeDtype, Engine};
+use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
+use omnishard_proto::placement::Placement;
+use omnishard_proto::{ModelConfig, defaults};
+
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json). Default:
+    /// the demo model shipped in the repository.
+    #[arg(long, env = "OMNISHARD_MODEL")]
+    pub(crate) model: Option<PathBuf>,
+    /// Compute dtype. f32 matches the reference to ~1e-5; bf16 halves memory. Expert nodes must
+    /// use the same.
+    #[arg(long, env = "OMNISHARD_DTYPE", default_value = "f32")]
+    pub(crate) dtype: ComputeDtype,
+    /// Where this process computes: `cpu`, or `cuda` / `cuda:N` for a GPU (a build with the
+    /// `cuda` feature): embeddings, attention and its KV cache, routers, the final norm and
+    /// lm_head, and the experts when they run in this process (sampling reads the logits on the
+    /// host).
+    #[arg(long, env = "OMNISHARD_DEVICE", default_value = "cpu")]
+    pub(crate) device: DeviceSpec,
+    /// Where the weights come from: `auto` reads the checkpoint's safetensors; `dummy` makes
+    /// random weights of config.json's shapes in memory from --weights-seed (benchmarks at the real size
+    /// without the checkpoint; expert nodes must use the same --load-format and --weights-seed).
+    #[arg(long, env = "OMNISHARD_LOAD_FORMAT", default_value = "auto")]
+    pub(crate) load_format: LoadFormat,
+    /// Seed of the dummy weights (--load-format dummy); `coordinator synth --seed` writes the same.
+    #[arg(long, env = "OMNISHARD_WEIGHTS_SEED", default_value_t = 0)]
+    pub(crate) weights_seed: u64,
+    /// Expert nodes (host:port,...) serving the routed experts. Without --nodes or --placement
+    /// the experts run in this process.
+    #[arg(
+        long,
+        env = "OMNISHARD_NODES",
+        value_delimiter = ',',
+        conflicts_with = "placement",
+        value_parser = node_address
+    )]
+    pub(crate) nodes: Vec<String>,
+    /// Placement file (TOML) whose node addresses serve the experts; the routing table still
+    /// comes from what each node reports holding.
+    #[arg(long, env = "OMNISHARD_PLACEMENT")]
+    pub(crate) placement: Option<PathBuf>,
+    /// Start even if some (layer, expert) pairs are served by no node: they are masked out of
+    /// the router (logit -inf), which changes the model's output.
+    #[arg(long, env = "OMNISHARD_ALLOW_MISSING_EXPERTS")]
+    pub(crate) allow_missing_experts: bool,
+    /// Deadline of one layer's call to one expert node, in milliseconds.
+    #[arg(long, env = "OMNISHARD_RPC_TIMEOUT_MS", default_value_t = defaults::RPC_TIMEOUT.as_millis() as u64)]
+    pub(crate) rpc_timeout_ms: u64,
+    /// How long to wait at start-up for expert nodes to accept connections and finish loading.
+    #[arg(long, env = "OMNISHARD_STARTUP_TIMEOUT_S", default_value_t = defaults::STARTUP_TIMEOUT.as_secs())]
+    pub(crate) startup_timeout_s: u64,
+    /// Largest gRPC message sent to or accepted from an expert node, in MiB.
+    #[arg(long, env = "OMNISHARD_MAX_MESSAGE_MIB", default_value_t = defaults::MAX_MESSAGE_MIB)]
+    pub(crate) max_message_mib: usize,
+    /// How often every expert node's health is checked in the background (a node that failed is
+    /// re-admitted once it answers with the right fingerprint), in milliseconds.
+    #[arg(long, env = "OMNISHARD_HEALTH_INTERVAL_MS", default_value_t = defaults::HEALTH_INTERVAL.as_millis() as u64)]
+    pub(crate) health_interval_ms: u64,
+    /// With expert nodes: a step of at least this many sequences runs as two micro-batches, one
+    /// computing attention while the other's expert calls are on the wire. Same output in bf16
+    /// on CPUs without AMX; elsewhere (f32, AMX, GPU) logits move by rounding, as with any change
+    /// of batch composition. 0 turns the overlap off; 1 acts as 2 (one sequence is never split).
+    #[arg(long, env = "OMNISHARD_OVERLAP_MIN_SEQS", default_value_t = defaults::OVERLAP_MIN_SEQUENCES)]
+    pub(crate) overlap_min_seqs: usize,
+    /// TLS to `https://` expert nodes: --tls-ca verifies them, --tls-cert/--tls-key is the
+    /// client certificate nodes started with --tls-ca require.
+    #[command(flatten)]
+    pub(crate) tls: omnishard_proto::tls::TlsArgs,
+    /// Hedging: a call to an expert node that runs well past that node's usual latency for its
+    /// size (three times mean + 4 deviations, never less than this many milliseconds) is re-sent
+    /// to replicas of its experts and the first answer taken; the late node is marked down until
+    /// its health check passes. Experts without a live replica wait for --rpc-timeout-ms. 0
+    /// turns hedging off.
+    #[arg(long, env = "OMNISHARD_HEDGE_FLOOR_MS", default_value_t = defaults::HEDGE_FLOOR.as_millis() as u64)]
+    pub(crate) hedge_floor_ms: u64,
+}
+
+impl ModelArgs {
+    pub(crate) fn model_dir(&self) -> anyhow::Result<PathBuf> {
+        model_or_demo(self.model.as_deref())
+    }
+
+    /// Loads the model with its experts in this process or on the given expert nodes.
+    pub(crate) fn load(&self) -> anyhow::Result<Engine> {
+        self.load_observed(None)
+    }
+
+    pub(crate) fn load_observed(
+        &self,
+        observer: Option<Arc<dyn RpcObserver>>,
+    ) -> anyhow::Result<Engine> {
+        let dir = &self.model_dir()?;
+        let addresses = match &self.placement {
+            Some(path) => {
+                let cfg = ModelConfig::from_model_dir(dir)?;
+                Placement::from_file(path, &cfg)?
+                    .nodes
+                    .into_iter()
+                    .map(|n| n.address)
+                    .collect()
+            }
+            None => self.nodes.clone(),
+        };
+        let cfg = ModelConfig::from_model_dir(dir)?;
+        let ckpt = Checkpoint::load(dir, &cfg, self.load_format, self.weights_seed)?;
+        let device = self.device.open()?;
+        // Qwen3-Omni's audio tower, where the checkpoint's files have one (not with dummy
+        // weights, which cover the text model only).
+        let audio = match self.load_format {
+            LoadFormat::Auto => AudioInput::load(dir, &ckpt, self.dtype.dtype(), &device)?,
+            LoadFormat::Dummy => None,
+        };
+        // And its vision tower, where it also ships the image processor's settings.
+        let vision = match self.load_format {
+            LoadFormat::Auto if dir.join("preprocessor_config.json").is_file() => {
+                VisionInput::load(dir, &ckpt, self.dtype.dtype(), &device)?
+            }
+            _ => None,
+        };
+        if addresses.is_empty() {
+            if self.allow_missing_experts {
+                bail!("--allow-missing-experts needs --nodes or --placement");
+            }
+            let mut engine = Engine::load_local_from(&ckpt, &cfg, self.dtype, &device)?;
+            if let Some(audio) = audio {
+                engine.set_audio(audio);
+            }
+            if let Some(vision) = vision {
+                engine.set_vision(vision);
+            }
+            return Ok(engine);
+        }
+        let opts = RemoteOptions {
+            rpc_timeout: Duration::from_millis(self.rpc_timeout_ms.max(1)),
+            startup_timeout: Duration::from_secs(self.startup_timeout_s),
+            max_message_bytes: self.max_message_mib << 20,
+            health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
+            observer,
+            tls: self.tls.client()?,
+            hedge_floor: (self.hedge_floor_ms > 0)
+                .then(|| Duration::from_millis(self.hedge_floor_ms)),
+        };
+        let mut engine = Engine::load_remote_from(
+            &ckpt,
+            &cfg,
+            self.dtype,
+            &device,
+            &addresses,
+            opts,
+            self.allow_missing_experts,
+        )?;
+        engine.set_overlap_min_sequences(self.overlap_min_seqs);
+        if let Some(audio) = audio {
+            engine.set_audio(audio);
+        }
+        if let Some(vision) = vision {
+            engine.set_vision(vision);
+        }
+        Ok(engine)
+    }
+}
+
+pub(crate) fn node_address(s: &str) -> Result<String, String> {
+    omnishard_proto::address::check_node_address(s)?;
+    Ok(s.to_string())
+}
+
+pub(crate) fn listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    omnishard_proto::address::resolve_listen(s)
+}
+
+/// `--model`, or the demo model shipped with omnishard.
+pub(crate) fn model_or_demo(model: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => defaults::demo_model_dir().map_err(anyhow::Error::msg),
+    }
+}
