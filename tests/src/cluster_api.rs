@@ -101,3 +101,16 @@ pub async fn wait_until_up(server: &Server, address: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A whole chat completion's content and prompt tokens; fails the test unless it is a 200.
+pub async fn chat_answer(server: &Server, body: &Value) -> (String, u64) {
+    let (status, v) = server.post_json("/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_string(),
+        v["usage"]["prompt_tokens"].as_u64().expect("usage"),
+    )
+}

@@ -3,6 +3,7 @@
 
 pub mod cluster_api;
 pub mod fuzz;
+pub mod omni;
 pub mod pki;
 
 use std::path::PathBuf;

@@ -5,6 +5,7 @@
 //! server goes on serving.
 
 use base64::Engine as _;
+use omnishard_tests::cluster_api::chat_answer;
 use omnishard_tests::{Server, fixtures_dir};
 use serde_json::{Value, json};
 
@@ -22,18 +23,6 @@ fn chat(audio_part: Value) -> Value {
     })
 }
 
-async fn answer(server: &Server, body: &Value) -> (String, u64) {
-    let (status, v) = server.post_json("/v1/chat/completions", body).await;
-    assert_eq!(status, 200, "{v}");
-    (
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .expect("content")
-            .to_string(),
-        v["usage"]["prompt_tokens"].as_u64().expect("usage"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused() {
     let data = clip_base64();
@@ -42,8 +31,8 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
     let audio_url =
         json!({"type": "audio_url", "audio_url": {"url": format!("data:audio/wav;base64,{data}")}});
     let cluster = Server::start(&["cluster", "--nodes", "2", "serve"]);
-    let (text, prompt_tokens) = answer(&cluster, &chat(input_audio.clone())).await;
-    let (text_only, text_tokens) = answer(
+    let (text, prompt_tokens) = chat_answer(&cluster, &chat(input_audio.clone())).await;
+    let (text_only, text_tokens) = chat_answer(
         &cluster,
         &json!({"messages": [{"role": "user", "content": "Listen:  Who keeps the ledger?"}],
             "max_tokens": 12, "temperature": 0, "chat_template_kwargs": {"enable_thinking": false}}),
@@ -52,8 +41,11 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
     // 2.7 s at the demo tower's 50-frame windows: 35 embeddings, plus <|audio_start|>/<|audio_end|>.
     assert_eq!(prompt_tokens, text_tokens + 37, "{text:?} vs {text_only:?}");
     // The same clip as a data: URL; again (never from the prefix cache); streamed.
-    assert_eq!(answer(&cluster, &chat(audio_url)).await.0, text);
-    assert_eq!(answer(&cluster, &chat(input_audio.clone())).await.0, text);
+    assert_eq!(chat_answer(&cluster, &chat(audio_url)).await.0, text);
+    assert_eq!(
+        chat_answer(&cluster, &chat(input_audio.clone())).await.0,
+        text
+    );
     let mut streamed = chat(input_audio.clone());
     streamed["stream"] = json!(true);
     let chunks = cluster.post_stream("/v1/chat/completions", &streamed).await;
@@ -66,7 +58,10 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
     // In-process, in one chunk; and over the cluster with the prompt cut into 16-token chunks
     // (the audio span crosses chunk boundaries): the same text.
     let local = Server::start(&["serve"]);
-    assert_eq!(answer(&local, &chat(input_audio.clone())).await.0, text);
+    assert_eq!(
+        chat_answer(&local, &chat(input_audio.clone())).await.0,
+        text
+    );
     let chunked = Server::start(&[
         "cluster",
         "--nodes",
@@ -77,7 +72,10 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
         "--max-active-seqs",
         "4",
     ]);
-    assert_eq!(answer(&chunked, &chat(input_audio.clone())).await.0, text);
+    assert_eq!(
+        chat_answer(&chunked, &chat(input_audio.clone())).await.0,
+        text
+    );
 
     // Bad media: a 400 naming the part and the problem; the server keeps serving.
     let garbage = base64::engine::general_purpose::STANDARD.encode(b"not audio at all, just words");
@@ -124,7 +122,10 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
             .contains("at most 1"),
         "{v}"
     );
-    assert_eq!(answer(&local, &chat(input_audio.clone())).await.0, text);
+    assert_eq!(
+        chat_answer(&local, &chat(input_audio.clone())).await.0,
+        text
+    );
     // In bf16 on the CPU the tower computes in f32 (candle's CPU matmul has no bf16).
     let bf16 = Server::start(&["serve", "--dtype", "bf16"]);
     let (status, v) = bf16

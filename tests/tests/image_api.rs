@@ -6,6 +6,7 @@
 //! the part.
 
 use base64::Engine as _;
+use omnishard_tests::cluster_api::chat_answer;
 use omnishard_tests::{Server, fixtures_dir};
 use serde_json::{Value, json};
 
@@ -28,25 +29,13 @@ fn chat(parts: Vec<Value>) -> Value {
     })
 }
 
-async fn answer(server: &Server, body: &Value) -> (String, u64) {
-    let (status, v) = server.post_json("/v1/chat/completions", body).await;
-    assert_eq!(status, 200, "{v}");
-    (
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .expect("content")
-            .to_string(),
-        v["usage"]["prompt_tokens"].as_u64().expect("usage"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused() {
     let text = json!({"type": "text", "text": " What is in the picture?"});
     let body = chat(vec![image_part("scene.png"), text.clone()]);
     let cluster = Server::start(&["cluster", "--nodes", "2", "serve"]);
-    let (answer_text, prompt_tokens) = answer(&cluster, &body).await;
-    let (_, text_tokens) = answer(&cluster, &chat(vec![text.clone()])).await;
+    let (answer_text, prompt_tokens) = chat_answer(&cluster, &body).await;
+    let (_, text_tokens) = chat_answer(&cluster, &chat(vec![text.clone()])).await;
     // 75x53 resized to 72x56 in 4-pixel patches: 14x18 patches, 2x2 merged: 63 tokens, plus
     // <|vision_start|> and <|vision_end|>.
     assert_eq!(prompt_tokens, text_tokens + 65);
@@ -65,14 +54,14 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
         json!({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
     };
     let mixed = chat(vec![image_part("scene.png"), audio, text.clone()]);
-    let (mixed_text, _) = answer(&cluster, &mixed).await;
-    assert_eq!(answer(&cluster, &mixed).await.0, mixed_text);
+    let (mixed_text, _) = chat_answer(&cluster, &mixed).await;
+    assert_eq!(chat_answer(&cluster, &mixed).await.0, mixed_text);
 
     // In-process, and over the cluster in 16-token prompt chunks (the image and its deepstack
     // rows cross chunk boundaries): the same text.
     let local = Server::start(&["serve"]);
-    assert_eq!(answer(&local, &body).await.0, answer_text);
-    assert_eq!(answer(&local, &mixed).await.0, mixed_text);
+    assert_eq!(chat_answer(&local, &body).await.0, answer_text);
+    assert_eq!(chat_answer(&local, &mixed).await.0, mixed_text);
     let chunked = Server::start(&[
         "cluster",
         "--nodes",
@@ -83,7 +72,7 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
         "--max-active-seqs",
         "4",
     ]);
-    assert_eq!(answer(&chunked, &body).await.0, answer_text);
+    assert_eq!(chat_answer(&chunked, &body).await.0, answer_text);
 
     let garbage = base64::engine::general_purpose::STANDARD.encode(b"no picture here");
     let cases = [
@@ -117,7 +106,7 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
     let question = "What is in the picture?";
     let plain = json!({"messages": [{"role": "user", "content": [image_part("scene.png"),
         {"type": "text", "text": question}]}], "max_tokens": 12, "temperature": 0});
-    let served = answer(&local, &plain).await.0;
+    let served = chat_answer(&local, &plain).await.0;
     let out = std::process::Command::new(omnishard_tests::bin("coordinator"))
         .args([
             "generate",
@@ -150,5 +139,5 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
             .contains("at most 1"),
         "{v}"
     );
-    assert_eq!(answer(&local, &body).await.0, answer_text);
+    assert_eq!(chat_answer(&local, &body).await.0, answer_text);
 }

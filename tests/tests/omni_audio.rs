@@ -4,33 +4,14 @@
 //! audio prompt with the placeholder expanded as the processor expands it — in-process and over
 //! a cluster of expert-node processes, bit for bit the same.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use omnishard_coordinator::media::AudioInput;
 use omnishard_coordinator::media::audio::decode;
 use omnishard_model::{Checkpoint, LoadFormat};
 use omnishard_proto::ModelConfig;
-use omnishard_tests::{bin, fixtures_dir, model_dir};
+use omnishard_tests::omni::{assert_logits_close, bits, golden, max_diff, score_media};
+use omnishard_tests::{fixtures_dir, model_dir};
 use serde_json::Value;
-
-fn golden() -> (std::collections::HashMap<String, Tensor>, Value) {
-    let dir = fixtures_dir().join("golden");
-    let tensors = candle_core::safetensors::load(dir.join("omni-audio.safetensors"), &Device::Cpu)
-        .expect("golden tensors");
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("omni-audio.json")).expect("golden json"))
-            .expect("json");
-    (tensors, meta)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("a difference")
-}
 
 fn clip() -> Vec<f32> {
     let bytes = std::fs::read(fixtures_dir().join("media/chirp.wav")).expect("the clip");
@@ -39,7 +20,7 @@ fn clip() -> Vec<f32> {
 
 #[test]
 fn features_and_embeddings_match_the_reference() {
-    let (golden, meta) = golden();
+    let (golden, meta) = golden("omni-audio");
     let dir = model_dir("omni-audio");
     let cfg = ModelConfig::from_model_dir(&dir).expect("config");
     let ckpt = Checkpoint::load(&dir, &cfg, LoadFormat::Auto, 0).expect("checkpoint");
@@ -79,7 +60,7 @@ fn audio_token(meta: &Value) -> u32 {
 }
 
 /// The fixture prompt with its placeholder run collapsed to one, as a client writes it.
-fn collapsed_prompt(meta: &Value) -> String {
+fn collapsed_prompt(meta: &Value) -> Vec<u32> {
     let ids: Vec<u32> = serde_json::from_value(meta["token_ids"].clone()).expect("ids");
     let pad = audio_token(meta);
     let mut out: Vec<u32> = Vec::new();
@@ -89,48 +70,24 @@ fn collapsed_prompt(meta: &Value) -> String {
         }
         out.push(t);
     }
-    out.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    out
 }
 
 fn score(prefix: &[&str], meta: &Value) -> Vec<Vec<f32>> {
-    let out = std::process::Command::new(bin("coordinator"))
-        .args(prefix)
-        .arg("score")
-        .arg("--model")
-        .arg(model_dir("omni-audio"))
-        .args(["--token-ids", &collapsed_prompt(meta)])
-        .arg("--audio")
-        .arg(fixtures_dir().join("media/chirp.wav"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run coordinator score");
-    assert!(
-        out.status.success(),
-        "score failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    serde_json::from_value(v["logits"].clone()).expect("logits")
+    let media = [
+        "--audio".into(),
+        fixtures_dir().join("media/chirp.wav").into(),
+    ];
+    score_media(prefix, &collapsed_prompt(meta), &media)
 }
 
 #[test]
 fn logits_of_a_text_and_audio_prompt_match_the_reference_and_the_cluster() {
-    let (golden, meta) = golden();
+    let (golden, meta) = golden("omni-audio");
     let ours = score(&[], &meta);
     let want: Vec<Vec<f32>> = golden["logits"].to_vec2().expect("rows");
-    assert_eq!(ours.len(), want.len(), "prompt length after expansion");
-    let max_logit = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
-    let tol = 1e-4 * max_logit.max(1.0);
-    let diff = ours
-        .iter()
-        .flatten()
-        .zip(want.iter().flatten())
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("logits: max |ours - reference| = {diff:e} (tolerance {tol:e})");
-    assert!(diff <= tol, "logits differ by {diff} > {tol}");
+    assert_logits_close("logits", &ours, &want);
     let clustered = score(&["cluster", "--nodes", "3"], &meta);
-    let bits =
-        |rows: &[Vec<f32>]| -> Vec<u32> { rows.iter().flatten().map(|x| x.to_bits()).collect() };
     assert!(
         bits(&clustered) == bits(&ours),
         "a 3-node cluster changed the logits"

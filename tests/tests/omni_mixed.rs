@@ -7,20 +7,17 @@
 //! the same.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use omnishard_coordinator::media::rope_index::{MediaIds, MediaLayout, rope_index};
-use omnishard_tests::{bin, fixtures_dir, model_dir};
+use omnishard_tests::fixtures_dir;
+use omnishard_tests::omni::{assert_logits_close, bits, golden, score_media};
 use serde_json::Value;
 
 fn goldens() -> (HashMap<String, Tensor>, Value, Value) {
-    let dir = fixtures_dir().join("golden");
-    let tensors = candle_core::safetensors::load(dir.join("omni-mixed.safetensors"), &Device::Cpu)
-        .expect("golden tensors");
-    let read = |name: &str| -> Value {
-        serde_json::from_slice(&std::fs::read(dir.join(name)).expect("golden json")).expect("json")
-    };
-    (tensors, read("omni-mixed.json"), read("omni-vision.json"))
+    let (tensors, meta) = golden("omni-mixed");
+    (tensors, meta, golden("omni-vision").1)
 }
 
 /// The fixture's placeholder ids (tests/fixtures/make_omni_fixtures.py's IDS).
@@ -87,21 +84,10 @@ fn positions_are_get_rope_index() {
 }
 
 fn score(prefix: &[&str], case: &Value) -> Vec<Vec<f32>> {
-    let list = collapsed(&ids(case))
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut cmd = std::process::Command::new(bin("coordinator"));
-    cmd.args(prefix)
-        .arg("score")
-        .arg("--model")
-        .arg(model_dir("omni-audio"))
-        .args(["--token-ids", &list])
-        .env("RUST_LOG", "warn");
+    let mut media: Vec<OsString> = Vec::new();
     for image in case["images"].as_array().expect("images") {
-        cmd.arg("--image")
-            .arg(fixtures_dir().join(image.as_str().expect("a path")));
+        media.push("--image".into());
+        media.push(fixtures_dir().join(image.as_str().expect("a path")).into());
     }
     let frames: Vec<String> = case["video_frames"]
         .as_array()
@@ -115,19 +101,14 @@ fn score(prefix: &[&str], case: &Value) -> Vec<Vec<f32>> {
         })
         .collect();
     if !frames.is_empty() {
-        cmd.args(["--video-frames", &frames.join(",")]);
+        media.push("--video-frames".into());
+        media.push(frames.join(",").into());
     }
     if let Some(audio) = case["audio"].as_str() {
-        cmd.arg("--audio").arg(fixtures_dir().join(audio));
+        media.push("--audio".into());
+        media.push(fixtures_dir().join(audio).into());
     }
-    let out = cmd.output().expect("run coordinator score");
-    assert!(
-        out.status.success(),
-        "score failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    serde_json::from_value(v["logits"].clone()).expect("logits")
+    score_media(prefix, &collapsed(&ids(case)), &media)
 }
 
 #[test]
@@ -136,25 +117,9 @@ fn logits_of_image_video_and_audio_prompts_match_the_reference_and_the_cluster()
     for (name, case) in meta["cases"].as_object().expect("cases") {
         let ours = score(&[], case);
         let want: Vec<Vec<f32>> = golden[&format!("{name}.logits")].to_vec2().expect("rows");
-        assert_eq!(
-            ours.len(),
-            want.len(),
-            "{name}: prompt length after expansion"
-        );
-        let max_logit = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
-        let tol = 1e-4 * max_logit.max(1.0);
-        let diff = ours
-            .iter()
-            .flatten()
-            .zip(want.iter().flatten())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        eprintln!("{name}: max |ours - reference| = {diff:e} (tolerance {tol:e})");
-        assert!(diff <= tol, "{name}: logits differ by {diff} > {tol}");
+        assert_logits_close(name, &ours, &want);
         if name == "image_audio" {
             let clustered = score(&["cluster", "--nodes", "3"], case);
-            let bits = |rows: &[Vec<f32>]| -> Vec<u32> {
-                rows.iter().flatten().map(|x| x.to_bits()).collect()
-            };
             assert!(
                 bits(&clustered) == bits(&ours),
                 "a 3-node cluster changed the logits"

@@ -13,30 +13,11 @@ use omnishard_coordinator::media::image::{
 use omnishard_coordinator::media::vision::VisionInput;
 use omnishard_model::{Checkpoint, LoadFormat};
 use omnishard_proto::ModelConfig;
+use omnishard_tests::omni::{golden, max_diff};
 use omnishard_tests::{fixtures_dir, model_dir};
 use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn golden() -> (HashMap<String, Tensor>, Value) {
-    let dir = fixtures_dir().join("golden");
-    let tensors = candle_core::safetensors::load(dir.join("omni-vision.safetensors"), &Device::Cpu)
-        .expect("golden tensors");
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("omni-vision.json")).expect("golden json"))
-            .expect("json");
-    (tensors, meta)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("a difference")
-}
 
 fn grid(golden: &HashMap<String, Tensor>, name: &str) -> [usize; 3] {
     let g: Vec<Vec<i64>> = golden[&format!("{name}.grid_thw")].to_vec2().expect("grid");
@@ -74,7 +55,7 @@ fn prepare(entry: &Value, cfg: &ImageProcessorConfig) -> PixelPatches {
 
 #[test]
 fn pixel_values_and_grids_match_the_reference_processor() {
-    let (golden, meta) = golden();
+    let (golden, meta) = golden("omni-vision");
     let cfg = ImageProcessorConfig::from_model_dir(&model_dir("omni-audio")).expect("config");
     let p = &meta["processor"];
     assert_eq!(
@@ -136,7 +117,7 @@ fn compare(
 
 #[test]
 fn vision_tower_matches_the_reference() {
-    let (golden, meta) = golden();
+    let (golden, meta) = golden("omni-vision");
     let vision = tower();
     let deepstack = meta["deepstack_visual_indexes"]
         .as_array()

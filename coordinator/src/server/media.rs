@@ -84,47 +84,19 @@ pub(super) fn part(
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(a.data.trim())
                 .map_err(|e| bad(format!("input_audio.data is not base64: {e}")))?;
-            Ok((
-                json!({"type": "audio"}),
-                Some(MediaRef {
-                    part: where_.to_string(),
-                    kind: MediaKind::Audio,
-                    bytes,
-                    format: Some(format),
-                }),
-            ))
+            Ok(media(where_, MediaKind::Audio, bytes, Some(format)))
         }
-        "audio_url" => {
-            let url = p
-                .audio_url
-                .ok_or_else(|| bad("an audio_url part without `audio_url`".into()))?
+        "audio_url" | "image_url" => {
+            let (url, kind, what) = if p.kind == "audio_url" {
+                (p.audio_url, MediaKind::Audio, "audio")
+            } else {
+                (p._image_url, MediaKind::Image, "image")
+            };
+            let url = url
+                .ok_or_else(|| bad(format!("a {0} part without `{0}`", p.kind)))?
                 .url;
-            let (format, bytes) = data_url(&url, "audio").map_err(bad)?;
-            Ok((
-                json!({"type": "audio"}),
-                Some(MediaRef {
-                    part: where_.to_string(),
-                    kind: MediaKind::Audio,
-                    bytes,
-                    format,
-                }),
-            ))
-        }
-        "image_url" => {
-            let url = p
-                ._image_url
-                .ok_or_else(|| bad("an image_url part without `image_url`".into()))?
-                .url;
-            let (format, bytes) = data_url(&url, "image").map_err(bad)?;
-            Ok((
-                json!({"type": "image"}),
-                Some(MediaRef {
-                    part: where_.to_string(),
-                    kind: MediaKind::Image,
-                    bytes,
-                    format,
-                }),
-            ))
+            let (format, bytes) = data_url(&url, what).map_err(bad)?;
+            Ok(media(where_, kind, bytes, format))
         }
         "video_url" => Err(bad(
             "`video_url` parts are not supported yet (video containers are not decoded); send frames as images"
@@ -134,6 +106,26 @@ pub(super) fn part(
             "content part type `{other}` is not one of text, input_audio, audio_url, image_url"
         ))),
     }
+}
+
+/// The template's placeholder part for a media item, and the item.
+fn media(
+    where_: &str,
+    kind: MediaKind,
+    bytes: Vec<u8>,
+    format: Option<String>,
+) -> (Value, Option<MediaRef>) {
+    let placeholder = match kind {
+        MediaKind::Audio => json!({"type": "audio"}),
+        MediaKind::Image => json!({"type": "image"}),
+    };
+    let item = MediaRef {
+        part: where_.to_string(),
+        kind,
+        bytes,
+        format,
+    };
+    (placeholder, Some(item))
 }
 
 /// The bytes of a `data:[<type>][;base64],<data>` URL of `what` (audio, image) and a format
