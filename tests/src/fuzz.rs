@@ -58,6 +58,10 @@ static DEMO: LazyLock<Demo> = LazyLock::new(|| {
     }
 });
 
+/// The server's default media limits (no media runs here: the demo's towers are not loaded).
+static MEDIA: std::sync::LazyLock<omnishard_coordinator::server::media::MediaLimits> =
+    std::sync::LazyLock::new(Default::default);
+
 /// Arbitrary bytes as the body of `/v1/completions` or `/v1/chat/completions` (the first byte
 /// picks), through the server's parser and validator with the demo model's tokenizer.
 pub fn http_body(data: &[u8]) {
@@ -76,7 +80,7 @@ pub fn http_body(data: &[u8]) {
         special_tokens_in_text: first & 2 == 2,
         audio: None,
         vision: None,
-        media: Default::default(),
+        media: &MEDIA,
     };
     if let Ok((prompt, max_tokens)) = validate_body(&limits, body, first & 1 == 1) {
         assert!(prompt > 0 && max_tokens >= 1 && prompt + max_tokens <= 512);

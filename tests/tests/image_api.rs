@@ -86,7 +86,7 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
             chat(vec![
                 json!({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}),
             ]),
-            "only data: URLs",
+            "only data: and file:// URLs",
         ),
         (
             chat(vec![
@@ -127,6 +127,36 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), served);
+
+    // file:// URLs: only under --allowed-local-media-path, read as the inline image is.
+    let media_dir = fixtures_dir().join("media");
+    let file_url = |path: std::path::PathBuf| json!({"type": "image_url", "image_url": {"url": format!("file://{}", path.display())}});
+    let by_file = chat(vec![file_url(media_dir.join("scene.png")), text.clone()]);
+    let (status, v) = local.post_json("/v1/chat/completions", &by_file).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--allowed-local-media-path"),
+        "{v}"
+    );
+    let media_root = media_dir.display().to_string();
+    let files = Server::start(&["serve", "--allowed-local-media-path", &media_root]);
+    assert_eq!(chat_answer(&files, &by_file).await.0, answer_text);
+    let outside = chat(vec![
+        file_url(media_dir.join("../models/omni-audio/config.json")),
+        text.clone(),
+    ]);
+    let (status, v) = files.post_json("/v1/chat/completions", &outside).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is outside"),
+        "{v}"
+    );
 
     let limited = Server::start(&["serve", "--limit-mm-per-prompt", "image=1"]);
     let two = chat(vec![image_part("scene.png"), image_part("tiny.png")]);

@@ -125,6 +125,10 @@ struct ServeArgs {
     /// a kind left out keeps its default of 4); more is a 400.
     #[arg(long, env = "OMNISHARD_LIMIT_MM_PER_PROMPT", default_value = "audio=4,image=4", value_parser = media_limits)]
     limit_mm_per_prompt: (usize, usize),
+    /// Let chat requests name media as `file://` URLs of files under this directory (vLLM's
+    /// flag); without it such URLs are a 400.
+    #[arg(long, env = "OMNISHARD_ALLOWED_LOCAL_MEDIA_PATH")]
+    allowed_local_media_path: Option<PathBuf>,
     /// Longest audio clip accepted, in seconds; longer is a 400.
     #[arg(long, env = "OMNISHARD_MAX_AUDIO_SECONDS", default_value_t = 600.0)]
     max_audio_seconds: f64,
@@ -217,6 +221,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         placement: args.model.placement.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         media: omnishard_coordinator::server::media::MediaLimits {
+            local_root: args
+                .allowed_local_media_path
+                .as_deref()
+                .map(|dir| {
+                    dir.canonicalize()
+                        .ok()
+                        .filter(|d| d.is_dir())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--allowed-local-media-path {}: not a directory",
+                                dir.display()
+                            )
+                        })
+                })
+                .transpose()?,
             audio_per_prompt: args.limit_mm_per_prompt.0,
             images_per_prompt: args.limit_mm_per_prompt.1,
             max_audio_seconds: args.max_audio_seconds,

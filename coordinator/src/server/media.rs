@@ -1,9 +1,12 @@
 //! Media parts of chat messages: `input_audio` (base64 data and its format), vLLM's
-//! `audio_url` and OpenAI's `image_url` with `data:` URLs, checked and decoded here, each refusal
+//! `audio_url` and OpenAI's `image_url` with `data:` URLs, or `file://` URLs of files under the
+//! server's `--allowed-local-media-path` (as vLLM's flag), checked and decoded here, each refusal
 //! naming the part (`messages[0].content[1]`); the template sees a placeholder part in their
-//! place. Fetching `http(s)` URLs and reading local files are off (vLLM's
-//! `--allow-media-urls`-style opt-ins are not built yet), and video parts are not taken yet
-//! (they need a container decoder): each is a 400 saying so, never silently dropped.
+//! place. Fetching `http(s)` URLs is not built (vLLM's `--allow-media-urls`-style opt-in), and
+//! video parts are not taken yet (they need a container decoder): each is a 400 saying so, never
+//! silently dropped.
+
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -25,19 +28,29 @@ pub(super) enum MediaKind {
     Image,
 }
 
+/// Where a media item's bytes are.
+pub(super) enum Source {
+    Inline(Vec<u8>),
+    /// A `file://` URL's path, read (if under the allowed directory) when the media is decoded.
+    File(PathBuf),
+}
+
 /// One media item of a conversation, in prompt order.
 pub(super) struct MediaRef {
     /// Where it was sent, for errors: `messages[i].content[j]`.
     pub part: String,
     pub kind: MediaKind,
-    pub bytes: Vec<u8>,
+    pub source: Source,
     /// The format, as a file extension (a decoding hint).
     pub format: Option<String>,
 }
 
-/// How many media items one prompt may carry, how long audio and how large images may be.
-#[derive(Debug, Clone, Copy)]
+/// How many media items one prompt may carry, how long audio and how large images may be, and
+/// where local files may be read from.
+#[derive(Debug, Clone)]
 pub struct MediaLimits {
+    /// `file://` URLs are read only under this directory (canonical); none: not at all.
+    pub local_root: Option<PathBuf>,
     pub audio_per_prompt: usize,
     pub images_per_prompt: usize,
     pub max_audio_seconds: f64,
@@ -48,6 +61,7 @@ pub struct MediaLimits {
 impl Default for MediaLimits {
     fn default() -> Self {
         Self {
+            local_root: None,
             audio_per_prompt: 4,
             images_per_prompt: 4,
             max_audio_seconds: 600.0,
@@ -84,7 +98,7 @@ pub(super) fn part(
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(a.data.trim())
                 .map_err(|e| bad(format!("input_audio.data is not base64: {e}")))?;
-            Ok(media(where_, MediaKind::Audio, bytes, Some(format)))
+            Ok(media(where_, MediaKind::Audio, Source::Inline(bytes), Some(format)))
         }
         "audio_url" | "image_url" => {
             let (url, kind, what) = if p.kind == "audio_url" {
@@ -95,8 +109,8 @@ pub(super) fn part(
             let url = url
                 .ok_or_else(|| bad(format!("a {0} part without `{0}`", p.kind)))?
                 .url;
-            let (format, bytes) = data_url(&url, what).map_err(bad)?;
-            Ok(media(where_, kind, bytes, format))
+            let (format, source) = media_url(&url, what).map_err(bad)?;
+            Ok(media(where_, kind, source, format))
         }
         "video_url" => Err(bad(
             "`video_url` parts are not supported yet (video containers are not decoded); send frames as images"
@@ -112,7 +126,7 @@ pub(super) fn part(
 fn media(
     where_: &str,
     kind: MediaKind,
-    bytes: Vec<u8>,
+    source: Source,
     format: Option<String>,
 ) -> (Value, Option<MediaRef>) {
     let placeholder = match kind {
@@ -122,18 +136,27 @@ fn media(
     let item = MediaRef {
         part: where_.to_string(),
         kind,
-        bytes,
+        source,
         format,
     };
     (placeholder, Some(item))
 }
 
-/// The bytes of a `data:[<type>][;base64],<data>` URL of `what` (audio, image) and a format
-/// guessed from its media type.
-fn data_url(url: &str, what: &str) -> Result<(Option<String>, Vec<u8>), String> {
+/// Where a URL's media of `what` (audio, image) is — the bytes of a
+/// `data:[<type>][;base64],<data>` URL, or a `file://` URL's path — and its format, guessed
+/// from its media type or file extension.
+fn media_url(url: &str, what: &str) -> Result<(Option<String>, Source), String> {
+    if let Some(path) = url.strip_prefix("file://") {
+        let path = PathBuf::from(path);
+        let format = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        return Ok((format, Source::File(path)));
+    }
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(format!(
-            "only data: URLs are accepted (fetching http(s) URLs and reading local files are off on this server); send the {what} inline"
+            "only data: and file:// URLs are accepted (fetching http(s) URLs is not built); send the {what} inline"
         ));
     };
     let (meta, data) = rest
@@ -154,7 +177,40 @@ fn data_url(url: &str, what: &str) -> Result<(Option<String>, Vec<u8>), String> 
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| format!("the data: URL is not base64: {e}"))?;
-    Ok((format, bytes))
+    Ok((format, Source::Inline(bytes)))
+}
+
+/// Largest local media file read.
+const MAX_LOCAL_BYTES: u64 = 256 << 20;
+
+/// The bytes of a local file, if it lies under `root` (both canonical: no `..` or link escapes).
+fn read_local(path: &Path, root: Option<&Path>) -> Result<Vec<u8>, String> {
+    let Some(root) = root else {
+        return Err(
+            "file:// URLs are off on this server; start it with --allowed-local-media-path DIR to read files under DIR"
+                .into(),
+        );
+    };
+    let real = path
+        .canonicalize()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !real.starts_with(root) {
+        return Err(format!(
+            "{} is outside --allowed-local-media-path {}",
+            path.display(),
+            root.display()
+        ));
+    }
+    let len = std::fs::metadata(&real)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    if len > MAX_LOCAL_BYTES {
+        return Err(format!(
+            "{} is {len} bytes; at most {MAX_LOCAL_BYTES} are read",
+            path.display()
+        ));
+    }
+    std::fs::read(&real).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Decodes the conversation's media, runs their encoders, and expands each placeholder of
@@ -203,6 +259,11 @@ pub(super) fn expand_media(
     };
     for m in media {
         let at = |e: MediaError| invalid(format!("{}: {e}", m.part));
+        let bytes = match m.source {
+            Source::Inline(bytes) => bytes,
+            Source::File(path) => read_local(&path, limits.local_root.as_deref())
+                .map_err(|e| invalid(format!("{}: {e}", m.part)))?,
+        };
         match m.kind {
             MediaKind::Audio => {
                 if audio.is_none() {
@@ -211,7 +272,7 @@ pub(super) fn expand_media(
                         m.part
                     )));
                 }
-                let samples = audio::decode(m.bytes, m.format.as_deref(), limits.max_audio_seconds)
+                let samples = audio::decode(bytes, m.format.as_deref(), limits.max_audio_seconds)
                     .map_err(at)?;
                 items.audio.push(samples);
             }
@@ -224,7 +285,7 @@ pub(super) fn expand_media(
                 }
                 items
                     .images
-                    .push(image::decode(&m.bytes, limits.max_image_pixels).map_err(at)?);
+                    .push(image::decode(&bytes, limits.max_image_pixels).map_err(at)?);
             }
         }
     }

@@ -120,7 +120,7 @@ impl AppState {
             grammars: self.grammars.as_ref().map_err(String::as_str),
             audio: self.engine.audio(),
             vision: self.engine.vision(),
-            media: self.config.media,
+            media: &self.config.media,
         }
     }
 }

@@ -53,7 +53,7 @@ pub struct RequestLimits<'a> {
     /// carry.
     pub audio: Option<&'a AudioInput>,
     pub vision: Option<&'a VisionInput>,
-    pub media: MediaLimits,
+    pub media: &'a MediaLimits,
 }
 
 impl RequestLimits<'_> {
@@ -326,7 +326,7 @@ fn prepare(
     if prompt.is_empty() {
         return Err(invalid("the prompt is empty"));
     }
-    let expanded = expand_media(limits.audio, limits.vision, &limits.media, prompt, media)?;
+    let expanded = expand_media(limits.audio, limits.vision, limits.media, prompt, media)?;
     let (prompt, media) = (expanded.tokens, expanded.spans);
     // The prompt as sent: its text, or its tokens' text with special tokens written out.
     let echo = match (echo, echo_text) {
