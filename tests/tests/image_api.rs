@@ -128,8 +128,60 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), served);
 
-    // file:// URLs: only under --allowed-local-media-path, read as the inline image is.
+    // `coordinator score --messages`: the same conversation from a file gives logits whose last
+    // row picks the token the server answers with, at the same log-probability.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let messages = dir.path().join("messages.json");
     let media_dir = fixtures_dir().join("media");
+    std::fs::write(
+        &messages,
+        json!([{"role": "user", "content": [
+            {"type": "image", "image": media_dir.join("scene.png")},
+            {"type": "audio", "audio": media_dir.join("chirp.wav")},
+            {"type": "text", "text": question}]}])
+        .to_string(),
+    )
+    .expect("write the messages");
+    let out = std::process::Command::new(omnishard_tests::bin("coordinator"))
+        .args(["score", "--messages"])
+        .arg(&messages)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run coordinator score");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scored: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let last: Vec<f32> = serde_json::from_value(
+        scored["logits"]
+            .as_array()
+            .expect("rows")
+            .last()
+            .expect("a row")
+            .clone(),
+    )
+    .expect("floats");
+    let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = last.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    let mut one = json!({"messages": [{"role": "user", "content": [image_part("scene.png"),
+        {"type": "input_audio", "input_audio": {"data": base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(media_dir.join("chirp.wav")).expect("the clip")), "format": "wav"}},
+        {"type": "text", "text": question}]}], "max_tokens": 1, "temperature": 0, "logprobs": true});
+    one["stream"] = json!(false);
+    let (status, v) = local.post_json("/v1/chat/completions", &one).await;
+    assert_eq!(status, 200, "{v}");
+    let served = v["choices"][0]["logprobs"]["content"][0]["logprob"]
+        .as_f64()
+        .expect("a logprob") as f32;
+    assert!(
+        (served - (max - log_z)).abs() < 1e-4,
+        "served {served}, scored {}",
+        max - log_z
+    );
+
+    // file:// URLs: only under --allowed-local-media-path, read as the inline image is.
     let file_url = |path: std::path::PathBuf| json!({"type": "image_url", "image_url": {"url": format!("file://{}", path.display())}});
     let by_file = chat(vec![file_url(media_dir.join("scene.png")), text.clone()]);
     let (status, v) = local.post_json("/v1/chat/completions", &by_file).await;

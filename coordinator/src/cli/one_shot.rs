@@ -69,9 +69,16 @@ pub(crate) struct ScoreArgs {
         long,
         env = "OMNISHARD_TOKEN_IDS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "messages",
+        conflicts_with = "messages"
     )]
     pub(crate) token_ids: Vec<u32>,
+    /// Instead of --token-ids: a JSON file of chat messages (an array, or `{"messages": [...]}`),
+    /// rendered by the model's chat template with the generation prompt; content parts may be
+    /// `{"type": "text", "text": ...}`, `{"type": "image", "image": PATH}`, `{"type": "audio",
+    /// "audio": PATH}` or `{"type": "video", "video": [FRAME, ...]}` (paths relative to the file).
+    #[arg(long, conflicts_with_all = ["audio", "image", "video_frames", "position_ids"])]
+    pub(crate) messages: Option<PathBuf>,
     /// JSON file with explicit mRoPE position ids [[t...],[h...],[w...]], one entry per token.
     /// Default: text positions 0..n on all three rows.
     #[arg(long, env = "OMNISHARD_POSITION_IDS")]
@@ -224,6 +231,12 @@ pub(crate) fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .map(read_positions)
         .transpose()?;
     let engine = args.model.load()?;
+    if let Some(path) = &args.messages {
+        let (tokens, items) = messages_prompt(&args.model, &engine, path, args.video_fps)?;
+        let e = expand(&tokens, &items, engine.audio(), engine.vision())?;
+        let logits = engine.score_media(&e.tokens, e.positions, &e.spans)?;
+        return print_logits(&logits);
+    }
     let media = !(args.audio.is_empty() && args.image.is_empty() && args.video_frames.is_empty());
     let logits = if !media {
         engine.score(&args.token_ids, positions)?
@@ -255,10 +268,104 @@ pub(crate) fn score(args: ScoreArgs) -> anyhow::Result<()> {
         let e = expand(&args.token_ids, &items, engine.audio(), engine.vision())?;
         engine.score_media(&e.tokens, e.positions, &e.spans)?
     };
+    print_logits(&logits)
+}
+
+fn print_logits(logits: &[Vec<f32>]) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": logits }))?;
     writeln!(out)?;
     Ok(())
+}
+
+/// The prompt of a messages file through the chat template (media parts as the template's
+/// placeholders), and its media, read from the files the parts name.
+fn messages_prompt(
+    model: &ModelArgs,
+    engine: &omnishard_coordinator::Engine,
+    path: &Path,
+    video_fps: f64,
+) -> anyhow::Result<(Vec<u32>, MediaItems)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let mut messages = match value {
+        serde_json::Value::Array(m) => m,
+        serde_json::Value::Object(mut o) => match o.remove("messages") {
+            Some(serde_json::Value::Array(m)) => m,
+            _ => bail!(
+                "{}: expected an array of messages or {{\"messages\": [...]}}",
+                path.display()
+            ),
+        },
+        _ => bail!("{}: expected an array of messages", path.display()),
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut items = MediaItems {
+        video_fps,
+        ..Default::default()
+    };
+    for (i, message) in messages.iter_mut().enumerate() {
+        let Some(parts) = message.get_mut("content").and_then(|c| c.as_array_mut()) else {
+            continue;
+        };
+        for (j, part) in parts.iter_mut().enumerate() {
+            let at = || format!("messages[{i}].content[{j}]");
+            let kind = part["type"].as_str().unwrap_or_default().to_string();
+            let file = |key: &str| -> anyhow::Result<PathBuf> {
+                let p = part[key]
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("{}: a {kind} part without `{key}`", at()))?;
+                Ok(base.join(p))
+            };
+            match kind.as_str() {
+                "text" => continue,
+                "image" => items.images.push(read_image(&file("image")?)?),
+                "audio" => items.audio.extend(read_clips(&[file("audio")?])?),
+                "video" => {
+                    let frames = part["video"]
+                        .as_array()
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("{}: `video` is a list of frame files", at())
+                        })?
+                        .iter()
+                        .map(|f| {
+                            let f = f.as_str().ok_or_else(|| {
+                                anyhow::anyhow!("{}: frames are file paths", at())
+                            })?;
+                            read_image(&base.join(f))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    items.videos.push(frames);
+                }
+                other => bail!(
+                    "{}: part type `{other}` is not text, image, audio or video",
+                    at()
+                ),
+            }
+            // The template sees the placeholder, not the path.
+            *part = serde_json::json!({ "type": kind });
+        }
+    }
+    let model_dir = model.model_dir()?;
+    let tokenizer = TextTokenizer::load(&model_dir, engine.config())?;
+    let template = ChatTemplate::load(&model_dir, None)?;
+    let prompter = ChatPrompter::new(
+        template,
+        &tokenizer,
+        ReasoningParser::None,
+        ToolCallParser::None,
+    );
+    let conv = Conversation {
+        messages,
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    Ok((
+        prompter.encode(&tokenizer, conv, true, usize::MAX)?.ids,
+        items,
+    ))
 }
 
 /// Largest decoded image accepted on the command line, in pixels.
