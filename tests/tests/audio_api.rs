@@ -95,7 +95,7 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
         ),
         (
             chat(json!({"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}})),
-            "only data: and file:// URLs",
+            "start it with --allow-media-urls",
         ),
         (
             chat(json!({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}})),

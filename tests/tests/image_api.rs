@@ -29,6 +29,49 @@ fn chat(parts: Vec<Value>) -> Value {
     })
 }
 
+/// A plain HTTP/1.1 server on a loopback port answering GET /NAME with the file NAME of `dir`
+/// (404 when there is none), on a thread, for as long as the test runs; its origin URL.
+fn serve_files(dir: std::path::PathBuf) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let origin = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&stream);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            // Skip the headers.
+            let mut header = String::new();
+            while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                header.clear();
+            }
+            let name = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .trim_start_matches('/');
+            let mut out = &stream;
+            let _ = match std::fs::read(dir.join(name)) {
+                Ok(body) => out
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|_| out.write_all(&body)),
+                Err(_) => out.write_all(
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                ),
+            };
+        }
+    });
+    origin
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused() {
     let text = json!({"type": "text", "text": " What is in the picture?"});
@@ -86,7 +129,7 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
             chat(vec![
                 json!({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}),
             ]),
-            "only data: and file:// URLs",
+            "start it with --allow-media-urls",
         ),
         (
             chat(vec![
@@ -207,6 +250,42 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
             .as_str()
             .unwrap_or_default()
             .contains("is outside"),
+        "{v}"
+    );
+
+    // http(s) URLs: fetched only with --allow-media-urls.
+    let origin = serve_files(media_dir.clone());
+    let by_url = |name: &str| {
+        chat(vec![
+            json!({"type": "image_url", "image_url": {"url": format!("{origin}/{name}")}}),
+            text.clone(),
+        ])
+    };
+    let (status, v) = local
+        .post_json("/v1/chat/completions", &by_url("scene.png"))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--allow-media-urls"),
+        "{v}"
+    );
+    let fetching = Server::start(&["serve", "--allow-media-urls"]);
+    assert_eq!(
+        chat_answer(&fetching, &by_url("scene.png")).await.0,
+        answer_text
+    );
+    let (status, v) = fetching
+        .post_json("/v1/chat/completions", &by_url("missing.png"))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("404"),
         "{v}"
     );
 

@@ -125,6 +125,11 @@ struct ServeArgs {
     /// a kind left out keeps its default of 4); more is a 400.
     #[arg(long, env = "OMNISHARD_LIMIT_MM_PER_PROMPT", default_value = "audio=4,image=4", value_parser = media_limits)]
     limit_mm_per_prompt: (usize, usize),
+    /// Fetch media that chat requests name by http(s) URL (10 s deadline, 256 MiB cap); without
+    /// it such URLs are a 400. A server that fetches what clients name can be pointed at the
+    /// network it sits in: allow it only where that is acceptable.
+    #[arg(long, env = "OMNISHARD_ALLOW_MEDIA_URLS")]
+    allow_media_urls: bool,
     /// Let chat requests name media as `file://` URLs of files under this directory (vLLM's
     /// flag); without it such URLs are a 400.
     #[arg(long, env = "OMNISHARD_ALLOWED_LOCAL_MEDIA_PATH")]
@@ -236,6 +241,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         })
                 })
                 .transpose()?,
+            allow_urls: args.allow_media_urls,
             audio_per_prompt: args.limit_mm_per_prompt.0,
             images_per_prompt: args.limit_mm_per_prompt.1,
             max_audio_seconds: args.max_audio_seconds,

@@ -2,9 +2,10 @@
 //! `audio_url` and OpenAI's `image_url` with `data:` URLs, or `file://` URLs of files under the
 //! server's `--allowed-local-media-path` (as vLLM's flag), checked and decoded here, each refusal
 //! naming the part (`messages[0].content[1]`); the template sees a placeholder part in their
-//! place. Fetching `http(s)` URLs is not built (vLLM's `--allow-media-urls`-style opt-in), and
-//! video parts are not taken yet (they need a container decoder): each is a 400 saying so, never
-//! silently dropped.
+//! place. `http(s)` URLs are fetched only with `--allow-media-urls` (a server fetching what
+//! clients name can be turned against the network it sits in), with a deadline and a size cap.
+//! Video parts are not taken yet (they need a container decoder): each refusal is a 400 saying
+//! so, never silently dropped.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,8 @@ pub(super) enum Source {
     Inline(Vec<u8>),
     /// A `file://` URL's path, read (if under the allowed directory) when the media is decoded.
     File(PathBuf),
+    /// An `http(s)` URL, fetched (if allowed) when the media is decoded.
+    Url(String),
 }
 
 /// One media item of a conversation, in prompt order.
@@ -51,6 +54,8 @@ pub(super) struct MediaRef {
 pub struct MediaLimits {
     /// `file://` URLs are read only under this directory (canonical); none: not at all.
     pub local_root: Option<PathBuf>,
+    /// `http(s)` URLs are fetched (else refused).
+    pub allow_urls: bool,
     pub audio_per_prompt: usize,
     pub images_per_prompt: usize,
     pub max_audio_seconds: f64,
@@ -62,6 +67,7 @@ impl Default for MediaLimits {
     fn default() -> Self {
         Self {
             local_root: None,
+            allow_urls: false,
             audio_per_prompt: 4,
             images_per_prompt: 4,
             max_audio_seconds: 600.0,
@@ -154,9 +160,16 @@ fn media_url(url: &str, what: &str) -> Result<(Option<String>, Source), String> 
             .map(str::to_ascii_lowercase);
         return Ok((format, Source::File(path)));
     }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let format = url
+            .rsplit_once('.')
+            .map(|(_, ext)| ext.to_ascii_lowercase())
+            .filter(|e| e.len() <= 4 && e.chars().all(|c| c.is_ascii_alphanumeric()));
+        return Ok((format, Source::Url(url.to_string())));
+    }
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(format!(
-            "only data: and file:// URLs are accepted (fetching http(s) URLs is not built); send the {what} inline"
+            "only data:, file:// and http(s):// URLs are accepted; send the {what} inline"
         ));
     };
     let (meta, data) = rest
@@ -180,8 +193,43 @@ fn media_url(url: &str, what: &str) -> Result<(Option<String>, Source), String> 
     Ok((format, Source::Inline(bytes)))
 }
 
-/// Largest local media file read.
+/// Largest local media file read, or media URL fetched.
 const MAX_LOCAL_BYTES: u64 = 256 << 20;
+
+/// How long fetching one media URL may take.
+const URL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The body of `url` if fetching is allowed: status 200, at most [`MAX_LOCAL_BYTES`], within
+/// [`URL_DEADLINE`]. Blocking: call it off the async runtime (validation runs on the blocking
+/// pool).
+fn fetch(url: &str, allowed: bool) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    if !allowed {
+        return Err(
+            "fetching http(s) media URLs is off on this server; start it with --allow-media-urls, or send the media inline"
+                .into(),
+        );
+    }
+    let client = reqwest::blocking::Client::builder()
+        .timeout(URL_DEADLINE)
+        .build()
+        .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+    let resp = client
+        .get(url)
+        .send()
+        .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+    if resp.status() != reqwest::StatusCode::OK {
+        return Err(format!("fetching {url} answered {}", resp.status()));
+    }
+    let mut bytes = Vec::new();
+    resp.take(MAX_LOCAL_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+    if bytes.len() as u64 > MAX_LOCAL_BYTES {
+        return Err(format!("{url} is over {MAX_LOCAL_BYTES} bytes"));
+    }
+    Ok(bytes)
+}
 
 /// The bytes of a local file, if it lies under `root` (both canonical: no `..` or link escapes).
 fn read_local(path: &Path, root: Option<&Path>) -> Result<Vec<u8>, String> {
@@ -263,6 +311,9 @@ pub(super) fn expand_media(
             Source::Inline(bytes) => bytes,
             Source::File(path) => read_local(&path, limits.local_root.as_deref())
                 .map_err(|e| invalid(format!("{}: {e}", m.part)))?,
+            Source::Url(url) => {
+                fetch(&url, limits.allow_urls).map_err(|e| invalid(format!("{}: {e}", m.part)))?
+            }
         };
         match m.kind {
             MediaKind::Audio => {
