@@ -114,3 +114,11 @@ pub async fn chat_answer(server: &Server, body: &Value) -> (String, u64) {
         v["usage"]["prompt_tokens"].as_u64().expect("usage"),
     )
 }
+
+/// Posts a chat completion that must be refused: a 400 whose message contains `expected`.
+pub async fn assert_refused(server: &Server, body: &Value, expected: &str) {
+    let (status, v) = server.post_json("/v1/chat/completions", body).await;
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(expected), "wanted {expected:?}: {message}");
+}

@@ -5,7 +5,7 @@
 //! server goes on serving.
 
 use base64::Engine as _;
-use omnishard_tests::cluster_api::chat_answer;
+use omnishard_tests::cluster_api::{assert_refused, chat_answer};
 use omnishard_tests::{Server, fixtures_dir};
 use serde_json::{Value, json};
 
@@ -107,21 +107,10 @@ async fn audio_chat_over_a_cluster_matches_in_process_and_bad_media_is_refused()
         ),
     ];
     for (body, expected) in cases {
-        let (status, v) = local.post_json("/v1/chat/completions", &body).await;
-        assert_eq!(status, 400, "{v}");
-        let message = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(message.contains(expected), "{message}");
+        assert_refused(&local, &body, expected).await;
     }
     let limited = Server::start(&["serve", "--limit-mm-per-prompt", "audio=1"]);
-    let (status, v) = limited.post_json("/v1/chat/completions", &two).await;
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("at most 1"),
-        "{v}"
-    );
+    assert_refused(&limited, &two, "at most 1").await;
     assert_eq!(
         chat_answer(&local, &chat(input_audio.clone())).await.0,
         text

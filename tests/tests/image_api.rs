@@ -6,7 +6,7 @@
 //! the part.
 
 use base64::Engine as _;
-use omnishard_tests::cluster_api::chat_answer;
+use omnishard_tests::cluster_api::{assert_refused, chat_answer};
 use omnishard_tests::{Server, fixtures_dir};
 use serde_json::{Value, json};
 
@@ -139,10 +139,7 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
         ),
     ];
     for (body, expected) in cases {
-        let (status, v) = local.post_json("/v1/chat/completions", &body).await;
-        assert_eq!(status, 400, "{v}");
-        let message = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(message.contains(expected), "{message}");
+        assert_refused(&local, &body, expected).await;
     }
     // The scheduler's positions (prompt mRoPE rows, then index + delta) against the engine's own
     // decode loop in `coordinator generate`: the same greedy text.
@@ -227,15 +224,7 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
     // file:// URLs: only under --allowed-local-media-path, read as the inline image is.
     let file_url = |path: std::path::PathBuf| json!({"type": "image_url", "image_url": {"url": format!("file://{}", path.display())}});
     let by_file = chat(vec![file_url(media_dir.join("scene.png")), text.clone()]);
-    let (status, v) = local.post_json("/v1/chat/completions", &by_file).await;
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("--allowed-local-media-path"),
-        "{v}"
-    );
+    assert_refused(&local, &by_file, "--allowed-local-media-path").await;
     let media_root = media_dir.display().to_string();
     let files = Server::start(&["serve", "--allowed-local-media-path", &media_root]);
     assert_eq!(chat_answer(&files, &by_file).await.0, answer_text);
@@ -243,15 +232,7 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
         file_url(media_dir.join("../models/omni-audio/config.json")),
         text.clone(),
     ]);
-    let (status, v) = files.post_json("/v1/chat/completions", &outside).await;
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("is outside"),
-        "{v}"
-    );
+    assert_refused(&files, &outside, "is outside").await;
 
     // http(s) URLs: fetched only with --allow-media-urls.
     let origin = serve_files(media_dir.clone());
@@ -261,44 +242,16 @@ async fn image_chat_over_a_cluster_matches_in_process_and_bad_images_are_refused
             text.clone(),
         ])
     };
-    let (status, v) = local
-        .post_json("/v1/chat/completions", &by_url("scene.png"))
-        .await;
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("--allow-media-urls"),
-        "{v}"
-    );
+    assert_refused(&local, &by_url("scene.png"), "--allow-media-urls").await;
     let fetching = Server::start(&["serve", "--allow-media-urls"]);
     assert_eq!(
         chat_answer(&fetching, &by_url("scene.png")).await.0,
         answer_text
     );
-    let (status, v) = fetching
-        .post_json("/v1/chat/completions", &by_url("missing.png"))
-        .await;
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("404"),
-        "{v}"
-    );
+    assert_refused(&fetching, &by_url("missing.png"), "404").await;
 
     let limited = Server::start(&["serve", "--limit-mm-per-prompt", "image=1"]);
     let two = chat(vec![image_part("scene.png"), image_part("tiny.png")]);
-    let (status, v) = limited.post_json("/v1/chat/completions", &two).await;
-    assert_eq!(status, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("at most 1"),
-        "{v}"
-    );
+    assert_refused(&limited, &two, "at most 1").await;
     assert_eq!(chat_answer(&local, &body).await.0, answer_text);
 }

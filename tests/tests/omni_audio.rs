@@ -7,6 +7,7 @@
 use candle_core::{DType, Device};
 use omnishard_coordinator::media::AudioInput;
 use omnishard_coordinator::media::audio::decode;
+use omnishard_coordinator::media::prompt::{MediaItems, expand};
 use omnishard_model::{Checkpoint, LoadFormat};
 use omnishard_proto::ModelConfig;
 use omnishard_tests::omni::{assert_logits_close, bits, golden, max_diff, score_media};
@@ -39,7 +40,12 @@ fn features_and_embeddings_match_the_reference() {
     );
 
     let ids: Vec<u32> = vec![1, audio_token(&meta), 2];
-    let (tokens, spans) = audio.expand(&ids, &[samples]).expect("expands");
+    let items = MediaItems {
+        audio: vec![samples],
+        ..Default::default()
+    };
+    let expanded = expand(&ids, &items, Some(&audio), None).expect("expands");
+    let (tokens, spans) = (expanded.tokens, expanded.spans);
     let n = meta["audio_tokens"].as_u64().expect("count") as usize;
     assert_eq!(tokens.len(), n + 2);
     assert_eq!(spans.len(), 1);

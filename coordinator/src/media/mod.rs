@@ -1,6 +1,7 @@
-//! Media in prompts (Qwen3-Omni's thinker): audio decoded and turned into the audio tower's
-//! embeddings, which replace the prompt's `<|audio_pad|>` placeholder, expanded to one token per
-//! embedding as `Qwen3OmniMoeProcessor` expands it. Images and video follow the same path.
+//! Media in prompts (Qwen3-Omni's thinker): audio (`audio.rs` decodes, [`AudioInput`] turns it
+//! into the audio tower's embeddings), images and video frames (`image.rs`, `resize.rs`,
+//! `vision.rs`), their mRoPE positions (`rope_index.rs`), and the prompt with every placeholder
+//! expanded to one token per embedding as `Qwen3OmniMoeProcessor` expands it (`prompt.rs`).
 
 pub mod audio;
 pub mod image;
@@ -13,7 +14,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use omnishard_model::audio::{AudioEncoder, MelParams, log_mel};
-use omnishard_model::{Checkpoint, MediaSpan, ModelError, Weights};
+use omnishard_model::{Checkpoint, ModelError, Weights};
 use omnishard_proto::omni::OmniConfig;
 
 /// Why a piece of media cannot be used.
@@ -88,42 +89,5 @@ impl AudioInput {
 
     pub fn token_id(&self) -> u32 {
         self.token_id
-    }
-
-    /// Replaces the `i`-th `<|audio_pad|>` of `tokens` by as many as clip `i` has embeddings;
-    /// returns the expanded tokens and where each clip's embeddings go. There must be one
-    /// placeholder per clip.
-    pub fn expand(
-        &self,
-        tokens: &[u32],
-        clips: &[Vec<f32>],
-    ) -> Result<(Vec<u32>, Vec<MediaSpan>), MediaError> {
-        let placeholders = tokens.iter().filter(|&&t| t == self.token_id).count();
-        if placeholders != clips.len() {
-            return Err(MediaError::Placeholders(format!(
-                "{} audio clips for {placeholders} audio placeholders (token {}): give one placeholder per clip",
-                clips.len(),
-                self.token_id
-            )));
-        }
-        let mut clips = clips.iter();
-        let mut out = Vec::with_capacity(tokens.len());
-        let mut spans = Vec::new();
-        for &t in tokens {
-            if t != self.token_id {
-                out.push(t);
-                continue;
-            }
-            let Some(clip) = clips.next() else { break };
-            let embeds = self.encoder.forward(&self.features(clip)?)?;
-            let rows = embeds.dim(0).map_err(ModelError::from)?;
-            spans.push(MediaSpan {
-                start: out.len(),
-                embeds,
-                deepstack: Vec::new(),
-            });
-            out.extend(std::iter::repeat_n(self.token_id, rows));
-        }
-        Ok((out, spans))
     }
 }
