@@ -402,16 +402,13 @@ fn step(
     } else {
         LogitsFor::Last
     };
-    // Each prompt chunk's share of its media, counted from the chunk's start.
-    let media: Vec<Vec<MediaSpan>> = selected
+    // Each prompt chunk's share of its media, counted from the chunk's start; failing to cut
+    // it fails the step as a failed forward pass does (never a pass without the media).
+    let media: candle_core::Result<Vec<Vec<MediaSpan>>> = selected
         .iter()
         .zip(&chosen)
         .map(|(seq, (_, tokens))| chunk_media(&seq.req.media, seq.prefilled, tokens.len()))
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot cut media embeddings to a prompt chunk");
-            Vec::new()
-        });
+        .collect();
     let n_tokens: usize = chosen.iter().map(|(_, t)| t.len()).sum();
     let mut batch: Vec<SequenceInput<'_>> = Vec::with_capacity(chosen.len());
     for (seq, (_, tokens)) in selected.iter_mut().zip(&chosen) {
@@ -430,7 +427,10 @@ fn step(
     let result = {
         let _step =
             tracing::trace_span!("step", sequences = batch.len(), tokens = n_tokens).entered();
-        engine.forward_media(&mut batch, which, &ctx, &media)
+        match media {
+            Ok(media) => engine.forward_media(&mut batch, which, &ctx, &media),
+            Err(e) => Err(e.into()),
+        }
     };
     drop(batch);
     let logits = match result {
