@@ -230,6 +230,9 @@ pub(crate) fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(read_positions)
         .transpose()?;
+    if !(args.video_fps.is_finite() && args.video_fps > 0.0) {
+        bail!("--video-fps must be a positive number of frames per second");
+    }
     let engine = args.model.load()?;
     if let Some(path) = &args.messages {
         let (tokens, items) = messages_prompt(&args.model, &engine, path, args.video_fps)?;

@@ -14,7 +14,6 @@ use super::{AudioInput, MediaError};
 use crate::media::image::PixelPatches;
 
 /// A prompt's media, decoded, in prompt order within each kind.
-#[derive(Default)]
 pub struct MediaItems {
     /// Mono samples at 16 kHz.
     pub audio: Vec<Vec<f32>>,
@@ -22,6 +21,18 @@ pub struct MediaItems {
     /// Each video's frames (all of one size), sampled at `video_fps` frames per second.
     pub videos: Vec<Vec<RgbImage>>,
     pub video_fps: f64,
+}
+
+impl Default for MediaItems {
+    /// No media; videos at the processor's default of 1 frame per second.
+    fn default() -> Self {
+        Self {
+            audio: Vec::new(),
+            images: Vec::new(),
+            videos: Vec::new(),
+            video_fps: 1.0,
+        }
+    }
 }
 
 /// The expanded prompt.

@@ -301,10 +301,7 @@ pub(super) fn expand_media(
             )));
         }
     }
-    let mut items = MediaItems {
-        video_fps: 1.0,
-        ..Default::default()
-    };
+    let mut items = MediaItems::default();
     for m in media {
         let at = |e: MediaError| invalid(format!("{}: {e}", m.part));
         let bytes = match m.source {
