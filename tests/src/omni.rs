@@ -57,8 +57,24 @@ pub fn assert_logits_close(what: &str, ours: &[Vec<f32>], want: &[Vec<f32>]) -> 
 /// `coordinator PREFIX... score --model fixtures/models/omni-audio --token-ids IDS MEDIA...`:
 /// its logits.
 pub fn score_media(prefix: &[&str], ids: &[u32], media: &[OsString]) -> Vec<Vec<f32>> {
+    let out = score_media_output(prefix, ids, media);
+    assert!(
+        out.status.success(),
+        "score failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    serde_json::from_value(v["logits"].clone()).expect("logits")
+}
+
+/// The same run, whatever its outcome.
+pub fn score_media_output(
+    prefix: &[&str],
+    ids: &[u32],
+    media: &[OsString],
+) -> std::process::Output {
     let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let out = std::process::Command::new(bin("coordinator"))
+    std::process::Command::new(bin("coordinator"))
         .args(prefix)
         .arg("score")
         .arg("--model")
@@ -67,14 +83,7 @@ pub fn score_media(prefix: &[&str], ids: &[u32], media: &[OsString]) -> Vec<Vec<
         .args(media)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("run coordinator score");
-    assert!(
-        out.status.success(),
-        "score failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    serde_json::from_value(v["logits"].clone()).expect("logits")
+        .expect("run coordinator score")
 }
 
 /// The bits of a matrix of logits, to compare runs exactly.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 use omnishard_coordinator::media::AudioInput;
-use omnishard_coordinator::media::vision::VisionInput;
+use omnishard_coordinator::media::vision::{VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionInput};
 use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
 use omnishard_coordinator::{ComputeDtype, Engine};
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
@@ -89,6 +89,12 @@ pub(crate) struct ModelArgs {
     /// turns hedging off.
     #[arg(long, env = "OMNISHARD_HEDGE_FLOOR_MS", default_value_t = defaults::HEDGE_FLOOR.as_millis() as u64)]
     pub(crate) hedge_floor_ms: u64,
+    /// Fewest pixels a video frame is resized to (Qwen3-Omni's processor: 128 × 32²).
+    #[arg(long, env = "OMNISHARD_VIDEO_MIN_PIXELS", default_value_t = VIDEO_MIN_PIXELS)]
+    pub(crate) video_min_pixels: usize,
+    /// Most pixels a video frame is resized to (Qwen3-Omni's processor: 768 × 32²).
+    #[arg(long, env = "OMNISHARD_VIDEO_MAX_PIXELS", default_value_t = VIDEO_MAX_PIXELS)]
+    pub(crate) video_max_pixels: usize,
 }
 
 impl ModelArgs {
@@ -129,7 +135,11 @@ impl ModelArgs {
         // And its vision tower, where it also ships the image processor's settings.
         let vision = match self.load_format {
             LoadFormat::Auto if dir.join("preprocessor_config.json").is_file() => {
-                VisionInput::load(dir, &ckpt, self.dtype.dtype(), &device)?
+                let mut vision = VisionInput::load(dir, &ckpt, self.dtype.dtype(), &device)?;
+                if let Some(v) = &mut vision {
+                    v.set_video_pixels(self.video_min_pixels, self.video_max_pixels)?;
+                }
+                vision
             }
             _ => None,
         };

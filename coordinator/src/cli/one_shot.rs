@@ -76,7 +76,8 @@ pub(crate) struct ScoreArgs {
     /// Instead of --token-ids: a JSON file of chat messages (an array, or `{"messages": [...]}`),
     /// rendered by the model's chat template with the generation prompt; content parts may be
     /// `{"type": "text", "text": ...}`, `{"type": "image", "image": PATH}`, `{"type": "audio",
-    /// "audio": PATH}` or `{"type": "video", "video": [FRAME, ...]}` (paths relative to the file).
+    /// "audio": PATH}` or `{"type": "video", "video": [FRAME, ...]}` (paths relative to the file;
+    /// with --use-audio-in-video a video part names its sound track, `"audio": PATH`).
     #[arg(long, conflicts_with_all = ["audio", "image", "video_frames", "position_ids"])]
     pub(crate) messages: Option<PathBuf>,
     /// JSON file with explicit mRoPE position ids [[t...],[h...],[w...]], one entry per token.
@@ -99,6 +100,11 @@ pub(crate) struct ScoreArgs {
     /// Frames per second of --video-frames.
     #[arg(long, default_value_t = 1.0)]
     pub(crate) video_fps: f64,
+    /// Each video carries its sound track: the next --audio clip in prompt order (the video's
+    /// place counts), its tokens interleaved with the video's by time as the reference processor
+    /// does with `use_audio_in_video`.
+    #[arg(long)]
+    pub(crate) use_audio_in_video: bool,
 }
 
 pub(crate) fn read_positions(path: &Path) -> anyhow::Result<Positions> {
@@ -235,7 +241,13 @@ pub(crate) fn score(args: ScoreArgs) -> anyhow::Result<()> {
     }
     let engine = args.model.load()?;
     if let Some(path) = &args.messages {
-        let (tokens, items) = messages_prompt(&args.model, &engine, path, args.video_fps)?;
+        let (tokens, items) = messages_prompt(
+            &args.model,
+            &engine,
+            path,
+            args.video_fps,
+            args.use_audio_in_video,
+        )?;
         let e = expand(&tokens, &items, engine.audio(), engine.vision())?;
         let logits = engine.score_media(&e.tokens, e.positions, &e.spans)?;
         return print_logits(&logits);
@@ -267,6 +279,7 @@ pub(crate) fn score(args: ScoreArgs) -> anyhow::Result<()> {
                 ]
             },
             video_fps: args.video_fps,
+            use_audio_in_video: args.use_audio_in_video,
         };
         let e = expand(&args.token_ids, &items, engine.audio(), engine.vision())?;
         engine.score_media(&e.tokens, e.positions, &e.spans)?
@@ -288,6 +301,7 @@ fn messages_prompt(
     engine: &omnishard_coordinator::Engine,
     path: &Path,
     video_fps: f64,
+    use_audio_in_video: bool,
 ) -> anyhow::Result<(Vec<u32>, MediaItems)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -307,6 +321,7 @@ fn messages_prompt(
     let base = path.parent().unwrap_or(Path::new("."));
     let mut items = MediaItems {
         video_fps,
+        use_audio_in_video,
         ..Default::default()
     };
     for (i, message) in messages.iter_mut().enumerate() {
@@ -341,6 +356,19 @@ fn messages_prompt(
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
                     items.videos.push(frames);
+                    // Its sound track takes the next clip, as the processor pairs them.
+                    match (use_audio_in_video, part.get("audio").is_some()) {
+                        (true, true) => items.audio.extend(read_clips(&[file("audio")?])?),
+                        (true, false) => bail!(
+                            "{}: with --use-audio-in-video a video part names its sound track (`\"audio\": PATH`)",
+                            at()
+                        ),
+                        (false, true) => bail!(
+                            "{}: a video part with `audio` needs --use-audio-in-video",
+                            at()
+                        ),
+                        (false, false) => {}
+                    }
                 }
                 other => bail!(
                     "{}: part type `{other}` is not text, image, audio or video",

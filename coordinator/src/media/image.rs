@@ -388,6 +388,15 @@ mod tests {
             Some((1088, 1920))
         );
         assert!(smart_resize(1, 300, 8, 16, 4096).is_err());
+        // Video frames of the real checkpoint (patch 16, merge 2) under the processor's video
+        // bounds of 128 × 32² and 768 × 32² pixels.
+        let (lo, hi) = (
+            crate::media::vision::VIDEO_MIN_PIXELS,
+            crate::media::vision::VIDEO_MAX_PIXELS,
+        );
+        assert_eq!(smart_resize(360, 640, 32, lo, hi).ok(), Some((352, 640)));
+        assert_eq!(smart_resize(1080, 1920, 32, lo, hi).ok(), Some((640, 1152)));
+        assert_eq!(smart_resize(120, 160, 32, lo, hi).ok(), Some((320, 448)));
     }
 
     #[test]

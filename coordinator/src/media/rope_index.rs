@@ -5,7 +5,9 @@
 //! position_id_per_seconds` (0 for an image); audio is sequential; whatever follows a span
 //! continues from the span's largest position + 1. Without images or video the reference takes
 //! positions 0..n, as here. The positions of decoding tokens continue at `len + delta`.
-//! Audio interleaved with video (`use_audio_in_video`) is not supported yet: refused.
+//! A video with its audio (`use_audio_in_video`: `<|vision_start|><|audio_start|>`, the two
+//! kinds of tokens interleaved, `<|audio_end|><|vision_end|>`) gets the video's and the audio's
+//! positions merged in time order, the video's first where they tie.
 
 use omnishard_model::Positions;
 
@@ -15,8 +17,10 @@ pub struct MediaIds {
     pub image: u32,
     pub video: u32,
     pub vision_start: u32,
+    pub vision_end: u32,
     pub audio: u32,
     pub audio_start: u32,
+    pub audio_end: u32,
     pub position_id_per_seconds: f64,
     pub spatial_merge: usize,
 }
@@ -28,7 +32,7 @@ pub struct MediaLayout {
     pub images: Vec<[usize; 3]>,
     /// Patch grids of the videos, with each one's seconds per temporal patch.
     pub videos: Vec<([usize; 3], f64)>,
-    /// Embeddings of each audio clip.
+    /// Embeddings of each audio clip, in prompt order (a video's own audio where the video is).
     pub audio_tokens: Vec<usize>,
 }
 
@@ -79,12 +83,9 @@ pub fn rope_index(
             .filter(|&&i| tokens.get(i + 1) == Some(&t))
             .count()
     };
-    if followed_by(ids.audio_start) > 0 {
-        return Err(
-            "audio interleaved with video (use_audio_in_video) is not supported yet".into(),
-        );
-    }
-    let (mut remain_images, mut remain_videos) = (followed_by(ids.image), followed_by(ids.video));
+    let in_video = followed_by(ids.audio_start);
+    let (mut remain_images, mut remain_videos) =
+        (followed_by(ids.image), followed_by(ids.video) + in_video);
     let mut remain_audios = tokens.iter().filter(|&&t| t == ids.audio_start).count();
     if remain_images != layout.images.len() || remain_videos != layout.videos.len() {
         return Err(format!(
@@ -98,7 +99,8 @@ pub fn rope_index(
     let (mut image_idx, mut video_idx, mut audio_idx) = (0, 0, 0);
     let mut st = 0usize;
     let m = ids.spatial_merge.max(1);
-    for _ in 0..remain_images + remain_videos + remain_audios {
+    // A video with its audio is one span of both.
+    for _ in 0..remain_images + remain_videos + remain_audios - in_video {
         let mut st_idx = last_max.map_or(0.0, |x| x + 1.0);
         let ed_vision = if has_visual && (remain_images > 0 || remain_videos > 0) {
             find(ids.vision_start, st).unwrap_or(n + 1)
@@ -119,17 +121,60 @@ pub fn rope_index(
             push(&mut rows, &mut last_max, seq(st_idx, text_len));
             st_idx += text_len as f64;
         }
-        push(&mut rows, &mut last_max, seq(st_idx, 1));
-        st_idx += 1.0;
-        let body = if min_ed == ed_audio {
+        let audio_in_video = min_ed == ed_vision && ed_vision + 1 == ed_audio;
+        let delimiters = if audio_in_video { 2 } else { 1 };
+        push(&mut rows, &mut last_max, seq(st_idx, delimiters));
+        st_idx += delimiters as f64;
+        let mut next_audio = || -> Result<usize, String> {
             let len = *layout
                 .audio_tokens
                 .get(audio_idx)
                 .ok_or("more audio spans than audio clips")?;
-            push(&mut rows, &mut last_max, seq(st_idx, len));
             audio_idx += 1;
             remain_audios -= 1;
+            Ok(len)
+        };
+        let body = if min_ed == ed_audio {
+            let len = next_audio()?;
+            push(&mut rows, &mut last_max, seq(st_idx, len));
             len
+        } else if audio_in_video {
+            let audio_len = next_audio()?;
+            let (grid, seconds) = *layout
+                .videos
+                .get(video_idx)
+                .ok_or("more video spans than videos")?;
+            video_idx += 1;
+            remain_videos -= 1;
+            let video = grid_block(grid, seconds * ids.position_id_per_seconds, st_idx, m);
+            let audio = seq(st_idx, audio_len);
+            let video_len = video[0].len();
+            // Merged one position at a time, the video's first on a tie, then the rest of either
+            // as one block (the next start is the last block's largest position + 1).
+            let column = |b: &[Vec<f64>; 3], from: usize, to: usize| {
+                [
+                    b[0][from..to].to_vec(),
+                    b[1][from..to].to_vec(),
+                    b[2][from..to].to_vec(),
+                ]
+            };
+            let (mut vi, mut ai) = (0, 0);
+            while vi < video_len && ai < audio_len {
+                if video[0][vi] <= audio[0][ai] {
+                    push(&mut rows, &mut last_max, column(&video, vi, vi + 1));
+                    vi += 1;
+                } else {
+                    push(&mut rows, &mut last_max, column(&audio, ai, ai + 1));
+                    ai += 1;
+                }
+            }
+            if vi < video_len {
+                push(&mut rows, &mut last_max, column(&video, vi, video_len));
+            }
+            if ai < audio_len {
+                push(&mut rows, &mut last_max, column(&audio, ai, audio_len));
+            }
+            audio_len + video_len
         } else {
             let (grid, t_scale) = match tokens.get(ed_vision + 1) {
                 Some(&t) if t == ids.image => {
@@ -150,26 +195,14 @@ pub fn rope_index(
                     );
                 }
             };
-            let [t, h, w] = grid;
-            let (lh, lw) = (h / m, w / m);
-            let mut block: [Vec<f64>; 3] = Default::default();
-            for ti in 0..t {
-                // As the reference: the time index in f32, then the start added.
-                let time = f64::from((ti as f32) * (t_scale as f32));
-                for hi in 0..lh {
-                    for wi in 0..lw {
-                        block[0].push(time + st_idx);
-                        block[1].push(hi as f64 + st_idx);
-                        block[2].push(wi as f64 + st_idx);
-                    }
-                }
-            }
+            let block = grid_block(grid, t_scale, st_idx, m);
+            let len = block[0].len();
             push(&mut rows, &mut last_max, block);
-            t * lh * lw
+            len
         };
-        st += text_len + 1 + body + 1;
+        st += text_len + delimiters + body + delimiters;
         let eos = last_max.map_or(0.0, |x| x + 1.0);
-        push(&mut rows, &mut last_max, seq(eos, 1));
+        push(&mut rows, &mut last_max, seq(eos, delimiters));
     }
     if st < n {
         let start = last_max.map_or(0.0, |x| x + 1.0);
@@ -202,6 +235,26 @@ pub fn rope_index(
     Ok((positions, (max as i64) + 1 - n as i64))
 }
 
+/// The (time, row, column) positions of a patch grid merged `m × m`, from `start`, with time
+/// `t · t_scale`: the reference's `get_llm_pos_ids_for_vision`.
+fn grid_block(grid: [usize; 3], t_scale: f64, start: f64, m: usize) -> [Vec<f64>; 3] {
+    let [t, h, w] = grid;
+    let (lh, lw) = (h / m, w / m);
+    let mut block: [Vec<f64>; 3] = Default::default();
+    for ti in 0..t {
+        // As the reference: the time index in f32, then the start added.
+        let time = f64::from((ti as f32) * (t_scale as f32));
+        for hi in 0..lh {
+            for wi in 0..lw {
+                block[0].push(time + start);
+                block[1].push(hi as f64 + start);
+                block[2].push(wi as f64 + start);
+            }
+        }
+    }
+    block
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,8 +263,10 @@ mod tests {
         image: 4,
         video: 5,
         vision_start: 3,
+        vision_end: 6,
         audio: 1,
         audio_start: 0,
+        audio_end: 2,
         position_id_per_seconds: 25.0,
         spatial_merge: 2,
     };

@@ -16,9 +16,17 @@ use super::MediaError;
 use super::image::{ImageProcessorConfig, PixelPatches, preprocess_frames, preprocess_image};
 use super::rope_index::MediaIds;
 
+/// `Qwen3OmniMoeProcessor`'s bounds on a video frame's pixels (its `videos_kwargs` size
+/// `shortest_edge` / `longest_edge`), which it passes to its video processor whatever the
+/// checkpoint's files say: 128 and 768 merge windows of 32 × 32.
+pub const VIDEO_MIN_PIXELS: usize = 128 * 32 * 32;
+pub const VIDEO_MAX_PIXELS: usize = 768 * 32 * 32;
+
 pub struct VisionInput {
     encoder: VisionEncoder,
     processor: ImageProcessorConfig,
+    /// The image settings with the video bounds.
+    video: ImageProcessorConfig,
     /// `<|image_pad|>`.
     pub image_token_id: u32,
     /// `<|video_pad|>`, if the checkpoint names one.
@@ -68,15 +76,23 @@ impl VisionInput {
             image: image_token_id,
             video: omni.video_token_id.unwrap_or(u32::MAX),
             vision_start,
+            vision_end: omni.vision_end_token_id.unwrap_or(u32::MAX),
             audio: omni.audio_token_id.unwrap_or(u32::MAX),
             audio_start: omni.audio_start_token_id.unwrap_or(u32::MAX),
+            audio_end: omni.audio_end_token_id.unwrap_or(u32::MAX),
             // transformers' Qwen3OmniMoeThinkerConfig default.
             position_id_per_seconds: omni.position_id_per_seconds.unwrap_or(25.0),
             spatial_merge: cfg.spatial_merge_size,
         };
+        let video = ImageProcessorConfig {
+            min_pixels: VIDEO_MIN_PIXELS,
+            max_pixels: VIDEO_MAX_PIXELS,
+            ..processor.clone()
+        };
         Ok(Some(Self {
             encoder: VisionEncoder::new(&cfg, w)?,
             processor,
+            video,
             image_token_id,
             video_token_id: omni.video_token_id,
             ids,
@@ -97,15 +113,29 @@ impl VisionInput {
         preprocess_image(image, &self.processor)
     }
 
-    /// A video's (its frames, all of one size) `pixel_values_videos` and grid. `processor`
-    /// overrides the image settings: `Qwen3OmniMoeProcessor` calls its video processor with
-    /// min/max pixels of 128 × 32² / 768 × 32² unless told otherwise.
-    pub fn prepare_frames(
-        &self,
-        frames: &[RgbImage],
-        processor: Option<&ImageProcessorConfig>,
-    ) -> Result<PixelPatches, MediaError> {
-        preprocess_frames(frames, processor.unwrap_or(&self.processor))
+    /// Bounds a video frame's pixels to `[min, max]` after resizing (the processor's
+    /// `videos_kwargs` size), in place of [`VIDEO_MIN_PIXELS`] / [`VIDEO_MAX_PIXELS`].
+    pub fn set_video_pixels(&mut self, min: usize, max: usize) -> Result<(), MediaError> {
+        if min == 0 || min > max {
+            return Err(MediaError::Unsupported(format!(
+                "video pixel bounds {min}..{max}: the minimum must be positive and at most the maximum"
+            )));
+        }
+        self.video.min_pixels = min;
+        self.video.max_pixels = max;
+        Ok(())
+    }
+
+    /// The settings video frames are prepared with.
+    pub fn video_processor(&self) -> &ImageProcessorConfig {
+        &self.video
+    }
+
+    /// A video's (its frames, all of one size) `pixel_values_videos` and grid, as
+    /// `Qwen3OmniMoeProcessor` calls its video processor: the image settings, but the frame
+    /// bounded by the video pixel bounds.
+    pub fn prepare_frames(&self, frames: &[RgbImage]) -> Result<PixelPatches, MediaError> {
+        preprocess_frames(frames, &self.video)
     }
 
     /// The tower on several images (or videos) at once: their embeddings and deepstack features,
