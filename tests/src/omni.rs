@@ -90,3 +90,85 @@ pub fn score_media_output(
 pub fn bits(rows: &[Vec<f32>]) -> Vec<u32> {
     rows.iter().flatten().map(|x| x.to_bits()).collect()
 }
+
+/// The cases of golden/omni-mixed.json: their prompts and `coordinator score`'s media flags.
+pub mod mixed {
+    use std::ffi::OsString;
+
+    use serde_json::Value;
+
+    use crate::fixtures_dir;
+
+    /// The fixture's placeholder ids (tests/fixtures/make_omni_fixtures.py's IDS).
+    pub const AUDIO: u32 = 301;
+    pub const IMAGE: u32 = 304;
+    pub const VIDEO: u32 = 305;
+
+    pub fn ids(case: &Value) -> Vec<u32> {
+        serde_json::from_value(case["token_ids"].clone()).expect("ids")
+    }
+
+    /// The prompt as a client sends it: the fixture's where the processor rearranged it, else
+    /// `collapsed`.
+    pub fn prompt(case: &Value) -> Vec<u32> {
+        match case.get("prompt_ids") {
+            Some(p) => serde_json::from_value(p.clone()).expect("prompt ids"),
+            None => collapsed(&ids(case)),
+        }
+    }
+
+    pub fn audio_clips(case: &Value) -> Vec<&str> {
+        let clips = case["audio"].as_array().expect("audio clips");
+        clips.iter().map(|c| c.as_str().expect("a path")).collect()
+    }
+
+    /// The prompt with each run of a placeholder collapsed to one, as a client sends it.
+    pub fn collapsed(ids: &[u32]) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for &t in ids {
+            if [AUDIO, IMAGE, VIDEO].contains(&t) && out.last() == Some(&t) {
+                continue;
+            }
+            out.push(t);
+        }
+        out
+    }
+
+    /// `coordinator score`'s media flags for a case.
+    pub fn media_args(case: &Value) -> Vec<OsString> {
+        let mut media: Vec<OsString> = Vec::new();
+        for image in case["images"].as_array().expect("images") {
+            media.push("--image".into());
+            media.push(fixtures_dir().join(image.as_str().expect("a path")).into());
+        }
+        let frames: Vec<String> = case["video_frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .map(|f| {
+                fixtures_dir()
+                    .join(f.as_str().expect("a path"))
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        if !frames.is_empty() {
+            media.push("--video-frames".into());
+            media.push(frames.join(",").into());
+            // The fixture's video processor ran with the image processor's bounds (32² and 64²
+            // pixels) in place of Qwen3-Omni's video defaults, which would make a 45×30 frame ~5,000
+            // patches.
+            for flag in ["--video-min-pixels=1024", "--video-max-pixels=4096"] {
+                media.push(flag.into());
+            }
+        }
+        for audio in audio_clips(case) {
+            media.push("--audio".into());
+            media.push(fixtures_dir().join(audio).into());
+        }
+        if case["use_audio_in_video"].as_bool() == Some(true) {
+            media.push("--use-audio-in-video".into());
+        }
+        media
+    }
+}

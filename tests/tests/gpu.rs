@@ -2,8 +2,9 @@
 //! each CUDA kernel against the CPU path on random inputs with odd shapes, the model on every
 //! fixture against the reference within the bf16 tolerance of the fidelity tests, decoding with
 //! the cache against full recomputation, sampling against the host sampler (`gpu/sampling.rs`),
-//! and a cluster of GPU expert nodes against the single GPU
-//! process bit for bit.
+//! a cluster of GPU expert nodes against the single GPU process bit for bit, and the audio and
+//! vision towers on the GPU in bf16 (every omni-mixed fixture prompt through `coordinator score
+//! --device cuda`) against the reference.
 #![cfg(feature = "cuda")]
 
 #[path = "gpu/sampling.rs"]
@@ -324,6 +325,20 @@ fn gpu_logits_match_the_reference_on_every_fixture() {
             let ours = engine.score(&golden.token_ids, Some(pos)).unwrap();
             assert_bf16_close(&format!("{name} GPU mrope vs CPU f32"), &ours, reference);
         }
+    }
+}
+
+#[test]
+fn gpu_encoders_match_the_reference_on_the_media_fixtures() {
+    use omnishard_tests::omni::mixed::{media_args, prompt};
+    use omnishard_tests::omni::{golden, score_media};
+    let (tensors, meta) = golden("omni-mixed");
+    for (name, case) in meta["cases"].as_object().expect("cases") {
+        let mut args = media_args(case);
+        args.extend(["--device", "cuda", "--dtype", "bf16"].map(Into::into));
+        let ours = score_media(&[], &prompt(case), &args);
+        let want: Vec<Vec<f32>> = tensors[&format!("{name}.logits")].to_vec2().expect("rows");
+        assert_bf16_close(&format!("{name} (encoders on the GPU)"), &ours, &want);
     }
 }
 

@@ -12,48 +12,13 @@ use std::ffi::OsString;
 
 use candle_core::Tensor;
 use omnishard_coordinator::media::rope_index::{MediaIds, MediaLayout, rope_index};
-use omnishard_tests::fixtures_dir;
+use omnishard_tests::omni::mixed::{AUDIO, IMAGE, VIDEO, audio_clips, ids, media_args, prompt};
 use omnishard_tests::omni::{assert_logits_close, bits, golden, score_media, score_media_output};
 use serde_json::Value;
 
 fn goldens() -> (HashMap<String, Tensor>, Value, Value) {
     let (tensors, meta) = golden("omni-mixed");
     (tensors, meta, golden("omni-vision").1)
-}
-
-/// The fixture's placeholder ids (tests/fixtures/make_omni_fixtures.py's IDS).
-const AUDIO: u32 = 301;
-const IMAGE: u32 = 304;
-const VIDEO: u32 = 305;
-
-fn ids(case: &Value) -> Vec<u32> {
-    serde_json::from_value(case["token_ids"].clone()).expect("ids")
-}
-
-/// The prompt as a client sends it: the fixture's where the processor rearranged it, else
-/// `collapsed`.
-fn prompt(case: &Value) -> Vec<u32> {
-    match case.get("prompt_ids") {
-        Some(p) => serde_json::from_value(p.clone()).expect("prompt ids"),
-        None => collapsed(&ids(case)),
-    }
-}
-
-fn audio_clips(case: &Value) -> Vec<&str> {
-    let clips = case["audio"].as_array().expect("audio clips");
-    clips.iter().map(|c| c.as_str().expect("a path")).collect()
-}
-
-/// The prompt with each run of a placeholder collapsed to one, as a client sends it.
-fn collapsed(ids: &[u32]) -> Vec<u32> {
-    let mut out: Vec<u32> = Vec::new();
-    for &t in ids {
-        if [AUDIO, IMAGE, VIDEO].contains(&t) && out.last() == Some(&t) {
-            continue;
-        }
-        out.push(t);
-    }
-    out
 }
 
 #[test]
@@ -98,44 +63,6 @@ fn positions_are_get_rope_index() {
         }
         assert_eq!(delta, case["rope_delta"].as_i64().expect("delta"), "{name}");
     }
-}
-
-/// `coordinator score`'s media flags for a case.
-fn media_args(case: &Value) -> Vec<OsString> {
-    let mut media: Vec<OsString> = Vec::new();
-    for image in case["images"].as_array().expect("images") {
-        media.push("--image".into());
-        media.push(fixtures_dir().join(image.as_str().expect("a path")).into());
-    }
-    let frames: Vec<String> = case["video_frames"]
-        .as_array()
-        .expect("frames")
-        .iter()
-        .map(|f| {
-            fixtures_dir()
-                .join(f.as_str().expect("a path"))
-                .display()
-                .to_string()
-        })
-        .collect();
-    if !frames.is_empty() {
-        media.push("--video-frames".into());
-        media.push(frames.join(",").into());
-        // The fixture's video processor ran with the image processor's bounds (32² and 64²
-        // pixels) in place of Qwen3-Omni's video defaults, which would make a 45×30 frame ~5,000
-        // patches.
-        for flag in ["--video-min-pixels=1024", "--video-max-pixels=4096"] {
-            media.push(flag.into());
-        }
-    }
-    for audio in audio_clips(case) {
-        media.push("--audio".into());
-        media.push(fixtures_dir().join(audio).into());
-    }
-    if case["use_audio_in_video"].as_bool() == Some(true) {
-        media.push("--use-audio-in-video".into());
-    }
-    media
 }
 
 fn score(prefix: &[&str], case: &Value) -> Vec<Vec<f32>> {
