@@ -185,6 +185,7 @@ impl GenerationError {
                 }
                 ExpertError::UnknownLayer { .. }
                 | ExpertError::InvalidInput { .. }
+                | ExpertError::Dtype { .. }
                 | ExpertError::NotHeld { .. }
                 | ExpertError::InvalidRouting { .. }
                 | ExpertError::Candle(_)

@@ -68,7 +68,9 @@ impl ServiceError for NodeError {
                 ExpertError::UnknownLayer { .. }
                 | ExpertError::InvalidInput { .. }
                 | ExpertError::InvalidRouting { .. } => Code::InvalidArgument,
-                ExpertError::NotHeld { .. } => Code::FailedPrecondition,
+                // The node is not what its cluster expects: a fault of the node, which its
+                // replicas cover while the coordinator re-checks it.
+                ExpertError::NotHeld { .. } | ExpertError::Dtype { .. } => Code::FailedPrecondition,
                 ExpertError::Candle(_)
                 | ExpertError::Inconsistent(_)
                 | ExpertError::Rejected { .. } => Code::Internal,
@@ -82,6 +84,8 @@ impl ServiceError for NodeError {
 /// What the node is and holds; the experts are installed once loading finishes.
 pub struct NodeState {
     pub name: String,
+    /// Random per process start (`Info.instance_id`).
+    pub instance_id: String,
     pub fingerprint: String,
     pub dtype: DType,
     pub device: Device,
@@ -99,6 +103,7 @@ impl NodeState {
     pub fn new(name: String, fingerprint: String, dtype: DType, device: Device) -> Self {
         Self {
             name,
+            instance_id: format!("{:016x}", rand::random::<u64>()),
             fingerprint,
             dtype,
             device,
@@ -287,6 +292,7 @@ impl ExpertService for ExpertNodeService {
             memory_bytes: experts.size_in_bytes() as u64,
             node_name: self.state.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            instance_id: self.state.instance_id.clone(),
         }))
     }
 

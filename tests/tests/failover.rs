@@ -342,6 +342,44 @@ async fn a_node_restarted_on_its_address_is_checked_again() {
     assert_eq!(node_field(&server, &address, "up").await, json!(true));
 }
 
+/// A node restarted on its address with another dtype, where a replica holds its experts: its
+/// refusal of the hidden states is a fault of the node (FAILED_PRECONDITION), so its share goes to
+/// the replica and no request fails, while the health check names the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_another_dtype_is_failed_over() {
+    let model = demo_model();
+    let a = ExpertNode::start(&model, &["--shard", "0/2"]);
+    let replica = ExpertNode::start(&model, &["--shard", "1/2"]);
+    let mut b = ExpertNode::start(&model, &["--shard", "1/2"]);
+    let address = b.address.clone();
+    let list = format!("{},{},{}", a.address, replica.address, address);
+    let server = Server::start(&["serve", "--nodes", &list, "--health-interval-ms", "1500"]);
+    completion_status_becomes(&server, 200).await;
+    b.signal("KILL");
+    let _ = b.child.wait();
+    b = ExpertNode::start_at(&model, &address, &["--shard", "1/2", "--dtype", "bf16"]);
+    // Between two health checks the requests that reach it fail over to the replica.
+    for _ in 0..6 {
+        let (status, v) = server
+            .post_json(
+                "/v1/completions",
+                &json!({"prompt": "The ledger", "max_tokens": 4, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let reason = node_field(&server, &address, "last_error").await;
+    assert!(
+        reason
+            .as_str()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("bf16"),
+        "{reason}"
+    );
+    drop(b);
+}
+
 /// A node that stops answering without closing anything (SIGSTOP: the kernel still acks, as
 /// with a network partition no reset comes) is hedged around within the same step, and
 /// re-admitted soon after it resumes.

@@ -11,7 +11,7 @@ use anyhow::bail;
 use clap::Args;
 use omnishard_coordinator::media::AudioInput;
 use omnishard_coordinator::media::vision::{VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionInput};
-use omnishard_coordinator::remote::{RemoteOptions, RpcObserver};
+use omnishard_coordinator::remote::{RemoteOptions, RpcObserver, Verifier, VerifyExperts};
 use omnishard_coordinator::{ComputeDtype, Engine};
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
 use omnishard_proto::placement::Placement;
@@ -89,6 +89,13 @@ pub(crate) struct ModelArgs {
     /// turns hedging off.
     #[arg(long, env = "OMNISHARD_HEDGE_FLOOR_MS", default_value_t = defaults::HEDGE_FLOOR.as_millis() as u64)]
     pub(crate) hedge_floor_ms: u64,
+    /// Expert nodes' weights are checked, not trusted: when a node is admitted (start-up,
+    /// `POST /admin/nodes`, a new process at a node's address, a down node coming back) this
+    /// many of the experts it holds, drawn at random, are sent a probe batch whose answers must
+    /// match the same experts computed here from the checkpoint; `all` probes every one (reads
+    /// all their weights here), `off` trusts the nodes.
+    #[arg(long, env = "OMNISHARD_VERIFY_EXPERTS", default_value = "8")]
+    pub(crate) verify_experts: VerifyExperts,
     /// Fewest pixels a video frame is resized to (Qwen3-Omni's processor: 128 × 32²).
     #[arg(long, env = "OMNISHARD_VIDEO_MIN_PIXELS", default_value_t = VIDEO_MIN_PIXELS)]
     pub(crate) video_min_pixels: usize,
@@ -165,6 +172,8 @@ impl ModelArgs {
             tls: self.tls.client()?,
             hedge_floor: (self.hedge_floor_ms > 0)
                 .then(|| Duration::from_millis(self.hedge_floor_ms)),
+            verify: (self.verify_experts != VerifyExperts::Off)
+                .then(|| Verifier::new(ckpt.clone(), &cfg, self.verify_experts)),
         };
         let mut engine = Engine::load_remote_from(
             &ckpt,

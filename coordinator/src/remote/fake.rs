@@ -137,6 +137,7 @@ impl ExpertService for Fake {
             memory_bytes: 0,
             node_name: self.name.clone(),
             version: String::new(),
+            instance_id: "fake".into(),
         }))
     }
 

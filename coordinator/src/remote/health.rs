@@ -1,7 +1,8 @@
 //! Keeping the membership true while serving: every health interval each node that is up is
 //! asked for gRPC health and its Info (a node restarted on its address with another dtype, model
-//! or shard is caught), and each node that is down is dialled afresh and re-admitted when its
-//! Info matches. All nodes are checked at once with short deadlines, so a partitioned node holds
+//! or shard is caught; a new process, told by its instance id, has its experts probed again), and
+//! each node that is down is dialled afresh and re-admitted when its Info matches and its experts
+//! pass the probe. All nodes are checked at once with short deadlines, so a partitioned node holds
 //! up no other's check and is back within an interval or two of the partition healing.
 
 use std::sync::atomic::Ordering;
@@ -19,25 +20,43 @@ use tonic_health::pb::{
 
 use super::RemoteOptions;
 use super::membership::{Node, Shared, check_info, node_client, node_endpoint};
+use super::verify::verify;
 
-/// What the node holds, from its Info (asked over `client`) checked as at admission
-/// (fingerprint, dtype, layout).
+/// What the node holds and which process it is, from its Info (asked over `client`) checked as
+/// at admission (fingerprint, dtype, layout); its experts probed too where `probe` says so (a
+/// new process, or one coming back) and the options carry a verifier.
 async fn checked_holdings(
     node: &Node,
-    mut client: ExpertServiceClient<Channel>,
+    client: ExpertServiceClient<Channel>,
     cfg: &ModelConfig,
     fingerprint: &str,
     dtype: DType,
     opts: &RemoteOptions,
-) -> Result<Vec<(usize, usize)>, String> {
+    probe: impl FnOnce(&str) -> bool,
+) -> Result<(Vec<(usize, usize)>, String), String> {
     let mut req = tonic::Request::new(InfoRequest {});
     req.set_timeout(opts.rpc_timeout);
     let info = client
+        .clone()
         .info(req)
         .await
         .map_err(|s| format!("Info failed: {:?}: {}", s.code(), s.message()))?
         .into_inner();
-    check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())
+    let instance = info.instance_id.clone();
+    let held =
+        check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())?;
+    if let Some(verifier) = opts.verify.as_ref().filter(|_| probe(&instance)) {
+        verify(
+            verifier,
+            client,
+            &held,
+            dtype,
+            fingerprint,
+            opts.rpc_timeout,
+        )
+        .await?;
+    }
+    Ok((held, instance))
 }
 
 /// Checks a node that is up again as at admission: one restarted on its address between two
@@ -50,7 +69,26 @@ async fn recheck(
     dtype: DType,
     opts: &RemoteOptions,
 ) -> Result<bool, String> {
-    let held = checked_holdings(node, node.rpc.client(), cfg, fingerprint, dtype, opts).await?;
+    let known = node
+        .instance
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let new_process = |instance: &str| instance != known;
+    let (held, instance) = checked_holdings(
+        node,
+        node.rpc.client(),
+        cfg,
+        fingerprint,
+        dtype,
+        opts,
+        new_process,
+    )
+    .await?;
+    if instance != known {
+        tracing::info!(node = %node.label(), %instance, "a new expert-node process answers at this address; checked in full");
+        *node.instance.lock().unwrap_or_else(|e| e.into_inner()) = instance;
+    }
     let mut current = node.held.lock().unwrap_or_else(|e| e.into_inner());
     if *current == held {
         return Ok(false);
@@ -79,8 +117,13 @@ pub(super) async fn readmit(
         .await
         .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
     let client = node_client(channel.clone(), opts);
-    let held = checked_holdings(node, client.clone(), cfg, fingerprint, dtype, opts).await?;
+    let (held, instance) =
+        checked_holdings(node, client.clone(), cfg, fingerprint, dtype, opts, |_| {
+            true
+        })
+        .await?;
     *node.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    *node.instance.lock().unwrap_or_else(|e| e.into_inner()) = instance;
     node.rpc.replace(client, channel).await;
     if !node.up.swap(true, Ordering::AcqRel) {
         tracing::info!(node = %node.label(), "expert node re-admitted");

@@ -40,6 +40,8 @@ pub(super) struct Node {
     /// This node's latency per call size, for hedging.
     pub(super) latency: Mutex<super::hedge::LatencyModel>,
     pub(super) held: Mutex<Vec<(usize, usize)>>,
+    /// The `Info.instance_id` of the process last admitted at this address.
+    pub(super) instance: Mutex<String>,
 }
 
 impl Node {
@@ -441,7 +443,23 @@ async fn connect_node(
         info.node_name.clone()
     };
     let memory_bytes = info.memory_bytes;
+    let instance = info.instance_id.clone();
     let held = check_info(&address, info, cfg, fingerprint, dtype)?;
+    if let Some(verifier) = &opts.verify {
+        super::verify::verify(
+            verifier,
+            client.clone(),
+            &held,
+            dtype,
+            fingerprint,
+            opts.rpc_timeout,
+        )
+        .await
+        .map_err(|reason| ClusterError::Verification {
+            address: address.clone(),
+            reason,
+        })?;
+    }
     tracing::info!(%address, node = %name, experts = held.len(), memory_bytes, "expert node ready");
     Ok(Node {
         rpc: NodeClient::new(name, address, client, channel),
@@ -453,6 +471,7 @@ async fn connect_node(
         last_error: Mutex::new(None),
         latency: Mutex::default(),
         held: Mutex::new(held),
+        instance: Mutex::new(instance),
     })
 }
 

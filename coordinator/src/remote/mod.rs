@@ -21,6 +21,7 @@
 //!   [`RemoteExperts`].
 //! - `layer_call.rs`: sending a round of a layer's call, hedged to replicas past
 //!   `hedge.rs`'s per-node latency threshold.
+//! - `verify.rs`: probing a sample of an admitted node's experts against the checkpoint.
 //!
 //! [`Experts`]: omnishard_model::Experts
 
@@ -30,6 +31,9 @@ mod health;
 mod hedge;
 mod layer_call;
 mod membership;
+mod verify;
+
+pub use verify::{Verifier, VerifyExperts};
 
 #[cfg(test)]
 mod fake;
@@ -66,6 +70,8 @@ pub struct RemoteOptions {
     /// Hedging: a call running well past its node's usual latency (never less than this) is
     /// re-sent to replicas. `None`: only the deadline.
     pub hedge_floor: Option<Duration>,
+    /// What admitted nodes' experts are probed against. `None`: their weights are trusted.
+    pub verify: Option<Verifier>,
 }
 
 impl std::fmt::Debug for RemoteOptions {
@@ -76,6 +82,7 @@ impl std::fmt::Debug for RemoteOptions {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("health_interval", &self.health_interval)
             .field("hedge_floor", &self.hedge_floor)
+            .field("verify", &self.verify)
             .finish_non_exhaustive()
     }
 }
@@ -90,6 +97,7 @@ impl Default for RemoteOptions {
             observer: None,
             tls: None,
             hedge_floor: Some(defaults::HEDGE_FLOOR),
+            verify: None,
         }
     }
 }
@@ -117,6 +125,8 @@ pub enum ClusterError {
     },
     #[error("expert node {address} reports an impossible expert set: {reason}")]
     BadInfo { address: String, reason: String },
+    #[error("expert node {address} was refused: {reason}")]
+    Verification { address: String, reason: String },
     #[error(
         "{count} of {total} (layer, expert) pairs are served by no node: {list}. Start nodes that hold them, or pass --allow-missing-experts to mask them out of the router"
     )]

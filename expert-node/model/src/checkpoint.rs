@@ -120,9 +120,10 @@ impl std::str::FromStr for LoadFormat {
 }
 
 /// A checkpoint: a directory of safetensors (cheap to open: only the index or the single file's
-/// header is read), or synthetic weights of a config's shapes.
+/// header is read), or synthetic weights of a config's shapes. Clones share the mapped files.
+#[derive(Clone)]
 pub struct Checkpoint {
-    source: Source,
+    source: Arc<Source>,
 }
 
 #[derive(serde::Deserialize)]
@@ -173,12 +174,12 @@ impl Checkpoint {
             });
         };
         Ok(Self {
-            source: Source::Files {
+            source: Arc::new(Source::Files {
                 dir: dir.to_path_buf(),
                 weight_map,
                 where_,
                 shards,
-            },
+            }),
         })
     }
 
@@ -200,16 +201,16 @@ impl Checkpoint {
     /// ([`crate::synthetic::fill`]): the same bits `coordinator synth` writes for that seed.
     pub fn dummy(cfg: &ModelConfig, seed: u64) -> Self {
         Self {
-            source: Source::Dummy {
+            source: Arc::new(Source::Dummy {
                 specs: synthetic::tensor_specs(cfg).into_iter().collect(),
                 seed,
-            },
+            }),
         }
     }
 
     /// Every tensor name the checkpoint lists.
     pub fn tensor_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Files { weight_map, .. } => Box::new(weight_map.keys().map(String::as_str)),
             Source::Dummy { specs, .. } => Box::new(specs.keys().map(String::as_str)),
         }
@@ -217,7 +218,7 @@ impl Checkpoint {
 
     /// Shape and dtype of a tensor as stored, without reading its data.
     pub fn describe(&self, name: &str) -> Result<(Vec<usize>, String), CheckpointError> {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Files { .. } => {
                 let (_, _, info) = self.locate(name)?;
                 Ok((info.shape, format!("{:?}", info.dtype)))
@@ -228,7 +229,7 @@ impl Checkpoint {
 
     /// The first `n` bytes (at most) of a tensor's data.
     pub fn leading_bytes(&self, name: &str, n: usize) -> Result<Vec<u8>, CheckpointError> {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Files { .. } => {
                 let (shard, path, info) = self.locate(name)?;
                 let bytes = shard_bytes(&shard, &path, name, &info)?;
@@ -264,7 +265,7 @@ impl Checkpoint {
             weight_map,
             where_,
             shards,
-        } = &self.source
+        } = self.source.as_ref()
         else {
             return Err(CheckpointError::MissingTensor {
                 tensor: name.to_string(),
@@ -306,7 +307,7 @@ impl Checkpoint {
             tensor: name.to_string(),
             source,
         };
-        let t = match &self.source {
+        let t = match self.source.as_ref() {
             Source::Files { .. } => {
                 let (shard, path, info) = self.locate(name)?;
                 let src_dtype = check_tensor(name, &path, &info, expected_shape)?;

@@ -195,11 +195,11 @@ impl LocalExperts {
             )));
         }
         if xs.dtype() != self.dtype {
-            return Err(bad_input(format!(
-                "hidden states are {:?}, this node computes in {:?}",
-                xs.dtype(),
-                self.dtype
-            )));
+            return Err(ExpertError::Dtype {
+                layer,
+                got: xs.dtype(),
+                computes: self.dtype,
+            });
         }
         let groups = group_by_expert(assignments, self.num_experts);
         // One bit per (token, expert) of this call: cheaper than hashing at prefill sizes.

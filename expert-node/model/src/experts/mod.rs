@@ -25,6 +25,14 @@ pub enum ExpertError {
     UnknownLayer { layer: usize },
     #[error("layer {layer}: the hidden states are malformed: {reason}")]
     InvalidInput { layer: usize, reason: String },
+    /// The caller computes in another dtype than these experts: a node started with another
+    /// `--dtype` than its cluster, which a replica started right would serve.
+    #[error("layer {layer}: hidden states are {got:?}, these experts compute in {computes:?}")]
+    Dtype {
+        layer: usize,
+        got: candle_core::DType,
+        computes: candle_core::DType,
+    },
     #[error("expert {expert} of layer {layer} is not held here")]
     NotHeld { layer: usize, expert: usize },
     #[error("invalid routing for layer {layer}: {reason}")]
