@@ -70,6 +70,11 @@ struct Cli {
     /// (new calls are refused at once and go to replicas).
     #[arg(long, env = "OMNISHARD_SHUTDOWN_GRACE_S", default_value_t = 30)]
     shutdown_grace_s: u64,
+    /// A connection from which nothing has been read for this many seconds is closed. Live
+    /// clients are pinged every half of it (at most every 30 s) and answer, so only silent peers
+    /// are cut.
+    #[arg(long, env = "OMNISHARD_IDLE_TIMEOUT_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_s: u64,
 }
 
 async fn shutdown_signal() {
@@ -175,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
             max_message_bytes: cli.max_message_mib << 20,
             tls,
             shutdown_grace: grace,
+            idle_timeout: std::time::Duration::from_secs(cli.idle_timeout_s),
         },
         stopped(stop_rx.clone()),
     ));

@@ -360,14 +360,16 @@ impl ExpertService for ExpertNodeService {
     }
 }
 
-/// Accepted connections of `listener` with Nagle's algorithm off: a decode step's small
-/// request/response pairs must not wait for delayed ACKs (~40 ms on Linux).
+/// Accepted connections of `listener` with Nagle's algorithm off (a decode step's small
+/// request/response pairs must not wait for delayed ACKs, ~40 ms on Linux), each closed once
+/// nothing has been read from it for `idle`.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+    idle: std::time::Duration,
+) -> impl futures::Stream<Item = std::io::Result<crate::idle::IdleTimeout>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
         let conn = conn?;
         conn.set_nodelay(true)?;
-        Ok(conn)
+        Ok(crate::idle::IdleTimeout::new(conn, idle))
     })
 }

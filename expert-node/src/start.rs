@@ -21,6 +21,9 @@ pub struct ServeOptions {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// On shutdown, how long calls in flight may take to finish before the node exits anyway.
     pub shutdown_grace: Duration,
+    /// A connection from which nothing has been read for this long is closed (live clients are
+    /// pinged more often than that, and answer).
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -29,6 +32,7 @@ impl Default for ServeOptions {
             max_message_bytes: omnishard_proto::defaults::MAX_MESSAGE_MIB << 20,
             tls: None,
             shutdown_grace: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -82,16 +86,17 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     // Bounds on what one client can hold: calls in flight per connection (the coordinator keeps
-    // at most two per layer in flight), and HTTP/2 pings so a vanished peer's connection is
-    // closed instead of kept forever.
+    // at most two per layer in flight), HTTP/2 pings so a vanished peer's connection is closed
+    // instead of kept forever, and the idle timeout for peers that never speak HTTP/2 at all.
+    let ping = crate::idle::ping_interval(opts.idle_timeout);
     builder
         .concurrency_limit_per_connection(64)
         .tcp_keepalive(Some(Duration::from_secs(60)))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(ping))
+        .http2_keepalive_timeout(Some(ping.min(Duration::from_secs(20))))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), drained)
+        .serve_with_incoming_shutdown(incoming(listener, opts.idle_timeout), drained)
         .await
 }
 

@@ -4,12 +4,14 @@
 //! sampling parameters that would make NaN probabilities are refused, and an idle server's
 //! active-sequence gauge reads 0; a body over the HTTP limit gets the OpenAI JSON error; special
 //! tokens a client writes are text unless the server trusts its callers; stalled and idle
-//! connections are closed after the idle timeout; the admin API is off without a key, refuses
+//! connections are closed after the idle timeout, on the server and on expert nodes (whose
+//! live coordinator connection, pinged, survives any idle time); the admin API is off without a key, refuses
 //! web pages and takes JSON only; a streamed request's duration runs to the end of its stream.
 
 use std::time::{Duration, Instant};
 
-use omnishard_tests::{PATIENCE, Server};
+use omnishard_tests::cluster_api::node_field;
+use omnishard_tests::{ExpertNode, PATIENCE, Server, demo_model};
 use serde_json::{Value, json};
 
 async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
@@ -195,6 +197,34 @@ async fn stalled_and_idle_connections_are_closed() {
         );
     }
     assert_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expert_nodes_close_silent_connections_and_keep_live_ones() {
+    let node = ExpertNode::start(&demo_model(), &["--shard", "0/1", "--idle-timeout-s", "1"]);
+    let server = Server::start(&["serve", "--nodes", &node.address]);
+    assert_serves(&server).await;
+    // Peers that never speak HTTP/2, or stop halfway through its preface.
+    let mut silent: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(&node.address).unwrap())
+        .collect();
+    let mut half = std::net::TcpStream::connect(&node.address).unwrap();
+    std::io::Write::write_all(&mut half, b"PRI * HTTP/2.0\r\n").unwrap();
+    silent.push(half);
+    let started = Instant::now();
+    for (i, s) in silent.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "node connection {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    // The coordinator's connection sat idle for longer than the timeout meanwhile; it answered
+    // the node's pings, so it is still up and serves without a reconnection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_serves(&server).await;
+    assert_eq!(node_field(&server, &node.address, "up").await, json!(true));
+    assert_eq!(node_field(&server, &node.address, "errors").await, json!(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
