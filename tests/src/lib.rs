@@ -251,6 +251,13 @@ impl ExpertNode {
             .collect()
     }
 
+    /// Kills the node and starts `model` with `args` on the same address.
+    pub fn restart(&mut self, model: &std::path::Path, args: &[&str]) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+        *self = Self::start_at(model, &self.address.clone(), args);
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
             .args([&format!("-{signal}"), &self.child.id().to_string()])

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -28,8 +29,15 @@ pub(super) struct HealthQuery {
 /// coordinator, so a liveness probe must not count them.
 pub(super) async fn health(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<HealthQuery>,
+    query: Result<Query<HealthQuery>, QueryRejection>,
 ) -> Response {
+    // An unknown parameter is the caller's mistake, answered in the API's JSON error shape.
+    let Ok(Query(query)) = query else {
+        return GenerationError::InvalidRequest(
+            "`/health` takes no parameters but `live` (`/health?live` for liveness)".into(),
+        )
+        .into_response();
+    };
     // A server that cannot generate must fail its health check, so that a load balancer or
     // orchestrator takes it out of service; the reason says what happened.
     if let Some(reason) = state.scheduler.stopped_reason() {
