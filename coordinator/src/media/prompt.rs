@@ -163,6 +163,16 @@ pub fn expand(
             let (Some(vision), Some(audio)) = (vision, audio) else {
                 return Err(missing("audio"));
             };
+            let named = [
+                vision.ids.vision_end,
+                vision.ids.audio_start,
+                vision.ids.audio_end,
+            ];
+            if named.contains(&u32::MAX) {
+                return Err(MediaError::Unsupported(
+                    "config.json names no vision_end_token_id, audio_start_token_id or audio_end_token_id: a video cannot carry its audio".into(),
+                ));
+            }
             let around = out.last() == Some(&vision.ids.vision_start)
                 && tokens.get(at) == Some(&vision.ids.vision_end);
             if !around {
@@ -279,11 +289,6 @@ fn interleave(
     let audio_len = clip.embeds.dim(0).map_err(ModelError::from)?;
     let time =
         |vi: usize| (vi / per_frame) as f64 * seconds_per_grid * PROCESSOR_POSITION_ID_PER_SECONDS;
-    if vision.ids.audio_start == u32::MAX || vision.ids.audio_end == u32::MAX {
-        return Err(MediaError::Unsupported(
-            "config.json names no audio_start_token_id or audio_end_token_id: a video cannot carry its audio".into(),
-        ));
-    }
     out.push(vision.ids.audio_start);
     let (mut vi, mut ai) = (0, 0);
     while vi < video_len || ai < audio_len {
@@ -303,6 +308,12 @@ fn interleave(
             }
             (&clip, from..ai, Some(audio.token_id()))
         };
+        // Times that do not compare (NaN) would stall the merge: each run takes at least one.
+        if from.is_empty() {
+            return Err(MediaError::Unsupported(format!(
+                "the video's frame times ({seconds_per_grid} s per frame pair) cannot be ordered with its audio"
+            )));
+        }
         let narrow = |t: &candle_core::Tensor| t.narrow(0, from.start, from.len());
         let part = Rows {
             embeds: narrow(&rows.embeds).map_err(ModelError::from)?,

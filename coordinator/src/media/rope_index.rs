@@ -146,7 +146,7 @@ pub fn rope_index(
                 .ok_or("more video spans than videos")?;
             video_idx += 1;
             remain_videos -= 1;
-            let video = grid_block(grid, seconds * ids.position_id_per_seconds, st_idx, m);
+            let video = grid_block(grid, (seconds, ids.position_id_per_seconds), st_idx, m);
             let audio = seq(st_idx, audio_len);
             let video_len = video[0].len();
             // Merged one position at a time, the video's first on a tie, then the rest of either
@@ -181,13 +181,13 @@ pub fn rope_index(
                     let g = layout.images[image_idx];
                     image_idx += 1;
                     remain_images -= 1;
-                    (g, ids.position_id_per_seconds)
+                    (g, (1.0, ids.position_id_per_seconds))
                 }
                 Some(&t) if t == ids.video => {
                     let (g, seconds) = layout.videos[video_idx];
                     video_idx += 1;
                     remain_videos -= 1;
-                    (g, seconds * ids.position_id_per_seconds)
+                    (g, (seconds, ids.position_id_per_seconds))
                 }
                 _ => {
                     return Err(
@@ -236,14 +236,20 @@ pub fn rope_index(
 }
 
 /// The (time, row, column) positions of a patch grid merged `m × m`, from `start`, with time
-/// `t · t_scale`: the reference's `get_llm_pos_ids_for_vision`.
-fn grid_block(grid: [usize; 3], t_scale: f64, start: f64, m: usize) -> [Vec<f64>; 3] {
+/// `(t · seconds) · per_second`: the reference's `get_llm_pos_ids_for_vision`.
+fn grid_block(
+    grid: [usize; 3],
+    (seconds, per_second): (f64, f64),
+    start: f64,
+    m: usize,
+) -> [Vec<f64>; 3] {
     let [t, h, w] = grid;
     let (lh, lw) = (h / m, w / m);
     let mut block: [Vec<f64>; 3] = Default::default();
     for ti in 0..t {
-        // As the reference: the time index in f32, then the start added.
-        let time = f64::from((ti as f32) * (t_scale as f32));
+        // As the reference: two f32 products (`arange(t) * second_per_grid.float() *
+        // position_id_per_seconds`), then the start added.
+        let time = f64::from((ti as f32) * (seconds as f32) * (per_second as f32));
         for hi in 0..lh {
             for wi in 0..lw {
                 block[0].push(time + start);

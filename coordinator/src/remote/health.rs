@@ -20,11 +20,13 @@ use tonic_health::pb::{
 
 use super::RemoteOptions;
 use super::membership::{Node, Shared, check_info, node_client, node_endpoint};
-use super::verify::verify;
+use super::verify::{VerifyError, verify};
 
 /// What the node holds and which process it is, from its Info (asked over `client`) checked as
-/// at admission (fingerprint, dtype, layout); its experts probed too where `probe` says so (a
-/// new process, or one coming back) and the options carry a verifier.
+/// at admission (fingerprint, dtype, layout); its experts probed too where the options carry a
+/// verifier and the process is one not admitted before at this address (a node that reports no
+/// instance id is probed every time). A process whose probe found other weights is refused again
+/// without a new probe.
 async fn checked_holdings(
     node: &Node,
     client: ExpertServiceClient<Channel>,
@@ -32,7 +34,6 @@ async fn checked_holdings(
     fingerprint: &str,
     dtype: DType,
     opts: &RemoteOptions,
-    probe: impl FnOnce(&str) -> bool,
 ) -> Result<(Vec<(usize, usize)>, String), String> {
     let mut req = tonic::Request::new(InfoRequest {});
     req.set_timeout(opts.rpc_timeout);
@@ -45,18 +46,44 @@ async fn checked_holdings(
     let instance = info.instance_id.clone();
     let held =
         check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())?;
-    if let Some(verifier) = opts.verify.as_ref().filter(|_| probe(&instance)) {
-        verify(
-            verifier,
-            client,
-            &held,
-            dtype,
-            fingerprint,
-            opts.rpc_timeout,
-        )
-        .await?;
+    let known = node
+        .instance
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(verifier) = opts
+        .verify
+        .as_ref()
+        .filter(|_| instance.is_empty() || instance != known)
+    else {
+        return Ok((held, instance));
+    };
+    let failed = node
+        .failed_probe
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some((_, reason)) = failed.filter(|(i, _)| *i == instance && !i.is_empty()) {
+        return Err(reason);
     }
-    Ok((held, instance))
+    match verify(
+        verifier,
+        client,
+        &held,
+        dtype,
+        fingerprint,
+        opts.rpc_timeout,
+    )
+    .await
+    {
+        Ok(()) => Ok((held, instance)),
+        Err(VerifyError::Mismatch(reason)) => {
+            *node.failed_probe.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((instance, reason.clone()));
+            Err(reason)
+        }
+        Err(VerifyError::Failed(reason)) => Err(reason),
+    }
 }
 
 /// Checks a node that is up again as at admission: one restarted on its address between two
@@ -74,19 +101,11 @@ async fn recheck(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let new_process = |instance: &str| instance != known;
-    let (held, instance) = checked_holdings(
-        node,
-        node.rpc.client(),
-        cfg,
-        fingerprint,
-        dtype,
-        opts,
-        new_process,
-    )
-    .await?;
+    let (held, instance) =
+        checked_holdings(node, node.rpc.client(), cfg, fingerprint, dtype, opts).await?;
     if instance != known {
-        tracing::info!(node = %node.label(), %instance, "a new expert-node process answers at this address; checked in full");
+        let probed = opts.verify.is_some();
+        tracing::info!(node = %node.label(), %instance, probed, "a new expert-node process answers at this address; checked again");
         *node.instance.lock().unwrap_or_else(|e| e.into_inner()) = instance;
     }
     let mut current = node.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -118,10 +137,7 @@ pub(super) async fn readmit(
         .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
     let client = node_client(channel.clone(), opts);
     let (held, instance) =
-        checked_holdings(node, client.clone(), cfg, fingerprint, dtype, opts, |_| {
-            true
-        })
-        .await?;
+        checked_holdings(node, client.clone(), cfg, fingerprint, dtype, opts).await?;
     *node.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
     *node.instance.lock().unwrap_or_else(|e| e.into_inner()) = instance;
     node.rpc.replace(client, channel).await;

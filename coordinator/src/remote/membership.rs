@@ -42,6 +42,9 @@ pub(super) struct Node {
     pub(super) held: Mutex<Vec<(usize, usize)>>,
     /// The `Info.instance_id` of the process last admitted at this address.
     pub(super) instance: Mutex<String>,
+    /// A process whose experts failed the probe, with the reason: refused again without a
+    /// new probe until another process answers at the address.
+    pub(super) failed_probe: Mutex<Option<(String, String)>>,
 }
 
 impl Node {
@@ -455,9 +458,9 @@ async fn connect_node(
             opts.rpc_timeout,
         )
         .await
-        .map_err(|reason| ClusterError::Verification {
+        .map_err(|e| ClusterError::Verification {
             address: address.clone(),
-            reason,
+            reason: e.to_string(),
         })?;
     }
     tracing::info!(%address, node = %name, experts = held.len(), memory_bytes, "expert node ready");
@@ -472,6 +475,7 @@ async fn connect_node(
         latency: Mutex::default(),
         held: Mutex::new(held),
         instance: Mutex::new(instance),
+        failed_probe: Mutex::new(None),
     })
 }
 

@@ -34,11 +34,14 @@ impl std::str::FromStr for VerifyExperts {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "off" | "0" => Ok(Self::Off),
+            "off" => Ok(Self::Off),
             "all" => Ok(Self::All),
-            n => n.parse().map(Self::Sample).map_err(|_| {
-                format!("`{s}`: expected a number of experts to probe, `all` or `off`")
-            }),
+            n => n
+                .parse()
+                .map(|n| if n == 0 { Self::Off } else { Self::Sample(n) })
+                .map_err(|_| {
+                    format!("`{s}`: expected a number of experts to probe, `all` or `off`")
+                }),
         }
     }
 }
@@ -147,6 +150,17 @@ fn tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// Why a node's experts did not pass the probe.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(super) enum VerifyError {
+    /// An answer is off: the node serves other weights. The same process will not do better.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The probe could not be run or checked (a call failed, a malformed answer): try again.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Probes the node behind `client`, which says it holds `held` and computes in `dtype`.
 /// `Err` names the first expert whose answer is off (or why none could be checked).
 pub(super) async fn verify(
@@ -156,16 +170,19 @@ pub(super) async fn verify(
     dtype: DType,
     fingerprint: &str,
     timeout: std::time::Duration,
-) -> Result<(), String> {
+) -> Result<(), VerifyError> {
+    let failed = VerifyError::Failed;
     for (layer, experts) in verifier.pick(held) {
         let n = experts.len() * TOKENS_PER_EXPERT;
-        let xs = verifier.probe(n, dtype).map_err(|e| e.to_string())?;
+        let xs = verifier
+            .probe(n, dtype)
+            .map_err(|e| failed(e.to_string()))?;
         let routing = routing(&experts);
         let (token_index, expert_id, weight) =
             wire::assignments_to_wire(&routing.assignments().collect::<Vec<_>>());
         let mut req = tonic::Request::new(ForwardRequest {
             layer: layer as u32,
-            hidden: Some(wire::encode(&xs).map_err(|e| e.to_string())?),
+            hidden: Some(wire::encode(&xs).map_err(|e| failed(e.to_string()))?),
             token_index,
             expert_id,
             weight,
@@ -177,11 +194,11 @@ pub(super) async fn verify(
             .forward(req)
             .await
             .map_err(|s| {
-                format!(
+                failed(format!(
                     "the probe of layer {layer} failed: {:?}: {}",
                     s.code(),
                     s.message()
-                )
+                ))
             })?
             .into_inner();
         let got = wire::decode(answer.output.as_ref(), "probe output", &Device::Cpu)
@@ -192,11 +209,16 @@ pub(super) async fn verify(
                         source,
                     })
             })
-            .map_err(|e| format!("the probe of layer {layer} came back malformed: {e}"))?;
+            .map_err(|e| {
+                failed(format!(
+                    "the probe of layer {layer} came back malformed: {e}"
+                ))
+            })?;
         let (v, l, e) = (verifier.clone(), layer, experts.clone());
         let want = tokio::task::spawn_blocking(move || v.expected(l, &e, &xs))
             .await
-            .map_err(|e| format!("the reference computation failed: {e}"))??;
+            .map_err(|e| failed(format!("the reference computation failed: {e}")))?
+            .map_err(failed)?;
         compare(layer, &experts, &got, &want, tolerance(dtype))?;
     }
     Ok(())
@@ -209,17 +231,19 @@ fn compare(
     got: &Tensor,
     want: &Tensor,
     tol: f64,
-) -> Result<(), String> {
+) -> Result<(), VerifyError> {
     if got.dims() != want.dims() {
-        return Err(format!(
+        return Err(VerifyError::Mismatch(format!(
             "the probe of layer {layer} came back as {:?}, expected {:?}",
             got.dims(),
             want.dims()
-        ));
+        )));
     }
     let (got, want) = (
-        got.to_vec2::<f32>().map_err(|e| e.to_string())?,
-        want.to_vec2::<f32>().map_err(|e| e.to_string())?,
+        got.to_vec2::<f32>()
+            .map_err(|e| VerifyError::Failed(e.to_string()))?,
+        want.to_vec2::<f32>()
+            .map_err(|e| VerifyError::Failed(e.to_string()))?,
     );
     for (row, (g, w)) in got.iter().zip(&want).enumerate() {
         let (mut diff, mut norm) = (0f64, 0f64);
@@ -230,9 +254,9 @@ fn compare(
         let err = (diff / norm.max(1e-30)).sqrt();
         if err.is_nan() || err > tol {
             let expert = experts[row / TOKENS_PER_EXPERT];
-            return Err(format!(
-                "expert {expert} of layer {layer} answers unlike the checkpoint (relative error {err:.3e}, allowed {tol:.0e}): it serves other weights"
-            ));
+            return Err(VerifyError::Mismatch(format!(
+                "expert {expert} of layer {layer} answers unlike the checkpoint (relative error {err:.3e}, allowed {tol:.0e}): its weights differ from the coordinator's"
+            )));
         }
     }
     Ok(())
@@ -247,6 +271,7 @@ mod tests {
         assert_eq!("all".parse(), Ok(VerifyExperts::All));
         assert_eq!("off".parse(), Ok(VerifyExperts::Off));
         assert_eq!("0".parse(), Ok(VerifyExperts::Off));
+        assert_eq!("00".parse(), Ok(VerifyExperts::Off));
         assert_eq!("12".parse(), Ok(VerifyExperts::Sample(12)));
         assert!("some".parse::<VerifyExperts>().is_err());
     }
@@ -258,7 +283,9 @@ mod tests {
         assert!(compare(3, &[5, 9], &close, &want, 1e-4).is_ok());
         let negated =
             Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.], [-2., -2.]], &Device::Cpu).unwrap();
-        let err = compare(3, &[5, 9], &negated, &want, 1e-2).unwrap_err();
+        let err = compare(3, &[5, 9], &negated, &want, 1e-2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("expert 9 of layer 3"), "{err}");
         let nan = Tensor::new(
             &[[f32::NAN, 0.], [0., 1.], [1., 1.], [2., 2.]],
