@@ -90,7 +90,7 @@ pub(crate) struct ModelArgs {
     #[arg(long, env = "OMNISHARD_HEDGE_FLOOR_MS", default_value_t = defaults::HEDGE_FLOOR.as_millis() as u64)]
     pub(crate) hedge_floor_ms: u64,
     /// Expert nodes' weights are checked, not trusted: when a node is admitted (start-up,
-    /// `POST /admin/nodes`, a new process at a node's address, a down node coming back) this
+    /// `POST /admin/nodes`, a new process at a node's address, down or up) this
     /// many of the experts it holds, drawn at random, are sent a probe batch whose answers must
     /// match the same experts computed here from the checkpoint; `all` probes every one (reads
     /// all their weights here), `off` trusts the nodes.

@@ -1,5 +1,6 @@
 //! Weights verified, not trusted: when a node is admitted (at start-up, on `POST /admin/nodes`,
-//! and whenever the process behind an address is a new one or a down node comes back), a sample
+//! and whenever the process behind an address is a new one, down or up; the same process back
+//! after a partition is not probed again), a sample
 //! of the experts it says it holds (`--verify-experts N`, or all of them) is sent a fixed probe
 //! batch, and each answer is compared with the same expert computed here in f32 from the
 //! checkpoint (only the sampled experts' pages of the memory map are read). A node whose answer
