@@ -39,6 +39,9 @@ pub enum GenerationError {
     /// The HTTP body is over the server's size limit.
     #[error("the request body is too large: {0}")]
     BodyTooLarge(String),
+    /// The body did not arrive in time (seconds allowed).
+    #[error("the request body did not arrive within {0} s; send it at once after the request head")]
+    BodyTimeout(u64),
     /// The prompt's text is longer than any `max_context`-token prompt can be: refused unread.
     #[error(
         "the prompt is {bytes} bytes; this model's context of {max_context} tokens holds at most {max_bytes} bytes of text"
@@ -110,6 +113,7 @@ impl GenerationError {
                 INVALID,
                 Some("body_too_large"),
             ),
+            BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, INVALID, Some("body_timeout")),
             // 400, as OpenAI and vLLM answer a context overflow (clients match on the code).
             ContextLengthExceeded { .. } | PromptTooLarge { .. } => (
                 StatusCode::BAD_REQUEST,
@@ -253,6 +257,7 @@ mod tests {
                 413,
                 Some("body_too_large"),
             ),
+            (GenerationError::BodyTimeout(15), 408, Some("body_timeout")),
             (
                 GenerationError::AdminForbidden("x".into()),
                 403,

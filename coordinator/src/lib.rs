@@ -20,6 +20,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod serve;
 pub mod server;
+pub mod stop_strings;
 pub mod synth;
 pub mod tokenizer;
 pub mod tokenizer_files;

@@ -56,6 +56,11 @@ pub struct ServeSettings {
     pub placement: Option<PathBuf>,
     /// How much media one prompt may carry.
     pub media: crate::server::media::MediaLimits,
+    /// Largest request body read (a larger one is a 413, refused by its declared length before
+    /// it is read).
+    pub max_request_bytes: usize,
+    /// Nice value added to the HTTP front end's threads (see [`server::priority`]).
+    pub frontend_nice: i32,
     /// On SIGTERM or Ctrl-C, how long requests in flight may take to finish (new ones get 503)
     /// before they are ended with an error.
     pub shutdown_grace: Duration,
@@ -85,6 +90,8 @@ impl ServeSettings {
             },
             placement: None,
             media: Default::default(),
+            max_request_bytes: crate::server::intake::DEFAULT_MAX_REQUEST_BYTES,
+            frontend_nice: crate::server::priority::DEFAULT_FRONTEND_NICE,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -160,6 +167,8 @@ pub fn start(
         scheduler: sched,
         placement,
         media,
+        max_request_bytes,
+        frontend_nice: _,
         shutdown_grace,
     } = settings;
     let model_max = engine.config().max_position_embeddings;
@@ -231,6 +240,9 @@ pub fn start(
             kv_capacity: capacity,
             max_sequences: sched_max_active,
             media,
+            max_request_bytes,
+            // A body must follow its head as promptly as the head itself had to arrive.
+            body_deadline: idle_timeout,
         },
     ));
     Ok(Service {
@@ -359,6 +371,11 @@ async fn accept(
             () = &mut shutdown => break,
         };
         let service = TowerToHyperService::new(router.clone());
+        // Streamed tokens are small writes: without this, Nagle's algorithm holds each one back
+        // until the client acknowledges the last (~40 ms with delayed ACKs).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
             // The protocol detection waits for a first byte with no timer of its own: a
@@ -393,8 +410,10 @@ where
     F: FnOnce(&Progress) -> Result<Arc<Engine>, String> + Send + 'static,
 {
     // Two workers are plenty: the model runs on the scheduler thread, not here.
+    let nice = settings.frontend_nice;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(move || server::priority::lower_current_thread(nice))
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
@@ -418,11 +437,20 @@ where
         }));
         let progress = staged.progress().clone();
         let spinner = progress.spinner();
-        let loading = tokio::task::spawn_blocking(move || {
-            let engine = load(&progress).map_err(ServeError::Load)?;
-            progress.stage("starting the scheduler");
-            start(engine, metrics, settings)
-        });
+        // On a thread of its own, not the (lowered) blocking pool: the scheduler thread, the
+        // compute pool and the expert-call runtime started from it keep the normal priority.
+        let (loaded_tx, loading) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("loader".into())
+            .spawn(move || {
+                rayon::current_num_threads();
+                let loaded = load(&progress).map_err(ServeError::Load).and_then(|engine| {
+                    progress.stage("starting the scheduler");
+                    start(engine, metrics, settings)
+                });
+                let _ = loaded_tx.send(loaded);
+            })
+            .map_err(|e| ServeError::Load(format!("cannot start the loader thread: {e}")))?;
         let service = tokio::select! {
             loaded = loading => loaded.map_err(|e| ServeError::Load(e.to_string()))?,
             () = stop_signal() => {

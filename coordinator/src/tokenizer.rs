@@ -211,74 +211,9 @@ impl DecodeStream {
     }
 }
 
-/// Finds stop strings in streamed text. Text that might be the start of a stop string is held
-/// back until it is known not to be; the stop string itself is never emitted.
-pub struct StopMatcher {
-    stops: Vec<String>,
-    pending: String,
-}
-
-impl StopMatcher {
-    pub fn new(stops: Vec<String>) -> Self {
-        Self {
-            stops,
-            pending: String::new(),
-        }
-    }
-
-    /// Adds a piece of text; returns what can be emitted, and whether a stop string was hit.
-    pub fn push(&mut self, piece: &str) -> (String, bool) {
-        self.pending.push_str(piece);
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
-        if let Some(at) = hit {
-            let out = self.pending[..at].to_string();
-            self.pending.clear();
-            return (out, true);
-        }
-        // Hold back the longest suffix that is a proper prefix of some stop string.
-        let keep = self
-            .stops
-            .iter()
-            .flat_map(|s| {
-                (1..s.len())
-                    .filter(move |&n| s.is_char_boundary(n))
-                    .map(move |n| &s[..n])
-            })
-            .filter(|prefix| self.pending.ends_with(prefix))
-            .map(str::len)
-            .max()
-            .unwrap_or(0);
-        let cut = self.pending.len() - keep;
-        let out = self.pending[..cut].to_string();
-        self.pending.drain(..cut);
-        (out, false)
-    }
-
-    /// Whatever was held back, at the end of generation.
-    pub fn flush(&mut self) -> String {
-        std::mem::take(&mut self.pending)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stop_strings_split_across_pieces() {
-        let mut m = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(m.push("abc E"), ("abc ".to_string(), false));
-        assert_eq!(m.push("N"), (String::new(), false));
-        assert_eq!(m.push("D tail"), (String::new(), true));
-        let mut m = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(m.push("xE"), ("x".to_string(), false));
-        assert_eq!(m.push("y"), ("Ey".to_string(), false));
-        assert_eq!(m.flush(), "");
-    }
 
     #[test]
     fn decode_stream_pieces_add_up_to_the_whole() {

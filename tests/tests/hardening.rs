@@ -2,7 +2,9 @@
 //! long for the context is refused by its byte length before the tokenizer sees it (and the
 //! server's peak memory barely moves), chat turns count the same way, stop strings are capped,
 //! sampling parameters that would make NaN probabilities are refused, and an idle server's
-//! active-sequence gauge reads 0; a body over the HTTP limit gets the OpenAI JSON error; special
+//! active-sequence gauge reads 0; a body over the HTTP limit gets the OpenAI JSON error, by its
+//! declared length before it is sent, and one that stops short a 408; a chat with more messages
+//! than the context could hold is refused before it is deserialized; special
 //! tokens a client writes are text unless the server trusts its callers; stalled and idle
 //! connections are closed after the idle timeout, on the server and on expert nodes (whose
 //! live coordinator connection, pinged, survives any idle time); the admin API is off without a key, refuses
@@ -60,8 +62,15 @@ async fn oversized_and_abusive_requests_are_refused_cheaply() {
     let (status, body) = post(&server, "/v1/completions", &json!({"prompt": huge})).await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"]["code"], "body_too_large", "{body}");
+    // Refused by its declared length, before the body is sent.
+    let answer = raw_exchange(
+        &server,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3000000\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
 
-    // 60,000 one-character messages: the rendered conversation is measured the same way.
+    // 60,000 one-character messages: refused by their count, before they are deserialized.
     let messages: Vec<Value> = (0..60_000)
         .map(|_| json!({"role": "user", "content": "a"}))
         .collect();
@@ -73,7 +82,10 @@ async fn oversized_and_abusive_requests_are_refused_cheaply() {
     .await;
     assert_eq!(status, 400, "{body}");
     assert!(
-        body["error"]["message"].as_str().unwrap().contains("bytes"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`messages` holds more than"),
         "{body}"
     );
 
@@ -114,6 +126,29 @@ async fn oversized_and_abusive_requests_are_refused_cheaply() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(server.metric("omnishard_active_sequences").await, 0.0);
+}
+
+/// Sends `request` on a new connection and reads what comes back within a few seconds.
+fn raw_exchange(server: &Server, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let addr = server.url("").trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(request).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// The prompt tokens the server counted for a one-token completion of `prompt`.
@@ -188,6 +223,19 @@ async fn stalled_and_idle_connections_are_closed() {
     stalled.push(kept);
     // Meanwhile the server answers others.
     assert_serves(&server).await;
+    // A body that stops short of its declared length: 408 once the idle timeout has passed.
+    let started = Instant::now();
+    let answer = raw_exchange(
+        &server,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"",
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     for (i, s) in stalled.iter_mut().enumerate() {
         assert!(

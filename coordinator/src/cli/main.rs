@@ -134,9 +134,28 @@ struct ServeArgs {
     /// flag); without it such URLs are a 400.
     #[arg(long, env = "OMNISHARD_ALLOWED_LOCAL_MEDIA_PATH")]
     allowed_local_media_path: Option<PathBuf>,
+    /// Largest request body, e.g. 2MiB or 16MiB (raise it for media sent inline as base64): a
+    /// larger one is a 413, refused by its Content-Length before it is read. Bodies being read
+    /// share a budget of 16 such bodies; parsing and tokenizing run on half the cores.
+    #[arg(long, env = "OMNISHARD_MAX_REQUEST_BYTES", default_value = "2MiB", value_parser = request_bytes)]
+    max_request_bytes: usize,
+    /// Nice value added to the HTTP front end's threads (parsing, tokenizing, answering), so
+    /// that a flood of requests slows new answers before the tokens of running sequences; the
+    /// scheduler and compute threads keep the normal priority. 0 leaves them equal.
+    #[arg(long, env = "OMNISHARD_FRONTEND_NICE", default_value_t = omnishard_coordinator::server::priority::DEFAULT_FRONTEND_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
+    frontend_nice: i32,
     /// Longest audio clip accepted, in seconds; longer is a 400.
     #[arg(long, env = "OMNISHARD_MAX_AUDIO_SECONDS", default_value_t = 600.0)]
     max_audio_seconds: f64,
+}
+
+/// A body limit from 1 KiB to 1 GiB.
+fn request_bytes(s: &str) -> Result<usize, String> {
+    let bytes = kv_budget::parse_bytes(s)?;
+    if !(1 << 10..=1 << 30).contains(&bytes) {
+        return Err(format!("{bytes} bytes: give 1KiB to 1GiB"));
+    }
+    Ok(bytes)
 }
 
 /// `audio=N,image=M`: (audio clips, images) per prompt.
@@ -225,6 +244,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         placement: args.model.placement.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        max_request_bytes: args.max_request_bytes,
+        frontend_nice: args.frontend_nice,
         media: omnishard_coordinator::server::media::MediaLimits {
             local_root: args
                 .allowed_local_media_path

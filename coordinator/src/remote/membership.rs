@@ -19,6 +19,7 @@ use omnishard_proto::v1::{self, InfoRequest, expert_service_client::ExpertServic
 use tonic::transport::{Channel, Endpoint};
 
 use super::client::NodeClient;
+use super::verify::VerifyError;
 use super::{ClusterError, NodeStatus, RemoteExperts, RemoteOptions, Runtime, describe_pairs};
 
 /// `[layer][expert]` → indices into the node list of the nodes holding it (up or down).
@@ -449,19 +450,36 @@ async fn connect_node(
     let instance = info.instance_id.clone();
     let held = check_info(&address, info, cfg, fingerprint, dtype)?;
     if let Some(verifier) = &opts.verify {
-        super::verify::verify(
-            verifier,
-            client.clone(),
-            &held,
-            dtype,
-            fingerprint,
-            opts.rpc_timeout,
-        )
-        .await
-        .map_err(|e| ClusterError::Verification {
-            address: address.clone(),
-            reason: e.to_string(),
-        })?;
+        // A probe that could not be run (a call timed out while the node warms up, say) is
+        // tried again until the start-up deadline; a wrong answer is final.
+        loop {
+            let verified = super::verify::verify(
+                verifier,
+                client.clone(),
+                &held,
+                dtype,
+                fingerprint,
+                opts.rpc_timeout,
+            )
+            .await;
+            let reason = match verified {
+                Ok(()) => break,
+                Err(VerifyError::Failed(reason)) if Instant::now() < deadline => {
+                    tracing::debug!(%address, %reason, "the expert probe failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(VerifyError::Failed(reason)) => format!(
+                    "{reason} (gave up after {} s)",
+                    opts.startup_timeout.as_secs()
+                ),
+                Err(VerifyError::Mismatch(reason)) => reason,
+            };
+            return Err(ClusterError::Verification {
+                address: address.clone(),
+                reason,
+            });
+        }
     }
     tracing::info!(%address, node = %name, experts = held.len(), memory_bytes, "expert node ready");
     Ok(Node {

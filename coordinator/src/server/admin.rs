@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
@@ -13,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::intake::Admitted;
 use super::{AppState, GenerationError};
 use crate::remote::describe_pairs;
 
@@ -180,7 +180,7 @@ static ADMISSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AD
 pub(super) async fn add_node(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Admitted,
 ) -> Response {
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -201,7 +201,7 @@ pub(super) async fn add_node(
         ))
         .into_response();
     };
-    let req: AddNode = match serde_json::from_slice(&body) {
+    let req: AddNode = match serde_json::from_slice(&body.bytes) {
         Ok(r) => r,
         Err(e) => {
             return GenerationError::InvalidRequest(format!(

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tracing::Instrument;
 
+use super::intake::Admitted;
 use super::stream::{Answer, Outcome, stream_response, whole_response};
 use super::types::{Header, Kind};
 use super::validate::{Prepared, REQUEST_ID_HEADER, client_request_id, parse_and_prepare};
@@ -25,39 +24,20 @@ use crate::scheduler::{Event, Fork, GenerationRequest};
 pub(super) async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Admitted,
 ) -> Response {
-    match body {
-        Ok(body) => handle(state, &headers, body, Kind::Chat).await,
-        Err(rejection) => body_refused(rejection),
-    }
+    handle(state, &headers, body, Kind::Chat).await
 }
 
 pub(super) async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Admitted,
 ) -> Response {
-    match body {
-        Ok(body) => handle(state, &headers, body, Kind::Text).await,
-        Err(rejection) => body_refused(rejection),
-    }
+    handle(state, &headers, body, Kind::Text).await
 }
 
-/// A body that could not be read (over the size limit, or broken off) as the OpenAI JSON error
-/// every other refusal is, not axum's plain text.
-pub(super) fn body_refused(rejection: BytesRejection) -> Response {
-    let status = rejection.status();
-    let message = rejection.body_text();
-    let error = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        GenerationError::BodyTooLarge(message)
-    } else {
-        GenerationError::InvalidRequest(format!("cannot read the request body: {message}"))
-    };
-    error.into_response()
-}
-
-async fn handle(state: Arc<AppState>, headers: &HeaderMap, body: Bytes, kind: Kind) -> Response {
+async fn handle(state: Arc<AppState>, headers: &HeaderMap, body: Admitted, kind: Kind) -> Response {
     let started = Instant::now();
     let given = match client_request_id(headers) {
         Ok(given) => given,
@@ -89,7 +69,7 @@ async fn handle(state: Arc<AppState>, headers: &HeaderMap, body: Bytes, kind: Ki
 /// Runs inside the request's span.
 async fn generate(
     state: Arc<AppState>,
-    body: Bytes,
+    body: Admitted,
     kind: Kind,
     response_id: String,
     request_id: &str,
@@ -103,12 +83,13 @@ async fn generate(
     // Parsing and tokenising a long prompt takes a while: keep it off the async workers.
     let parsing = state.clone();
     let in_span = span.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        let _span = in_span.enter();
-        parse_and_prepare(&parsing.limits(), &body, kind)
-    })
-    .await
-    .unwrap_or_else(|e| Err(GenerationError::Internal(e.to_string())));
+    let prepared = state
+        .intake
+        .parse(move || {
+            let _span = in_span.enter();
+            parse_and_prepare(&parsing.limits(), &body.bytes, kind)
+        })
+        .await;
     let mut prepared = match prepared {
         Ok(p) => p,
         Err(e) => return refused(e),

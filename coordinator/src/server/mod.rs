@@ -15,8 +15,11 @@
 mod admin;
 mod completions;
 mod conversation;
+pub mod intake;
 pub mod loading;
 pub mod media;
+pub mod priority;
+mod shape;
 pub mod shutdown;
 mod stream;
 mod structured;
@@ -34,8 +37,6 @@ use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-
-use completions::body_refused;
 
 pub use crate::error::GenerationError;
 pub use validate::{
@@ -66,6 +67,10 @@ pub struct ServeConfig {
     pub max_sequences: usize,
     /// How much media one prompt may carry.
     pub media: media::MediaLimits,
+    /// Largest request body read.
+    pub max_request_bytes: usize,
+    /// Time a request body may take to arrive after its head.
+    pub body_deadline: std::time::Duration,
 }
 
 pub struct AppState {
@@ -79,6 +84,8 @@ pub struct AppState {
     pub config: ServeConfig,
     /// Graceful shutdown: whether new requests are admitted, and those in flight.
     pub shutdown: Arc<shutdown::Shutdown>,
+    /// How request bodies are read and parsed.
+    pub intake: intake::Intake,
     created: u64,
     next_id: AtomicU64,
 }
@@ -94,6 +101,7 @@ impl AppState {
         config: ServeConfig,
     ) -> Self {
         Self {
+            intake: intake::Intake::new(config.max_request_bytes, config.body_deadline),
             engine,
             tokenizer,
             chat,

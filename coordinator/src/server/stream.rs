@@ -19,7 +19,8 @@ use super::types::{Choice, Header, LogprobEntry, prompt_logprobs_json, tool_call
 use super::{AppState, GenerationError};
 use crate::chat::output::{self, Delta, OutputFormat, OutputParser};
 use crate::scheduler::{Event, FinishReason, SchedulerHandle};
-use crate::tokenizer::{DecodeStream, StopMatcher, TextTokenizer};
+use crate::stop_strings::StopMatcher;
+use crate::tokenizer::{DecodeStream, TextTokenizer};
 
 /// Turns scheduler events into text, honouring stop strings, then into answer pieces
 /// (reasoning, content, tool calls) as the request's [`OutputFormat`] says.

@@ -5,28 +5,22 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::intake::Admitted;
 use super::types::{DetokenizeBody, TokenizeBody};
-use super::validate::{invalid, parse_body, refuse_unsupported};
-use super::{AppState, GenerationError, body_refused};
+use super::validate::{invalid, refuse_unsupported};
+use super::{AppState, GenerationError};
 
-pub(super) async fn tokenize(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => return body_refused(rejection),
-    };
+pub(super) async fn tokenize(State(state): State<Arc<AppState>>, body: Admitted) -> Response {
     // Rendering and tokenizing a long conversation takes a while: off the async workers.
-    let answer = tokio::task::spawn_blocking(move || tokenize_body(&state, &body))
-        .await
-        .unwrap_or_else(|e| Err(GenerationError::Internal(e.to_string())));
+    let parsing = state.clone();
+    let answer = state
+        .intake
+        .parse(move || tokenize_body(&parsing, &body.bytes))
+        .await;
     json_answer(answer)
 }
 
@@ -38,8 +32,8 @@ fn json_answer(answer: Result<Value, GenerationError>) -> Response {
 }
 
 fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, GenerationError> {
-    let mut body: TokenizeBody = parse_body(body)?;
     let limits = state.limits();
+    let mut body: TokenizeBody = limits.parse(body)?;
     limits.check_model(body.model.as_deref())?;
     refuse_unsupported(&body.unsupported)?;
     let ids = match (body.prompt.take(), body.chat.messages.is_some()) {
@@ -76,19 +70,18 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, GenerationError
     }))
 }
 
-pub(super) async fn detokenize(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match body {
-        Ok(body) => json_answer(detokenize_body(&state, &body)),
-        Err(rejection) => body_refused(rejection),
-    }
+pub(super) async fn detokenize(State(state): State<Arc<AppState>>, body: Admitted) -> Response {
+    let parsing = state.clone();
+    let answer = state
+        .intake
+        .parse(move || detokenize_body(&parsing, &body.bytes))
+        .await;
+    json_answer(answer)
 }
 
 fn detokenize_body(state: &AppState, body: &[u8]) -> Result<Value, GenerationError> {
-    let body: DetokenizeBody = parse_body(body)?;
     let limits = state.limits();
+    let body: DetokenizeBody = limits.parse(body)?;
     limits.check_model(body.model.as_deref())?;
     let vocab = limits.vocab_size;
     if let Some(bad) = body.tokens.iter().find(|&&t| t as usize >= vocab) {

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::conversation::{ToolChoice, conversation, forced_call, tool_choice};
 use super::media::{MediaLimits, MediaRef, expand_media};
+use super::shape::Shape;
 use super::stream::PromptLogprobs;
 use super::structured::structured_output;
 use super::types::{ChatFields, CompletionBody, Kind, Prompt, Stop};
@@ -33,6 +34,17 @@ pub const MAX_CHOICES: usize = 16;
 
 /// Longest stop string accepted: matching costs grow with it on every generated token.
 pub const MAX_STOP_BYTES: usize = 256;
+
+/// Most stop strings one request may give (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+
+pub(super) fn too_many_stops() -> String {
+    format!("`stop` takes at most {MAX_STOPS} non-empty strings")
+}
+
+pub(super) fn stop_too_long(bytes: usize) -> String {
+    format!("a `stop` string is {bytes} bytes long; at most {MAX_STOP_BYTES} are accepted")
+}
 
 /// What request validation needs to know about the served model.
 pub struct RequestLimits<'a> {
@@ -61,6 +73,15 @@ impl RequestLimits<'_> {
     /// before the tokenizer spends time and memory on it (a 2 MB prompt cost ~200 MB).
     fn max_bytes(&self) -> usize {
         self.tokenizer.max_bytes_for(self.max_context)
+    }
+
+    /// Deserializes a request body once its shape is within bounds (see `shape`).
+    pub(super) fn parse<T: serde::de::DeserializeOwned>(
+        &self,
+        body: &[u8],
+    ) -> Result<T, GenerationError> {
+        Shape::new(self.max_context, self.vocab_size).check(body)?;
+        parse_body(body)
     }
 
     fn too_large(&self, bytes: usize) -> GenerationError {
@@ -214,7 +235,7 @@ pub(super) fn parse_and_prepare(
     body: &[u8],
     kind: Kind,
 ) -> Result<Prepared, GenerationError> {
-    parse_body(body).and_then(|b| prepare(limits, b, kind))
+    limits.parse(body).and_then(|b| prepare(limits, b, kind))
 }
 
 pub(super) fn invalid(message: impl Into<String>) -> GenerationError {
@@ -419,14 +440,11 @@ fn prepare(
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    if stop.len() > 4 || stop.iter().any(String::is_empty) {
-        return Err(invalid("`stop` takes at most 4 non-empty strings"));
+    if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
+        return Err(invalid(too_many_stops()));
     }
     if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
-        return Err(invalid(format!(
-            "a `stop` string is {} bytes long; at most {MAX_STOP_BYTES} are accepted",
-            long.len()
-        )));
+        return Err(invalid(stop_too_long(long.len())));
     }
     let grammar = match (grammar, requested) {
         (Some(_), Some(_)) => {
