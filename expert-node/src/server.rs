@@ -13,7 +13,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use futures::StreamExt;
@@ -226,16 +226,29 @@ impl ExpertNodeService {
     }
 
     #[instrument(skip_all, fields(node = %self.state.name, layer = req.layer, call = req.request_id, requests = ?req.trace_ids, n_assignments = req.token_index.len()))]
-    async fn handle(&self, req: ForwardRequest) -> Result<ForwardResponse, NodeError> {
+    /// `received`: when the request arrived (its wait for a compute thread is reported).
+    async fn handle(
+        &self,
+        req: ForwardRequest,
+        received: Instant,
+    ) -> Result<ForwardResponse, NodeError> {
         let Some(_call) = self.state.start_call() else {
             return Err(NodeError::ShuttingDown);
         };
         self.state.note_trace_ids(&req.trace_ids, req.layer);
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || process(&state, req))
-            .await
-            .map_err(|e| NodeError::Join(e.to_string()))
-            .and_then(|r| r);
+        let result = tokio::task::spawn_blocking(move || {
+            let waited = received.elapsed();
+            process(&state, req).map(|mut resp| {
+                if let Some(t) = resp.timing.as_mut() {
+                    t.wait_us = micros(waited);
+                }
+                resp
+            })
+        })
+        .await
+        .map_err(|e| NodeError::Join(e.to_string()))
+        .and_then(|r| r);
         if let Err(e) = &result {
             tracing::warn!(error = %e, "forward request failed");
         }
@@ -258,14 +271,32 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
         experts: req.expert_id.len(),
         weights: req.weight.len(),
     })?;
+    let started = Instant::now();
     let xs = wire::decode(req.hidden.as_ref(), "hidden", &state.device)?;
+    let uploaded = Instant::now();
     let ys = experts.expert_outputs(req.layer as usize, &xs, &assignments)?;
+    // The copy back waits for the device anyway; waiting here first times the two apart.
+    state
+        .device
+        .synchronize()
+        .map_err(|e| NodeError::Encode(e.to_string()))?;
+    let computed = Instant::now();
     let output = wire::encode(&ys).map_err(|e| NodeError::Encode(e.to_string()))?;
     Ok(ForwardResponse {
         request_id: req.request_id,
         output: Some(output),
         error: None,
+        timing: Some(v1::NodeTiming {
+            wait_us: 0,
+            upload_us: micros(uploaded - started),
+            compute_us: micros(computed - uploaded),
+            download_us: micros(computed.elapsed()),
+        }),
     })
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 #[tonic::async_trait]
@@ -300,7 +331,7 @@ impl ExpertService for ExpertNodeService {
         &self,
         req: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        self.handle(req.into_inner())
+        self.handle(req.into_inner(), Instant::now())
             .await
             .map(Response::new)
             .map_err(|e| e.to_status())
@@ -325,6 +356,7 @@ impl ExpertService for ExpertNodeService {
                     _ = draining.wait_for(|d| *d) => None,
                 };
                 let Some(msg) = msg else { break };
+                let received = Instant::now();
                 let req = match msg {
                     Ok(req) => req,
                     Err(status) => {
@@ -344,14 +376,18 @@ impl ExpertService for ExpertNodeService {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let id = req.request_id;
-                    let resp = svc.handle(req).await.unwrap_or_else(|e| ForwardResponse {
-                        request_id: id,
-                        output: None,
-                        error: Some(v1::Error {
-                            code: e.status_code() as i32,
-                            message: e.to_string(),
-                        }),
-                    });
+                    let resp =
+                        svc.handle(req, received)
+                            .await
+                            .unwrap_or_else(|e| ForwardResponse {
+                                request_id: id,
+                                output: None,
+                                error: Some(v1::Error {
+                                    code: e.status_code() as i32,
+                                    message: e.to_string(),
+                                }),
+                                timing: None,
+                            });
                     let _ = tx.send(Ok(resp)).await;
                 });
             }

@@ -80,6 +80,12 @@ fn overlapped_micro_batches_match_the_whole_batch_bit_for_bit() {
                 .expect("engine");
         engine.set_overlap_min_sequences(0);
         let whole = run(&engine, &prompts, 4);
+        // Every layer call was profiled, with the nodes' own timing in each answer.
+        let profile = engine.remote().expect("remote experts").take_profile();
+        assert!(
+            profile.calls > 0 && profile.answers >= profile.calls,
+            "{profile}"
+        );
         engine.set_overlap_min_sequences(2);
         let overlapped = run(&engine, &prompts, 4);
         for (step, (a, b)) in overlapped.iter().zip(&whole).enumerate() {

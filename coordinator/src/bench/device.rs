@@ -32,17 +32,32 @@ struct Row {
 fn measure_engine(engine: &Engine, name: String, args: &BenchArgs) -> anyhow::Result<Row> {
     let quick = args.quick;
     let (b1_steps, b32_steps, b128_steps) = if quick { (8, 3, 2) } else { (48, 12, 6) };
+    // Where a remote layer call's time goes, per phase (the warm-up steps included).
+    let profile = |phase: &str| {
+        if let Some(remote) = engine.remote() {
+            eprintln!("bench: {name}: {phase}: {}", remote.take_profile());
+        }
+    };
+    profile("start-up");
     let b128 = if args.scaling_gpus.is_empty() {
         None
     } else {
-        Some(measure::decode_tok_s(engine, 128, 16, 2, b128_steps)?)
+        let b128 = measure::decode_tok_s(engine, 128, 16, 2, b128_steps)?;
+        profile("b128 decode");
+        Some(b128)
     };
+    let b1 = measure::decode_tok_s(engine, 1, 16, 4, b1_steps)?;
+    profile("b1 decode");
+    let b32 = measure::decode_tok_s(engine, 32, 16, 2, b32_steps)?;
+    profile("b32 decode");
+    let prefill = measure::prefill_tok_s(engine, 512, if quick { 2 } else { 4 })?;
+    profile("prefill 512");
     let row = Row {
         name,
-        b1: measure::decode_tok_s(engine, 1, 16, 4, b1_steps)?,
-        b32: measure::decode_tok_s(engine, 32, 16, 2, b32_steps)?,
+        b1,
+        b32,
         b128,
-        prefill: measure::prefill_tok_s(engine, 512, if quick { 2 } else { 4 })?,
+        prefill,
     };
     eprintln!(
         "bench: {}: b1 {:.1} tok/s, b32 {:.1} tok/s, b128 {}, prefill 512 {:.0} tok/s",
@@ -171,7 +186,18 @@ pub fn run(
         }
     }
 
-    for n in 1..=args.scaling_gpus.len() {
+    let counts: Vec<usize> = if args.scaling_counts.is_empty() {
+        (1..=args.scaling_gpus.len()).collect()
+    } else {
+        args.scaling_counts.iter().map(|&n| n as usize).collect()
+    };
+    if let Some(n) = counts.iter().find(|&&n| n > args.scaling_gpus.len()) {
+        anyhow::bail!(
+            "--scaling-counts {n}: only {} GPUs are given in --scaling-gpus",
+            args.scaling_gpus.len()
+        );
+    }
+    for n in counts {
         let devices: Vec<DeviceSpec> = args.scaling_gpus[..n]
             .iter()
             .map(|&g| DeviceSpec::Cuda(g))

@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// with micro-batch overlap off and on; batch 128 is measured too. Default: no such stage.
     #[arg(long, value_delimiter = ',')]
     pub scaling_gpus: Vec<usize>,
+    /// Node counts of the scaling stage, e.g. `3` for only the 3-node step (default: 1 up to
+    /// the number of --scaling-gpus); node i runs on the i-th of --scaling-gpus.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub scaling_counts: Vec<u32>,
 }
 
 /// How much of each measurement a run does.

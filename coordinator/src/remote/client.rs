@@ -157,7 +157,7 @@ impl NodeClient {
         &self,
         mut req: ForwardRequest,
         timeout: Duration,
-    ) -> Result<v1::Tensor, CallError> {
+    ) -> Result<(v1::Tensor, Option<v1::NodeTiming>), CallError> {
         let deadline = Instant::now() + timeout;
         let call = async {
             let (tx, pending) = self.stream().await.map_err(CallError::Transport)?;
@@ -183,8 +183,10 @@ impl NodeClient {
             if let Some(e) = resp.error {
                 return Err(CallError::status(tonic::Code::from(e.code), &e.message));
             }
-            resp.output
-                .ok_or_else(|| CallError::BadAnswer("the response has no output".into()))
+            let output = resp
+                .output
+                .ok_or_else(|| CallError::BadAnswer("the response has no output".into()))?;
+            Ok((output, resp.timing))
         };
         match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
@@ -379,7 +381,7 @@ mod tests {
             channel,
         );
         let result = client.forward(request(), TIMEOUT).await;
-        (result, node.calls())
+        (result.map(|(output, _)| output), node.calls())
     }
 
     #[tokio::test]

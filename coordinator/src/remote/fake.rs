@@ -170,6 +170,7 @@ impl ExpertService for Fake {
                         code: code as i32,
                         message: message.into(),
                     }),
+                    timing: None,
                 };
                 let resp = match fake.script {
                     Script::SilentAfter(n) if seen >= n => continue,
@@ -179,6 +180,7 @@ impl ExpertService for Fake {
                                 request_id: req.request_id,
                                 output: Some(output),
                                 error: None,
+                                timing: None,
                             },
                             None => error(tonic::Code::InvalidArgument, "malformed request"),
                         }

@@ -18,6 +18,7 @@ use super::RemoteExperts;
 use super::client::{CallError, Fault};
 use super::layer_call::LayerCall;
 use super::membership::Node;
+use super::profile::Stage;
 
 /// The share of one layer's work that goes to one node.
 #[derive(Debug)]
@@ -204,8 +205,10 @@ impl Experts for RemoteExperts {
         let mut outputs = Vec::new();
         let mut assignments = Vec::with_capacity(pending.len());
         let mut failures: Vec<(String, String)> = Vec::new();
+        let mut laps = self.shared.profile.start();
         // Hidden states leave a GPU once per layer, then each node's rows are cut on the host.
         let xs_host = xs.to_device(&Device::Cpu)?;
+        laps.lap(Stage::CopyOut);
         let call = LayerCall {
             layer,
             xs_host: &xs_host,
@@ -214,6 +217,7 @@ impl Experts for RemoteExperts {
             nodes: &nodes,
             opts: &self.shared.opts,
             fingerprint: &self.shared.fingerprint,
+            profile: &self.shared.profile,
         };
         let hidden = xs.dims2().map(|d| d.1).unwrap_or(0);
         // Each round sends what is left to live replicas; a node that fails is marked down and
@@ -226,7 +230,9 @@ impl Experts for RemoteExperts {
                 let req = call.request(&share)?;
                 sends.push(call.share(share, req));
             }
+            laps.lap(Stage::Encode);
             let answers = self.block_on(join_all(sends));
+            laps.lap(Stage::RoundTrip);
             for answer in answers.into_iter().flatten() {
                 let _in_call = answer.span.enter();
                 let node = &nodes[answer.node];
@@ -269,12 +275,14 @@ impl Experts for RemoteExperts {
                     }
                 }
             }
+            laps.lap(Stage::Decode);
         }
         if outputs.is_empty() {
             return Ok(xs.zeros_like()?);
         }
         // Answers are gathered on the host and cross to a GPU in one copy.
         let outputs = Tensor::cat(&outputs, 0)?.to_device(xs.device())?;
+        laps.lap(Stage::CopyBack);
         combine(routing.n_tokens(), &assignments, &outputs)
     }
 }

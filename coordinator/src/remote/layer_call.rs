@@ -20,6 +20,7 @@ use super::RemoteOptions;
 use super::client::CallError;
 use super::fanout::{NodeShare, plan};
 use super::membership::{Node, Table};
+use super::profile::CallProfile;
 
 /// One node's answer (or failure) for some assignments of the layer.
 pub(super) struct Answer {
@@ -42,6 +43,7 @@ pub(super) struct LayerCall<'a> {
     pub(super) nodes: &'a [Arc<Node>],
     pub(super) opts: &'a RemoteOptions,
     pub(super) fingerprint: &'a str,
+    pub(super) profile: &'a CallProfile,
 }
 
 /// Counts a call's assignments as its node's outstanding work until the call ends or is
@@ -106,7 +108,16 @@ impl LayerCall<'_> {
         node.outstanding.fetch_add(work, Ordering::Relaxed);
         let _busy = Busy(node, work);
         let started = Instant::now();
-        let result = node.rpc.forward(req, self.opts.rpc_timeout).await;
+        let result = node
+            .rpc
+            .forward(req, self.opts.rpc_timeout)
+            .await
+            .map(|(output, timing)| {
+                if let Some(t) = &timing {
+                    self.profile.node_answered(t);
+                }
+                output
+            });
         let seconds = started.elapsed().as_secs_f64();
         if result.is_ok() {
             node.latency

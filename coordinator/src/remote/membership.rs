@@ -105,6 +105,8 @@ pub(super) struct Shared {
     pub(super) opts: RemoteOptions,
     nodes: RwLock<Vec<Arc<Node>>>,
     table: RwLock<Arc<Table>>,
+    /// Where layer calls spend their time (`coordinator bench` prints it).
+    pub(super) profile: super::profile::CallProfile,
 }
 
 impl Shared {
@@ -218,6 +220,7 @@ impl RemoteExperts {
             opts,
             nodes: RwLock::new(nodes),
             table: RwLock::new(Arc::new(table)),
+            profile: Default::default(),
         });
         Ok((Self { shared, runtime }, missing))
     }
@@ -256,6 +259,11 @@ impl RemoteExperts {
                     .collect()
             })
             .collect()
+    }
+
+    /// Where layer calls spent their time since the last take (then starts again).
+    pub fn take_profile(&self) -> super::ProfileSummary {
+        self.shared.profile.take()
     }
 
     /// Every node with its state, in the order added.

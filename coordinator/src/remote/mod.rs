@@ -31,8 +31,10 @@ mod health;
 mod hedge;
 mod layer_call;
 mod membership;
+mod profile;
 mod verify;
 
+pub use profile::ProfileSummary;
 pub use verify::{Verifier, VerifyExperts};
 
 #[cfg(test)]
