@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use omnishard_model::{Checkpoint, CheckpointError, LocalExperts};
-use omnishard_proto::ModelConfig;
 use omnishard_proto::v1::expert_service_server::ExpertServiceServer;
+use omnishard_proto::{ModelConfig, defaults};
 
 use crate::server::{ExpertNodeService, NodeState, incoming};
 
@@ -91,6 +91,8 @@ pub async fn serve(
     let ping = crate::idle::ping_interval(opts.idle_timeout);
     builder
         .concurrency_limit_per_connection(64)
+        .initial_stream_window_size(defaults::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(defaults::HTTP2_CONNECTION_WINDOW)
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .http2_keepalive_interval(Some(ping))
         .http2_keepalive_timeout(Some(ping.min(Duration::from_secs(20))))

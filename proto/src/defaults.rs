@@ -24,6 +24,13 @@ pub const HEDGE_FLOOR: Duration = Duration::from_millis(100);
 /// (expert nodes only; below this the doubled per-layer calls cost more than they hide).
 pub const OVERLAP_MIN_SEQUENCES: usize = 8;
 
+/// HTTP/2 flow-control windows of the expert-call connections, both ways: a layer's answer
+/// (one row per assignment) is megabytes at batch 128 and tens of MiB at prefill, and with the
+/// protocol's default 64 KiB windows each such message crossed loopback in dozens of
+/// window-update round trips.
+pub const HTTP2_STREAM_WINDOW: u32 = 32 << 20;
+pub const HTTP2_CONNECTION_WINDOW: u32 = 128 << 20;
+
 /// How long the coordinator's HTTP server waits for a connection to send a request head
 /// (including idle keep-alive time) before closing it.
 pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(15);

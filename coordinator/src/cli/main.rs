@@ -329,6 +329,7 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    omnishard_model::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 use futures::future::join_all;
 use omnishard_model::wire;
-use omnishard_proto::ModelConfig;
 use omnishard_proto::tls::error_chain;
 use omnishard_proto::v1::{self, InfoRequest, expert_service_client::ExpertServiceClient};
+use omnishard_proto::{ModelConfig, defaults};
 use tonic::transport::{Channel, Endpoint};
 
 use super::client::NodeClient;
@@ -355,12 +355,15 @@ impl RemoteExperts {
     }
 }
 
-/// How a node is dialled: TLS for `https://`, no Nagle delay, and HTTP/2 pings even between
+/// How a node is dialled: TLS for `https://`, no Nagle delay, flow-control windows sized for
+/// megabyte answers, and HTTP/2 pings even between
 /// calls, so a connection a partition silently killed is found dead within seconds and redialled.
 pub(super) fn node_endpoint(address: &str, opts: &RemoteOptions) -> Result<Endpoint, String> {
     Ok(omnishard_proto::tls::endpoint(address, opts.tls.as_ref())?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .initial_stream_window_size(defaults::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(defaults::HTTP2_CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true))

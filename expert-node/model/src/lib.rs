@@ -3,6 +3,7 @@
 //! ([`experts`]), the compute backends ([`ops`]), the wire encoding of tensors ([`wire`]), the
 //! model fingerprint, and [`Weights`], through which every module loads its tensors. No servers and no command-line parsing live here.
 
+pub mod alloc;
 pub mod audio;
 pub mod checkpoint;
 pub mod device;
