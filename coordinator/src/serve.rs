@@ -56,8 +56,8 @@ pub struct ServeSettings {
     pub placement: Option<PathBuf>,
     /// How much media one prompt may carry.
     pub media: crate::server::media::MediaLimits,
-    /// Largest request body read (a larger one is a 413, refused by its declared length before
-    /// it is read).
+    /// Largest request body read (a larger one is a 413, refused by its declared length; see
+    /// `server::intake`).
     pub max_request_bytes: usize,
     /// Nice value added to the HTTP front end's threads (see [`server::priority`]).
     pub frontend_nice: i32,

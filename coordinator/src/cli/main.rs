@@ -135,7 +135,8 @@ struct ServeArgs {
     #[arg(long, env = "OMNISHARD_ALLOWED_LOCAL_MEDIA_PATH")]
     allowed_local_media_path: Option<PathBuf>,
     /// Largest request body, e.g. 2MiB or 16MiB (raise it for media sent inline as base64): a
-    /// larger one is a 413, refused by its Content-Length before it is read. Bodies being read
+    /// larger one is a 413, refused by its Content-Length before it is kept (up to 16 times the
+    /// limit it is read and discarded first, so the client sees the answer). Bodies being read
     /// share a budget of 16 such bodies; parsing and tokenizing run on half the cores.
     #[arg(long, env = "OMNISHARD_MAX_REQUEST_BYTES", default_value = "2MiB", value_parser = request_bytes)]
     max_request_bytes: usize,

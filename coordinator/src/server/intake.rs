@@ -3,7 +3,8 @@
 //! cannot take the memory or the CPU that generation needs.
 //!
 //! A body over `--max-request-bytes` is refused by its `Content-Length` before a byte of it is
-//! read (or as soon as a chunked one passes the limit). Bodies being read share a memory budget
+//! kept (or as soon as a chunked one passes the limit); up to 16 times the limit, the rest is
+//! read and discarded first, so the client sees the 413 rather than a reset connection. Bodies being read share a memory budget
 //! of [`BUFFERED_BODIES`] full-size bodies (a request waits for room, it is not refused), and
 //! must arrive within the read deadline. Parsing and tokenizing run on the blocking pool, at
 //! most half the machine's cores at a time, so that a flood of requests queues instead of
@@ -29,6 +30,10 @@ pub const BUFFERED_BODIES: usize = 16;
 /// Default `--max-request-bytes`: as much as the API needs for a long prompt or a few media
 /// items sent inline.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 2 << 20;
+
+/// A refused body up to this many times the limit is read and discarded before the 413 (see
+/// [`Intake::drain`]); a larger one is refused unread and its connection closed.
+const DRAINED_BODIES: usize = 16;
 
 /// What a body of undeclared length starts with (it grows as it arrives).
 const UNDECLARED_CAPACITY: usize = 8 << 10;
@@ -82,6 +87,9 @@ impl Intake {
         if let Some(len) = declared
             && len > self.max_body
         {
+            if len <= self.drain_limit() {
+                self.drain(body).await;
+            }
             return Err(self.too_large(&format!("{len} bytes")));
         }
         let expected = declared.unwrap_or(self.max_body);
@@ -106,11 +114,36 @@ impl Intake {
                 GenerationError::InvalidRequest(format!("cannot read the request body: {e}"))
             })?;
             if buf.len() + chunk.len() > self.max_body {
+                drop(buf);
+                self.drain(Body::from_stream(stream)).await;
                 return Err(self.too_large("more"));
             }
             buf.extend_from_slice(&chunk);
         }
         Ok(buf.freeze())
+    }
+
+    /// Bodies up to this size are read to their end, and discarded, before a 413.
+    fn drain_limit(&self) -> usize {
+        self.max_body.saturating_mul(DRAINED_BODIES)
+    }
+
+    /// Reads and discards what is left of a refused body, up to the drain limit and within the
+    /// read deadline, holding none of it: a client still sending gets the 413, where closing
+    /// the connection on unread data resets it and the client sees a broken pipe instead.
+    async fn drain(&self, body: Body) {
+        let limit = self.drain_limit();
+        let discard = async {
+            let mut stream = body.into_data_stream();
+            let mut seen = 0usize;
+            while let Some(Ok(chunk)) = stream.next().await {
+                seen = seen.saturating_add(chunk.len());
+                if seen > limit {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.read_deadline, discard).await;
     }
 
     fn too_large(&self, size: &str) -> GenerationError {
@@ -186,9 +219,20 @@ mod tests {
             .await
             .map(|a| a.bytes);
         assert_eq!(read.ok().as_deref(), Some(&b"abcd"[..]));
-        // Refused unread: the body would fail if it were polled.
+        // Far over the limit: refused unread (the body would stall if it were polled).
         let never = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
-        let err = intake.read(Some(9), never).await.err();
+        let started = std::time::Instant::now();
+        let err = intake.read(Some(8 * DRAINED_BODIES + 1), never).await.err();
+        assert!(
+            matches!(err, Some(GenerationError::BodyTooLarge(_))),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // A little over: read to its end and discarded, then refused.
+        let err = intake
+            .read(Some(12), body_of(vec![b"abcdef", b"ghijkl"]))
+            .await
+            .err();
         assert!(
             matches!(err, Some(GenerationError::BodyTooLarge(_))),
             "{err:?}"
