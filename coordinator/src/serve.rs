@@ -410,10 +410,11 @@ where
     F: FnOnce(&Progress) -> Result<Arc<Engine>, String> + Send + 'static,
 {
     // Two workers are plenty: the model runs on the scheduler thread, not here.
-    let nice = settings.frontend_nice;
+    // The front end's threads run at the launching thread's nice value plus this.
+    let nice = server::priority::current_nice().saturating_add(settings.frontend_nice);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .on_thread_start(move || server::priority::lower_current_thread(nice))
+        .on_thread_start(move || server::priority::set_current_thread_nice(nice))
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
@@ -454,7 +455,7 @@ where
         let service = tokio::select! {
             loaded = loading => loaded.map_err(|e| ServeError::Load(e.to_string()))?,
             () = stop_signal() => {
-                // The loader cannot be interrupted, and the runtime would wait for it on drop.
+                // The loader cannot be interrupted: exit without waiting for it.
                 eprintln!("interrupted while loading the model");
                 std::process::exit(130);
             }

@@ -79,27 +79,32 @@ impl Intake {
 
     /// Reads `body` whole, refusing it by its declared length before reading when that is
     /// over the limit, and otherwise as soon as it passes the limit or the deadline.
+    /// `expects_continue`: the client waits for `100 Continue` before sending (`Expect:
+    /// 100-continue`), so a refused body is not drained (reading it would invite it).
     pub async fn read(
         &self,
         declared: Option<usize>,
+        expects_continue: bool,
         body: Body,
     ) -> Result<Admitted, GenerationError> {
         if let Some(len) = declared
             && len > self.max_body
         {
-            if len <= self.drain_limit() {
+            if len <= self.drain_limit() && !expects_continue {
                 self.drain(body).await;
             }
             return Err(self.too_large(&format!("{len} bytes")));
         }
         let expected = declared.unwrap_or(self.max_body);
         let permits = u32::try_from(permits_for(expected)).unwrap_or(u32::MAX);
-        let room = self
-            .buffered
-            .clone()
-            .acquire_many_owned(permits)
-            .await
-            .map_err(|e| GenerationError::Internal(e.to_string()))?;
+        // Waiting for room is bounded like reading: a full budget is back-pressure.
+        let room = tokio::time::timeout(
+            self.read_deadline,
+            self.buffered.clone().acquire_many_owned(permits),
+        )
+        .await
+        .map_err(|_| GenerationError::QueueFull)?
+        .map_err(|e| GenerationError::Internal(e.to_string()))?;
         let bytes = tokio::time::timeout(self.read_deadline, self.collect(body, declared))
             .await
             .map_err(|_| GenerationError::BodyTimeout(self.read_deadline.as_secs()))??;
@@ -158,15 +163,19 @@ impl Intake {
         &self,
         parse: impl FnOnce() -> Result<T, GenerationError> + Send + 'static,
     ) -> Result<T, GenerationError> {
-        let _slot = self
+        let slot = self
             .parsing
             .clone()
             .acquire_owned()
             .await
             .map_err(|e| GenerationError::Internal(e.to_string()))?;
-        tokio::task::spawn_blocking(parse)
-            .await
-            .unwrap_or_else(|e| Err(GenerationError::Internal(e.to_string())))
+        // The slot goes with the work: a client that goes away does not free it early.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            parse()
+        })
+        .await
+        .unwrap_or_else(|e| Err(GenerationError::Internal(e.to_string())))
     }
 }
 
@@ -190,9 +199,14 @@ impl FromRequest<Arc<AppState>> for Admitted {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
+        let expects_continue = req
+            .headers()
+            .get(header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
         state
             .intake
-            .read(declared, req.into_body())
+            .read(declared, expects_continue, req.into_body())
             .await
             .map_err(IntoResponse::into_response)
     }
@@ -215,14 +229,17 @@ mod tests {
     async fn bodies_are_refused_by_declared_and_by_actual_length() {
         let intake = Intake::new(8, Duration::from_secs(5));
         let read = intake
-            .read(Some(4), body_of(vec![b"ab", b"cd"]))
+            .read(Some(4), false, body_of(vec![b"ab", b"cd"]))
             .await
             .map(|a| a.bytes);
         assert_eq!(read.ok().as_deref(), Some(&b"abcd"[..]));
         // Far over the limit: refused unread (the body would stall if it were polled).
         let never = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
         let started = std::time::Instant::now();
-        let err = intake.read(Some(8 * DRAINED_BODIES + 1), never).await.err();
+        let err = intake
+            .read(Some(8 * DRAINED_BODIES + 1), false, never)
+            .await
+            .err();
         assert!(
             matches!(err, Some(GenerationError::BodyTooLarge(_))),
             "{err:?}"
@@ -230,7 +247,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(1));
         // A little over: read to its end and discarded, then refused.
         let err = intake
-            .read(Some(12), body_of(vec![b"abcdef", b"ghijkl"]))
+            .read(Some(12), false, body_of(vec![b"abcdef", b"ghijkl"]))
             .await
             .err();
         assert!(
@@ -239,7 +256,7 @@ mod tests {
         );
         // No length given: refused once the limit is passed.
         let err = intake
-            .read(None, body_of(vec![b"abcde", b"fghij"]))
+            .read(None, false, body_of(vec![b"abcde", b"fghij"]))
             .await
             .err();
         assert!(
@@ -253,7 +270,7 @@ mod tests {
         let intake = Intake::new(1024, Duration::from_millis(50));
         let stalled =
             Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
-        let err = intake.read(Some(10), stalled).await.err();
+        let err = intake.read(Some(10), false, stalled).await.err();
         assert!(
             matches!(err, Some(GenerationError::BodyTimeout(_))),
             "{err:?}"
@@ -265,9 +282,9 @@ mod tests {
         let intake = Intake::new(PERMIT_BYTES, Duration::from_secs(5));
         let mut held = Vec::new();
         for _ in 0..BUFFERED_BODIES {
-            held.push(intake.read(None, body_of(vec![b"x"])).await.ok());
+            held.push(intake.read(None, false, body_of(vec![b"x"])).await.ok());
         }
-        let waiting = intake.read(Some(1), body_of(vec![b"y"]));
+        let waiting = intake.read(Some(1), false, body_of(vec![b"y"]));
         tokio::pin!(waiting);
         let early = tokio::time::timeout(Duration::from_millis(50), &mut waiting).await;
         assert!(early.is_err(), "a body was read beyond the budget");

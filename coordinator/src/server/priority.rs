@@ -12,19 +12,30 @@
 /// The default `--frontend-nice`.
 pub const DEFAULT_FRONTEND_NICE: i32 = 5;
 
-/// Raises the calling thread's nice value by `nice` (0: leaves it). Linux and other Unixes
-/// where the nice value is per thread; elsewhere it does nothing.
-pub fn lower_current_thread(nice: i32) {
-    if nice == 0 {
-        return;
-    }
+/// The calling thread's nice value (0 where it cannot be read).
+pub fn current_nice() -> i32 {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a plain syscall on the calling thread.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+    #[cfg(not(target_os = "linux"))]
+    let nice = 0;
+    nice
+}
+
+/// Sets the calling thread's nice value to `nice` (a no-op where it already is). Absolute,
+/// not relative: threads inherit their creator's value, and the blocking pool's threads are
+/// created by the (already lowered) async workers. Linux, where the nice value is per thread;
+/// elsewhere it does nothing.
+pub fn set_current_thread_nice(nice: i32) {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: plain syscalls on the calling thread; a failure leaves its priority as it was.
+        if current_nice() == nice {
+            return;
+        }
+        // SAFETY: a plain syscall on the calling thread; a failure leaves its priority as it was.
         let set = unsafe {
             let tid = libc::gettid() as libc::id_t;
-            let current = libc::getpriority(libc::PRIO_PROCESS, tid);
-            libc::setpriority(libc::PRIO_PROCESS, tid, current.saturating_add(nice))
+            libc::setpriority(libc::PRIO_PROCESS, tid, nice)
         };
         if set != 0 {
             tracing::debug!(
