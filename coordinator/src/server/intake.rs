@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -91,7 +91,7 @@ impl Intake {
             && len > self.max_body
         {
             if len <= self.drain_limit() && !expects_continue {
-                self.drain(body).await;
+                self.drain(body.into_data_stream()).await;
             }
             return Err(self.too_large(&format!("{len} bytes")));
         }
@@ -120,7 +120,7 @@ impl Intake {
             })?;
             if buf.len() + chunk.len() > self.max_body {
                 drop(buf);
-                self.drain(Body::from_stream(stream)).await;
+                self.drain(stream).await;
                 return Err(self.too_large("more"));
             }
             buf.extend_from_slice(&chunk);
@@ -136,10 +136,9 @@ impl Intake {
     /// Reads and discards what is left of a refused body, up to the drain limit and within the
     /// read deadline, holding none of it: a client still sending gets the 413, where closing
     /// the connection on unread data resets it and the client sees a broken pipe instead.
-    async fn drain(&self, body: Body) {
+    async fn drain(&self, mut stream: BodyDataStream) {
         let limit = self.drain_limit();
         let discard = async {
-            let mut stream = body.into_data_stream();
             let mut seen = 0usize;
             while let Some(Ok(chunk)) = stream.next().await {
                 seen = seen.saturating_add(chunk.len());

@@ -15,17 +15,22 @@ use super::validate::{invalid, refuse_unsupported};
 use super::{AppState, GenerationError};
 
 pub(super) async fn tokenize(State(state): State<Arc<AppState>>, body: Admitted) -> Response {
-    // Rendering and tokenizing a long conversation takes a while: off the async workers.
-    let parsing = state.clone();
-    let answer = state
-        .intake
-        .parse(move || tokenize_body(&parsing, &body.bytes))
-        .await;
-    json_answer(answer)
+    json_answer(state, body, tokenize_body).await
 }
 
-fn json_answer(answer: Result<Value, GenerationError>) -> Response {
-    match answer {
+/// `answer` run on the body through the intake's parsing slots (rendering and tokenizing a long
+/// conversation takes a while: off the async workers), as JSON or the error.
+async fn json_answer(
+    state: Arc<AppState>,
+    body: Admitted,
+    answer: fn(&AppState, &[u8]) -> Result<Value, GenerationError>,
+) -> Response {
+    let parsing = state.clone();
+    match state
+        .intake
+        .parse(move || answer(&parsing, &body.bytes))
+        .await
+    {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -71,12 +76,7 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, GenerationError
 }
 
 pub(super) async fn detokenize(State(state): State<Arc<AppState>>, body: Admitted) -> Response {
-    let parsing = state.clone();
-    let answer = state
-        .intake
-        .parse(move || detokenize_body(&parsing, &body.bytes))
-        .await;
-    json_answer(answer)
+    json_answer(state, body, detokenize_body).await
 }
 
 fn detokenize_body(state: &AppState, body: &[u8]) -> Result<Value, GenerationError> {
