@@ -22,11 +22,14 @@ use omnishard_proto::v1::{
     self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts,
     expert_service_server::{ExpertService, ExpertServiceServer},
 };
+use omnishard_proto::wire::IPC_READ_FAILED;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
+use omnishard_model::lending::{IpcAsk, host_id};
+use omnishard_model::ops::cuda::{IpcExporter, IpcImporter};
 use omnishard_model::wire::{self, DecodeError};
 use omnishard_model::{ExpertError, LocalExperts};
 
@@ -53,6 +56,10 @@ pub enum NodeError {
     Expert(#[from] ExpertError),
     #[error("output encoding failed: {0}")]
     Encode(String),
+    #[error("a request carries its hidden states as bytes or in GPU memory, not both")]
+    TwoHiddens,
+    #[error("{IPC_READ_FAILED}: {0}")]
+    Ipc(String),
     #[error("compute task failed: {0}")]
     Join(String),
 }
@@ -63,7 +70,12 @@ impl ServiceError for NodeError {
         match self {
             NodeError::Loading | NodeError::ShuttingDown => Code::Unavailable,
             NodeError::Fingerprint { .. } => Code::FailedPrecondition,
-            NodeError::Lengths { .. } | NodeError::Decode(_) => Code::InvalidArgument,
+            NodeError::Lengths { .. } | NodeError::Decode(_) | NodeError::TwoHiddens => {
+                Code::InvalidArgument
+            }
+            // This node cannot map the coordinator's memory (another host, no GPU, no peer
+            // access): about this node, not the request.
+            NodeError::Ipc(_) => Code::FailedPrecondition,
             NodeError::Expert(e) => match e {
                 ExpertError::UnknownLayer { .. }
                 | ExpertError::InvalidInput { .. }
@@ -81,6 +93,9 @@ impl ServiceError for NodeError {
     }
 }
 
+/// Coordinators whose GPU memory stays mapped here (the oldest is forgotten past this).
+const IPC_CLIENTS: usize = 4;
+
 /// What the node is and holds; the experts are installed once loading finishes.
 pub struct NodeState {
     pub name: String,
@@ -97,6 +112,10 @@ pub struct NodeState {
     /// Calls being computed, and a wake-up when the count changes.
     in_flight: AtomicUsize,
     idle: tokio::sync::Notify,
+    /// Lends GPU memory for answers a coordinator on the same host copies itself (CUDA IPC).
+    ipc: Option<IpcExporter>,
+    /// Coordinators' GPU memory mapped here, per client (the most recent few).
+    ipc_in: Mutex<VecDeque<(u64, Arc<IpcImporter>)>>,
 }
 
 impl NodeState {
@@ -106,13 +125,15 @@ impl NodeState {
             instance_id: format!("{:016x}", rand::random::<u64>()),
             fingerprint,
             dtype,
-            device,
             experts: OnceLock::new(),
             loaded: watch::Sender::new(false),
             seen: Mutex::new(RecentIds::default()),
             draining: watch::Sender::new(false),
             in_flight: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            ipc: IpcExporter::new(&device),
+            ipc_in: Mutex::default(),
+            device,
         }
     }
 
@@ -157,6 +178,37 @@ impl NodeState {
     }
 
     /// Watches whether the experts are installed.
+    /// Copies a request's hidden states out of its coordinator's GPU memory onto this node's
+    /// device (ordered before the experts on the device's stream).
+    fn import_hidden(
+        &self,
+        req: &ForwardRequest,
+        t: &v1::DeviceTensor,
+    ) -> Result<candle_core::Tensor, NodeError> {
+        if req.ipc_client == 0 || req.ipc_host.is_empty() || req.ipc_host != host_id() {
+            return Err(NodeError::Ipc(
+                "they are on another host (or the request names no client)".into(),
+            ));
+        }
+        let importer = {
+            let mut clients = self.ipc_in.lock().unwrap_or_else(|e| e.into_inner());
+            match clients.iter().position(|(c, _)| *c == req.ipc_client) {
+                Some(i) => clients[i].1.clone(),
+                None => {
+                    if clients.len() >= IPC_CLIENTS {
+                        clients.pop_front();
+                    }
+                    let importer = Arc::new(IpcImporter::new());
+                    clients.push_back((req.ipc_client, importer.clone()));
+                    importer
+                }
+            }
+        };
+        importer
+            .copy(&self.device, t, ())
+            .map_err(|e| NodeError::Ipc(e.to_string()))
+    }
+
     pub fn loaded(&self) -> watch::Receiver<bool> {
         self.loaded.subscribe()
     }
@@ -272,19 +324,39 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
         weights: req.weight.len(),
     })?;
     let started = Instant::now();
-    let xs = wire::decode(req.hidden.as_ref(), "hidden", &state.device)?;
+    let xs = match (&req.device_hidden, &req.hidden) {
+        (None, _) => wire::decode(req.hidden.as_ref(), "hidden", &state.device)?,
+        (Some(_), Some(_)) => return Err(NodeError::TwoHiddens),
+        (Some(t), None) => state.import_hidden(&req, t)?,
+    };
     let uploaded = Instant::now();
     let ys = experts.expert_outputs(req.layer as usize, &xs, &assignments)?;
-    // The copy back waits for the device anyway; waiting here first times the two apart.
+    let ask = IpcAsk {
+        client: req.ipc_client,
+        host: &req.ipc_host,
+        keep_from: req.ipc_keep_from,
+        request: req.request_id,
+    };
+    let device_output = match &state.ipc {
+        Some(ipc) if ask.client != 0 => ipc
+            .export(&ask, &ys)
+            .map_err(|e| NodeError::Encode(e.to_string()))?,
+        _ => None,
+    };
+    // An answer lent on the GPU must be complete before its handle leaves; a copy to the host
+    // waits for the device anyway, and waiting here first times the two apart.
     state
         .device
         .synchronize()
         .map_err(|e| NodeError::Encode(e.to_string()))?;
     let computed = Instant::now();
-    let output = wire::encode(&ys).map_err(|e| NodeError::Encode(e.to_string()))?;
+    let output = match device_output {
+        Some(_) => None,
+        None => Some(wire::encode(&ys).map_err(|e| NodeError::Encode(e.to_string()))?),
+    };
     Ok(ForwardResponse {
         request_id: req.request_id,
-        output: Some(output),
+        output,
         error: None,
         timing: Some(v1::NodeTiming {
             wait_us: 0,
@@ -292,6 +364,7 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
             compute_us: micros(computed - uploaded),
             download_us: micros(computed.elapsed()),
         }),
+        device_output,
     })
 }
 
@@ -387,6 +460,7 @@ impl ExpertService for ExpertNodeService {
                                     message: e.to_string(),
                                 }),
                                 timing: None,
+                                device_output: None,
                             });
                     let _ = tx.send(Ok(resp)).await;
                 });

@@ -103,6 +103,11 @@ fn demo_model_candidates(exe: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Hidden rows for one expert node from which a coordinator on a GPU sends them in its GPU
+/// memory (CUDA IPC) rather than as bytes: 16 rows of Qwen3-30B-A3B's 2048 bf16. Below this,
+/// gathering and staging them costs more than it saves.
+pub const IPC_INPUT_MIN_BYTES: usize = 64 << 10;
+
 #[cfg(test)]
 mod tests {
     use super::*;

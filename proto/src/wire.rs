@@ -8,6 +8,10 @@ pub mod v1 {
 
 use v1::Dtype;
 
+/// How a node's error begins when it cannot map a request's hidden states from the
+/// coordinator's GPU memory (CUDA IPC): the coordinator then stops sending them that way.
+pub const IPC_READ_FAILED: &str = "cannot read the hidden states from the coordinator's GPU memory";
+
 /// Errors whose gRPC status code is part of the contract.
 pub trait ServiceError: std::fmt::Display {
     fn status_code(&self) -> tonic::Code;

@@ -450,28 +450,44 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 )
             })
             .collect();
-        let opts = RemoteOptions {
-            rpc_timeout: Duration::from_secs(30),
-            startup_timeout: Duration::from_secs(120),
-            ..RemoteOptions::default()
-        };
-        let engine = Engine::load_remote(
-            &dir,
-            ComputeDtype::Bf16,
-            &dev,
-            &addresses(&nodes),
-            opts,
-            false,
-        )
-        .unwrap();
-        let got = engine.score(&golden.token_ids, golden.positions()).unwrap();
-        assert_bits_equal(&got, &want, &format!("{name} on {shards} GPU nodes"));
-        let got_steps = decode_steps(&engine, prompt, 8);
-        assert_bits_equal(
-            &got_steps,
-            &want_steps,
-            &format!("{name} on {shards} GPU nodes, batch-1 decode"),
-        );
+        // Answers in the nodes' GPU memory, copied GPU to GPU (CUDA IPC, the default), and
+        // the same answers as bytes over gRPC.
+        for cuda_ipc in [true, false] {
+            let opts = RemoteOptions {
+                rpc_timeout: Duration::from_secs(30),
+                startup_timeout: Duration::from_secs(120),
+                cuda_ipc,
+                // The fixtures' rows are small: every request past a node's first answer
+                // sends them in GPU memory.
+                ipc_input_min_bytes: 0,
+                ..RemoteOptions::default()
+            };
+            let engine = Engine::load_remote(
+                &dir,
+                ComputeDtype::Bf16,
+                &dev,
+                &addresses(&nodes),
+                opts,
+                false,
+            )
+            .unwrap();
+            let how = format!("{name} on {shards} GPU nodes, CUDA IPC {cuda_ipc}");
+            let got = engine.score(&golden.token_ids, golden.positions()).unwrap();
+            assert_bits_equal(&got, &want, &how);
+            let got_steps = decode_steps(&engine, prompt, 8);
+            assert_bits_equal(&got_steps, &want_steps, &format!("{how}, batch-1 decode"));
+            let status = engine.remote().expect("a cluster").status();
+            for node in &status {
+                assert_eq!(
+                    (node.gpu_memory_answers > 0, node.gpu_memory_requests > 0),
+                    (cuda_ipc, cuda_ipc),
+                    "{how}: {} answered {} times in GPU memory and read {} requests from it",
+                    node.name,
+                    node.gpu_memory_answers,
+                    node.gpu_memory_requests
+                );
+            }
+        }
         eprintln!("{name}: {shards} GPU expert nodes give the GPU process's logits bit for bit");
     }
 }

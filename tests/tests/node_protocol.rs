@@ -62,6 +62,7 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
         weight: vec![0.25, 0.75],
         fingerprint: info.fingerprint.clone(),
         trace_ids: vec!["req-protocol".into()],
+        ..Default::default()
     };
     let resp = client.forward(good.clone()).await.unwrap().into_inner();
     let out = resp.output.unwrap();
@@ -239,14 +240,19 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
     let first = inbound.message().await.unwrap().unwrap();
     assert_eq!(first.request_id, 1);
     assert_eq!(first.error.unwrap().code, Code::InvalidArgument as i32);
+    // Asked for its answer in GPU memory (as a coordinator on a GPU of this host asks), a node
+    // on the CPU has none to lend: the bytes come, the same as unasked.
     tx.send(ForwardRequest {
         request_id: 2,
+        ipc_client: 5,
+        ipc_host: omnishard_model::lending::host_id().to_string(),
         ..good.clone()
     })
     .await
     .unwrap();
     let second = inbound.message().await.unwrap().unwrap();
     assert_eq!(second.request_id, 2);
+    assert!(second.device_output.is_none());
     assert_eq!(second.output.unwrap().data, out.data);
 }
 
@@ -281,6 +287,7 @@ async fn a_token_routed_to_more_than_top_k_experts_is_refused() {
         weight: vec![0.2; 5],
         fingerprint: info.fingerprint.clone(),
         trace_ids: Vec::new(),
+        ..Default::default()
     };
     let err = client.forward(request.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

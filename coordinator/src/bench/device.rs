@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::{BenchArgs, bandwidth, measure, node_args};
 use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
-use crate::remote::RemoteOptions;
+use crate::remote::{CudaIpc, RemoteOptions};
 
 /// One configuration's figures.
 struct Row {
@@ -108,6 +108,7 @@ impl Clusters<'_> {
         )?;
         let opts = RemoteOptions {
             rpc_timeout: Duration::from_secs(60),
+            cuda_ipc: a.cuda_ipc == CudaIpc::Auto,
             ..RemoteOptions::default()
         };
         let engine = Engine::load_remote_from(
@@ -166,8 +167,7 @@ pub fn run(
         args.node_devices.clone()
     };
     for node_device in node_devices {
-        for &count in &args.nodes {
-            let count = count as usize;
+        for count in args.nodes.iter().map(|&n| n as usize).filter(|&n| n > 0) {
             // CPU nodes share the machine's cores; GPU nodes need few host threads.
             let node_threads = match node_device {
                 DeviceSpec::Cpu => (threads / count).max(1),

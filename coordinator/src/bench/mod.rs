@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
-use crate::remote::{RemoteExperts, RemoteOptions};
+use crate::remote::{CudaIpc, RemoteExperts, RemoteOptions};
 use omnishard_model::fingerprint::fingerprint;
 
 /// Arguments of `coordinator bench`.
@@ -62,8 +62,9 @@ pub struct BenchArgs {
     /// Fewer tokens and calls: every key in a few minutes.
     #[arg(long)]
     pub quick: bool,
-    /// Expert-node counts of the cluster stage.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4", value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Expert-node counts of the cluster stage; `0` alone skips it (the GPU benchmark's
+    /// scaling stage still runs).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4", value_parser = clap::value_parser!(u32).range(0..=64))]
     pub nodes: Vec<u32>,
     /// Where this process computes. `cuda`/`cuda:N` runs the GPU benchmark instead: in-process
     /// on the GPU, then the coordinator on the GPU with expert nodes on each of --node-devices
@@ -82,6 +83,10 @@ pub struct BenchArgs {
     /// the number of --scaling-gpus); node i runs on the i-th of --scaling-gpus.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
     pub scaling_counts: Vec<u32>,
+    /// GPU benchmark: whether expert nodes on GPUs answer in GPU memory the coordinator copies
+    /// (CUDA IPC, the default of every command) or send the bytes over gRPC (`off`).
+    #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
+    pub cuda_ipc: CudaIpc,
 }
 
 /// How much of each measurement a run does.
@@ -300,7 +305,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     stage(5, "expert-node clusters");
     let mut clusters = Vec::new();
     let mut first = Some(one);
-    for count in args.nodes.iter().map(|&n| n as usize) {
+    for count in args.nodes.iter().map(|&n| n as usize).filter(|&n| n > 0) {
         let nodes = match first.take() {
             Some(one) if count == 1 => one,
             _ => start_nodes(count)?,

@@ -11,7 +11,7 @@ use anyhow::bail;
 use clap::Args;
 use omnishard_coordinator::media::AudioInput;
 use omnishard_coordinator::media::vision::{VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionInput};
-use omnishard_coordinator::remote::{RemoteOptions, RpcObserver, Verifier, VerifyExperts};
+use omnishard_coordinator::remote::{CudaIpc, RemoteOptions, RpcObserver, Verifier, VerifyExperts};
 use omnishard_coordinator::{ComputeDtype, Engine};
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
 use omnishard_proto::placement::Placement;
@@ -96,6 +96,12 @@ pub(crate) struct ModelArgs {
     /// all their weights here), `off` trusts the nodes.
     #[arg(long, env = "OMNISHARD_VERIFY_EXPERTS", default_value = "8")]
     pub(crate) verify_experts: VerifyExperts,
+    /// With --device cuda: expert nodes on GPUs of this host leave each answer in GPU memory
+    /// they lend, and the coordinator copies it GPU to GPU (CUDA IPC) instead of the bytes
+    /// crossing the host and gRPC. `auto` uses it wherever it works (a node where it fails is
+    /// logged and answers over gRPC from then on); `off` always sends the bytes.
+    #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
+    pub(crate) cuda_ipc: CudaIpc,
     /// Fewest pixels a video frame is resized to (Qwen3-Omni's processor: 128 × 32²).
     #[arg(long, env = "OMNISHARD_VIDEO_MIN_PIXELS", default_value_t = VIDEO_MIN_PIXELS)]
     pub(crate) video_min_pixels: usize,
@@ -174,6 +180,8 @@ impl ModelArgs {
                 .then(|| Duration::from_millis(self.hedge_floor_ms)),
             verify: (self.verify_experts != VerifyExperts::Off)
                 .then(|| Verifier::new(ckpt.clone(), &cfg, self.verify_experts)),
+            cuda_ipc: self.cuda_ipc == CudaIpc::Auto,
+            ipc_input_min_bytes: defaults::IPC_INPUT_MIN_BYTES,
         };
         let mut engine = Engine::load_remote_from(
             &ckpt,

@@ -7,7 +7,7 @@
 //! Whether the node is up, how busy it is and what it holds is membership's business
 //! (`membership.rs`); this file only talks to it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +20,51 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ForwardResponse, tonic::Status>>>>>;
+
+/// What a node answered: the bytes, or a handle to GPU memory it lent (CUDA IPC, asked for by
+/// a request with `ipc_host` set).
+pub(super) enum Payload {
+    Bytes(v1::Tensor),
+    Device(v1::DeviceTensor),
+}
+
+/// A node's answer, and the lease on what it lent until the answer has been taken.
+pub(super) struct Reply {
+    pub(super) payload: Payload,
+    pub(super) lease: Lease,
+    pub(super) timing: Option<v1::NodeTiming>,
+}
+
+/// A request of this client not yet finished: from before it is sent until its answer has been
+/// copied out (or given up on). Every request tells the node the smallest id still leased
+/// (`ipc_keep_from`), below which the buffers it lent are free again.
+pub(super) struct Lease {
+    live: Arc<Mutex<BTreeSet<u64>>>,
+    id: u64,
+}
+
+impl Lease {
+    /// Leases `id`; returns the lease and the smallest id still leased before it.
+    fn take(live: &Arc<Mutex<BTreeSet<u64>>>, id: u64) -> (Self, u64) {
+        let mut set = live.lock().unwrap_or_else(|e| e.into_inner());
+        let keep_from = set.first().copied().unwrap_or(id).min(id);
+        set.insert(id);
+        let lease = Lease {
+            live: live.clone(),
+            id,
+        };
+        (lease, keep_from)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
 
 /// The open `ForwardStream` of one node.
 struct StreamConn {
@@ -36,6 +81,10 @@ pub(super) struct NodeClient {
     conn: Mutex<(ExpertServiceClient<Channel>, Channel)>,
     stream: tokio::sync::Mutex<Option<StreamConn>>,
     next_id: AtomicU64,
+    /// This coordinator's client id at the node, for the GPU memory it lends (`ipc_client`).
+    ipc_client: u64,
+    /// Requests sent and not yet finished with (see [`Lease`]).
+    leases: Arc<Mutex<BTreeSet<u64>>>,
     /// Set when the coordinator shuts down, so the end of the stream is not reported as a fault.
     closing: Arc<AtomicBool>,
 }
@@ -53,6 +102,8 @@ impl NodeClient {
             conn: Mutex::new((client, channel)),
             stream: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(0),
+            ipc_client: rand::random::<u64>().max(1),
+            leases: Arc::default(),
             closing: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -152,17 +203,24 @@ impl NodeClient {
     }
 
     /// One request over the stream, with `timeout` as its deadline. The caller's span (one layer's
-    /// call to this node) names the layer, the node and the sizes.
+    /// call to this node) names the layer, the node and the sizes. A request with `ipc_host` set
+    /// asks for a CUDA IPC answer as this client.
     pub(super) async fn forward(
         &self,
         mut req: ForwardRequest,
         timeout: Duration,
-    ) -> Result<(v1::Tensor, Option<v1::NodeTiming>), CallError> {
+    ) -> Result<Reply, CallError> {
         let deadline = Instant::now() + timeout;
         let call = async {
             let (tx, pending) = self.stream().await.map_err(CallError::Transport)?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             req.request_id = id;
+            let (lease, keep_from) = Lease::take(&self.leases, id);
+            let asked_ipc = !req.ipc_host.is_empty();
+            if asked_ipc {
+                req.ipc_client = self.ipc_client;
+                req.ipc_keep_from = keep_from;
+            }
             let (wtx, wrx) = oneshot::channel();
             pending
                 .lock()
@@ -183,10 +241,29 @@ impl NodeClient {
             if let Some(e) = resp.error {
                 return Err(CallError::status(tonic::Code::from(e.code), &e.message));
             }
-            let output = resp
-                .output
-                .ok_or_else(|| CallError::BadAnswer("the response has no output".into()))?;
-            Ok((output, resp.timing))
+            let payload = match (resp.output, resp.device_output) {
+                (Some(output), None) => Payload::Bytes(output),
+                (None, Some(lent)) if !asked_ipc => {
+                    return Err(CallError::BadAnswer(format!(
+                        "answered with GPU memory (slot {}) unasked",
+                        lent.slot
+                    )));
+                }
+                (None, Some(lent)) => Payload::Device(lent),
+                (None, None) => {
+                    return Err(CallError::BadAnswer("the response has no output".into()));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(CallError::BadAnswer(
+                        "the response has both an output and GPU memory".into(),
+                    ));
+                }
+            };
+            Ok(Reply {
+                payload,
+                lease,
+                timing: resp.timing,
+            })
         };
         match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
@@ -212,6 +289,9 @@ pub(super) enum CallError {
     Status { code: tonic::Code, message: String },
     /// The node answered something that does not fit the request.
     BadAnswer(String),
+    /// The node lent its answer in GPU memory and it could not be copied out (CUDA IPC between
+    /// these processes is not possible: another IPC namespace, no peer access…).
+    Ipc(String),
 }
 
 /// Whom a failed call is blamed on.
@@ -222,6 +302,9 @@ pub(super) enum Fault {
     /// The node refused the request itself, which no replica would accept either: the call
     /// fails.
     Refused,
+    /// The answer's way back failed, not the node: it is asked again with the answer on the
+    /// wire, and never again for GPU memory.
+    Ipc,
 }
 
 impl CallError {
@@ -244,6 +327,7 @@ impl CallError {
             | CallError::Timeout(_)
             | CallError::Hedged(_)
             | CallError::BadAnswer(_) => Fault::Node,
+            CallError::Ipc(_) => Fault::Ipc,
             CallError::Status { code, .. } => match code {
                 // The request is malformed or too large: every replica would say the same.
                 Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
@@ -274,6 +358,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::Transport(m) | CallError::BadAnswer(m) => f.write_str(m),
+            CallError::Ipc(m) => write!(f, "cannot copy the answer out of its GPU memory: {m}"),
             CallError::Timeout(t) => {
                 write!(f, "no answer within the {} ms deadline", t.as_millis())
             }
@@ -299,7 +384,7 @@ mod tests {
     use tonic::transport::Endpoint;
 
     use super::super::fake::{self, Script};
-    use super::{CallError, Fault, NodeClient};
+    use super::{CallError, Fault, Lease, NodeClient, Payload};
 
     const TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -331,6 +416,7 @@ mod tests {
         assert_eq!(CallError::Timeout(TIMEOUT).fault(), Fault::Node);
         assert_eq!(CallError::Hedged(TIMEOUT).fault(), Fault::Node);
         assert_eq!(CallError::BadAnswer("short".into()).fault(), Fault::Node);
+        assert_eq!(CallError::Ipc("no peer".into()).fault(), Fault::Ipc);
         for (code, blame) in BLAME {
             assert_eq!(CallError::status(code, "x").fault(), blame, "{code:?}");
         }
@@ -338,6 +424,25 @@ mod tests {
         for i in 0..=16 {
             assert!(BLAME.iter().any(|&(c, _)| c == Code::from(i)), "code {i}");
         }
+    }
+
+    #[test]
+    fn keep_from_is_the_oldest_request_not_finished() {
+        let live = Default::default();
+        let (first, keep) = Lease::take(&live, 0);
+        assert_eq!(keep, 0);
+        let (second, keep) = Lease::take(&live, 1);
+        assert_eq!(keep, 0);
+        // The newer one finishes first: the older still holds what was lent for it.
+        drop(second);
+        let (third, keep) = Lease::take(&live, 2);
+        assert_eq!(keep, 0);
+        drop(first);
+        let (_fourth, keep) = Lease::take(&live, 3);
+        assert_eq!(keep, 2);
+        drop(third);
+        let (_fifth, keep) = Lease::take(&live, 4);
+        assert_eq!(keep, 3);
     }
 
     fn request() -> ForwardRequest {
@@ -381,7 +486,11 @@ mod tests {
             channel,
         );
         let result = client.forward(request(), TIMEOUT).await;
-        (result.map(|(output, _)| output), node.calls())
+        let output = result.and_then(|reply| match reply.payload {
+            Payload::Bytes(output) => Ok(output),
+            Payload::Device(_) => Err(CallError::BadAnswer("GPU memory, unasked".into())),
+        });
+        (output, node.calls())
     }
 
     #[tokio::test]

@@ -171,6 +171,7 @@ impl ExpertService for Fake {
                         message: message.into(),
                     }),
                     timing: None,
+                    device_output: None,
                 };
                 let resp = match fake.script {
                     Script::SilentAfter(n) if seen >= n => continue,
@@ -181,6 +182,7 @@ impl ExpertService for Fake {
                                 output: Some(output),
                                 error: None,
                                 timing: None,
+                                device_output: None,
                             },
                             None => error(tonic::Code::InvalidArgument, "malformed request"),
                         }

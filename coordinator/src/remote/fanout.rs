@@ -13,9 +13,10 @@ use futures::future::join_all;
 use omnishard_model::experts::combine;
 use omnishard_model::wire;
 use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Routing};
+use omnishard_proto::wire::IPC_READ_FAILED;
 
 use super::RemoteExperts;
-use super::client::{CallError, Fault};
+use super::client::{CallError, Fault, Payload};
 use super::layer_call::LayerCall;
 use super::membership::Node;
 use super::profile::Stage;
@@ -30,6 +31,8 @@ pub(super) struct NodeShare {
     pub(super) global: Vec<Assignment>,
     /// The same with indices into `tokens`.
     pub(super) local: Vec<Assignment>,
+    /// The hidden rows were sent in the coordinator's GPU memory (CUDA IPC).
+    pub(super) device_input: bool,
 }
 
 /// What [`plan`] reads of a node: whether it may be routed to, how busy it is, and for the error
@@ -127,6 +130,7 @@ pub(super) fn plan<N: Replica>(
             tokens: Vec::new(),
             global: Vec::new(),
             local: Vec::new(),
+            device_input: false,
         });
         for a in group {
             let next = share.tokens.len() as u32;
@@ -209,6 +213,9 @@ impl Experts for RemoteExperts {
         // Hidden states leave a GPU once per layer, then each node's rows are cut on the host.
         let xs_host = xs.to_device(&Device::Cpu)?;
         laps.lap(Stage::CopyOut);
+        let ipc_host = omnishard_model::lending::host_id();
+        let ipc_host = (self.shared.opts.cuda_ipc && xs.device().is_cuda() && !ipc_host.is_empty())
+            .then_some(ipc_host);
         let call = LayerCall {
             layer,
             xs_host: &xs_host,
@@ -218,16 +225,46 @@ impl Experts for RemoteExperts {
             opts: &self.shared.opts,
             fingerprint: &self.shared.fingerprint,
             profile: &self.shared.profile,
+            ipc_host,
         };
         let hidden = xs.dims2().map(|d| d.1).unwrap_or(0);
         // Each round sends what is left to live replicas; a node that fails is marked down and
         // its share goes to the next round, within this same call.
         while !pending.is_empty() {
-            let shares = plan(layer, &pending, &table, &nodes, &failures, None)?;
+            let mut shares = plan(layer, &pending, &table, &nodes, &failures, None)?;
             pending.clear();
+            // Nodes that answer in GPU memory read large row sets from the coordinator's too.
+            let row_bytes = hidden * xs.dtype().size_in_bytes();
+            for share in &mut shares {
+                let node = &nodes[share.node];
+                share.device_input = ipc_host.is_some()
+                    && node.ipc_ok.load(Ordering::Relaxed)
+                    && node.ipc_answers.load(Ordering::Relaxed) > 0
+                    && share.tokens.len() * row_bytes >= self.shared.opts.ipc_input_min_bytes;
+            }
+            let parts: Vec<&[u32]> = shares
+                .iter()
+                .filter(|s| s.device_input)
+                .map(|s| s.tokens.as_slice())
+                .collect();
+            // Held until this round's answers are in.
+            let staged = if parts.is_empty() {
+                None
+            } else {
+                match self.shared.staging.stage(xs, &parts) {
+                    Ok(staged) => Some(staged),
+                    Err(e) => {
+                        tracing::warn!(layer, error = %e, "cannot stage hidden states in GPU memory: sending the bytes");
+                        None
+                    }
+                }
+            };
+            let mut staged_parts = staged.iter().flat_map(|s| s.parts.iter().cloned());
             let mut sends = Vec::with_capacity(shares.len());
-            for share in shares {
-                let req = call.request(&share)?;
+            for mut share in shares {
+                let device_hidden = share.device_input.then(|| staged_parts.next()).flatten();
+                share.device_input = device_hidden.is_some();
+                let req = call.request(&share, device_hidden)?;
                 sends.push(call.share(share, req));
             }
             laps.lap(Stage::Encode);
@@ -236,9 +273,21 @@ impl Experts for RemoteExperts {
             for answer in answers.into_iter().flatten() {
                 let _in_call = answer.span.enter();
                 let node = &nodes[answer.node];
-                let checked = answer.result.and_then(|output| {
-                    let ys = wire::decode(Some(&output), "output", &Device::Cpu)
-                        .map_err(|e| CallError::BadAnswer(e.to_string()))?;
+                let checked = answer.result.and_then(|reply| {
+                    let ys = match reply.payload {
+                        Payload::Bytes(output) => {
+                            wire::decode(Some(&output), "output", &Device::Cpu)
+                                .map_err(|e| CallError::BadAnswer(e.to_string()))?
+                        }
+                        Payload::Device(lent) => {
+                            let ys = node
+                                .ipc
+                                .copy(xs.device(), &lent, reply.lease)
+                                .map_err(|e| CallError::Ipc(e.to_string()))?;
+                            node.ipc_answers.fetch_add(1, Ordering::Relaxed);
+                            ys
+                        }
+                    };
                     if ys.dims() != [answer.global.len(), hidden] || ys.dtype() != self.shared.dtype
                     {
                         return Err(CallError::BadAnswer(format!(
@@ -252,6 +301,9 @@ impl Experts for RemoteExperts {
                 });
                 match checked.map_err(|e| (e.fault(), e)) {
                     Ok(ys) => {
+                        if answer.device_input {
+                            node.ipc_requests.fetch_add(1, Ordering::Relaxed);
+                        }
                         node.served
                             .fetch_add(answer.global.len() as u64, Ordering::Relaxed);
                         outputs.push(ys);
@@ -259,8 +311,20 @@ impl Experts for RemoteExperts {
                     }
                     Err((Fault::Node, e)) => {
                         let reason = e.to_string();
+                        if answer.device_input && reason.contains(IPC_READ_FAILED) {
+                            node.ipc_ok.store(false, Ordering::Relaxed);
+                            tracing::warn!(error = %e, "answers from this node come over gRPC from now on");
+                        }
                         node.mark_down(&reason);
                         failures.push((node.label(), reason));
+                        if !answer.covered {
+                            pending.extend_from_slice(&answer.global);
+                        }
+                    }
+                    // Its GPU memory cannot be read from here: ask it again for the bytes.
+                    Err((Fault::Ipc, e)) => {
+                        node.ipc_ok.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "answers from this node come over gRPC from now on");
                         if !answer.covered {
                             pending.extend_from_slice(&answer.global);
                         }
@@ -280,8 +344,17 @@ impl Experts for RemoteExperts {
         if outputs.is_empty() {
             return Ok(xs.zeros_like()?);
         }
-        // Answers are gathered on the host and cross to a GPU in one copy.
-        let outputs = Tensor::cat(&outputs, 0)?.to_device(xs.device())?;
+        // Answers are gathered on the host and cross to a GPU in one copy; those already on it
+        // (CUDA IPC) join them there.
+        let outputs = if outputs.iter().all(|t| t.device().is_cpu()) {
+            Tensor::cat(&outputs, 0)?.to_device(xs.device())?
+        } else {
+            let on_device = outputs
+                .iter()
+                .map(|t| t.to_device(xs.device()))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&on_device, 0)?
+        };
         laps.lap(Stage::CopyBack);
         combine(routing.n_tokens(), &assignments, &outputs)
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use futures::future::join_all;
 use omnishard_model::wire::{self, assignments_to_wire};
 use omnishard_model::{Assignment, CallContext, ExpertError};
@@ -17,7 +17,7 @@ use omnishard_proto::v1::{self, ForwardRequest};
 use tracing::Instrument;
 
 use super::RemoteOptions;
-use super::client::CallError;
+use super::client::{CallError, Reply};
 use super::fanout::{NodeShare, plan};
 use super::membership::{Node, Table};
 use super::profile::CallProfile;
@@ -26,12 +26,14 @@ use super::profile::CallProfile;
 pub(super) struct Answer {
     pub(super) node: usize,
     pub(super) global: Vec<Assignment>,
-    pub(super) result: Result<v1::Tensor, CallError>,
+    pub(super) result: Result<Reply, CallError>,
     /// The assignments were also sent elsewhere (hedged) and are accounted for there: a failure
     /// here marks the node down but re-sends nothing.
     pub(super) covered: bool,
     /// The call's span (layer, node, sizes), for whatever is logged about the answer.
     pub(super) span: tracing::Span,
+    /// The request's hidden rows were in the coordinator's GPU memory.
+    pub(super) device_input: bool,
 }
 
 /// Everything one round of a layer's call needs.
@@ -44,6 +46,9 @@ pub(super) struct LayerCall<'a> {
     pub(super) opts: &'a RemoteOptions,
     pub(super) fingerprint: &'a str,
     pub(super) profile: &'a CallProfile,
+    /// This host's id when answers may come back in nodes' GPU memory (the coordinator is on a
+    /// GPU and `cuda_ipc` is on), for the nodes whose copies have not failed.
+    pub(super) ipc_host: Option<&'a str>,
 }
 
 /// Counts a call's assignments as its node's outstanding work until the call ends or is
@@ -57,14 +62,19 @@ impl Drop for Busy<'_> {
 }
 
 impl LayerCall<'_> {
-    /// The request for one share: its hidden rows and assignments, refused before sending when
-    /// it or its answer would exceed the message limit.
-    pub(super) fn request(&self, share: &NodeShare) -> Result<ForwardRequest, ExpertError> {
-        let idx = Tensor::from_vec(share.tokens.clone(), share.tokens.len(), &Device::Cpu)?;
-        let hidden = wire::encode(&self.xs_host.index_select(&idx, 0)?)?;
-        // The answer has one row per assignment: bound both directions.
-        let answer = share.global.len() * hidden.data.len() / share.tokens.len().max(1);
-        let largest = hidden.data.len().max(answer);
+    /// The request for one share: its hidden rows (as bytes, or `device_hidden`: staged in GPU
+    /// memory) and assignments, refused before sending when it or its answer would exceed the
+    /// message limit.
+    pub(super) fn request(
+        &self,
+        share: &NodeShare,
+        device_hidden: Option<v1::DeviceTensor>,
+    ) -> Result<ForwardRequest, ExpertError> {
+        // The answer has one row per assignment: bound both directions, as bytes (the limit
+        // holds whichever way the rows go).
+        let row =
+            self.xs_host.dims2().map(|d| d.1).unwrap_or(0) * self.xs_host.dtype().size_in_bytes();
+        let largest = share.tokens.len().max(share.global.len()) * row;
         if largest > self.opts.max_message_bytes {
             return Err(ExpertError::Rejected {
                 node: self.nodes[share.node].label(),
@@ -76,16 +86,27 @@ impl LayerCall<'_> {
                 ),
             });
         }
+        let hidden = match device_hidden {
+            Some(_) => None,
+            None => Some(wire::encode_rows(self.xs_host, &share.tokens)?),
+        };
         let (token_index, expert_id, weight) = assignments_to_wire(&share.local);
         Ok(ForwardRequest {
             request_id: 0,
             layer: self.layer as u32,
-            hidden: Some(hidden),
+            hidden,
+            device_hidden,
             token_index,
             expert_id,
             weight,
             fingerprint: self.fingerprint.to_string(),
             trace_ids: self.ctx.request_ids.to_vec(),
+            ipc_host: self
+                .ipc_host
+                .filter(|_| self.nodes[share.node].ipc_ok.load(Ordering::Relaxed))
+                .unwrap_or_default()
+                .to_string(),
+            ..Default::default()
         })
     }
 
@@ -102,7 +123,7 @@ impl LayerCall<'_> {
     }
 
     /// Sends `req` to `share`'s node with the RPC deadline; learns the node's latency from it.
-    async fn send(&self, share: &NodeShare, req: ForwardRequest) -> Result<v1::Tensor, CallError> {
+    async fn send(&self, share: &NodeShare, req: ForwardRequest) -> Result<Reply, CallError> {
         let node = &self.nodes[share.node];
         let work = share.global.len() as u64;
         node.outstanding.fetch_add(work, Ordering::Relaxed);
@@ -112,11 +133,10 @@ impl LayerCall<'_> {
             .rpc
             .forward(req, self.opts.rpc_timeout)
             .await
-            .map(|(output, timing)| {
-                if let Some(t) = &timing {
+            .inspect(|reply| {
+                if let Some(t) = &reply.timing {
                     self.profile.node_answered(t);
                 }
-                output
             });
         let seconds = started.elapsed().as_secs_f64();
         if result.is_ok() {
@@ -133,7 +153,7 @@ impl LayerCall<'_> {
 
     fn answer(
         share: &NodeShare,
-        result: Result<v1::Tensor, CallError>,
+        result: Result<Reply, CallError>,
         covered: bool,
         span: tracing::Span,
     ) -> Answer {
@@ -143,6 +163,7 @@ impl LayerCall<'_> {
             result,
             covered,
             span,
+            device_input: share.device_input,
         }
     }
 
@@ -179,7 +200,7 @@ impl LayerCall<'_> {
             match hedges.and_then(|hedges| {
                 hedges
                     .into_iter()
-                    .map(|h| self.request(&h).map(|r| (h, r)))
+                    .map(|h| self.request(&h, None).map(|r| (h, r)))
                     .collect::<Result<Vec<_>, _>>()
             }) {
                 Ok(h) if !h.is_empty() => h.into_iter().unzip(),
@@ -199,7 +220,7 @@ impl LayerCall<'_> {
             .zip(&spans)
             .map(|((h, req), s)| self.send(h, req).instrument(s.clone()));
         let mut hedged = pin!(join_all(sent));
-        let hedge_answers = |results: Vec<Result<v1::Tensor, CallError>>, keep_ok: bool| {
+        let hedge_answers = |results: Vec<Result<Reply, CallError>>, keep_ok: bool| {
             hedges
                 .iter()
                 .zip(results)

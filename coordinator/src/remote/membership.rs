@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use futures::future::join_all;
+use omnishard_model::ops::cuda::{IpcImporter, IpcStaging};
 use omnishard_model::wire;
 use omnishard_proto::tls::error_chain;
 use omnishard_proto::v1::{self, InfoRequest, expert_service_client::ExpertServiceClient};
@@ -46,6 +47,12 @@ pub(super) struct Node {
     /// A process whose experts failed the probe, with the reason: refused again without a
     /// new probe until another process answers at the address.
     pub(super) failed_probe: Mutex<Option<(String, String)>>,
+    /// The node's answers in its GPU memory, mapped here (CUDA IPC), and whether to ask for
+    /// them: cleared for good when one could not be copied out.
+    pub(super) ipc: IpcImporter,
+    pub(super) ipc_ok: AtomicBool,
+    pub(super) ipc_answers: AtomicU64,
+    pub(super) ipc_requests: AtomicU64,
 }
 
 impl Node {
@@ -65,6 +72,8 @@ impl Node {
             retired: self.retired.load(Ordering::Acquire),
             experts: self.held_count(),
             assignments: self.served.load(Ordering::Relaxed),
+            gpu_memory_answers: self.ipc_answers.load(Ordering::Relaxed),
+            gpu_memory_requests: self.ipc_requests.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             outstanding: self.outstanding.load(Ordering::Relaxed),
             last_error: self
@@ -107,6 +116,8 @@ pub(super) struct Shared {
     table: RwLock<Arc<Table>>,
     /// Where layer calls spend their time (`coordinator bench` prints it).
     pub(super) profile: super::profile::CallProfile,
+    /// GPU memory the hidden states are sent in to nodes that read it (CUDA IPC).
+    pub(super) staging: IpcStaging,
 }
 
 impl Shared {
@@ -221,6 +232,7 @@ impl RemoteExperts {
             nodes: RwLock::new(nodes),
             table: RwLock::new(Arc::new(table)),
             profile: Default::default(),
+            staging: IpcStaging::new(),
         });
         Ok((Self { shared, runtime }, missing))
     }
@@ -505,6 +517,10 @@ async fn connect_node(
         held: Mutex::new(held),
         instance: Mutex::new(instance),
         failed_probe: Mutex::new(None),
+        ipc: IpcImporter::new(),
+        ipc_ok: AtomicBool::new(true),
+        ipc_answers: AtomicU64::new(0),
+        ipc_requests: AtomicU64::new(0),
     })
 }
 

@@ -55,6 +55,13 @@ pub trait RpcObserver: Send + Sync {
     fn observe(&self, node: &str, seconds: f64, ok: bool);
 }
 
+/// `--cuda-ipc`: whether expert nodes on GPUs of this host may answer in GPU memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CudaIpc {
+    Auto,
+    Off,
+}
+
 /// Deadlines and limits of the coordinator's calls to expert nodes.
 #[derive(Clone)]
 pub struct RemoteOptions {
@@ -74,6 +81,13 @@ pub struct RemoteOptions {
     pub hedge_floor: Option<Duration>,
     /// What admitted nodes' experts are probed against. `None`: their weights are trusted.
     pub verify: Option<Verifier>,
+    /// With the coordinator on a GPU, nodes on GPUs of the same host are asked to leave their
+    /// answers in GPU memory for it to copy (CUDA IPC) instead of sending the bytes.
+    pub cuda_ipc: bool,
+    /// With `cuda_ipc`: hidden rows for a node that has answered in GPU memory go in the
+    /// coordinator's GPU memory too from this many bytes (below, staging them costs more than
+    /// the bytes on the wire).
+    pub ipc_input_min_bytes: usize,
 }
 
 impl std::fmt::Debug for RemoteOptions {
@@ -85,6 +99,8 @@ impl std::fmt::Debug for RemoteOptions {
             .field("health_interval", &self.health_interval)
             .field("hedge_floor", &self.hedge_floor)
             .field("verify", &self.verify)
+            .field("cuda_ipc", &self.cuda_ipc)
+            .field("ipc_input_min_bytes", &self.ipc_input_min_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +116,8 @@ impl Default for RemoteOptions {
             tls: None,
             hedge_floor: Some(defaults::HEDGE_FLOOR),
             verify: None,
+            cuda_ipc: true,
+            ipc_input_min_bytes: defaults::IPC_INPUT_MIN_BYTES,
         }
     }
 }
@@ -178,6 +196,10 @@ pub struct NodeStatus {
     pub experts: usize,
     /// Assignments (token × expert) answered.
     pub assignments: u64,
+    /// Answers copied out of the node's GPU memory (CUDA IPC) rather than sent as bytes.
+    pub gpu_memory_answers: u64,
+    /// Requests whose hidden states the node read from the coordinator's GPU memory.
+    pub gpu_memory_requests: u64,
     pub errors: u64,
     pub outstanding: u64,
     pub last_error: Option<String>,

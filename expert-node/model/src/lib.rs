@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod experts;
 pub mod fingerprint;
+pub mod lending;
 pub mod mlp;
 pub mod model;
 pub mod moe_cpu;

@@ -143,3 +143,58 @@ pub const GEMV_MAX_ROWS: usize = 4;
 pub fn gemv(_x: &Tensor, _w: &Tensor) -> Result<Option<Tensor>> {
     Ok(None)
 }
+
+/// CUDA IPC answers: no GPU memory to lend here.
+pub enum IpcExporter {}
+
+impl IpcExporter {
+    pub fn new(_device: &Device) -> Option<Self> {
+        None
+    }
+
+    pub fn export(
+        &self,
+        _ask: &crate::lending::IpcAsk<'_>,
+        _ys: &Tensor,
+    ) -> Result<Option<omnishard_proto::v1::DeviceTensor>> {
+        match *self {}
+    }
+}
+
+/// Never asked for here: the coordinator asks for IPC answers only from a GPU.
+#[derive(Default)]
+pub struct IpcImporter;
+
+impl IpcImporter {
+    pub fn new() -> Self {
+        Self
+    }
+
+    pub fn copy(
+        &self,
+        _device: &Device,
+        _out: &omnishard_proto::v1::DeviceTensor,
+        _lease: impl Send + 'static,
+    ) -> Result<Tensor> {
+        candle_core::bail!("a CUDA IPC answer needs a build with the `cuda` feature")
+    }
+}
+
+/// Rows staged in GPU memory: never here.
+pub struct StagedRows<'a> {
+    pub parts: Vec<omnishard_proto::v1::DeviceTensor>,
+    _staging: &'a IpcStaging,
+}
+
+#[derive(Default)]
+pub struct IpcStaging;
+
+impl IpcStaging {
+    pub fn new() -> Self {
+        Self
+    }
+
+    pub fn stage(&self, _xs: &Tensor, _parts: &[&[u32]]) -> Result<StagedRows<'_>> {
+        candle_core::bail!("rows are staged in GPU memory only with the `cuda` feature")
+    }
+}

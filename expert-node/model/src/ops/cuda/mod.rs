@@ -8,9 +8,11 @@
 //! DESIGN §7), and candle's generic path costs one launch per elementary op: RMSNorm alone is
 //! nine. These kernels replace the launch-heavy and bandwidth-heavy parts.
 
+mod ipc;
 mod moe;
 mod sample;
 
+pub use ipc::{IpcExporter, IpcImporter, IpcStaging, StagedRows};
 pub use moe::{StackedExperts, combine};
 pub use sample::sample_row;
 

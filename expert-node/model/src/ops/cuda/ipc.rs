@@ -1,0 +1,455 @@
+//! CUDA IPC answers: an expert node on a GPU leaves a layer's answer in device memory it lends
+//! to the coordinator and sends a handle to it (`omnishard.v1.DeviceTensor`); a coordinator on
+//! a GPU of the same host maps that memory once per buffer and copies the answer GPU to GPU
+//! (NVLink or PCIe peer access). At batch 128 an answer is 4 MiB per layer, and taking it off
+//! the node's GPU, through gRPC and back onto the coordinator's cost 6–24 ms per layer call
+//! (BENCHMARKS.md, issue 15); this keeps the bytes on the GPUs and sends 64.
+//!
+//! The memory comes from `cuMemAlloc` (the stream-ordered pool candle allocates from cannot be
+//! exported), lent per client by [`crate::lending::Lending`]. The node synchronizes its stream
+//! before it answers, so the data is complete when the handle leaves; the coordinator's copy is
+//! ordered on its own stream, and it keeps the request's lease until an event after the copy
+//! has completed, so the node reuses a buffer only once it has been read.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, DevicePtr, DevicePtrMut, sys,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Storage, Tensor, bail};
+use half::bf16;
+use omnishard_proto::v1;
+
+use crate::lending::{IpcAsk, Lending, host_id};
+use crate::wire::{candle_dtype, wire_dtype};
+
+/// Clients a node lends to at once (coordinators, one client per node connection).
+const MAX_CLIENTS: usize = 4;
+/// Buffers per client: two micro-batches in flight, each with an answer being copied.
+const BUFFERS_PER_CLIENT: usize = 6;
+/// Buffers grow in steps of this, so that answers of nearly the same size share one.
+const GRANULE: usize = 1 << 20;
+/// Most buffers a coordinator keeps mapped per node (a node's slots are far fewer).
+const MAX_MAPPINGS: usize = 64;
+
+fn check(what: &str, r: sys::CUresult) -> Result<()> {
+    r.result()
+        .map_err(|e| candle_core::Error::Msg(format!("{what}: {e:?}")))
+}
+
+/// Device memory that can be exported, freed on drop.
+struct DeviceBuffer {
+    ctx: Arc<CudaContext>,
+    ptr: sys::CUdeviceptr,
+    handle: Vec<u8>,
+}
+
+impl DeviceBuffer {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
+        ctx.bind_to_thread().w()?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) })?;
+        // Owned from here: freed if the handle cannot be had.
+        let mut buffer = Self {
+            ctx: ctx.clone(),
+            ptr,
+            handle: Vec::new(),
+        };
+        let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        check("cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(&mut handle, ptr)
+        })?;
+        buffer.handle = handle.reserved.iter().map(|&b| b as u8).collect();
+        Ok(buffer)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // Nothing else can be done about a failure while dropping.
+            let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
+
+/// The node's side: lends buffers and copies answers into them.
+pub struct IpcExporter {
+    dev: CudaDevice,
+    lending: Mutex<Lending<DeviceBuffer>>,
+}
+
+impl IpcExporter {
+    /// An exporter for a node computing on `device`; `None` off the GPU.
+    pub fn new(device: &Device) -> Option<Self> {
+        match device {
+            Device::Cuda(dev) => Some(Self {
+                dev: dev.clone(),
+                lending: Mutex::new(Lending::new(
+                    MAX_CLIENTS,
+                    BUFFERS_PER_CLIENT,
+                    RandomState::new().hash_one(std::process::id()),
+                )),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Copies `ys` (on this node's GPU) into a buffer lent to the asking client, on the device's
+    /// stream; the caller synchronizes the stream before answering. `None`: the client is on
+    /// another host, `ys` is not a GPU tensor of a wire dtype, or all its buffers are lent —
+    /// the answer travels as bytes.
+    pub fn export(&self, ask: &IpcAsk<'_>, ys: &Tensor) -> Result<Option<v1::DeviceTensor>> {
+        if ask.client == 0 || ask.host.is_empty() || ask.host != host_id() {
+            return Ok(None);
+        }
+        let Some(dtype) = wire_dtype(ys.dtype()).filter(|_| ys.device().is_cuda()) else {
+            return Ok(None);
+        };
+        let ys = ys.contiguous()?;
+        let bytes = ys.elem_count() * ys.dtype().size_in_bytes();
+        let stream = self.dev.cuda_stream();
+        let ctx = stream.context().clone();
+        let mut lending = self.lending.lock().unwrap_or_else(|e| e.into_inner());
+        let lent = lending.lend(
+            ask.client,
+            ask.keep_from,
+            ask.request,
+            bytes.max(1).next_multiple_of(GRANULE),
+            |size| DeviceBuffer::new(&ctx, size),
+        )?;
+        let Some(lent) = lent else {
+            tracing::debug!(
+                client = ask.client,
+                "every answer buffer of the client is lent: answering with bytes"
+            );
+            return Ok(None);
+        };
+        with_raw(&ys, &stream, |src| {
+            check("cuMemcpyDtoDAsync", unsafe {
+                sys::cuMemcpyDtoDAsync_v2(lent.buffer.ptr, src, bytes, stream.cu_stream())
+            })
+        })?;
+        Ok(Some(v1::DeviceTensor {
+            ipc_handle: lent.buffer.handle.clone(),
+            slot: lent.slot,
+            generation: lent.generation,
+            dtype: dtype as i32,
+            shape: ys.dims().iter().map(|&d| d as u64).collect(),
+            offset: 0,
+        }))
+    }
+}
+
+/// Runs `f` on the device address of a contiguous f32 or bf16 CUDA tensor's first element.
+fn with_raw<R>(
+    t: &Tensor,
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    f: impl FnOnce(sys::CUdeviceptr) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!("expected a CUDA tensor, got {:?}", t.device())
+    };
+    let start = layout.start_offset();
+    match t.dtype() {
+        DType::BF16 => {
+            let view = s.as_cuda_slice::<bf16>()?.slice(start..);
+            let (ptr, _sync) = view.device_ptr(stream);
+            f(ptr)
+        }
+        DType::F32 => {
+            let view = s.as_cuda_slice::<f32>()?.slice(start..);
+            let (ptr, _sync) = view.device_ptr(stream);
+            f(ptr)
+        }
+        other => bail!("{other:?} answers do not travel"),
+    }
+}
+
+/// One node buffer mapped into the coordinator's context, closed on drop.
+struct Mapping {
+    ctx: Arc<CudaContext>,
+    generation: u64,
+    handle: Vec<u8>,
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            let _ = unsafe { sys::cuIpcCloseMemHandle(self.ptr) };
+        }
+    }
+}
+
+/// The coordinator's side, one per node: the node's buffers it has mapped, and the copies out
+/// of them not yet known to be complete (each holding its request's lease).
+#[derive(Default)]
+pub struct IpcImporter {
+    mapped: Mutex<HashMap<u32, Mapping>>,
+    copying: Mutex<Vec<(CudaEvent, Box<dyn Send>)>>,
+}
+
+impl IpcImporter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Copies a tensor out of another process's buffer (a node's answer, a coordinator's hidden
+    /// states) into a new tensor on `device`, ordered on that device's stream. `lease` is kept
+    /// until the copy has completed on the GPU; dropping it tells the node, with the next
+    /// request, that the buffer is free again.
+    pub fn copy(
+        &self,
+        device: &Device,
+        out: &v1::DeviceTensor,
+        lease: impl Send + 'static,
+    ) -> Result<Tensor> {
+        let Device::Cuda(dev) = device else {
+            bail!("a tensor in GPU memory is copied onto a GPU, not {device:?}")
+        };
+        let dtype = v1::Dtype::try_from(out.dtype)
+            .ok()
+            .and_then(candle_dtype)
+            .ok_or_else(|| candle_core::Error::Msg(format!("unknown dtype {}", out.dtype)))?;
+        let elems = out
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+            .filter(|&n| n.checked_mul(dtype.size_in_bytes()).is_some())
+            .ok_or_else(|| candle_core::Error::Msg(format!("impossible shape {:?}", out.shape)))?;
+        let bytes = elems * dtype.size_in_bytes();
+        let stream = dev.cuda_stream();
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread().w()?;
+        let offset = usize::try_from(out.offset)
+            .ok()
+            .filter(|o| o.checked_add(bytes).is_some())
+            .ok_or_else(|| candle_core::Error::Msg(format!("impossible offset {}", out.offset)))?;
+        let src = self.map(&ctx, out, offset + bytes)? + offset as sys::CUdeviceptr;
+        let storage = match dtype {
+            DType::BF16 => copy_into::<bf16>(dev, &stream, src, elems, bytes)?,
+            _ => copy_into::<f32>(dev, &stream, src, elems, bytes)?,
+        };
+        let shape: Vec<usize> = out.shape.iter().map(|&d| d as usize).collect();
+        let ys = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
+        let done = stream.record_event(None).w()?;
+        let mut copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+        copying.retain(|(event, _)| !event.is_complete());
+        copying.push((done, Box::new(lease)));
+        Ok(ys)
+    }
+
+    /// The device address of the tensor's buffer, mapping it (and closing an older allocation
+    /// behind the same slot) when needed; refuses `end` bytes past the mapped allocation.
+    fn map(
+        &self,
+        ctx: &Arc<CudaContext>,
+        out: &v1::DeviceTensor,
+        end: usize,
+    ) -> Result<sys::CUdeviceptr> {
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        let current = mapped
+            .get(&out.slot)
+            .is_some_and(|m| m.generation == out.generation && m.handle == out.ipc_handle);
+        if !current {
+            mapped.remove(&out.slot);
+            if mapped.len() >= MAX_MAPPINGS {
+                mapped.clear();
+            }
+            let raw: [u8; 64] = <[u8; 64]>::try_from(&out.ipc_handle[..]).map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "an IPC handle has 64 bytes, this one {}",
+                    out.ipc_handle.len()
+                ))
+            })?;
+            let handle = sys::CUipcMemHandle_st {
+                reserved: raw.map(|b| b as std::ffi::c_char),
+            };
+            let mut ptr: sys::CUdeviceptr = 0;
+            check("cuIpcOpenMemHandle", unsafe {
+                sys::cuIpcOpenMemHandle_v2(
+                    &mut ptr,
+                    handle,
+                    sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                )
+            })?;
+            // Owned from here: closed if its size cannot be had.
+            let mut mapping = Mapping {
+                ctx: ctx.clone(),
+                generation: out.generation,
+                handle: out.ipc_handle.clone(),
+                ptr,
+                bytes: 0,
+            };
+            let (mut base, mut size) = (0, 0usize);
+            check("cuMemGetAddressRange", unsafe {
+                sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr)
+            })?;
+            mapping.bytes = size.saturating_sub(ptr.saturating_sub(base) as usize);
+            mapped.insert(out.slot, mapping);
+        }
+        let m = &mapped[&out.slot];
+        if end > m.bytes {
+            bail!("a tensor up to byte {end} of a buffer of {}", m.bytes);
+        }
+        Ok(m.ptr)
+    }
+}
+
+fn copy_into<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    src: sys::CUdeviceptr,
+    elems: usize,
+    bytes: usize,
+) -> Result<CudaStorage> {
+    let mut dst: CudaSlice<T> = unsafe { dev.alloc::<T>(elems.max(1))? };
+    {
+        let (ptr, _sync) = dst.device_ptr_mut(stream);
+        check("cuMemcpyDtoDAsync", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(ptr, src, bytes, stream.cu_stream())
+        })?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
+}
+
+/// Most staging buffers a coordinator keeps for reuse (one per layer call in flight).
+const MAX_STAGING: usize = 4;
+
+/// One exported buffer of the coordinator's.
+struct StagingBuffer {
+    slot: u32,
+    generation: u64,
+    bytes: usize,
+    buffer: DeviceBuffer,
+}
+
+/// The coordinator's side of requests in GPU memory (`ForwardRequest.device_hidden`): buffers
+/// it exports for the hidden states it sends, each held by one round of a layer's call until
+/// that round's answers are in (a node reads its rows before it answers; one that never answers
+/// reads, at worst, rows of a later call into an answer no one takes).
+pub struct IpcStaging {
+    free: Mutex<Vec<StagingBuffer>>,
+    next: Mutex<(u32, u64)>,
+}
+
+impl Default for IpcStaging {
+    fn default() -> Self {
+        Self {
+            free: Mutex::default(),
+            next: Mutex::new((0, RandomState::new().hash_one(std::process::id()))),
+        }
+    }
+}
+
+/// Rows staged for one round: each part's tensor as a node maps it; the buffer goes back to
+/// the pool when this is dropped.
+pub struct StagedRows<'a> {
+    staging: &'a IpcStaging,
+    buffer: Option<StagingBuffer>,
+    pub parts: Vec<v1::DeviceTensor>,
+}
+
+impl Drop for StagedRows<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffer.take() {
+            let mut free = self.staging.free.lock().unwrap_or_else(|e| e.into_inner());
+            if free.len() < MAX_STAGING {
+                free.push(b);
+            }
+        }
+    }
+}
+
+impl IpcStaging {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Gathers each list of rows of `xs` (a 2-D f32 or bf16 tensor on a GPU) into one exported
+    /// buffer, one part after the other, and waits until the copies are complete (the nodes
+    /// read them from other processes).
+    pub fn stage(&self, xs: &Tensor, parts: &[&[u32]]) -> Result<StagedRows<'_>> {
+        let Device::Cuda(dev) = xs.device() else {
+            bail!("rows are staged from a GPU, not {:?}", xs.device())
+        };
+        let dtype = wire_dtype(xs.dtype())
+            .ok_or_else(|| candle_core::Error::Msg(format!("{:?} does not travel", xs.dtype())))?;
+        let (n, width) = xs.dims2()?;
+        if let Some(r) = parts
+            .iter()
+            .flat_map(|p| p.iter())
+            .find(|&&r| r as usize >= n)
+        {
+            bail!("row {r} of a tensor of {n} rows");
+        }
+        let row_bytes = width * xs.dtype().size_in_bytes();
+        let total = parts.iter().map(|p| p.len()).sum::<usize>() * row_bytes;
+        let stream = dev.cuda_stream();
+        let buffer = self.take(stream.context(), total)?;
+        let mut staged = StagedRows {
+            staging: self,
+            parts: Vec::with_capacity(parts.len()),
+            buffer: None,
+        };
+        let mut offset = 0;
+        for rows in parts {
+            let idx = Tensor::from_slice(rows, rows.len(), xs.device())?;
+            let part = xs.index_select(&idx, 0)?.contiguous()?;
+            let bytes = rows.len() * row_bytes;
+            with_raw(&part, &stream, |src| {
+                check("cuMemcpyDtoDAsync", unsafe {
+                    sys::cuMemcpyDtoDAsync_v2(
+                        buffer.buffer.ptr + offset as sys::CUdeviceptr,
+                        src,
+                        bytes,
+                        stream.cu_stream(),
+                    )
+                })
+            })?;
+            staged.parts.push(v1::DeviceTensor {
+                ipc_handle: buffer.buffer.handle.clone(),
+                slot: buffer.slot,
+                generation: buffer.generation,
+                dtype: dtype as i32,
+                shape: vec![rows.len() as u64, width as u64],
+                offset: offset as u64,
+            });
+            offset += bytes;
+        }
+        staged.buffer = Some(buffer);
+        stream.synchronize().w()?;
+        Ok(staged)
+    }
+
+    /// A free buffer of at least `bytes` (the smallest), else a new one.
+    fn take(&self, ctx: &Arc<CudaContext>, bytes: usize) -> Result<StagingBuffer> {
+        {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let fitting = (0..free.len())
+                .filter(|&i| free[i].bytes >= bytes)
+                .min_by_key(|&i| free[i].bytes);
+            if let Some(i) = fitting {
+                return Ok(free.swap_remove(i));
+            }
+        }
+        let size = bytes.max(1).next_multiple_of(GRANULE);
+        let buffer = DeviceBuffer::new(ctx, size)?;
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let (slot, generation) = *next;
+        *next = (slot.wrapping_add(1), generation.wrapping_add(1));
+        Ok(StagingBuffer {
+            slot,
+            generation,
+            bytes: size,
+            buffer,
+        })
+    }
+}
