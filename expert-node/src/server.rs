@@ -93,7 +93,8 @@ impl ServiceError for NodeError {
     }
 }
 
-/// Coordinators whose GPU memory stays mapped here (the oldest is forgotten past this).
+/// Coordinators whose GPU memory stays mapped here (the least recently used is forgotten past
+/// this; closing its mappings waits for copies still queued).
 const IPC_CLIENTS: usize = 4;
 
 /// What the node is and holds; the experts are installed once loading finishes.
@@ -177,7 +178,6 @@ impl NodeState {
         self.experts.get()
     }
 
-    /// Watches whether the experts are installed.
     /// Copies a request's hidden states out of its coordinator's GPU memory onto this node's
     /// device (ordered before the experts on the device's stream).
     fn import_hidden(
@@ -193,7 +193,15 @@ impl NodeState {
         let importer = {
             let mut clients = self.ipc_in.lock().unwrap_or_else(|e| e.into_inner());
             match clients.iter().position(|(c, _)| *c == req.ipc_client) {
-                Some(i) => clients[i].1.clone(),
+                // The most recently used last: the front is forgotten first.
+                Some(i) => {
+                    let entry = clients
+                        .remove(i)
+                        .ok_or(NodeError::Ipc("lost client".into()))?;
+                    let importer = entry.1.clone();
+                    clients.push_back(entry);
+                    importer
+                }
                 None => {
                     if clients.len() >= IPC_CLIENTS {
                         clients.pop_front();
@@ -209,6 +217,7 @@ impl NodeState {
             .map_err(|e| NodeError::Ipc(e.to_string()))
     }
 
+    /// Watches whether the experts are installed.
     pub fn loaded(&self) -> watch::Receiver<bool> {
         self.loaded.subscribe()
     }
@@ -338,9 +347,14 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
         request: req.request_id,
     };
     let device_output = match &state.ipc {
-        Some(ipc) if ask.client != 0 => ipc
-            .export(&ask, &ys)
-            .map_err(|e| NodeError::Encode(e.to_string()))?,
+        Some(ipc) if ask.client != 0 => {
+            ipc.release(ask.client, ask.keep_from);
+            // No GPU memory to lend (it may have run out) is no reason to fail the call.
+            ipc.export(&ask, &ys).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot lend GPU memory for the answer: sending the bytes");
+                None
+            })
+        }
         _ => None,
     };
     // An answer lent on the GPU must be complete before its handle leaves; a copy to the host

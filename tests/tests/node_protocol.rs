@@ -71,7 +71,38 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
         (vec![2, HIDDEN as u64], 7)
     );
 
+    // Hidden states said to be in a coordinator's GPU memory (CUDA IPC).
+    let in_gpu_memory = v1::DeviceTensor {
+        ipc_handle: vec![0; 64],
+        dtype: v1::Dtype::F32 as i32,
+        shape: vec![2, HIDDEN as u64],
+        ..Default::default()
+    };
     let bad_cases: Vec<(&str, ForwardRequest, Code, &str)> = vec![
+        (
+            "hidden states both as bytes and in GPU memory",
+            ForwardRequest {
+                device_hidden: Some(in_gpu_memory.clone()),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+            "not both",
+        ),
+        (
+            // A node on the CPU maps no GPU memory: about the node, and the coordinator sends
+            // it the bytes instead (it never sends these to a node that has not answered in
+            // its own GPU memory).
+            "hidden states in GPU memory, to a node on the CPU",
+            ForwardRequest {
+                hidden: None,
+                device_hidden: Some(in_gpu_memory),
+                ipc_client: 5,
+                ipc_host: omnishard_model::lending::host_id().to_string(),
+                ..good.clone()
+            },
+            Code::FailedPrecondition,
+            omnishard_proto::wire::IPC_READ_FAILED,
+        ),
         (
             "wrong hidden size",
             ForwardRequest {

@@ -44,16 +44,19 @@ pub(super) struct Lease {
 }
 
 impl Lease {
-    /// Leases `id`; returns the lease and the smallest id still leased before it.
-    fn take(live: &Arc<Mutex<BTreeSet<u64>>>, id: u64) -> (Self, u64) {
+    /// Takes the next request id from `next` and leases it; returns the lease, the id and the
+    /// smallest id still leased. Both under the one lock: an id taken but not yet leased would
+    /// let a concurrent request's keep_from pass it.
+    fn take(live: &Arc<Mutex<BTreeSet<u64>>>, next: &AtomicU64) -> (Self, u64, u64) {
         let mut set = live.lock().unwrap_or_else(|e| e.into_inner());
+        let id = next.fetch_add(1, Ordering::Relaxed);
         let keep_from = set.first().copied().unwrap_or(id).min(id);
         set.insert(id);
         let lease = Lease {
             live: live.clone(),
             id,
         };
-        (lease, keep_from)
+        (lease, id, keep_from)
     }
 }
 
@@ -213,14 +216,13 @@ impl NodeClient {
         let deadline = Instant::now() + timeout;
         let call = async {
             let (tx, pending) = self.stream().await.map_err(CallError::Transport)?;
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (lease, id, keep_from) = Lease::take(&self.leases, &self.next_id);
             req.request_id = id;
-            let (lease, keep_from) = Lease::take(&self.leases, id);
+            // Every request says what this client is done with, asking for GPU memory or not,
+            // so that a node frees what it lent even after the asking stopped.
+            req.ipc_client = self.ipc_client;
+            req.ipc_keep_from = keep_from;
             let asked_ipc = !req.ipc_host.is_empty();
-            if asked_ipc {
-                req.ipc_client = self.ipc_client;
-                req.ipc_keep_from = keep_from;
-            }
             let (wtx, wrx) = oneshot::channel();
             pending
                 .lock()
@@ -289,8 +291,9 @@ pub(super) enum CallError {
     Status { code: tonic::Code, message: String },
     /// The node answered something that does not fit the request.
     BadAnswer(String),
-    /// The node lent its answer in GPU memory and it could not be copied out (CUDA IPC between
-    /// these processes is not possible: another IPC namespace, no peer access…).
+    /// GPU memory between the coordinator and the node could not be read (the node's answer, or
+    /// the rows staged for it): CUDA IPC between these processes is not possible (another IPC
+    /// namespace, no peer access…).
     Ipc(String),
 }
 
@@ -358,7 +361,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::Transport(m) | CallError::BadAnswer(m) => f.write_str(m),
-            CallError::Ipc(m) => write!(f, "cannot copy the answer out of its GPU memory: {m}"),
+            CallError::Ipc(m) => write!(f, "GPU memory cannot be shared with this node: {m}"),
             CallError::Timeout(t) => {
                 write!(f, "no answer within the {} ms deadline", t.as_millis())
             }
@@ -374,6 +377,7 @@ impl std::fmt::Display for CallError {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     use candle_core::{Device, Tensor};
@@ -429,20 +433,21 @@ mod tests {
     #[test]
     fn keep_from_is_the_oldest_request_not_finished() {
         let live = Default::default();
-        let (first, keep) = Lease::take(&live, 0);
-        assert_eq!(keep, 0);
-        let (second, keep) = Lease::take(&live, 1);
-        assert_eq!(keep, 0);
+        let next = AtomicU64::new(0);
+        let (first, id, keep) = Lease::take(&live, &next);
+        assert_eq!((id, keep), (0, 0));
+        let (second, id, keep) = Lease::take(&live, &next);
+        assert_eq!((id, keep), (1, 0));
         // The newer one finishes first: the older still holds what was lent for it.
         drop(second);
-        let (third, keep) = Lease::take(&live, 2);
-        assert_eq!(keep, 0);
+        let (third, id, keep) = Lease::take(&live, &next);
+        assert_eq!((id, keep), (2, 0));
         drop(first);
-        let (_fourth, keep) = Lease::take(&live, 3);
-        assert_eq!(keep, 2);
+        let (_fourth, id, keep) = Lease::take(&live, &next);
+        assert_eq!((id, keep), (3, 2));
         drop(third);
-        let (_fifth, keep) = Lease::take(&live, 4);
-        assert_eq!(keep, 3);
+        let (_fifth, id, keep) = Lease::take(&live, &next);
+        assert_eq!((id, keep), (4, 3));
     }
 
     fn request() -> ForwardRequest {

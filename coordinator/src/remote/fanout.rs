@@ -216,6 +216,12 @@ impl Experts for RemoteExperts {
         let ipc_host = omnishard_model::lending::host_id();
         let ipc_host = (self.shared.opts.cuda_ipc && xs.device().is_cuda() && !ipc_host.is_empty())
             .then_some(ipc_host);
+        if ipc_host.is_some() {
+            // Copies that completed since the last call give their buffers back (next request).
+            for node in &nodes {
+                node.ipc.prune();
+            }
+        }
         let call = LayerCall {
             layer,
             xs_host: &xs_host,
@@ -299,6 +305,16 @@ impl Experts for RemoteExperts {
                     }
                     Ok(ys)
                 });
+                // A node that cannot read the rows staged in GPU memory is not down: it gets
+                // the bytes.
+                let checked = checked.map_err(|e| match e {
+                    CallError::Status { message, .. }
+                        if answer.device_input && message.contains(IPC_READ_FAILED) =>
+                    {
+                        CallError::Ipc(message)
+                    }
+                    e => e,
+                });
                 match checked.map_err(|e| (e.fault(), e)) {
                     Ok(ys) => {
                         if answer.device_input {
@@ -311,17 +327,13 @@ impl Experts for RemoteExperts {
                     }
                     Err((Fault::Node, e)) => {
                         let reason = e.to_string();
-                        if answer.device_input && reason.contains(IPC_READ_FAILED) {
-                            node.ipc_ok.store(false, Ordering::Relaxed);
-                            tracing::warn!(error = %e, "answers from this node come over gRPC from now on");
-                        }
                         node.mark_down(&reason);
                         failures.push((node.label(), reason));
                         if !answer.covered {
                             pending.extend_from_slice(&answer.global);
                         }
                     }
-                    // Its GPU memory cannot be read from here: ask it again for the bytes.
+                    // GPU memory between the two cannot be read: ask it again with the bytes.
                     Err((Fault::Ipc, e)) => {
                         node.ipc_ok.store(false, Ordering::Relaxed);
                         tracing::warn!(error = %e, "answers from this node come over gRPC from now on");

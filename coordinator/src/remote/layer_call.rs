@@ -90,6 +90,14 @@ impl LayerCall<'_> {
             Some(_) => None,
             None => Some(wire::encode_rows(self.xs_host, &share.tokens)?),
         };
+        // Rows staged in GPU memory go with the host's id whatever became of ipc_ok since.
+        let ipc_host = self
+            .ipc_host
+            .filter(|_| {
+                device_hidden.is_some() || self.nodes[share.node].ipc_ok.load(Ordering::Relaxed)
+            })
+            .unwrap_or_default()
+            .to_string();
         let (token_index, expert_id, weight) = assignments_to_wire(&share.local);
         Ok(ForwardRequest {
             request_id: 0,
@@ -101,11 +109,7 @@ impl LayerCall<'_> {
             weight,
             fingerprint: self.fingerprint.to_string(),
             trace_ids: self.ctx.request_ids.to_vec(),
-            ipc_host: self
-                .ipc_host
-                .filter(|_| self.nodes[share.node].ipc_ok.load(Ordering::Relaxed))
-                .unwrap_or_default()
-                .to_string(),
+            ipc_host,
             ..Default::default()
         })
     }

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaContext, CudaEvent, CudaSlice, DevicePtr, DevicePtrMut, sys,
@@ -33,7 +34,8 @@ const MAX_CLIENTS: usize = 4;
 const BUFFERS_PER_CLIENT: usize = 6;
 /// Buffers grow in steps of this, so that answers of nearly the same size share one.
 const GRANULE: usize = 1 << 20;
-/// Most buffers a coordinator keeps mapped per node (a node's slots are far fewer).
+/// Most buffers kept mapped per peer (a node lends a client a few; a coordinator's staging
+/// buffers are few but new ones take new slots): past this, all are closed and mapped afresh.
 const MAX_MAPPINGS: usize = 64;
 
 fn check(what: &str, r: sys::CUresult) -> Result<()> {
@@ -99,10 +101,18 @@ impl IpcExporter {
         }
     }
 
+    /// Takes back what `client` is done with (`ForwardRequest.ipc_keep_from`).
+    pub fn release(&self, client: u64, keep_from: u64) {
+        self.lending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(client, keep_from, Instant::now());
+    }
+
     /// Copies `ys` (on this node's GPU) into a buffer lent to the asking client, on the device's
     /// stream; the caller synchronizes the stream before answering. `None`: the client is on
-    /// another host, `ys` is not a GPU tensor of a wire dtype, or all its buffers are lent —
-    /// the answer travels as bytes.
+    /// another host, `ys` is not a GPU tensor of a wire dtype, or nothing can be lent — the
+    /// answer travels as bytes.
     pub fn export(&self, ask: &IpcAsk<'_>, ys: &Tensor) -> Result<Option<v1::DeviceTensor>> {
         if ask.client == 0 || ask.host.is_empty() || ask.host != host_id() {
             return Ok(None);
@@ -117,15 +127,15 @@ impl IpcExporter {
         let mut lending = self.lending.lock().unwrap_or_else(|e| e.into_inner());
         let lent = lending.lend(
             ask.client,
-            ask.keep_from,
             ask.request,
             bytes.max(1).next_multiple_of(GRANULE),
+            Instant::now(),
             |size| DeviceBuffer::new(&ctx, size),
         )?;
         let Some(lent) = lent else {
             tracing::debug!(
                 client = ask.client,
-                "every answer buffer of the client is lent: answering with bytes"
+                "no answer buffer can be lent to the client: answering with bytes"
             );
             return Ok(None);
         };
@@ -182,7 +192,9 @@ struct Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
+        // A copy out of the mapping may still be queued: let it finish first (mappings close
+        // rarely: a slot's new allocation, a forgotten client).
+        if self.ctx.synchronize().is_ok() {
             let _ = unsafe { sys::cuIpcCloseMemHandle(self.ptr) };
         }
     }
@@ -240,10 +252,20 @@ impl IpcImporter {
         let shape: Vec<usize> = out.shape.iter().map(|&d| d as usize).collect();
         let ys = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
         let done = stream.record_event(None).w()?;
-        let mut copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
-        copying.retain(|(event, _)| !event.is_complete());
-        copying.push((done, Box::new(lease)));
+        self.prune();
+        self.copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((done, Box::new(lease)));
         Ok(ys)
+    }
+
+    /// Drops the leases of copies that have completed (or failed: nothing reads any more).
+    pub fn prune(&self) {
+        self.copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(event, _)| matches!(event.try_is_complete(), Ok(false)));
     }
 
     /// The device address of the tensor's buffer, mapping it (and closing an older allocation
@@ -321,7 +343,7 @@ fn copy_into<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRep
 }
 
 /// Most staging buffers a coordinator keeps for reuse (one per layer call in flight).
-const MAX_STAGING: usize = 4;
+const MAX_STAGING: usize = 8;
 
 /// One exported buffer of the coordinator's.
 struct StagingBuffer {
