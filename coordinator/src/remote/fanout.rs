@@ -16,7 +16,8 @@ use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Routing};
 use omnishard_proto::wire::IPC_READ_FAILED;
 
 use super::RemoteExperts;
-use super::client::{CallError, Fault, Payload};
+use super::call_error::{CallError, Fault};
+use super::client::Payload;
 use super::layer_call::LayerCall;
 use super::membership::Node;
 use super::profile::Stage;

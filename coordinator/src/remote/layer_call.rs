@@ -17,7 +17,8 @@ use omnishard_proto::v1::{self, ForwardRequest};
 use tracing::Instrument;
 
 use super::RemoteOptions;
-use super::client::{CallError, Reply};
+use super::call_error::CallError;
+use super::client::Reply;
 use super::fanout::{NodeShare, plan};
 use super::membership::{Node, Table};
 use super::profile::CallProfile;

@@ -14,7 +14,8 @@
 //! Every call has a deadline; a failure names the node and the layer. A node that fails or stays
 //! silent is marked down and its share of the call is re-sent to replicas within the same call.
 //!
-//! - `client.rs`: one node's stream, request ids, deadlines, and whom a failed call is blamed on.
+//! - `client.rs`: one node's stream, request ids, deadlines and the leases on what a node lent.
+//! - `call_error.rs`: why a call failed and whom it is blamed on.
 //! - `membership.rs`: connecting, identity checks, joining and retiring, the routing table.
 //! - `health.rs`: the background health checks and re-admission.
 //! - `fanout.rs`: planning a layer's call over the nodes, failover, [`Experts`] for
@@ -25,6 +26,7 @@
 //!
 //! [`Experts`]: omnishard_model::Experts
 
+mod call_error;
 mod client;
 mod fanout;
 mod health;

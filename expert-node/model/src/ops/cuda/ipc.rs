@@ -9,7 +9,8 @@
 //! exported), lent per client by [`crate::lending::Lending`]. The node synchronizes its stream
 //! before it answers, so the data is complete when the handle leaves; the coordinator's copy is
 //! ordered on its own stream, and it keeps the request's lease until an event after the copy
-//! has completed, so the node reuses a buffer only once it has been read.
+//! has completed, so the node reuses a buffer only once it has been read. The other direction,
+//! hidden rows in the coordinator's GPU memory, is `staging.rs`.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -33,25 +34,25 @@ const MAX_CLIENTS: usize = 4;
 /// Buffers per client: two micro-batches in flight, each with an answer being copied.
 const BUFFERS_PER_CLIENT: usize = 6;
 /// Buffers grow in steps of this, so that answers of nearly the same size share one.
-const GRANULE: usize = 1 << 20;
+pub(super) const GRANULE: usize = 1 << 20;
 /// Most buffers kept mapped per peer (a node lends a client a few; a coordinator's staging
 /// buffers are few but new ones take new slots): past this, all are closed and mapped afresh.
 const MAX_MAPPINGS: usize = 64;
 
-fn check(what: &str, r: sys::CUresult) -> Result<()> {
+pub(super) fn check(what: &str, r: sys::CUresult) -> Result<()> {
     r.result()
         .map_err(|e| candle_core::Error::Msg(format!("{what}: {e:?}")))
 }
 
 /// Device memory that can be exported, freed on drop.
-struct DeviceBuffer {
+pub(super) struct DeviceBuffer {
     ctx: Arc<CudaContext>,
-    ptr: sys::CUdeviceptr,
-    handle: Vec<u8>,
+    pub(super) ptr: sys::CUdeviceptr,
+    pub(super) handle: Vec<u8>,
 }
 
 impl DeviceBuffer {
-    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
+    pub(super) fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
         ctx.bind_to_thread().w()?;
         let mut ptr: sys::CUdeviceptr = 0;
         check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) })?;
@@ -156,7 +157,7 @@ impl IpcExporter {
 }
 
 /// Runs `f` on the device address of a contiguous f32 or bf16 CUDA tensor's first element.
-fn with_raw<R>(
+pub(super) fn with_raw<R>(
     t: &Tensor,
     stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
     f: impl FnOnce(sys::CUdeviceptr) -> Result<R>,
@@ -340,138 +341,4 @@ fn copy_into<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRep
         })?;
     }
     Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
-}
-
-/// Most staging buffers a coordinator keeps for reuse (one per layer call in flight).
-const MAX_STAGING: usize = 8;
-
-/// One exported buffer of the coordinator's.
-struct StagingBuffer {
-    slot: u32,
-    generation: u64,
-    bytes: usize,
-    buffer: DeviceBuffer,
-}
-
-/// The coordinator's side of requests in GPU memory (`ForwardRequest.device_hidden`): buffers
-/// it exports for the hidden states it sends, each held by one round of a layer's call until
-/// that round's answers are in (a node reads its rows before it answers; one that never answers
-/// reads, at worst, rows of a later call into an answer no one takes).
-pub struct IpcStaging {
-    free: Mutex<Vec<StagingBuffer>>,
-    next: Mutex<(u32, u64)>,
-}
-
-impl Default for IpcStaging {
-    fn default() -> Self {
-        Self {
-            free: Mutex::default(),
-            next: Mutex::new((0, RandomState::new().hash_one(std::process::id()))),
-        }
-    }
-}
-
-/// Rows staged for one round: each part's tensor as a node maps it; the buffer goes back to
-/// the pool when this is dropped.
-pub struct StagedRows<'a> {
-    staging: &'a IpcStaging,
-    buffer: Option<StagingBuffer>,
-    pub parts: Vec<v1::DeviceTensor>,
-}
-
-impl Drop for StagedRows<'_> {
-    fn drop(&mut self) {
-        if let Some(b) = self.buffer.take() {
-            let mut free = self.staging.free.lock().unwrap_or_else(|e| e.into_inner());
-            if free.len() < MAX_STAGING {
-                free.push(b);
-            }
-        }
-    }
-}
-
-impl IpcStaging {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Gathers each list of rows of `xs` (a 2-D f32 or bf16 tensor on a GPU) into one exported
-    /// buffer, one part after the other, and waits until the copies are complete (the nodes
-    /// read them from other processes).
-    pub fn stage(&self, xs: &Tensor, parts: &[&[u32]]) -> Result<StagedRows<'_>> {
-        let Device::Cuda(dev) = xs.device() else {
-            bail!("rows are staged from a GPU, not {:?}", xs.device())
-        };
-        let dtype = wire_dtype(xs.dtype())
-            .ok_or_else(|| candle_core::Error::Msg(format!("{:?} does not travel", xs.dtype())))?;
-        let (n, width) = xs.dims2()?;
-        if let Some(r) = parts
-            .iter()
-            .flat_map(|p| p.iter())
-            .find(|&&r| r as usize >= n)
-        {
-            bail!("row {r} of a tensor of {n} rows");
-        }
-        let row_bytes = width * xs.dtype().size_in_bytes();
-        let total = parts.iter().map(|p| p.len()).sum::<usize>() * row_bytes;
-        let stream = dev.cuda_stream();
-        let buffer = self.take(stream.context(), total)?;
-        let mut staged = StagedRows {
-            staging: self,
-            parts: Vec::with_capacity(parts.len()),
-            buffer: None,
-        };
-        let mut offset = 0;
-        for rows in parts {
-            let idx = Tensor::from_slice(rows, rows.len(), xs.device())?;
-            let part = xs.index_select(&idx, 0)?.contiguous()?;
-            let bytes = rows.len() * row_bytes;
-            with_raw(&part, &stream, |src| {
-                check("cuMemcpyDtoDAsync", unsafe {
-                    sys::cuMemcpyDtoDAsync_v2(
-                        buffer.buffer.ptr + offset as sys::CUdeviceptr,
-                        src,
-                        bytes,
-                        stream.cu_stream(),
-                    )
-                })
-            })?;
-            staged.parts.push(v1::DeviceTensor {
-                ipc_handle: buffer.buffer.handle.clone(),
-                slot: buffer.slot,
-                generation: buffer.generation,
-                dtype: dtype as i32,
-                shape: vec![rows.len() as u64, width as u64],
-                offset: offset as u64,
-            });
-            offset += bytes;
-        }
-        staged.buffer = Some(buffer);
-        stream.synchronize().w()?;
-        Ok(staged)
-    }
-
-    /// A free buffer of at least `bytes` (the smallest), else a new one.
-    fn take(&self, ctx: &Arc<CudaContext>, bytes: usize) -> Result<StagingBuffer> {
-        {
-            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let fitting = (0..free.len())
-                .filter(|&i| free[i].bytes >= bytes)
-                .min_by_key(|&i| free[i].bytes);
-            if let Some(i) = fitting {
-                return Ok(free.swap_remove(i));
-            }
-        }
-        let size = bytes.max(1).next_multiple_of(GRANULE);
-        let buffer = DeviceBuffer::new(ctx, size)?;
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let (slot, generation) = *next;
-        *next = (slot.wrapping_add(1), generation.wrapping_add(1));
-        Ok(StagingBuffer {
-            slot,
-            generation,
-            bytes: size,
-            buffer,
-        })
-    }
 }

@@ -11,10 +11,12 @@
 mod ipc;
 mod moe;
 mod sample;
+mod staging;
 
-pub use ipc::{IpcExporter, IpcImporter, IpcStaging, StagedRows};
+pub use ipc::{IpcExporter, IpcImporter};
 pub use moe::{StackedExperts, combine};
 pub use sample::sample_row;
+pub use staging::{IpcStaging, StagedRows};
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
