@@ -192,25 +192,22 @@ impl NodeState {
         }
         let importer = {
             let mut clients = self.ipc_in.lock().unwrap_or_else(|e| e.into_inner());
-            match clients.iter().position(|(c, _)| *c == req.ipc_client) {
-                // The most recently used last: the front is forgotten first.
-                Some(i) => {
-                    let entry = clients
-                        .remove(i)
-                        .ok_or(NodeError::Ipc("lost client".into()))?;
-                    let importer = entry.1.clone();
-                    clients.push_back(entry);
-                    importer
-                }
+            let known = clients
+                .iter()
+                .position(|(c, _)| *c == req.ipc_client)
+                .and_then(|i| clients.remove(i));
+            let importer = match known {
+                Some((_, importer)) => importer,
                 None => {
                     if clients.len() >= IPC_CLIENTS {
                         clients.pop_front();
                     }
-                    let importer = Arc::new(IpcImporter::new());
-                    clients.push_back((req.ipc_client, importer.clone()));
-                    importer
+                    Arc::new(IpcImporter::new())
                 }
-            }
+            };
+            // The most recently used last: the front is forgotten first.
+            clients.push_back((req.ipc_client, importer.clone()));
+            importer
         };
         importer
             .copy(&self.device, t, ())

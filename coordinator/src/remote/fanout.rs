@@ -235,24 +235,28 @@ impl Experts for RemoteExperts {
             ipc_host,
         };
         let hidden = xs.dims2().map(|d| d.1).unwrap_or(0);
+        let row_bytes = hidden * xs.dtype().size_in_bytes();
         // Each round sends what is left to live replicas; a node that fails is marked down and
         // its share goes to the next round, within this same call.
         while !pending.is_empty() {
-            let mut shares = plan(layer, &pending, &table, &nodes, &failures, None)?;
+            let shares = plan(layer, &pending, &table, &nodes, &failures, None)?;
             pending.clear();
             // Nodes that answer in GPU memory read large row sets from the coordinator's too.
-            let row_bytes = hidden * xs.dtype().size_in_bytes();
-            for share in &mut shares {
-                let node = &nodes[share.node];
-                share.device_input = ipc_host.is_some()
-                    && node.ipc_ok.load(Ordering::Relaxed)
-                    && node.ipc_answers.load(Ordering::Relaxed) > 0
-                    && share.tokens.len() * row_bytes >= self.shared.opts.ipc_input_min_bytes;
-            }
+            let wants_device: Vec<bool> = shares
+                .iter()
+                .map(|share| {
+                    let node = &nodes[share.node];
+                    ipc_host.is_some()
+                        && node.ipc_ok.load(Ordering::Relaxed)
+                        && node.ipc_answers.load(Ordering::Relaxed) > 0
+                        && share.tokens.len() * row_bytes >= self.shared.opts.ipc_input_min_bytes
+                })
+                .collect();
             let parts: Vec<&[u32]> = shares
                 .iter()
-                .filter(|s| s.device_input)
-                .map(|s| s.tokens.as_slice())
+                .zip(&wants_device)
+                .filter(|(_, wants)| **wants)
+                .map(|(s, _)| s.tokens.as_slice())
                 .collect();
             // Held until this round's answers are in.
             let staged = if parts.is_empty() {
@@ -268,8 +272,8 @@ impl Experts for RemoteExperts {
             };
             let mut staged_parts = staged.iter().flat_map(|s| s.parts.iter().cloned());
             let mut sends = Vec::with_capacity(shares.len());
-            for mut share in shares {
-                let device_hidden = share.device_input.then(|| staged_parts.next()).flatten();
+            for (mut share, wants) in shares.into_iter().zip(wants_device) {
+                let device_hidden = wants.then(|| staged_parts.next()).flatten();
                 share.device_input = device_hidden.is_some();
                 let req = call.request(&share, device_hidden)?;
                 sends.push(call.share(share, req));

@@ -4,9 +4,9 @@
 //!
 //! A body over `--max-request-bytes` is refused by its `Content-Length` before a byte of it is
 //! kept (or as soon as a chunked one passes the limit); up to 16 times the limit, the rest is
-//! read and discarded first, so the client sees the 413 rather than a reset connection. Bodies being read share a memory budget
-//! of [`BUFFERED_BODIES`] full-size bodies (a request waits for room, it is not refused), and
-//! must arrive within the read deadline. Parsing and tokenizing run on the blocking pool, at
+//! read and discarded first, so the client sees the 413 rather than a reset connection. Bodies
+//! being read share a memory budget of [`BUFFERED_BODIES`] full-size bodies (a request waits for
+//! room, it is not refused), and must arrive within the read deadline. Parsing and tokenizing run on the blocking pool, at
 //! most half the machine's cores at a time, so that a flood of requests queues instead of
 //! starving the scheduler thread. Before the request is deserialized, [`super::shape`] checks its
 //! JSON's shape in one allocation-free pass.

@@ -18,6 +18,12 @@ pub fn wire_dtype(dtype: DType) -> Option<v1::Dtype> {
     }
 }
 
+/// The wire dtype of a tensor about to travel; an error for any other dtype.
+pub fn travelling_dtype(dtype: DType) -> candle_core::Result<v1::Dtype> {
+    wire_dtype(dtype)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{dtype:?} tensors do not travel")))
+}
+
 pub fn candle_dtype(dtype: v1::Dtype) -> Option<DType> {
     match dtype {
         v1::Dtype::F32 => Some(DType::F32),
@@ -37,8 +43,7 @@ impl<T: bytemuck::NoUninit> AsRef<[u8]> for LeBytes<T> {
 
 /// Encodes an f32 or bf16 tensor of any shape (what travels today is `[tokens, hidden]`).
 pub fn encode(t: &Tensor) -> candle_core::Result<v1::Tensor> {
-    let dtype = wire_dtype(t.dtype())
-        .ok_or_else(|| candle_core::Error::Msg(format!("{:?} tensors do not travel", t.dtype())))?;
+    let dtype = travelling_dtype(t.dtype())?;
     let flat = t.flatten_all()?;
     // One copy off the tensor; its memory becomes the payload (a prefill's answer is tens of
     // MiB per layer). The wire is little-endian, as is every platform we build for.
@@ -66,8 +71,7 @@ pub fn encode(t: &Tensor) -> candle_core::Result<v1::Tensor> {
 /// 2 MiB on the GPU benchmark's host).
 pub fn encode_rows(t: &Tensor, rows: &[u32]) -> candle_core::Result<v1::Tensor> {
     let (n, width) = t.dims2()?;
-    let dtype = wire_dtype(t.dtype())
-        .ok_or_else(|| candle_core::Error::Msg(format!("{:?} tensors do not travel", t.dtype())))?;
+    let dtype = travelling_dtype(t.dtype())?;
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let all = layout.start_offset()..layout.start_offset() + n * width;

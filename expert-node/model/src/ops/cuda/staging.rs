@@ -13,7 +13,7 @@ use candle_core::{Device, Result, Tensor, bail};
 use omnishard_proto::v1;
 
 use super::ipc::{DeviceBuffer, GRANULE, check, with_raw};
-use crate::wire::wire_dtype;
+use crate::wire::travelling_dtype;
 
 /// Most staging buffers a coordinator keeps for reuse (one per layer call in flight).
 const MAX_STAGING: usize = 8;
@@ -75,8 +75,7 @@ impl IpcStaging {
         let Device::Cuda(dev) = xs.device() else {
             bail!("rows are staged from a GPU, not {:?}", xs.device())
         };
-        let dtype = wire_dtype(xs.dtype())
-            .ok_or_else(|| candle_core::Error::Msg(format!("{:?} does not travel", xs.dtype())))?;
+        let dtype = travelling_dtype(xs.dtype())?;
         let (n, width) = xs.dims2()?;
         if let Some(r) = parts
             .iter()
