@@ -3,6 +3,7 @@
 //! and the tests alike. The math lives in `omnishard-model`.
 
 mod idle;
+mod lane;
 pub mod server;
 mod start;
 

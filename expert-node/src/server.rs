@@ -1,5 +1,6 @@
-//! The expert node's gRPC service (`omnishard.v1.ExpertService`): `Info`, unary `Forward` and the
-//! bidirectional `ForwardStream` the coordinator keeps open, plus standard gRPC health
+//! The expert node's gRPC service (`omnishard.v1.ExpertService`): `Info`, unary `Forward`, the
+//! bidirectional `ForwardStream` the coordinator keeps open and `OpenLane` (the same calls through
+//! shared memory, for a coordinator on this host: `lane.rs`), plus standard gRPC health
 //! (NOT_SERVING while the weights load, SERVING once they are in memory).
 //!
 //! Every request is validated before any compute; a bad request gets INVALID_ARGUMENT or
@@ -19,7 +20,8 @@ use candle_core::{DType, Device};
 use futures::StreamExt;
 use omnishard_proto::ServiceError;
 use omnishard_proto::v1::{
-    self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts,
+    self, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LaneEvent, LayerExperts,
+    OpenLaneRequest,
     expert_service_server::{ExpertService, ExpertServiceServer},
 };
 use omnishard_proto::wire::IPC_READ_FAILED;
@@ -60,6 +62,8 @@ pub enum NodeError {
     TwoHiddens,
     #[error("{IPC_READ_FAILED}: {0}")]
     Ipc(String),
+    #[error("shared-memory lane: {0}")]
+    Lane(String),
     #[error("compute task failed: {0}")]
     Join(String),
 }
@@ -75,7 +79,7 @@ impl ServiceError for NodeError {
             }
             // This node cannot map the coordinator's memory (another host, no GPU, no peer
             // access): about this node, not the request.
-            NodeError::Ipc(_) => Code::FailedPrecondition,
+            NodeError::Ipc(_) | NodeError::Lane(_) => Code::FailedPrecondition,
             NodeError::Expert(e) => match e {
                 ExpertError::UnknownLayer { .. }
                 | ExpertError::InvalidInput { .. }
@@ -117,6 +121,8 @@ pub struct NodeState {
     ipc: Option<IpcExporter>,
     /// Coordinators' GPU memory mapped here, per client (the most recent few).
     ipc_in: Mutex<VecDeque<(u64, Arc<IpcImporter>)>>,
+    /// Shared-memory lanes being served (`lane.rs`).
+    pub(crate) lanes: AtomicUsize,
 }
 
 impl NodeState {
@@ -134,6 +140,7 @@ impl NodeState {
             idle: tokio::sync::Notify::new(),
             ipc: IpcExporter::new(&device),
             ipc_in: Mutex::default(),
+            lanes: AtomicUsize::new(0),
             device,
         }
     }
@@ -154,12 +161,12 @@ impl NodeState {
         tokio::time::timeout(grace, idle).await.is_ok()
     }
 
-    fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         *self.draining.borrow()
     }
 
     /// Counts a call in flight until the guard drops; `None` once shutdown has begun.
-    fn start_call(self: &Arc<Self>) -> Option<CallGuard> {
+    pub(crate) fn start_call(self: &Arc<Self>) -> Option<CallGuard> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = CallGuard(self.clone());
         (!self.draining()).then_some(guard)
@@ -231,7 +238,7 @@ impl NodeState {
     }
 }
 
-struct CallGuard(Arc<NodeState>);
+pub(crate) struct CallGuard(Arc<NodeState>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
@@ -290,27 +297,53 @@ impl ExpertNodeService {
         req: ForwardRequest,
         received: Instant,
     ) -> Result<ForwardResponse, NodeError> {
-        let Some(_call) = self.state.start_call() else {
+        // Counted in flight from here: a drain waits for calls queued for a compute thread too.
+        let Some(call) = self.state.start_call() else {
             return Err(NodeError::ShuttingDown);
         };
-        self.state.note_trace_ids(&req.trace_ids, req.layer);
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let waited = received.elapsed();
-            process(&state, req).map(|mut resp| {
-                if let Some(t) = resp.timing.as_mut() {
-                    t.wait_us = micros(waited);
-                }
-                resp
-            })
-        })
-        .await
-        .map_err(|e| NodeError::Join(e.to_string()))
-        .and_then(|r| r);
+        let result = tokio::task::spawn_blocking(move || serve_one(&state, req, received, call))
+            .await
+            .map_err(|e| NodeError::Join(e.to_string()))
+            .and_then(|r| r);
         if let Err(e) = &result {
             tracing::warn!(error = %e, "forward request failed");
         }
         result
+    }
+}
+
+/// One Forward call, whichever way it came (stream, unary or lane), counted in flight by `_call`
+/// ([`NodeState::start_call`]): logged once per client request, computed. `received`: when it
+/// arrived (its wait for a compute thread is reported). Synchronous: run it off the async
+/// runtime.
+pub(crate) fn serve_one(
+    state: &NodeState,
+    req: ForwardRequest,
+    received: Instant,
+    _call: CallGuard,
+) -> Result<ForwardResponse, NodeError> {
+    state.note_trace_ids(&req.trace_ids, req.layer);
+    let waited = received.elapsed();
+    process(state, req).map(|mut resp| {
+        if let Some(t) = resp.timing.as_mut() {
+            t.wait_us = micros(waited);
+        }
+        resp
+    })
+}
+
+/// The answer on a stream (or lane) to a call that failed: the error in place of the output.
+pub(crate) fn failed(request_id: u64, e: &NodeError) -> ForwardResponse {
+    ForwardResponse {
+        request_id,
+        output: None,
+        error: Some(v1::Error {
+            code: e.status_code() as i32,
+            message: e.to_string(),
+        }),
+        timing: None,
+        device_output: None,
     }
 }
 
@@ -460,24 +493,30 @@ impl ExpertService for ExpertNodeService {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let id = req.request_id;
-                    let resp =
-                        svc.handle(req, received)
-                            .await
-                            .unwrap_or_else(|e| ForwardResponse {
-                                request_id: id,
-                                output: None,
-                                error: Some(v1::Error {
-                                    code: e.status_code() as i32,
-                                    message: e.to_string(),
-                                }),
-                                timing: None,
-                                device_output: None,
-                            });
+                    let resp = svc
+                        .handle(req, received)
+                        .await
+                        .unwrap_or_else(|e| failed(id, &e));
                     let _ = tx.send(Ok(resp)).await;
                 });
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type OpenLaneStream = ReceiverStream<Result<LaneEvent, Status>>;
+
+    #[instrument(skip_all, fields(node = %self.state.name, path = %req.get_ref().path))]
+    async fn open_lane(
+        &self,
+        req: Request<OpenLaneRequest>,
+    ) -> Result<Response<Self::OpenLaneStream>, Status> {
+        crate::lane::open(&self.state, req.into_inner())
+            .map(Response::new)
+            .map_err(|e| {
+                tracing::info!(error = %e, "refused a shared-memory lane");
+                e.to_status()
+            })
     }
 }
 

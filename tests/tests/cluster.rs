@@ -16,9 +16,20 @@ fn remote(
     addrs: &[String],
     allow_missing: bool,
 ) -> Result<Engine, String> {
+    remote_with(model, dtype, addrs, allow_missing, true)
+}
+
+fn remote_with(
+    model: &Path,
+    dtype: ComputeDtype,
+    addrs: &[String],
+    allow_missing: bool,
+    shm_lane: bool,
+) -> Result<Engine, String> {
     let opts = RemoteOptions {
         rpc_timeout: Duration::from_secs(5),
         startup_timeout: Duration::from_secs(60),
+        shm_lane,
         ..RemoteOptions::default()
     };
     Engine::load_remote(model, dtype, &Device::Cpu, addrs, opts, allow_missing)
@@ -51,16 +62,25 @@ fn sharded_clusters_match_in_process_bit_for_bit() {
         let want_tokens = greedy(&local, &golden.token_ids, 20);
         for &n in shard_counts {
             let nodes = ExpertNode::shards(&dir, n, dtype_flag);
-            let engine = remote(&dir, dtype, &addresses(&nodes), false).unwrap();
-            let logits = engine.score(&golden.token_ids, golden.positions()).unwrap();
-            assert_bits_equal(&logits, &want_logits, &format!("{name} on {n} nodes"));
-            assert_eq!(
-                greedy(&engine, &golden.token_ids, 20),
-                want_tokens,
-                "{name} on {n} nodes"
-            );
+            // Shared-memory lanes (the default for nodes on this host) and gRPC alone.
+            for shm_lane in [true, false] {
+                let how = format!("{name} on {n} nodes, lanes {shm_lane}");
+                let engine = remote_with(&dir, dtype, &addresses(&nodes), false, shm_lane).unwrap();
+                let logits = engine.score(&golden.token_ids, golden.positions()).unwrap();
+                assert_bits_equal(&logits, &want_logits, &how);
+                assert_eq!(greedy(&engine, &golden.token_ids, 20), want_tokens, "{how}");
+                for node in engine.remote().expect("a cluster").status() {
+                    assert_eq!(
+                        node.lane_calls > 0,
+                        shm_lane,
+                        "{how}: {} took {} calls through its lane",
+                        node.name,
+                        node.lane_calls
+                    );
+                }
+            }
             eprintln!(
-                "{name} ({dtype_flag}) on {n} nodes: logits and greedy tokens bit-identical to in-process"
+                "{name} ({dtype_flag}) on {n} nodes, through lanes and over gRPC: logits and greedy tokens bit-identical to in-process"
             );
         }
     }

@@ -451,9 +451,11 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
             })
             .collect();
         // Answers in the nodes' GPU memory, copied GPU to GPU (CUDA IPC, the default), and
-        // the same answers as bytes over gRPC.
-        for cuda_ipc in [true, false] {
+        // the same answers as bytes; calls through shared-memory lanes (the default) and over
+        // gRPC.
+        for (cuda_ipc, shm_lane) in [(true, true), (true, false), (false, true)] {
             let opts = RemoteOptions {
+                shm_lane,
                 rpc_timeout: Duration::from_secs(30),
                 startup_timeout: Duration::from_secs(120),
                 cuda_ipc,
@@ -471,7 +473,8 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 false,
             )
             .unwrap();
-            let how = format!("{name} on {shards} GPU nodes, CUDA IPC {cuda_ipc}");
+            let how =
+                format!("{name} on {shards} GPU nodes, CUDA IPC {cuda_ipc}, lanes {shm_lane}");
             let got = engine.score(&golden.token_ids, golden.positions()).unwrap();
             assert_bits_equal(&got, &want, &how);
             let got_steps = decode_steps(&engine, prompt, 8);
@@ -485,6 +488,13 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                     node.name,
                     node.gpu_memory_answers,
                     node.gpu_memory_requests
+                );
+                assert_eq!(
+                    node.lane_calls > 0,
+                    shm_lane,
+                    "{how}: {} took {} calls through its lane",
+                    node.name,
+                    node.lane_calls
                 );
             }
         }

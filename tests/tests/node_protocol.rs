@@ -332,3 +332,124 @@ async fn a_token_routed_to_more_than_top_k_experts_is_refused() {
     };
     client.forward(four).await.unwrap();
 }
+
+/// Waits for a lane answer, at most a few seconds.
+fn lane_answer(posted: &mut omnishard_proto::lane::Posted) -> v1::ForwardResponse {
+    use prost::Message;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(answer) = posted.try_take() {
+            let bytes = answer.expect("answered, not closed");
+            return v1::ForwardResponse::decode(bytes.as_slice()).expect("a response");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer on the lane"
+        );
+        posted.sleep(Duration::from_millis(1));
+    }
+}
+
+#[tokio::test]
+async fn a_lane_opens_only_for_this_host_and_answers_like_the_stream() {
+    use omnishard_proto::lane::LaneClient;
+    use prost::Message;
+    use std::sync::Arc;
+
+    let node = ExpertNode::start(&model_dir("omni-gqa-top4"), &["--shard", "0/2"]);
+    let (mut client, info) = client(&node.address).await;
+    let host = omnishard_model::lending::host_id().to_string();
+    let lane = Arc::new(LaneClient::create().expect("a lane file"));
+    let path = lane.path().to_string_lossy().into_owned();
+    for (what, req, expect) in [
+        (
+            "a coordinator on another host",
+            v1::OpenLaneRequest {
+                path: path.clone(),
+                host: "another-boot-id".into(),
+            },
+            "another host",
+        ),
+        (
+            "a file that is not a lane",
+            v1::OpenLaneRequest {
+                path: "/etc/passwd".into(),
+                host: host.clone(),
+            },
+            "not a lane",
+        ),
+    ] {
+        let status = client.open_lane(req).await.err().expect(what);
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{what}: {status:?}"
+        );
+        assert!(
+            status.message().contains(expect),
+            "{what}: {}",
+            status.message()
+        );
+    }
+
+    let mut events = client
+        .open_lane(v1::OpenLaneRequest { path, host })
+        .await
+        .expect("opened")
+        .into_inner();
+    assert!(
+        events
+            .message()
+            .await
+            .expect("an event")
+            .expect("one")
+            .opened
+    );
+    lane.unlink();
+
+    let held = &info.layers[0];
+    let good = ForwardRequest {
+        request_id: 11,
+        layer: held.layer,
+        hidden: Some(f32_tensor(2, HIDDEN, 0.5)),
+        token_index: vec![0, 1],
+        expert_id: vec![held.experts[0], held.experts[1]],
+        weight: vec![0.25, 0.75],
+        fingerprint: info.fingerprint.clone(),
+        ..Default::default()
+    };
+    let over_grpc = client.forward(good.clone()).await.unwrap().into_inner();
+    let mut posted = lane.post(&good.encode_to_vec()).expect("a slot");
+    let on_lane = lane_answer(&mut posted);
+    assert_eq!(on_lane.request_id, 11);
+    assert_eq!(on_lane.error, None);
+    assert_eq!(
+        on_lane.output, over_grpc.output,
+        "the same bytes either way"
+    );
+
+    // A bad request on the lane is refused like on the stream, and the lane goes on.
+    let bad = ForwardRequest {
+        weight: vec![0.25],
+        ..good.clone()
+    };
+    let mut posted = lane.post(&bad.encode_to_vec()).expect("a slot");
+    let refused = lane_answer(&mut posted).error.expect("an error");
+    assert_eq!(refused.code, Code::InvalidArgument as i32, "{refused:?}");
+    let mut posted = lane.post(&b"not a request"[..]).expect("a slot");
+    let refused = lane_answer(&mut posted).error.expect("an error");
+    assert!(refused.message.contains("cannot decode"), "{refused:?}");
+    let mut posted = lane.post(&good.encode_to_vec()).expect("a slot");
+    assert_eq!(lane_answer(&mut posted).output, over_grpc.output);
+
+    // Ending the call closes the lane on the node's side too.
+    drop(events);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lane.is_closed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node kept the lane open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

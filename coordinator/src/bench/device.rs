@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::{BenchArgs, bandwidth, measure, node_args};
 use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
-use crate::remote::{CudaIpc, RemoteOptions};
+use crate::remote::{CudaIpc, RemoteOptions, ShmLane};
 
 /// One configuration's figures.
 struct Row {
@@ -109,6 +109,7 @@ impl Clusters<'_> {
         let opts = RemoteOptions {
             rpc_timeout: Duration::from_secs(60),
             cuda_ipc: a.cuda_ipc == CudaIpc::Auto,
+            shm_lane: a.shm_lane == ShmLane::Auto,
             ..RemoteOptions::default()
         };
         let engine = Engine::load_remote_from(

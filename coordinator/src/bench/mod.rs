@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
-use crate::remote::{CudaIpc, RemoteExperts, RemoteOptions};
+use crate::remote::{CudaIpc, RemoteExperts, RemoteOptions, ShmLane};
 use omnishard_model::fingerprint::fingerprint;
 
 /// Arguments of `coordinator bench`.
@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// (CUDA IPC, the default of every command) or send the bytes over gRPC (`off`).
     #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
     pub cuda_ipc: CudaIpc,
+    /// Whether expert nodes (all on this machine) take their calls through shared-memory lanes
+    /// (the default of every command) or over loopback gRPC (`off`).
+    #[arg(long, env = "OMNISHARD_SHM_LANE", default_value = "auto")]
+    pub shm_lane: ShmLane,
 }
 
 /// How much of each measurement a run does.
@@ -252,10 +256,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
     };
     let opts = RemoteOptions {
         rpc_timeout: Duration::from_secs(60),
+        shm_lane: args.shm_lane == ShmLane::Auto,
         ..RemoteOptions::default()
     };
 
-    stage(4, "per-layer loopback gRPC overhead and node memory");
+    let transport = match args.shm_lane {
+        ShmLane::Auto => "lane",
+        ShmLane::Off => "gRPC",
+    };
+    stage(
+        4,
+        &format!("per-layer call overhead ({transport}, on this host) and node memory"),
+    );
     let one = start_nodes(1)?;
     let partition_bytes = cfg.expert_pairs().len()
         * 3
@@ -377,7 +389,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         measure::median(&local_us)
     );
     println!(
-        "layer call 1 node (gRPC)  {:>10.0} us median  (overhead {overhead_us:.0} us)",
+        "layer call 1 node ({transport:>4})  {:>8.0} us median  (overhead {overhead_us:.0} us)",
         measure::median(&remote_us)
     );
     for (count, c1, c32) in &clusters {

@@ -11,7 +11,9 @@ use anyhow::bail;
 use clap::Args;
 use omnishard_coordinator::media::AudioInput;
 use omnishard_coordinator::media::vision::{VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionInput};
-use omnishard_coordinator::remote::{CudaIpc, RemoteOptions, RpcObserver, Verifier, VerifyExperts};
+use omnishard_coordinator::remote::{
+    CudaIpc, RemoteOptions, RpcObserver, ShmLane, Verifier, VerifyExperts,
+};
 use omnishard_coordinator::{ComputeDtype, Engine};
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
 use omnishard_proto::placement::Placement;
@@ -102,6 +104,14 @@ pub(crate) struct ModelArgs {
     /// logged and answers over gRPC from then on); `off` always sends the bytes.
     #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
     pub(crate) cuda_ipc: CudaIpc,
+    /// Expert nodes on this host take their per-layer calls through a shared-memory lane (a
+    /// file in /dev/shm the node maps; the same messages as over gRPC), with the waiting side
+    /// polling briefly before it sleeps: at decode this removes most of a call's cost, the
+    /// loopback network stack and four thread wake-ups. `auto` opens one to every node that
+    /// can map it (same host, same /dev/shm; the others, and answers too large for a slot,
+    /// go over gRPC); `off` sends every call over gRPC.
+    #[arg(long, env = "OMNISHARD_SHM_LANE", default_value = "auto")]
+    pub(crate) shm_lane: ShmLane,
     /// Fewest pixels a video frame is resized to (Qwen3-Omni's processor: 128 × 32²).
     #[arg(long, env = "OMNISHARD_VIDEO_MIN_PIXELS", default_value_t = VIDEO_MIN_PIXELS)]
     pub(crate) video_min_pixels: usize,
@@ -182,6 +192,7 @@ impl ModelArgs {
                 .then(|| Verifier::new(ckpt.clone(), &cfg, self.verify_experts)),
             cuda_ipc: self.cuda_ipc == CudaIpc::Auto,
             ipc_input_min_bytes: defaults::IPC_INPUT_MIN_BYTES,
+            shm_lane: self.shm_lane == ShmLane::Auto,
         };
         let mut engine = Engine::load_remote_from(
             &ckpt,

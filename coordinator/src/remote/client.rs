@@ -1,7 +1,8 @@
 //! The client of one expert node: its long-lived bidirectional `ForwardStream` (opened on first
-//! use, reopened after a failure), requests tagged with ids and matched to pending replies, the
-//! deadline of each call, the leases on what a node lent for its answers (CUDA IPC), and why a
-//! call failed ([`CallError`]; whom that is blamed on: `call_error.rs`).
+//! use, reopened after a failure) or, for a node on this host, its shared-memory lane
+//! (`lane.rs`), requests tagged with ids and matched to pending replies, the deadline of each
+//! call, the leases on what a node lent for its answers (CUDA IPC), and why a call failed
+//! ([`CallError`]; whom that is blamed on: `call_error.rs`).
 //!
 //! Whether the node is up, how busy it is and what it holds is membership's business
 //! (`membership.rs`); this file only talks to it.
@@ -11,14 +12,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use omnishard_proto::lane::{ANSWER_TOO_LARGE, LaneError};
 use omnishard_proto::v1::{
     self, ForwardRequest, ForwardResponse, expert_service_client::ExpertServiceClient,
 };
+use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::call_error::CallError;
+use super::lane::{self, LaneState};
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ForwardResponse, tonic::Status>>>>>;
 
@@ -34,6 +38,8 @@ pub(super) struct Reply {
     pub(super) payload: Payload,
     pub(super) lease: Lease,
     pub(super) timing: Option<v1::NodeTiming>,
+    /// It came through the shared-memory lane.
+    pub(super) via_lane: bool,
 }
 
 /// A request of this client not yet finished: from before it is sent until its answer has been
@@ -84,6 +90,8 @@ pub(super) struct NodeClient {
     pub(super) address: String,
     conn: Mutex<(ExpertServiceClient<Channel>, Channel)>,
     stream: tokio::sync::Mutex<Option<StreamConn>>,
+    /// The shared-memory lane, for a node on this host (opened on first use).
+    lane: tokio::sync::Mutex<LaneState>,
     next_id: AtomicU64,
     /// This coordinator's client id at the node, for the GPU memory it lends (`ipc_client`).
     ipc_client: u64,
@@ -105,6 +113,7 @@ impl NodeClient {
             address,
             conn: Mutex::new((client, channel)),
             stream: tokio::sync::Mutex::new(None),
+            lane: tokio::sync::Mutex::new(LaneState::Untried),
             next_id: AtomicU64::new(0),
             ipc_client: rand::random::<u64>().max(1),
             leases: Arc::default(),
@@ -142,12 +151,45 @@ impl NodeClient {
     /// The coordinator is shutting down: the end of the stream that follows is no fault.
     pub(super) fn close(&self) {
         self.closing.store(true, Ordering::Release);
+        if let Ok(mut lane) = self.lane.try_lock() {
+            *lane = LaneState::Untried;
+        }
     }
 
-    /// Forgets the open stream (if any) so that the next call opens a fresh one.
+    /// Forgets the open stream and lane (if any) so that the next call opens fresh ones.
     pub(super) async fn drop_stream(&self) {
         if let Some(conn) = self.stream.lock().await.take() {
             conn.alive.store(false, Ordering::Release);
+        }
+        *self.lane.lock().await = LaneState::Untried;
+    }
+
+    /// The open lane to this node, opening one if none was tried since the node was admitted
+    /// (or the last one closed); `None`: it has none, calls go over the stream.
+    async fn lane(&self) -> Option<Arc<omnishard_proto::lane::LaneClient>> {
+        let mut state = self.lane.lock().await;
+        match &*state {
+            LaneState::Open(open) if !open.lane.is_closed() => return Some(open.lane.clone()),
+            LaneState::Unavailable => return None,
+            LaneState::Open(_) | LaneState::Untried => {}
+        }
+        let host = omnishard_model::lending::host_id();
+        if host.is_empty() {
+            *state = LaneState::Unavailable;
+            return None;
+        }
+        match lane::open(self.client(), host).await {
+            Ok(open) => {
+                tracing::debug!(node = %self.label(), "calls go through a shared-memory lane");
+                let lane = open.lane.clone();
+                *state = LaneState::Open(open);
+                Some(lane)
+            }
+            Err(reason) => {
+                tracing::info!(node = %self.label(), %reason, "no shared-memory lane to this node: its calls go over gRPC");
+                *state = LaneState::Unavailable;
+                None
+            }
         }
     }
 
@@ -206,17 +248,19 @@ impl NodeClient {
         Ok((tx, pending))
     }
 
-    /// One request over the stream, with `timeout` as its deadline. The caller's span (one layer's
-    /// call to this node) names the layer, the node and the sizes. A request with `ipc_host` set
-    /// asks for a CUDA IPC answer as this client.
+    /// One request, with `timeout` as its deadline: through the node's shared-memory lane when
+    /// `lane_spin` is given (the answer fits a lane slot) and the node has a lane — the caller
+    /// spinning that long for the answer before it naps —, else over the stream. The caller's
+    /// span (one layer's call to this node) names the layer, the node and the sizes. A request
+    /// with `ipc_host` set asks for a CUDA IPC answer as this client.
     pub(super) async fn forward(
         &self,
         mut req: ForwardRequest,
         timeout: Duration,
+        lane_spin: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let deadline = Instant::now() + timeout;
         let call = async {
-            let (tx, pending) = self.stream().await.map_err(CallError::Transport)?;
             let (lease, id, keep_from) = Lease::take(&self.leases, &self.next_id);
             req.request_id = id;
             // Every request says what this client is done with, asking for GPU memory or not,
@@ -224,6 +268,32 @@ impl NodeClient {
             req.ipc_client = self.ipc_client;
             req.ipc_keep_from = keep_from;
             let asked_ipc = !req.ipc_host.is_empty();
+            if let Some(spin) = lane_spin
+                && let Some(lane) = self.lane().await
+                && let Some(posted) = lane.post(&req.encode_to_vec())
+            {
+                match lane::Answer::new(posted, spin).await {
+                    Ok(answer) => {
+                        let resp = ForwardResponse::decode(answer.as_slice()).map_err(|e| {
+                            CallError::BadAnswer(format!("an undecodable answer on the lane: {e}"))
+                        })?;
+                        // Asked for in GPU memory but sent as bytes, too many for a slot: the
+                        // stream takes it.
+                        let too_large = resp
+                            .error
+                            .as_ref()
+                            .is_some_and(|e| e.message.contains(ANSWER_TOO_LARGE));
+                        if !too_large {
+                            return reply(resp, asked_ipc, lease, true);
+                        }
+                    }
+                    // Closed under the call (the node shutting down, or its lane's call ended):
+                    // the stream says whether the node is still there.
+                    Err(LaneError::Closed) => {}
+                    Err(e) => return Err(CallError::BadAnswer(e.to_string())),
+                }
+            }
+            let (tx, pending) = self.stream().await.map_err(CallError::Transport)?;
             let (wtx, wrx) = oneshot::channel();
             pending
                 .lock()
@@ -241,32 +311,7 @@ impl NodeClient {
                 Ok(Err(status)) => return Err(CallError::status(status.code(), status.message())),
                 Err(_) => return Err(CallError::Transport("the forward stream ended".into())),
             };
-            if let Some(e) = resp.error {
-                return Err(CallError::status(tonic::Code::from(e.code), &e.message));
-            }
-            let payload = match (resp.output, resp.device_output) {
-                (Some(output), None) => Payload::Bytes(output),
-                (None, Some(lent)) if !asked_ipc => {
-                    return Err(CallError::BadAnswer(format!(
-                        "answered with GPU memory (slot {}) unasked",
-                        lent.slot
-                    )));
-                }
-                (None, Some(lent)) => Payload::Device(lent),
-                (None, None) => {
-                    return Err(CallError::BadAnswer("the response has no output".into()));
-                }
-                (Some(_), Some(_)) => {
-                    return Err(CallError::BadAnswer(
-                        "the response has both an output and GPU memory".into(),
-                    ));
-                }
-            };
-            Ok(Reply {
-                payload,
-                lease,
-                timing: resp.timing,
-            })
+            reply(resp, asked_ipc, lease, false)
         };
         match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
@@ -277,6 +322,40 @@ impl NodeClient {
             }
         }
     }
+}
+
+/// A node's response as a [`Reply`], or the error it carries or is.
+fn reply(
+    resp: ForwardResponse,
+    asked_ipc: bool,
+    lease: Lease,
+    via_lane: bool,
+) -> Result<Reply, CallError> {
+    if let Some(e) = resp.error {
+        return Err(CallError::status(tonic::Code::from(e.code), &e.message));
+    }
+    let payload = match (resp.output, resp.device_output) {
+        (Some(output), None) => Payload::Bytes(output),
+        (None, Some(lent)) if !asked_ipc => {
+            return Err(CallError::BadAnswer(format!(
+                "answered with GPU memory (slot {}) unasked",
+                lent.slot
+            )));
+        }
+        (None, Some(lent)) => Payload::Device(lent),
+        (None, None) => return Err(CallError::BadAnswer("the response has no output".into())),
+        (Some(_), Some(_)) => {
+            return Err(CallError::BadAnswer(
+                "the response has both an output and GPU memory".into(),
+            ));
+        }
+    };
+    Ok(Reply {
+        payload,
+        lease,
+        timing: resp.timing,
+        via_lane,
+    })
 }
 
 #[cfg(test)]
@@ -345,6 +424,14 @@ mod tests {
 
     /// One call to a fake node following `script`.
     async fn call(script: Script) -> (Result<omnishard_proto::v1::Tensor, CallError>, usize) {
+        call_with(script, None).await
+    }
+
+    /// The same, offering the lane with `lane_spin`.
+    async fn call_with(
+        script: Script,
+        lane_spin: Option<Duration>,
+    ) -> (Result<omnishard_proto::v1::Tensor, CallError>, usize) {
         let node = fake::spawn("fake", script, &[0, 1], &[0, 1, 2, 3]).await;
         let channel = Endpoint::from_shared(format!("http://{}", node.addr))
             .expect("an endpoint")
@@ -357,7 +444,7 @@ mod tests {
             ExpertServiceClient::new(channel.clone()),
             channel,
         );
-        let result = client.forward(request(), TIMEOUT).await;
+        let result = client.forward(request(), TIMEOUT, lane_spin).await;
         let output = result.and_then(|reply| match reply.payload {
             Payload::Bytes(output) => Ok(output),
             Payload::Device(_) => Err(CallError::BadAnswer("GPU memory, unasked".into())),
@@ -370,6 +457,13 @@ mod tests {
         let (result, calls) = call(Script::Answer).await;
         let output = result.expect("answered");
         assert_eq!(output.shape, [2, 4]);
+        assert_eq!(calls, 1);
+    }
+
+    #[tokio::test]
+    async fn a_node_without_lanes_answers_on_its_stream() {
+        let (result, calls) = call_with(Script::Answer, Some(Duration::from_micros(20))).await;
+        assert_eq!(result.expect("answered").shape, [2, 4]);
         assert_eq!(calls, 1);
     }
 

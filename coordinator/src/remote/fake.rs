@@ -198,4 +198,15 @@ impl ExpertService for Fake {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    type OpenLaneStream = ReceiverStream<Result<v1::LaneEvent, Status>>;
+
+    async fn open_lane(
+        &self,
+        _req: Request<v1::OpenLaneRequest>,
+    ) -> Result<Response<Self::OpenLaneStream>, Status> {
+        Err(Status::unimplemented(
+            "the fake node answers on its stream only",
+        ))
+    }
 }

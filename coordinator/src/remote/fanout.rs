@@ -18,6 +18,7 @@ use omnishard_proto::wire::IPC_READ_FAILED;
 use super::RemoteExperts;
 use super::call_error::{CallError, Fault};
 use super::client::Payload;
+use super::lane;
 use super::layer_call::LayerCall;
 use super::membership::Node;
 use super::profile::Stage;
@@ -233,6 +234,7 @@ impl Experts for RemoteExperts {
             fingerprint: &self.shared.fingerprint,
             profile: &self.shared.profile,
             ipc_host,
+            lane_spin: self.shared.opts.shm_lane.then(|| lane::spin(xs.device())),
         };
         let hidden = xs.dims2().map(|d| d.1).unwrap_or(0);
         let row_bytes = hidden * xs.dtype().size_in_bytes();

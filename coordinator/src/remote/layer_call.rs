@@ -7,12 +7,13 @@
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use futures::future::join_all;
 use omnishard_model::wire::{self, assignments_to_wire};
 use omnishard_model::{Assignment, CallContext, ExpertError};
+use omnishard_proto::lane::ANSWER_CAPACITY;
 use omnishard_proto::v1::{self, ForwardRequest};
 use tracing::Instrument;
 
@@ -22,6 +23,9 @@ use super::client::Reply;
 use super::fanout::{NodeShare, plan};
 use super::membership::{Node, Table};
 use super::profile::CallProfile;
+
+/// Room an encoded answer needs beyond its rows (message and tensor framing, timing).
+const LANE_FRAMING: usize = 4096;
 
 /// One node's answer (or failure) for some assignments of the layer.
 pub(super) struct Answer {
@@ -50,6 +54,8 @@ pub(super) struct LayerCall<'a> {
     /// This host's id when answers may come back in nodes' GPU memory (the coordinator is on a
     /// GPU and `cuda_ipc` is on), for the nodes whose copies have not failed.
     pub(super) ipc_host: Option<&'a str>,
+    /// How long to spin for an answer on a node's shared-memory lane; `None`: lanes are off.
+    pub(super) lane_spin: Option<Duration>,
 }
 
 /// Counts a call's assignments as its node's outstanding work until the call ends or is
@@ -133,14 +139,24 @@ impl LayerCall<'_> {
         let work = share.global.len() as u64;
         node.outstanding.fetch_add(work, Ordering::Relaxed);
         let _busy = Busy(node, work);
+        // Through the lane when its slot holds the answer as bytes (one row per assignment), or
+        // when the answer is asked for in GPU memory (a handle; if it comes as bytes after all
+        // and does not fit, the client sends the request again over gRPC).
+        let row =
+            self.xs_host.dims2().map(|d| d.1).unwrap_or(0) * self.xs_host.dtype().size_in_bytes();
+        let fits = share.global.len() * row + LANE_FRAMING <= ANSWER_CAPACITY;
+        let lane_spin = self.lane_spin.filter(|_| fits || !req.ipc_host.is_empty());
         let started = Instant::now();
         let result = node
             .rpc
-            .forward(req, self.opts.rpc_timeout)
+            .forward(req, self.opts.rpc_timeout, lane_spin)
             .await
             .inspect(|reply| {
                 if let Some(t) = &reply.timing {
                     self.profile.node_answered(t);
+                }
+                if reply.via_lane {
+                    node.lane_calls.fetch_add(1, Ordering::Relaxed);
                 }
             });
         let seconds = started.elapsed().as_secs_f64();

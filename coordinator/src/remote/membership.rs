@@ -53,6 +53,8 @@ pub(super) struct Node {
     pub(super) ipc_ok: AtomicBool,
     pub(super) ipc_answers: AtomicU64,
     pub(super) ipc_requests: AtomicU64,
+    /// Calls answered through the shared-memory lane.
+    pub(super) lane_calls: AtomicU64,
 }
 
 impl Node {
@@ -74,6 +76,7 @@ impl Node {
             assignments: self.served.load(Ordering::Relaxed),
             gpu_memory_answers: self.ipc_answers.load(Ordering::Relaxed),
             gpu_memory_requests: self.ipc_requests.load(Ordering::Relaxed),
+            lane_calls: self.lane_calls.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             outstanding: self.outstanding.load(Ordering::Relaxed),
             last_error: self
@@ -521,6 +524,7 @@ async fn connect_node(
         ipc_ok: AtomicBool::new(true),
         ipc_answers: AtomicU64::new(0),
         ipc_requests: AtomicU64::new(0),
+        lane_calls: AtomicU64::new(0),
     })
 }
 

@@ -15,6 +15,7 @@
 //! silent is marked down and its share of the call is re-sent to replicas within the same call.
 //!
 //! - `client.rs`: one node's stream, request ids, deadlines and the leases on what a node lent.
+//! - `lane.rs`: the shared-memory lane to a node on this host, which carries the same calls.
 //! - `call_error.rs`: why a call failed and whom it is blamed on.
 //! - `membership.rs`: connecting, identity checks, joining and retiring, the routing table.
 //! - `health.rs`: the background health checks and re-admission.
@@ -31,6 +32,7 @@ mod client;
 mod fanout;
 mod health;
 mod hedge;
+mod lane;
 mod layer_call;
 mod membership;
 mod profile;
@@ -64,6 +66,13 @@ pub enum CudaIpc {
     Off,
 }
 
+/// `--shm-lane`: whether expert nodes on this host are called through shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShmLane {
+    Auto,
+    Off,
+}
+
 /// Deadlines and limits of the coordinator's calls to expert nodes.
 #[derive(Clone)]
 pub struct RemoteOptions {
@@ -90,6 +99,10 @@ pub struct RemoteOptions {
     /// coordinator's GPU memory too from this many bytes (below, staging them costs more than
     /// the bytes on the wire).
     pub ipc_input_min_bytes: usize,
+    /// Nodes on this host take their calls through a shared-memory lane (the same messages as
+    /// over gRPC, without the network stack and the thread wake-ups), where they can map it
+    /// and the answer fits a slot; the rest go over gRPC.
+    pub shm_lane: bool,
 }
 
 impl std::fmt::Debug for RemoteOptions {
@@ -103,6 +116,7 @@ impl std::fmt::Debug for RemoteOptions {
             .field("verify", &self.verify)
             .field("cuda_ipc", &self.cuda_ipc)
             .field("ipc_input_min_bytes", &self.ipc_input_min_bytes)
+            .field("shm_lane", &self.shm_lane)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +134,7 @@ impl Default for RemoteOptions {
             verify: None,
             cuda_ipc: true,
             ipc_input_min_bytes: defaults::IPC_INPUT_MIN_BYTES,
+            shm_lane: true,
         }
     }
 }
@@ -202,6 +217,8 @@ pub struct NodeStatus {
     pub gpu_memory_answers: u64,
     /// Requests whose hidden states the node read from the coordinator's GPU memory.
     pub gpu_memory_requests: u64,
+    /// Calls that went through the shared-memory lane rather than gRPC.
+    pub lane_calls: u64,
     pub errors: u64,
     pub outstanding: u64,
     pub last_error: Option<String>,
