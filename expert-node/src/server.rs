@@ -441,6 +441,7 @@ impl ExpertService for ExpertNodeService {
             node_name: self.state.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             instance_id: self.state.instance_id.clone(),
+            host_id: host_id().to_string(),
         }))
     }
 

@@ -47,6 +47,7 @@ const ANSWER_CAPACITY_AT: usize = 16;
 const CLOSED_AT: usize = 64;
 const DOORBELL_AT: usize = 128;
 const ASLEEP_AT: usize = 192;
+const CLAIMED_AT: usize = 256;
 // A slot: its control line, then the request, then the answer.
 const CONTROL: usize = 128;
 const STATE_AT: usize = 0;
@@ -84,14 +85,20 @@ struct Mapping {
 }
 
 impl Mapping {
+    /// Maps exactly the lane's size (whatever the file's length says by now).
     fn map(file: &File) -> std::io::Result<Self> {
-        Ok(Self {
-            map: memmap2::MmapRaw::map_raw(file)?,
-        })
+        let map = memmap2::MmapOptions::new().len(SIZE).map_raw(file)?;
+        if map.len() != SIZE {
+            return Err(std::io::Error::other(format!(
+                "mapped {} bytes of a lane of {SIZE}",
+                map.len()
+            )));
+        }
+        Ok(Self { map })
     }
 
     fn word(&self, at: usize) -> &AtomicU32 {
-        debug_assert!(at % 4 == 0 && at + 4 <= SIZE);
+        debug_assert!(at.is_multiple_of(4) && at + 4 <= SIZE);
         // SAFETY: in bounds (SIZE is checked when mapping), 4-aligned in a page-aligned mapping
         // that lives as long as `self`; the other process only touches these words atomically.
         unsafe { &*(self.map.as_mut_ptr().add(at) as *const AtomicU32) }
@@ -400,6 +407,17 @@ impl LaneServer {
                 meta.len()
             )));
         }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            // SAFETY: no arguments, no failure.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me || meta.mode() & 0o077 != 0 || meta.nlink() != 1 {
+                return Err(err(format!(
+                    "it must be this user's (uid {me}), private (mode 0600) and have one name"
+                )));
+            }
+        }
         let map = Mapping::map(&file).map_err(|e| err(e.to_string()))?;
         let layout = (
             map.read_u64(MAGIC_AT),
@@ -412,6 +430,14 @@ impl LaneServer {
                 "its layout is not this build's: coordinator and node must be the same version"
                     .into(),
             ));
+        }
+        // One server per lane: two would answer the same slots.
+        if map
+            .word(CLAIMED_AT)
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(err("another node thread serves it already".into()));
         }
         Ok(std::sync::Arc::new(Self { map }))
     }
@@ -662,6 +688,17 @@ mod tests {
         assert!(matches!(answer(&mut waiting), Err(LaneError::Closed)));
         assert!(started.elapsed() < Duration::from_secs(5));
         closer.join().expect("closed");
+    }
+
+    #[test]
+    fn a_lane_is_served_once() {
+        let client = LaneClient::create().expect("a lane");
+        let path = client.path().to_str().expect("utf-8");
+        let _first = LaneServer::open(path).expect("opens");
+        let Err(second) = LaneServer::open(path) else {
+            panic!("a second server was let in")
+        };
+        assert!(second.to_string().contains("serves it already"), "{second}");
     }
 
     #[test]

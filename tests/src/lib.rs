@@ -146,6 +146,19 @@ pub fn assert_bf16_close(label: &str, ours: &[Vec<f32>], reference: &[Vec<f32>])
     assert!(diff.argmax_agree >= 0.95, "{label}: {diff:?}");
 }
 
+/// Every node of a cluster took calls through its shared-memory lane (`used`), or none did.
+pub fn assert_lanes(status: &[omnishard_coordinator::remote::NodeStatus], used: bool, how: &str) {
+    for node in status {
+        assert_eq!(
+            node.lane_calls > 0,
+            used,
+            "{how}: {} took {} calls through its lane",
+            node.name,
+            node.lane_calls
+        );
+    }
+}
+
 /// Bit-for-bit equality of two logit matrices.
 pub fn assert_bits_equal(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");

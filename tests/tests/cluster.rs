@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use omnishard_coordinator::remote::RemoteOptions;
 use omnishard_coordinator::{ComputeDtype, Engine, Sampler, SamplingParams};
-use omnishard_tests::{ExpertNode, Golden, addresses, assert_bits_equal, compare, model_dir};
+use omnishard_tests::{
+    ExpertNode, Golden, addresses, assert_bits_equal, assert_lanes, compare, model_dir,
+};
 
 fn remote(
     model: &Path,
@@ -69,15 +71,11 @@ fn sharded_clusters_match_in_process_bit_for_bit() {
                 let logits = engine.score(&golden.token_ids, golden.positions()).unwrap();
                 assert_bits_equal(&logits, &want_logits, &how);
                 assert_eq!(greedy(&engine, &golden.token_ids, 20), want_tokens, "{how}");
-                for node in engine.remote().expect("a cluster").status() {
-                    assert_eq!(
-                        node.lane_calls > 0,
-                        shm_lane,
-                        "{how}: {} took {} calls through its lane",
-                        node.name,
-                        node.lane_calls
-                    );
-                }
+                assert_lanes(
+                    &engine.remote().expect("a cluster").status(),
+                    shm_lane,
+                    &how,
+                );
             }
             eprintln!(
                 "{name} ({dtype_flag}) on {n} nodes, through lanes and over gRPC: logits and greedy tokens bit-identical to in-process"

@@ -23,8 +23,8 @@ use omnishard_model::{
 };
 use omnishard_proto::ModelConfig;
 use omnishard_tests::{
-    ExpertNode, FIXTURES, Golden, addresses, assert_bf16_close, assert_bits_equal, model_dir,
-    prefill_each,
+    ExpertNode, FIXTURES, Golden, addresses, assert_bf16_close, assert_bits_equal, assert_lanes,
+    model_dir, prefill_each,
 };
 
 fn gpu() -> Device {
@@ -489,14 +489,8 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                     node.gpu_memory_answers,
                     node.gpu_memory_requests
                 );
-                assert_eq!(
-                    node.lane_calls > 0,
-                    shm_lane,
-                    "{how}: {} took {} calls through its lane",
-                    node.name,
-                    node.lane_calls
-                );
             }
+            assert_lanes(&status, shm_lane, &how);
         }
         eprintln!("{name}: {shards} GPU expert nodes give the GPU process's logits bit for bit");
     }

@@ -379,7 +379,9 @@ async fn a_lane_opens_only_for_this_host_and_answers_like_the_stream() {
             "not a lane",
         ),
     ] {
-        let status = client.open_lane(req).await.err().expect(what);
+        let Err(status) = client.open_lane(req).await else {
+            panic!("{what}: the lane was opened")
+        };
         assert_eq!(
             status.code(),
             Code::FailedPrecondition,

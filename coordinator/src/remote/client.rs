@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use omnishard_proto::lane::{ANSWER_TOO_LARGE, LaneError};
+use omnishard_proto::lane::{ANSWER_TOO_LARGE, LaneError, REQUEST_CAPACITY};
 use omnishard_proto::v1::{
     self, ForwardRequest, ForwardResponse, expert_service_client::ExpertServiceClient,
 };
@@ -146,6 +146,8 @@ impl NodeClient {
     pub(super) async fn replace(&self, client: ExpertServiceClient<Channel>, channel: Channel) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = (client, channel);
         self.drop_stream().await;
+        // The process behind the address may be another: ask for its lane afresh.
+        *self.lane.lock().await = LaneState::Untried;
     }
 
     /// The coordinator is shutting down: the end of the stream that follows is no fault.
@@ -156,12 +158,13 @@ impl NodeClient {
         }
     }
 
-    /// Forgets the open stream and lane (if any) so that the next call opens fresh ones.
+    /// Forgets the open stream (if any) so that the next call opens a fresh one. The lane stays:
+    /// one late call does not end the others on it (a node that died closes it, and one that
+    /// is re-admitted gets a new one).
     pub(super) async fn drop_stream(&self) {
         if let Some(conn) = self.stream.lock().await.take() {
             conn.alive.store(false, Ordering::Release);
         }
-        *self.lane.lock().await = LaneState::Untried;
     }
 
     /// The open lane to this node, opening one if none was tried since the node was admitted
@@ -185,8 +188,16 @@ impl NodeClient {
                 *state = LaneState::Open(open);
                 Some(lane)
             }
-            Err(reason) => {
-                tracing::info!(node = %self.label(), %reason, "no shared-memory lane to this node: its calls go over gRPC");
+            Err(lane::NoLane::Unreachable) => {
+                *state = LaneState::Untried;
+                None
+            }
+            Err(lane::NoLane::Elsewhere) => {
+                *state = LaneState::Unavailable;
+                None
+            }
+            Err(lane::NoLane::Failed(reason)) => {
+                tracing::warn!(node = %self.label(), %reason, "the node runs on this host but cannot share a lane with this coordinator (in containers, share /dev/shm and run both as one user; or --shm-lane off): its calls go over gRPC");
                 *state = LaneState::Unavailable;
                 None
             }
@@ -269,6 +280,7 @@ impl NodeClient {
             req.ipc_keep_from = keep_from;
             let asked_ipc = !req.ipc_host.is_empty();
             if let Some(spin) = lane_spin
+                && req.encoded_len() <= REQUEST_CAPACITY
                 && let Some(lane) = self.lane().await
                 && let Some(posted) = lane.post(&req.encode_to_vec())
             {

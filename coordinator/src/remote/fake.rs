@@ -138,6 +138,8 @@ impl ExpertService for Fake {
             node_name: self.name.clone(),
             version: String::new(),
             instance_id: "fake".into(),
+            // Nowhere a lane could reach: calls go over the stream.
+            host_id: String::new(),
         }))
     }
 

@@ -10,7 +10,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use omnishard_proto::lane::{LaneClient, LaneError, Posted};
-use omnishard_proto::v1::{OpenLaneRequest, expert_service_client::ExpertServiceClient};
+use omnishard_proto::v1::{
+    InfoRequest, OpenLaneRequest, expert_service_client::ExpertServiceClient,
+};
 use tonic::transport::Channel;
 
 /// Longest nap between two looks at a slot once the spin is over: the delay added to the other
@@ -52,13 +54,43 @@ impl Drop for OpenLane {
     }
 }
 
-/// Creates a lane and asks the node to map it; the lane closes when the call's answer stream
-/// ends (the node shutting down or gone). `Err`: why the node cannot have one.
+/// Why a node has no lane.
+pub(super) enum NoLane {
+    /// It did not answer, or is shutting down: the call over the stream finds out which; ask
+    /// again next time.
+    Unreachable,
+    /// It runs on another host (or says nothing of its host: an older node).
+    Elsewhere,
+    /// It is on this host but the lane could not be made or mapped.
+    Failed(String),
+}
+
+/// Asks the node where it runs and, on this host, creates a lane and has the node map it; the
+/// lane closes when the call's answer stream ends (the node shutting down or gone).
 pub(super) async fn open(
     mut client: ExpertServiceClient<Channel>,
     host: &str,
-) -> Result<OpenLane, String> {
-    let lane = Arc::new(LaneClient::create().map_err(|e| e.to_string())?);
+) -> Result<OpenLane, NoLane> {
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .map_err(|_| NoLane::Unreachable)?
+        .into_inner();
+    if info.host_id.is_empty() || info.host_id != host {
+        return Err(NoLane::Elsewhere);
+    }
+    open_here(client, host).await
+}
+
+async fn open_here(
+    mut client: ExpertServiceClient<Channel>,
+    host: &str,
+) -> Result<OpenLane, NoLane> {
+    let refused = |s: tonic::Status| match s.code() {
+        tonic::Code::Unavailable => NoLane::Unreachable,
+        _ => NoLane::Failed(s.message().to_string()),
+    };
+    let lane = Arc::new(LaneClient::create().map_err(|e| NoLane::Failed(e.to_string()))?);
     let path = lane.path().to_string_lossy().into_owned();
     let opened = async {
         let mut events = client
@@ -67,12 +99,14 @@ pub(super) async fn open(
                 host: host.to_string(),
             })
             .await
-            .map_err(|s| s.message().to_string())?
+            .map_err(refused)?
             .into_inner();
         match events.message().await {
             Ok(Some(event)) if event.opened => Ok(events),
-            Ok(_) => Err("the node ended the call without opening the lane".to_string()),
-            Err(s) => Err(s.message().to_string()),
+            Ok(_) => Err(NoLane::Failed(
+                "the node ended the call without opening the lane".to_string(),
+            )),
+            Err(s) => Err(refused(s)),
         }
     }
     .await;

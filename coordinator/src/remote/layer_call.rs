@@ -140,12 +140,14 @@ impl LayerCall<'_> {
         node.outstanding.fetch_add(work, Ordering::Relaxed);
         let _busy = Busy(node, work);
         // Through the lane when its slot holds the answer as bytes (one row per assignment), or
-        // when the answer is asked for in GPU memory (a handle; if it comes as bytes after all
-        // and does not fit, the client sends the request again over gRPC).
+        // when the answer is asked for in GPU memory of a node that has answered that way (a
+        // handle; should it come as bytes after all and not fit, the client sends the request
+        // again over gRPC).
         let row =
             self.xs_host.dims2().map(|d| d.1).unwrap_or(0) * self.xs_host.dtype().size_in_bytes();
         let fits = share.global.len() * row + LANE_FRAMING <= ANSWER_CAPACITY;
-        let lane_spin = self.lane_spin.filter(|_| fits || !req.ipc_host.is_empty());
+        let lent_before = !req.ipc_host.is_empty() && node.ipc_answers.load(Ordering::Relaxed) > 0;
+        let lane_spin = self.lane_spin.filter(|_| fits || lent_before);
         let started = Instant::now();
         let result = node
             .rpc
