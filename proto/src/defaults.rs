@@ -21,8 +21,10 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 pub const HEDGE_FLOOR: Duration = Duration::from_millis(100);
 
 /// Sequences a step needs before the coordinator splits it into two overlapped micro-batches
-/// (expert nodes only; below this the doubled per-layer calls cost more than they hide).
-pub const OVERLAP_MIN_SEQUENCES: usize = 8;
+/// (expert nodes only). Below this the split costs more than it hides: each micro-batch's call
+/// reads nearly every expert a node holds again, and on GPU nodes batch 32 ran 5-45% slower
+/// split while batch 128 ran 21-58% faster (BENCHMARKS.md, issue 15).
+pub const OVERLAP_MIN_SEQUENCES: usize = 64;
 
 /// HTTP/2 flow-control windows of the expert-call connections, both ways: a layer's answer
 /// (one row per assignment) is megabytes at batch 128 and tens of MiB at prefill, and with the

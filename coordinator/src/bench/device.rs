@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use omnishard_model::{Checkpoint, DeviceSpec};
-use omnishard_proto::{ModelConfig, defaults};
+use omnishard_proto::ModelConfig;
 use serde_json::{Value, json};
 
 use super::{BenchArgs, bandwidth, measure, node_args};
@@ -207,11 +207,9 @@ pub fn run(
         eprintln!("bench: scaling: {n} node(s) on {}", names.join(", "));
         let (_nodes, mut engine) = cluster.start(n, &devices, 2)?;
         for overlap in [false, true] {
-            engine.set_overlap_min_sequences(if overlap {
-                defaults::OVERLAP_MIN_SEQUENCES
-            } else {
-                0
-            });
+            // On: every step of two or more sequences is split (batch 32 too, below the
+            // serving default), so that the rows show what the split does at each batch.
+            engine.set_overlap_min_sequences(if overlap { 2 } else { 0 });
             let name = format!(
                 "{} + nodes on {}, overlap {}",
                 args.device,

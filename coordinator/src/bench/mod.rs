@@ -76,7 +76,8 @@ pub struct BenchArgs {
     pub node_devices: Vec<DeviceSpec>,
     /// GPU benchmark, scaling stage: GPUs for expert nodes of their own, e.g. `1,2,3` (the
     /// coordinator keeps --device): 1 node on the first, then 2 on the first two, and so on, each
-    /// with micro-batch overlap off and on; batch 128 is measured too. Default: no such stage.
+    /// with micro-batch overlap off and on (on: every step of 2 or more sequences split); batch
+    /// 128 is measured too. Default: no such stage.
     #[arg(long, value_delimiter = ',')]
     pub scaling_gpus: Vec<usize>,
     /// Node counts of the scaling stage, e.g. `3` for only the 3-node step (default: 1 up to

@@ -4,7 +4,6 @@
 //! a share whose node fails is re-planned onto replicas and re-sent within the same call. The
 //! answers are summed by [`combine`], so where an expert was computed never changes the bits.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -19,7 +18,7 @@ use super::RemoteExperts;
 use super::call_error::{CallError, Fault};
 use super::client::Payload;
 use super::lane;
-use super::layer_call::LayerCall;
+use super::layer_call::{HiddenRows, LayerCall};
 use super::membership::Node;
 use super::profile::Stage;
 
@@ -90,14 +89,31 @@ pub(super) fn plan<N: Replica>(
     failures: &[(String, String)],
     skip: Option<usize>,
 ) -> Result<Vec<NodeShare>, ExpertError> {
-    let mut by_expert: BTreeMap<u32, Vec<Assignment>> = BTreeMap::new();
+    // Indexed by expert and by token rather than hashed: a batch-128 layer has 1,024
+    // assignments, and this runs on the coordinator's critical path every layer.
+    let n_experts = pending
+        .iter()
+        .map(|a| a.expert as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut by_expert: Vec<Vec<Assignment>> = vec![Vec::new(); n_experts];
     for a in pending {
-        by_expert.entry(a.expert).or_default().push(*a);
+        by_expert[a.expert as usize].push(*a);
     }
+    let n_tokens = pending
+        .iter()
+        .map(|a| a.token as usize + 1)
+        .max()
+        .unwrap_or(0);
     let mut planned = vec![0u64; nodes.len()];
     let mut shares: Vec<Option<NodeShare>> = (0..nodes.len()).map(|_| None).collect();
-    let mut local_index: Vec<HashMap<u32, u32>> = vec![HashMap::new(); nodes.len()];
-    for (expert, group) in by_expert {
+    // Per node, each global token's index among the rows sent to it.
+    let mut local_index: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
+    for (expert, group) in by_expert.into_iter().enumerate() {
+        if group.is_empty() {
+            continue;
+        }
+        let expert = expert as u32;
         let holders = table
             .get(layer)
             .and_then(|row| row.get(expert as usize))
@@ -134,14 +150,18 @@ pub(super) fn plan<N: Replica>(
             local: Vec::new(),
             device_input: false,
         });
+        let index = &mut local_index[node];
+        if index.is_empty() {
+            index.resize(n_tokens, u32::MAX);
+        }
         for a in group {
-            let next = share.tokens.len() as u32;
-            let local = *local_index[node].entry(a.token).or_insert_with(|| {
+            let slot = &mut index[a.token as usize];
+            if *slot == u32::MAX {
+                *slot = share.tokens.len() as u32;
                 share.tokens.push(a.token);
-                next
-            });
+            }
             share.global.push(a);
-            share.local.push(Assignment { token: local, ..a });
+            share.local.push(Assignment { token: *slot, ..a });
         }
     }
     Ok(shares.into_iter().flatten().collect())
@@ -212,9 +232,6 @@ impl Experts for RemoteExperts {
         let mut assignments = Vec::with_capacity(pending.len());
         let mut failures: Vec<(String, String)> = Vec::new();
         let mut laps = self.shared.profile.start();
-        // Hidden states leave a GPU once per layer, then each node's rows are cut on the host.
-        let xs_host = xs.to_device(&Device::Cpu)?;
-        laps.lap(Stage::CopyOut);
         let ipc_host = omnishard_model::lending::host_id();
         let ipc_host = (self.shared.opts.cuda_ipc && xs.device().is_cuda() && !ipc_host.is_empty())
             .then_some(ipc_host);
@@ -224,9 +241,11 @@ impl Experts for RemoteExperts {
                 node.ipc.prune();
             }
         }
+        let rows = HiddenRows::new(xs);
+        let row_bytes = rows.row_bytes;
         let call = LayerCall {
             layer,
-            xs_host: &xs_host,
+            rows: &rows,
             ctx,
             table: &table,
             nodes: &nodes,
@@ -237,7 +256,6 @@ impl Experts for RemoteExperts {
             lane_spin: self.shared.opts.shm_lane.then(|| lane::spin(xs.device())),
         };
         let hidden = xs.dims2().map(|d| d.1).unwrap_or(0);
-        let row_bytes = hidden * xs.dtype().size_in_bytes();
         // Each round sends what is left to live replicas; a node that fails is marked down and
         // its share goes to the next round, within this same call.
         while !pending.is_empty() {
@@ -254,6 +272,13 @@ impl Experts for RemoteExperts {
                         && share.tokens.len() * row_bytes >= self.shared.opts.ipc_input_min_bytes
                 })
                 .collect();
+            laps.lap(Stage::Plan);
+            // Hidden states leave a GPU once per layer, if any node takes its rows as bytes;
+            // each node's rows are cut from that copy.
+            if wants_device.iter().any(|w| !w) {
+                rows.host()?;
+                laps.lap(Stage::CopyOut);
+            }
             let parts: Vec<&[u32]> = shares
                 .iter()
                 .zip(&wants_device)
@@ -272,6 +297,7 @@ impl Experts for RemoteExperts {
                     }
                 }
             };
+            laps.lap(Stage::StageRows);
             let mut staged_parts = staged.iter().flat_map(|s| s.parts.iter().cloned());
             let mut sends = Vec::with_capacity(shares.len());
             for (mut share, wants) in shares.into_iter().zip(wants_device) {

@@ -4,12 +4,13 @@
 //! (`hedge.rs` says when), whichever answers first being taken. What comes back is a list of
 //! [`Answer`]s for `fanout.rs` to check and sum.
 
+use std::cell::OnceCell;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use futures::future::join_all;
 use omnishard_model::wire::{self, assignments_to_wire};
 use omnishard_model::{Assignment, CallContext, ExpertError};
@@ -41,10 +42,40 @@ pub(super) struct Answer {
     pub(super) device_input: bool,
 }
 
+/// The layer's hidden states as the requests read them: on the host only once a request sends
+/// rows as bytes — when every node reads its rows from the coordinator's GPU memory, the
+/// states never leave the GPU.
+pub(super) struct HiddenRows<'a> {
+    xs: &'a Tensor,
+    host: OnceCell<Tensor>,
+    /// Bytes of one row.
+    pub(super) row_bytes: usize,
+}
+
+impl<'a> HiddenRows<'a> {
+    pub(super) fn new(xs: &'a Tensor) -> Self {
+        let width = xs.dims2().map(|d| d.1).unwrap_or(0);
+        Self {
+            xs,
+            host: OnceCell::new(),
+            row_bytes: width * xs.dtype().size_in_bytes(),
+        }
+    }
+
+    /// The states on the host, copied there (after the layer's device work) the first time.
+    pub(super) fn host(&self) -> candle_core::Result<&Tensor> {
+        if let Some(t) = self.host.get() {
+            return Ok(t);
+        }
+        let t = self.xs.to_device(&Device::Cpu)?;
+        Ok(self.host.get_or_init(|| t))
+    }
+}
+
 /// Everything one round of a layer's call needs.
 pub(super) struct LayerCall<'a> {
     pub(super) layer: usize,
-    pub(super) xs_host: &'a Tensor,
+    pub(super) rows: &'a HiddenRows<'a>,
     pub(super) ctx: &'a CallContext,
     pub(super) table: &'a Table,
     pub(super) nodes: &'a [Arc<Node>],
@@ -79,9 +110,7 @@ impl LayerCall<'_> {
     ) -> Result<ForwardRequest, ExpertError> {
         // The answer has one row per assignment: bound both directions, as bytes (the limit
         // holds whichever way the rows go).
-        let row =
-            self.xs_host.dims2().map(|d| d.1).unwrap_or(0) * self.xs_host.dtype().size_in_bytes();
-        let largest = share.tokens.len().max(share.global.len()) * row;
+        let largest = share.tokens.len().max(share.global.len()) * self.rows.row_bytes;
         if largest > self.opts.max_message_bytes {
             return Err(ExpertError::Rejected {
                 node: self.nodes[share.node].label(),
@@ -95,7 +124,7 @@ impl LayerCall<'_> {
         }
         let hidden = match device_hidden {
             Some(_) => None,
-            None => Some(wire::encode_rows(self.xs_host, &share.tokens)?),
+            None => Some(wire::encode_rows(self.rows.host()?, &share.tokens)?),
         };
         // Rows staged in GPU memory go with the host's id whatever became of ipc_ok since.
         let ipc_host = self
@@ -143,9 +172,7 @@ impl LayerCall<'_> {
         // when the answer is asked for in GPU memory of a node that has answered that way (a
         // handle; should it come as bytes after all and not fit, the client sends the request
         // again over gRPC).
-        let row =
-            self.xs_host.dims2().map(|d| d.1).unwrap_or(0) * self.xs_host.dtype().size_in_bytes();
-        let fits = share.global.len() * row + LANE_FRAMING <= ANSWER_CAPACITY;
+        let fits = share.global.len() * self.rows.row_bytes + LANE_FRAMING <= ANSWER_CAPACITY;
         let lent_before = !req.ipc_host.is_empty() && node.ipc_answers.load(Ordering::Relaxed) > 0;
         let lane_spin = self.lane_spin.filter(|_| fits || lent_before);
         let started = Instant::now();

@@ -18,7 +18,11 @@ use omnishard_proto::v1::NodeTiming;
 pub enum Stage {
     /// The layer's device work finishing and the hidden states copied to the host.
     CopyOut,
-    /// Each node's rows cut out and encoded.
+    /// The assignments split into one share per node.
+    Plan,
+    /// Rows for nodes that read the coordinator's GPU memory gathered there (CUDA IPC).
+    StageRows,
+    /// Each node's request built: rows cut out and encoded where they go as bytes.
     Encode,
     /// From sending to the last answer (the node's own time included).
     RoundTrip,
@@ -28,8 +32,10 @@ pub enum Stage {
     CopyBack,
 }
 
-const STAGES: [(Stage, &str); 5] = [
+const STAGES: [(Stage, &str); 7] = [
     (Stage::CopyOut, "device work + copy out"),
+    (Stage::Plan, "plan"),
+    (Stage::StageRows, "stage rows"),
     (Stage::Encode, "encode"),
     (Stage::RoundTrip, "round trip"),
     (Stage::Decode, "decode"),
@@ -38,11 +44,17 @@ const STAGES: [(Stage, &str); 5] = [
 
 const NODE_STAGES: [&str; 4] = ["wait", "upload", "experts", "download + encode"];
 
+/// A stage that takes longer than this in one call is counted apart as well: host work of a few
+/// µs that sometimes takes milliseconds is the thread losing its core, not the work.
+const LONG_LAP: Duration = Duration::from_millis(1);
+
 /// Running sums, in nanoseconds (the coordinator's stages) and microseconds (the nodes').
 #[derive(Debug, Default)]
 pub struct CallProfile {
     calls: AtomicU64,
     stages: [AtomicU64; STAGES.len()],
+    /// The part of `stages` spent in laps over [`LONG_LAP`].
+    long: [AtomicU64; STAGES.len()],
     answers: AtomicU64,
     node: [AtomicU64; NODE_STAGES.len()],
 }
@@ -71,6 +83,7 @@ impl CallProfile {
         ProfileSummary {
             calls: take(&self.calls),
             stages: self.stages.each_ref().map(take),
+            long: self.long.each_ref().map(take),
             answers: take(&self.answers),
             node: self.node.each_ref().map(take),
         }
@@ -87,8 +100,12 @@ impl Laps<'_> {
     /// The time since the last lap (or the start) goes to `stage`.
     pub(super) fn lap(&mut self, stage: Stage) {
         let now = Instant::now();
-        let nanos = u64::try_from((now - self.since).as_nanos()).unwrap_or(u64::MAX);
+        let took = now - self.since;
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.profile.stages[stage as usize].fetch_add(nanos, Ordering::Relaxed);
+        if took > LONG_LAP {
+            self.profile.long[stage as usize].fetch_add(nanos, Ordering::Relaxed);
+        }
         self.since = now;
     }
 }
@@ -98,6 +115,7 @@ impl Laps<'_> {
 pub struct ProfileSummary {
     pub calls: u64,
     stages: [u64; STAGES.len()],
+    long: [u64; STAGES.len()],
     pub answers: u64,
     node: [u64; NODE_STAGES.len()],
 }
@@ -114,8 +132,12 @@ impl fmt::Display for ProfileSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let calls = self.calls.max(1) as f64;
         write!(f, "{} calls, µs per call:", self.calls)?;
-        for ((_, name), nanos) in STAGES.iter().zip(self.stages) {
-            write!(f, " {name} {:.1},", nanos as f64 / 1e3 / calls)?;
+        for (((_, name), nanos), long) in STAGES.iter().zip(self.stages).zip(self.long) {
+            write!(f, " {name} {:.1}", nanos as f64 / 1e3 / calls)?;
+            if long > 0 {
+                write!(f, " ({:.1} in laps over 1 ms)", long as f64 / 1e3 / calls)?;
+            }
+            write!(f, ",")?;
         }
         let answers = self.answers.max(1) as f64;
         write!(
@@ -155,6 +177,9 @@ mod tests {
         assert!(summary.per_call() >= Duration::from_millis(2));
         let text = summary.to_string();
         assert!(text.contains("experts 100.0"), "{text}");
+        // The slept lap is a long one; the empty one is not.
+        assert!(text.contains("in laps over 1 ms), decode"), "{text}");
+        assert_eq!(text.matches("laps over").count(), 1, "{text}");
         assert_eq!(profile.take().calls, 0);
     }
 }

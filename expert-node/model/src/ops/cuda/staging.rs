@@ -93,21 +93,18 @@ impl IpcStaging {
             parts: Vec::with_capacity(parts.len()),
             buffer: None,
         };
+        // One gather of every part's rows and one copy into the buffer: the parts lie one
+        // after the other in it.
+        let all: Vec<u32> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let idx = Tensor::from_slice(&all, all.len(), xs.device())?;
+        let gathered = xs.index_select(&idx, 0)?.contiguous()?;
+        with_raw(&gathered, &stream, |src| {
+            check("cuMemcpyDtoDAsync", unsafe {
+                sys::cuMemcpyDtoDAsync_v2(buffer.buffer.ptr, src, total, stream.cu_stream())
+            })
+        })?;
         let mut offset = 0;
         for rows in parts {
-            let idx = Tensor::from_slice(rows, rows.len(), xs.device())?;
-            let part = xs.index_select(&idx, 0)?.contiguous()?;
-            let bytes = rows.len() * row_bytes;
-            with_raw(&part, &stream, |src| {
-                check("cuMemcpyDtoDAsync", unsafe {
-                    sys::cuMemcpyDtoDAsync_v2(
-                        buffer.buffer.ptr + offset as sys::CUdeviceptr,
-                        src,
-                        bytes,
-                        stream.cu_stream(),
-                    )
-                })
-            })?;
             staged.parts.push(v1::DeviceTensor {
                 ipc_handle: buffer.buffer.handle.clone(),
                 slot: buffer.slot,
@@ -116,7 +113,7 @@ impl IpcStaging {
                 shape: vec![rows.len() as u64, width as u64],
                 offset: offset as u64,
             });
-            offset += bytes;
+            offset += rows.len() * row_bytes;
         }
         staged.buffer = Some(buffer);
         stream.synchronize().w()?;
