@@ -89,16 +89,27 @@ pub(super) fn plan<N: Replica>(
     failures: &[(String, String)],
     skip: Option<usize>,
 ) -> Result<Vec<NodeShare>, ExpertError> {
-    // Indexed by expert and by token rather than hashed: a batch-128 layer has 1,024
-    // assignments, and this runs on the coordinator's critical path every layer.
+    // Grouped by expert with a counting sort and tokens looked up by index, not hashed: a
+    // batch-128 layer has 1,024 assignments, planned on the coordinator's critical path every
+    // layer. `order[starts[e]..starts[e + 1]]` are expert e's assignments, in request order.
     let n_experts = pending
         .iter()
         .map(|a| a.expert as usize + 1)
         .max()
         .unwrap_or(0);
-    let mut by_expert: Vec<Vec<Assignment>> = vec![Vec::new(); n_experts];
+    let mut starts = vec![0usize; n_experts + 1];
     for a in pending {
-        by_expert[a.expert as usize].push(*a);
+        starts[a.expert as usize + 1] += 1;
+    }
+    for e in 0..n_experts {
+        starts[e + 1] += starts[e];
+    }
+    let mut next = starts.clone();
+    let mut order = vec![0u32; pending.len()];
+    for (i, a) in pending.iter().enumerate() {
+        let at = &mut next[a.expert as usize];
+        order[*at] = i as u32;
+        *at += 1;
     }
     let n_tokens = pending
         .iter()
@@ -109,7 +120,8 @@ pub(super) fn plan<N: Replica>(
     let mut shares: Vec<Option<NodeShare>> = (0..nodes.len()).map(|_| None).collect();
     // Per node, each global token's index among the rows sent to it.
     let mut local_index: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
-    for (expert, group) in by_expert.into_iter().enumerate() {
+    for expert in 0..n_experts {
+        let group = &order[starts[expert]..starts[expert + 1]];
         if group.is_empty() {
             continue;
         }
@@ -145,16 +157,17 @@ pub(super) fn plan<N: Replica>(
         planned[node] += group.len() as u64;
         let share = shares[node].get_or_insert_with(|| NodeShare {
             node,
-            tokens: Vec::new(),
-            global: Vec::new(),
-            local: Vec::new(),
+            tokens: Vec::with_capacity(n_tokens),
+            global: Vec::with_capacity(pending.len()),
+            local: Vec::with_capacity(pending.len()),
             device_input: false,
         });
         let index = &mut local_index[node];
         if index.is_empty() {
             index.resize(n_tokens, u32::MAX);
         }
-        for a in group {
+        for &i in group {
+            let a = pending[i as usize];
             let slot = &mut index[a.token as usize];
             if *slot == u32::MAX {
                 *slot = share.tokens.len() as u32;
