@@ -22,8 +22,9 @@ pub const HEDGE_FLOOR: Duration = Duration::from_millis(100);
 
 /// Sequences a step needs before the coordinator splits it into two overlapped micro-batches
 /// (expert nodes only). Below this the split costs more than it hides: each micro-batch's call
-/// reads nearly every expert a node holds again, and on GPU nodes batch 32 ran 5-45% slower
-/// split while batch 128 ran 21-58% faster (BENCHMARKS.md, issue 15).
+/// reads nearly every expert a node holds again: on GPU nodes batch 32 ran slower split in 9
+/// of 10 measured pairs (up to 45%), batch 128 with one node 11-28% faster (BENCHMARKS.md,
+/// issue 15).
 pub const OVERLAP_MIN_SEQUENCES: usize = 64;
 
 /// HTTP/2 flow-control windows of the expert-call connections, both ways: a layer's answer

@@ -21,8 +21,8 @@ use tracing::Instrument;
 use super::RemoteOptions;
 use super::call_error::CallError;
 use super::client::Reply;
-use super::fanout::{NodeShare, plan};
 use super::membership::{Node, Table};
+use super::plan::{NodeShare, plan};
 use super::profile::CallProfile;
 
 /// Room an encoded answer needs beyond its rows (message and tensor framing, timing).

@@ -35,6 +35,7 @@ mod hedge;
 mod lane;
 mod layer_call;
 mod membership;
+mod plan;
 mod profile;
 mod verify;
 

@@ -21,21 +21,21 @@ pub enum Stage {
     /// The assignments split into one share per node.
     Plan,
     /// Rows for nodes that read the coordinator's GPU memory gathered there (CUDA IPC).
-    StageRows,
+    Staging,
     /// Each node's request built: rows cut out and encoded where they go as bytes.
     Encode,
     /// From sending to the last answer (the node's own time included).
     RoundTrip,
-    /// The answers decoded and checked.
+    /// The answers decoded and checked (those in nodes' GPU memory mapped).
     Decode,
-    /// The answers copied onto the device.
+    /// The answers copied onto the device (out of nodes' GPU memory, into one tensor).
     CopyBack,
 }
 
 const STAGES: [(Stage, &str); 7] = [
     (Stage::CopyOut, "device work + copy out"),
     (Stage::Plan, "plan"),
-    (Stage::StageRows, "stage rows"),
+    (Stage::Staging, "stage rows"),
     (Stage::Encode, "encode"),
     (Stage::RoundTrip, "round trip"),
     (Stage::Decode, "decode"),

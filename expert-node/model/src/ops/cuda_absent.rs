@@ -174,18 +174,46 @@ impl IpcImporter {
         Self
     }
 
-    pub fn copy(
+    pub fn lent(
         &self,
         _device: &Device,
         _out: &omnishard_proto::v1::DeviceTensor,
         _lease: impl Send + 'static,
-    ) -> Result<Tensor> {
+    ) -> Result<Lent<'_>> {
         candle_core::bail!(
             "GPU memory of another process is read only in a build with the `cuda` feature"
         )
     }
 
+    pub fn copy(
+        &self,
+        device: &Device,
+        out: &omnishard_proto::v1::DeviceTensor,
+        lease: impl Send + 'static,
+    ) -> Result<Tensor> {
+        gather(device, vec![self.lent(device, out, lease)?])
+    }
+
     pub fn prune(&self) {}
+}
+
+/// A tensor of another process's GPU memory: never here.
+pub struct Lent<'a>(std::convert::Infallible, std::marker::PhantomData<&'a ()>);
+
+impl Lent<'_> {
+    pub fn dims(&self) -> &[usize] {
+        match self.0 {}
+    }
+
+    pub fn dtype(&self) -> candle_core::DType {
+        match self.0 {}
+    }
+}
+
+pub fn gather(_device: &Device, _parts: Vec<Lent<'_>>) -> Result<Tensor> {
+    candle_core::bail!(
+        "GPU memory of another process is read only in a build with the `cuda` feature"
+    )
 }
 
 /// Rows staged in GPU memory: never here.

@@ -206,7 +206,28 @@ impl Drop for Mapping {
 #[derive(Default)]
 pub struct IpcImporter {
     mapped: Mutex<HashMap<u32, Mapping>>,
-    copying: Mutex<Vec<(CudaEvent, Box<dyn Send>)>>,
+    copying: Mutex<Vec<(Arc<CudaEvent>, Box<dyn Send>)>>,
+}
+
+/// A tensor in another process's GPU memory, mapped and ready to be copied by [`gather`]; it
+/// holds its request's lease until then.
+pub struct Lent<'a> {
+    importer: &'a IpcImporter,
+    src: sys::CUdeviceptr,
+    bytes: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    lease: Box<dyn Send>,
+}
+
+impl Lent<'_> {
+    pub fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 impl IpcImporter {
@@ -214,16 +235,16 @@ impl IpcImporter {
         Self::default()
     }
 
-    /// Copies a tensor out of another process's buffer (a node's answer, a coordinator's hidden
-    /// states) into a new tensor on `device`, ordered on that device's stream. `lease` is kept
-    /// until the copy has completed on the GPU; dropping it tells the node, with the next
-    /// request, that the buffer is free again.
-    pub fn copy(
+    /// Maps a tensor of another process's buffer (a node's answer, a coordinator's hidden
+    /// states) into `device`'s context, for [`gather`] to copy. `lease` is kept until the copy
+    /// has completed on the GPU; dropping it tells the node, with the next request, that the
+    /// buffer is free again.
+    pub fn lent(
         &self,
         device: &Device,
         out: &v1::DeviceTensor,
         lease: impl Send + 'static,
-    ) -> Result<Tensor> {
+    ) -> Result<Lent<'_>> {
         let Device::Cuda(dev) = device else {
             bail!("a tensor in GPU memory is copied onto a GPU, not {device:?}")
         };
@@ -238,27 +259,31 @@ impl IpcImporter {
             .filter(|&n| n.checked_mul(dtype.size_in_bytes()).is_some())
             .ok_or_else(|| candle_core::Error::Msg(format!("impossible shape {:?}", out.shape)))?;
         let bytes = elems * dtype.size_in_bytes();
-        let stream = dev.cuda_stream();
-        let ctx = stream.context().clone();
+        let ctx = dev.cuda_stream().context().clone();
         ctx.bind_to_thread().w()?;
         let offset = usize::try_from(out.offset)
             .ok()
             .filter(|o| o.checked_add(bytes).is_some())
             .ok_or_else(|| candle_core::Error::Msg(format!("impossible offset {}", out.offset)))?;
         let src = self.map(&ctx, out, offset + bytes)? + offset as sys::CUdeviceptr;
-        let storage = match dtype {
-            DType::BF16 => copy_into::<bf16>(dev, &stream, src, elems, bytes)?,
-            _ => copy_into::<f32>(dev, &stream, src, elems, bytes)?,
-        };
-        let shape: Vec<usize> = out.shape.iter().map(|&d| d as usize).collect();
-        let ys = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
-        let done = stream.record_event(None).w()?;
-        self.prune();
-        self.copying
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((done, Box::new(lease)));
-        Ok(ys)
+        Ok(Lent {
+            importer: self,
+            src,
+            bytes,
+            dtype,
+            shape: out.shape.iter().map(|&d| d as usize).collect(),
+            lease: Box::new(lease),
+        })
+    }
+
+    /// [`IpcImporter::lent`] and [`gather`] of the one tensor.
+    pub fn copy(
+        &self,
+        device: &Device,
+        out: &v1::DeviceTensor,
+        lease: impl Send + 'static,
+    ) -> Result<Tensor> {
+        gather(device, vec![self.lent(device, out, lease)?])
     }
 
     /// Drops the leases of copies that have completed (or failed: nothing reads any more).
@@ -326,19 +351,79 @@ impl IpcImporter {
     }
 }
 
+/// Copies lent tensors of the same dtype and row width, one after the other, into one new
+/// tensor on `device` (`[sum of rows, width]`), ordered on its stream: a layer's answers from
+/// several nodes in one allocation, with no join afterwards. Each lease stays with its importer
+/// until an event after the copies has completed.
+pub fn gather(device: &Device, parts: Vec<Lent<'_>>) -> Result<Tensor> {
+    let Device::Cuda(dev) = device else {
+        bail!("tensors in GPU memory are copied onto a GPU, not {device:?}")
+    };
+    let Some((first, row)) = parts
+        .first()
+        .and_then(|p| Some((p, p.shape.split_first()?.1)))
+    else {
+        bail!("nothing to gather")
+    };
+    let (dtype, row) = (first.dtype, row.to_vec());
+    let mut rows = 0;
+    for p in &parts {
+        if p.dtype != dtype || p.shape.get(1..) != Some(&row[..]) {
+            bail!(
+                "lent tensors of different kinds: {:?} {:?} and {:?} {:?}",
+                dtype,
+                first.shape,
+                p.dtype,
+                p.shape
+            );
+        }
+        rows += p.shape[0];
+    }
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().w()?;
+    let srcs: Vec<(sys::CUdeviceptr, usize)> = parts.iter().map(|p| (p.src, p.bytes)).collect();
+    let elems = rows * row.iter().product::<usize>();
+    let storage = match dtype {
+        DType::BF16 => copy_into::<bf16>(dev, &stream, &srcs, elems)?,
+        DType::F32 => copy_into::<f32>(dev, &stream, &srcs, elems)?,
+        other => bail!("{other:?} tensors do not travel"),
+    };
+    let mut shape = vec![rows];
+    shape.extend(row);
+    let ys = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
+    let done = Arc::new(
+        stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .w()?,
+    );
+    for p in parts {
+        p.importer.prune();
+        p.importer
+            .copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((done.clone(), p.lease));
+    }
+    Ok(ys)
+}
+
+/// Copies each `(source, bytes)` in turn into one new buffer of `elems` elements.
 fn copy_into<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &CudaDevice,
     stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-    src: sys::CUdeviceptr,
+    srcs: &[(sys::CUdeviceptr, usize)],
     elems: usize,
-    bytes: usize,
 ) -> Result<CudaStorage> {
     let mut dst: CudaSlice<T> = unsafe { dev.alloc::<T>(elems.max(1))? };
     {
         let (ptr, _sync) = dst.device_ptr_mut(stream);
-        check("cuMemcpyDtoDAsync", unsafe {
-            sys::cuMemcpyDtoDAsync_v2(ptr, src, bytes, stream.cu_stream())
-        })?;
+        let mut at = ptr;
+        for &(src, bytes) in srcs {
+            check("cuMemcpyDtoDAsync", unsafe {
+                sys::cuMemcpyDtoDAsync_v2(at, src, bytes, stream.cu_stream())
+            })?;
+            at += bytes as sys::CUdeviceptr;
+        }
     }
     Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
 }

@@ -13,7 +13,7 @@ mod moe;
 mod sample;
 mod staging;
 
-pub use ipc::{IpcExporter, IpcImporter};
+pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
 pub use sample::sample_row;
 pub use staging::{IpcStaging, StagedRows};
