@@ -229,7 +229,9 @@ impl Experts for RemoteExperts {
         }
         // Answers in nodes' GPU memory are copied into one tensor, those that came as bytes
         // gathered on the host and copied onto the device in one go; rows in `assignments`
-        // order (the sum does not depend on it).
+        // order (the sum does not depend on it). Every lent answer was mapped above, where a
+        // node whose memory cannot be read is asked again for bytes; a copy that fails after
+        // that is the coordinator's GPU failing, and fails the call.
         let mut parts = Vec::with_capacity(2);
         if !lent.is_empty() {
             parts.push(gather(xs.device(), lent)?);

@@ -201,12 +201,16 @@ impl Drop for Mapping {
     }
 }
 
+/// A copy out of a peer's buffer not yet known to be complete (the event after it, shared by
+/// the copies of one [`gather`]) and the request's lease it holds.
+type Copying = (Arc<CudaEvent>, Box<dyn Send>);
+
 /// The coordinator's side, one per node: the node's buffers it has mapped, and the copies out
-/// of them not yet known to be complete (each holding its request's lease).
+/// of them not yet known to be complete.
 #[derive(Default)]
 pub struct IpcImporter {
     mapped: Mutex<HashMap<u32, Mapping>>,
-    copying: Mutex<Vec<(Arc<CudaEvent>, Box<dyn Send>)>>,
+    copying: Mutex<Vec<Copying>>,
 }
 
 /// A tensor in another process's GPU memory, mapped and ready to be copied by [`gather`]; it
