@@ -85,7 +85,6 @@ impl Experts for RemoteExperts {
             ipc_host,
             lane_spin: self.shared.opts.shm_lane.then(|| lane::spin(xs.device())),
         };
-        let hidden = xs.dims2().map(|d| d.1).unwrap_or(0);
         // Each round sends what is left to live replicas; a node that fails is marked down and
         // its share goes to the next round, within this same call.
         while !pending.is_empty() {
@@ -157,7 +156,8 @@ impl Experts for RemoteExperts {
                             Rows::Lent(ys)
                         }
                     };
-                    if ys.dims() != [answer.global.len(), hidden] || ys.dtype() != self.shared.dtype
+                    if ys.dims() != [answer.global.len(), rows.width]
+                        || ys.dtype() != self.shared.dtype
                     {
                         return Err(CallError::BadAnswer(format!(
                             "answered a {:?} {:?} tensor for {} assignments",

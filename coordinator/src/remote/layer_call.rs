@@ -48,6 +48,8 @@ pub(super) struct Answer {
 pub(super) struct HiddenRows<'a> {
     xs: &'a Tensor,
     host: OnceCell<Tensor>,
+    /// Values in one row (the hidden size).
+    pub(super) width: usize,
     /// Bytes of one row.
     pub(super) row_bytes: usize,
 }
@@ -58,6 +60,7 @@ impl<'a> HiddenRows<'a> {
         Self {
             xs,
             host: OnceCell::new(),
+            width,
             row_bytes: width * xs.dtype().size_in_bytes(),
         }
     }

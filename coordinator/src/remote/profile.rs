@@ -135,7 +135,12 @@ impl fmt::Display for ProfileSummary {
         for (((_, name), nanos), long) in STAGES.iter().zip(self.stages).zip(self.long) {
             write!(f, " {name} {:.1}", nanos as f64 / 1e3 / calls)?;
             if long > 0 {
-                write!(f, " ({:.1} in laps over 1 ms)", long as f64 / 1e3 / calls)?;
+                write!(
+                    f,
+                    " ({:.1} in laps over {} ms)",
+                    long as f64 / 1e3 / calls,
+                    LONG_LAP.as_millis()
+                )?;
             }
             write!(f, ",")?;
         }
