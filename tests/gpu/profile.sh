@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Where a batch-1 decode step's time goes, on the device machine (carry .gpu; see package.sh):
+# Where the GPU's time goes in batch-1 decode, batch-32 decode and a 512-token prefill, on the
+# device machine (carry .gpu; see package.sh):
 #   tests/gpu/profile.sh [--layers N]
-# 1. `coordinator bench --quick` on an N-layer model (default 8): the wall time per decoded token;
-# 2. the same under Nsight Compute, timing every kernel of three decode steps with the caches
-#    left warm (--cache-control none: what the kernel costs inside the running step) and the
-#    clocks as they are. Kernel time per step against wall time per step is the launch and
-#    synchronization overhead; the per-kernel table says which kernels to work on.
+# 1. `coordinator bench --quick --nodes 0` on an N-layer model (default 8), in process only: the
+#    wall time of each measurement;
+# 2. the same under Nsight Compute, timing every kernel with the caches left warm
+#    (--cache-control none: what the kernel costs inside the running step) and the clocks as
+#    they are. The launches are cut into forward passes at the sampling kernels that end each
+#    decode step (one sample per sequence: the count says the batch); what follows the last of
+#    them is the bench's prefill rounds. Printed per phase: kernel time per forward pass and the
+#    per-kernel table. Kernel time against wall time is the launch and synchronization overhead.
 set -uo pipefail
 # shellcheck source=setup.sh
 source "$(dirname "$0")/setup.sh"
@@ -18,35 +22,68 @@ while [ $# -gt 0 ]; do
   shift
 done
 bench=("$work/release/coordinator" bench --device cuda --load-format dummy --preset qwen3-30b-a3b
-  --layers "$layers" --dtype bf16 --nodes 1 --node-devices cuda --quick)
+  --layers "$layers" --dtype bf16 --nodes 0 --quick)
 RUST_LOG=warn "${bench[@]}" 2>&1 | grep -E "in-process|^bench: \[1" | tee "$out/profile-wall.txt"
-# Launches of one b1 step: ~12 per layer plus ~10; skip the load, the 16-token prompt and the
-# warm-up steps, then time about three steps.
-per_step=$((12 * layers + 10))
-skip=$((3 * per_step + 200))
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-RUST_LOG=warn "$ncu" --clock-control none --cache-control none --launch-skip "$skip" \
-  --launch-count $((3 * per_step)) --metrics gpu__time_duration.sum --csv \
-  --print-summary per-kernel "${bench[@]}" >"$out/profile-ncu.csv" 2>"$out/profile-ncu.err"
+RUST_LOG=warn "$ncu" --clock-control none --cache-control none \
+  --metrics gpu__time_duration.sum --csv "${bench[@]}" >"$out/profile-ncu.csv" 2>"$out/profile-ncu.err"
 python3 - "$out/profile-ncu.csv" <<'PY'
 import csv, io, sys
+from collections import defaultdict
 text = open(sys.argv[1]).read()
-start = text.find('"Process ID"')
+start = text.find('"ID"')
 if start < 0:
-    sys.exit("profile.sh: no per-kernel summary in the ncu output (see profile-ncu.err)")
+    sys.exit("profile.sh: no kernel rows in the ncu output (see profile-ncu.err)")
 scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
-kernels, total = [], 0.0
+launches = []
 for r in csv.DictReader(io.StringIO(text[start:])):
     if r.get("Metric Name") != "gpu__time_duration.sum":
         continue
-    avg = float(r["Average"].replace(",", "")) * scale.get(r["Metric Unit"], 1e-3)
-    n = int(r["Invocations"].replace(",", ""))
-    kernels.append((avg * n, n, avg, r["Kernel Name"][:70], r["Grid Size"]))
-    total += avg * n
-# One sampling launch per decode step: the number of steps the profiled launches cover.
-steps = sum(n for _, n, _, name, _ in kernels if name.startswith("sample_argmax_partial")) or 3
-kernels.sort(reverse=True)
-print(f"kernel time per step ({steps} steps profiled): {total / steps:.0f} us")
-for t, n, avg, name, grid in kernels:
-    print("%9.1f us/step %5d x %7.2f us  %s %s" % (t / steps, n, avg, name, grid))
+    us = float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1e-3)
+    launches.append((r["Kernel Name"].split("(")[0][:60], r["Grid Size"], us))
+# A forward pass is the launches up to a run of sampling launches (a few copies may sit between
+# two sequences' samples); the run's count of sample_argmax_partial is the batch.
+SAMPLE = "sample_argmax_partial"
+def partial(j): return launches[j][0].startswith(SAMPLE)
+passes, current, i = [], [], 0
+while i < len(launches):
+    if not partial(i):
+        current.append(launches[i])
+        i += 1
+        continue
+    batch, end, j = 1, i, i + 1
+    while j < len(launches):
+        if launches[j][0].startswith("sample"):
+            batch, end, j = batch + partial(j), j, j + 1
+            continue
+        ahead = [k for k in range(j, min(j + 4, len(launches))) if partial(k)]
+        if not ahead:
+            break
+        j = ahead[0]
+    passes.append((batch, current + launches[i:end + 1]))
+    current, i = [], end + 1
+prefill_rounds = 2  # --quick
+def report(title, group):
+    if not group:
+        print(f"\n{title}: none found")
+        return
+    per = defaultdict(lambda: [0.0, 0, ""])
+    for launches_of in group:
+        for name, grid, us in launches_of:
+            e = per[name]
+            e[0] += us; e[1] += 1; e[2] = grid
+    total = sum(e[0] for e in per.values()) / len(group)
+    print(f"\n{title}: {len(group)} passes, kernel time per pass {total:.0f} us, "
+          f"{sum(e[1] for e in per.values()) / len(group):.0f} launches per pass")
+    for name, (us, n, grid) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+        print("%9.1f us/pass %5.1f x %8.2f us  %s %s" % (us / len(group), n / len(group), us / n, name, grid))
+# The last three batch-1 steps and the last two batch-32 steps (the earlier ones are the prompt
+# and warm-up); the tail after the last sample is the prefill rounds.
+b1 = [p for b, p in passes if b == 1][-3:]
+b32 = [p for b, p in passes if b == 32][-2:]
+report("batch-1 decode step", b1)
+report("batch-32 decode step", b32)
+tail = current
+per_round = len(tail) // prefill_rounds
+report("prefill of 512 tokens", [tail[k * per_round:(k + 1) * per_round] for k in range(prefill_rounds)] if tail else [])
 PY

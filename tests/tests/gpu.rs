@@ -1,12 +1,14 @@
 //! The GPU path (`cuda` feature; run on the device machine by `tests/gpu/check.sh`, never in CI):
-//! each CUDA kernel against the CPU path on random inputs with odd shapes, the model on every
-//! fixture against the reference within the bf16 tolerance of the fidelity tests, decoding with
-//! the cache against full recomputation, sampling against the host sampler (`gpu/sampling.rs`),
-//! a cluster of GPU expert nodes against the single GPU process bit for bit, and the audio and
-//! vision towers on the GPU in bf16 (every omni-mixed fixture prompt through `coordinator score
-//! --device cuda`) against the reference.
+//! each CUDA kernel against the CPU path on random inputs with odd shapes (prefill attention's in
+//! `gpu/attention.rs`), the model on every fixture against the reference within the bf16
+//! tolerance of the fidelity tests, decoding with the cache against full recomputation, sampling
+//! against the host sampler (`gpu/sampling.rs`), a cluster of GPU expert nodes against the single
+//! GPU process bit for bit, and the audio and vision towers on the GPU in bf16 (every omni-mixed
+//! fixture prompt through `coordinator score --device cuda`) against the reference.
 #![cfg(feature = "cuda")]
 
+#[path = "gpu/attention.rs"]
+mod attention;
 #[path = "gpu/sampling.rs"]
 mod sampling;
 
@@ -100,7 +102,7 @@ fn assignments(n: usize, k: usize, experts: usize, seed: u64) -> Vec<Assignment>
 
 #[test]
 fn fused_moe_matches_the_cpu_path_and_ignores_grouping() {
-    // Odd sizes (GEMV kernels only), then multiples of 32 (experts with 16 or more tokens on the
+    // Odd sizes (GEMV kernels only), then multiples of 32 (experts with 5 or more tokens on the
     // tensor-core kernels).
     for (hidden, inter) in [(200, 72), (96, 64)] {
         fused_moe_case(hidden, inter);

@@ -115,6 +115,11 @@ impl Attention {
         }
         if !decode_rows.is_empty() {
             let ys = self.attend_decode_batch(&q, &k, &v, seqs, &decode_rows, layer)?;
+            if decode_rows.len() == seqs.len() {
+                // Every sequence decodes: the rows are the batch in order already (one copy per
+                // sequence through `cat` cost more than the attention kernel at batch 32).
+                return self.o_proj.forward(&ys);
+            }
             for (b, &(i, _)) in decode_rows.iter().enumerate() {
                 outs[i] = Some(ys.narrow(0, b, 1)?);
             }
@@ -250,6 +255,9 @@ impl Attention {
         let total = past + s;
         // On a GPU the cache hands out views of its buffers.
         let (k, v) = (k.contiguous()?, v.contiguous()?);
+        if let Some(out) = self.attend_gpu(q, &k, &v, past)? {
+            return Ok(out);
+        }
         let groups = self.n_heads / self.n_kv_heads;
         let repeat = |t: Tensor| -> Result<Tensor> {
             if groups == 1 {
@@ -281,5 +289,36 @@ impl Attention {
         Ok(matmul(&probs, &v)?
             .transpose(0, 1)?
             .reshape((s, self.n_heads * hd))?)
+    }
+
+    /// [`Attention::attend`] in bf16 on a GPU, the same math in three launches: each KV head's
+    /// query heads taken as one `[groups * s, d]` matrix against its keys and values (no copy of
+    /// them per query head), and the scale, causal mask and softmax fused into one kernel
+    /// instead of five elementwise passes over f32 scores. `q` `[heads, s, d]` contiguous, `k`
+    /// and `v` `[kv_heads, past + s, d]`; `None` off the GPU or in f32.
+    fn attend_gpu(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Option<Tensor>> {
+        if cuda::bf16_device(q).is_none() || !q.is_contiguous() {
+            return Ok(None);
+        }
+        let (heads, s, hd) = q.dims3()?;
+        let total = k.dim(1)?;
+        let groups = heads / self.n_kv_heads;
+        let q = q.reshape((self.n_kv_heads, groups * s, hd))?;
+        let scores = matmul(&q, &k.t()?)?.reshape((heads, s, total))?;
+        // The scale rounded to bf16, as candle's affine takes it on the CPU path (and took it
+        // here before this kernel). The reference multiplies by the f32 scale: that gave
+        // omni-gqa-top4's reference logits bit for bit, but moved a near-tie row of
+        // omni-mqa-step2's mRoPE logits to another argmax than the CPU f32 path's.
+        let scale = half::bf16::from_f64((hd as f64).powf(-0.5)).to_f32();
+        let Some(probs) = cuda::causal_softmax(&scores, scale, past)? else {
+            return Ok(None);
+        };
+        let probs = probs.reshape((self.n_kv_heads, groups * s, total))?;
+        Ok(Some(
+            matmul(&probs, v)?
+                .reshape((heads, s, hd))?
+                .transpose(0, 1)?
+                .reshape((s, heads * hd))?,
+        ))
     }
 }

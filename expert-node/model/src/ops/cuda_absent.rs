@@ -121,6 +121,10 @@ pub fn decode_attention(
     Ok(None)
 }
 
+pub fn causal_softmax(_scores: &Tensor, _scale: f32, _past: usize) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
 pub fn bf16_device(_t: &Tensor) -> Option<&candle_core::CudaDevice> {
     None
 }

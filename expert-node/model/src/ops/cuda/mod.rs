@@ -8,11 +8,13 @@
 //! DESIGN §7), and candle's generic path costs one launch per elementary op: RMSNorm alone is
 //! nine. These kernels replace the launch-heavy and bandwidth-heavy parts.
 
+mod attention;
 mod ipc;
 mod moe;
 mod sample;
 mod staging;
 
+pub use attention::{CacheBuffers, causal_softmax, decode_attention};
 pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
 pub use sample::sample_row;
@@ -20,7 +22,7 @@ pub use staging::{IpcStaging, StagedRows};
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, LaunchConfig, PushKernelArg,
 };
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor, bail};
@@ -250,115 +252,6 @@ pub fn norm_rope(
         })
     })?;
     Ok(Some(wrap(dev, out, (n, heads, d))))
-}
-
-/// Longest cache the decode-attention kernel takes: its scores live in 48 KiB of shared memory.
-const DECODE_ATTENTION_MAX_LEN: usize = 12 * 1024;
-/// Sequences per decode-attention launch: its table is a kernel parameter (`DECODE_SEQS` in
-/// kernels.cu).
-const DECODE_SEQS: usize = 32;
-
-/// One sequence's KV cache buffers for [`decode_attention`]: keys and values `[kv_heads,
-/// capacity, d]` (contiguous, capacity above `past`) and the number of positions cached.
-pub struct CacheBuffers<'a> {
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    pub past: usize,
-}
-
-/// One decode step of several sequences at once: `q` `[seqs, heads, d]` and the new keys and
-/// values `k_new`/`v_new` `[seqs, kv_heads, d]`; each sequence attends to its cache plus its new
-/// row, which the kernel also writes into the cache at `past`. Returns `[seqs, heads * d]`;
-/// `None` when the inputs are not bf16 on a GPU or a cache is too long for the kernel (nothing
-/// has been written then; the caller runs candle's ops).
-pub fn decode_attention(
-    q: &Tensor,
-    k_new: &Tensor,
-    v_new: &Tensor,
-    caches: &[CacheBuffers<'_>],
-) -> Result<Option<Tensor>> {
-    let Some(dev) = bf16_device(q) else {
-        return Ok(None);
-    };
-    let (seqs, heads, d) = q.dims3()?;
-    let (_, kv_heads, _) = k_new.dims3()?;
-    let shapes_fit = seqs == caches.len()
-        && seqs > 0
-        && k_new.dims() == [seqs, kv_heads, d]
-        && v_new.dims() == [seqs, kv_heads, d]
-        && d % 32 == 0
-        && d <= 1024
-        && kv_heads > 0
-        && heads % kv_heads == 0
-        && bf16_device(k_new).is_some()
-        && bf16_device(v_new).is_some();
-    let caches_fit = caches.iter().all(|c| {
-        let dims = c.k.dims();
-        dims.len() == 3
-            && dims[0] == kv_heads
-            && dims[1] > c.past
-            && dims[2] == d
-            && c.v.dims() == dims
-            && c.past < DECODE_ATTENTION_MAX_LEN
-            && c.k.is_contiguous()
-            && c.v.is_contiguous()
-            && bf16_device(c.k).is_some()
-            && bf16_device(c.v).is_some()
-    });
-    if !shapes_fit || !caches_fit {
-        return Ok(None);
-    }
-    let stream = dev.cuda_stream();
-    let pointer = |t: &Tensor| -> Result<u64> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            bail!("expected a CUDA tensor")
-        };
-        let slice = s.as_cuda_slice::<bf16>()?;
-        let view = slice.slice(layout.start_offset()..);
-        let (ptr, _sync) = view.device_ptr(&stream);
-        Ok(ptr)
-    };
-    let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, PTX)?;
-    // SAFETY: the kernel writes every element (one thread per (sequence, head, dim)).
-    let mut out = unsafe { dev.alloc::<bf16>(seqs * heads * d) }?;
-    with_view(q, |qv| {
-        with_view(k_new, |kv| {
-            with_view(v_new, |vv| {
-                let (heads_i, kv_i) = (
-                    checked_i32("heads", heads)?,
-                    checked_i32("kv heads", kv_heads)?,
-                );
-                let scale = (d as f32).powf(-0.5);
-                // The table travels as a kernel parameter, DECODE_SEQS sequences per launch.
-                for (chunk, group) in caches.chunks(DECODE_SEQS).enumerate() {
-                    let mut table = [0u64; 4 * DECODE_SEQS];
-                    for (i, c) in group.iter().enumerate() {
-                        table[4 * i..4 * i + 4].copy_from_slice(&[
-                            pointer(c.k)?,
-                            pointer(c.v)?,
-                            c.past as u64,
-                            c.k.dim(1)? as u64,
-                        ]);
-                    }
-                    let longest = group.iter().map(|c| c.past + 1).max().unwrap_or(1);
-                    let seq_base = checked_i32("sequence", chunk * DECODE_SEQS)?;
-                    let mut b = func.builder();
-                    b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
-                    b.arg(&heads_i).arg(&kv_i).arg(&scale).arg(&seq_base);
-                    let shared = checked_u32("cache length", longest * 4)?;
-                    let grid = (checked_u32("heads", heads)?, group.len() as u32);
-                    let cfg = launch_config(grid, d as u32, shared);
-                    // SAFETY: argument types and order match `decode_attention_bf16` (the
-                    // table is its `DecodeTable`); every cache pointer names a live buffer with
-                    // room for row `past`.
-                    unsafe { b.launch(cfg) }.w()?;
-                }
-                Ok(())
-            })
-        })
-    })?;
-    Ok(Some(wrap(dev, out, (seqs, heads * d))))
 }
 
 /// A router's top-k left on the GPU: `[tokens * k]` expert ids then `[tokens * k]` weights (f32

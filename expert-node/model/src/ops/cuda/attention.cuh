@@ -1,0 +1,119 @@
+// Included by kernels.cu (after its helpers f, rn, warp_sum and block_sum): attention's own
+// kernels. Both round as the reference's eager attention in bf16 (transformers 4.57.3
+// `eager_attention_forward`): scores = bf16(bf16(q . k) * scale), the causal mask, softmax in
+// f32, probabilities cast to bf16, then probs @ v with f32 accumulation.
+#pragma once
+
+// Maximum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float p = lane < (int)(blockDim.x >> 5) ? partial[lane] : -INFINITY;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) p = fmaxf(p, __shfl_xor_sync(0xffffffffu, p, o));
+        if (lane == 0) total = p;
+    }
+    __syncthreads();
+    const float r = total;
+    __syncthreads();
+    return r;
+}
+
+// Prefill's scale, causal mask and softmax in one pass over the scores cuBLAS wrote (bf16
+// q . k), replacing five elementwise launches over [heads, s, total] in f32: one block per row
+// (head, query i), query i at absolute position past + i seeing keys 0..=past + i; masked
+// entries become exactly 0, as exp(-inf) does in the reference. scores and probs
+// [heads * s, total], row-major.
+extern "C" __global__ void causal_softmax_bf16(const bf16* __restrict__ scores, bf16* __restrict__ probs,
+                                               int s, int total, int past, float scale) {
+    const size_t row = blockIdx.x;
+    const int visible = min(past + (int)(row % s) + 1, total);
+    const bf16* in = scores + row * total;
+    bf16* out = probs + row * total;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, f(rn(f(in[j]) * scale)));
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) sum += expf(f(rn(f(in[j]) * scale)) - m);
+    const float total_sum = block_sum(sum);
+    for (int j = threadIdx.x; j < total; j += blockDim.x)
+        out[j] = j < visible ? rn(expf(f(rn(f(in[j]) * scale)) - m) / total_sum) : rn(0.f);
+}
+
+// One decode step of several sequences: block (head, seq) attends query head `head` of sequence
+// `seq` (q [seqs, heads, d]) to that sequence's cached positions and its new key/value (k_new,
+// v_new [seqs, kv_heads, d]), and the first query head of each KV head writes the new key/value
+// into the cache (no block reads that row from the cache, so no block waits for another).
+// `table` (a kernel parameter: no upload) holds for sequences seq_base + blockIdx.y: key buffer,
+// value buffer ([kv_heads, capacity, d] each), cached length, capacity. Rounds as the reference's eager attention in bf16: scores =
+// bf16(bf16(q . k) * scale), softmax in f32, probabilities cast to bf16, then probs @ v with f32
+// accumulation. blockDim.x == d; dynamic shared memory holds one float per position.
+#define DECODE_SEQS 32
+struct DecodeTable {
+    unsigned long long v[4 * DECODE_SEQS];
+};
+
+extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
+                                                 const bf16* __restrict__ v_new, const DecodeTable table,
+                                                 bf16* __restrict__ out, int heads, int kv_heads,
+                                                 float scale, int seq_base) {
+    extern __shared__ float p[];
+    const int d = blockDim.x, head = blockIdx.x, seq = seq_base + blockIdx.y;
+    const int groups = heads / kv_heads, kv = head / groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const unsigned long long* t = table.v + 4 * blockIdx.y;
+    const long long capacity = (long long)t[3];
+    bf16* kh = reinterpret_cast<bf16*>(t[0]) + (size_t)kv * capacity * d;
+    bf16* vh = reinterpret_cast<bf16*>(t[1]) + (size_t)kv * capacity * d;
+    const int past = (int)t[2], L = past + 1;
+    const bf16* qh = q + ((size_t)seq * heads + head) * d;
+    const bf16* kn = k_new + ((size_t)seq * kv_heads + kv) * d;
+    const bf16* vn = v_new + ((size_t)seq * kv_heads + kv) * d;
+    for (int j = warp; j < L; j += warps) {
+        const bf16* kr = j < past ? kh + (size_t)j * d : kn;
+        float acc = 0.f;
+        for (int i = lane; i < d; i += 32) acc = fmaf(f(qh[i]), f(kr[i]), acc);
+        acc = warp_sum(acc);
+        if (lane == 0) p[j] = f(rn(f(rn(acc)) * scale));
+    }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < L; j += d) m = fmaxf(m, p[j]);
+    __shared__ float part[32];
+    __shared__ float shared_max;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) part[warp] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float mm = part[0];
+        for (int w = 1; w < warps; ++w) mm = fmaxf(mm, part[w]);
+        shared_max = mm;
+    }
+    __syncthreads();
+    m = shared_max;
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < L; j += d) {
+        const float e = expf(p[j] - m);
+        p[j] = e;
+        sum += e;
+    }
+    const float total = block_sum(sum);
+    for (int j = threadIdx.x; j < L; j += d) p[j] = f(rn(p[j] / total));
+    __syncthreads();
+    const int c = threadIdx.x;
+    float acc = 0.f;
+    for (int j = 0; j < past; ++j) acc = fmaf(p[j], f(vh[(size_t)j * d + c]), acc);
+    acc = fmaf(p[past], f(vn[c]), acc);
+    out[((size_t)seq * heads + head) * d + c] = rn(acc);
+    if (head % groups == 0) {
+        kh[(size_t)past * d + c] = kn[c];
+        vh[(size_t)past * d + c] = vn[c];
+    }
+}
