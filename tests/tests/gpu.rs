@@ -207,7 +207,17 @@ fn norm_kernels_match_the_cpu_math() {
             + rotated.broadcast_mul(&sin.unsqueeze(1).unwrap()).unwrap())
         .unwrap();
         let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
-        let got = cuda::norm_rope(&bf(&x), &bf(&w), eps, &bf(&cos), &bf(&sin))
+        // The heads sit between other columns, as q and k do in the stacked projection.
+        let wide = Tensor::cat(
+            &[
+                &Tensor::ones((rows, 3 * d), DType::F32, &Device::Cpu).unwrap(),
+                &x.reshape((rows, heads * d)).unwrap(),
+                &Tensor::ones((rows, d), DType::F32, &Device::Cpu).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let got = cuda::norm_rope(&bf(&wide), 3 * d, heads, &bf(&w), eps, &bf(&cos), &bf(&sin))
             .unwrap()
             .expect("the fused kernel takes bf16 CUDA tensors");
         let err = relative_error(&got, &want);

@@ -71,12 +71,8 @@ impl Attention {
         let split = |start: usize, width: usize, heads: usize| -> Result<Tensor> {
             Ok(qkv.narrow(1, start, width)?.reshape((n, heads, hd))?)
         };
-        let q = self
-            .q_norm
-            .forward_rope(&split(0, nq, self.n_heads)?, cos, sin)?;
-        let k = self
-            .k_norm
-            .forward_rope(&split(nq, nkv, self.n_kv_heads)?, cos, sin)?;
+        let q = self.q_norm.forward_rope(&qkv, 0, self.n_heads, cos, sin)?;
+        let k = self.k_norm.forward_rope(&qkv, nq, self.n_kv_heads, cos, sin)?;
         let v = split(nq + nkv, nkv, self.n_kv_heads)?;
         // Decode steps (one new token after a non-empty cache) of several sequences are
         // attended together; prompts and chunks go one sequence at a time.

@@ -25,13 +25,25 @@ impl RmsNorm {
         })
     }
 
-    /// This norm then RoPE with `cos`/`sin` `[tokens, d]`, of `xs` `[tokens, heads, d]`: one
-    /// fused kernel on a GPU in bf16.
-    pub(super) fn forward_rope(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if let Some(out) = cuda::norm_rope(xs, &self.weight, self.eps, cos, sin)? {
+    /// This norm then RoPE with `cos`/`sin` `[tokens, d]`, of the `heads` heads from column
+    /// `start` of `qkv` `[tokens, width]` (the stacked q/k/v projection); returns `[tokens,
+    /// heads, d]`. One fused kernel on a GPU in bf16, reading the heads in place.
+    pub(super) fn forward_rope(
+        &self,
+        qkv: &Tensor,
+        start: usize,
+        heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        if let Some(out) = cuda::norm_rope(qkv, start, heads, &self.weight, self.eps, cos, sin)? {
             return Ok(out);
         }
-        apply_rope(&self.forward(xs)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)
+        let d = self.weight.dim(0)?;
+        let xs = qkv
+            .narrow(1, start, heads * d)?
+            .reshape((qkv.dim(0)?, heads, d))?;
+        apply_rope(&self.forward(&xs)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)
     }
 
     /// `(xs + residual, norm(xs + residual))`: the residual add and this norm, one fused kernel

@@ -90,6 +90,8 @@ pub fn add_rms_norm(
 
 pub fn norm_rope(
     _x: &Tensor,
+    _start: usize,
+    _heads: usize,
     _weight: &Tensor,
     _eps: f64,
     _cos: &Tensor,

@@ -127,16 +127,17 @@ extern "C" __global__ void add_rms_norm_bf16(const bf16* __restrict__ x, const b
 }
 
 // q_norm/k_norm then RoPE (rotate_half), per (token, head) row of `d` = blockDim.x elements:
-// x [tokens, heads, d], cos/sin [tokens, d]. The rotation rounds as the reference's
-// `q * cos + rotate_half(q) * sin` in bf16: each product, then the sum.
+// x holds each token's heads at x[token * x_stride + head * d] (the q or k columns of the stacked
+// q/k/v projection, read in place), cos/sin [tokens, d], out [tokens, heads, d]. The rotation
+// rounds as the reference's `q * cos + rotate_half(q) * sin` in bf16: each product, then the sum.
 extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ cos, const bf16* __restrict__ sin,
-                                          bf16* __restrict__ out, int heads, float eps) {
+                                          bf16* __restrict__ out, int heads, int x_stride, float eps) {
     extern __shared__ bf16 normed[];
     const int d = blockDim.x, j = threadIdx.x;
     const size_t row = blockIdx.x;
     const size_t token = row / heads;
-    const float v = f(x[row * d + j]);
+    const float v = f(x[token * x_stride + (row % heads) * d + j]);
     const float inv = 1.0f / sqrtf(block_sum(v * v) / (float)d + eps);
     const bf16 nv = rn(f(rn(v * inv)) * f(w[j]));
     normed[j] = nv;

@@ -209,10 +209,15 @@ pub fn add_rms_norm(
     Ok(Some((wrap(dev, sum, shape.clone()), wrap(dev, out, shape))))
 }
 
-/// Per-head RMSNorm then RoPE of `x` `[tokens, heads, d]` with `cos`/`sin` `[tokens, d]`, all
-/// bf16 on one CUDA device; `None` when the inputs are not (the caller runs candle's ops).
+/// q_norm/k_norm then RoPE of the heads `[start, start + heads * d)` of every row of `x`
+/// `[tokens, width]` (the q or k columns of the stacked projection, read where they are: no copy
+/// of them first), `d` the weight's length, `cos`/`sin` `[tokens, d]`: one fused kernel, out
+/// `[tokens, heads, d]`. `None` when the tensors are not bf16 on a GPU or the shapes do not fit
+/// the kernel (the caller runs candle's ops).
 pub fn norm_rope(
     x: &Tensor,
+    start: usize,
+    heads: usize,
     weight: &Tensor,
     eps: f64,
     cos: &Tensor,
@@ -221,7 +226,7 @@ pub fn norm_rope(
     let Some(dev) = bf16_device(x) else {
         return Ok(None);
     };
-    let Ok((n, heads, d)) = x.dims3() else {
+    let (Ok((n, width)), Ok(d)) = (x.dims2(), weight.dims1()) else {
         return Ok(None);
     };
     if d % 32 != 0 || d > 1024 || cos.dims() != [n, d] || sin.dims() != [n, d] {
@@ -230,21 +235,30 @@ pub fn norm_rope(
     if bf16_device(cos).is_none() || bf16_device(sin).is_none() || n * heads == 0 {
         return Ok(None);
     }
+    if start + heads * d > width {
+        bail!("norm_rope: heads {start}..{} past the row's {width} columns", start + heads * d);
+    }
     let func = dev.get_or_load_custom_func("norm_rope_bf16", MODULE, PTX)?;
     // SAFETY: every element is written by the kernel before the tensor is read.
-    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
+    let mut out = unsafe { dev.alloc::<bf16>(n * heads * d) }?;
     with_view(x, |xv| {
         with_view(weight, |wv| {
             with_view(cos, |cv| {
                 with_view(sin, |sv| {
-                    let (heads_i, eps_f) = (checked_i32("heads", heads)?, eps as f32);
+                    let (heads_i, stride_i, eps_f) = (
+                        checked_i32("heads", heads)?,
+                        checked_i32("row width", width)?,
+                        eps as f32,
+                    );
+                    let columns = xv.slice(start..);
                     let mut b = func.builder();
-                    b.arg(xv).arg(wv).arg(cv).arg(sv).arg(&mut out);
-                    b.arg(&heads_i).arg(&eps_f);
+                    b.arg(&columns).arg(wv).arg(cv).arg(sv).arg(&mut out);
+                    b.arg(&heads_i).arg(&stride_i).arg(&eps_f);
                     let shared = checked_u32("head_dim", d * 2)?;
                     let rows = checked_u32("rows", n * heads)?;
                     let cfg = launch_config((rows, 1), d as u32, shared);
-                    // SAFETY: argument types and order match `norm_rope_bf16`.
+                    // SAFETY: argument types and order match `norm_rope_bf16`; row `n - 1`'s
+                    // last head ends inside `x` (checked above).
                     unsafe { b.launch(cfg) }.w()?;
                     Ok(())
                 })
