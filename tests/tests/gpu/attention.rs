@@ -12,7 +12,12 @@ use super::gpu;
 #[test]
 fn causal_softmax_matches_the_reference_steps() {
     let dev = gpu();
-    for (heads, s, past, seed) in [(1usize, 1usize, 0usize, 1u64), (3, 7, 0, 2), (5, 13, 300, 3), (2, 600, 9, 4)] {
+    for (heads, s, past, seed) in [
+        (1usize, 1usize, 0usize, 1u64),
+        (3, 7, 0, 2),
+        (5, 13, 300, 3),
+        (2, 600, 9, 4),
+    ] {
         let total = past + s;
         let mut rng = StdRng::seed_from_u64(seed);
         let scores: Vec<f32> = (0..heads * s * total)

@@ -72,7 +72,9 @@ impl Attention {
             Ok(qkv.narrow(1, start, width)?.reshape((n, heads, hd))?)
         };
         let q = self.q_norm.forward_rope(&qkv, 0, self.n_heads, cos, sin)?;
-        let k = self.k_norm.forward_rope(&qkv, nq, self.n_kv_heads, cos, sin)?;
+        let k = self
+            .k_norm
+            .forward_rope(&qkv, nq, self.n_kv_heads, cos, sin)?;
         let v = split(nq + nkv, nkv, self.n_kv_heads)?;
         // Decode steps (one new token after a non-empty cache) of several sequences are
         // attended together; prompts and chunks go one sequence at a time.
@@ -292,7 +294,13 @@ impl Attention {
     /// them per query head), and the scale, causal mask and softmax fused into one kernel
     /// instead of five elementwise passes over f32 scores. `q` `[heads, s, d]` contiguous, `k`
     /// and `v` `[kv_heads, past + s, d]`; `None` off the GPU or in f32.
-    fn attend_gpu(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Option<Tensor>> {
+    fn attend_gpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        past: usize,
+    ) -> Result<Option<Tensor>> {
         if cuda::bf16_device(q).is_none() || !q.is_contiguous() {
             return Ok(None);
         }

@@ -131,7 +131,10 @@ pub fn causal_softmax(scores: &Tensor, scale: f32, past: usize) -> Result<Option
     };
     let (heads, s, total) = scores.dims3()?;
     if s == 0 || total < past + s {
-        bail!("causal softmax: {s} queries after {past} cached positions need {} keys, the scores have {total}", past + s);
+        bail!(
+            "causal softmax: {s} queries after {past} cached positions need {} keys, the scores have {total}",
+            past + s
+        );
     }
     let rows = checked_u32("attention rows", heads * s)?;
     let (s_i, total_i, past_i) = (

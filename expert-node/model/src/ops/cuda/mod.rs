@@ -21,9 +21,7 @@ pub use sample::sample_row;
 pub use staging::{IpcStaging, StagedRows};
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor, bail};
 use half::bf16;
@@ -236,7 +234,10 @@ pub fn norm_rope(
         return Ok(None);
     }
     if start + heads * d > width {
-        bail!("norm_rope: heads {start}..{} past the row's {width} columns", start + heads * d);
+        bail!(
+            "norm_rope: heads {start}..{} past the row's {width} columns",
+            start + heads * d
+        );
     }
     let func = dev.get_or_load_custom_func("norm_rope_bf16", MODULE, PTX)?;
     // SAFETY: every element is written by the kernel before the tensor is read.
