@@ -31,6 +31,30 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// The K loop over a ring of STAGES shared-memory stages: `load(kt)` issues step kt's copies into
+// stage kt % STAGES, `compute(kt)` works on that stage once it has landed; the next STAGES - 1
+// steps' loads are in flight meanwhile. On return every copy has landed and every warp is done
+// with the ring (its memory may be reused).
+template <int STAGES, typename Load, typename Compute>
+__device__ __forceinline__ void cp_async_ring(int steps, Load load, Compute compute) {
+#pragma unroll
+    for (int kt = 0; kt < STAGES - 1; ++kt) {
+        if (kt < steps) load(kt);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < steps; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        // Step kt has landed for every thread, and every warp is done with step kt - 1, whose
+        // stage the next load reuses.
+        __syncthreads();
+        if (kt + STAGES - 1 < steps) load(kt + STAGES - 1);
+        cp_async_commit();
+        compute(kt);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
 // Rows [m0, m0 + 32) of a gathered A tile: row r is `src_row(r)` (zeros past `rows`), columns
 // [k0, k0 + 32). 128 threads, 8 bf16 each.
 template <typename RowPtr>
@@ -102,19 +126,7 @@ extern "C" __global__ void moe_gate_up_mma_bf16(const bf16* __restrict__ xs, con
         load_b_tile(st.wg, wg, n0, I, H, kt * MMA_K);
         load_b_tile(st.wu, wu, n0, I, H, kt * MMA_K);
     };
-    const int steps = H / MMA_K;
-#pragma unroll
-    for (int kt = 0; kt < GU_STAGES - 1; ++kt) {
-        if (kt < steps) load(kt);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < steps; ++kt) {
-        cp_async_wait<GU_STAGES - 2>();
-        // Stage kt has landed for every thread, and every warp is done with stage kt - 1, whose
-        // buffer the next load reuses.
-        __syncthreads();
-        if (kt + GU_STAGES - 1 < steps) load(kt + GU_STAGES - 1);
-        cp_async_commit();
+    cp_async_ring<GU_STAGES>(H / MMA_K, load, [&](int kt) {
         const GateUpStage& st = sh.stage[kt % GU_STAGES];
 #pragma unroll
         for (int kk = 0; kk < MMA_K; kk += 16) {
@@ -129,9 +141,7 @@ extern "C" __global__ void moe_gate_up_mma_bf16(const bf16* __restrict__ xs, con
                 wmma::mma_sync(acc_u[i], a, b, acc_u[i]);
             }
         }
-    }
-    cp_async_wait<0>();
-    __syncthreads();
+    });
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         wmma::store_matrix_sync(&sh.out.g[wm][wn + i * 16], acc_g[i], OUT_LD, wmma::mem_row_major);
@@ -168,17 +178,7 @@ extern "C" __global__ void moe_down_mma_bf16(const bf16* __restrict__ act, const
         load_a_tile(st.a, a_row, rows, kt * MMA_K);
         load_b_tile(st.w, wd, n0, H, I, kt * MMA_K);
     };
-    const int steps = I / MMA_K;
-#pragma unroll
-    for (int kt = 0; kt < DOWN_STAGES - 1; ++kt) {
-        if (kt < steps) load(kt);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < steps; ++kt) {
-        cp_async_wait<DOWN_STAGES - 2>();
-        __syncthreads();
-        if (kt + DOWN_STAGES - 1 < steps) load(kt + DOWN_STAGES - 1);
-        cp_async_commit();
+    cp_async_ring<DOWN_STAGES>(I / MMA_K, load, [&](int kt) {
         const DownStage& st = sh.stage[kt % DOWN_STAGES];
 #pragma unroll
         for (int kk = 0; kk < MMA_K; kk += 16) {
@@ -191,9 +191,7 @@ extern "C" __global__ void moe_down_mma_bf16(const bf16* __restrict__ act, const
                 wmma::mma_sync(acc[i], a, b, acc[i]);
             }
         }
-    }
-    cp_async_wait<0>();
-    __syncthreads();
+    });
 #pragma unroll
     for (int i = 0; i < 2; ++i)
         wmma::store_matrix_sync(&sh.out[wm][wn + i * 16], acc[i], OUT_LD, wmma::mem_row_major);
