@@ -43,6 +43,7 @@ impl Rows<'_> {
         }
     }
 }
+
 impl Experts for RemoteExperts {
     fn forward(
         &self,

@@ -51,9 +51,8 @@ extern "C" __global__ void causal_softmax_bf16(const bf16* __restrict__ scores, 
 // v_new [seqs, kv_heads, d]), and the first query head of each KV head writes the new key/value
 // into the cache (no block reads that row from the cache, so no block waits for another).
 // `table` (a kernel parameter: no upload) holds for sequences seq_base + blockIdx.y: key buffer,
-// value buffer ([kv_heads, capacity, d] each), cached length, capacity. Rounds as the reference's eager attention in bf16: scores =
-// bf16(bf16(q . k) * scale), softmax in f32, probabilities cast to bf16, then probs @ v with f32
-// accumulation. blockDim.x == d; dynamic shared memory holds one float per position.
+// value buffer ([kv_heads, capacity, d] each), cached length, capacity. blockDim.x == d; dynamic
+// shared memory holds one float per position.
 #define DECODE_SEQS 32
 struct DecodeTable {
     unsigned long long v[4 * DECODE_SEQS];
