@@ -35,6 +35,13 @@ pub enum EngineError {
     Input(String),
 }
 
+/// `--cuda-graph`: whether batch-1 decode steps on a GPU replay a captured CUDA graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CudaGraph {
+    Auto,
+    Off,
+}
+
 pub struct Engine {
     model: Model,
     remote: Option<Arc<RemoteExperts>>,
@@ -146,6 +153,25 @@ impl Engine {
             audio: None,
             vision: None,
         })
+    }
+
+    /// With [`CudaGraph::Auto`], batch-1 decode steps replay a CUDA graph where the model allows
+    /// it (bf16 on a GPU, the experts in this process on it; [`Model::enable_decode_graph`]);
+    /// the log says whether they do, and why not. Returns whether they do.
+    pub fn set_cuda_graph(&mut self, mode: CudaGraph) -> bool {
+        if mode == CudaGraph::Off || !self.model.device().is_cuda() {
+            return false;
+        }
+        match self.model.enable_decode_graph() {
+            Ok(()) => {
+                tracing::info!("batch-1 decode steps replay a CUDA graph");
+                true
+            }
+            Err(reason) => {
+                tracing::info!(%reason, "batch-1 decode steps run without a CUDA graph");
+                false
+            }
+        }
     }
 
     /// Steps of at least `min_sequences` sequences (at least 2) run as two micro-batches whose

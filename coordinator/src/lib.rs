@@ -25,7 +25,7 @@ pub mod synth;
 pub mod tokenizer;
 pub mod tokenizer_files;
 
-pub use engine::{Engine, EngineError};
+pub use engine::{CudaGraph, Engine, EngineError};
 pub use omnishard_model::{
     ComputeDtype, KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput, model,
 };

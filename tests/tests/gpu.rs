@@ -1,7 +1,8 @@
 //! The GPU path (`cuda` feature; run on the device machine by `tests/gpu/check.sh`, never in CI):
 //! each CUDA kernel against the CPU path on random inputs with odd shapes (prefill attention's in
 //! `gpu/attention.rs`), the model on every fixture against the reference within the bf16
-//! tolerance of the fidelity tests, decoding with the cache against full recomputation, sampling
+//! tolerance of the fidelity tests, decoding with the cache against full recomputation, batch-1
+//! decode from a CUDA graph against the same steps launched (`gpu/graph.rs`), sampling
 //! against the host sampler (`gpu/sampling.rs`), a cluster of GPU expert nodes against the single
 //! GPU process bit for bit, and the audio and vision towers on the GPU in bf16 (every omni-mixed
 //! fixture prompt through `coordinator score --device cuda`) against the reference.
@@ -9,6 +10,8 @@
 
 #[path = "gpu/attention.rs"]
 mod attention;
+#[path = "gpu/graph.rs"]
+mod graph;
 #[path = "gpu/sampling.rs"]
 mod sampling;
 

@@ -138,7 +138,8 @@ pub fn run(
     let mut rows = Vec::new();
 
     eprintln!("bench: [1/3] in-process on {}", args.device);
-    let engine = Engine::load_local_from(ckpt, cfg, args.dtype, &device)?;
+    let mut engine = Engine::load_local_from(ckpt, cfg, args.dtype, &device)?;
+    engine.set_cuda_graph(args.cuda_graph);
     rows.push(measure_engine(
         &engine,
         format!("in-process, {}", args.device),

@@ -24,9 +24,9 @@ use omnishard_proto::ModelConfig;
 use omnishard_proto::defaults;
 use serde_json::{Value, json};
 
-use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
 use crate::remote::{CudaIpc, RemoteExperts, RemoteOptions, ShmLane};
+use crate::{CudaGraph, Engine};
 use omnishard_model::fingerprint::fingerprint;
 
 /// Arguments of `coordinator bench`.
@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// (CUDA IPC, the default of every command) or send the bytes over gRPC (`off`).
     #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
     pub cuda_ipc: CudaIpc,
+    /// GPU benchmark: whether in-process batch-1 decode replays a CUDA graph (the default of
+    /// every command) or launches every kernel from the host (`off`).
+    #[arg(long, env = "OMNISHARD_CUDA_GRAPH", default_value = "auto")]
+    pub cuda_graph: CudaGraph,
     /// Whether expert nodes (all on this machine) take their calls through shared-memory lanes
     /// (the default of every command) or over loopback gRPC (`off`).
     #[arg(long, env = "OMNISHARD_SHM_LANE", default_value = "auto")]

@@ -14,7 +14,7 @@ use omnishard_coordinator::media::vision::{VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, V
 use omnishard_coordinator::remote::{
     CudaIpc, RemoteOptions, RpcObserver, ShmLane, Verifier, VerifyExperts,
 };
-use omnishard_coordinator::{ComputeDtype, Engine};
+use omnishard_coordinator::{ComputeDtype, CudaGraph, Engine};
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
 use omnishard_proto::placement::Placement;
 use omnishard_proto::{ModelConfig, defaults};
@@ -112,6 +112,12 @@ pub(crate) struct ModelArgs {
     /// go over gRPC); `off` sends every call over gRPC.
     #[arg(long, env = "OMNISHARD_SHM_LANE", default_value = "auto")]
     pub(crate) shm_lane: ShmLane,
+    /// With --device cuda: batch-1 decode steps (one sequence generating) replay a CUDA graph
+    /// captured at the second step, so the host no longer issues each of a step's ~600 kernel
+    /// launches; the same logits. `auto` uses it where it applies (bf16, the experts in this
+    /// process on the GPU; the log says which); `off` launches every kernel from the host.
+    #[arg(long, env = "OMNISHARD_CUDA_GRAPH", default_value = "auto")]
+    pub(crate) cuda_graph: CudaGraph,
     /// Fewest pixels a video frame is resized to (Qwen3-Omni's processor: 128 × 32²).
     #[arg(long, env = "OMNISHARD_VIDEO_MIN_PIXELS", default_value_t = VIDEO_MIN_PIXELS)]
     pub(crate) video_min_pixels: usize,
@@ -171,6 +177,7 @@ impl ModelArgs {
                 bail!("--allow-missing-experts needs --nodes or --placement");
             }
             let mut engine = Engine::load_local_from(&ckpt, &cfg, self.dtype, &device)?;
+            engine.set_cuda_graph(self.cuda_graph);
             if let Some(audio) = audio {
                 engine.set_audio(audio);
             }
@@ -204,6 +211,7 @@ impl ModelArgs {
             self.allow_missing_experts,
         )?;
         engine.set_overlap_min_sequences(self.overlap_min_seqs);
+        engine.set_cuda_graph(self.cuda_graph);
         if let Some(audio) = audio {
             engine.set_audio(audio);
         }

@@ -48,13 +48,14 @@ impl DeviceSpec {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(spec: DeviceSpec, ordinal: usize) -> Result<Device, DeviceError> {
-    let device = Device::new_cuda(ordinal).map_err(|source| DeviceError::Open { spec, source })?;
-    if let Device::Cuda(cuda) = &device {
-        // SAFETY: one stream per process (candle's default stream for this context), so no
-        // buffer is ever used on a stream other than the one it was made on.
-        unsafe { cuda.disable_event_tracking() };
-    }
-    Ok(device)
+    // A stream of its own rather than the legacy default stream, which cannot be captured
+    // into a CUDA graph (batch-1 decode replays one: `ops::cuda::capture`).
+    let cuda = candle_core::CudaDevice::new_with_stream(ordinal)
+        .map_err(|source| DeviceError::Open { spec, source })?;
+    // SAFETY: one stream per process, so no buffer is ever used on a stream other than the
+    // one it was made on.
+    unsafe { cuda.disable_event_tracking() };
+    Ok(Device::Cuda(cuda))
 }
 
 #[cfg(not(feature = "cuda"))]

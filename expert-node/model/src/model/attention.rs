@@ -126,6 +126,31 @@ impl Attention {
         self.o_proj.forward(&Tensor::cat(&outs, 0)?)
     }
 
+    /// One decode step of one sequence whose cache buffers and length for `layer` are in
+    /// `tables` (a captured step, [`super::decode_graph`]): `xs` `[1, hidden]` (normed). The
+    /// same kernels and bits as [`Attention::forward`] on a GPU in bf16.
+    pub(super) fn forward_table(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        tables: &cuda::DecodeTables,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let hd = self.head_dim;
+        let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let qkv = self.qkv_proj.forward(xs)?;
+        let q = self.q_norm.forward_rope(&qkv, 0, self.n_heads, cos, sin)?;
+        let k = self
+            .k_norm
+            .forward_rope(&qkv, nq, self.n_kv_heads, cos, sin)?;
+        let v = qkv
+            .narrow(1, nq + nkv, nkv)?
+            .reshape((1, self.n_kv_heads, hd))?;
+        let ys = cuda::decode_attention_indirect(&q, &k, &v, tables, layer)?;
+        self.o_proj.forward(&ys)
+    }
+
     /// One decode step of several sequences at once: each query row attends to its own cache,
     /// padded with zeros to the longest and masked there. Returns `[sequences, heads * d]`.
     fn attend_decode_batch(

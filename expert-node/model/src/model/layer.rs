@@ -12,6 +12,7 @@ use super::attention::Attention;
 use super::norm::RmsNorm;
 use super::router::Router;
 use super::{ModelError, Result, SequenceInput};
+use crate::ops::cuda;
 use crate::usage::ExpertUsage;
 use crate::weights::Weights;
 use crate::{CallContext, Experts, SwiGlu};
@@ -27,6 +28,13 @@ pub(super) struct RoutedExperts<'a> {
     pub experts: &'a dyn Experts,
     pub usage: &'a ExpertUsage,
     pub ctx: &'a CallContext,
+}
+
+/// Where a layer's attention finds the KV caches: the sequences themselves, or (a captured
+/// batch-1 decode step) a table of their buffers in device memory.
+pub(super) enum Caches<'b, 'a> {
+    Batch(&'b mut [SequenceInput<'a>]),
+    Table(&'b cuda::DecodeTables),
 }
 
 pub(super) struct DecoderLayer {
@@ -63,6 +71,23 @@ impl DecoderLayer {
         })
     }
 
+    /// Why this layer's batch-1 decode step cannot be captured in a CUDA graph (it would wait
+    /// for the host), if it cannot: its experts must take the routing left on the GPU.
+    pub(super) fn graph_blocker(&self, experts: &dyn Experts) -> Option<String> {
+        match &self.mlp {
+            Mlp::Dense(_) => None,
+            Mlp::Moe(router) if !router.routes_on_device() => Some(format!(
+                "layer {}'s router has no GPU top-k",
+                self.layer_idx
+            )),
+            Mlp::Moe(_) if !experts.takes_device_routing(self.layer_idx) => Some(format!(
+                "layer {}'s experts are not all held on this GPU",
+                self.layer_idx
+            )),
+            Mlp::Moe(_) => None,
+        }
+    }
+
     /// `residual` plus `pending` (the previous layer's MLP output, added here so that the add
     /// and this layer's input norm are one kernel on a GPU) is the layer's input `[tokens,
     /// hidden]`, the batch's sequences one after another; `cos`/`sin` `[tokens, head_dim]`.
@@ -74,7 +99,7 @@ impl DecoderLayer {
         pending: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
-        batch: &mut [SequenceInput<'_>],
+        caches: Caches<'_, '_>,
         routed: &RoutedExperts<'_>,
     ) -> Result<(Tensor, Tensor)> {
         let l = self.layer_idx;
@@ -82,7 +107,10 @@ impl DecoderLayer {
             Some(pending) => self.input_layernorm.forward_residual(residual, pending)?,
             None => (residual.clone(), self.input_layernorm.forward(residual)?),
         };
-        let attn = self.self_attn.forward(&normed, cos, sin, batch, l)?;
+        let attn = match caches {
+            Caches::Batch(batch) => self.self_attn.forward(&normed, cos, sin, batch, l)?,
+            Caches::Table(tables) => self.self_attn.forward_table(&normed, cos, sin, tables, l)?,
+        };
         let (h, normed) = self.post_attention_layernorm.forward_residual(&xs, &attn)?;
         let mlp_out = match &self.mlp {
             Mlp::Dense(mlp) => mlp.forward(&normed)?,

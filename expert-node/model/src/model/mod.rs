@@ -13,18 +13,19 @@
 //! in f32, attention and router softmax in f32, residual adds in the compute dtype. See also the
 //! Qwen3 technical report (arXiv:2505.09388).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_proto::ModelConfig;
 
-use crate::ops::linear;
+use crate::ops::{cuda, linear};
 use crate::usage::ExpertUsage;
 use crate::weights::Weights;
 use crate::{CallContext, Checkpoint, CheckpointError, ExpertError, Experts};
 
 mod attention;
 mod decode_attention;
+mod decode_graph;
 mod kv_cache;
 mod layer;
 pub(crate) mod linear;
@@ -35,7 +36,8 @@ mod router;
 pub use kv_cache::KvCache;
 pub use rope::Positions;
 
-use layer::{DecoderLayer, RoutedExperts};
+use decode_graph::DecodeGraph;
+use layer::{Caches, DecoderLayer, RoutedExperts};
 use norm::RmsNorm;
 use rope::RotaryEmbedding;
 
@@ -91,6 +93,8 @@ pub struct Model {
     rotary: RotaryEmbedding,
     experts: Arc<dyn Experts>,
     usage: Arc<ExpertUsage>,
+    /// Batch-1 decode steps replayed from a CUDA graph, once enabled.
+    decode_graph: Option<Mutex<DecodeGraph>>,
 }
 
 impl Model {
@@ -150,7 +154,50 @@ impl Model {
                 ExpertUsage::new(cfg.num_hidden_layers, cfg.num_experts)
                     .with_device_counts(w.device())?,
             ),
+            decode_graph: None,
         })
+    }
+
+    /// Runs batch-1 decode steps (one sequence, one token after its prompt) from a CUDA graph
+    /// from now on ([`decode_graph`]): the same logits, without the host issuing each of the
+    /// step's launches. Applies to a bf16 model on a GPU opened with a stream of its own
+    /// ([`crate::DeviceSpec::open`]) whose every MoE layer's experts are held in this process
+    /// on that GPU; `Err` says why not (the model runs as before then).
+    pub fn enable_decode_graph(&mut self) -> std::result::Result<(), String> {
+        if self.dtype != DType::BF16 {
+            return Err(format!("the model computes in {:?}, not bf16", self.dtype));
+        }
+        if !cuda::can_capture(&self.device) {
+            return Err(format!(
+                "{:?} is not a GPU with a stream of its own",
+                self.device
+            ));
+        }
+        let d = self.cfg.head_dim;
+        if d % 32 != 0 || d > 1024 {
+            return Err(format!(
+                "head_dim {d} does not fit the decode-attention kernel"
+            ));
+        }
+        if self
+            .usage
+            .layer_counts_on_device(0)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            return Err("the expert usage counts are not on the GPU".into());
+        }
+        if let Some(why) = self
+            .layers
+            .iter()
+            .find_map(|layer| layer.graph_blocker(self.experts.as_ref()))
+        {
+            return Err(why);
+        }
+        let graph = DecodeGraph::new(self).map_err(|e| e.to_string())?;
+        self.decode_graph = Some(Mutex::new(graph));
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -204,37 +251,19 @@ impl Model {
         ctx: &CallContext,
         media: &[Vec<MediaSpan>],
     ) -> Result<Vec<Tensor>> {
+        if let ([seq], Some(graph)) = (&mut *batch, &self.decode_graph)
+            && media.iter().all(Vec::is_empty)
+            && let Some(logits) = self.graph_step(graph, seq)?
+        {
+            return Ok(vec![logits]);
+        }
         let mut all_ids = Vec::new();
         // Positions of every token of the batch, so cos/sin are built once.
         let mut all_positions = Positions {
             rows: [Vec::new(), Vec::new(), Vec::new()],
         };
         for seq in batch.iter() {
-            if seq.tokens.is_empty() || seq.positions.len() != seq.tokens.len() {
-                return Err(ModelError::Input(format!(
-                    "{} tokens with {} positions per row",
-                    seq.tokens.len(),
-                    seq.positions.len()
-                )));
-            }
-            if seq
-                .positions
-                .rows
-                .iter()
-                .any(|r| r.len() != seq.tokens.len())
-            {
-                return Err(ModelError::Input("position rows differ in length".into()));
-            }
-            if let Some(&bad) = seq
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(ModelError::Input(format!(
-                    "token id {bad} out of range (vocab_size {})",
-                    self.cfg.vocab_size
-                )));
-            }
+            self.check_input(seq)?;
             all_ids.extend_from_slice(seq.tokens);
             for (all, row) in all_positions.rows.iter_mut().zip(&seq.positions.rows) {
                 all.extend_from_slice(row);
@@ -295,7 +324,8 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             // For profiling (RUST_LOG=trace): when disabled this costs one relaxed load.
             let _layer = tracing::trace_span!("layer", layer = l, tokens = n).entered();
-            let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), &cos, &sin, batch, &routed)?;
+            let caches = Caches::Batch(&mut *batch);
+            let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), &cos, &sin, caches, &routed)?;
             xs = h;
             // This layer's output is xs + mlp_out: deepstack adds to it there.
             pending = Some(match deep.get(l).and_then(Option::as_ref) {
@@ -335,5 +365,36 @@ impl Model {
             offset += count;
         }
         Ok(logits)
+    }
+
+    /// Checks one sequence's share of a pass: tokens, as many positions in every row, ids in
+    /// the vocabulary.
+    fn check_input(&self, seq: &SequenceInput<'_>) -> Result<()> {
+        if seq.tokens.is_empty() || seq.positions.len() != seq.tokens.len() {
+            return Err(ModelError::Input(format!(
+                "{} tokens with {} positions per row",
+                seq.tokens.len(),
+                seq.positions.len()
+            )));
+        }
+        if seq
+            .positions
+            .rows
+            .iter()
+            .any(|r| r.len() != seq.tokens.len())
+        {
+            return Err(ModelError::Input("position rows differ in length".into()));
+        }
+        if let Some(&bad) = seq
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} out of range (vocab_size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
     }
 }

@@ -76,6 +76,16 @@ impl RotaryEmbedding {
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        let n = pos.len();
+        let (cos, sin) = self.cos_sin_values(pos);
+        let d = 2 * self.inv_freq.len();
+        let cos = Tensor::from_vec(cos, (n, d), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (n, d), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// [`RotaryEmbedding::cos_sin`] in f32 on the host, row-major `[len, head_dim]` each.
+    pub(super) fn cos_sin_values(&self, pos: &Positions) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let n = pos.len();
         let mut cos = Vec::with_capacity(n * 2 * half);
@@ -89,9 +99,7 @@ impl RotaryEmbedding {
                 sin.extend(freqs.iter().map(|f| f.sin()));
             }
         }
-        let cos = Tensor::from_vec(cos, (n, 2 * half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (n, 2 * half), device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
+        (cos, sin)
     }
 }
 

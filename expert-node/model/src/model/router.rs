@@ -63,6 +63,11 @@ impl Router {
         })
     }
 
+    /// Whether [`Router::route_on_device`] applies (bf16 on a GPU).
+    pub(super) fn routes_on_device(&self) -> bool {
+        self.masked_on_device.is_some()
+    }
+
     /// The top-k for the rows of `xs` left on the GPU (no copy back), where `xs` is bf16 there.
     pub(super) fn route_on_device(&self, xs: &Tensor) -> Result<Option<cuda::DeviceRouting>> {
         let Some(mask) = &self.masked_on_device else {

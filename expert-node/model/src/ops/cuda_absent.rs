@@ -123,6 +123,52 @@ pub fn decode_attention(
     Ok(None)
 }
 
+/// No GPU, no decode tables: [`DecodeTables::new`] always fails, so no other method is reached.
+pub enum DecodeTables {}
+
+impl DecodeTables {
+    pub fn new(device: &Device, _layers: usize) -> Result<Self> {
+        candle_core::bail!("decode tables live on a GPU; {device:?} in a build without CUDA")
+    }
+
+    pub fn write(&mut self, _caches: &[CacheBuffers<'_>]) -> Result<Option<usize>> {
+        match *self {}
+    }
+}
+
+pub fn decode_attention_indirect(
+    _q: &Tensor,
+    _k_new: &Tensor,
+    _v_new: &Tensor,
+    tables: &DecodeTables,
+    _layer: usize,
+) -> Result<Tensor> {
+    match *tables {}
+}
+
+pub fn upload_into<T>(dst: &Tensor, _data: &[T]) -> Result<()> {
+    candle_core::bail!("upload_into: {:?} is not a GPU", dst.device())
+}
+
+pub enum Captured {}
+
+impl Captured {
+    pub fn launch(&self) -> Result<()> {
+        match *self {}
+    }
+}
+
+pub fn can_capture(_device: &Device) -> bool {
+    false
+}
+
+pub fn capture<E: From<candle_core::Error>>(
+    device: &Device,
+    _f: impl FnOnce() -> std::result::Result<(), E>,
+) -> std::result::Result<Captured, E> {
+    Err(candle_core::Error::Msg(format!("capture needs a GPU, not {device:?}")).into())
+}
+
 pub fn causal_softmax(_scores: &Tensor, _scale: f32, _past: usize) -> Result<Option<Tensor>> {
     Ok(None)
 }

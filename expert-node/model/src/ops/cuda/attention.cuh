@@ -50,23 +50,15 @@ extern "C" __global__ void causal_softmax_bf16(const bf16* __restrict__ scores, 
 // `seq` (q [seqs, heads, d]) to that sequence's cached positions and its new key/value (k_new,
 // v_new [seqs, kv_heads, d]), and the first query head of each KV head writes the new key/value
 // into the cache (no block reads that row from the cache, so no block waits for another).
-// `table` (a kernel parameter: no upload) holds for sequences seq_base + blockIdx.y: key buffer,
-// value buffer ([kv_heads, capacity, d] each), cached length, capacity. blockDim.x == d; dynamic
-// shared memory holds one float per position.
-#define DECODE_SEQS 32
-struct DecodeTable {
-    unsigned long long v[4 * DECODE_SEQS];
-};
-
-extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
-                                                 const bf16* __restrict__ v_new, const DecodeTable table,
-                                                 bf16* __restrict__ out, int heads, int kv_heads,
-                                                 float scale, int seq_base) {
+// `t` is the sequence's table entry: key buffer, value buffer ([kv_heads, capacity, d] each),
+// cached length, capacity. blockDim.x == d; dynamic shared memory holds one float per position.
+__device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
+                                     const bf16* __restrict__ v_new, const unsigned long long* t,
+                                     bf16* __restrict__ out, int heads, int kv_heads, float scale, int seq) {
     extern __shared__ float p[];
-    const int d = blockDim.x, head = blockIdx.x, seq = seq_base + blockIdx.y;
+    const int d = blockDim.x, head = blockIdx.x;
     const int groups = heads / kv_heads, kv = head / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const unsigned long long* t = table.v + 4 * blockIdx.y;
     const long long capacity = (long long)t[3];
     bf16* kh = reinterpret_cast<bf16*>(t[0]) + (size_t)kv * capacity * d;
     bf16* vh = reinterpret_cast<bf16*>(t[1]) + (size_t)kv * capacity * d;
@@ -84,19 +76,7 @@ extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, con
     __syncthreads();
     float m = -INFINITY;
     for (int j = threadIdx.x; j < L; j += d) m = fmaxf(m, p[j]);
-    __shared__ float part[32];
-    __shared__ float shared_max;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) part[warp] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float mm = part[0];
-        for (int w = 1; w < warps; ++w) mm = fmaxf(mm, part[w]);
-        shared_max = mm;
-    }
-    __syncthreads();
-    m = shared_max;
+    m = block_max(m);
     float sum = 0.f;
     for (int j = threadIdx.x; j < L; j += d) {
         const float e = expf(p[j] - m);
@@ -115,4 +95,29 @@ extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, con
         kh[(size_t)past * d + c] = kn[c];
         vh[(size_t)past * d + c] = vn[c];
     }
+}
+
+// The table travels as a kernel parameter (no upload), for sequences seq_base + blockIdx.y.
+#define DECODE_SEQS 32
+struct DecodeTable {
+    unsigned long long v[4 * DECODE_SEQS];
+};
+
+extern "C" __global__ void decode_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
+                                                 const bf16* __restrict__ v_new, const DecodeTable table,
+                                                 bf16* __restrict__ out, int heads, int kv_heads,
+                                                 float scale, int seq_base) {
+    decode_attention_row(q, k_new, v_new, table.v + 4 * blockIdx.y, out, heads, kv_heads, scale,
+                         seq_base + blockIdx.y);
+}
+
+// The same with the table in device memory (entries for sequences 0, 1, ... from `table`): a
+// captured decode step (CUDA graph) replays with the table rewritten between steps, where a
+// kernel parameter would stay as captured.
+extern "C" __global__ void decode_attention_indirect_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
+                                                          const bf16* __restrict__ v_new,
+                                                          const unsigned long long* __restrict__ table,
+                                                          bf16* __restrict__ out, int heads, int kv_heads,
+                                                          float scale) {
+    decode_attention_row(q, k_new, v_new, table + 4 * blockIdx.y, out, heads, kv_heads, scale, blockIdx.y);
 }

@@ -10,7 +10,7 @@ use half::bf16;
 use super::{MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, with_view, wrap};
 
 /// Longest cache the decode-attention kernel takes: its scores live in 48 KiB of shared memory.
-const DECODE_ATTENTION_MAX_LEN: usize = 12 * 1024;
+pub(super) const DECODE_ATTENTION_MAX_LEN: usize = 12 * 1024;
 /// Sequences per decode-attention launch: its table is a kernel parameter (`DECODE_SEQS` in
 /// attention.cuh).
 const DECODE_SEQS: usize = 32;

@@ -9,12 +9,16 @@
 //! nine. These kernels replace the launch-heavy and bandwidth-heavy parts.
 
 mod attention;
+mod graph;
 mod ipc;
 mod moe;
 mod sample;
 mod staging;
 
 pub use attention::{CacheBuffers, causal_softmax, decode_attention};
+pub use graph::{
+    Captured, DecodeTables, can_capture, capture, decode_attention_indirect, upload_into,
+};
 pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
 pub use sample::sample_row;

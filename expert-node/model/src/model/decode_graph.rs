@@ -1,0 +1,145 @@
+//! Batch-1 decode replayed from a CUDA graph ([`crate::ops::cuda::capture`]): the step — every
+//! layer with its experts, then the final norm — captured once and then launched with one
+//! call, the host writing only the token's embedding, cos/sin and the cache table before each
+//! launch; lm_head follows as one launch of its own. Same kernels in the same order as the eager path, so the same logits bit for
+//! bit. The first step of a layout runs eagerly (it loads every kernel and cuBLAS's workspace,
+//! which a capture cannot), the second is captured; a new layout (the caches' capacity grew)
+//! starts over. Where it applies: [`super::Model::enable_decode_graph`].
+
+use candle_core::{DType, Tensor};
+use half::bf16;
+
+use super::layer::{Caches, RoutedExperts};
+use super::{Model, ModelError, Result, SequenceInput};
+use crate::CallContext;
+use crate::ops::{cuda, linear};
+
+pub(super) struct DecodeGraph {
+    /// The token's embedding, `[1, hidden]` (looked up before the launch: candle's
+    /// `index_select` uploads its shapes from the host, which a graph cannot replay).
+    input: Tensor,
+    /// cos then sin of the token's position, bf16 `[2, head_dim]`.
+    rope: Tensor,
+    tables: cuda::DecodeTables,
+    /// The step's final hidden state after the norm, `[1, hidden]`: lm_head runs on it after
+    /// the launch, outside the graph — one launch (cuBLAS at a real vocabulary), so a graph
+    /// saves nothing there, and cuBLAS's own workspace stays out of the capture.
+    hidden: Tensor,
+    /// The captured step and the positions its attention launches were sized for.
+    captured: Option<(usize, cuda::Captured)>,
+    /// Positions of the last step run eagerly in this layout: the next with the same is
+    /// captured.
+    warmed: Option<usize>,
+    /// A capture failed: every step runs eagerly from then on (logged once).
+    failed: bool,
+}
+
+impl DecodeGraph {
+    pub(super) fn new(model: &Model) -> Result<Self> {
+        let cfg = &model.cfg;
+        let dev = &model.device;
+        Ok(Self {
+            input: Tensor::zeros((1, cfg.hidden_size), model.dtype, dev)?,
+            rope: Tensor::zeros((2, cfg.head_dim), DType::BF16, dev)?,
+            tables: cuda::DecodeTables::new(dev, cfg.num_hidden_layers)?,
+            hidden: Tensor::zeros((1, cfg.hidden_size), model.dtype, dev)?,
+            captured: None,
+            warmed: None,
+            failed: false,
+        })
+    }
+}
+
+impl Model {
+    /// One decode step of `seq` (one token after a non-empty cache) through the graph; `None`
+    /// (nothing done) when the step does not fit it: another shape, or a cache longer than the
+    /// decode-attention kernel takes. Returns the step's logits `[1, vocab]` (f32, a tensor of
+    /// their own) and advances the cache.
+    pub(super) fn graph_step(
+        &self,
+        graph: &std::sync::Mutex<DecodeGraph>,
+        seq: &mut SequenceInput<'_>,
+    ) -> Result<Option<Tensor>> {
+        if seq.tokens.len() != 1 || seq.cache.seq_len() == 0 {
+            return Ok(None);
+        }
+        self.check_input(seq)?;
+        let mut g = graph
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if g.failed {
+            return Ok(None);
+        }
+        let shape = (self.cfg.num_key_value_heads, 1, self.cfg.head_dim);
+        let past = seq.cache.seq_len();
+        let buffers = (0..self.layers.len())
+            .map(|l| seq.cache.reserve(l, shape, &self.embed_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        let caches: Vec<cuda::CacheBuffers<'_>> = buffers
+            .iter()
+            .map(|(k, v)| cuda::CacheBuffers { k, v, past })
+            .collect();
+        let Some(positions) = g.tables.write(&caches)? else {
+            return Ok(None);
+        };
+        let ids = Tensor::new(seq.tokens, &self.device)?;
+        g.input
+            .slice_set(&self.embed_tokens.index_select(&ids, 0)?, 0, 0)?;
+        let (cos, sin) = self.rotary.cos_sin_values(&seq.positions);
+        let rope: Vec<bf16> = cos.iter().chain(&sin).map(|&v| bf16::from_f32(v)).collect();
+        cuda::upload_into(&g.rope, &rope)?;
+        let replay = matches!(&g.captured, Some((key, _)) if *key == positions);
+        if let (true, Some((_, captured))) = (replay, &g.captured) {
+            captured.launch()?;
+        } else if g.warmed == Some(positions) {
+            match cuda::capture(&self.device, || self.graph_body(&g)) {
+                Ok(captured) => {
+                    captured.launch()?;
+                    g.captured = Some((positions, captured));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "capturing the batch-1 decode step in a CUDA graph failed; decoding without graphs from now on");
+                    g.failed = true;
+                    g.captured = None;
+                    // Nothing of the capture ran: this step runs now.
+                    self.graph_body(&g)?;
+                }
+            }
+        } else {
+            self.graph_body(&g)?;
+            g.warmed = Some(positions);
+        }
+        seq.cache.advance(1);
+        self.usage.record_tokens(1);
+        let logits = linear(&g.hidden, &self.lm_head)?.to_dtype(DType::F32)?;
+        Ok(Some(logits))
+    }
+
+    /// The launches of one step up to lm_head, reading the embedding, cos/sin and cache table
+    /// from `g` and writing the normed hidden state into it; every tensor it makes is dropped before it returns (the
+    /// capture's rule).
+    fn graph_body(&self, g: &DecodeGraph) -> Result<()> {
+        let cos = g.rope.narrow(0, 0, 1)?;
+        let sin = g.rope.narrow(0, 1, 1)?;
+        let ctx = CallContext::default();
+        let routed = RoutedExperts {
+            experts: self.experts.as_ref(),
+            usage: &self.usage,
+            ctx: &ctx,
+        };
+        let mut xs = g.input.clone();
+        let mut pending: Option<Tensor> = None;
+        for layer in &self.layers {
+            let caches = Caches::Table(&g.tables);
+            let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), &cos, &sin, caches, &routed)?;
+            xs = h;
+            pending = Some(mlp_out);
+        }
+        if let Some(mlp_out) = pending {
+            xs = (xs + mlp_out)?;
+        }
+        g.hidden
+            .slice_set(&self.norm.forward(&xs)?, 0, 0)
+            .map_err(ModelError::from)
+    }
+}

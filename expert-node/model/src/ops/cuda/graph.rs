@@ -1,0 +1,357 @@
+//! CUDA graphs for batch-1 decode: a step's ~600 launches captured once on the device's stream
+//! and replayed with one `cuGraphLaunch`, so the GPU no longer waits for the host to issue each
+//! kernel (the host's allocation, launch and free per candle operation cost about as long as
+//! the kernels of a batch-1 layer; BENCHMARKS.md, issue 10). A graph replays the kernel
+//! arguments it captured, so everything that changes between steps lives in device memory
+//! written before each launch: the token id and cos/sin ([`upload_into`]) and the decode
+//! attention's table of cache buffers and lengths ([`DecodeTables`]). CUDA programming guide,
+//! "CUDA Graphs" (stream capture, graph memory nodes).
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg, result, sys,
+};
+use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor, bail};
+use half::bf16;
+
+use super::attention::{CacheBuffers, DECODE_ATTENTION_MAX_LEN};
+use super::{MODULE, PTX, checked_i32, checked_u32, ipc, launch_config, with_view, wrap};
+
+/// One sequence's decode-attention table for every layer, in device memory: per layer the key
+/// and value buffers, the cached length and the capacity, as `decode_attention_indirect_bf16`
+/// reads them. Rewritten before every step; the graph keeps only its address.
+pub struct DecodeTables {
+    dev: CudaDevice,
+    buf: CudaSlice<u64>,
+    layers: usize,
+    /// Positions the kernel's shared memory holds: a launch parameter, so part of the key of a
+    /// captured graph ([`DecodeTables::write`]).
+    positions: usize,
+}
+
+impl DecodeTables {
+    /// Tables for `layers` layers on `device` (a GPU).
+    pub fn new(device: &Device, layers: usize) -> Result<Self> {
+        let Device::Cuda(dev) = device else {
+            bail!("decode tables live on a GPU, not {device:?}")
+        };
+        Ok(Self {
+            dev: dev.clone(),
+            buf: dev
+                .cuda_stream()
+                .alloc_zeros::<u64>(4 * layers.max(1))
+                .w()?,
+            layers,
+            positions: 0,
+        })
+    }
+
+    /// Writes one entry per layer (`caches[l]`, bf16 `[kv_heads, capacity, d]` buffers with
+    /// room for one more position). Returns the positions the kernel's shared memory must hold
+    /// (the smallest capacity, at most the kernel's limit), or `None` when a cache does not fit
+    /// the kernel (nothing written then).
+    pub fn write(&mut self, caches: &[CacheBuffers<'_>]) -> Result<Option<usize>> {
+        if caches.len() != self.layers {
+            bail!(
+                "decode tables for {} layers given {} caches",
+                self.layers,
+                caches.len()
+            );
+        }
+        let mut host = Vec::with_capacity(4 * caches.len());
+        let mut positions = DECODE_ATTENTION_MAX_LEN;
+        let stream = self.dev.cuda_stream();
+        for c in caches {
+            let dims = c.k.dims();
+            if dims.len() != 3
+                || c.v.dims() != dims
+                || dims[1] <= c.past
+                || !c.k.is_contiguous()
+                || !c.v.is_contiguous()
+                || c.k.dtype() != DType::BF16
+                || c.v.dtype() != DType::BF16
+            {
+                return Ok(None);
+            }
+            positions = positions.min(dims[1]);
+            let pointer = |t: &Tensor| -> Result<u64> {
+                let (storage, layout) = t.storage_and_layout();
+                let Storage::Cuda(s) = &*storage else {
+                    bail!("expected a CUDA tensor")
+                };
+                let slice = s.as_cuda_slice::<bf16>()?;
+                let view = slice.slice(layout.start_offset()..);
+                let (ptr, _sync) = view.device_ptr(&stream);
+                Ok(ptr)
+            };
+            host.extend_from_slice(&[pointer(c.k)?, pointer(c.v)?, c.past as u64, dims[1] as u64]);
+        }
+        if caches.iter().any(|c| c.past >= positions) {
+            return Ok(None);
+        }
+        stream.memcpy_htod(&host, &mut self.buf).w()?;
+        self.positions = positions;
+        Ok(Some(positions))
+    }
+}
+
+/// [`super::decode_attention`] for one sequence whose table for `layer` is in `tables`: `q`
+/// `[1, heads, d]`, `k_new`/`v_new` `[1, kv_heads, d]`; writes the new key and value into the
+/// cache and returns `[1, heads * d]`. The same kernel body, so the same bits.
+pub fn decode_attention_indirect(
+    q: &Tensor,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    tables: &DecodeTables,
+    layer: usize,
+) -> Result<Tensor> {
+    let dev = &tables.dev;
+    let (seqs, heads, d) = q.dims3()?;
+    let (_, kv_heads, _) = k_new.dims3()?;
+    if seqs != 1
+        || k_new.dims() != [1, kv_heads, d]
+        || v_new.dims() != [1, kv_heads, d]
+        || d % 32 != 0
+        || d > 1024
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || layer >= tables.layers
+        || tables.positions == 0
+    {
+        bail!(
+            "decode attention from a table: q {:?}, k {:?}, v {:?}, layer {layer} of {} (table written: {})",
+            q.dims(),
+            k_new.dims(),
+            v_new.dims(),
+            tables.layers,
+            tables.positions > 0
+        );
+    }
+    let func = dev.get_or_load_custom_func("decode_attention_indirect_bf16", MODULE, PTX)?;
+    // SAFETY: the kernel writes every element (one thread per (head, dim)).
+    let mut out = unsafe { dev.alloc::<bf16>(heads * d) }?;
+    let table = tables.buf.slice(4 * layer..4 * layer + 4);
+    with_view(q, |qv| {
+        with_view(k_new, |kv| {
+            with_view(v_new, |vv| {
+                let (heads_i, kv_i) = (
+                    checked_i32("heads", heads)?,
+                    checked_i32("kv heads", kv_heads)?,
+                );
+                let scale = (d as f32).powf(-0.5);
+                let mut b = func.builder();
+                b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
+                b.arg(&heads_i).arg(&kv_i).arg(&scale);
+                let shared = checked_u32("cache positions", tables.positions * 4)?;
+                let cfg = launch_config((checked_u32("heads", heads)?, 1), d as u32, shared);
+                // SAFETY: argument types and order match `decode_attention_indirect_bf16`; the
+                // table names live buffers with room for row `past` (checked when written).
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })
+    })?;
+    Ok(wrap(dev, out, (1, heads * d)))
+}
+
+/// Copies `data` from the host into the contiguous device tensor `dst` (same element size and
+/// count), on the device's stream: the inputs of a captured step, rewritten before each launch.
+pub fn upload_into<T: DeviceRepr>(dst: &Tensor, data: &[T]) -> Result<()> {
+    let Device::Cuda(dev) = dst.device() else {
+        bail!("upload_into: {:?} is not a GPU", dst.device())
+    };
+    if !dst.is_contiguous()
+        || dst.elem_count() != data.len()
+        || dst.dtype().size_in_bytes() != std::mem::size_of::<T>()
+    {
+        bail!(
+            "upload_into: {} host values of {} bytes into {:?} {:?}",
+            data.len(),
+            std::mem::size_of::<T>(),
+            dst.dtype(),
+            dst.dims()
+        );
+    }
+    let stream = dev.cuda_stream();
+    let (storage, layout) = dst.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!("expected a CUDA tensor")
+    };
+    let bytes = dst.dtype().size_in_bytes();
+    let start = layout.start_offset() * bytes;
+    let (base, _sync) = match dst.dtype() {
+        DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream),
+        DType::BF16 => s.as_cuda_slice::<bf16>()?.device_ptr(&stream),
+        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream),
+        other => bail!("upload_into: {other:?} tensors are not supported"),
+    };
+    // SAFETY: `dst` is contiguous and holds exactly `data.len()` elements of this size from
+    // `base + start`; pageable host memory is staged before the call returns.
+    unsafe { result::memcpy_htod_async(base + start as u64, data, stream.cu_stream()) }.w()
+}
+
+/// A captured sequence of launches on one device's stream, replayed by [`Captured::launch`].
+pub struct Captured {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: a graph is used by one thread at a time (its owner holds it under a lock); CUDA graph
+// objects need only external serialization, not a particular thread.
+unsafe impl Send for Captured {}
+
+impl Captured {
+    /// Runs the captured launches again, on the stream they were captured on.
+    pub fn launch(&self) -> Result<()> {
+        self.stream.context().bind_to_thread().w()?;
+        // SAFETY: `exec` is a live instantiated graph of this stream's context.
+        ipc::check("cuGraphLaunch", unsafe {
+            sys::cuGraphLaunch(self.exec, self.stream.cu_stream())
+        })
+    }
+}
+
+impl Drop for Captured {
+    fn drop(&mut self) {
+        // SAFETY: both handles are live and owned here; errors at teardown have no one to go to.
+        unsafe {
+            let _ = sys::cuGraphExecDestroy(self.exec);
+            let _ = sys::cuGraphDestroy(self.graph);
+        }
+    }
+}
+
+/// Whether `device` can capture graphs: a GPU whose candle stream is a stream of its own (the
+/// legacy default stream cannot be captured; [`crate::DeviceSpec::open`] makes one).
+pub fn can_capture(device: &Device) -> bool {
+    matches!(device, Device::Cuda(dev) if !dev.cuda_stream().cu_stream().is_null())
+}
+
+fn graph_error(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(what.to_string())
+}
+
+/// Records what `f` launches on `device`'s stream (nothing runs) and instantiates it. Every
+/// device allocation `f` makes must be freed before it returns, and it must not wait for the
+/// device. The capture is ended on every path, errors of `f` included. A capture holding a copy
+/// from host memory is refused: the graph would copy from that address again at every launch,
+/// long after the buffer is gone (candle uploads the shapes of some operations that way, e.g.
+/// every `index_select`).
+pub fn capture<E: From<candle_core::Error>>(
+    device: &Device,
+    f: impl FnOnce() -> std::result::Result<(), E>,
+) -> std::result::Result<Captured, E> {
+    let Device::Cuda(dev) = device else {
+        return Err(graph_error(&format!("capture needs a GPU, not {device:?}")).into());
+    };
+    if !can_capture(device) {
+        return Err(graph_error(
+            "the device's stream is the legacy default stream, which cannot be captured",
+        )
+        .into());
+    }
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().w()?;
+    // SAFETY: a live stream of the current context.
+    ipc::check("cuStreamBeginCapture", unsafe {
+        sys::cuStreamBeginCapture_v2(
+            stream.cu_stream(),
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+    })?;
+    let ran = f();
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    // SAFETY: ends the capture begun above on the same stream.
+    let ended = ipc::check("cuStreamEndCapture", unsafe {
+        sys::cuStreamEndCapture(stream.cu_stream(), &mut graph)
+    });
+    let owned = OwnedGraph(graph);
+    ran?;
+    ended?;
+    if graph.is_null() {
+        return Err(graph_error("the capture recorded nothing").into());
+    }
+    if let Some(node) = host_copy(graph)? {
+        return Err(graph_error(&format!(
+            "the captured step copies from host memory ({node}); it cannot be replayed"
+        ))
+        .into());
+    }
+    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+    // No flags: in particular no auto-free, so an allocation of `f` left unfreed makes the next
+    // launch fail instead of freeing memory a tensor still points at.
+    // SAFETY: `graph` is the live graph just captured.
+    ipc::check("cuGraphInstantiate", unsafe {
+        sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0)
+    })?;
+    std::mem::forget(owned);
+    Ok(Captured {
+        graph,
+        exec,
+        stream,
+    })
+}
+
+/// Destroys a captured graph not (yet) handed to a [`Captured`].
+struct OwnedGraph(sys::CUgraph);
+
+impl Drop for OwnedGraph {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: a live graph owned here.
+            let _ = unsafe { sys::cuGraphDestroy(self.0) };
+        }
+    }
+}
+
+/// The first node of `graph` that reads host memory (a host function, or a copy from the host),
+/// described, if any.
+fn host_copy(graph: sys::CUgraph) -> Result<Option<String>> {
+    let mut count = 0usize;
+    // SAFETY: a null node array asks for the count only.
+    ipc::check("cuGraphGetNodes", unsafe {
+        sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count)
+    })?;
+    let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); count];
+    // SAFETY: `nodes` has room for `count` handles.
+    ipc::check("cuGraphGetNodes", unsafe {
+        sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count)
+    })?;
+    for (i, &node) in nodes.iter().take(count).enumerate() {
+        let mut kind = std::mem::MaybeUninit::<sys::CUgraphNodeType>::uninit();
+        // SAFETY: a node of `graph`; the call writes its type.
+        ipc::check("cuGraphNodeGetType", unsafe {
+            sys::cuGraphNodeGetType(node, kind.as_mut_ptr())
+        })?;
+        // SAFETY: written by the successful call above.
+        match unsafe { kind.assume_init() } {
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_HOST => {
+                return Ok(Some(format!("node {i}: a host function")));
+            }
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => {
+                let mut params = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D>::uninit();
+                // SAFETY: a memcpy node; the call writes all of its parameters.
+                ipc::check("cuGraphMemcpyNodeGetParams", unsafe {
+                    sys::cuGraphMemcpyNodeGetParams(node, params.as_mut_ptr())
+                })?;
+                // SAFETY: written by the successful call above.
+                let params = unsafe { params.assume_init() };
+                if matches!(
+                    params.srcMemoryType,
+                    sys::CUmemorytype::CU_MEMORYTYPE_HOST
+                        | sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED
+                ) {
+                    return Ok(Some(format!(
+                        "node {i}: a copy of {} bytes from host memory",
+                        params.WidthInBytes
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
