@@ -190,25 +190,35 @@ fn norm_kernels_match_the_cpu_math() {
         let (cos, sin) = (angle.cos().unwrap(), angle.sin().unwrap());
         let eps = 1e-6;
         // Reference in f32 on the host: RMSNorm, then x * cos + rotate_half(x) * sin.
-        let inv = (x.sqr().unwrap().mean_keepdim(2).unwrap() + eps)
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .recip()
+        let norm = |x: &Tensor, w: &Tensor| -> Tensor {
+            let inv = (x.sqr().unwrap().mean_keepdim(2).unwrap() + eps)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .recip()
+                .unwrap();
+            x.broadcast_mul(&inv).unwrap().broadcast_mul(w).unwrap()
+        };
+        let rope = |normed: &Tensor| -> Tensor {
+            let half = d / 2;
+            let rotated = Tensor::cat(
+                &[
+                    &normed.narrow(2, half, half).unwrap().neg().unwrap(),
+                    &normed.narrow(2, 0, half).unwrap(),
+                ],
+                2,
+            )
             .unwrap();
-        let normed = x.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap();
-        let half = d / 2;
-        let rotated = Tensor::cat(
-            &[
-                &normed.narrow(2, half, half).unwrap().neg().unwrap(),
-                &normed.narrow(2, 0, half).unwrap(),
-            ],
-            2,
-        )
-        .unwrap();
-        let want = (normed.broadcast_mul(&cos.unsqueeze(1).unwrap()).unwrap()
-            + rotated.broadcast_mul(&sin.unsqueeze(1).unwrap()).unwrap())
-        .unwrap();
+            (normed.broadcast_mul(&cos.unsqueeze(1).unwrap()).unwrap()
+                + rotated.broadcast_mul(&sin.unsqueeze(1).unwrap()).unwrap())
+            .unwrap()
+        };
+        let normed = norm(&x, &w);
+        // The last head is a k head with a weight of its own, the others q heads.
+        let wk = Tensor::randn(1f32, 0.2, d, &Device::Cpu).unwrap();
+        let q_heads = heads - 1;
+        let want_q = rope(&norm(&x.narrow(1, 0, q_heads).unwrap(), &w));
+        let want_k = rope(&norm(&x.narrow(1, q_heads, 1).unwrap(), &wk));
         let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
         // The heads sit between other columns, as q and k do in the stacked projection.
         let wide = Tensor::cat(
@@ -220,12 +230,15 @@ fn norm_kernels_match_the_cpu_math() {
             1,
         )
         .unwrap();
-        let got = cuda::norm_rope(&bf(&wide), 3 * d, heads, &bf(&w), eps, &bf(&cos), &bf(&sin))
+        let (q, k) = ((q_heads, &bf(&w)), (1, &bf(&wk)));
+        let (got_q, got_k) = cuda::norm_rope(&bf(&wide), 3 * d, q, k, eps, &bf(&cos), &bf(&sin))
             .unwrap()
             .expect("the fused kernel takes bf16 CUDA tensors");
-        let err = relative_error(&got, &want);
-        eprintln!("norm+rope {rows}x{heads}x{d}: relative error {err:.2e}");
-        assert!(err < 1e-2, "norm+rope relative error {err}");
+        for (what, got, want) in [("q", &got_q, &want_q), ("k", &got_k, &want_k)] {
+            let err = relative_error(got, want);
+            eprintln!("norm+rope {rows}x{heads}x{d} ({what}): relative error {err:.2e}");
+            assert!(err < 1e-2, "norm+rope ({what}) relative error {err}");
+        }
         let got = cuda::rms_norm(&bf(&x), &bf(&w), eps)
             .unwrap()
             .expect("the fused kernel takes bf16 CUDA tensors");

@@ -1,7 +1,7 @@
 //! Batch-1 decode replayed from a CUDA graph against the same steps launched from the host: the
-//! same logits bit for bit at every step — the eager first step of a layout, the captured
-//! second, the replays, and again after the caches outgrow their buffers (new addresses and a
-//! new capture).
+//! same logits bit for bit at every step — the eager first step, the captured second, the
+//! replays, and after the caches outgrow their buffers (new addresses, the same graph) — and a
+//! second sequence through the graph the first captured.
 
 use omnishard_coordinator::{ComputeDtype, CudaGraph, Engine};
 use omnishard_tests::{FIXTURES, Golden, model_dir};
@@ -13,23 +13,30 @@ fn graph_decode_matches_launched_decode_bit_for_bit() {
     let dev = gpu();
     for name in FIXTURES {
         let golden = Golden::load(name);
-        let prompt = &golden.token_ids[..5];
         let eager = Engine::load_local(&model_dir(name), ComputeDtype::Bf16, &dev).unwrap();
         let mut graphed = Engine::load_local(&model_dir(name), ComputeDtype::Bf16, &dev).unwrap();
         assert!(
             graphed.set_cuda_graph(CudaGraph::Auto),
             "{name}: the decode graph should apply to a bf16 model with its experts on the GPU"
         );
-        // 70 steps after a 5-token prompt: the caches' 64 positions run out at step 59.
-        let want = decode_steps(&eager, prompt, 70);
-        let got = decode_steps(&graphed, prompt, 70);
-        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-            let differ = g
-                .iter()
-                .zip(w)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            assert_eq!(differ, 0, "{name} step {step}: {differ} logits differ");
+        // 70 steps after a 5-token prompt: the caches' 64 positions run out at step 60.
+        for (round, prompt) in [&golden.token_ids[..5], &golden.token_ids[2..9]]
+            .into_iter()
+            .enumerate()
+        {
+            let want = decode_steps(&eager, prompt, 70);
+            let got = decode_steps(&graphed, prompt, 70);
+            for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+                let differ = g
+                    .iter()
+                    .zip(w)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{name} sequence {round} step {step}: {differ} logits differ"
+                );
+            }
         }
     }
 }

@@ -68,14 +68,10 @@ impl Attention {
         let hd = self.head_dim;
         let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
         let qkv = self.qkv_proj.forward(xs)?;
-        let split = |start: usize, width: usize, heads: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(1, start, width)?.reshape((n, heads, hd))?)
-        };
-        let q = self.q_norm.forward_rope(&qkv, 0, self.n_heads, cos, sin)?;
-        let k = self
-            .k_norm
-            .forward_rope(&qkv, nq, self.n_kv_heads, cos, sin)?;
-        let v = split(nq + nkv, nkv, self.n_kv_heads)?;
+        let (q, k) = self.norm_rope(&qkv, cos, sin)?;
+        let v = qkv
+            .narrow(1, nq + nkv, nkv)?
+            .reshape((n, self.n_kv_heads, hd))?;
         // Decode steps (one new token after a non-empty cache) of several sequences are
         // attended together; prompts and chunks go one sequence at a time.
         let decoding: Vec<bool> = seqs
@@ -126,6 +122,24 @@ impl Attention {
         self.o_proj.forward(&Tensor::cat(&outs, 0)?)
     }
 
+    /// q and k of the stacked projection `qkv` `[tokens, width]`, each normed per head then
+    /// rotated: `[tokens, heads, d]` and `[tokens, kv_heads, d]`. One kernel for both on a GPU
+    /// in bf16, reading them in place.
+    fn norm_rope(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (wq, eps) = self.q_norm.weight_eps();
+        let (wk, _) = self.k_norm.weight_eps();
+        let q = (self.n_heads, wq);
+        if let Some(qk) = cuda::norm_rope(qkv, 0, q, (self.n_kv_heads, wk), eps, cos, sin)? {
+            return Ok(qk);
+        }
+        let nq = self.n_heads * self.head_dim;
+        Ok((
+            self.q_norm.forward_rope(qkv, 0, self.n_heads, cos, sin)?,
+            self.k_norm
+                .forward_rope(qkv, nq, self.n_kv_heads, cos, sin)?,
+        ))
+    }
+
     /// One decode step of one sequence whose cache buffers and length for `layer` are in
     /// `tables` (a captured step, [`super::decode_graph`]): `xs` `[1, hidden]` (normed). The
     /// same kernels and bits as [`Attention::forward`] on a GPU in bf16.
@@ -140,10 +154,7 @@ impl Attention {
         let hd = self.head_dim;
         let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
         let qkv = self.qkv_proj.forward(xs)?;
-        let q = self.q_norm.forward_rope(&qkv, 0, self.n_heads, cos, sin)?;
-        let k = self
-            .k_norm
-            .forward_rope(&qkv, nq, self.n_kv_heads, cos, sin)?;
+        let (q, k) = self.norm_rope(&qkv, cos, sin)?;
         let v = qkv
             .narrow(1, nq + nkv, nkv)?
             .reshape((1, self.n_kv_heads, hd))?;

@@ -1,10 +1,11 @@
 //! Batch-1 decode replayed from a CUDA graph ([`crate::ops::cuda::capture`]): the step — every
 //! layer with its experts, then the final norm — captured once and then launched with one
 //! call, the host writing only the token's embedding, cos/sin and the cache table before each
-//! launch; lm_head follows as one launch of its own. Same kernels in the same order as the eager path, so the same logits bit for
-//! bit. The first step of a layout runs eagerly (it loads every kernel and cuBLAS's workspace,
-//! which a capture cannot), the second is captured; a new layout (the caches' capacity grew)
-//! starts over. Where it applies: [`super::Model::enable_decode_graph`].
+//! launch; lm_head follows as one launch of its own. Same kernels in the same order as the
+//! eager path, so the same logits bit for bit. The first step runs eagerly (it loads every
+//! kernel, which a capture cannot), the second is captured, and every later one — any
+//! sequence, its cache anywhere, up to the decode-attention kernel's longest — replays it.
+//! Where it applies: [`super::Model::enable_decode_graph`].
 
 use candle_core::{DType, Tensor};
 use half::bf16;
@@ -25,11 +26,9 @@ pub(super) struct DecodeGraph {
     /// the launch, outside the graph — one launch (cuBLAS at a real vocabulary), so a graph
     /// saves nothing there, and cuBLAS's own workspace stays out of the capture.
     hidden: Tensor,
-    /// The captured step and the positions its attention launches were sized for.
-    captured: Option<(usize, cuda::Captured)>,
-    /// Positions of the last step run eagerly in this layout: the next with the same is
-    /// captured.
-    warmed: Option<usize>,
+    captured: Option<cuda::Captured>,
+    /// A step has run eagerly: the next is captured.
+    warmed: bool,
     /// A capture failed: every step runs eagerly from then on (logged once).
     failed: bool,
 }
@@ -44,7 +43,7 @@ impl DecodeGraph {
             tables: cuda::DecodeTables::new(dev, cfg.num_hidden_layers)?,
             hidden: Tensor::zeros((1, cfg.hidden_size), model.dtype, dev)?,
             captured: None,
-            warmed: None,
+            warmed: false,
             failed: false,
         })
     }
@@ -79,35 +78,33 @@ impl Model {
             .iter()
             .map(|(k, v)| cuda::CacheBuffers { k, v, past })
             .collect();
-        let Some(positions) = g.tables.write(&caches)? else {
+        if !g.tables.write(&caches)? {
             return Ok(None);
-        };
+        }
         let ids = Tensor::new(seq.tokens, &self.device)?;
         g.input
             .slice_set(&self.embed_tokens.index_select(&ids, 0)?, 0, 0)?;
         let (cos, sin) = self.rotary.cos_sin_values(&seq.positions);
         let rope: Vec<bf16> = cos.iter().chain(&sin).map(|&v| bf16::from_f32(v)).collect();
         cuda::upload_into(&g.rope, &rope)?;
-        let replay = matches!(&g.captured, Some((key, _)) if *key == positions);
-        if let (true, Some((_, captured))) = (replay, &g.captured) {
+        if let Some(captured) = &g.captured {
             captured.launch()?;
-        } else if g.warmed == Some(positions) {
+        } else if g.warmed {
             match cuda::capture(&self.device, || self.graph_body(&g)) {
                 Ok(captured) => {
                     captured.launch()?;
-                    g.captured = Some((positions, captured));
+                    g.captured = Some(captured);
                 }
                 Err(error) => {
                     tracing::warn!(%error, "capturing the batch-1 decode step in a CUDA graph failed; decoding without graphs from now on");
                     g.failed = true;
-                    g.captured = None;
                     // Nothing of the capture ran: this step runs now.
                     self.graph_body(&g)?;
                 }
             }
         } else {
             self.graph_body(&g)?;
-            g.warmed = Some(positions);
+            g.warmed = true;
         }
         seq.cache.advance(1);
         self.usage.record_tokens(1);

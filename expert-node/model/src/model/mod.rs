@@ -174,7 +174,7 @@ impl Model {
             ));
         }
         let d = self.cfg.head_dim;
-        if d % 32 != 0 || d > 1024 {
+        if !d.is_multiple_of(32) || d > 1024 {
             return Err(format!(
                 "head_dim {d} does not fit the decode-attention kernel"
             ));

@@ -1,8 +1,8 @@
 //! RMSNorm over the last dimension: `Qwen3OmniMoeThinkerTextRMSNorm` (and the final
 //! `Qwen3OmniMoeTextRMSNorm`, the same math) in transformers 4.57.3. As the reference, the norm
 //! is computed in f32 and cast back to the input dtype before the multiplication by the weight.
-//! On a GPU in bf16 one fused kernel does it ([`crate::ops::cuda`]), with the q/k norms fused
-//! with the RoPE that follows them.
+//! On a GPU in bf16 one fused kernel does it ([`crate::ops::cuda`]); attention's q and k norms
+//! are fused with the RoPE that follows them (`Attention::norm_rope`).
 
 use candle_core::{D, DType, Tensor};
 
@@ -25,9 +25,15 @@ impl RmsNorm {
         })
     }
 
+    /// The norm's weight `[d]` and epsilon.
+    pub(super) fn weight_eps(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
+    }
+
     /// This norm then RoPE with `cos`/`sin` `[tokens, d]`, of the `heads` heads from column
     /// `start` of `qkv` `[tokens, width]` (the stacked q/k/v projection); returns `[tokens,
-    /// heads, d]`. One fused kernel on a GPU in bf16, reading the heads in place.
+    /// heads, d]`. candle's ops (on a GPU in bf16 attention takes q and k in one fused kernel
+    /// instead).
     pub(super) fn forward_rope(
         &self,
         qkv: &Tensor,
@@ -36,9 +42,6 @@ impl RmsNorm {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
-        if let Some(out) = cuda::norm_rope(qkv, start, heads, &self.weight, self.eps, cos, sin)? {
-            return Ok(out);
-        }
         let d = self.weight.dim(0)?;
         let xs = qkv
             .narrow(1, start, heads * d)?

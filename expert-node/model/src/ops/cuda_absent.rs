@@ -91,12 +91,12 @@ pub fn add_rms_norm(
 pub fn norm_rope(
     _x: &Tensor,
     _start: usize,
-    _heads: usize,
-    _weight: &Tensor,
+    _q: (usize, &Tensor),
+    _k: (usize, &Tensor),
     _eps: f64,
     _cos: &Tensor,
     _sin: &Tensor,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<(Tensor, Tensor)>> {
     Ok(None)
 }
 
@@ -131,7 +131,7 @@ impl DecodeTables {
         candle_core::bail!("decode tables live on a GPU; {device:?} in a build without CUDA")
     }
 
-    pub fn write(&mut self, _caches: &[CacheBuffers<'_>]) -> Result<Option<usize>> {
+    pub fn write(&mut self, _caches: &[CacheBuffers<'_>]) -> Result<bool> {
         match *self {}
     }
 }

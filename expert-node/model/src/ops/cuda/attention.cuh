@@ -55,7 +55,7 @@ extern "C" __global__ void causal_softmax_bf16(const bf16* __restrict__ scores, 
 __device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
                                      const bf16* __restrict__ v_new, const unsigned long long* t,
                                      bf16* __restrict__ out, int heads, int kv_heads, float scale, int seq) {
-    extern __shared__ float p[];
+    extern __shared__ float probs[];
     const int d = blockDim.x, head = blockIdx.x;
     const int groups = heads / kv_heads, kv = head / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -71,25 +71,25 @@ __device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __r
         float acc = 0.f;
         for (int i = lane; i < d; i += 32) acc = fmaf(f(qh[i]), f(kr[i]), acc);
         acc = warp_sum(acc);
-        if (lane == 0) p[j] = f(rn(f(rn(acc)) * scale));
+        if (lane == 0) probs[j] = f(rn(f(rn(acc)) * scale));
     }
     __syncthreads();
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < L; j += d) m = fmaxf(m, p[j]);
+    for (int j = threadIdx.x; j < L; j += d) m = fmaxf(m, probs[j]);
     m = block_max(m);
     float sum = 0.f;
     for (int j = threadIdx.x; j < L; j += d) {
-        const float e = expf(p[j] - m);
-        p[j] = e;
+        const float e = expf(probs[j] - m);
+        probs[j] = e;
         sum += e;
     }
     const float total = block_sum(sum);
-    for (int j = threadIdx.x; j < L; j += d) p[j] = f(rn(p[j] / total));
+    for (int j = threadIdx.x; j < L; j += d) probs[j] = f(rn(probs[j] / total));
     __syncthreads();
     const int c = threadIdx.x;
     float acc = 0.f;
-    for (int j = 0; j < past; ++j) acc = fmaf(p[j], f(vh[(size_t)j * d + c]), acc);
-    acc = fmaf(p[past], f(vn[c]), acc);
+    for (int j = 0; j < past; ++j) acc = fmaf(probs[j], f(vh[(size_t)j * d + c]), acc);
+    acc = fmaf(probs[past], f(vn[c]), acc);
     out[((size_t)seq * heads + head) * d + c] = rn(acc);
     if (head % groups == 0) {
         kh[(size_t)past * d + c] = kn[c];

@@ -9,8 +9,10 @@ use half::bf16;
 
 use super::{MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, with_view, wrap};
 
-/// Longest cache the decode-attention kernel takes: its scores live in 48 KiB of shared memory.
-pub(super) const DECODE_ATTENTION_MAX_LEN: usize = 12 * 1024;
+/// Longest cache the decode-attention kernel takes: its scores live in shared memory, one f32
+/// per position, under the 48 KiB a launch gets without opting in, less 1 KiB for the static
+/// shared memory of its reductions.
+pub(super) const DECODE_ATTENTION_MAX_LEN: usize = 47 * 256;
 /// Sequences per decode-attention launch: its table is a kernel parameter (`DECODE_SEQS` in
 /// attention.cuh).
 const DECODE_SEQS: usize = 32;

@@ -26,9 +26,7 @@ pub struct DecodeTables {
     dev: CudaDevice,
     buf: CudaSlice<u64>,
     layers: usize,
-    /// Positions the kernel's shared memory holds: a launch parameter, so part of the key of a
-    /// captured graph ([`DecodeTables::write`]).
-    positions: usize,
+    written: bool,
 }
 
 impl DecodeTables {
@@ -44,15 +42,14 @@ impl DecodeTables {
                 .alloc_zeros::<u64>(4 * layers.max(1))
                 .w()?,
             layers,
-            positions: 0,
+            written: false,
         })
     }
 
     /// Writes one entry per layer (`caches[l]`, bf16 `[kv_heads, capacity, d]` buffers with
-    /// room for one more position). Returns the positions the kernel's shared memory must hold
-    /// (the smallest capacity, at most the kernel's limit), or `None` when a cache does not fit
-    /// the kernel (nothing written then).
-    pub fn write(&mut self, caches: &[CacheBuffers<'_>]) -> Result<Option<usize>> {
+    /// room for one more position). `false` (nothing written) when a cache does not fit the
+    /// kernel: longer than its shared memory holds.
+    pub fn write(&mut self, caches: &[CacheBuffers<'_>]) -> Result<bool> {
         if caches.len() != self.layers {
             bail!(
                 "decode tables for {} layers given {} caches",
@@ -61,7 +58,6 @@ impl DecodeTables {
             );
         }
         let mut host = Vec::with_capacity(4 * caches.len());
-        let mut positions = DECODE_ATTENTION_MAX_LEN;
         let stream = self.dev.cuda_stream();
         for c in caches {
             let dims = c.k.dims();
@@ -72,10 +68,10 @@ impl DecodeTables {
                 || !c.v.is_contiguous()
                 || c.k.dtype() != DType::BF16
                 || c.v.dtype() != DType::BF16
+                || c.past >= DECODE_ATTENTION_MAX_LEN
             {
-                return Ok(None);
+                return Ok(false);
             }
-            positions = positions.min(dims[1]);
             let pointer = |t: &Tensor| -> Result<u64> {
                 let (storage, layout) = t.storage_and_layout();
                 let Storage::Cuda(s) = &*storage else {
@@ -88,12 +84,9 @@ impl DecodeTables {
             };
             host.extend_from_slice(&[pointer(c.k)?, pointer(c.v)?, c.past as u64, dims[1] as u64]);
         }
-        if caches.iter().any(|c| c.past >= positions) {
-            return Ok(None);
-        }
         stream.memcpy_htod(&host, &mut self.buf).w()?;
-        self.positions = positions;
-        Ok(Some(positions))
+        self.written = true;
+        Ok(true)
     }
 }
 
@@ -118,7 +111,7 @@ pub fn decode_attention_indirect(
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
         || layer >= tables.layers
-        || tables.positions == 0
+        || !tables.written
     {
         bail!(
             "decode attention from a table: q {:?}, k {:?}, v {:?}, layer {layer} of {} (table written: {})",
@@ -126,7 +119,7 @@ pub fn decode_attention_indirect(
             k_new.dims(),
             v_new.dims(),
             tables.layers,
-            tables.positions > 0
+            tables.written
         );
     }
     let func = dev.get_or_load_custom_func("decode_attention_indirect_bf16", MODULE, PTX)?;
@@ -144,7 +137,9 @@ pub fn decode_attention_indirect(
                 let mut b = func.builder();
                 b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
                 b.arg(&heads_i).arg(&kv_i).arg(&scale);
-                let shared = checked_u32("cache positions", tables.positions * 4)?;
+                // Shared memory for the longest cache the kernel takes, whatever the cache's
+                // length now: the launch stays as captured while caches grow and move.
+                let shared = checked_u32("cache positions", DECODE_ATTENTION_MAX_LEN * 4)?;
                 let cfg = launch_config((checked_u32("heads", heads)?, 1), d as u32, shared);
                 // SAFETY: argument types and order match `decode_attention_indirect_bf16`; the
                 // table names live buffers with room for row `past` (checked when written).

@@ -126,18 +126,26 @@ extern "C" __global__ void add_rms_norm_bf16(const bf16* __restrict__ x, const b
     norm_row(x, r, w, sum, out, dim, eps);
 }
 
-// q_norm/k_norm then RoPE (rotate_half), per (token, head) row of `d` = blockDim.x elements:
-// x holds each token's heads at x[token * x_stride + head * d] (the q or k columns of the stacked
-// q/k/v projection, read in place), cos/sin [tokens, d], out [tokens, heads, d]. The rotation
-// rounds as the reference's `q * cos + rotate_half(q) * sin` in bf16: each product, then the sum.
-extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                          const bf16* __restrict__ cos, const bf16* __restrict__ sin,
-                                          bf16* __restrict__ out, int heads, int x_stride, float eps) {
+// q_norm and k_norm, then RoPE (rotate_half), of every q and k head of every token in one launch,
+// one block per (token, head) row of `d` = blockDim.x elements: x holds each token's q heads then
+// its k heads at x[token * x_stride + head * d] (the q and k columns of the stacked q/k/v
+// projection, read in place); heads below q_heads take wq and go to out_q [tokens, q_heads, d],
+// the others wk and out_k [tokens, k_heads, d]; cos/sin [tokens, d]. The rotation rounds as the
+// reference's `q * cos + rotate_half(q) * sin` in bf16: each product, then the sum.
+extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16* __restrict__ wq,
+                                          const bf16* __restrict__ wk, const bf16* __restrict__ cos,
+                                          const bf16* __restrict__ sin, bf16* __restrict__ out_q,
+                                          bf16* __restrict__ out_k, int q_heads, int k_heads, int x_stride,
+                                          float eps) {
     extern __shared__ bf16 normed[];
     const int d = blockDim.x, j = threadIdx.x;
-    const size_t row = blockIdx.x;
-    const size_t token = row / heads;
-    const float v = f(x[token * x_stride + (row % heads) * d + j]);
+    const int heads = q_heads + k_heads;
+    const size_t token = blockIdx.x / heads;
+    const int head = blockIdx.x % heads;
+    const bool is_q = head < q_heads;
+    const bf16* w = is_q ? wq : wk;
+    bf16* out = is_q ? out_q + (token * q_heads + head) * d : out_k + (token * k_heads + head - q_heads) * d;
+    const float v = f(x[token * x_stride + (size_t)head * d + j]);
     const float inv = 1.0f / sqrtf(block_sum(v * v) / (float)d + eps);
     const bf16 nv = rn(f(rn(v * inv)) * f(w[j]));
     normed[j] = nv;
@@ -145,7 +153,7 @@ extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16
     const int half = d / 2;
     const float rot = j < half ? -f(normed[j + half]) : f(normed[j - half]);
     const float c = f(cos[token * d + j]), s = f(sin[token * d + j]);
-    out[row * d + j] = rn(f(rn(f(nv) * c)) + f(rn(rot * s)));
+    out[j] = rn(f(rn(f(nv) * c)) + f(rn(rot * s)));
 }
 
 // The router's choice per token (one warp per token, blockIdx.x): softmax over the experts'

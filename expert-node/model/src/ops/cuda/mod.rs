@@ -211,32 +211,35 @@ pub fn add_rms_norm(
     Ok(Some((wrap(dev, sum, shape.clone()), wrap(dev, out, shape))))
 }
 
-/// q_norm/k_norm then RoPE of the heads `[start, start + heads * d)` of every row of `x`
-/// `[tokens, width]` (the q or k columns of the stacked projection, read where they are: no copy
-/// of them first), `d` the weight's length, `cos`/`sin` `[tokens, d]`: one fused kernel, out
-/// `[tokens, heads, d]`. `None` when the tensors are not bf16 on a GPU or the shapes do not fit
-/// the kernel (the caller runs candle's ops).
+/// q_norm and k_norm, then RoPE, of every row of `x` `[tokens, width]` (the stacked q/k/v
+/// projection, read where it is: no copy first): `q` = (heads, norm weight `[d]`) from column
+/// `start`, then `k`'s heads right after; `cos`/`sin` `[tokens, d]`. One fused kernel for both,
+/// out `[tokens, heads, d]` each. `None` when the tensors are not bf16 on a GPU or the shapes do
+/// not fit the kernel (the caller runs candle's ops).
 pub fn norm_rope(
     x: &Tensor,
     start: usize,
-    heads: usize,
-    weight: &Tensor,
+    q: (usize, &Tensor),
+    k: (usize, &Tensor),
     eps: f64,
     cos: &Tensor,
     sin: &Tensor,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<(Tensor, Tensor)>> {
     let Some(dev) = bf16_device(x) else {
         return Ok(None);
     };
-    let (Ok((n, width)), Ok(d)) = (x.dims2(), weight.dims1()) else {
+    let ((q_heads, wq), (k_heads, wk)) = (q, k);
+    let (Ok((n, width)), Ok(d)) = (x.dims2(), wq.dims1()) else {
         return Ok(None);
     };
-    if d % 32 != 0 || d > 1024 || cos.dims() != [n, d] || sin.dims() != [n, d] {
+    if d % 32 != 0 || d > 1024 || wk.dims() != [d] || cos.dims() != [n, d] || sin.dims() != [n, d] {
         return Ok(None);
     }
-    if bf16_device(cos).is_none() || bf16_device(sin).is_none() || n * heads == 0 {
+    let bf16_all = [wq, wk, cos, sin].iter().all(|t| bf16_device(t).is_some());
+    if !bf16_all || n * q_heads * k_heads == 0 {
         return Ok(None);
     }
+    let heads = q_heads + k_heads;
     if start + heads * d > width {
         bail!(
             "norm_rope: heads {start}..{} past the row's {width} columns",
@@ -244,33 +247,41 @@ pub fn norm_rope(
         );
     }
     let func = dev.get_or_load_custom_func("norm_rope_bf16", MODULE, PTX)?;
-    // SAFETY: every element is written by the kernel before the tensor is read.
-    let mut out = unsafe { dev.alloc::<bf16>(n * heads * d) }?;
+    // SAFETY: every element of both outputs is written by the kernel before they are read.
+    let mut out_q = unsafe { dev.alloc::<bf16>(n * q_heads * d) }?;
+    let mut out_k = unsafe { dev.alloc::<bf16>(n * k_heads * d) }?;
     with_view(x, |xv| {
-        with_view(weight, |wv| {
-            with_view(cos, |cv| {
-                with_view(sin, |sv| {
-                    let (heads_i, stride_i, eps_f) = (
-                        checked_i32("heads", heads)?,
-                        checked_i32("row width", width)?,
-                        eps as f32,
-                    );
-                    let columns = xv.slice(start..);
-                    let mut b = func.builder();
-                    b.arg(&columns).arg(wv).arg(cv).arg(sv).arg(&mut out);
-                    b.arg(&heads_i).arg(&stride_i).arg(&eps_f);
-                    let shared = checked_u32("head_dim", d * 2)?;
-                    let rows = checked_u32("rows", n * heads)?;
-                    let cfg = launch_config((rows, 1), d as u32, shared);
-                    // SAFETY: argument types and order match `norm_rope_bf16`; row `n - 1`'s
-                    // last head ends inside `x` (checked above).
-                    unsafe { b.launch(cfg) }.w()?;
-                    Ok(())
+        with_view(wq, |wqv| {
+            with_view(wk, |wkv| {
+                with_view(cos, |cv| {
+                    with_view(sin, |sv| {
+                        let (q_i, k_i, stride_i, eps_f) = (
+                            checked_i32("q heads", q_heads)?,
+                            checked_i32("k heads", k_heads)?,
+                            checked_i32("row width", width)?,
+                            eps as f32,
+                        );
+                        let columns = xv.slice(start..);
+                        let mut b = func.builder();
+                        b.arg(&columns).arg(wqv).arg(wkv).arg(cv).arg(sv);
+                        b.arg(&mut out_q).arg(&mut out_k);
+                        b.arg(&q_i).arg(&k_i).arg(&stride_i).arg(&eps_f);
+                        let shared = checked_u32("head_dim", d * 2)?;
+                        let rows = checked_u32("rows", n * heads)?;
+                        let cfg = launch_config((rows, 1), d as u32, shared);
+                        // SAFETY: argument types and order match `norm_rope_bf16`; row `n - 1`'s
+                        // last head ends inside `x` (checked above).
+                        unsafe { b.launch(cfg) }.w()?;
+                        Ok(())
+                    })
                 })
             })
         })
     })?;
-    Ok(Some(wrap(dev, out, (n, heads, d))))
+    Ok(Some((
+        wrap(dev, out_q, (n, q_heads, d)),
+        wrap(dev, out_k, (n, k_heads, d)),
+    )))
 }
 
 /// A router's top-k left on the GPU: `[tokens * k]` expert ids then `[tokens * k]` weights (f32
