@@ -64,14 +64,7 @@ impl Attention {
         seqs: &mut [SequenceInput<'_>],
         layer: usize,
     ) -> Result<Tensor> {
-        let (n, _) = xs.dims2()?;
-        let hd = self.head_dim;
-        let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
-        let qkv = self.qkv_proj.forward(xs)?;
-        let (q, k) = self.norm_rope(&qkv, cos, sin)?;
-        let v = qkv
-            .narrow(1, nq + nkv, nkv)?
-            .reshape((n, self.n_kv_heads, hd))?;
+        let (q, k, v) = self.qkv(xs, cos, sin)?;
         // Decode steps (one new token after a non-empty cache) of several sequences are
         // attended together; prompts and chunks go one sequence at a time.
         let decoding: Vec<bool> = seqs
@@ -122,6 +115,21 @@ impl Attention {
         self.o_proj.forward(&Tensor::cat(&outs, 0)?)
     }
 
+    /// The projections of `xs` `[tokens, hidden]` (normed): q and k normed per head and rotated
+    /// (`[tokens, heads, d]`, `[tokens, kv_heads, d]`), v a view `[tokens, kv_heads, d]` of the
+    /// stacked projection.
+    fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, _) = xs.dims2()?;
+        let hd = self.head_dim;
+        let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let qkv = self.qkv_proj.forward(xs)?;
+        let (q, k) = self.norm_rope(&qkv, cos, sin)?;
+        let v = qkv
+            .narrow(1, nq + nkv, nkv)?
+            .reshape((n, self.n_kv_heads, hd))?;
+        Ok((q, k, v))
+    }
+
     /// q and k of the stacked projection `qkv` `[tokens, width]`, each normed per head then
     /// rotated: `[tokens, heads, d]` and `[tokens, kv_heads, d]`. One kernel for both on a GPU
     /// in bf16, reading them in place.
@@ -151,13 +159,7 @@ impl Attention {
         tables: &cuda::DecodeTables,
         layer: usize,
     ) -> Result<Tensor> {
-        let hd = self.head_dim;
-        let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
-        let qkv = self.qkv_proj.forward(xs)?;
-        let (q, k) = self.norm_rope(&qkv, cos, sin)?;
-        let v = qkv
-            .narrow(1, nq + nkv, nkv)?
-            .reshape((1, self.n_kv_heads, hd))?;
+        let (q, k, v) = self.qkv(xs, cos, sin)?;
         let ys = cuda::decode_attention_indirect(&q, &k, &v, tables, layer)?;
         self.o_proj.forward(&ys)
     }

@@ -40,7 +40,11 @@ impl DecodeGraph {
         Ok(Self {
             input: Tensor::zeros((1, cfg.hidden_size), model.dtype, dev)?,
             rope: Tensor::zeros((2, cfg.head_dim), DType::BF16, dev)?,
-            tables: cuda::DecodeTables::new(dev, cfg.num_hidden_layers)?,
+            tables: cuda::DecodeTables::new(
+                dev,
+                cfg.num_hidden_layers,
+                (cfg.num_key_value_heads, cfg.head_dim),
+            )?,
             hidden: Tensor::zeros((1, cfg.hidden_size), model.dtype, dev)?,
             captured: None,
             warmed: false,

@@ -3,7 +3,7 @@
 //! reference's eager attention in bf16 (transformers 4.57.3 `eager_attention_forward`).
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, PushKernelArg};
 use candle_core::{Result, Storage, Tensor, bail};
 use half::bf16;
 
@@ -23,6 +23,49 @@ pub struct CacheBuffers<'a> {
     pub k: &'a Tensor,
     pub v: &'a Tensor,
     pub past: usize,
+}
+
+impl CacheBuffers<'_> {
+    /// This cache's entry of a decode-attention table (`DecodeTable` in attention.cuh): key
+    /// buffer, value buffer, cached length, capacity. `None` when the kernel cannot take it:
+    /// buffers not bf16 `[kv_heads, capacity, d]` on a GPU, contiguous, with room for one more
+    /// position, or a cache longer than [`DECODE_ATTENTION_MAX_LEN`].
+    pub(super) fn table_entry(
+        &self,
+        (kv_heads, d): (usize, usize),
+        stream: &CudaStream,
+    ) -> Result<Option<[u64; 4]>> {
+        let dims = self.k.dims();
+        let fits = dims.len() == 3
+            && dims[0] == kv_heads
+            && dims[1] > self.past
+            && dims[2] == d
+            && self.v.dims() == dims
+            && self.past < DECODE_ATTENTION_MAX_LEN
+            && self.k.is_contiguous()
+            && self.v.is_contiguous()
+            && bf16_device(self.k).is_some()
+            && bf16_device(self.v).is_some();
+        if !fits {
+            return Ok(None);
+        }
+        let address = |t: &Tensor| -> Result<u64> {
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cuda(s) = &*storage else {
+                bail!("expected a CUDA tensor")
+            };
+            let slice = s.as_cuda_slice::<bf16>()?;
+            let view = slice.slice(layout.start_offset()..);
+            let (ptr, _sync) = view.device_ptr(stream);
+            Ok(ptr)
+        };
+        Ok(Some([
+            address(self.k)?,
+            address(self.v)?,
+            self.past as u64,
+            dims[1] as u64,
+        ]))
+    }
 }
 
 /// One decode step of several sequences at once: `q` `[seqs, heads, d]` and the new keys and
@@ -51,33 +94,17 @@ pub fn decode_attention(
         && heads % kv_heads == 0
         && bf16_device(k_new).is_some()
         && bf16_device(v_new).is_some();
-    let caches_fit = caches.iter().all(|c| {
-        let dims = c.k.dims();
-        dims.len() == 3
-            && dims[0] == kv_heads
-            && dims[1] > c.past
-            && dims[2] == d
-            && c.v.dims() == dims
-            && c.past < DECODE_ATTENTION_MAX_LEN
-            && c.k.is_contiguous()
-            && c.v.is_contiguous()
-            && bf16_device(c.k).is_some()
-            && bf16_device(c.v).is_some()
-    });
-    if !shapes_fit || !caches_fit {
+    if !shapes_fit {
         return Ok(None);
     }
     let stream = dev.cuda_stream();
-    let pointer = |t: &Tensor| -> Result<u64> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            bail!("expected a CUDA tensor")
-        };
-        let slice = s.as_cuda_slice::<bf16>()?;
-        let view = slice.slice(layout.start_offset()..);
-        let (ptr, _sync) = view.device_ptr(&stream);
-        Ok(ptr)
-    };
+    let mut entries = Vec::with_capacity(caches.len());
+    for c in caches {
+        match c.table_entry((kv_heads, d), &stream)? {
+            Some(entry) => entries.push(entry),
+            None => return Ok(None),
+        }
+    }
     let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, PTX)?;
     // SAFETY: the kernel writes every element (one thread per (sequence, head, dim)).
     let mut out = unsafe { dev.alloc::<bf16>(seqs * heads * d) }?;
@@ -90,17 +117,12 @@ pub fn decode_attention(
                 );
                 let scale = (d as f32).powf(-0.5);
                 // The table travels as a kernel parameter, DECODE_SEQS sequences per launch.
-                for (chunk, group) in caches.chunks(DECODE_SEQS).enumerate() {
+                for (chunk, group) in entries.chunks(DECODE_SEQS).enumerate() {
                     let mut table = [0u64; 4 * DECODE_SEQS];
-                    for (i, c) in group.iter().enumerate() {
-                        table[4 * i..4 * i + 4].copy_from_slice(&[
-                            pointer(c.k)?,
-                            pointer(c.v)?,
-                            c.past as u64,
-                            c.k.dim(1)? as u64,
-                        ]);
+                    for (i, entry) in group.iter().enumerate() {
+                        table[4 * i..4 * i + 4].copy_from_slice(entry);
                     }
-                    let longest = group.iter().map(|c| c.past + 1).max().unwrap_or(1);
+                    let longest = group.iter().map(|e| e[2] as usize + 1).max().unwrap_or(1);
                     let seq_base = checked_i32("sequence", chunk * DECODE_SEQS)?;
                     let mut b = func.builder();
                     b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);

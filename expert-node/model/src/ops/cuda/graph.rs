@@ -26,12 +26,14 @@ pub struct DecodeTables {
     dev: CudaDevice,
     buf: CudaSlice<u64>,
     layers: usize,
+    /// Every cache's `(kv_heads, head_dim)`.
+    kv_shape: (usize, usize),
     written: bool,
 }
 
 impl DecodeTables {
-    /// Tables for `layers` layers on `device` (a GPU).
-    pub fn new(device: &Device, layers: usize) -> Result<Self> {
+    /// Tables for `layers` layers of caches `[kv_heads, capacity, head_dim]` on `device` (a GPU).
+    pub fn new(device: &Device, layers: usize, kv_shape: (usize, usize)) -> Result<Self> {
         let Device::Cuda(dev) = device else {
             bail!("decode tables live on a GPU, not {device:?}")
         };
@@ -42,13 +44,14 @@ impl DecodeTables {
                 .alloc_zeros::<u64>(4 * layers.max(1))
                 .w()?,
             layers,
+            kv_shape,
             written: false,
         })
     }
 
     /// Writes one entry per layer (`caches[l]`, bf16 `[kv_heads, capacity, d]` buffers with
     /// room for one more position). `false` (nothing written) when a cache does not fit the
-    /// kernel: longer than its shared memory holds.
+    /// kernel ([`CacheBuffers::table_entry`]), e.g. longer than its shared memory holds.
     pub fn write(&mut self, caches: &[CacheBuffers<'_>]) -> Result<bool> {
         if caches.len() != self.layers {
             bail!(
@@ -60,29 +63,10 @@ impl DecodeTables {
         let mut host = Vec::with_capacity(4 * caches.len());
         let stream = self.dev.cuda_stream();
         for c in caches {
-            let dims = c.k.dims();
-            if dims.len() != 3
-                || c.v.dims() != dims
-                || dims[1] <= c.past
-                || !c.k.is_contiguous()
-                || !c.v.is_contiguous()
-                || c.k.dtype() != DType::BF16
-                || c.v.dtype() != DType::BF16
-                || c.past >= DECODE_ATTENTION_MAX_LEN
-            {
-                return Ok(false);
+            match c.table_entry(self.kv_shape, &stream)? {
+                Some(entry) => host.extend_from_slice(&entry),
+                None => return Ok(false),
             }
-            let pointer = |t: &Tensor| -> Result<u64> {
-                let (storage, layout) = t.storage_and_layout();
-                let Storage::Cuda(s) = &*storage else {
-                    bail!("expected a CUDA tensor")
-                };
-                let slice = s.as_cuda_slice::<bf16>()?;
-                let view = slice.slice(layout.start_offset()..);
-                let (ptr, _sync) = view.device_ptr(&stream);
-                Ok(ptr)
-            };
-            host.extend_from_slice(&[pointer(c.k)?, pointer(c.v)?, c.past as u64, dims[1] as u64]);
         }
         stream.memcpy_htod(&host, &mut self.buf).w()?;
         self.written = true;
@@ -110,6 +94,7 @@ pub fn decode_attention_indirect(
         || d > 1024
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
+        || (kv_heads, d) != tables.kv_shape
         || layer >= tables.layers
         || !tables.written
     {
