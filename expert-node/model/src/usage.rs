@@ -3,6 +3,7 @@
 //! in when read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -12,6 +13,9 @@ pub struct ExpertUsage {
     tokens: AtomicU64,
     /// u32 per (layer, expert) on the GPU, added to by kernels; `None` on the CPU.
     on_device: Option<Tensor>,
+    /// Held by whoever needs the GPU's stream to itself: a CUDA graph capture (work queued by
+    /// another thread would be captured into it) and [`ExpertUsage::snapshot`]'s copy.
+    device_access: Mutex<()>,
 }
 
 impl ExpertUsage {
@@ -23,6 +27,7 @@ impl ExpertUsage {
                 .collect(),
             tokens: AtomicU64::new(0),
             on_device: None,
+            device_access: Mutex::new(()),
         }
     }
 
@@ -41,6 +46,14 @@ impl ExpertUsage {
             .as_ref()
             .map(|t| t.narrow(0, layer * self.num_experts, self.num_experts))
             .transpose()
+    }
+
+    /// Keeps [`ExpertUsage::snapshot`] off the GPU's stream while the guard lives (a CUDA graph
+    /// capture on another thread).
+    pub fn device_access(&self) -> MutexGuard<'_, ()> {
+        self.device_access
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts tokens that went through the model (one forward row each).
@@ -62,7 +75,11 @@ impl ExpertUsage {
 
     /// `(layer, expert, tokens)` for every pair that received tokens.
     pub fn snapshot(&self) -> Vec<(usize, usize, u64)> {
-        let on_device = match self.on_device.as_ref().map(|t| t.to_vec1::<u32>()) {
+        let read = self.on_device.as_ref().map(|t| {
+            let _stream = self.device_access();
+            t.to_vec1::<u32>()
+        });
+        let on_device = match read {
             Some(Ok(counts)) => counts,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "cannot read the GPU's expert usage counts; leaving them out");

@@ -26,6 +26,11 @@ fn graph_decode_matches_launched_decode_bit_for_bit() {
         {
             let want = decode_steps(&eager, prompt, 70);
             let got = decode_steps(&graphed, prompt, 70);
+            assert!(
+                graphed.model().graph_replays() >= 68 * (round as u64 + 1),
+                "{name}: only {} steps ran from the graph",
+                graphed.model().graph_replays()
+            );
             for (step, (g, w)) in got.iter().zip(&want).enumerate() {
                 let differ = g
                     .iter()

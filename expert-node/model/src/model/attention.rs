@@ -135,9 +135,12 @@ impl Attention {
     /// in bf16, reading them in place.
     fn norm_rope(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
         let (wq, eps) = self.q_norm.weight_eps();
-        let (wk, _) = self.k_norm.weight_eps();
+        let (wk, eps_k) = self.k_norm.weight_eps();
         let q = (self.n_heads, wq);
-        if let Some(qk) = cuda::norm_rope(qkv, 0, q, (self.n_kv_heads, wk), eps, cos, sin)? {
+        // One kernel takes one epsilon (the model's: both norms are built with it).
+        if eps == eps_k
+            && let Some(qk) = cuda::norm_rope(qkv, 0, q, (self.n_kv_heads, wk), eps, cos, sin)?
+        {
             return Ok(qk);
         }
         let nq = self.n_heads * self.head_dim;

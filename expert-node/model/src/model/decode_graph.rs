@@ -1,7 +1,7 @@
 //! Batch-1 decode replayed from a CUDA graph ([`crate::ops::cuda::capture`]): the step — every
 //! layer with its experts, then the final norm — captured once and then launched with one
-//! call, the host writing only the token's embedding, cos/sin and the cache table before each
-//! launch; lm_head follows as one launch of its own. Same kernels in the same order as the
+//! call, with only the token's embedding (looked up on the GPU), cos/sin and the cache table
+//! written into its inputs before each launch; lm_head follows as one launch of its own. Same kernels in the same order as the
 //! eager path, so the same logits bit for bit. The first step runs eagerly (it loads every
 //! kernel, which a capture cannot), the second is captured, and every later one — any
 //! sequence, its cache anywhere, up to the decode-attention kernel's longest — replays it.
@@ -31,6 +31,8 @@ pub(super) struct DecodeGraph {
     warmed: bool,
     /// A capture failed: every step runs eagerly from then on (logged once).
     failed: bool,
+    /// Steps run from the graph.
+    replays: u64,
 }
 
 impl DecodeGraph {
@@ -49,7 +51,15 @@ impl DecodeGraph {
             captured: None,
             warmed: false,
             failed: false,
+            replays: 0,
         })
+    }
+}
+
+impl DecodeGraph {
+    /// Steps run from the graph so far (a model's first two decode steps run without it).
+    pub(super) fn replays(&self) -> u64 {
+        self.replays
     }
 }
 
@@ -93,10 +103,16 @@ impl Model {
         cuda::upload_into(&g.rope, &rope)?;
         if let Some(captured) = &g.captured {
             captured.launch()?;
+            g.replays += 1;
         } else if g.warmed {
-            match cuda::capture(&self.device, || self.graph_body(&g)) {
+            // Nothing else may queue work on the stream while it is captured.
+            let quiet = self.usage.device_access();
+            let captured = cuda::capture(&self.device, || self.graph_body(&g));
+            drop(quiet);
+            match captured {
                 Ok(captured) => {
                     captured.launch()?;
+                    g.replays += 1;
                     g.captured = Some(captured);
                 }
                 Err(error) => {

@@ -158,6 +158,15 @@ impl Model {
         })
     }
 
+    /// Decode steps run from the CUDA graph so far (0 when it is not enabled).
+    pub fn graph_replays(&self) -> u64 {
+        self.decode_graph.as_ref().map_or(0, |g| {
+            g.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .replays()
+        })
+    }
+
     /// Runs batch-1 decode steps (one sequence, one token after its prompt) from a CUDA graph
     /// from now on ([`decode_graph`]): the same logits, without the host issuing each of the
     /// step's launches. Applies to a bf16 model on a GPU opened with a stream of its own

@@ -127,7 +127,9 @@ pub fn decode_attention_indirect(
                 let shared = checked_u32("cache positions", DECODE_ATTENTION_MAX_LEN * 4)?;
                 let cfg = launch_config((checked_u32("heads", heads)?, 1), d as u32, shared);
                 // SAFETY: argument types and order match `decode_attention_indirect_bf16`; the
-                // table names live buffers with room for row `past` (checked when written).
+                // table names buffers with room for row `past` (checked when written), which
+                // the caller keeps alive until this launch and the step's graph launch are
+                // queued (`Model::graph_step` holds them).
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(())
             })
@@ -206,8 +208,18 @@ impl Drop for Captured {
 
 /// Whether `device` can capture graphs: a GPU whose candle stream is a stream of its own (the
 /// legacy default stream cannot be captured; [`crate::DeviceSpec::open`] makes one).
+/// Stream-ordered allocation (memory pools) is needed too: candle allocates every intermediate
+/// tensor, which a capture records as graph memory nodes only when allocations are
+/// stream-ordered.
 pub fn can_capture(device: &Device) -> bool {
-    matches!(device, Device::Cuda(dev) if !dev.cuda_stream().cu_stream().is_null())
+    let Device::Cuda(dev) = device else {
+        return false;
+    };
+    let stream = dev.cuda_stream();
+    let pools = stream
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED);
+    !stream.cu_stream().is_null() && matches!(pools, Ok(1))
 }
 
 fn graph_error(what: &str) -> candle_core::Error {
@@ -216,10 +228,10 @@ fn graph_error(what: &str) -> candle_core::Error {
 
 /// Records what `f` launches on `device`'s stream (nothing runs) and instantiates it. Every
 /// device allocation `f` makes must be freed before it returns, and it must not wait for the
-/// device. The capture is ended on every path, errors of `f` included. A capture holding a copy
-/// from host memory is refused: the graph would copy from that address again at every launch,
-/// long after the buffer is gone (candle uploads the shapes of some operations that way, e.g.
-/// every `index_select`).
+/// device. The capture is ended on every path, errors and panics of `f` included. A capture
+/// holding a copy from or to host memory is refused: the graph would copy with that address
+/// again at every launch, long after the buffer is gone (candle uploads the shapes of some
+/// operations that way, e.g. every `index_select`).
 pub fn capture<E: From<candle_core::Error>>(
     device: &Device,
     f: impl FnOnce() -> std::result::Result<(), E>,
@@ -242,13 +254,15 @@ pub fn capture<E: From<candle_core::Error>>(
             sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
         )
     })?;
+    let mut capturing = Capturing(Some(stream.clone()));
     let ran = f();
-    let mut graph: sys::CUgraph = std::ptr::null_mut();
-    // SAFETY: ends the capture begun above on the same stream.
-    let ended = ipc::check("cuStreamEndCapture", unsafe {
-        sys::cuStreamEndCapture(stream.cu_stream(), &mut graph)
-    });
+    let (graph, ended) = capturing.end();
     let owned = OwnedGraph(graph);
+    if ran.is_err() || ended.is_err() {
+        // Frees queued while the capture was invalid failed and were recorded by cudarc; they
+        // belong to this capture, not to the next operation on the stream.
+        let _ = stream.context().check_err();
+    }
     ran?;
     ended?;
     if graph.is_null() {
@@ -256,12 +270,12 @@ pub fn capture<E: From<candle_core::Error>>(
     }
     if let Some(node) = host_copy(graph)? {
         return Err(graph_error(&format!(
-            "the captured step copies from host memory ({node}); it cannot be replayed"
+            "the captured step touches host memory ({node}); it cannot be replayed"
         ))
         .into());
     }
     let mut exec: sys::CUgraphExec = std::ptr::null_mut();
-    // No flags: in particular no auto-free, so an allocation of `f` left unfreed makes the next
+    // No flags: in particular no auto-free, so an allocation of `f` left unfreed makes a second
     // launch fail instead of freeing memory a tensor still points at.
     // SAFETY: `graph` is the live graph just captured.
     ipc::check("cuGraphInstantiate", unsafe {
@@ -273,6 +287,34 @@ pub fn capture<E: From<candle_core::Error>>(
         exec,
         stream,
     })
+}
+
+/// A capture in progress on a stream, ended by [`Capturing::end`] or, if `f` panics, on drop:
+/// a stream left capturing would take every later launch into a graph no one launches.
+struct Capturing(Option<Arc<CudaStream>>);
+
+impl Capturing {
+    /// Ends the capture: the graph recorded (null if none) and whether ending succeeded.
+    fn end(&mut self) -> (sys::CUgraph, Result<()>) {
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        let Some(stream) = self.0.take() else {
+            return (graph, Err(graph_error("the capture was already ended")));
+        };
+        // SAFETY: ends the capture begun on this stream by `capture`.
+        let ended = ipc::check("cuStreamEndCapture", unsafe {
+            sys::cuStreamEndCapture(stream.cu_stream(), &mut graph)
+        });
+        (graph, ended)
+    }
+}
+
+impl Drop for Capturing {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            let (graph, _) = self.end();
+            drop(OwnedGraph(graph));
+        }
+    }
 }
 
 /// Destroys a captured graph not (yet) handed to a [`Captured`].
@@ -287,8 +329,8 @@ impl Drop for OwnedGraph {
     }
 }
 
-/// The first node of `graph` that reads host memory (a host function, or a copy from the host),
-/// described, if any.
+/// The first node of `graph` that touches host memory (a host function, a copy to or from the
+/// host), described, if any.
 fn host_copy(graph: sys::CUgraph) -> Result<Option<String>> {
     let mut count = 0usize;
     // SAFETY: a null node array asks for the count only.
@@ -301,36 +343,41 @@ fn host_copy(graph: sys::CUgraph) -> Result<Option<String>> {
         sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count)
     })?;
     for (i, &node) in nodes.iter().take(count).enumerate() {
-        let mut kind = std::mem::MaybeUninit::<sys::CUgraphNodeType>::uninit();
-        // SAFETY: a node of `graph`; the call writes its type.
+        // Driver enums read as the integers they are: a value these bindings do not know
+        // must not become a Rust enum.
+        let mut kind = 0u32;
+        // SAFETY: a node of `graph`; the call writes its type, a C enum (32 bits).
         ipc::check("cuGraphNodeGetType", unsafe {
-            sys::cuGraphNodeGetType(node, kind.as_mut_ptr())
+            sys::cuGraphNodeGetType(node, (&raw mut kind).cast())
         })?;
-        // SAFETY: written by the successful call above.
-        match unsafe { kind.assume_init() } {
-            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_HOST => {
-                return Ok(Some(format!("node {i}: a host function")));
-            }
-            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => {
-                let mut params = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D>::uninit();
-                // SAFETY: a memcpy node; the call writes all of its parameters.
-                ipc::check("cuGraphMemcpyNodeGetParams", unsafe {
-                    sys::cuGraphMemcpyNodeGetParams(node, params.as_mut_ptr())
-                })?;
-                // SAFETY: written by the successful call above.
-                let params = unsafe { params.assume_init() };
-                if matches!(
-                    params.srcMemoryType,
-                    sys::CUmemorytype::CU_MEMORYTYPE_HOST
-                        | sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED
-                ) {
-                    return Ok(Some(format!(
-                        "node {i}: a copy of {} bytes from host memory",
-                        params.WidthInBytes
-                    )));
-                }
-            }
-            _ => {}
+        if kind == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_HOST as u32 {
+            return Ok(Some(format!("node {i}: a host function")));
+        }
+        if kind != sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY as u32 {
+            continue;
+        }
+        let mut params = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D>::uninit();
+        // SAFETY: a memcpy node; the call writes all of its parameters.
+        ipc::check("cuGraphMemcpyNodeGetParams", unsafe {
+            sys::cuGraphMemcpyNodeGetParams(node, params.as_mut_ptr())
+        })?;
+        let p = params.as_ptr();
+        // SAFETY: written by the successful call above; each field read as its bits.
+        let (src, dst, bytes) = unsafe {
+            (
+                (&raw const (*p).srcMemoryType).cast::<u32>().read(),
+                (&raw const (*p).dstMemoryType).cast::<u32>().read(),
+                (&raw const (*p).WidthInBytes).read(),
+            )
+        };
+        let host = |t: u32| {
+            t == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
+                || t == sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32
+        };
+        if host(src) || host(dst) {
+            return Ok(Some(format!(
+                "node {i}: a copy of {bytes} bytes to or from host memory"
+            )));
         }
     }
     Ok(None)

@@ -16,7 +16,7 @@ mod sample;
 mod staging;
 
 pub use attention::{CacheBuffers, causal_softmax, decode_attention};
-pub use graph::{
+pub(crate) use graph::{
     Captured, DecodeTables, can_capture, capture, decode_attention_indirect, upload_into,
 };
 pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
