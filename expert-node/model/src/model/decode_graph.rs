@@ -1,11 +1,11 @@
 //! Batch-1 decode replayed from a CUDA graph ([`crate::ops::cuda::capture`]): the step — every
 //! layer with its experts, then the final norm — captured once and then launched with one
 //! call, with only the token's embedding (looked up on the GPU), cos/sin and the cache table
-//! written into its inputs before each launch; lm_head follows as one launch of its own. Same kernels in the same order as the
-//! eager path, so the same logits bit for bit. The first step runs eagerly (it loads every
-//! kernel, which a capture cannot), the second is captured, and every later one — any
-//! sequence, its cache anywhere, up to the decode-attention kernel's longest — replays it.
-//! Where it applies: [`super::Model::enable_decode_graph`].
+//! written into its inputs before each launch; lm_head follows as one launch of its own. Same
+//! kernels in the same order as the eager path, so the same logits bit for bit. The first step
+//! runs eagerly (it loads every kernel, which a capture cannot), the second is captured, and
+//! every later one — any sequence, its cache anywhere, up to the decode-attention kernel's
+//! longest — replays it. Where it applies: [`super::Model::enable_decode_graph`].
 
 use candle_core::{DType, Tensor};
 use half::bf16;
@@ -54,9 +54,7 @@ impl DecodeGraph {
             replays: 0,
         })
     }
-}
 
-impl DecodeGraph {
     /// Steps run from the graph so far (a model's first two decode steps run without it).
     pub(super) fn replays(&self) -> u64 {
         self.replays
@@ -133,8 +131,8 @@ impl Model {
     }
 
     /// The launches of one step up to lm_head, reading the embedding, cos/sin and cache table
-    /// from `g` and writing the normed hidden state into it; every tensor it makes is dropped before it returns (the
-    /// capture's rule).
+    /// from `g` and writing the normed hidden state into it; every tensor it makes is dropped
+    /// before it returns (the capture's rule).
     fn graph_body(&self, g: &DecodeGraph) -> Result<()> {
         let cos = g.rope.narrow(0, 0, 1)?;
         let sin = g.rope.narrow(0, 1, 1)?;
