@@ -3,7 +3,7 @@
 //! kernel (the host's allocation, launch and free per candle operation cost about as long as
 //! the kernels of a batch-1 layer; BENCHMARKS.md, issue 10). A graph replays the kernel
 //! arguments it captured, so everything that changes between steps lives in device memory
-//! written before each launch: the token id and cos/sin ([`upload_into`]) and the decode
+//! written before each launch: the token's embedding, cos/sin ([`upload_into`]) and the decode
 //! attention's table of cache buffers and lengths ([`DecodeTables`]). CUDA programming guide,
 //! "CUDA Graphs" (stream capture, graph memory nodes).
 
