@@ -142,17 +142,8 @@ impl Model {
             usage: &self.usage,
             ctx: &ctx,
         };
-        let mut xs = g.input.clone();
-        let mut pending: Option<Tensor> = None;
-        for layer in &self.layers {
-            let caches = Caches::Table(&g.tables);
-            let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), &cos, &sin, caches, &routed)?;
-            xs = h;
-            pending = Some(mlp_out);
-        }
-        if let Some(mlp_out) = pending {
-            xs = (xs + mlp_out)?;
-        }
+        let mut caches = Caches::Table(&g.tables);
+        let xs = self.run_layers(g.input.clone(), &cos, &sin, &mut caches, &routed, &[])?;
         g.hidden
             .slice_set(&self.norm.forward(&xs)?, 0, 0)
             .map_err(ModelError::from)

@@ -99,7 +99,7 @@ impl DecoderLayer {
         pending: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
-        caches: Caches<'_, '_>,
+        caches: &mut Caches<'_, '_>,
         routed: &RoutedExperts<'_>,
     ) -> Result<(Tensor, Tensor)> {
         let l = self.layer_idx;

@@ -329,22 +329,8 @@ impl Model {
             usage: &self.usage,
             ctx,
         };
-        let mut pending: Option<Tensor> = None;
-        for (l, layer) in self.layers.iter().enumerate() {
-            // For profiling (RUST_LOG=trace): when disabled this costs one relaxed load.
-            let _layer = tracing::trace_span!("layer", layer = l, tokens = n).entered();
-            let caches = Caches::Batch(&mut *batch);
-            let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), &cos, &sin, caches, &routed)?;
-            xs = h;
-            // This layer's output is xs + mlp_out: deepstack adds to it there.
-            pending = Some(match deep.get(l).and_then(Option::as_ref) {
-                Some(add) => (mlp_out + add)?,
-                None => mlp_out,
-            });
-        }
-        if let Some(mlp_out) = pending {
-            xs = (xs + mlp_out)?;
-        }
+        let mut caches = Caches::Batch(&mut *batch);
+        let xs = self.run_layers(xs, &cos, &sin, &mut caches, &routed, &deep)?;
         // The rows whose logits are wanted, for the whole batch at once.
         let mut rows = Vec::with_capacity(n);
         let mut counts = Vec::with_capacity(batch.len());
@@ -374,6 +360,37 @@ impl Model {
             offset += count;
         }
         Ok(logits)
+    }
+
+    /// Every decoder layer over `xs` `[tokens, hidden]` (the embeddings), `deep[l]` (deepstack,
+    /// where present) added to layer `l`'s output; returns the hidden states before the final
+    /// norm.
+    fn run_layers(
+        &self,
+        mut xs: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut Caches<'_, '_>,
+        routed: &RoutedExperts<'_>,
+        deep: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        let n = xs.dim(0)?;
+        let mut pending: Option<Tensor> = None;
+        for (l, layer) in self.layers.iter().enumerate() {
+            // For profiling (RUST_LOG=trace): when disabled this costs one relaxed load.
+            let _layer = tracing::trace_span!("layer", layer = l, tokens = n).entered();
+            let (h, mlp_out) = layer.forward(&xs, pending.as_ref(), cos, sin, caches, routed)?;
+            xs = h;
+            // This layer's output is xs + mlp_out: deepstack adds to it there.
+            pending = Some(match deep.get(l).and_then(Option::as_ref) {
+                Some(add) => (mlp_out + add)?,
+                None => mlp_out,
+            });
+        }
+        Ok(match pending {
+            Some(mlp_out) => (xs + mlp_out)?,
+            None => xs,
+        })
     }
 
     /// Checks one sequence's share of a pass: tokens, as many positions in every row, ids in
