@@ -2,7 +2,8 @@
 //! each CUDA kernel against the CPU path on random inputs with odd shapes (prefill attention's in
 //! `gpu/attention.rs`), the model on every fixture against the reference within the bf16
 //! tolerance of the fidelity tests, decoding with the cache against full recomputation, batch-1
-//! decode from a CUDA graph against the same steps launched (`gpu/graph.rs`), sampling
+//! decode from a CUDA graph against the same steps launched (`gpu/graph.rs`), batch-1 routing
+//! left on the GPU against the host's (`gpu/router.rs`), sampling
 //! against the host sampler (`gpu/sampling.rs`), a cluster of GPU expert nodes against the single
 //! GPU process bit for bit, and the audio and vision towers on the GPU in bf16 (every omni-mixed
 //! fixture prompt through `coordinator score --device cuda`) against the reference.
@@ -12,6 +13,8 @@
 mod attention;
 #[path = "gpu/graph.rs"]
 mod graph;
+#[path = "gpu/router.rs"]
+mod router;
 #[path = "gpu/sampling.rs"]
 mod sampling;
 

@@ -3,7 +3,8 @@
 //! all experts in f32, top-k, divided by the sum of the k when `norm_topk_prob`. The experts
 //! themselves are behind [`crate::Experts`]; the reference's cast of the weights to the compute
 //! dtype and the weighted sum happen there. On a GPU in bf16 the softmax and top-k run in one
-//! kernel and only the chosen ids and weights come back to the host.
+//! kernel and only the chosen ids and weights come back to the host; for batch-1 decode the
+//! projection and the top-k are one launch and the choices stay on the GPU.
 
 use candle_core::{DType, Tensor};
 use omnishard_proto::ModelConfig;
@@ -22,8 +23,16 @@ pub(super) struct Router {
     /// (`--allow-missing-experts`). Its logit is set to -inf before the softmax, so it is never
     /// chosen and takes no probability mass. All `false` when every expert is served.
     masked: Vec<bool>,
-    /// `masked` as u8 on the GPU, for the top-k kernel; `None` on the CPU.
-    masked_on_device: Option<Tensor>,
+    /// The top-k kernels' own state on a GPU; `None` on the CPU.
+    on_device: Option<OnDevice>,
+}
+
+/// What the router's kernels take on a GPU besides the gate.
+struct OnDevice {
+    /// `masked` as u8.
+    mask: Tensor,
+    /// The batch-1 launch's counter ([`cuda::router_gate_topk1`]).
+    ticket: cuda::RouterTicket,
 }
 
 impl Router {
@@ -48,14 +57,16 @@ impl Router {
                 cfg.num_experts_per_tok
             )));
         }
-        let masked_on_device = if w.device().is_cuda() {
-            let flags: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
-            Some(Tensor::from_vec(flags, cfg.num_experts, w.device())?)
-        } else {
-            None
+        let on_device = match cuda::RouterTicket::new(w.device())? {
+            Some(ticket) => {
+                let flags: Vec<u8> = mask.iter().map(|&m| u8::from(m)).collect();
+                let mask = Tensor::from_vec(flags, cfg.num_experts, w.device())?;
+                Some(OnDevice { mask, ticket })
+            }
+            None => None,
         };
         Ok(Self {
-            masked_on_device,
+            on_device,
             gate: w.get("weight", &[cfg.num_experts, cfg.hidden_size])?,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
@@ -65,29 +76,32 @@ impl Router {
 
     /// Whether [`Router::route_on_device`] applies (bf16 on a GPU).
     pub(super) fn routes_on_device(&self) -> bool {
-        self.masked_on_device.is_some()
+        self.on_device.is_some()
     }
 
-    /// The top-k for the rows of `xs` left on the GPU (no copy back), where `xs` is bf16 there.
+    /// The top-k for the rows of `xs` left on the GPU (no copy back), where `xs` is bf16 there;
+    /// one row (batch-1 decode) in one launch, projection and top-k together.
     pub(super) fn route_on_device(&self, xs: &Tensor) -> Result<Option<cuda::DeviceRouting>> {
-        let Some(mask) = &self.masked_on_device else {
+        let Some(dev) = &self.on_device else {
             return Ok(None);
         };
+        let (k, norm) = (self.top_k, self.norm_topk_prob);
+        if let Some(routing) =
+            cuda::router_gate_topk1(xs, &self.gate, &dev.mask, &dev.ticket, k, norm)?
+        {
+            return Ok(Some(routing));
+        }
         let logits = linear(xs, &self.gate)?;
-        Ok(cuda::router_topk_on_device(
-            &logits,
-            mask,
-            self.top_k,
-            self.norm_topk_prob,
-        )?)
+        Ok(cuda::router_topk_on_device(&logits, &dev.mask, k, norm)?)
     }
 
     /// The top-k experts and their weights for every row of `xs` `[tokens, hidden]`.
     pub(super) fn route(&self, xs: &Tensor) -> Result<Routing> {
         let logits = linear(xs, &self.gate)?;
         let k = self.top_k;
-        if let Some(mask) = &self.masked_on_device
-            && let Some((ids, weights)) = cuda::router_topk(&logits, mask, k, self.norm_topk_prob)?
+        if let Some(dev) = &self.on_device
+            && let Some((ids, weights)) =
+                cuda::router_topk(&logits, &dev.mask, k, self.norm_topk_prob)?
         {
             return Ok(Routing {
                 top_k: k,

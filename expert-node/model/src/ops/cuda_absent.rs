@@ -186,6 +186,26 @@ pub fn router_topk(
     Ok(None)
 }
 
+/// A router's counter for the one-launch top-k: never made here.
+pub enum RouterTicket {}
+
+impl RouterTicket {
+    pub fn new(_device: &Device) -> Result<Option<Self>> {
+        Ok(None)
+    }
+}
+
+pub fn router_gate_topk1(
+    _x: &Tensor,
+    _gate: &Tensor,
+    _masked: &Tensor,
+    ticket: &RouterTicket,
+    _k: usize,
+    _norm: bool,
+) -> Result<Option<DeviceRouting>> {
+    match *ticket {}
+}
+
 pub fn sample_row(_logits: &Tensor, _req: &RowSampling<'_>) -> Result<Option<DeviceDraw>> {
     Ok(None)
 }

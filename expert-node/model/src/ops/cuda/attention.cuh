@@ -51,14 +51,14 @@ extern "C" __global__ void causal_softmax_bf16(const bf16* __restrict__ scores, 
 // v_new [seqs, kv_heads, d]), and the first query head of each KV head writes the new key/value
 // into the cache (no block reads that row from the cache, so no block waits for another).
 // `t` is the sequence's table entry: key buffer, value buffer ([kv_heads, capacity, d] each),
-// cached length, capacity. blockDim.x == d; dynamic shared memory holds one float per position.
+// cached length, capacity (rows 16-byte aligned). blockDim.x == d: a thread per position for the
+// scores, a thread per dimension for probs @ v; dynamic shared memory holds one float per position.
 __device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
                                      const bf16* __restrict__ v_new, const unsigned long long* t,
                                      bf16* __restrict__ out, int heads, int kv_heads, float scale, int seq) {
     extern __shared__ float probs[];
     const int d = blockDim.x, head = blockIdx.x;
     const int groups = heads / kv_heads, kv = head / groups;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const long long capacity = (long long)t[3];
     bf16* kh = reinterpret_cast<bf16*>(t[0]) + (size_t)kv * capacity * d;
     bf16* vh = reinterpret_cast<bf16*>(t[1]) + (size_t)kv * capacity * d;
@@ -66,12 +66,15 @@ __device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __r
     const bf16* qh = q + ((size_t)seq * heads + head) * d;
     const bf16* kn = k_new + ((size_t)seq * kv_heads + kv) * d;
     const bf16* vn = v_new + ((size_t)seq * kv_heads + kv) * d;
-    for (int j = warp; j < L; j += warps) {
+    // A thread per position, summing its key row in order from 16-byte loads in flight together
+    // (with a warp per position, each warp waited on a round trip to memory per position).
+    for (int j = threadIdx.x; j < L; j += d) {
         const bf16* kr = j < past ? kh + (size_t)j * d : kn;
         float acc = 0.f;
-        for (int i = lane; i < d; i += 32) acc = fmaf(f(qh[i]), f(kr[i]), acc);
-        acc = warp_sum(acc);
-        if (lane == 0) probs[j] = f(rn(f(rn(acc)) * scale));
+#pragma unroll 8
+        for (int i = 0; i < d; i += 8)
+            acc = dot8(*reinterpret_cast<const uint4*>(qh + i), *reinterpret_cast<const uint4*>(kr + i), acc);
+        probs[j] = f(rn(f(rn(acc)) * scale));
     }
     __syncthreads();
     float m = -INFINITY;
@@ -88,6 +91,7 @@ __device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __r
     __syncthreads();
     const int c = threadIdx.x;
     float acc = 0.f;
+#pragma unroll 8
     for (int j = 0; j < past; ++j) acc = fmaf(probs[j], f(vh[(size_t)j * d + c]), acc);
     acc = fmaf(probs[past], f(vn[c]), acc);
     out[((size_t)seq * heads + head) * d + c] = rn(acc);

@@ -28,8 +28,8 @@ pub struct CacheBuffers<'a> {
 impl CacheBuffers<'_> {
     /// This cache's entry of a decode-attention table (`DecodeTable` in attention.cuh): key
     /// buffer, value buffer, cached length, capacity. `None` when the kernel cannot take it:
-    /// buffers not bf16 `[kv_heads, capacity, d]` on a GPU, contiguous, with room for one more
-    /// position, or a cache longer than [`DECODE_ATTENTION_MAX_LEN`].
+    /// buffers not bf16 `[kv_heads, capacity, d]` on a GPU, contiguous and 16-byte aligned, with
+    /// room for one more position, or a cache longer than [`DECODE_ATTENTION_MAX_LEN`].
     pub(super) fn table_entry(
         &self,
         (kv_heads, d): (usize, usize),
@@ -44,6 +44,9 @@ impl CacheBuffers<'_> {
             && self.past < DECODE_ATTENTION_MAX_LEN
             && self.k.is_contiguous()
             && self.v.is_contiguous()
+            // The kernel reads key rows 16 bytes at a time.
+            && self.k.layout().start_offset().is_multiple_of(8)
+            && self.v.layout().start_offset().is_multiple_of(8)
             && bf16_device(self.k).is_some()
             && bf16_device(self.v).is_some();
         if !fits {

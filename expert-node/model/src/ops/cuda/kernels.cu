@@ -113,9 +113,68 @@ __device__ __forceinline__ void norm_row(const bf16* __restrict__ x, const bf16*
     }
 }
 
+// The same for rows of at most 8 * blockDim.x elements, a multiple of 8, 16-byte aligned: each
+// thread takes one 16-byte chunk, so every load of the row and the weight is in flight at once
+// (one round trip to memory, where the strided loop above waited on several). The squares are
+// summed chunk by chunk, so the bits differ from norm_row's; one of the two serves each shape.
+__device__ __forceinline__ void norm_row8(const bf16* __restrict__ x, const bf16* __restrict__ r,
+                                          const bf16* __restrict__ w, bf16* __restrict__ sum,
+                                          bf16* __restrict__ out, int dim, float eps) {
+    const size_t at = (size_t)blockIdx.x * dim + threadIdx.x * 8;
+    const bool live = (int)threadIdx.x * 8 < dim;
+    float v[8];
+    uint4 wv = make_uint4(0, 0, 0, 0);
+    float ss = 0.f;
+    if (live) {
+        wv = *reinterpret_cast<const uint4*>(w + threadIdx.x * 8);
+        uint4 xv = *reinterpret_cast<const uint4*>(x + at);
+        if (r != nullptr) {
+            const uint4 rv = *reinterpret_cast<const uint4*>(r + at);
+            __nv_bfloat162* px = reinterpret_cast<__nv_bfloat162*>(&xv);
+            const __nv_bfloat162* pr = reinterpret_cast<const __nv_bfloat162*>(&rv);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 a = __bfloat1622float2(px[i]), b = __bfloat1622float2(pr[i]);
+                px[i] = __halves2bfloat162(rn(a.x + b.x), rn(a.y + b.y));
+            }
+            *reinterpret_cast<uint4*>(sum + at) = xv;
+        }
+        const __nv_bfloat162* px = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 a = __bfloat1622float2(px[i]);
+            v[2 * i] = a.x;
+            v[2 * i + 1] = a.y;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+    }
+    const float inv = 1.0f / sqrtf(block_sum(ss) / (float)dim + eps);
+    if (!live) return;
+    uint4 ov;
+    __nv_bfloat162* po = reinterpret_cast<__nv_bfloat162*>(&ov);
+    const __nv_bfloat162* pw = reinterpret_cast<const __nv_bfloat162*>(&wv);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 g = __bfloat1622float2(pw[i]);
+        po[i] = __halves2bfloat162(rn(f(rn(v[2 * i] * inv)) * g.x), rn(f(rn(v[2 * i + 1] * inv)) * g.y));
+    }
+    *reinterpret_cast<uint4*>(out + at) = ov;
+}
+
+// norm_row8 where the row fits it, else norm_row.
+__device__ __forceinline__ void norm_any(const bf16* __restrict__ x, const bf16* __restrict__ r,
+                                         const bf16* __restrict__ w, bf16* __restrict__ sum,
+                                         bf16* __restrict__ out, int dim, float eps) {
+    if ((dim & 7) == 0 && dim <= 8 * (int)blockDim.x)
+        norm_row8(x, r, w, sum, out, dim, eps);
+    else
+        norm_row(x, r, w, sum, out, dim, eps);
+}
+
 extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                          bf16* __restrict__ out, int dim, float eps) {
-    norm_row(x, nullptr, w, nullptr, out, dim, eps);
+    norm_any(x, nullptr, w, nullptr, out, dim, eps);
 }
 
 // The residual add then RMSNorm of the decoder layer: h = x + r in bf16 (written to `sum`), then
@@ -123,7 +182,7 @@ extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16*
 extern "C" __global__ void add_rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ r,
                                              const bf16* __restrict__ w, bf16* __restrict__ sum,
                                              bf16* __restrict__ out, int dim, float eps) {
-    norm_row(x, r, w, sum, out, dim, eps);
+    norm_any(x, r, w, sum, out, dim, eps);
 }
 
 // q_norm and k_norm, then RoPE (rotate_half), of every q and k head of every token in one launch,
@@ -154,59 +213,6 @@ extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16
     const float rot = j < half ? -f(normed[j + half]) : f(normed[j - half]);
     const float c = f(cos[token * d + j]), s = f(sin[token * d + j]);
     out[j] = rn(f(rn(f(nv) * c)) + f(rn(rot * s)));
-}
-
-// The router's choice per token (one warp per token, blockIdx.x): softmax over the experts'
-// logits in f32 (masked experts at -inf), the top k by probability (ties to the lower expert id),
-// divided by their sum when `norm`. Writes ids to out[t*k + i] and the weights' f32 bits to
-// out[n*k + t*k + i]. Dynamic shared memory holds E floats.
-extern "C" __global__ void router_topk_bf16(const bf16* __restrict__ logits,
-                                            const uint8_t* __restrict__ masked, int n, int E, int k,
-                                            int norm, uint32_t* __restrict__ out) {
-    extern __shared__ float p[];
-    const int t = blockIdx.x, lane = threadIdx.x;
-    const bf16* row = logits + (size_t)t * E;
-    float m = -INFINITY;
-    for (int e = lane; e < E; e += 32) {
-        const float v = masked[e] ? -INFINITY : f(row[e]);
-        p[e] = v;
-        m = fmaxf(m, v);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float sum = 0.f;
-    for (int e = lane; e < E; e += 32) {
-        const float x = expf(p[e] - m);
-        p[e] = x;
-        sum += x;
-    }
-    sum = warp_sum(sum);
-    for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
-    __syncwarp();
-    float total = 0.f;
-    for (int i = 0; i < k; ++i) {
-        float best = -1.f;
-        uint32_t idx = E;
-        for (int e = lane; e < E; e += 32) {
-            if (p[e] > best) {
-                best = p[e];
-                idx = e;
-            }
-        }
-        warp_argmax(best, idx);
-        if (lane == 0) {
-            out[(size_t)t * k + i] = idx;
-            out[(size_t)n * k + (size_t)t * k + i] = __float_as_uint(best);
-            p[idx] = -1.f;
-        }
-        total += best;
-        __syncwarp();
-    }
-    if (norm && lane == 0)
-        for (int i = 0; i < k; ++i) {
-            const size_t at = (size_t)n * k + (size_t)t * k + i;
-            out[at] = __float_as_uint(__uint_as_float(out[at]) / total);
-        }
 }
 
 // The routing tables of one MoE launch, one u32 buffer:
@@ -339,24 +345,25 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
 
 #include "moe_mma.cuh"
 
-// Batch-1 decode's routing table built on the GPU from the router's top-k (one token, k distinct
-// experts: ids at routed[0, k), weights at routed[k, 2k)), so the step needs no host round trip:
-// the table StackedExperts builds on the host for one token (groups in ascending expert id, one
-// slot each, G = S = k), and the layer's usage count of each chosen expert.
-extern "C" __global__ void moe_table1(const uint32_t* __restrict__ routed, int k, const uint32_t* __restrict__ row_of,
-                                      uint32_t* __restrict__ usage, uint32_t* __restrict__ tab) {
-    const int i = threadIdx.x;
-    if (i >= k) return;
+// Batch-1 decode with the router's top-k left on the GPU (one token, k <= 32 distinct experts:
+// ids at routed[0, k), weights' f32 bits at routed[k, 2k), in the router's order), so the step
+// needs no host round trip. Expert i of that order takes block row blockIdx.y = i and act row i;
+// the fused down below adds the experts in ascending id, the order of the host's table, so both
+// give the bits of the table path. The first block of each expert adds it to the layer's usage.
+#define ROUTED1_MAX_K 32
+extern "C" __global__ void moe_gate_up1_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
+                                             const uint32_t* __restrict__ routed,
+                                             const uint32_t* __restrict__ row_of, uint32_t* __restrict__ usage,
+                                             int H, int I, bf16* __restrict__ act) {
+    const int i = blockIdx.y, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const uint32_t e = routed[i];
-    int rank = 0;
-    for (int j = 0; j < k; ++j) rank += routed[j] < e;
-    tab[rank] = row_of[e];
-    tab[k + rank] = rank;
-    tab[2 * k + rank] = 1;
-    tab[3 * k + rank] = 0;
-    tab[4 * k + rank] = i;
-    tab[5 * k + rank] = routed[k + i];
-    atomicAdd(&usage[e], 1u);
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&usage[e], 1u);
+    if (j >= I) return;
+    const bf16* wg = w13 + ((size_t)row_of[e] * 2 * I + j) * H;
+    const bf16* wu = wg + (size_t)I * H;
+    const uint32_t token = 0;
+    gate_up_chunk<1>(xs, wg, wu, &token, 0, H, I, j, lane, act + (size_t)i * I);
 }
 
 // Batch-1 decode: down with the router weight and the per-token sum in one launch. One warp per
@@ -366,6 +373,35 @@ extern "C" __global__ void moe_table1(const uint32_t* __restrict__ routed, int k
 // bf16 rounding after every add, as moe_combine_bf16: the same bits as the two-kernel path, one
 // launch and one write fewer, and eight rows' loads in flight per lane instead of one.
 #define DOWN1_EXPERTS 8
+// The down rows `h` of DOWN1_EXPERTS experts (stacked rows wrow[m], activations arow[m]) against
+// their activation rows, one warp: acc[m] on every lane (the same per-lane order and butterfly as
+// moe_down_bf16), eight rows' loads in flight per lane.
+__device__ __forceinline__ void down_rows1(const bf16* __restrict__ act, const bf16* __restrict__ w2,
+                                           const uint32_t* wrow, const uint32_t* arow, int H, int I, int h,
+                                           int lane, float* acc) {
+    const bf16* wd[DOWN1_EXPERTS];
+    const bf16* ar[DOWN1_EXPERTS];
+#pragma unroll
+    for (int m = 0; m < DOWN1_EXPERTS; ++m) {
+        wd[m] = w2 + ((size_t)wrow[m] * H + h) * I;
+        ar[m] = act + (size_t)arow[m] * I;
+        acc[m] = 0.f;
+    }
+#pragma unroll 2
+    for (int k = lane * 8; k < I; k += 256) {
+#pragma unroll
+        for (int m = 0; m < DOWN1_EXPERTS; ++m)
+            acc[m] = dot8(*reinterpret_cast<const uint4*>(wd[m] + k), *reinterpret_cast<const uint4*>(ar[m] + k), acc[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < DOWN1_EXPERTS; ++m) acc[m] = warp_sum(acc[m]);
+}
+
+// An expert's output rounded to bf16, times its bf16 router weight, as moe_down_bf16 writes it.
+__device__ __forceinline__ float weighted1(float acc, uint32_t weight_bits) {
+    return f(rn(f(rn(acc)) * f(rn(__uint_as_float(weight_bits)))));
+}
+
 extern "C" __global__ void moe_down_combine1_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
                                                   const uint32_t* __restrict__ tab, int G, int S, int H,
                                                   int I, bf16* __restrict__ out) {
@@ -375,34 +411,59 @@ extern "C" __global__ void moe_down_combine1_bf16(const bf16* __restrict__ act, 
     const uint32_t* weight = tab + 3 * G + 2 * S;
     bf16 sum = rn(0.f);
     for (int g0 = 0; g0 < G; g0 += DOWN1_EXPERTS) {
+        uint32_t wrow[DOWN1_EXPERTS], arow[DOWN1_EXPERTS];
         float acc[DOWN1_EXPERTS];
-        const bf16* wd[DOWN1_EXPERTS];
-        const bf16* ar[DOWN1_EXPERTS];
 #pragma unroll
         for (int m = 0; m < DOWN1_EXPERTS; ++m) {
             const int g = min(g0 + m, G - 1);
-            wd[m] = w2 + ((size_t)tab[g] * H + h) * I;
-            ar[m] = act + (size_t)tab[G + g] * I;
-            acc[m] = 0.f;
+            wrow[m] = tab[g];
+            arow[m] = tab[G + g];
         }
-#pragma unroll 2
-        for (int k = lane * 8; k < I; k += 256) {
-#pragma unroll
-            for (int m = 0; m < DOWN1_EXPERTS; ++m)
-                acc[m] = dot8(*reinterpret_cast<const uint4*>(wd[m] + k), *reinterpret_cast<const uint4*>(ar[m] + k), acc[m]);
-        }
-#pragma unroll
-        for (int m = 0; m < DOWN1_EXPERTS; ++m) acc[m] = warp_sum(acc[m]);
+        down_rows1(act, w2, wrow, arow, H, I, h, lane, acc);
         if (lane == 0) {
 #pragma unroll
-            for (int m = 0; m < DOWN1_EXPERTS; ++m) {
-                if (g0 + m < G) {
-                    const uint32_t s = tab[G + g0 + m];
-                    const float w = f(rn(__uint_as_float(weight[s])));
-                    sum = rn(f(sum) + f(rn(f(rn(acc[m])) * w)));
-                }
-            }
+            for (int m = 0; m < DOWN1_EXPERTS; ++m)
+                if (g0 + m < G) sum = rn(f(sum) + weighted1(acc[m], weight[tab[G + g0 + m]]));
         }
+    }
+    if (lane == 0) out[h] = sum;
+}
+
+// The same from the router's top-k left on the GPU (see moe_gate_up1_bf16): lane m keeps expert
+// m's weighted output and its rank by id; lane 0 then adds them in ascending id.
+extern "C" __global__ void moe_down_combine1_routed_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
+                                                         const uint32_t* __restrict__ routed, int k,
+                                                         const uint32_t* __restrict__ row_of, int H, int I,
+                                                         bf16* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const int h = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (h >= H) return;
+    int rank = ROUTED1_MAX_K;
+    if (lane < k) {
+        const uint32_t e = routed[lane];
+        rank = 0;
+        for (int j = 0; j < k; ++j) rank += routed[j] < e;
+    }
+    float mine = 0.f;
+    for (int g0 = 0; g0 < k; g0 += DOWN1_EXPERTS) {
+        uint32_t wrow[DOWN1_EXPERTS], arow[DOWN1_EXPERTS];
+        float acc[DOWN1_EXPERTS];
+#pragma unroll
+        for (int m = 0; m < DOWN1_EXPERTS; ++m) {
+            const int g = min(g0 + m, k - 1);
+            wrow[m] = row_of[routed[g]];
+            arow[m] = g;
+        }
+        down_rows1(act, w2, wrow, arow, H, I, h, lane, acc);
+#pragma unroll
+        for (int m = 0; m < DOWN1_EXPERTS; ++m)
+            if (lane == g0 + m) mine = weighted1(acc[m], routed[k + lane]);
+    }
+    bf16 sum = rn(0.f);
+    for (int r = 0; r < k; ++r) {
+        const int src = __ffs(__ballot_sync(0xffffffffu, rank == r)) - 1;
+        const float v = __shfl_sync(0xffffffffu, mine, src);
+        sum = rn(f(sum) + v);
     }
     if (lane == 0) out[h] = sum;
 }
@@ -462,3 +523,4 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ ys, const u
 
 #include "attention.cuh"
 #include "sample.cuh"
+#include "router.cuh"

@@ -12,6 +12,7 @@ mod attention;
 mod graph;
 mod ipc;
 mod moe;
+mod router;
 mod sample;
 mod staging;
 
@@ -21,6 +22,9 @@ pub(crate) use graph::{
 };
 pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
+pub use router::{
+    DeviceRouting, RouterTicket, router_gate_topk1, router_topk, router_topk_on_device,
+};
 pub use sample::sample_row;
 pub use staging::{IpcStaging, StagedRows};
 
@@ -138,6 +142,18 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(wrap(dev, out, dims)))
 }
 
+/// Threads per row of the RMSNorm kernels: one per 16-byte chunk where the row is a multiple of 8
+/// elements up to 8,192 (`norm_row8`: every load at once), else 128 or 256 looping over the row.
+fn norm_block(dim: usize) -> u32 {
+    if dim.is_multiple_of(8) && dim <= 8 * 1024 {
+        (dim / 8).div_ceil(32) as u32 * 32
+    } else if dim >= 1024 {
+        256
+    } else {
+        128
+    }
+}
+
 /// RMSNorm over the last dimension of a bf16 CUDA tensor; `None` for any other tensor.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     let Some(dev) = bf16_device(x) else {
@@ -159,8 +175,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>>
             let (dim_i, eps_f) = (checked_i32("dim", dim)?, eps as f32);
             let mut b = func.builder();
             b.arg(xv).arg(wv).arg(&mut out).arg(&dim_i).arg(&eps_f);
-            let block = if dim >= 1024 { 256 } else { 128 };
-            let cfg = launch_config((checked_u32("rows", rows)?, 1), block, 0);
+            let cfg = launch_config((checked_u32("rows", rows)?, 1), norm_block(dim), 0);
             // SAFETY: argument types and order match `rms_norm_bf16`.
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
@@ -199,8 +214,7 @@ pub fn add_rms_norm(
                 let mut b = func.builder();
                 b.arg(xv).arg(rv).arg(wv).arg(&mut sum).arg(&mut out);
                 b.arg(&dim_i).arg(&eps_f);
-                let block = if dim >= 1024 { 256 } else { 128 };
-                let cfg = launch_config((checked_u32("rows", rows)?, 1), block, 0);
+                let cfg = launch_config((checked_u32("rows", rows)?, 1), norm_block(dim), 0);
                 // SAFETY: argument types and order match `add_rms_norm_bf16`.
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(())
@@ -281,91 +295,6 @@ pub fn norm_rope(
     Ok(Some((
         wrap(dev, out_q, (n, q_heads, d)),
         wrap(dev, out_k, (n, k_heads, d)),
-    )))
-}
-
-/// A router's top-k left on the GPU: `[tokens * k]` expert ids then `[tokens * k]` weights (f32
-/// bits), row-major, as `router_topk_bf16` writes them.
-pub struct DeviceRouting {
-    buf: CudaSlice<u32>,
-    pub tokens: usize,
-    pub k: usize,
-}
-
-/// The router's top-k on the GPU: `logits` `[tokens, experts]` (bf16) and `masked` (u8 per
-/// expert, nonzero = never chosen) on one device, left there; `None` when the logits are not
-/// bf16 on a GPU or the shapes do not fit the kernel.
-pub fn router_topk_on_device(
-    logits: &Tensor,
-    masked: &Tensor,
-    k: usize,
-    norm: bool,
-) -> Result<Option<DeviceRouting>> {
-    let Some(dev) = bf16_device(logits) else {
-        return Ok(None);
-    };
-    let (n, experts) = logits.dims2()?;
-    if masked.dims() != [experts] || masked.dtype() != DType::U8 || k == 0 || k > experts || n == 0
-    {
-        return Ok(None);
-    }
-    let func = dev.get_or_load_custom_func("router_topk_bf16", MODULE, PTX)?;
-    // SAFETY: the kernel writes every id and weight of every token.
-    let mut out = unsafe { dev.alloc::<u32>(2 * n * k) }?;
-    let (storage, layout) = masked.storage_and_layout();
-    let Storage::Cuda(mask) = &*storage else {
-        bail!("the router mask is not on the GPU")
-    };
-    let mask = mask.as_cuda_slice::<u8>()?.slice(layout.start_offset()..);
-    with_view(logits, |lv| {
-        let (n_i, e_i, k_i) = (
-            checked_i32("tokens", n)?,
-            checked_i32("experts", experts)?,
-            checked_i32("top-k", k)?,
-        );
-        let norm_i = i32::from(norm);
-        let mut b = func.builder();
-        b.arg(lv)
-            .arg(&mask)
-            .arg(&n_i)
-            .arg(&e_i)
-            .arg(&k_i)
-            .arg(&norm_i)
-            .arg(&mut out);
-        let shared = checked_u32("experts", experts * 4)?;
-        let cfg = launch_config((checked_u32("tokens", n)?, 1), 32, shared);
-        // SAFETY: argument types and order match `router_topk_bf16`.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
-    })?;
-    Ok(Some(DeviceRouting {
-        buf: out,
-        tokens: n,
-        k,
-    }))
-}
-
-/// [`router_topk_on_device`] with the ids and weights copied back to the host (one copy).
-pub fn router_topk(
-    logits: &Tensor,
-    masked: &Tensor,
-    k: usize,
-    norm: bool,
-) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
-    let Some(dev) = bf16_device(logits) else {
-        return Ok(None);
-    };
-    if logits.dim(0)? == 0 {
-        return Ok(Some((Vec::new(), Vec::new())));
-    }
-    let Some(routing) = router_topk_on_device(logits, masked, k, norm)? else {
-        return Ok(None);
-    };
-    let both = dev.clone_dtoh(&routing.buf)?;
-    let (ids, bits) = both.split_at(routing.tokens * k);
-    Ok(Some((
-        ids.to_vec(),
-        bits.iter().map(|&b| f32::from_bits(b)).collect(),
     )))
 }
 

@@ -130,10 +130,11 @@ impl StackedExperts {
         self.row_of_device.is_some()
     }
 
-    /// Batch-1 decode with the routing left on the GPU: builds the table there (and adds the
-    /// chosen experts to `usage`, u32 per expert of this layer), then gate+up and the fused
-    /// down+sum, the same kernels and bits as [`StackedExperts::forward`] on one token, with no
-    /// host round trip. `xs` `[1, H]`.
+    /// Batch-1 decode with the routing left on the GPU: gate+up (which also adds the chosen
+    /// experts to `usage`, u32 per expert of this layer) and the fused down+sum, both reading the
+    /// router's top-k where it is — the same arithmetic, summation order and bits as
+    /// [`StackedExperts::forward`] on one token, in two launches and no host round trip.
+    /// `xs` `[1, H]`.
     pub fn forward_one(
         &self,
         xs: &Tensor,
@@ -146,18 +147,14 @@ impl StackedExperts {
             candle_core::bail!("batch-1 device routing needs every expert of the layer held here")
         };
         let k = routing.k;
-        if routing.tokens != 1 || xs.dims() != [1, self.hidden] || k > 32 {
+        if routing.tokens != 1 || xs.dims() != [1, self.hidden] || k > ROUTED1_MAX_K {
             candle_core::bail!(
-                "batch-1 device routing takes one token and at most 32 experts, got {} tokens, k = {k}, input {:?}",
+                "batch-1 device routing takes one token and at most {ROUTED1_MAX_K} experts, got {} tokens, k = {k}, input {:?}",
                 routing.tokens,
                 xs.dims()
             );
         }
         let (h, i) = (self.hidden, self.inter);
-        // SAFETY: moe_table1 writes all 6k entries (one thread per chosen expert).
-        let mut tab = unsafe { dev.alloc::<u32>(6 * k) }?;
-        let k_i = checked_i32("top-k", k)?;
-        let func = dev.get_or_load_custom_func("moe_table1", MODULE, PTX)?;
         if usage.dtype() != DType::U32 || usage.dims() != [self.row_of.len()] {
             candle_core::bail!("usage counts must be u32, one per expert of the layer");
         }
@@ -168,43 +165,51 @@ impl StackedExperts {
         let counts = counts
             .as_cuda_slice::<u32>()?
             .slice(layout.start_offset()..layout.start_offset() + self.row_of.len());
-        let mut b = func.builder();
-        b.arg(&routing.buf)
-            .arg(&k_i)
-            .arg(row_of)
-            .arg(&counts)
-            .arg(&mut tab);
-        // SAFETY: argument types and order match `moe_table1` (kernels.cu).
-        unsafe { b.launch(launch_config((1, 1), 32, 0)) }.w()?;
-        let sizes = [
-            k_i,
-            k_i,
+        let (k_i, h_i, i_i) = (
+            checked_i32("top-k", k)?,
             checked_i32("hidden", h)?,
             checked_i32("intermediate", i)?,
-        ];
-        // SAFETY: gate/up writes every row of `act` (one slot per group), the fused down every
+        );
+        // SAFETY: gate/up writes every row of `act` (one per chosen expert), the fused down every
         // element of the token's sum.
         let mut act = unsafe { dev.alloc::<bf16>(k * i) }?;
         let mut sums = unsafe { dev.alloc::<bf16>(h) }?;
         let rows = |n: usize| n.div_ceil(WARPS) as u32;
-        let k_u = checked_u32("top-k", k)?;
+        let block = (WARPS * 32) as u32;
+        // Both kernels read the top-k as the router left it: gate/up one expert per block row,
+        // in the router's order; the fused down adds them in ascending id, as the table does.
         with_view(xs, |xv| {
             with_view(&self.w13, |wv| {
-                let gemv = Gemv {
-                    name: "moe_gate_up_bf16",
-                    tab: &tab,
-                    sizes: &sizes,
-                };
-                gemv.launch(dev, xv, wv, &mut act, (rows(i), k_u))
+                let func = dev.get_or_load_custom_func("moe_gate_up1_bf16", MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(xv)
+                    .arg(wv)
+                    .arg(&routing.buf)
+                    .arg(row_of)
+                    .arg(&counts)
+                    .arg(&h_i)
+                    .arg(&i_i)
+                    .arg(&mut act);
+                let grid = (rows(i), checked_u32("top-k", k)?);
+                // SAFETY: argument types and order match `moe_gate_up1_bf16` (kernels.cu).
+                unsafe { b.launch(launch_config(grid, block, 0)) }.w()?;
+                Ok(())
             })
         })?;
         with_view(&self.w2, |wv| {
-            let gemv = Gemv {
-                name: "moe_down_combine1_bf16",
-                tab: &tab,
-                sizes: &sizes,
-            };
-            gemv.launch(dev, &act.slice(..), wv, &mut sums, (rows(h), 1))
+            let func = dev.get_or_load_custom_func("moe_down_combine1_routed_bf16", MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&act)
+                .arg(wv)
+                .arg(&routing.buf)
+                .arg(&k_i)
+                .arg(row_of)
+                .arg(&h_i)
+                .arg(&i_i)
+                .arg(&mut sums);
+            // SAFETY: argument types and order match `moe_down_combine1_routed_bf16`.
+            unsafe { b.launch(launch_config((rows(h), 1), block, 0)) }.w()?;
+            Ok(())
         })?;
         Ok(wrap(dev, sums, (1, h)))
     }
@@ -347,36 +352,9 @@ impl StackedExperts {
     }
 }
 
-/// A launch of one of the GEMV MoE kernels (`moe_gate_up_bf16`, `moe_down_bf16`,
-/// `moe_down_combine1_bf16`): input rows, stacked weights, the routing table and its sizes
-/// `[G, S, H, I]`, one warp per output row.
-struct Gemv<'a> {
-    name: &'static str,
-    tab: &'a CudaSlice<u32>,
-    sizes: &'a [i32; 4],
-}
-
-impl Gemv<'_> {
-    fn launch(
-        &self,
-        dev: &CudaDevice,
-        input: &CudaView<'_, bf16>,
-        weights: &CudaView<'_, bf16>,
-        out: &mut CudaSlice<bf16>,
-        grid: (u32, u32),
-    ) -> Result<()> {
-        let func = dev.get_or_load_custom_func(self.name, MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(input).arg(weights).arg(self.tab);
-        for size in self.sizes {
-            b.arg(size);
-        }
-        b.arg(out);
-        // SAFETY: argument types and order match the GEMV MoE kernel `name` (kernels.cu).
-        unsafe { b.launch(launch_config(grid, (WARPS * 32) as u32, 0)) }.w()?;
-        Ok(())
-    }
-}
+/// The most experts a token may choose for [`StackedExperts::forward_one`] (`ROUTED1_MAX_K` in
+/// kernels.cu: the fused down keeps one expert per lane of a warp).
+const ROUTED1_MAX_K: usize = 32;
 
 /// Per-token sums of per-assignment outputs `ys` `[assignments.len(), H]` (bf16 on a GPU), each
 /// token's rows in ascending expert id: the CUDA form of [`crate::experts::combine`], the same
