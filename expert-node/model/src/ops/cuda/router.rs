@@ -63,6 +63,26 @@ fn with_mask<R>(
     f(&mask.as_cuda_slice::<u8>()?.slice(start..start + experts)).map(Some)
 }
 
+/// What both top-k kernels take besides their buffers: the experts, k and whether to
+/// renormalise as the kernels type them, and their dynamic shared memory (an f32 per expert).
+struct TopkArgs {
+    experts: i32,
+    k: i32,
+    norm: i32,
+    shared: u32,
+}
+
+impl TopkArgs {
+    fn new(experts: usize, k: usize, norm: bool) -> Result<Self> {
+        Ok(Self {
+            experts: checked_i32("experts", experts)?,
+            k: checked_i32("top-k", k)?,
+            norm: i32::from(norm),
+            shared: checked_u32("experts", experts * 4)?,
+        })
+    }
+}
+
 /// The router's top-k on the GPU: `logits` `[tokens, experts]` (bf16) and `masked` (u8 per
 /// expert, nonzero = never chosen) on one device, left there; `None` when the logits are not
 /// bf16 on a GPU or the shapes do not fit the kernel.
@@ -82,24 +102,19 @@ pub fn router_topk_on_device(
     let func = dev.get_or_load_custom_func("router_topk_bf16", MODULE, PTX)?;
     // SAFETY: the kernel writes every id and weight of every token.
     let mut out = unsafe { dev.alloc::<u32>(2 * n * k) }?;
+    let args = TopkArgs::new(experts, k, norm)?;
+    let n_i = checked_i32("tokens", n)?;
     let launched = with_mask(masked, experts, |mask| {
         with_view(logits, |lv| {
-            let (n_i, e_i, k_i) = (
-                checked_i32("tokens", n)?,
-                checked_i32("experts", experts)?,
-                checked_i32("top-k", k)?,
-            );
-            let norm_i = i32::from(norm);
             let mut b = func.builder();
             b.arg(lv)
                 .arg(mask)
                 .arg(&n_i)
-                .arg(&e_i)
-                .arg(&k_i)
-                .arg(&norm_i)
+                .arg(&args.experts)
+                .arg(&args.k)
+                .arg(&args.norm)
                 .arg(&mut out);
-            let shared = checked_u32("experts", experts * 4)?;
-            let cfg = launch_config((checked_u32("tokens", n)?, 1), 32, shared);
+            let cfg = launch_config((checked_u32("tokens", n)?, 1), 32, args.shared);
             // SAFETY: argument types and order match `router_topk_bf16`.
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
@@ -167,31 +182,27 @@ pub fn router_gate_topk1(
     // writes every id and weight.
     let mut logits = unsafe { dev.alloc::<bf16>(experts) }?;
     let mut out = unsafe { dev.alloc::<u32>(2 * k) }?;
+    let args = TopkArgs::new(experts, k, norm)?;
+    let h_i = checked_i32("hidden", hidden)?;
+    // Eight warps a block, one logit a warp: the blocks of `gemv`.
+    let blocks = checked_u32("experts", experts.div_ceil(8))?;
     let launched = with_mask(masked, experts, |mask| {
         with_view(x, |xv| {
             with_view(gate, |gv| {
-                let (e_i, h_i, k_i) = (
-                    checked_i32("experts", experts)?,
-                    checked_i32("hidden", hidden)?,
-                    checked_i32("top-k", k)?,
-                );
-                let norm_i = i32::from(norm);
                 let mut b = func.builder();
                 b.arg(xv)
                     .arg(gv)
                     .arg(mask)
-                    .arg(&e_i)
+                    .arg(&args.experts)
                     .arg(&h_i)
-                    .arg(&k_i)
-                    .arg(&norm_i)
+                    .arg(&args.k)
+                    .arg(&args.norm)
                     .arg(&mut logits)
                     .arg(&ticket.0)
                     .arg(&mut out);
-                // Eight warps a block, one logit a warp: the blocks of `gemv`.
-                let blocks = checked_u32("experts", experts.div_ceil(8))?;
-                let shared = checked_u32("experts", experts * 4)?;
+                let cfg = launch_config((blocks, 1), 256, args.shared);
                 // SAFETY: argument types and order match `router_gate_topk1_bf16`.
-                unsafe { b.launch(launch_config((blocks, 1), 256, shared)) }.w()?;
+                unsafe { b.launch(cfg) }.w()?;
                 Ok(())
             })
         })
