@@ -2,7 +2,8 @@
 //! `router_gate_topk1_bf16`) against the projection then the top-k in two launches, and the
 //! experts taking its choices on the GPU (the table built in each kernel's shared memory) against
 //! the same choices handed over from the host — both bit for bit, since the cluster's nodes take
-//! the host's routing and must match the single process.
+//! the host's routing and must match the single process — and the top-k of NaN logits naming
+//! experts that exist.
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_model::ops::cuda;
@@ -120,5 +121,44 @@ fn device_routed_experts_match_the_host_routed_step() {
             "{hidden}x{inter}: usage counts"
         );
         eprintln!("device-routed experts {hidden}x{inter}: the host-routed bits, usage counted");
+    }
+}
+
+#[test]
+fn top_k_of_nan_logits_stays_in_range() {
+    // Broken activations must not send the experts' kernels out of bounds: a NaN logit takes no
+    // probability, and a row with no finite logit still names k distinct experts.
+    let dev = gpu();
+    let (experts, k) = (37usize, 5usize);
+    let mask = Tensor::zeros(experts, DType::U8, &dev).unwrap();
+    let mut row: Vec<f32> = (0..experts).map(|e| (e as f32 * 0.37).sin()).collect();
+    row[4] = f32::NAN;
+    let all_nan = vec![f32::NAN; experts];
+    for (case, values) in [("one NaN", &row), ("all NaN", &all_nan)] {
+        let logits = Tensor::new(values.as_slice(), &dev)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .and_then(|t| t.reshape((1, experts)))
+            .unwrap();
+        let (ids, _) = cuda::router_topk(&logits, &mask, k, true)
+            .unwrap()
+            .expect("bf16 logits on the GPU");
+        let mut seen = ids.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(
+            seen.len(),
+            k,
+            "{case}: {ids:?} are not {k} distinct experts"
+        );
+        assert!(
+            ids.iter().all(|&e| (e as usize) < experts),
+            "{case}: {ids:?}"
+        );
+        if case == "one NaN" {
+            assert!(
+                !ids.contains(&4),
+                "{case}: the NaN logit was chosen: {ids:?}"
+            );
+        }
     }
 }

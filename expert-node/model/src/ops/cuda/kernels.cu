@@ -457,7 +457,7 @@ extern "C" __global__ void moe_down_combine1_routed_bf16(const bf16* __restrict_
         down_rows1(act, w2, wrow, arow, H, I, h, lane, acc);
 #pragma unroll
         for (int m = 0; m < DOWN1_EXPERTS; ++m)
-            if (lane == g0 + m) mine = weighted1(acc[m], routed[k + lane]);
+            if (g0 + m < k && lane == g0 + m) mine = weighted1(acc[m], routed[k + lane]);
     }
     bf16 sum = rn(0.f);
     for (int r = 0; r < k; ++r) {

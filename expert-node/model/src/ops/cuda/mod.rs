@@ -143,9 +143,10 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 }
 
 /// Threads per row of the RMSNorm kernels: one per 16-byte chunk where the row is a multiple of 8
-/// elements up to 8,192 (`norm_row8`: every load at once), else 128 or 256 looping over the row.
+/// elements up to 4,096 (`norm_row8`: every load at once; at most 512 threads, well inside the
+/// registers a block gets), else 128 or 256 looping over the row.
 fn norm_block(dim: usize) -> u32 {
-    if dim.is_multiple_of(8) && dim <= 8 * 1024 {
+    if dim.is_multiple_of(8) && dim <= 8 * 512 {
         (dim / 8).div_ceil(32) as u32 * 32
     } else if dim >= 1024 {
         256

@@ -12,20 +12,26 @@ __device__ __forceinline__ void topk_row(Logit logit, const uint8_t* __restrict_
     const int lane = threadIdx.x & 31;
     float m = -INFINITY;
     for (int e = lane; e < E; e += 32) {
-        const float v = masked[e] ? -INFINITY : logit(e);
+        // A NaN logit (broken activations) takes no probability instead of making every
+        // probability NaN: then no comparison below would pick an id, and ids of E would send
+        // the experts' kernels out of bounds.
+        const float l = logit(e);
+        const float v = masked[e] || isnan(l) ? -INFINITY : l;
         p[e] = v;
         m = fmaxf(m, v);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    // No finite logit at all: every probability 0 (the lowest ids are taken, with weight 0).
+    const bool none = m == -INFINITY;
     float sum = 0.f;
     for (int e = lane; e < E; e += 32) {
-        const float x = expf(p[e] - m);
+        const float x = none ? 0.f : expf(p[e] - m);
         p[e] = x;
         sum += x;
     }
     sum = warp_sum(sum);
-    for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
+    for (int e = lane; e < E; e += 32) p[e] = none ? 0.f : p[e] / sum;
     __syncwarp();
     float total = 0.f;
     for (int i = 0; i < k; ++i) {
