@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use super::Result;
-use crate::ops::linear;
+use crate::ops::{linear, linear_bias};
 use crate::weights::Weights;
 
 pub(crate) struct Linear {
@@ -46,10 +46,9 @@ impl Linear {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = linear(xs, &self.weight)?;
         Ok(match &self.bias {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
+            Some(b) => linear_bias(xs, &self.weight, b)?,
+            None => linear(xs, &self.weight)?,
         })
     }
 }

@@ -53,24 +53,66 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `xs @ weight^T` for a checkpoint weight stored `[out, in]`; `xs` is `[..., in]`.
 pub fn linear(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, k) = weight.dims2()?;
-    if xs.dtype() == DType::BF16 && matches!(xs.device(), Device::Cpu) && k > 0 {
-        let xs = xs.contiguous()?;
-        let m = xs.elem_count() / k.max(1);
-        let out = with_cpu_bf16(&xs, |x| {
-            with_cpu_bf16(weight, |w| cpu_bf16::matmul_bf16(x, m, k, w))
-        })
-        .flatten();
-        if let Some(out) = out {
-            let mut dims = xs.dims().to_vec();
-            if let Some(last) = dims.last_mut() {
-                *last = n;
-            }
-            return Tensor::from_vec(round_to_bf16(&out), dims, xs.device());
-        }
+    if let Some(out) = cpu_bf16_linear(xs, weight, None)? {
+        return Ok(out);
     }
     if let Some(out) = cuda::gemv(xs, weight)? {
         return Ok(out);
     }
     matmul(xs, &weight.t()?)
+}
+
+/// `xs @ weight^T + bias` as torch's `nn.Linear` rounds it in bf16 on the CPU: the bias added to
+/// the f32 sums, then one rounding (an add after the rounded product would round twice). Other
+/// devices and dtypes add after [`linear`].
+pub fn linear_bias(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(out) = cpu_bf16_linear(xs, weight, Some(bias))? {
+        return Ok(out);
+    }
+    linear(xs, weight)?.broadcast_add(bias)
+}
+
+/// [`linear`] (with `bias` added before the rounding) by the CPU bf16 kernel; `None` for other
+/// tensors.
+fn cpu_bf16_linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let (n, k) = weight.dims2()?;
+    if xs.dtype() != DType::BF16 || !matches!(xs.device(), Device::Cpu) || k == 0 {
+        return Ok(None);
+    }
+    let bias = match bias {
+        Some(b) if b.dims() != [n] => {
+            candle_core::bail!("bias of shape {:?} for {n} outputs", b.dims())
+        }
+        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let xs = xs.contiguous()?;
+    let m = xs.elem_count() / k;
+    let out = with_cpu_bf16(&xs, |x| {
+        with_cpu_bf16(weight, |w| cpu_bf16::matmul_bf16(x, m, k, w))
+    })
+    .flatten();
+    let Some(mut out) = out else {
+        return Ok(None);
+    };
+    if let Some(bias) = bias {
+        for row in out.chunks_mut(n) {
+            for (y, b) in row.iter_mut().zip(&bias) {
+                *y += b;
+            }
+        }
+    }
+    let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok(Some(Tensor::from_vec(
+        round_to_bf16(&out),
+        dims,
+        xs.device(),
+    )?))
 }
