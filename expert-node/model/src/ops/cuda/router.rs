@@ -120,10 +120,7 @@ pub fn router_topk_on_device(
             Ok(())
         })
     })?;
-    if launched.is_none() {
-        return Ok(None);
-    }
-    Ok(Some(DeviceRouting {
+    Ok(launched.map(|()| DeviceRouting {
         buf: out,
         tokens: n,
         k,
@@ -207,10 +204,7 @@ pub fn router_gate_topk1(
             })
         })
     })?;
-    if launched.is_none() {
-        return Ok(None);
-    }
-    Ok(Some(DeviceRouting {
+    Ok(launched.map(|()| DeviceRouting {
         buf: out,
         tokens: 1,
         k,
