@@ -1,6 +1,7 @@
 //! `coordinator bench --device cuda`: the GPU figures of issue 10 in one run, on one set of
 //! weights (`--load-format dummy` at the full size): batch-1 and batch-32 decode and a 512-token
-//! prefill for (a) everything in this process on the GPU, then, for each `--node-devices` entry,
+//! prefill for (a) everything in this process on the GPU (and its batch-1 decode after a
+//! 4,096-token prompt), then, for each `--node-devices` entry,
 //! (b/c) this process on the GPU with `--nodes` expert-node processes holding the experts on that
 //! device (`cuda`: the same GPU over loopback gRPC; `cpu`: the machine's cores, bf16). CPU nodes
 //! also get their share of the weight-bandwidth bound: expert bytes per token over the host's
@@ -18,6 +19,9 @@ use super::{BenchArgs, bandwidth, measure, node_args};
 use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
 use crate::remote::{CudaIpc, RemoteOptions, ShmLane};
+
+/// Prompt of the in-process batch-1 decode measured after a long prompt.
+const LONG_PROMPT: usize = 4096;
 
 /// One configuration's figures.
 struct Row {
@@ -145,6 +149,11 @@ pub fn run(
         format!("in-process, {}", args.device),
         args,
     )?);
+    // Batch-1 decode after a long prompt, where decode attention reads a long cache each step
+    // (the rows above decode after 16 tokens).
+    let b1_long =
+        measure::decode_tok_s(&engine, 1, LONG_PROMPT, 2, if args.quick { 4 } else { 16 })?;
+    eprintln!("bench: in-process, b1 after a {LONG_PROMPT}-token prompt: {b1_long:.1} tok/s");
     drop(engine);
     // Freed device memory goes back to the driver at the next synchronization; the expert nodes
     // started below need it.
@@ -252,6 +261,10 @@ pub fn run(
             }
         );
     }
+    println!(
+        "in-process batch-1 decode after a {LONG_PROMPT}-token prompt: {b1_long:.1} tok/s ({:.2}x of after 16)",
+        b1_long / base.b1
+    );
     println!("host read bandwidth {:.1} GB/s", host_bandwidth / 1e9);
     if let Some(f) = cpu_fraction {
         println!(
@@ -266,6 +279,8 @@ pub fn run(
         "layers": cfg.num_hidden_layers,
         "host_read_bandwidth_gb_s": host_bandwidth / 1e9,
         "cpu_nodes_fraction_of_bound": cpu_fraction,
+        "long_prompt_tokens": LONG_PROMPT,
+        "in_process_decode_tok_s_b1_long_prompt": b1_long,
         "rows": rows.iter().map(|r| json!({
             "configuration": r.name,
             "decode_tok_s_b1": r.b1,
