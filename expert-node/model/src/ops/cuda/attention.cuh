@@ -52,7 +52,8 @@ extern "C" __global__ void causal_softmax_bf16(const bf16* __restrict__ scores, 
 // into the cache (no block reads that row from the cache, so no block waits for another).
 // `t` is the sequence's table entry: key buffer, value buffer ([kv_heads, capacity, d] each),
 // cached length, capacity (rows 16-byte aligned). blockDim.x == d: a thread per position for the
-// scores, a thread per dimension for probs @ v; dynamic shared memory holds one float per position.
+// scores, a 16-byte chunk of v and an eighth of the positions per thread for probs @ v; dynamic
+// shared memory holds one float per position.
 __device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __restrict__ k_new,
                                      const bf16* __restrict__ v_new, const unsigned long long* t,
                                      bf16* __restrict__ out, int heads, int kv_heads, float scale, int seq) {
@@ -89,12 +90,41 @@ __device__ void decode_attention_row(const bf16* __restrict__ q, const bf16* __r
     const float total = block_sum(sum);
     for (int j = threadIdx.x; j < L; j += d) probs[j] = f(rn(probs[j] / total));
     __syncthreads();
+    // probs @ v: thread (chunk, p) = (t / 8, t % 8) sums the 8 dimensions of its 16-byte chunk
+    // over the positions p, p + 8, ... in order, then the 8 partial sums of each dimension meet
+    // in a butterfly within the warp. Each thread walks an eighth of the positions (one after
+    // another, each a round trip to memory, were the whole cache's walk before).
+    {
+        const int chunk = threadIdx.x >> 3, p = threadIdx.x & 7;
+        float acc[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+#pragma unroll 4
+        for (int j = p; j < L; j += 8) {
+            const bf16* vr = j < past ? vh + (size_t)j * d : vn;
+            const uint4 v = *reinterpret_cast<const uint4*>(vr + chunk * 8);
+            const __nv_bfloat162* pv = reinterpret_cast<const __nv_bfloat162*>(&v);
+            const float pj = probs[j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 x = __bfloat1622float2(pv[i]);
+                acc[2 * i] = fmaf(pj, x.x, acc[2 * i]);
+                acc[2 * i + 1] = fmaf(pj, x.y, acc[2 * i + 1]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+        if (p == 0) {
+            uint4 r;
+            __nv_bfloat162* pr = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) pr[i] = __halves2bfloat162(rn(acc[2 * i]), rn(acc[2 * i + 1]));
+            *reinterpret_cast<uint4*>(out + ((size_t)seq * heads + head) * d + chunk * 8) = r;
+        }
+    }
     const int c = threadIdx.x;
-    float acc = 0.f;
-#pragma unroll 8
-    for (int j = 0; j < past; ++j) acc = fmaf(probs[j], f(vh[(size_t)j * d + c]), acc);
-    acc = fmaf(probs[past], f(vn[c]), acc);
-    out[((size_t)seq * heads + head) * d + c] = rn(acc);
     if (head % groups == 0) {
         kh[(size_t)past * d + c] = kn[c];
         vh[(size_t)past * d + c] = vn[c];
