@@ -127,14 +127,20 @@ fn device_routed_experts_match_the_host_routed_step() {
 #[test]
 fn top_k_of_nan_logits_stays_in_range() {
     // Broken activations must not send the experts' kernels out of bounds: a NaN logit takes no
-    // probability, and a row with no finite logit still names k distinct experts.
+    // probability, +inf the most, and a row with no finite logit still names k distinct experts.
     let dev = gpu();
     let (experts, k) = (37usize, 5usize);
     let mask = Tensor::zeros(experts, DType::U8, &dev).unwrap();
     let mut row: Vec<f32> = (0..experts).map(|e| (e as f32 * 0.37).sin()).collect();
     row[4] = f32::NAN;
     let all_nan = vec![f32::NAN; experts];
-    for (case, values) in [("one NaN", &row), ("all NaN", &all_nan)] {
+    let mut with_inf: Vec<f32> = (0..experts).map(|e| (e as f32 * 0.37).sin()).collect();
+    with_inf[9] = f32::INFINITY;
+    for (case, values) in [
+        ("one NaN", &row),
+        ("all NaN", &all_nan),
+        ("+inf", &with_inf),
+    ] {
         let logits = Tensor::new(values.as_slice(), &dev)
             .and_then(|t| t.to_dtype(DType::BF16))
             .and_then(|t| t.reshape((1, experts)))
@@ -159,6 +165,9 @@ fn top_k_of_nan_logits_stays_in_range() {
                 !ids.contains(&4),
                 "{case}: the NaN logit was chosen: {ids:?}"
             );
+        }
+        if case == "+inf" {
+            assert_eq!(ids[0], 9, "{case}: the +inf logit comes first: {ids:?}");
         }
     }
 }

@@ -83,13 +83,6 @@ fn cpu_bf16_linear(
     if xs.dtype() != DType::BF16 || !matches!(xs.device(), Device::Cpu) || k == 0 {
         return Ok(None);
     }
-    let bias = match bias {
-        Some(b) if b.dims() != [n] => {
-            candle_core::bail!("bias of shape {:?} for {n} outputs", b.dims())
-        }
-        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-        None => None,
-    };
     let xs = xs.contiguous()?;
     let m = xs.elem_count() / k;
     let out = with_cpu_bf16(&xs, |x| {
@@ -100,7 +93,11 @@ fn cpu_bf16_linear(
         return Ok(None);
     };
     if let Some(bias) = bias {
-        for row in out.chunks_mut(n) {
+        if bias.dims() != [n] {
+            candle_core::bail!("bias of shape {:?} for {n} outputs", bias.dims())
+        }
+        let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for row in out.chunks_mut(n.max(1)) {
             for (y, b) in row.iter_mut().zip(&bias) {
                 *y += b;
             }

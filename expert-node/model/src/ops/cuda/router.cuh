@@ -12,11 +12,11 @@ __device__ __forceinline__ void topk_row(Logit logit, const uint8_t* __restrict_
     const int lane = threadIdx.x & 31;
     float m = -INFINITY;
     for (int e = lane; e < E; e += 32) {
-        // A NaN logit (broken activations) takes no probability instead of making every
-        // probability NaN: then no comparison below would pick an id, and ids of E would send
-        // the experts' kernels out of bounds.
+        // Broken activations must not make every probability NaN (no comparison below would
+        // pick an id then, and ids of E would send the experts' kernels out of bounds): a NaN
+        // logit takes no probability, +inf counts as the largest finite float (FLT_MAX).
         const float l = logit(e);
-        const float v = masked[e] || isnan(l) ? -INFINITY : l;
+        const float v = masked[e] || isnan(l) ? -INFINITY : fminf(l, 3.402823466e+38f);
         p[e] = v;
         m = fmaxf(m, v);
     }
@@ -52,7 +52,8 @@ __device__ __forceinline__ void topk_row(Logit logit, const uint8_t* __restrict_
         total += best;
         __syncwarp();
     }
-    if (norm && lane == 0)
+    // total is 0 only without a finite logit (`none`): the weights stay 0.
+    if (norm && lane == 0 && total > 0.f)
         for (int i = 0; i < k; ++i) weights[i] = __float_as_uint(__uint_as_float(weights[i]) / total);
 }
 
