@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use omnishard_proto::ModelConfig;
 
-use crate::ops::{cuda, linear};
+use crate::ops::{cuda, head_dim_fits_gpu_kernels, linear};
 use crate::usage::ExpertUsage;
 use crate::weights::Weights;
 use crate::{CallContext, Checkpoint, CheckpointError, ExpertError, Experts};
@@ -183,7 +183,7 @@ impl Model {
             ));
         }
         let d = self.cfg.head_dim;
-        if !d.is_multiple_of(32) || d > 1024 {
+        if !head_dim_fits_gpu_kernels(d) {
             return Err(format!(
                 "head_dim {d} does not fit the decode-attention kernel"
             ));

@@ -22,6 +22,12 @@ pub mod sampling;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
 
+/// Whether the GPU's per-head kernels (q/k norm + RoPE, decode attention) take heads of `d`
+/// elements: one thread per element, in blocks of whole warps.
+pub(crate) fn head_dim_fits_gpu_kernels(d: usize) -> bool {
+    d.is_multiple_of(32) && d <= 1024
+}
+
 /// Runs `f` on the bf16 elements of a contiguous CPU tensor; `None` for any other tensor.
 pub fn with_cpu_bf16<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Option<R> {
     if t.dtype() != DType::BF16 || !matches!(t.device(), Device::Cpu) || !t.is_contiguous() {

@@ -3,9 +3,11 @@
 //! reference's eager attention in bf16 (transformers 4.57.3 `eager_attention_forward`).
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DevicePtr, PushKernelArg};
 use candle_core::{Result, Storage, Tensor, bail};
 use half::bf16;
+
+use crate::ops::head_dim_fits_gpu_kernels;
 
 use super::{MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, with_view, wrap};
 
@@ -71,6 +73,34 @@ impl CacheBuffers<'_> {
     }
 }
 
+/// The scalars both decode-attention kernels take after their buffers, typed as they take them.
+pub(super) struct DecodeScalars {
+    pub heads: i32,
+    pub kv_heads: i32,
+    /// `1/sqrt(d)` in f32.
+    pub scale: f32,
+}
+
+/// Runs `f` on the device memory of `q`, `k_new` and `v_new` (bf16, 16-byte aligned: copied
+/// first where not) and the scalars of `(heads, kv_heads, d)`: what both decode-attention
+/// launches (the parameter table here, the device table in `graph.rs`) share.
+pub(super) fn with_decode_views<R>(
+    q: &Tensor,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    (heads, kv_heads, d): (usize, usize, usize),
+    f: impl FnOnce([&CudaView<'_, bf16>; 3], &DecodeScalars) -> Result<R>,
+) -> Result<R> {
+    let scalars = DecodeScalars {
+        heads: checked_i32("heads", heads)?,
+        kv_heads: checked_i32("kv heads", kv_heads)?,
+        scale: (d as f32).powf(-0.5),
+    };
+    with_view(q, |qv| {
+        with_view(k_new, |kv| with_view(v_new, |vv| f([qv, kv, vv], &scalars)))
+    })
+}
+
 /// One decode step of several sequences at once: `q` `[seqs, heads, d]` and the new keys and
 /// values `k_new`/`v_new` `[seqs, kv_heads, d]`; each sequence attends to its cache plus its new
 /// row, which the kernel also writes into the cache at `past`. Returns `[seqs, heads * d]`;
@@ -91,8 +121,7 @@ pub fn decode_attention(
         && seqs > 0
         && k_new.dims() == [seqs, kv_heads, d]
         && v_new.dims() == [seqs, kv_heads, d]
-        && d % 32 == 0
-        && d <= 1024
+        && head_dim_fits_gpu_kernels(d)
         && kv_heads > 0
         && heads % kv_heads == 0
         && bf16_device(k_new).is_some()
@@ -111,36 +140,29 @@ pub fn decode_attention(
     let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, PTX)?;
     // SAFETY: the kernel writes every element (one thread per (sequence, head, dim)).
     let mut out = unsafe { dev.alloc::<bf16>(seqs * heads * d) }?;
-    with_view(q, |qv| {
-        with_view(k_new, |kv| {
-            with_view(v_new, |vv| {
-                let (heads_i, kv_i) = (
-                    checked_i32("heads", heads)?,
-                    checked_i32("kv heads", kv_heads)?,
-                );
-                let scale = (d as f32).powf(-0.5);
-                // The table travels as a kernel parameter, DECODE_SEQS sequences per launch.
-                for (chunk, group) in entries.chunks(DECODE_SEQS).enumerate() {
-                    let mut table = [0u64; 4 * DECODE_SEQS];
-                    for (i, entry) in group.iter().enumerate() {
-                        table[4 * i..4 * i + 4].copy_from_slice(entry);
-                    }
-                    let longest = group.iter().map(|e| e[2] as usize + 1).max().unwrap_or(1);
-                    let seq_base = checked_i32("sequence", chunk * DECODE_SEQS)?;
-                    let mut b = func.builder();
-                    b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
-                    b.arg(&heads_i).arg(&kv_i).arg(&scale).arg(&seq_base);
-                    let shared = checked_u32("cache length", longest * 4)?;
-                    let grid = (checked_u32("heads", heads)?, group.len() as u32);
-                    let cfg = launch_config(grid, d as u32, shared);
-                    // SAFETY: argument types and order match `decode_attention_bf16` (the
-                    // table is its `DecodeTable`); every cache pointer names a live buffer with
-                    // room for row `past`.
-                    unsafe { b.launch(cfg) }.w()?;
-                }
-                Ok(())
-            })
-        })
+    with_decode_views(q, k_new, v_new, (heads, kv_heads, d), |[qv, kv, vv], s| {
+        // The table travels as a kernel parameter, DECODE_SEQS sequences per launch.
+        for (chunk, group) in entries.chunks(DECODE_SEQS).enumerate() {
+            let mut table = [0u64; 4 * DECODE_SEQS];
+            for (i, entry) in group.iter().enumerate() {
+                table[4 * i..4 * i + 4].copy_from_slice(entry);
+            }
+            let longest = group.iter().map(|e| e[2] as usize + 1).max().unwrap_or(1);
+            let seq_base = checked_i32("sequence", chunk * DECODE_SEQS)?;
+            let mut b = func.builder();
+            b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
+            b.arg(&s.heads)
+                .arg(&s.kv_heads)
+                .arg(&s.scale)
+                .arg(&seq_base);
+            let shared = checked_u32("cache length", longest * 4)?;
+            let grid = (checked_u32("heads", heads)?, group.len() as u32);
+            let cfg = launch_config(grid, d as u32, shared);
+            // SAFETY: argument types and order match `decode_attention_bf16` (the table is its
+            // `DecodeTable`); every cache pointer names a live buffer with room for row `past`.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(())
     })?;
     Ok(Some(wrap(dev, out, (seqs, heads * d))))
 }

@@ -16,8 +16,10 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor, bail};
 use half::bf16;
 
-use super::attention::{CacheBuffers, DECODE_ATTENTION_MAX_LEN};
-use super::{MODULE, PTX, checked_i32, checked_u32, ipc, launch_config, with_view, wrap};
+use crate::ops::head_dim_fits_gpu_kernels;
+
+use super::attention::{CacheBuffers, DECODE_ATTENTION_MAX_LEN, with_decode_views};
+use super::{MODULE, PTX, checked_u32, ipc, launch_config, wrap};
 
 /// One sequence's decode-attention table for every layer, in device memory: per layer the key
 /// and value buffers, the cached length and the capacity, as `decode_attention_indirect_bf16`
@@ -90,8 +92,7 @@ pub fn decode_attention_indirect(
     if seqs != 1
         || k_new.dims() != [1, kv_heads, d]
         || v_new.dims() != [1, kv_heads, d]
-        || d % 32 != 0
-        || d > 1024
+        || !head_dim_fits_gpu_kernels(d)
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
         || (kv_heads, d) != tables.kv_shape
@@ -111,29 +112,20 @@ pub fn decode_attention_indirect(
     // SAFETY: the kernel writes every element (one thread per (head, dim)).
     let mut out = unsafe { dev.alloc::<bf16>(heads * d) }?;
     let table = tables.buf.slice(4 * layer..4 * layer + 4);
-    with_view(q, |qv| {
-        with_view(k_new, |kv| {
-            with_view(v_new, |vv| {
-                let (heads_i, kv_i) = (
-                    checked_i32("heads", heads)?,
-                    checked_i32("kv heads", kv_heads)?,
-                );
-                let scale = (d as f32).powf(-0.5);
-                let mut b = func.builder();
-                b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
-                b.arg(&heads_i).arg(&kv_i).arg(&scale);
-                // Shared memory for the longest cache the kernel takes, whatever the cache's
-                // length now: the launch stays as captured while caches grow and move.
-                let shared = checked_u32("cache positions", DECODE_ATTENTION_MAX_LEN * 4)?;
-                let cfg = launch_config((checked_u32("heads", heads)?, 1), d as u32, shared);
-                // SAFETY: argument types and order match `decode_attention_indirect_bf16`; the
-                // table names buffers with room for row `past` (checked when written), which
-                // the caller keeps alive until this launch and the step's graph launch are
-                // queued (`Model::graph_step` holds them).
-                unsafe { b.launch(cfg) }.w()?;
-                Ok(())
-            })
-        })
+    with_decode_views(q, k_new, v_new, (heads, kv_heads, d), |[qv, kv, vv], s| {
+        let mut b = func.builder();
+        b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
+        b.arg(&s.heads).arg(&s.kv_heads).arg(&s.scale);
+        // Shared memory for the longest cache the kernel takes, whatever the cache's length
+        // now: the launch stays as captured while caches grow and move.
+        let shared = checked_u32("cache positions", DECODE_ATTENTION_MAX_LEN * 4)?;
+        let cfg = launch_config((checked_u32("heads", heads)?, 1), d as u32, shared);
+        // SAFETY: argument types and order match `decode_attention_indirect_bf16`; the table
+        // names buffers with room for row `past` (checked when written), which the caller keeps
+        // alive until this launch and the step's graph launch are queued (`Model::graph_step`
+        // holds them).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
     })?;
     Ok(wrap(dev, out, (1, heads * d)))
 }

@@ -34,6 +34,8 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor, bail};
 use half::bf16;
 
+use super::head_dim_fits_gpu_kernels;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/omnishard_kernels.ptx"));
 const MODULE: &str = "omnishard";
 
@@ -247,7 +249,11 @@ pub fn norm_rope(
     let (Ok((n, width)), Ok(d)) = (x.dims2(), wq.dims1()) else {
         return Ok(None);
     };
-    if d % 32 != 0 || d > 1024 || wk.dims() != [d] || cos.dims() != [n, d] || sin.dims() != [n, d] {
+    if !head_dim_fits_gpu_kernels(d)
+        || wk.dims() != [d]
+        || cos.dims() != [n, d]
+        || sin.dims() != [n, d]
+    {
         return Ok(None);
     }
     let bf16_all = [wq, wk, cos, sin].iter().all(|t| bf16_device(t).is_some());
