@@ -3,7 +3,7 @@
 # device machine (carry .gpu; see package.sh):
 #   tests/gpu/profile.sh [--layers N]
 # 1. `coordinator bench --quick --nodes 0` on an N-layer model (default 8), in process only: the
-#    wall time of each measurement;
+#    wall time of each measurement (batch 1 also after a 4,096-token prompt);
 # 2. the same under Nsight Compute, timing every kernel with the caches left warm
 #    (--cache-control none: what the kernel costs inside the running step) and the clocks as
 #    they are. The launches are cut into forward passes at the sampling kernels that end each
@@ -77,13 +77,20 @@ def report(title, group):
           f"{sum(e[1] for e in per.values()) / len(group):.0f} launches per pass")
     for name, (us, n, grid) in sorted(per.items(), key=lambda kv: -kv[1][0]):
         print("%9.1f us/pass %5.1f x %8.2f us  %s %s" % (us / len(group), n / len(group), us / n, name, grid))
-# The last three batch-1 steps and the last two batch-32 steps (the earlier ones are the prompt
-# and warm-up); the tail after the last sample is the prefill rounds.
-b1 = [p for b, p in passes if b == 1][-3:]
-b32 = [p for b, p in passes if b == 32][-2:]
-report("batch-1 decode step", b1)
-report("batch-32 decode step", b32)
-tail = current
-per_round = len(tail) // prefill_rounds
-report("prefill of 512 tokens", [tail[k * per_round:(k + 1) * per_round] for k in range(prefill_rounds)] if tail else [])
+# The bench's order: batch-1 steps, batch-32 steps, the prefill rounds (no sample), then batch-1
+# after a long prompt (its prefill and first sample one pass). Reported: the last three batch-1
+# steps before batch 32 and after it, the last two batch-32 steps; the prefill rounds are the
+# repeated launch sequence at the start of the pass after batch 32 (or the tail, in a bench
+# without the long prompt).
+first32 = next((i for i, (b, _) in enumerate(passes) if b == 32), len(passes))
+last32 = max((i for i, (b, _) in enumerate(passes) if b == 32), default=len(passes) - 1)
+report("batch-1 decode step", [p for b, p in passes[:first32] if b == 1][-3:])
+report("batch-32 decode step", [p for b, p in passes if b == 32][-2:])
+report("batch-1 decode step after the long prompt", [p for b, p in passes[last32 + 2:] if b == 1][-3:])
+after = passes[last32 + 1][1] if last32 + 1 < len(passes) else current
+# Kernels and grids: the long prompt's prefill runs the same kernels on larger grids. The longest
+# repeat is a whole round (a layer's launches repeat too, a shorter period).
+shapes = [l[:2] for l in after]
+per_round = next((n for n in range(len(shapes) // 2, 0, -1) if shapes[:n] == shapes[n:2 * n]), len(shapes) // prefill_rounds)
+report("prefill of 512 tokens", [after[k * per_round:(k + 1) * per_round] for k in range(prefill_rounds)] if after else [])
 PY

@@ -87,7 +87,14 @@ pub fn prefill_tok_s(engine: &Engine, len: usize, rounds: usize) -> Result<f64, 
             cache: &mut cache,
         }];
         let started = Instant::now();
-        engine.forward(&mut input, LogitsFor::Last, &CallContext::default())?;
+        let logits = engine.forward(&mut input, LogitsFor::Last, &CallContext::default())?;
+        // A GPU may still be computing when forward returns (nothing in a prefill waits for it
+        // when the routing stays on the device): the prefill is done when its logits are.
+        if let Some(last) = logits.last() {
+            last.device()
+                .synchronize()
+                .map_err(omnishard_model::ModelError::from)?;
+        }
         best = best.min(started.elapsed().as_secs_f64());
     }
     Ok(len as f64 / best)

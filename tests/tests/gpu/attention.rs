@@ -1,7 +1,9 @@
-//! Prefill attention's fused kernel (`ops/cuda/attention.cuh`, `causal_softmax_bf16`) against the
-//! reference's steps done on the host in f32: scores rounded to bf16 after the scale, keys past
-//! each query masked, softmax, probabilities rounded to bf16. Odd shapes, with and without
-//! cached positions before the queries, rows longer than one block's threads.
+//! Attention's kernels (`ops/cuda/attention.cuh`) against the reference's steps done on the host
+//! in f32: prefill's fused softmax (`causal_softmax_bf16`: scores rounded to bf16 after the scale,
+//! keys past each query masked, softmax, probabilities rounded to bf16; odd shapes, with and
+//! without cached positions before the queries, rows longer than one block's threads) and decode
+//! attention at every length (one block per head for short caches, flash-decoding's split
+//! passes for long ones), which also writes the new key and value into the cache.
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_model::ops::cuda;
@@ -66,5 +68,121 @@ fn causal_softmax_matches_the_reference_steps() {
             }
         }
         eprintln!("causal softmax {heads}x{s} after {past}: worst absolute error {worst:.2e}");
+    }
+}
+
+/// A random bf16 tensor on `dev` and its values on the host (as rounded).
+fn random_bf16(shape: &[usize], rng: &mut StdRng, dev: &Device) -> (Tensor, Vec<f32>) {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    let t = Tensor::from_vec(values, shape, &Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::BF16))
+        .unwrap();
+    let host = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .unwrap();
+    (t.to_device(dev).unwrap(), host)
+}
+
+#[test]
+fn decode_attention_matches_the_reference_steps_at_every_length() {
+    // Short caches take one block per head, long ones flash-decoding's split passes (2 to 16
+    // splits, fewer per head in a batch); GQA, MQA and odd lengths.
+    let dev = gpu();
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    for (heads, kv_heads, d, lengths, seed) in [
+        (32usize, 4usize, 128usize, vec![1usize], 1u64),
+        (32, 4, 128, vec![700], 2),
+        (32, 4, 128, vec![4999], 3),
+        (4, 2, 64, vec![7, 1100, 2501], 4),
+        (6, 1, 32, vec![12_000], 5),
+    ] {
+        let seqs = lengths.len();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (q, qh) = random_bf16(&[seqs, heads, d], &mut rng, &dev);
+        let (k_new, kn) = random_bf16(&[seqs, kv_heads, d], &mut rng, &dev);
+        let (v_new, vn) = random_bf16(&[seqs, kv_heads, d], &mut rng, &dev);
+        let mut caches = Vec::new();
+        for &len in &lengths {
+            let past = len - 1;
+            let capacity = past + 3;
+            caches.push((
+                random_bf16(&[kv_heads, capacity, d], &mut rng, &dev),
+                random_bf16(&[kv_heads, capacity, d], &mut rng, &dev),
+                past,
+            ));
+        }
+        let buffers: Vec<cuda::CacheBuffers<'_>> = caches
+            .iter()
+            .map(|((k, _), (v, _), past)| cuda::CacheBuffers { k, v, past: *past })
+            .collect();
+        let got = cuda::decode_attention(&q, &k_new, &v_new, &buffers)
+            .unwrap()
+            .expect("the decode kernel takes these shapes")
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        let scale = (d as f32).powf(-0.5);
+        let mut worst = 0f64;
+        for (s, ((_, kh), (_, vh), past)) in caches.iter().enumerate() {
+            let capacity = past + 3;
+            let row = |cache: &[f32], new: &[f32], kv: usize, j: usize| -> Vec<f32> {
+                if j < *past {
+                    cache[(kv * capacity + j) * d..][..d].to_vec()
+                } else {
+                    new[(s * kv_heads + kv) * d..][..d].to_vec()
+                }
+            };
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let qr = &qh[(s * heads + h) * d..][..d];
+                let scores: Vec<f32> = (0..=*past)
+                    .map(|j| {
+                        let dot: f32 = row(kh, &kn, kv, j).iter().zip(qr).map(|(a, b)| a * b).sum();
+                        bf(bf(dot) * scale)
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
+                let mut want = vec![0f32; d];
+                for (j, sc) in scores.iter().enumerate() {
+                    let p = bf((sc - m).exp() / sum);
+                    for (w, v) in want.iter_mut().zip(row(vh, &vn, kv, j)) {
+                        *w += p * v;
+                    }
+                }
+                let out = &got[(s * heads + h) * d..][..d];
+                let num: f64 = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| f64::from(a - bf(*b)).powi(2))
+                    .sum();
+                let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+                let err = (num / den.max(1e-30)).sqrt();
+                assert!(
+                    err < 1e-2,
+                    "{heads} heads, d {d}, sequence {s} ({} positions), head {h}: relative error {err:.2e}",
+                    past + 1
+                );
+                worst = worst.max(err);
+            }
+        }
+        // The new key and value went into each cache at `past`.
+        for (s, ((k, _), (v, _), past)) in caches.iter().enumerate() {
+            for (cache, new) in [(k, &k_new), (v, &v_new)] {
+                let written = cache.narrow(1, *past, 1).unwrap().squeeze(1).unwrap();
+                assert_eq!(
+                    super::bits(&written),
+                    super::bits(&new.get(s).unwrap()),
+                    "sequence {s}: the new row in the cache"
+                );
+            }
+        }
+        eprintln!(
+            "decode attention, {heads} heads / {kv_heads} KV, d {d}, lengths {lengths:?}: worst relative error {worst:.2e}"
+        );
     }
 }

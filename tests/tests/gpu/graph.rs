@@ -1,7 +1,8 @@
 //! Batch-1 decode replayed from a CUDA graph against the same steps launched from the host: the
 //! same logits bit for bit at every step — the eager first step, the captured second, the
-//! replays, and after the caches outgrow their buffers (new addresses, the same graph) — and a
-//! second sequence through the graph the first captured.
+//! replays, and after the caches outgrow their buffers (new addresses, the same graph) — a
+//! second sequence through the graph the first captured, and long caches, whose decode attention
+//! is split over several blocks per head (a graph per split count).
 
 use omnishard_coordinator::{ComputeDtype, CudaGraph, Engine};
 use omnishard_tests::{FIXTURES, Golden, model_dir};
@@ -44,4 +45,45 @@ fn graph_decode_matches_launched_decode_bit_for_bit() {
             }
         }
     }
+}
+
+#[test]
+fn graph_decode_matches_launched_decode_across_split_counts() {
+    // Caches of 1,020-1,029 positions: decode attention splits each head over 2 blocks, then 4
+    // from 1,024 positions (flash-decoding) — a graph captured for each split count.
+    let dev = gpu();
+    let mut ran = 0;
+    for name in FIXTURES {
+        let golden = Golden::load(name);
+        let eager = Engine::load_local(&model_dir(name), ComputeDtype::Bf16, &dev).unwrap();
+        if matches!(eager.config().max_position_embeddings, Some(max) if max < 1100) {
+            continue;
+        }
+        let mut graphed = Engine::load_local(&model_dir(name), ComputeDtype::Bf16, &dev).unwrap();
+        assert!(graphed.set_cuda_graph(CudaGraph::Auto));
+        let prompt: Vec<u32> = golden
+            .token_ids
+            .iter()
+            .copied()
+            .cycle()
+            .take(1019)
+            .collect();
+        let want = decode_steps(&eager, &prompt, 10);
+        let got = decode_steps(&graphed, &prompt, 10);
+        assert!(
+            graphed.model().graph_replays() >= 8,
+            "{name}: only {} steps ran from the graphs",
+            graphed.model().graph_replays()
+        );
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            let differ = g
+                .iter()
+                .zip(w)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{name} step {step}: {differ} logits differ");
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "no fixture takes 1,100 positions");
 }

@@ -1,9 +1,9 @@
-//! Batch-1 decode's routing without the host: the one-launch router (gate projection and top-k,
-//! `router_gate_topk1_bf16`) against the projection then the top-k in two launches, and the
-//! experts taking its choices on the GPU (the table built in each kernel's shared memory) against
-//! the same choices handed over from the host — both bit for bit, since the cluster's nodes take
-//! the host's routing and must match the single process — and the top-k of NaN logits naming
-//! experts that exist.
+//! Routing without the host: the one-launch router of batch-1 decode (gate projection and top-k,
+//! `router_gate_topk1_bf16`) against the projection then the top-k in two launches; the experts
+//! taking the router's choices on the GPU (batch 1: the kernels read the top-k; larger batches:
+//! the tables built there by `moe_plan`) against the same choices handed over from the host — both
+//! bit for bit, since the cluster's nodes take the host's routing and must match the single
+//! process; and the top-k of NaN logits naming experts that exist.
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_model::ops::cuda;
@@ -93,11 +93,20 @@ fn device_routed_experts_match_the_host_routed_step() {
         let gate = randn((e, hidden), 0.1, &dev);
         let usage = Tensor::zeros(e, DType::U32, &dev).unwrap();
         let mut counted = vec![0u32; e];
-        for seed in 0..6 {
-            let x = randn((1, hidden), 1.0 + seed as f32 / 3.0, &dev);
-            let routing = cuda::router_gate_topk1(&x, &gate, &mask, &ticket, k, true)
-                .unwrap()
-                .expect("one bf16 row on the GPU");
+        // Batch 1 (the one-launch router, top-k read by the kernels), then batches whose tables
+        // are built on the GPU: a few tokens (GEMVs only), then ~10 a expert (tensor-core tiles).
+        for (seed, n) in [(0, 1), (1, 1), (2, 2), (3, 9), (4, 40), (5, 40)] {
+            let x = randn((n, hidden), 1.0 + seed as f32 / 3.0, &dev);
+            let routing = if n == 1 {
+                cuda::router_gate_topk1(&x, &gate, &mask, &ticket, k, true)
+                    .unwrap()
+                    .expect("one bf16 row on the GPU")
+            } else {
+                let logits = x.matmul(&gate.t().unwrap()).unwrap();
+                cuda::router_topk_on_device(&logits, &mask, k, true)
+                    .unwrap()
+                    .expect("bf16 logits on the GPU")
+            };
             let got = experts
                 .forward_device_routed(layer, &x, &routing, &usage)
                 .unwrap();
@@ -113,14 +122,20 @@ fn device_routed_experts_match_the_host_routed_step() {
             let want = experts
                 .forward(layer, &x, &host, &CallContext::default())
                 .unwrap();
-            assert_eq!(bits(&got), bits(&want), "{hidden}x{inter}, seed {seed}");
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{hidden}x{inter}, {n} tokens, seed {seed}"
+            );
         }
         assert_eq!(
             usage.to_vec1::<u32>().unwrap(),
             counted,
             "{hidden}x{inter}: usage counts"
         );
-        eprintln!("device-routed experts {hidden}x{inter}: the host-routed bits, usage counted");
+        eprintln!(
+            "device-routed experts {hidden}x{inter}, batches 1-40: the host-routed bits, usage counted"
+        );
     }
 }
 

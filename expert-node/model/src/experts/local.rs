@@ -400,7 +400,7 @@ impl Experts for LocalExperts {
         usage: &Tensor,
     ) -> Result<Tensor, ExpertError> {
         match self.layer_experts(layer) {
-            Some(LayerExperts::Stacked(stacked)) => Ok(stacked.forward_one(xs, routing, usage)?),
+            Some(LayerExperts::Stacked(stacked)) => Ok(stacked.forward_routed(xs, routing, usage)?),
             Some(LayerExperts::Each(_)) => Err(ExpertError::Inconsistent(format!(
                 "layer {layer}: experts held on the CPU take no routing left on the GPU"
             ))),

@@ -125,8 +125,8 @@ pub trait Experts: Send + Sync {
         false
     }
 
-    /// One token's expert step with the router's choice left on the GPU (batch-1 decode: no
-    /// host round trip per layer), adding the chosen experts to `usage` (the layer's u32 counts
+    /// The expert step of a batch with the router's choices left on the GPU (no host round
+    /// trip per layer), adding the chosen experts to `usage` (the layer's u32 counts
     /// on the GPU). Only called where [`Experts::takes_device_routing`] said yes.
     fn forward_device_routed(
         &self,

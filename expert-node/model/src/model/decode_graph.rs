@@ -5,7 +5,8 @@
 //! kernels in the same order as the eager path, so the same logits bit for bit. The first step
 //! runs eagerly (it loads every kernel, which a capture cannot), the second is captured, and
 //! every later one — any sequence, its cache anywhere, up to the decode-attention kernel's
-//! longest — replays it. Where it applies: [`super::Model::enable_decode_graph`].
+//! longest — replays it; one graph per decode-attention split count (long caches are split
+//! over several blocks per head, a few ranges of lengths). Where it applies: [`super::Model::enable_decode_graph`].
 
 use candle_core::{DType, Tensor};
 use half::bf16;
@@ -26,9 +27,11 @@ pub(super) struct DecodeGraph {
     /// the launch, outside the graph — one launch (cuBLAS at a real vocabulary), so a graph
     /// saves nothing there, and cuBLAS's own workspace stays out of the capture.
     hidden: Tensor,
-    captured: Option<cuda::Captured>,
-    /// A step has run eagerly: the next is captured.
-    warmed: bool,
+    /// The step captured per decode-attention split count (`DecodeTables::splits`: short caches
+    /// take one block per head, long ones flash-decoding's passes, a launch sequence of its own).
+    captured: Vec<(usize, cuda::Captured)>,
+    /// Split counts a step has run with eagerly: the next step with one of them is captured.
+    warmed: Vec<usize>,
     /// A capture failed: every step runs eagerly from then on (logged once).
     failed: bool,
     /// Steps run from the graph.
@@ -45,11 +48,12 @@ impl DecodeGraph {
             tables: cuda::DecodeTables::new(
                 dev,
                 cfg.num_hidden_layers,
+                cfg.num_attention_heads,
                 (cfg.num_key_value_heads, cfg.head_dim),
             )?,
             hidden: Tensor::zeros((1, cfg.hidden_size), model.dtype, dev)?,
-            captured: None,
-            warmed: false,
+            captured: Vec::new(),
+            warmed: Vec::new(),
             failed: false,
             replays: 0,
         })
@@ -99,10 +103,11 @@ impl Model {
         let (cos, sin) = self.rotary.cos_sin_values(&seq.positions);
         let rope: Vec<bf16> = cos.iter().chain(&sin).map(|&v| bf16::from_f32(v)).collect();
         cuda::upload_into(&g.rope, &rope)?;
-        if let Some(captured) = &g.captured {
+        let splits = g.tables.splits();
+        if let Some((_, captured)) = g.captured.iter().find(|(n, _)| *n == splits) {
             captured.launch()?;
             g.replays += 1;
-        } else if g.warmed {
+        } else if g.warmed.contains(&splits) {
             // Nothing else may queue work on the stream while it is captured.
             let quiet = self.usage.device_access();
             let captured = cuda::capture(&self.device, || self.graph_body(&g));
@@ -111,7 +116,7 @@ impl Model {
                 Ok(captured) => {
                     captured.launch()?;
                     g.replays += 1;
-                    g.captured = Some(captured);
+                    g.captured.push((splits, captured));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "capturing the batch-1 decode step in a CUDA graph failed; decoding without graphs from now on");
@@ -122,7 +127,7 @@ impl Model {
             }
         } else {
             self.graph_body(&g)?;
-            g.warmed = true;
+            g.warmed.push(splits);
         }
         seq.cache.advance(1);
         self.usage.record_tokens(1);

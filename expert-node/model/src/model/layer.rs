@@ -116,8 +116,8 @@ impl DecoderLayer {
             Mlp::Dense(mlp) => mlp.forward(&normed)?,
             Mlp::Moe(router) => {
                 let to_experts = |source| ModelError::Experts { layer: l, source };
-                // Batch-1 decode with experts on this GPU: the routing stays there.
-                let on_device = if normed.dim(0)? == 1 && routed.experts.takes_device_routing(l) {
+                // Experts on this GPU: the routing stays there (no host round trip a layer).
+                let on_device = if routed.experts.takes_device_routing(l) {
                     match routed.usage.layer_counts_on_device(l)? {
                         Some(counts) => router.route_on_device(&normed)?.map(|r| (r, counts)),
                         None => None,

@@ -1,10 +1,13 @@
 //! Attention's own kernels (`attention.cuh`): one decode step of many sequences over their KV
-//! cache buffers, and prefill's scale + causal mask + softmax in one launch. Both round as the
+//! cache buffers (a long cache split over several blocks per head: flash-decoding), and
+//! prefill's scale + causal mask + softmax in one launch. Both round as the
 //! reference's eager attention in bf16 (transformers 4.57.3 `eager_attention_forward`).
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DevicePtr, PushKernelArg};
-use candle_core::{Result, Storage, Tensor, bail};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::{CudaDevice, Result, Storage, Tensor, bail};
 use half::bf16;
 
 use crate::ops::head_dim_fits_gpu_kernels;
@@ -18,6 +21,105 @@ pub(super) const DECODE_ATTENTION_MAX_LEN: usize = 47 * 256;
 /// Sequences per decode-attention launch: its table is a kernel parameter (`DECODE_SEQS` in
 /// attention.cuh).
 const DECODE_SEQS: usize = 32;
+/// Flash-decoding: positions per split below which a head's cache is not split further.
+const SPLIT_POSITIONS: usize = 256;
+/// The most blocks one head's cache is split over.
+const MAX_SPLITS: usize = 16;
+/// Blocks per pass past which splitting a batch's heads further gains nothing (the whole GPU
+/// is busy with whole heads already).
+const SPLIT_BLOCKS: usize = 2048;
+
+/// Over how many blocks decode attention splits each head's cache (a power of two, 1 = one block
+/// walks the whole cache, `decode_attention_bf16`): by the longest of `seqs` caches of `longest`
+/// positions (the new one included), so that short caches keep the one-block kernel and a graph
+/// captured for a split count serves a range of lengths.
+pub(crate) fn decode_splits(seqs: usize, heads: usize, longest: usize) -> usize {
+    let by_length = (longest / SPLIT_POSITIONS).min(MAX_SPLITS);
+    let by_blocks = SPLIT_BLOCKS / (seqs * heads).max(1);
+    match by_length.min(by_blocks) {
+        0 | 1 => 1,
+        n => 1 << n.ilog2(),
+    }
+}
+
+/// Flash-decoding's scratch for one decode-attention call: each split's softmax max and sum,
+/// its part of probs @ v (f32), and a counter per (sequence, head) that the last split to finish
+/// takes (zero before the launch).
+pub(super) struct SplitScratch {
+    stats: CudaSlice<f32>,
+    parts: CudaSlice<f32>,
+    tickets: CudaSlice<u32>,
+    splits: usize,
+}
+
+impl SplitScratch {
+    pub(super) fn new(
+        dev: &CudaDevice,
+        (seqs, heads, d): (usize, usize, usize),
+        splits: usize,
+    ) -> Result<Self> {
+        let rows = seqs * heads;
+        Ok(Self {
+            // SAFETY: pass 1 writes every split's stats before pass 2 reads them; pass 2 every
+            // part before the last split reads them.
+            stats: unsafe { dev.alloc::<f32>(2 * rows * splits) }?,
+            parts: unsafe { dev.alloc::<f32>(rows * splits * d) }?,
+            tickets: dev.alloc_zeros::<u32>(rows)?,
+            splits,
+        })
+    }
+
+    /// Flash-decoding's two passes (`names`: the stats then the values kernel) for `seqs`
+    /// sequences of `heads` heads, `table` pushing the kernels' table argument (the parameter
+    /// table or the device table's address), `seq_base` the first sequence of a parameter
+    /// table's launch (`None` for the device table's kernels, which take none), `longest` the
+    /// positions the launch must cover (sizes the shared memory).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        names: [&str; 2],
+        [qv, kv, vv]: [&CudaView<'_, bf16>; 3],
+        s: &DecodeScalars,
+        table: &T,
+        seq_base: Option<i32>,
+        (seqs, heads, d): (usize, usize, usize),
+        longest: usize,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        let per_split = longest.div_ceil(self.splits);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                checked_u32("heads", heads)?,
+                checked_u32("sequences", seqs)?,
+                checked_u32("splits", self.splits)?,
+            ),
+            block_dim: (checked_u32("head size", d)?, 1, 1),
+            shared_mem_bytes: checked_u32("cache positions", per_split * 4)?,
+        };
+        let stats = dev.get_or_load_custom_func(names[0], MODULE, PTX)?;
+        let mut b = stats.builder();
+        b.arg(qv).arg(kv).arg(vv).arg(table).arg(&self.stats);
+        b.arg(&s.heads).arg(&s.kv_heads).arg(&s.scale);
+        if let Some(base) = &seq_base {
+            b.arg(base);
+        }
+        // SAFETY: argument types and order match the stats kernel `names[0]` (attention.cuh);
+        // the table names live buffers with room for row `past`.
+        unsafe { b.launch(cfg) }.w()?;
+        let values = dev.get_or_load_custom_func(names[1], MODULE, PTX)?;
+        let mut b = values.builder();
+        b.arg(qv).arg(kv).arg(vv).arg(table).arg(&self.stats);
+        b.arg(&self.parts).arg(&self.tickets).arg(out);
+        b.arg(&s.heads).arg(&s.kv_heads).arg(&s.scale);
+        if let Some(base) = &seq_base {
+            b.arg(base);
+        }
+        // SAFETY: argument types and order match the values kernel `names[1]`.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
 
 /// One sequence's KV cache buffers for [`decode_attention`]: keys and values `[kv_heads,
 /// capacity, d]` (contiguous, capacity above `past`) and the number of positions cached.
@@ -137,10 +239,16 @@ pub fn decode_attention(
             None => return Ok(None),
         }
     }
+    let longest = entries.iter().map(|e| e[2] as usize + 1).max().unwrap_or(1);
+    let splits = decode_splits(seqs, heads, longest);
+    let scratch = match splits {
+        1 => None,
+        n => Some(SplitScratch::new(dev, (seqs, heads, d), n)?),
+    };
     let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, PTX)?;
     // SAFETY: the kernel writes every element (one thread per (sequence, head, dim)).
     let mut out = unsafe { dev.alloc::<bf16>(seqs * heads * d) }?;
-    with_decode_views(q, k_new, v_new, (heads, kv_heads, d), |[qv, kv, vv], s| {
+    with_decode_views(q, k_new, v_new, (heads, kv_heads, d), |views, s| {
         // The table travels as a kernel parameter, DECODE_SEQS sequences per launch.
         for (chunk, group) in entries.chunks(DECODE_SEQS).enumerate() {
             let mut table = [0u64; 4 * DECODE_SEQS];
@@ -149,6 +257,21 @@ pub fn decode_attention(
             }
             let longest = group.iter().map(|e| e[2] as usize + 1).max().unwrap_or(1);
             let seq_base = checked_i32("sequence", chunk * DECODE_SEQS)?;
+            if let Some(scratch) = &scratch {
+                scratch.launch(
+                    dev,
+                    ["decode_split_stats_bf16", "decode_split_values_bf16"],
+                    views,
+                    s,
+                    &table,
+                    Some(seq_base),
+                    (group.len(), heads, d),
+                    longest,
+                    &mut out,
+                )?;
+                continue;
+            }
+            let [qv, kv, vv] = views;
             let mut b = func.builder();
             b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
             b.arg(&s.heads)

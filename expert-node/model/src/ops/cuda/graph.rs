@@ -18,7 +18,9 @@ use half::bf16;
 
 use crate::ops::head_dim_fits_gpu_kernels;
 
-use super::attention::{CacheBuffers, DECODE_ATTENTION_MAX_LEN, with_decode_views};
+use super::attention::{
+    CacheBuffers, DECODE_ATTENTION_MAX_LEN, SplitScratch, decode_splits, with_decode_views,
+};
 use super::{MODULE, PTX, checked_u32, ipc, launch_config, wrap};
 
 /// One sequence's decode-attention table for every layer, in device memory: per layer the key
@@ -28,14 +30,25 @@ pub struct DecodeTables {
     dev: CudaDevice,
     buf: CudaSlice<u64>,
     layers: usize,
+    /// Query heads.
+    heads: usize,
     /// Every cache's `(kv_heads, head_dim)`.
     kv_shape: (usize, usize),
     written: bool,
+    /// Blocks per head of the decode-attention launches ([`super::decode_splits`]), chosen
+    /// when written: a graph captures the launches of one split count.
+    splits: usize,
 }
 
 impl DecodeTables {
-    /// Tables for `layers` layers of caches `[kv_heads, capacity, head_dim]` on `device` (a GPU).
-    pub fn new(device: &Device, layers: usize, kv_shape: (usize, usize)) -> Result<Self> {
+    /// Tables for `layers` layers of caches `[kv_heads, capacity, head_dim]` on `device` (a GPU),
+    /// attended by `heads` query heads.
+    pub fn new(
+        device: &Device,
+        layers: usize,
+        heads: usize,
+        kv_shape: (usize, usize),
+    ) -> Result<Self> {
         let Device::Cuda(dev) = device else {
             bail!("decode tables live on a GPU, not {device:?}")
         };
@@ -46,9 +59,16 @@ impl DecodeTables {
                 .alloc_zeros::<u64>(4 * layers.max(1))
                 .w()?,
             layers,
+            heads,
             kv_shape,
             written: false,
+            splits: 1,
         })
+    }
+
+    /// The split count the last [`DecodeTables::write`] chose (1 before any).
+    pub fn splits(&self) -> usize {
+        self.splits
     }
 
     /// Writes one entry per layer (`caches[l]`, bf16 `[kv_heads, capacity, d]` buffers with
@@ -72,6 +92,8 @@ impl DecodeTables {
         }
         stream.memcpy_htod(&host, &mut self.buf).w()?;
         self.written = true;
+        let longest = caches.iter().map(|c| c.past + 1).max().unwrap_or(1);
+        self.splits = decode_splits(1, self.heads, longest);
         Ok(true)
     }
 }
@@ -96,6 +118,7 @@ pub fn decode_attention_indirect(
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
         || (kv_heads, d) != tables.kv_shape
+        || heads != tables.heads
         || layer >= tables.layers
         || !tables.written
     {
@@ -108,11 +131,34 @@ pub fn decode_attention_indirect(
             tables.written
         );
     }
-    let func = dev.get_or_load_custom_func("decode_attention_indirect_bf16", MODULE, PTX)?;
     // SAFETY: the kernel writes every element (one thread per (head, dim)).
     let mut out = unsafe { dev.alloc::<bf16>(heads * d) }?;
     let table = tables.buf.slice(4 * layer..4 * layer + 4);
-    with_decode_views(q, k_new, v_new, (heads, kv_heads, d), |[qv, kv, vv], s| {
+    with_decode_views(q, k_new, v_new, (heads, kv_heads, d), |views, s| {
+        if tables.splits > 1 {
+            // The table's address as the kernels' pointer argument: written on this stream
+            // before every launch, like the view below.
+            let stream = dev.cuda_stream();
+            let (address, _sync) = table.device_ptr(&stream);
+            let scratch = SplitScratch::new(dev, (1, heads, d), tables.splits)?;
+            // Shared memory for the longest cache the kernels take, as below.
+            return scratch.launch(
+                dev,
+                [
+                    "decode_split_stats_indirect_bf16",
+                    "decode_split_values_indirect_bf16",
+                ],
+                views,
+                s,
+                &address,
+                None,
+                (1, heads, d),
+                DECODE_ATTENTION_MAX_LEN,
+                &mut out,
+            );
+        }
+        let func = dev.get_or_load_custom_func("decode_attention_indirect_bf16", MODULE, PTX)?;
+        let [qv, kv, vv] = views;
         let mut b = func.builder();
         b.arg(qv).arg(kv).arg(vv).arg(&table).arg(&mut out);
         b.arg(&s.heads).arg(&s.kv_heads).arg(&s.scale);

@@ -222,6 +222,8 @@ extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16
 //   [3G, 3G+S)    token (row of xs) of each sorted slot
 //   [3G+S, 3G+2S) output row of each sorted slot (its assignment index)
 //   [3G+2S, 3G+3S) router weight of each sorted slot, f32 bits
+// G may exceed the groups in use: the kernels take the groups and tiles that `live` = {GEMV
+// groups, tiles} names (a table built on the GPU is sized for the most there can be).
 #define MOE_TOKENS 4
 
 __device__ __forceinline__ float silu_mul(float gate, float up) {
@@ -272,10 +274,11 @@ __device__ __forceinline__ void gate_up_chunk(const bf16* __restrict__ xs, const
 // w13: [experts, 2I, H], gate rows then up rows; act: [S, I] in sorted-slot order.
 extern "C" __global__ void moe_gate_up_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
                                             const uint32_t* __restrict__ tab, int G, int S, int H,
-                                            int I, bf16* __restrict__ act) {
+                                            int I, const uint32_t* __restrict__ live,
+                                            bf16* __restrict__ act) {
     const int g = blockIdx.y, lane = threadIdx.x & 31;
     const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (j >= I) return;
+    if (j >= I || g >= (int)live[0]) return;
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* token = tab + 3 * G;
     const bf16* wg = w13 + ((size_t)e * 2 * I + j) * H;
@@ -325,10 +328,11 @@ __device__ __forceinline__ void down_chunk(const bf16* __restrict__ act, const b
 // the reference's `expert_layer(x) * routing_weights` in bf16. w2: [experts, H, I].
 extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
                                          const uint32_t* __restrict__ tab, int G, int S, int H,
-                                         int I, bf16* __restrict__ out) {
+                                         int I, const uint32_t* __restrict__ live,
+                                            bf16* __restrict__ out) {
     const int g = blockIdx.y, lane = threadIdx.x & 31;
     const int h = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (h >= H) return;
+    if (h >= H || g >= (int)live[0]) return;
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* row = tab + 3 * G + S;
     const uint32_t* weight = tab + 3 * G + 2 * S;
@@ -344,6 +348,7 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
 }
 
 #include "moe_mma.cuh"
+#include "moe_plan.cuh"
 
 // Batch-1 decode with the router's top-k left on the GPU (one token, k <= 32 distinct experts:
 // ids at routed[0, k), weights' f32 bits at routed[k, 2k), in the router's order), so the step

@@ -36,7 +36,7 @@ pub struct StackedExperts {
     /// Stacked row of each expert id, `None` where the expert is not held.
     row_of: Vec<Option<u32>>,
     /// `row_of` on the GPU (`u32::MAX` where not held), for tables built there; `None` unless
-    /// every expert of the layer is held (the only case [`StackedExperts::forward_one`] takes).
+    /// every expert of the layer is held (the only case [`StackedExperts::forward_routed`] takes).
     row_of_device: Option<CudaSlice<u32>>,
     hidden: usize,
     inter: usize,
@@ -125,17 +125,17 @@ impl StackedExperts {
         self.run(xs, assignments, groups, Some(n_tokens))
     }
 
-    /// Whether [`StackedExperts::forward_one`] serves this layer (every expert held here).
+    /// Whether [`StackedExperts::forward_routed`] serves this layer (every expert held here).
     pub fn takes_device_routing(&self) -> bool {
         self.row_of_device.is_some()
     }
 
-    /// Batch-1 decode with the routing left on the GPU: gate+up (which also adds the chosen
-    /// experts to `usage`, u32 per expert of this layer) and the fused down+sum, both reading the
-    /// router's top-k where it is — the same arithmetic, summation order and bits as
-    /// [`StackedExperts::forward`] on one token, in two launches and no host round trip.
-    /// `xs` `[1, H]`.
-    pub fn forward_one(
+    /// The per-token sums for the rows of `xs` `[n, H]` routed by a router's top-k left on the
+    /// GPU, with no host round trip; the chosen experts are added to `usage` (u32 per expert of
+    /// this layer). Batch 1 takes two launches that read the top-k where it is; larger batches
+    /// build the tables on the GPU (`moe_plan`) and take [`StackedExperts::forward`]'s launches.
+    /// Either way the arithmetic, summation order and bits of [`StackedExperts::forward`].
+    pub fn forward_routed(
         &self,
         xs: &Tensor,
         routing: &DeviceRouting,
@@ -144,17 +144,16 @@ impl StackedExperts {
         let dev = bf16_device(xs)
             .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
         let Some(row_of) = &self.row_of_device else {
-            candle_core::bail!("batch-1 device routing needs every expert of the layer held here")
+            candle_core::bail!("device routing needs every expert of the layer held here")
         };
-        let k = routing.k;
-        if routing.tokens != 1 || xs.dims() != [1, self.hidden] || k > ROUTED1_MAX_K {
+        if xs.dims() != [routing.tokens, self.hidden] || routing.tokens == 0 {
             candle_core::bail!(
-                "batch-1 device routing takes one token and at most {ROUTED1_MAX_K} experts, got {} tokens, k = {k}, input {:?}",
+                "device routing of {} tokens for input {:?} (hidden size {})",
                 routing.tokens,
-                xs.dims()
+                xs.dims(),
+                self.hidden
             );
         }
-        let (h, i) = (self.hidden, self.inter);
         if usage.dtype() != DType::U32 || usage.dims() != [self.row_of.len()] {
             candle_core::bail!("usage counts must be u32, one per expert of the layer");
         }
@@ -165,6 +164,30 @@ impl StackedExperts {
         let counts = counts
             .as_cuda_slice::<u32>()?
             .slice(layout.start_offset()..layout.start_offset() + self.row_of.len());
+        if routing.tokens == 1 {
+            return self.forward_one(dev, xs, routing, &counts, row_of);
+        }
+        let plan = self.device_plan(dev, routing, &counts, row_of)?;
+        self.launch(dev, xs, &plan, Some(routing.tokens))
+    }
+
+    /// Batch-1 decode of [`StackedExperts::forward_routed`]: gate+up (which also counts the
+    /// chosen experts) and the fused down+sum, both reading the router's top-k where it is.
+    fn forward_one(
+        &self,
+        dev: &CudaDevice,
+        xs: &Tensor,
+        routing: &DeviceRouting,
+        counts: &CudaView<'_, u32>,
+        row_of: &CudaSlice<u32>,
+    ) -> Result<Tensor> {
+        let k = routing.k;
+        if k > ROUTED1_MAX_K {
+            candle_core::bail!(
+                "batch-1 device routing takes at most {ROUTED1_MAX_K} experts a token, not {k}"
+            );
+        }
+        let (h, i) = (self.hidden, self.inter);
         let (k_i, h_i, i_i) = (
             checked_i32("top-k", k)?,
             checked_i32("hidden", h)?,
@@ -186,7 +209,7 @@ impl StackedExperts {
                     .arg(wv)
                     .arg(&routing.buf)
                     .arg(row_of)
-                    .arg(&counts)
+                    .arg(counts)
                     .arg(&h_i)
                     .arg(&i_i)
                     .arg(&mut act);
@@ -224,14 +247,35 @@ impl StackedExperts {
     ) -> Result<Tensor> {
         let dev = bf16_device(xs)
             .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
-        let (h, i) = (self.hidden, self.inter);
-        let s = assignments.len();
-        if s == 0 {
-            return Tensor::zeros((sum_tokens.unwrap_or(0), h), xs.dtype(), xs.device());
+        if assignments.is_empty() {
+            return Tensor::zeros(
+                (sum_tokens.unwrap_or(0), self.hidden),
+                xs.dtype(),
+                xs.device(),
+            );
         }
+        let plan = self.host_plan(dev, assignments, groups, sum_tokens)?;
+        self.launch(dev, xs, &plan, sum_tokens)
+    }
+
+    /// Whether experts with many tokens take the tensor-core kernels (their tiles need sizes
+    /// that are multiples of 32).
+    fn tiles_apply(&self) -> bool {
+        self.hidden.is_multiple_of(32) && self.inter.is_multiple_of(32)
+    }
+
+    /// The launch's tables built on the host from `groups` (each expert's assignment indices).
+    fn host_plan(
+        &self,
+        dev: &CudaDevice,
+        assignments: &[Assignment],
+        groups: &[(usize, Vec<u32>)],
+        sum_tokens: Option<usize>,
+    ) -> Result<Plan> {
+        let s = assignments.len();
         let g = groups.len();
         // Small groups first (the GEMV kernels take groups 0..small), then the tensor-core ones.
-        let mma = self.hidden.is_multiple_of(32) && self.inter.is_multiple_of(32);
+        let mma = self.tiles_apply();
         let is_big = |slots: &[u32]| mma && slots.len() >= MMA_MIN_TOKENS;
         let (big, small): (Vec<_>, Vec<_>) = groups.iter().partition(|(_, slots)| is_big(slots));
         let n_small = small.len();
@@ -261,22 +305,115 @@ impl StackedExperts {
         if next as usize != s {
             candle_core::bail!("{next} grouped slots for {s} assignments");
         }
-        let n_tiles = checked_u32("tiles", tiles.len() / 2)?;
-        let tiles_at = tab.len();
+        let n_tiles = tiles.len() / 2;
+        let layout = PlanLayout::new(g, s, n_tiles, sum_tokens.unwrap_or(0))?;
         tab.extend(tiles);
-        let sums_at = tab.len();
+        tab.extend([
+            checked_u32("groups", n_small)?,
+            checked_u32("tiles", n_tiles)?,
+        ]);
         if let Some(n) = sum_tokens {
             tab.extend(combine_table(n, assignments)?);
         }
-        let tab = upload(dev, &tab)?;
-        let tiles = tab.slice(tiles_at..sums_at);
+        Ok(Plan {
+            buf: upload(dev, &tab)?,
+            layout,
+            gemv_groups: checked_u32("groups", n_small)?,
+            tile_rows: checked_u32("tiles", n_tiles)?,
+            all_gemv: n_small == g,
+        })
+    }
+
+    /// The launch's tables built on the GPU from a router's top-k left there (`moe_plan`), which
+    /// also adds the chosen experts to `usage`; every expert must be held here.
+    fn device_plan(
+        &self,
+        dev: &CudaDevice,
+        routing: &DeviceRouting,
+        usage: &CudaView<'_, u32>,
+        row_of: &CudaSlice<u32>,
+    ) -> Result<Plan> {
+        let experts = self.row_of.len();
+        let (n, k) = (routing.tokens, routing.k);
+        let s = n * k;
+        if experts > PLAN_MAX_EXPERTS {
+            candle_core::bail!(
+                "planning on the GPU takes at most {PLAN_MAX_EXPERTS} experts a layer, not {experts}"
+            );
+        }
+        let min_tokens = if self.tiles_apply() {
+            MMA_MIN_TOKENS
+        } else {
+            0
+        };
+        // The most groups and tiles the routing can make: every expert with a token, and a tile
+        // per MMA_M tokens of each expert with at least `min_tokens`.
+        let g = experts.min(s);
+        let n_tiles = match min_tokens {
+            0 => 0,
+            m => s.div_ceil(MMA_M) + experts.min(s / m),
+        };
+        let layout = PlanLayout::new(g, s, n_tiles, n)?;
+        // SAFETY: `moe_plan` writes every word the kernels read: groups below `live[0]`, tiles
+        // below `live[1]`, every slot and the whole combine table.
+        let mut buf = unsafe { dev.alloc::<u32>(layout.len) }?;
+        {
+            let mut all = buf.slice_mut(..);
+            let (mut tab, mut rest) = all.split_at_mut(layout.tiles_at);
+            let (mut tiles, mut rest) = rest.split_at_mut(layout.live_at - layout.tiles_at);
+            let (mut live, mut comb) = rest.split_at_mut(2);
+            let block = checked_u32("experts", experts.next_multiple_of(32).max(256))?;
+            let ints = [
+                checked_i32("tokens", n)?,
+                checked_i32("top-k", k)?,
+                checked_i32("experts", experts)?,
+                checked_i32("groups", g)?,
+                checked_i32("tokens", min_tokens)?,
+                checked_i32("tile", MMA_M)?,
+            ];
+            let func = dev.get_or_load_custom_func("moe_plan", MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&routing.buf).arg(row_of).arg(usage);
+            for v in &ints {
+                b.arg(v);
+            }
+            b.arg(&mut tab)
+                .arg(&mut tiles)
+                .arg(&mut live)
+                .arg(&mut comb);
+            let shared = checked_u32("experts", 2 * experts * 4)?;
+            // SAFETY: argument types and order match `moe_plan` (moe_plan.cuh).
+            unsafe { b.launch(launch_config((1, 1), block, shared)) }.w()?;
+        }
+        Ok(Plan {
+            buf,
+            layout,
+            gemv_groups: checked_u32("groups", g)?,
+            tile_rows: checked_u32("tiles", n_tiles)?,
+            all_gemv: false,
+        })
+    }
+
+    /// The expert launches of `plan` on `xs`: per-assignment outputs, or with `sum_tokens`
+    /// their per-token sums.
+    fn launch(
+        &self,
+        dev: &CudaDevice,
+        xs: &Tensor,
+        plan: &Plan,
+        sum_tokens: Option<usize>,
+    ) -> Result<Tensor> {
+        let (h, i) = (self.hidden, self.inter);
+        let PlanLayout { g, s, .. } = plan.layout;
+        let tab = &plan.buf;
+        let tiles = tab.slice(plan.layout.tiles_at..plan.layout.live_at);
+        let live = tab.slice(plan.layout.live_at..plan.layout.live_at + 2);
         let sizes = [
             checked_i32("groups", g)?,
             checked_i32("slots", s)?,
             checked_i32("hidden", h)?,
             checked_i32("intermediate", i)?,
         ];
-        let n_small = checked_u32("groups", n_small)?;
         // SAFETY: every row of `act` belongs to one slot of one group and is written by one of
         // the gate/up kernels; likewise every row of `out` by one of the down kernels.
         let mut act = unsafe { dev.alloc::<bf16>(s * i) }?;
@@ -293,14 +430,14 @@ impl StackedExperts {
             }
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = func.builder();
-            b.arg(input).arg(weights).arg(&tab);
+            b.arg(input).arg(weights).arg(tab);
             for size in &sizes {
                 b.arg(size);
             }
             if mma {
                 b.arg(&tiles);
             }
-            b.arg(out);
+            b.arg(&live).arg(out);
             let block = if mma { 128 } else { (WARPS * 32) as u32 };
             // SAFETY: argument types and order match the kernel `name` (kernels.cu).
             unsafe { b.launch(launch_config(grid, block, 0)) }.w()?;
@@ -309,42 +446,43 @@ impl StackedExperts {
         let rows = |n: usize, per: usize| n.div_ceil(per) as u32;
         with_view(xs, |xv| {
             with_view(&self.w13, |wv| {
-                let gemv = (rows(i, WARPS), n_small);
+                let gemv = (rows(i, WARPS), plan.gemv_groups);
                 launch("moe_gate_up_bf16", xv, wv, &mut act, gemv, false)?;
-                let tiled = (rows(i, MMA_N), n_tiles);
+                let tiled = (rows(i, MMA_N), plan.tile_rows);
                 launch("moe_gate_up_mma_bf16", xv, wv, &mut act, tiled, true)
             })
         })?;
         let act_view = act.slice(..);
-        if sum_tokens == Some(1) && n_small as usize == g {
+        if sum_tokens == Some(1) && plan.all_gemv {
             // Batch-1 decode: down, weight and sum in one launch (the same bits).
             // SAFETY: the kernel writes every element of the one token's row.
             let mut sums = unsafe { dev.alloc::<bf16>(h) }?;
             with_view(&self.w2, |wv| {
-                launch(
-                    "moe_down_combine1_bf16",
-                    &act_view,
-                    wv,
-                    &mut sums,
-                    (rows(h, WARPS), 1),
-                    false,
-                )
+                let func = dev.get_or_load_custom_func("moe_down_combine1_bf16", MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(&act_view).arg(wv).arg(tab);
+                for size in &sizes {
+                    b.arg(size);
+                }
+                b.arg(&mut sums);
+                // SAFETY: argument types and order match `moe_down_combine1_bf16`.
+                unsafe { b.launch(launch_config((rows(h, WARPS), 1), (WARPS * 32) as u32, 0)) }
+                    .w()?;
+                Ok(())
             })?;
             return Ok(wrap(dev, sums, (1, h)));
         }
         with_view(&self.w2, |wv| {
-            let gemv = (rows(h, WARPS), n_small);
+            let gemv = (rows(h, WARPS), plan.gemv_groups);
             launch("moe_down_bf16", &act_view, wv, &mut out, gemv, false)?;
-            let tiled = (rows(h, MMA_N), n_tiles);
+            let tiled = (rows(h, MMA_N), plan.tile_rows);
             launch("moe_down_mma_bf16", &act_view, wv, &mut out, tiled, true)
         })?;
         match sum_tokens {
             None => Ok(wrap(dev, out, (s, h))),
             Some(n) => {
-                let (offsets, idx) = (
-                    tab.slice(sums_at..sums_at + n + 1),
-                    tab.slice(sums_at + n + 1..),
-                );
+                let at = plan.layout.combine_at;
+                let (offsets, idx) = (tab.slice(at..at + n + 1), tab.slice(at + n + 1..));
                 let sums = launch_combine(dev, &out.slice(..), &offsets, &idx, n, h)?;
                 Ok(wrap(dev, sums, (n, h)))
             }
@@ -352,7 +490,59 @@ impl StackedExperts {
     }
 }
 
-/// The most experts a token may choose for [`StackedExperts::forward_one`] (`ROUTED1_MAX_K` in
+/// The most experts a layer may have for [`StackedExperts::forward_routed`] (`moe_plan` takes
+/// one thread per expert in one block).
+const PLAN_MAX_EXPERTS: usize = 1024;
+
+/// Where the parts of a launch's tables lie in its one u32 buffer (see kernels.cu): the table
+/// of `g` groups and `s` slots, the tiles, `live` (2 words), then the combine table of the
+/// per-token sums (empty without them).
+#[derive(Clone, Copy)]
+struct PlanLayout {
+    g: usize,
+    s: usize,
+    tiles_at: usize,
+    live_at: usize,
+    combine_at: usize,
+    len: usize,
+}
+
+impl PlanLayout {
+    fn new(g: usize, s: usize, tiles: usize, sum_tokens: usize) -> Result<Self> {
+        let tiles_at = 3 * g + 3 * s;
+        let live_at = tiles_at + 2 * tiles;
+        let combine_at = live_at + 2;
+        let len = combine_at
+            + if sum_tokens > 0 {
+                sum_tokens + 1 + s
+            } else {
+                0
+            };
+        checked_u32("table words", len)?;
+        Ok(Self {
+            g,
+            s,
+            tiles_at,
+            live_at,
+            combine_at,
+            len,
+        })
+    }
+}
+
+/// A launch's tables in device memory and the grids that cover them.
+struct Plan {
+    buf: CudaSlice<u32>,
+    layout: PlanLayout,
+    /// Block rows of the GEMV kernels (groups; those past `live[0]` return at once).
+    gemv_groups: u32,
+    /// Block rows of the tensor-core kernels (tiles; those past `live[1]` return at once).
+    tile_rows: u32,
+    /// Every group on the GEMVs, known on the host: batch-1's fused down applies.
+    all_gemv: bool,
+}
+
+/// The most experts a token may choose for batch-1 [`StackedExperts::forward_routed`] (`ROUTED1_MAX_K` in
 /// kernels.cu: the fused down keeps one expert per lane of a warp).
 const ROUTED1_MAX_K: usize = 32;
 

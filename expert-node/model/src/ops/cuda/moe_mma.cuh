@@ -102,9 +102,11 @@ union DownShared {
 extern "C" __global__ void moe_gate_up_mma_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
                                                 const uint32_t* __restrict__ tab, int G, int S, int H,
                                                 int I, const uint32_t* __restrict__ tiles,
+                                                const uint32_t* __restrict__ live,
                                                 bf16* __restrict__ act) {
     using namespace nvcuda;
     __shared__ __align__(128) GateUpShared sh;
+    if (blockIdx.y >= live[1]) return;
     const uint32_t g = tiles[2 * blockIdx.y], m0 = tiles[2 * blockIdx.y + 1];
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* token = tab + 3 * G;
@@ -158,9 +160,11 @@ extern "C" __global__ void moe_gate_up_mma_bf16(const bf16* __restrict__ xs, con
 extern "C" __global__ void moe_down_mma_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
                                              const uint32_t* __restrict__ tab, int G, int S, int H,
                                              int I, const uint32_t* __restrict__ tiles,
+                                                const uint32_t* __restrict__ live,
                                              bf16* __restrict__ out) {
     using namespace nvcuda;
     __shared__ __align__(128) DownShared sh;
+    if (blockIdx.y >= live[1]) return;
     const uint32_t g = tiles[2 * blockIdx.y], m0 = tiles[2 * blockIdx.y + 1];
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* row = tab + 3 * G + S;
