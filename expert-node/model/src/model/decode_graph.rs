@@ -6,7 +6,8 @@
 //! runs eagerly (it loads every kernel, which a capture cannot), the second is captured, and
 //! every later one — any sequence, its cache anywhere, up to the decode-attention kernel's
 //! longest — replays it; one graph per decode-attention split count (long caches are split
-//! over several blocks per head, a few ranges of lengths). Where it applies: [`super::Model::enable_decode_graph`].
+//! over several blocks per head, a few ranges of lengths). Where it applies:
+//! [`super::Model::enable_decode_graph`].
 
 use candle_core::{DType, Tensor};
 use half::bf16;

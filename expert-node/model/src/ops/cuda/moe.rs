@@ -542,8 +542,8 @@ struct Plan {
     all_gemv: bool,
 }
 
-/// The most experts a token may choose for batch-1 [`StackedExperts::forward_routed`] (`ROUTED1_MAX_K` in
-/// kernels.cu: the fused down keeps one expert per lane of a warp).
+/// The most experts a token may choose for batch-1 [`StackedExperts::forward_routed`]
+/// (`ROUTED1_MAX_K` in kernels.cu: the fused down keeps one expert per lane of a warp).
 const ROUTED1_MAX_K: usize = 32;
 
 /// Per-token sums of per-assignment outputs `ys` `[assignments.len(), H]` (bf16 on a GPU), each
