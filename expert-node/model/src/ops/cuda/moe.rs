@@ -125,9 +125,10 @@ impl StackedExperts {
         self.run(xs, assignments, groups, Some(n_tokens))
     }
 
-    /// Whether [`StackedExperts::forward_routed`] serves this layer (every expert held here).
+    /// Whether [`StackedExperts::forward_routed`] serves this layer: every expert held here, and
+    /// few enough for `moe_plan`'s one block (larger layers take the host's routing).
     pub fn takes_device_routing(&self) -> bool {
-        self.row_of_device.is_some()
+        self.row_of_device.is_some() && self.row_of.len() <= PLAN_MAX_EXPERTS
     }
 
     /// The per-token sums for the rows of `xs` `[n, H]` routed by a router's top-k left on the

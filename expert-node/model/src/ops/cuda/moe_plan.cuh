@@ -94,7 +94,8 @@ extern "C" __global__ void moe_plan(const uint32_t* __restrict__ routed, const u
         tab[3 * G + pos] = s / k;
         tab[3 * G + S + pos] = s;
         tab[3 * G + 2 * S + pos] = weights[s];
-        // The token's experts are distinct: its rank among them is its place in the sum.
+        // The token's experts are distinct (topk_row takes each expert at most once): its rank
+        // among them is its place in the sum, and the ranks fill the token's k entries.
         const int t0 = s - s % k;
         uint32_t rank = 0;
         for (int j = 0; j < k; ++j) rank += ids[t0 + j] < e;
