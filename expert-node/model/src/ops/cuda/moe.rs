@@ -1,8 +1,9 @@
 //! The fused MoE step on the GPU: a layer's experts held as two stacked bf16 tensors, and one
 //! launch each for gate+up+SiLU, for down with the router weight, and for the per-token sum;
 //! experts with few tokens run as grouped GEMVs, those with many (prefill) on the tensor cores.
-//! Slots are grouped by expert on the host (the routing is there already) and travel in one small
-//! table; see `kernels.cu` for its layout and the numerics.
+//! Slots are grouped by expert into one small table, on the host where the routing is there and
+//! on the GPU where the router left it there (`plan.rs`); see `kernels.cu` for its layout and the
+//! numerics.
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
@@ -14,6 +15,10 @@ use super::{
     with_view, wrap,
 };
 use crate::experts::Assignment;
+
+mod plan;
+
+use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout, combine_table};
 
 /// Warps per block of the GEMV MoE kernels: one output row per warp.
 const WARPS: usize = 8;
@@ -265,136 +270,6 @@ impl StackedExperts {
         self.hidden.is_multiple_of(32) && self.inter.is_multiple_of(32)
     }
 
-    /// The launch's tables built on the host from `groups` (each expert's assignment indices).
-    fn host_plan(
-        &self,
-        dev: &CudaDevice,
-        assignments: &[Assignment],
-        groups: &[(usize, Vec<u32>)],
-        sum_tokens: Option<usize>,
-    ) -> Result<Plan> {
-        let s = assignments.len();
-        let g = groups.len();
-        // Small groups first (the GEMV kernels take groups 0..small), then the tensor-core ones.
-        let mma = self.tiles_apply();
-        let is_big = |slots: &[u32]| mma && slots.len() >= MMA_MIN_TOKENS;
-        let (big, small): (Vec<_>, Vec<_>) = groups.iter().partition(|(_, slots)| is_big(slots));
-        let n_small = small.len();
-        let mut tab = vec![0u32; 3 * g + 3 * s];
-        let mut tiles = Vec::new();
-        let mut next = 0u32;
-        for (gi, (expert, slots)) in small.into_iter().chain(big).enumerate() {
-            tab[gi] = self.row_of.get(*expert).copied().flatten().ok_or_else(|| {
-                candle_core::Error::Msg(format!("expert {expert} is not held here"))
-            })?;
-            tab[g + gi] = next;
-            tab[2 * g + gi] = checked_u32("slots", slots.len())?;
-            if gi >= n_small {
-                for m0 in (0..slots.len()).step_by(MMA_M) {
-                    tiles.extend([checked_u32("group", gi)?, checked_u32("tile", m0)?]);
-                }
-            }
-            for &slot in slots {
-                let a = &assignments[slot as usize];
-                let k = next as usize;
-                tab[3 * g + k] = a.token;
-                tab[3 * g + s + k] = slot;
-                tab[3 * g + 2 * s + k] = a.weight.to_bits();
-                next += 1;
-            }
-        }
-        if next as usize != s {
-            candle_core::bail!("{next} grouped slots for {s} assignments");
-        }
-        let n_tiles = tiles.len() / 2;
-        let layout = PlanLayout::new(g, s, n_tiles, sum_tokens.unwrap_or(0))?;
-        tab.extend(tiles);
-        tab.extend([
-            checked_u32("groups", n_small)?,
-            checked_u32("tiles", n_tiles)?,
-        ]);
-        if let Some(n) = sum_tokens {
-            tab.extend(combine_table(n, assignments)?);
-        }
-        Ok(Plan {
-            buf: upload(dev, &tab)?,
-            layout,
-            gemv_groups: checked_u32("groups", n_small)?,
-            tile_rows: checked_u32("tiles", n_tiles)?,
-            all_gemv: n_small == g,
-        })
-    }
-
-    /// The launch's tables built on the GPU from a router's top-k left there (`moe_plan`), which
-    /// also adds the chosen experts to `usage`; every expert must be held here.
-    fn device_plan(
-        &self,
-        dev: &CudaDevice,
-        routing: &DeviceRouting,
-        usage: &CudaView<'_, u32>,
-        row_of: &CudaSlice<u32>,
-    ) -> Result<Plan> {
-        let experts = self.row_of.len();
-        let (n, k) = (routing.tokens, routing.k);
-        let s = n * k;
-        if experts > PLAN_MAX_EXPERTS {
-            candle_core::bail!(
-                "planning on the GPU takes at most {PLAN_MAX_EXPERTS} experts a layer, not {experts}"
-            );
-        }
-        let min_tokens = if self.tiles_apply() {
-            MMA_MIN_TOKENS
-        } else {
-            0
-        };
-        // The most groups and tiles the routing can make: every expert with a token, and a tile
-        // per MMA_M tokens of each expert with at least `min_tokens`.
-        let g = experts.min(s);
-        let n_tiles = match min_tokens {
-            0 => 0,
-            m => s.div_ceil(MMA_M) + experts.min(s / m),
-        };
-        let layout = PlanLayout::new(g, s, n_tiles, n)?;
-        // SAFETY: `moe_plan` writes every word the kernels read: groups below `live[0]`, tiles
-        // below `live[1]`, every slot and the whole combine table.
-        let mut buf = unsafe { dev.alloc::<u32>(layout.len) }?;
-        {
-            let mut all = buf.slice_mut(..);
-            let (mut tab, mut rest) = all.split_at_mut(layout.tiles_at);
-            let (mut tiles, mut rest) = rest.split_at_mut(layout.live_at - layout.tiles_at);
-            let (mut live, mut comb) = rest.split_at_mut(2);
-            let block = checked_u32("experts", experts.next_multiple_of(32).max(256))?;
-            let ints = [
-                checked_i32("tokens", n)?,
-                checked_i32("top-k", k)?,
-                checked_i32("experts", experts)?,
-                checked_i32("groups", g)?,
-                checked_i32("tokens", min_tokens)?,
-                checked_i32("tile", MMA_M)?,
-            ];
-            let func = dev.get_or_load_custom_func("moe_plan", MODULE, PTX)?;
-            let mut b = func.builder();
-            b.arg(&routing.buf).arg(row_of).arg(usage);
-            for v in &ints {
-                b.arg(v);
-            }
-            b.arg(&mut tab)
-                .arg(&mut tiles)
-                .arg(&mut live)
-                .arg(&mut comb);
-            let shared = checked_u32("experts", 2 * experts * 4)?;
-            // SAFETY: argument types and order match `moe_plan` (moe_plan.cuh).
-            unsafe { b.launch(launch_config((1, 1), block, shared)) }.w()?;
-        }
-        Ok(Plan {
-            buf,
-            layout,
-            gemv_groups: checked_u32("groups", g)?,
-            tile_rows: checked_u32("tiles", n_tiles)?,
-            all_gemv: false,
-        })
-    }
-
     /// The expert launches of `plan` on `xs`: per-assignment outputs, or with `sum_tokens`
     /// their per-token sums.
     fn launch(
@@ -491,58 +366,6 @@ impl StackedExperts {
     }
 }
 
-/// The most experts a layer may have for [`StackedExperts::forward_routed`] (`moe_plan` takes
-/// one thread per expert in one block).
-const PLAN_MAX_EXPERTS: usize = 1024;
-
-/// Where the parts of a launch's tables lie in its one u32 buffer (see kernels.cu): the table
-/// of `g` groups and `s` slots, the tiles, `live` (2 words), then the combine table of the
-/// per-token sums (empty without them).
-#[derive(Clone, Copy)]
-struct PlanLayout {
-    g: usize,
-    s: usize,
-    tiles_at: usize,
-    live_at: usize,
-    combine_at: usize,
-    len: usize,
-}
-
-impl PlanLayout {
-    fn new(g: usize, s: usize, tiles: usize, sum_tokens: usize) -> Result<Self> {
-        let tiles_at = 3 * g + 3 * s;
-        let live_at = tiles_at + 2 * tiles;
-        let combine_at = live_at + 2;
-        let len = combine_at
-            + if sum_tokens > 0 {
-                sum_tokens + 1 + s
-            } else {
-                0
-            };
-        checked_u32("table words", len)?;
-        Ok(Self {
-            g,
-            s,
-            tiles_at,
-            live_at,
-            combine_at,
-            len,
-        })
-    }
-}
-
-/// A launch's tables in device memory and the grids that cover them.
-struct Plan {
-    buf: CudaSlice<u32>,
-    layout: PlanLayout,
-    /// Block rows of the GEMV kernels (groups; those past `live[0]` return at once).
-    gemv_groups: u32,
-    /// Block rows of the tensor-core kernels (tiles; those past `live[1]` return at once).
-    tile_rows: u32,
-    /// Every group on the GEMVs, known on the host: batch-1's fused down applies.
-    all_gemv: bool,
-}
-
 /// The most experts a token may choose for batch-1 [`StackedExperts::forward_routed`]
 /// (`ROUTED1_MAX_K` in kernels.cu: the fused down keeps one expert per lane of a warp).
 const ROUTED1_MAX_K: usize = 32;
@@ -564,33 +387,6 @@ pub fn combine(n_tokens: usize, assignments: &[Assignment], ys: &Tensor) -> Resu
         launch_combine(dev, yv, &offsets, &idx, n_tokens, h)
     })?;
     Ok(Some(wrap(dev, sums, (n_tokens, h))))
-}
-
-/// The combine kernel's table: CSR offsets (`n_tokens + 1`) then each token's assignment
-/// indices ordered by expert id, by a counting sort (no per-token lists).
-fn combine_table(n_tokens: usize, assignments: &[Assignment]) -> Result<Vec<u32>> {
-    let mut offsets = vec![0u32; n_tokens + 1];
-    for a in assignments {
-        let slot = offsets.get_mut(a.token as usize + 1).ok_or_else(|| {
-            candle_core::Error::Msg(format!("token {} out of range {n_tokens}", a.token))
-        })?;
-        *slot += 1;
-    }
-    for t in 0..n_tokens {
-        offsets[t + 1] += offsets[t];
-    }
-    let mut by_expert: Vec<u32> = (0..checked_u32("assignments", assignments.len())?).collect();
-    by_expert.sort_by_key(|&i| assignments[i as usize].expert);
-    let mut fill = offsets[..n_tokens].to_vec();
-    let mut idx = vec![0u32; assignments.len()];
-    for i in by_expert {
-        let t = assignments[i as usize].token as usize;
-        idx[fill[t] as usize] = i;
-        fill[t] += 1;
-    }
-    let mut table = offsets;
-    table.extend(idx);
-    Ok(table)
 }
 
 fn launch_combine(
