@@ -33,7 +33,7 @@ const SPLIT_BLOCKS: usize = 2048;
 /// walks the whole cache, `decode_attention_bf16`): by the longest of `seqs` caches of `longest`
 /// positions (the new one included), so that short caches keep the one-block kernel and a graph
 /// captured for a split count serves a range of lengths.
-pub(crate) fn decode_splits(seqs: usize, heads: usize, longest: usize) -> usize {
+pub(super) fn decode_splits(seqs: usize, heads: usize, longest: usize) -> usize {
     let by_length = (longest / SPLIT_POSITIONS).min(MAX_SPLITS);
     let by_blocks = SPLIT_BLOCKS / (seqs * heads).max(1);
     match by_length.min(by_blocks) {

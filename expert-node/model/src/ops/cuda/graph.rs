@@ -35,8 +35,9 @@ pub struct DecodeTables {
     /// Every cache's `(kv_heads, head_dim)`.
     kv_shape: (usize, usize),
     written: bool,
-    /// Blocks per head of the decode-attention launches ([`super::decode_splits`]), chosen
-    /// when written: a graph captures the launches of one split count.
+    /// Blocks per head of the decode-attention launches
+    /// ([`super::attention::decode_splits`]), chosen when written: a graph captures the
+    /// launches of one split count.
     splits: usize,
 }
 
