@@ -29,5 +29,5 @@ pub use engine::{CudaGraph, Engine, EngineError};
 pub use omnishard_model::{
     ComputeDtype, KvCache, LogitsFor, Model, ModelError, Positions, SequenceInput, model,
 };
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{BatchRow, Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TextTokenizer};

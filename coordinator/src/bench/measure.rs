@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::Engine;
 use crate::engine::EngineError;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{BatchRow, Sampler, SamplingParams};
 
 /// Deterministic prompt ids in the vocabulary.
 pub fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
@@ -21,10 +21,25 @@ pub fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
         .collect()
 }
 
-/// The greedy token, chosen where the logits lie (on a GPU, only the id comes back).
-fn argmax(logits: &Tensor) -> Result<u32, EngineError> {
-    Ok(Sampler::new(SamplingParams::default())
-        .sample_tensor(logits, &[])
+/// Every row's greedy token, chosen where the logits lie, the rows together as the server
+/// draws a step's (on a GPU, only the ids come back).
+fn argmax(logits: &[Tensor]) -> Result<Vec<u32>, EngineError> {
+    let mut samplers: Vec<Sampler> = logits
+        .iter()
+        .map(|_| Sampler::new(SamplingParams::default()))
+        .collect();
+    let mut rows: Vec<BatchRow<'_>> = samplers
+        .iter_mut()
+        .zip(logits)
+        .map(|(sampler, logits)| BatchRow {
+            sampler,
+            logits,
+            history: &[],
+        })
+        .collect();
+    Ok(Sampler::sample_batch(&mut rows)
+        .into_iter()
+        .collect::<candle_core::Result<Vec<u32>>>()
         .map_err(omnishard_model::ModelError::from)?)
 }
 
@@ -50,7 +65,7 @@ pub fn decode_tok_s(
         })
         .collect();
     let logits = engine.forward(&mut inputs, LogitsFor::Last, &CallContext::default())?;
-    let mut next: Vec<u32> = logits.iter().map(argmax).collect::<Result<_, _>>()?;
+    let mut next = argmax(&logits)?;
     let mut started = Instant::now();
     for step in 0..warmup + steps {
         if step == warmup {
@@ -70,7 +85,7 @@ pub fn decode_tok_s(
             })
             .collect();
         let logits = engine.forward(&mut inputs, LogitsFor::Last, &CallContext::default())?;
-        next = logits.iter().map(argmax).collect::<Result<_, _>>()?;
+        next = argmax(&logits)?;
     }
     Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
 }

@@ -22,6 +22,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::Engine;
@@ -29,7 +30,7 @@ use crate::error::GenerationError;
 use crate::grammar::Constraint;
 use crate::kv_budget::{self, KvBudget};
 use crate::metrics::{Metrics, ThroughputLog};
-use crate::sampling::{SamplingParams, TokenLogprobs};
+use crate::sampling::{BatchRow, Sampler, SamplingParams, TokenLogprobs};
 use omnishard_model::CallContext;
 use omnishard_model::model::{LogitsFor, MediaSpan, Positions, SequenceInput};
 use sequence::{Sequence, admit, take_token};
@@ -448,6 +449,9 @@ fn step(
         }
     };
     let mut spawned: Vec<Sequence> = Vec::new();
+    // Who takes a token from which row, drawn together once every row is known.
+    let mut takers: Vec<(&mut Sequence, Tensor)> = Vec::with_capacity(selected.len());
+    let mut fork_rows: Vec<Tensor> = Vec::new();
     for (k, (seq, (_, tokens))) in selected.into_iter().zip(&chosen).enumerate() {
         let rows = &logits[k];
         let last = match rows
@@ -479,18 +483,34 @@ fn step(
         // Its prompt just computed, a request with more choices forks them now.
         let forks = (!seq.req.forks.is_empty()).then(|| std::mem::take(&mut seq.req.forks));
         if let Some(forks) = forks {
-            for mut fork in forks.into_iter().filter_map(|f| seq.fork(f)) {
+            for fork in forks.into_iter().filter_map(|f| seq.fork(f)) {
                 if let Some(lp) = &prompt_logprobs {
                     let _ = fork.req.events.send(Event::PromptLogprobs(lp.clone()));
                 }
-                take_token(&mut fork, &last, metrics);
                 spawned.push(fork);
+                fork_rows.push(last.clone());
             }
         }
         if let Some(lp) = prompt_logprobs {
             let _ = seq.req.events.send(Event::PromptLogprobs(lp));
         }
-        take_token(seq, &last, metrics);
+        takers.push((seq, last));
+    }
+    let mut takers: Vec<(&mut Sequence, Tensor)> =
+        spawned.iter_mut().zip(fork_rows).chain(takers).collect();
+    let tokens = {
+        let mut rows: Vec<BatchRow<'_>> = takers
+            .iter_mut()
+            .map(|(seq, last)| BatchRow {
+                sampler: &mut seq.sampler,
+                logits: last,
+                history: &seq.history,
+            })
+            .collect();
+        Sampler::sample_batch(&mut rows)
+    };
+    for ((seq, last), token) in takers.into_iter().zip(tokens) {
+        take_token(seq, token, &last, metrics);
     }
     active.extend(spawned);
     active.retain(|s| !s.done);

@@ -209,9 +209,15 @@ pub(super) fn admit(seq: (GenerationRequest, Instant), metrics: &Metrics) -> Seq
     }
 }
 
-/// Draws `seq`'s next token from its row of logits and sends it on (or ends the sequence).
-pub(super) fn take_token(seq: &mut Sequence, logits: &Tensor, metrics: &Metrics) {
-    let token = match seq.sampler.sample_tensor(logits, &seq.history) {
+/// Gives `seq` the token drawn from its row of `logits` (the scheduler draws a step's rows
+/// together) and sends it on, or ends the sequence.
+pub(super) fn take_token(
+    seq: &mut Sequence,
+    token: candle_core::Result<u32>,
+    logits: &Tensor,
+    metrics: &Metrics,
+) {
+    let token = match token {
         Ok(token) => token,
         Err(e) => {
             seq.fail(&format!("cannot sample from the logits: {e}"));

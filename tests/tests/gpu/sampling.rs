@@ -4,7 +4,7 @@
 //! logits, ties beyond the cap go back to the host, and Gumbel-max draws follow the softmax.
 
 use candle_core::{Device, Tensor};
-use omnishard_coordinator::{Sampler, SamplingParams};
+use omnishard_coordinator::{BatchRow, Sampler, SamplingParams};
 use omnishard_model::ops::cuda;
 use omnishard_model::ops::sampling::{DEVICE_CANDIDATES, DeviceDraw, RowSampling};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -206,4 +206,80 @@ fn gumbel_draws_follow_the_softmax() {
             .collect::<Vec<_>>()
     };
     assert_eq!(again(5), again(5), "a seed repeats its draws");
+}
+
+#[test]
+fn a_batch_of_rows_draws_what_each_row_draws_alone() {
+    let dev = gpu();
+    let vocab = 151_937;
+    // Rows of one [n, vocab] tensor, as a step's logits are, each with other settings: greedy,
+    // penalised greedy, Gumbel, top-k and top-p candidates, a penalised top-k.
+    let rows: Vec<Vec<f32>> = (0..6).map(|r| random_row(vocab, 20 + r)).collect();
+    let flat: Vec<f32> = rows.concat();
+    let all = Tensor::from_vec(flat, (rows.len(), vocab), &dev).expect("logits on the GPU");
+    let logits: Vec<Tensor> = (0..rows.len())
+        .map(|r| all.narrow(0, r, 1).expect("row"))
+        .collect();
+    let history: Vec<u32> = vec![5, 997, 1994, 40_000, 151_936];
+    let params = [
+        SamplingParams::default(),
+        SamplingParams {
+            repetition_penalty: 1.7,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
+            seed: 4,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: Some(40),
+            seed: 9,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            seed: 2,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: Some(5),
+            repetition_penalty: 1.3,
+            seed: 3,
+            ..Default::default()
+        },
+    ];
+    for step in 0..8 {
+        let mut batch: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
+        let mut alone: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
+        for _ in 0..step {
+            // Advance every random stream alike: later draws use later keys.
+            for (b, a) in batch.iter_mut().zip(alone.iter_mut()) {
+                b.sample_tensor(&logits[0], &history).expect("draw");
+                a.sample_tensor(&logits[0], &history).expect("draw");
+            }
+        }
+        let mut rows: Vec<BatchRow<'_>> = batch
+            .iter_mut()
+            .zip(&logits)
+            .map(|(sampler, logits)| BatchRow {
+                sampler,
+                logits,
+                history: &history,
+            })
+            .collect();
+        let together: Vec<u32> = Sampler::sample_batch(&mut rows)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("batch draw");
+        let one_by_one: Vec<u32> = alone
+            .iter_mut()
+            .zip(&logits)
+            .map(|(s, l)| s.sample_tensor(l, &history).expect("draw"))
+            .collect();
+        assert_eq!(together, one_by_one, "step {step}");
+    }
 }

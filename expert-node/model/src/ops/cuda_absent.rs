@@ -219,6 +219,10 @@ pub fn sample_row(_logits: &Tensor, _req: &RowSampling<'_>) -> Result<Option<Dev
     Ok(None)
 }
 
+pub fn sample_rows(_rows: &[(&Tensor, RowSampling<'_>)]) -> Result<Option<Vec<DeviceDraw>>> {
+    Ok(None)
+}
+
 pub const GEMV_MAX_ROWS: usize = 4;
 
 pub fn gemv(_x: &Tensor, _w: &Tensor) -> Result<Option<Tensor>> {

@@ -14,6 +14,7 @@ mod ipc;
 mod moe;
 mod router;
 mod sample;
+mod side;
 mod staging;
 
 pub use attention::{CacheBuffers, causal_softmax, decode_attention};
@@ -25,7 +26,7 @@ pub use moe::{StackedExperts, combine};
 pub use router::{
     DeviceRouting, RouterTicket, router_gate_topk1, router_topk, router_topk_on_device,
 };
-pub use sample::sample_row;
+pub use sample::{sample_row, sample_rows};
 pub use staging::{IpcStaging, StagedRows};
 
 use candle_core::cuda_backend::WrapErr;
@@ -51,11 +52,7 @@ pub fn bf16_device(t: &Tensor) -> Option<&CudaDevice> {
 /// The kernels load 16 bytes at a time, so a view that does not start on a 16-byte boundary is
 /// copied first.
 fn with_view<R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, bf16>) -> Result<R>) -> Result<R> {
-    let t = if t.is_contiguous() && t.layout().start_offset().is_multiple_of(8) {
-        t.clone()
-    } else {
-        t.force_contiguous()?
-    };
+    let t = aligned(t)?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
         bail!("expected a CUDA tensor, got {:?}", t.device())
@@ -63,6 +60,15 @@ fn with_view<R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, bf16>) -> Result<R>) ->
     let slice = s.as_cuda_slice::<bf16>()?;
     let start = layout.start_offset();
     f(&slice.slice(start..start + t.elem_count()))
+}
+
+/// `t` itself when it is contiguous from a 16-byte boundary (as bf16), else a copy that is.
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset().is_multiple_of(8) {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
 }
 
 /// A fresh bf16 tensor of `shape` from device memory a kernel has filled.

@@ -6,13 +6,16 @@
 //! numerics.
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, PushKernelArg};
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 use half::bf16;
 
+use super::side;
 use super::{
-    DeviceRouting, MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, upload,
-    with_view, wrap,
+    DeviceRouting, MODULE, PTX, aligned, bf16_device, checked_i32, checked_u32, launch_config,
+    upload, with_view, wrap,
 };
 use crate::experts::Assignment;
 
@@ -294,7 +297,10 @@ impl StackedExperts {
         // the gate/up kernels; likewise every row of `out` by one of the down kernels.
         let mut act = unsafe { dev.alloc::<bf16>(s * i) }?;
         let mut out = unsafe { dev.alloc::<bf16>(s * h) }?;
-        let launch = |name: &str,
+        // Read in place by kernels on two streams, so no copy may be made (and freed) inside.
+        let xs = aligned(xs)?;
+        let launch = |stream: &Arc<CudaStream>,
+                      name: &str,
                       input: &CudaView<'_, bf16>,
                       weights: &CudaView<'_, bf16>,
                       out: &mut CudaSlice<bf16>,
@@ -305,7 +311,7 @@ impl StackedExperts {
                 return Ok(());
             }
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let mut b = func.builder();
+            let mut b = stream.launch_builder(&func);
             b.arg(input).arg(weights).arg(tab);
             for size in &sizes {
                 b.arg(size);
@@ -320,19 +326,21 @@ impl StackedExperts {
             Ok(())
         };
         let rows = |n: usize, per: usize| n.div_ceil(per) as u32;
-        with_view(xs, |xv| {
-            with_view(&self.w13, |wv| {
-                let gemv = (rows(i, WARPS), plan.gemv_groups);
-                launch("moe_gate_up_bf16", xv, wv, &mut act, gemv, false)?;
-                let tiled = (rows(i, MMA_N), plan.tile_rows);
-                launch("moe_gate_up_mma_bf16", xv, wv, &mut act, tiled, true)
-            })
-        })?;
-        let act_view = act.slice(..);
+        let main = dev.cuda_stream();
+        let (gemv_up, tiled_up) = (
+            (rows(i, WARPS), plan.gemv_groups),
+            (rows(i, MMA_N), plan.tile_rows),
+        );
         if sum_tokens == Some(1) && plan.all_gemv {
+            with_view(&xs, |xv| {
+                with_view(&self.w13, |wv| {
+                    launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv_up, false)
+                })
+            })?;
             // Batch-1 decode: down, weight and sum in one launch (the same bits).
             // SAFETY: the kernel writes every element of the one token's row.
             let mut sums = unsafe { dev.alloc::<bf16>(h) }?;
+            let act_view = act.slice(..);
             with_view(&self.w2, |wv| {
                 let func = dev.get_or_load_custom_func("moe_down_combine1_bf16", MODULE, PTX)?;
                 let mut b = func.builder();
@@ -348,12 +356,59 @@ impl StackedExperts {
             })?;
             return Ok(wrap(dev, sums, (1, h)));
         }
-        with_view(&self.w2, |wv| {
-            let gemv = (rows(h, WARPS), plan.gemv_groups);
-            launch("moe_down_bf16", &act_view, wv, &mut out, gemv, false)?;
-            let tiled = (rows(h, MMA_N), plan.tile_rows);
-            launch("moe_down_mma_bf16", &act_view, wv, &mut out, tiled, true)
+        // The GEMV groups on the main stream, the tiles beside them when there are both: each
+        // writes its own slots' rows of `act` and `out`, so the two chains are independent.
+        let side_stream = match (plan.gemv_groups, plan.tile_rows) {
+            (0, _) | (_, 0) => None,
+            _ => Some(side::side(dev)?),
+        };
+        let beside = side_stream
+            .as_deref()
+            .map(|side| side::fork(dev, side))
+            .transpose()?;
+        let tile_stream = beside.as_ref().map_or(&main, |b| b.stream());
+        let (gemv_down, tiled_down) = (
+            (rows(h, WARPS), plan.gemv_groups),
+            (rows(h, MMA_N), plan.tile_rows),
+        );
+        with_view(&xs, |xv| {
+            with_view(&self.w13, |wv| {
+                launch(
+                    tile_stream,
+                    "moe_gate_up_mma_bf16",
+                    xv,
+                    wv,
+                    &mut act,
+                    tiled_up,
+                    true,
+                )?;
+                launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv_up, false)
+            })
         })?;
+        let act_view = act.slice(..);
+        with_view(&self.w2, |wv| {
+            launch(
+                tile_stream,
+                "moe_down_mma_bf16",
+                &act_view,
+                wv,
+                &mut out,
+                tiled_down,
+                true,
+            )?;
+            launch(
+                &main,
+                "moe_down_bf16",
+                &act_view,
+                wv,
+                &mut out,
+                gemv_down,
+                false,
+            )
+        })?;
+        if let Some(beside) = beside {
+            beside.join()?;
+        }
         match sum_tokens {
             None => Ok(wrap(dev, out, (s, h))),
             Some(n) => {

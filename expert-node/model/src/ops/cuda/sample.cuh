@@ -1,6 +1,8 @@
-// Choosing the next token on the GPU from one row of f32 logits (included by kernels.cu; the Rust
-// side is ops/cuda/sample.rs, the host sampler the coordinator's sampling.rs). Every reduction
-// has one fixed order (fixed grid and block sizes), so a run repeats its bits.
+// Choosing the next token on the GPU from rows of f32 logits, every row of a decode step in the
+// same two launches (blockIdx.y is the row; included by kernels.cu; the Rust side is
+// ops/cuda/sample.rs, the host sampler the coordinator's sampling.rs). Every reduction has one
+// fixed order (fixed grid sizes; the argmax does not depend on the block size), so a row's
+// result does not depend on the other rows or on the run.
 //
 // Steps, each over the whole vocabulary:
 // 1. z = a copy of the logits with the CTRL repetition penalty (Keskar et al. 2019) applied to the
@@ -15,8 +17,38 @@
 //    on order-preserving keys (Alabi et al. 2012, "Fast k-selection algorithms for GPUs"), copied
 //    out so the host can finish top-k / top-p exactly on a short sorted list.
 //
-// out: [0] the token of step 2 or 3, [1] candidates found (may exceed cap), [2] max z (bits),
-// [3] sum of exp((z - max) / T) (bits), then cap candidate values (bits), then cap indices.
+// Per row, its header: [0] the token of step 2 or 3, [1] candidates found (may exceed cap),
+// [2] max z (bits), [3] sum of exp((z - max) / T) (bits); and its candidates: cap values (bits),
+// then cap indices.
+
+// One row's settings, SAMPLE_ROW_WORDS 64-bit words each in the table the kernels take as a
+// parameter, SAMPLE_ROWS rows per launch (sample.rs writes it; a parameter, not an upload, so
+// nothing waits for the stream before the launch): the address of its z, the Gumbel key, the
+// temperature's bits, `top`, and flags (1: Gumbel draw, 2: hand back candidates).
+#define SAMPLE_ROW_WORDS 5
+#define SAMPLE_ROWS 32
+struct SampleTable {
+    unsigned long long w[SAMPLE_ROW_WORDS * SAMPLE_ROWS];
+};
+struct SampleRow {
+    const float* z;
+    unsigned long long key;
+    float temperature;
+    int top;
+    bool gumbel;
+    bool candidates;
+};
+__device__ __forceinline__ SampleRow sample_row_at(const SampleTable& rows, int r) {
+    const unsigned long long* w = rows.w + r * SAMPLE_ROW_WORDS;
+    SampleRow p;
+    p.z = reinterpret_cast<const float*>(w[0]);
+    p.key = w[1];
+    p.temperature = __uint_as_float((uint32_t)w[2]);
+    p.top = (int)w[3];
+    p.gumbel = (w[4] & 1) != 0;
+    p.candidates = (w[4] & 2) != 0;
+    return p;
+}
 
 
 __device__ __forceinline__ uint32_t order_key(float v) {
@@ -78,15 +110,16 @@ extern "C" __global__ void sample_penalize_f32(const float* __restrict__ logits,
     z[t] = l > 0.f ? l / penalty : l * penalty;
 }
 
-// Per block: the argmax of z (or with `gumbel` of the Gumbel scores) over a grid-stride slice,
-// written as (value bits, index) to partial[2 * block].
-extern "C" __global__ void sample_argmax_partial_f32(const float* __restrict__ z, int V, float temperature,
-                                                     unsigned long long key, int gumbel,
+// Per block of row blockIdx.y (of the launch's rows): the argmax of its z (or with `gumbel` of the Gumbel scores) over
+// a grid-stride slice, written as (value bits, index) to partial[2 * (row * gridDim.x + block)].
+extern "C" __global__ void sample_argmax_partial_f32(const SampleTable rows, int V,
                                                      uint32_t* __restrict__ partial) {
+    const SampleRow p = sample_row_at(rows, blockIdx.y);
+    const float* __restrict__ z = p.z;
     float best = -INFINITY;
     uint32_t at = 0xffffffffu;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += gridDim.x * blockDim.x) {
-        const float v = gumbel ? gumbel_score(z[i], temperature, key, i) : z[i];
+        const float v = p.gumbel ? gumbel_score(z[i], p.temperature, p.key, i) : z[i];
         if (v > best || at == 0xffffffffu) {
             best = v;
             at = i;
@@ -94,16 +127,24 @@ extern "C" __global__ void sample_argmax_partial_f32(const float* __restrict__ z
     }
     block_argmax(best, at);
     if (threadIdx.x == 0) {
-        partial[2 * blockIdx.x] = __float_as_uint(best);
-        partial[2 * blockIdx.x + 1] = at;
+        const size_t b = (size_t)blockIdx.y * gridDim.x + blockIdx.x;
+        partial[2 * b] = __float_as_uint(best);
+        partial[2 * b + 1] = at;
     }
 }
 
-// One block: the token from the blocks' partial argmaxes; then, for sampling restricted by top-k
-// or top-p, the softmax denominator and the `top` largest z (see the header).
-extern "C" __global__ void sample_row_f32(const float* __restrict__ z, int V, const uint32_t* __restrict__ partial,
-                                          int n_partial, float temperature, int top, int cap, int candidates,
-                                          uint32_t* __restrict__ out) {
+// One block per row: the token from the row's partial argmaxes; then, for sampling restricted by
+// top-k or top-p, the softmax denominator and the `top` largest z (see the header). The block has
+// 1,024 threads when any row wants candidates; the argmax is the same with any number.
+extern "C" __global__ void sample_row_f32(const SampleTable rows, int V,
+                                          const uint32_t* __restrict__ partial, int n_partial, int cap,
+                                          uint32_t* __restrict__ headers, uint32_t* __restrict__ candidates) {
+    const SampleRow p = sample_row_at(rows, blockIdx.y);
+    const float* __restrict__ z = p.z;
+    const float temperature = p.temperature;
+    const int top = p.top;
+    uint32_t* out = headers + 4 * (size_t)blockIdx.y;
+    partial += 2 * (size_t)blockIdx.y * n_partial;
     const int tid = threadIdx.x;
     float best = -INFINITY;
     uint32_t at = 0xffffffffu;
@@ -116,7 +157,7 @@ extern "C" __global__ void sample_row_f32(const float* __restrict__ z, int V, co
         }
     }
     block_argmax(best, at);
-    if (!candidates) {
+    if (!p.candidates) {
         if (tid == 0) {
             out[0] = at;
             out[1] = 0;
@@ -163,8 +204,8 @@ extern "C" __global__ void sample_row_f32(const float* __restrict__ z, int V, co
         __syncthreads();
     }
     const uint32_t threshold = prefix_s;
-    uint32_t* values = out + 4;
-    uint32_t* indices = out + 4 + cap;
+    uint32_t* values = candidates + 2 * (size_t)blockIdx.y * cap;
+    uint32_t* indices = values + cap;
     for (int i = tid; i < V; i += blockDim.x) {
         if (order_key(z[i]) >= threshold) {
             const uint32_t slot = atomicAdd(&found, 1u);

@@ -4,7 +4,7 @@
 //! back for greedy and Gumbel draws, at most [`DEVICE_CANDIDATES`] pairs otherwise.
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, PushKernelArg};
 use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
 
 use super::{MODULE, PTX, checked_i32, checked_u32, launch_config};
@@ -17,87 +17,155 @@ const PARTIAL_BLOCKS: usize = 264;
 const THREADS: u32 = 256;
 /// Threads of the one-block finish (radix select over the vocabulary).
 const FINISH_THREADS: u32 = 1024;
-/// The result header: token, candidates found, max, denominator.
+/// A row's result header: token, candidates found, max, denominator.
 const HEADER: usize = 4;
+/// 64-bit words per row of the settings table (`SAMPLE_ROW_WORDS` in sample.cuh).
+const ROW_WORDS: usize = 5;
+/// Rows per launch: the table is a kernel parameter of this many rows (`SAMPLE_ROWS`).
+const TABLE_ROWS: usize = 32;
 
 /// Samples one row of f32 logits (`[vocab]` or `[1, vocab]`) on its GPU; `None` when the logits
 /// are not an f32 CUDA tensor (the host samples).
 pub fn sample_row(logits: &Tensor, req: &RowSampling<'_>) -> Result<Option<DeviceDraw>> {
-    let candle_core::Device::Cuda(dev) = logits.device() else {
+    Ok(sample_rows(&[(logits, *req)])?.and_then(|mut draws| draws.pop()))
+}
+
+/// Samples every row (each `[vocab]` or `[1, vocab]` f32 logits) on their GPU in the same
+/// launches, with one copy back for all of them (and one per row that hands back candidates):
+/// a decode step's batch costs about what one row does. `None` when the rows are not all f32
+/// on one CUDA device (the host samples). Each row's draw is what it would be alone.
+pub fn sample_rows(rows: &[(&Tensor, RowSampling<'_>)]) -> Result<Option<Vec<DeviceDraw>>> {
+    let Some((first, _)) = rows.first() else {
+        return Ok(Some(Vec::new()));
+    };
+    let candle_core::Device::Cuda(dev) = first.device() else {
         return Ok(None);
     };
-    if logits.dtype() != DType::F32 {
+    if rows
+        .iter()
+        .any(|(t, _)| t.dtype() != DType::F32 || !t.device().same_device(first.device()))
+    {
         return Ok(None);
     }
-    let logits = logits.flatten_all()?.contiguous()?;
-    let vocab = logits.elem_count();
+    let vocab = first.elem_count();
     if vocab == 0 {
         candle_core::bail!("no logits to sample from");
     }
-    let penalized = !req.penalized.is_empty() && req.penalty != 1.0;
-    // The penalty writes into a copy; without one the kernels read the logits themselves.
-    let z = if penalized {
-        logits.copy()?
-    } else {
-        logits.clone()
-    };
+    if let Some((t, _)) = rows.iter().find(|(t, _)| t.elem_count() != vocab) {
+        candle_core::bail!(
+            "rows of logits differ in length: {} and {vocab}",
+            t.elem_count()
+        );
+    }
     let v_i = checked_i32("vocabulary", vocab)?;
-    let (storage, layout) = z.storage_and_layout();
-    let zv = f32_view(&storage, layout.start_offset(), vocab)?;
-    if penalized {
-        let (source, source_layout) = logits.storage_and_layout();
-        let lv = f32_view(&source, source_layout.start_offset(), vocab)?;
-        penalize(dev, &lv, &zv, v_i, req.penalized, req.penalty)?;
+    // Each row's z: its logits, or with a penalty a copy that the penalty writes into.
+    let mut zs = Vec::with_capacity(rows.len());
+    for (logits, req) in rows {
+        let logits = logits.flatten_all()?.contiguous()?;
+        if req.penalized.is_empty() || req.penalty == 1.0 {
+            zs.push(logits);
+            continue;
+        }
+        let z = logits.copy()?;
+        {
+            let (source, source_layout) = logits.storage_and_layout();
+            let lv = f32_view(&source, source_layout.start_offset(), vocab)?;
+            let (storage, layout) = z.storage_and_layout();
+            let zv = f32_view(&storage, layout.start_offset(), vocab)?;
+            penalize(dev, &lv, &zv, v_i, req.penalized, req.penalty)?;
+        }
+        zs.push(z);
     }
-    let candidates = req.temperature > 0.0 && req.gumbel_key.is_none();
     let cap = DEVICE_CANDIDATES;
-    // SAFETY: the partial kernel writes every block's pair; the finish writes the header and the
-    // first `found` candidates, the only parts read back.
-    let mut partial = unsafe { dev.alloc::<u32>(2 * PARTIAL_BLOCKS) }?;
-    let mut out = unsafe { dev.alloc::<u32>(HEADER + 2 * cap) }?;
-    let key = req.gumbel_key.unwrap_or(0);
-    let gumbel = i32::from(req.gumbel_key.is_some());
-    let func = dev.get_or_load_custom_func("sample_argmax_partial_f32", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&zv)
-        .arg(&v_i)
-        .arg(&req.temperature)
-        .arg(&key)
-        .arg(&gumbel);
-    b.arg(&mut partial);
-    let blocks = checked_u32("blocks", PARTIAL_BLOCKS)?;
-    // SAFETY: argument types and order match `sample_argmax_partial_f32` (sample.cuh).
-    unsafe { b.launch(launch_config((blocks, 1), THREADS, 0)) }.w()?;
-
-    let top = req.top.clamp(1, cap);
-    let (top_i, cap_i) = (checked_i32("top", top)?, checked_i32("cap", cap)?);
-    let n_partial = checked_i32("blocks", PARTIAL_BLOCKS)?;
-    let candidates_i = i32::from(candidates);
-    let func = dev.get_or_load_custom_func("sample_row_f32", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&zv).arg(&v_i).arg(&partial).arg(&n_partial);
-    b.arg(&req.temperature)
-        .arg(&top_i)
-        .arg(&cap_i)
-        .arg(&candidates_i);
-    b.arg(&mut out);
-    let threads = if candidates { FINISH_THREADS } else { THREADS };
-    // SAFETY: argument types and order match `sample_row_f32` (sample.cuh).
-    unsafe { b.launch(launch_config((1, 1), threads, 0)) }.w()?;
-
-    let header = dev.clone_dtoh(&out.slice(..HEADER))?;
-    let (token, found, total) = (header[0], header[1], header[3]);
-    if !candidates {
-        return Ok(Some(DeviceDraw::Token(token)));
+    let stream = dev.cuda_stream();
+    let n = rows.len();
+    let wants_candidates =
+        |req: &RowSampling<'_>| req.temperature > 0.0 && req.gumbel_key.is_none();
+    let any_candidates = rows.iter().any(|(_, req)| wants_candidates(req));
+    // SAFETY: the partial kernel writes every block's pair of every row; the finish writes every
+    // row's header and the first `found` candidates of the rows that want them, the only parts
+    // read back.
+    let mut partial = unsafe { dev.alloc::<u32>(2 * PARTIAL_BLOCKS * n) }?;
+    let mut headers = unsafe { dev.alloc::<u32>(HEADER * n) }?;
+    let mut candidates = unsafe { dev.alloc::<u32>(if any_candidates { 2 * cap * n } else { 1 }) }?;
+    let (blocks, n_partial, cap_i) = (
+        checked_u32("blocks", PARTIAL_BLOCKS)?,
+        checked_i32("blocks", PARTIAL_BLOCKS)?,
+        checked_i32("cap", cap)?,
+    );
+    let partial_fn = dev.get_or_load_custom_func("sample_argmax_partial_f32", MODULE, PTX)?;
+    let finish_fn = dev.get_or_load_custom_func("sample_row_f32", MODULE, PTX)?;
+    let threads = if any_candidates {
+        FINISH_THREADS
+    } else {
+        THREADS
+    };
+    for (chunk, group) in zs
+        .chunks(TABLE_ROWS)
+        .zip(rows.chunks(TABLE_ROWS))
+        .enumerate()
+    {
+        let first = chunk * TABLE_ROWS;
+        let mut table = [0u64; ROW_WORDS * TABLE_ROWS];
+        for (r, (z, (_, req))) in group.0.iter().zip(group.1).enumerate() {
+            let (storage, layout) = z.storage_and_layout();
+            let zv = f32_view(&storage, layout.start_offset(), vocab)?;
+            let (address, _sync) = zv.device_ptr(&stream);
+            let flags =
+                u64::from(req.gumbel_key.is_some()) | (u64::from(wants_candidates(req)) << 1);
+            table[r * ROW_WORDS..(r + 1) * ROW_WORDS].copy_from_slice(&[
+                address,
+                req.gumbel_key.unwrap_or(0),
+                u64::from(req.temperature.to_bits()),
+                req.top.clamp(1, cap) as u64,
+                flags,
+            ]);
+        }
+        let n_rows = checked_u32("rows", group.1.len())?;
+        let mut part = partial.slice_mut(2 * PARTIAL_BLOCKS * first..);
+        let mut b = partial_fn.builder();
+        b.arg(&table).arg(&v_i).arg(&mut part);
+        // SAFETY: argument types and order match `sample_argmax_partial_f32` (sample.cuh; the
+        // table is its `SampleTable`); each row's address names `vocab` f32 values kept alive in
+        // `zs` until the results are read back.
+        unsafe { b.launch(launch_config((blocks, n_rows), THREADS, 0)) }.w()?;
+        let part = partial.slice(2 * PARTIAL_BLOCKS * first..);
+        let mut head = headers.slice_mut(HEADER * first..);
+        let mut cand = if any_candidates {
+            candidates.slice_mut(2 * cap * first..)
+        } else {
+            candidates.slice_mut(..)
+        };
+        let mut b = finish_fn.builder();
+        b.arg(&table)
+            .arg(&v_i)
+            .arg(&part)
+            .arg(&n_partial)
+            .arg(&cap_i);
+        b.arg(&mut head).arg(&mut cand);
+        // SAFETY: argument types and order match `sample_row_f32` (sample.cuh).
+        unsafe { b.launch(launch_config((1, n_rows), threads, 0)) }.w()?;
     }
-    let found = found as usize;
-    if found > cap {
-        return Ok(Some(DeviceDraw::TooManyTies));
+
+    let header = dev.clone_dtoh(&headers)?;
+    let mut draws = Vec::with_capacity(n);
+    for (r, (_, req)) in rows.iter().enumerate() {
+        let h = &header[r * HEADER..(r + 1) * HEADER];
+        let (token, found, total) = (h[0], h[1] as usize, h[3]);
+        draws.push(if !wants_candidates(req) {
+            DeviceDraw::Token(token)
+        } else if found > cap {
+            DeviceDraw::TooManyTies
+        } else {
+            DeviceDraw::Candidates {
+                sorted: read_candidates(dev, &candidates, r * 2 * cap, found, cap)?,
+                total: f32::from_bits(total),
+            }
+        });
     }
-    Ok(Some(DeviceDraw::Candidates {
-        sorted: read_candidates(dev, &out, found, cap)?,
-        total: f32::from_bits(total),
-    }))
+    // The kernels have run (the copy above waited for them): the z copies may go.
+    drop(zs);
+    Ok(Some(draws))
 }
 
 /// `len` f32 values of CUDA storage from `start`.
@@ -134,15 +202,17 @@ fn penalize(
     Ok(())
 }
 
-/// The first `found` candidates of `out`, sorted by descending logit then ascending id.
+/// The first `found` candidates of the row whose values start at `at` in `out`, sorted by
+/// descending logit then ascending id.
 fn read_candidates(
     dev: &CudaDevice,
     out: &CudaSlice<u32>,
+    at: usize,
     found: usize,
     cap: usize,
 ) -> Result<Vec<(u32, f32)>> {
-    let values = dev.clone_dtoh(&out.slice(HEADER..HEADER + found))?;
-    let ids = dev.clone_dtoh(&out.slice(HEADER + cap..HEADER + cap + found))?;
+    let values = dev.clone_dtoh(&out.slice(at..at + found))?;
+    let ids = dev.clone_dtoh(&out.slice(at + cap..at + cap + found))?;
     let mut sorted: Vec<(u32, f32)> = ids
         .into_iter()
         .zip(values.into_iter().map(f32::from_bits))
