@@ -36,23 +36,30 @@ struct Row {
 fn measure_engine(engine: &Engine, name: String, args: &BenchArgs) -> anyhow::Result<Row> {
     let quick = args.quick;
     let (b1_steps, b32_steps, b128_steps) = if quick { (8, 3, 2) } else { (48, 12, 6) };
-    // Where a remote layer call's time goes, per phase (the warm-up steps included).
+    // Where a remote layer call's time goes, per phase: the timed decode steps (what the
+    // warm-up steps left is dropped as the timed ones begin: first calls map IPC buffers and
+    // load kernels), every round of the prefill.
     let profile = |phase: &str| {
         if let Some(remote) = engine.remote() {
             eprintln!("bench: {name}: {phase}: {}", remote.take_profile());
+        }
+    };
+    let drop_warmup = || {
+        if let Some(remote) = engine.remote() {
+            remote.take_profile();
         }
     };
     profile("start-up");
     let b128 = if args.scaling_gpus.is_empty() {
         None
     } else {
-        let b128 = measure::decode_tok_s(engine, 128, 16, 2, b128_steps)?;
+        let b128 = measure::decode_tok_s(engine, 128, 16, 2, b128_steps, drop_warmup)?;
         profile("b128 decode");
         Some(b128)
     };
-    let b1 = measure::decode_tok_s(engine, 1, 16, 4, b1_steps)?;
+    let b1 = measure::decode_tok_s(engine, 1, 16, 4, b1_steps, drop_warmup)?;
     profile("b1 decode");
-    let b32 = measure::decode_tok_s(engine, 32, 16, 2, b32_steps)?;
+    let b32 = measure::decode_tok_s(engine, 32, 16, 2, b32_steps, drop_warmup)?;
     profile("b32 decode");
     let prefill = measure::prefill_tok_s(engine, 512, if quick { 2 } else { 4 })?;
     profile("prefill 512");
@@ -153,7 +160,7 @@ pub fn run(
     // (the rows above decode after 16 tokens). Not fatal: a prefill of this length may not fit
     // a smaller GPU, and the figures after it should not be lost to that.
     let steps = if args.quick { 4 } else { 16 };
-    let b1_long = match measure::decode_tok_s(&engine, 1, LONG_PROMPT, 2, steps) {
+    let b1_long = match measure::decode_tok_s(&engine, 1, LONG_PROMPT, 2, steps, || {}) {
         Ok(tok_s) => {
             eprintln!("bench: in-process, b1 after a {LONG_PROMPT}-token prompt: {tok_s:.1} tok/s");
             Some(tok_s)

@@ -44,13 +44,15 @@ fn argmax(logits: &[Tensor]) -> Result<Vec<u32>, EngineError> {
 }
 
 /// Decode tokens per second of `batch` sequences decoding together (greedy), after a
-/// `prompt_len`-token prompt each and `warmup` untimed steps; `steps` timed steps.
+/// `prompt_len`-token prompt each and `warmup` untimed steps; `steps` timed steps. `timed` is
+/// called once, as the timed steps begin (to drop what the warm-up left in a profile).
 pub fn decode_tok_s(
     engine: &Engine,
     batch: usize,
     prompt_len: usize,
     warmup: usize,
     steps: usize,
+    mut timed: impl FnMut(),
 ) -> Result<f64, EngineError> {
     let vocab = engine.config().vocab_size;
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt(prompt_len, vocab, b)).collect();
@@ -69,6 +71,7 @@ pub fn decode_tok_s(
     let mut started = Instant::now();
     for step in 0..warmup + steps {
         if step == warmup {
+            timed();
             started = Instant::now();
         }
         let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();

@@ -239,8 +239,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         "in-process decode (batch 1 and 32) and 512-token prefill",
     );
     let engine = Engine::load_local_from(&ckpt, &cfg, args.dtype, &candle_core::Device::Cpu)?;
-    let b1 = measure::decode_tok_s(&engine, 1, 16, 2, sizes.b1_steps)?;
-    let b32 = measure::decode_tok_s(&engine, 32, 16, 1, sizes.b32_steps)?;
+    let b1 = measure::decode_tok_s(&engine, 1, 16, 2, sizes.b1_steps, || {})?;
+    let b32 = measure::decode_tok_s(&engine, 32, 16, 1, sizes.b32_steps, || {})?;
     let prefill = measure::prefill_tok_s(&engine, 512, sizes.prefill_rounds)?;
     drop(engine);
     let bound_s = active_bytes_per_token(&cfg, args.dtype) / bandwidth;
@@ -336,8 +336,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
             opts.clone(),
             false,
         )?;
-        let c1 = measure::decode_tok_s(&engine, 1, 16, 2, sizes.b1_steps)?;
-        let c32 = measure::decode_tok_s(&engine, 32, 16, 1, sizes.b32_steps)?;
+        let c1 = measure::decode_tok_s(&engine, 1, 16, 2, sizes.b1_steps, || {})?;
+        let c32 = measure::decode_tok_s(&engine, 32, 16, 1, sizes.b32_steps, || {})?;
         eprintln!("bench: {count} node(s): batch 1 {c1:.2} tok/s, batch 32 {c32:.2} tok/s");
         clusters.push((count, c1, c32));
     }
