@@ -117,6 +117,12 @@ pub struct BatchRow<'a> {
     pub history: &'a [u32],
 }
 
+/// Rows of a step the device draws together (their indices, and what each asks of it).
+struct DeviceGroup<'a> {
+    rows: Vec<usize>,
+    requests: Vec<(&'a Tensor, RowSampling<'a>)>,
+}
+
 /// Per-sequence sampler state (its random stream, and the grammar the answer must follow).
 pub struct Sampler {
     params: SamplingParams,
@@ -196,37 +202,52 @@ impl Sampler {
     /// batch of launches with one copy back (on a GPU, drawing rows one by one cost ~30 µs each:
     /// ~1 ms of a 32-sequence step). Every row's token is the one it would get alone.
     pub fn sample_batch(rows: &mut [BatchRow<'_>]) -> Vec<candle_core::Result<u32>> {
-        let mut on_device = Vec::new();
-        let mut requests = Vec::new();
+        // The rows the device takes, in groups it can draw together: logits of one dtype on
+        // one device (in a step, all of them).
+        let mut groups: Vec<DeviceGroup<'_>> = Vec::new();
         for (r, row) in rows.iter_mut().enumerate() {
-            if let Some(req) = row.sampler.device_request(row.logits, row.history) {
-                on_device.push(r);
-                requests.push((row.logits, req));
+            let Some(req) = row.sampler.device_request(row.logits, row.history) else {
+                continue;
+            };
+            let logits = row.logits;
+            let fits = |g: &&mut DeviceGroup<'_>| {
+                g.requests.first().is_some_and(|(t, _)| {
+                    t.dtype() == logits.dtype() && t.device().same_device(logits.device())
+                })
+            };
+            match groups.iter_mut().find(fits) {
+                Some(g) => {
+                    g.rows.push(r);
+                    g.requests.push((logits, req));
+                }
+                None => groups.push(DeviceGroup {
+                    rows: vec![r],
+                    requests: vec![(logits, req)],
+                }),
             }
         }
-        let mut draws: Vec<Option<DeviceDraw>> = (0..rows.len()).map(|_| None).collect();
-        if !requests.is_empty() {
-            match cuda::sample_rows(&requests) {
+        let mut draws: Vec<candle_core::Result<Option<DeviceDraw>>> =
+            (0..rows.len()).map(|_| Ok(None)).collect();
+        for DeviceGroup { rows: at, requests } in &groups {
+            match cuda::sample_rows(requests) {
                 Ok(Some(batch)) => {
-                    for (r, draw) in on_device.iter().zip(batch) {
-                        draws[*r] = Some(draw);
+                    for (r, draw) in at.iter().zip(batch) {
+                        draws[*r] = Ok(Some(draw));
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    // Each row then fails (or not) on its own, as alone.
+                    // Each row then fails (or not) on its own, with the key it already drew.
                     tracing::warn!(error = %e, rows = requests.len(), "sampling the batch on the device failed; sampling its rows one by one");
-                    drop(requests);
-                    return rows
-                        .iter_mut()
-                        .map(|row| row.sampler.sample_tensor(row.logits, row.history))
-                        .collect();
+                    for (r, (logits, req)) in at.iter().zip(requests) {
+                        draws[*r] = cuda::sample_row(logits, req);
+                    }
                 }
             }
         }
         rows.iter_mut()
             .zip(draws)
-            .map(|(row, draw)| row.sampler.finish(draw, row.logits, row.history))
+            .map(|(row, draw)| row.sampler.finish(draw?, row.logits, row.history))
             .collect()
     }
 

@@ -76,8 +76,10 @@ impl Beside<'_> {
 
     /// The main stream waits for everything launched on the side stream so far.
     pub(super) fn join(mut self) -> Result<()> {
+        // Marked joined only once the main stream waits: otherwise `drop` still synchronizes.
+        self.wait()?;
         self.joined = true;
-        self.wait()
+        Ok(())
     }
 
     fn wait(&self) -> Result<()> {
