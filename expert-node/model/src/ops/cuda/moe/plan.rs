@@ -94,10 +94,14 @@ impl StackedExperts {
             0
         };
         // The most groups and tiles the routing can make: every expert with a token, and a tile
-        // per MMA_M tokens of each expert with at least `min_tokens`.
+        // per MMA_M tokens of each expert with at least `min_tokens`. A token's top-k names k
+        // distinct experts, so an expert has at most `n` slots: below `min_tokens` tokens
+        // (decode of 2-4 sequences) no tile can be live, and the tile launches (with the side
+        // stream's fork and join) are left out altogether.
         let g = experts.min(s);
         let n_tiles = match min_tokens {
             0 => 0,
+            m if n < m => 0,
             m => s.div_ceil(MMA_M) + experts.min(s / m),
         };
         let layout = PlanLayout::new(g, s, n_tiles, n)?;
