@@ -1,6 +1,6 @@
 // Choosing the next token on the GPU from rows of f32 logits, every row of a decode step in the
 // same two launches (blockIdx.y is the row; included by kernels.cu; the Rust side is
-// ops/cuda/sample.rs, the host sampler the coordinator's sampling.rs). Every reduction has one
+// ops/cuda/sample.rs, the host sampler the coordinator's sampling/). Every reduction has one
 // fixed order (fixed grid sizes; the argmax does not depend on the block size), so a row's
 // result does not depend on the other rows or on the run.
 //
