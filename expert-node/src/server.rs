@@ -370,6 +370,7 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
     };
     let uploaded = Instant::now();
     let ys = experts.expert_outputs(req.layer as usize, &xs, &assignments)?;
+    let queued = Instant::now();
     let ask = IpcAsk {
         client: req.ipc_client,
         host: &req.ipc_host,
@@ -407,6 +408,7 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
             upload_us: micros(uploaded - started),
             compute_us: micros(computed - uploaded),
             download_us: micros(computed.elapsed()),
+            launch_us: micros(queued - uploaded),
         }),
         device_output,
     })

@@ -2,7 +2,8 @@
 //! coordinator's stages — waiting for the layer's device work and copying the hidden states
 //! off the device, cutting and encoding each node's request, the round trip, decoding the
 //! answers, copying them back onto the device — and the node's own, from the `NodeTiming` each
-//! answer carries (waiting for a compute thread, upload, the experts, download and encoding).
+//! answer carries (waiting for a compute thread, upload, the experts — and of them the host's
+//! checking, planning and launching — download and encoding).
 //! What the round trip holds beyond the node's time is transport: both sides' gRPC and the
 //! thread hand-offs. `coordinator bench` prints it per call for every remote configuration;
 //! it is the profile behind issue 15's scaling figures.
@@ -42,7 +43,14 @@ const STAGES: [(Stage, &str); 7] = [
     (Stage::CopyBack, "copy back"),
 ];
 
-const NODE_STAGES: [&str; 4] = ["wait", "upload", "experts", "download + encode"];
+/// The node's stages; "of it on the host" is the part of "experts" before the device's wait.
+const NODE_STAGES: [&str; 5] = [
+    "wait",
+    "upload",
+    "experts",
+    "of it on the host",
+    "download + encode",
+];
 
 /// A stage that takes longer than this in one call is counted apart as well: host work of a few
 /// µs that sometimes takes milliseconds is the thread losing its core, not the work.
@@ -71,7 +79,13 @@ impl CallProfile {
 
     pub(super) fn node_answered(&self, t: &NodeTiming) {
         self.answers.fetch_add(1, Ordering::Relaxed);
-        let parts = [t.wait_us, t.upload_us, t.compute_us, t.download_us];
+        let parts = [
+            t.wait_us,
+            t.upload_us,
+            t.compute_us,
+            t.launch_us,
+            t.download_us,
+        ];
         for (sum, us) in self.node.iter().zip(parts) {
             sum.fetch_add(u64::from(us), Ordering::Relaxed);
         }
@@ -176,12 +190,16 @@ mod tests {
             upload_us: 6,
             compute_us: 100,
             download_us: 10,
+            launch_us: 30,
         });
         let summary = profile.take();
         assert_eq!((summary.calls, summary.answers), (2, 1));
         assert!(summary.per_call() >= Duration::from_millis(2));
         let text = summary.to_string();
-        assert!(text.contains("experts 100.0"), "{text}");
+        assert!(
+            text.contains("experts 100.0 of it on the host 30.0"),
+            "{text}"
+        );
         // The slept lap is a long one; the empty one is not.
         assert!(text.contains("in laps over 1 ms), decode"), "{text}");
         assert_eq!(text.matches("laps over").count(), 1, "{text}");
