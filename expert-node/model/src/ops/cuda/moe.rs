@@ -327,20 +327,35 @@ impl StackedExperts {
         };
         let rows = |n: usize, per: usize| n.div_ceil(per) as u32;
         let main = dev.cuda_stream();
-        let (gemv_up, tiled_up) = (
-            (rows(i, WARPS), plan.gemv_groups),
-            (rows(i, MMA_N), plan.tile_rows),
-        );
+        // The GEMV groups on the main stream, the tiles beside them when there are both: each
+        // writes its own slots' rows of `act` and `out`, so the two chains are independent.
+        let beside = match (plan.gemv_groups, plan.tile_rows) {
+            (0, _) | (_, 0) => None,
+            _ => Some(side::fork(dev)?),
+        };
+        let tile_stream = beside.as_ref().map_or(&main, |b| b.stream());
+        with_view(&xs, |xv| {
+            with_view(&self.w13, |wv| {
+                let tiled = (rows(i, MMA_N), plan.tile_rows);
+                launch(
+                    tile_stream,
+                    "moe_gate_up_mma_bf16",
+                    xv,
+                    wv,
+                    &mut act,
+                    tiled,
+                    true,
+                )?;
+                let gemv = (rows(i, WARPS), plan.gemv_groups);
+                launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv, false)
+            })
+        })?;
+        let act_view = act.slice(..);
         if sum_tokens == Some(1) && plan.all_gemv {
-            with_view(&xs, |xv| {
-                with_view(&self.w13, |wv| {
-                    launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv_up, false)
-                })
-            })?;
-            // Batch-1 decode: down, weight and sum in one launch (the same bits).
+            // Batch-1 decode (no tiles, so nothing beside): down, weight and sum in one launch
+            // (the same bits).
             // SAFETY: the kernel writes every element of the one token's row.
             let mut sums = unsafe { dev.alloc::<bf16>(h) }?;
-            let act_view = act.slice(..);
             with_view(&self.w2, |wv| {
                 let func = dev.get_or_load_custom_func("moe_down_combine1_bf16", MODULE, PTX)?;
                 let mut b = func.builder();
@@ -356,55 +371,19 @@ impl StackedExperts {
             })?;
             return Ok(wrap(dev, sums, (1, h)));
         }
-        // The GEMV groups on the main stream, the tiles beside them when there are both: each
-        // writes its own slots' rows of `act` and `out`, so the two chains are independent.
-        let side_stream = match (plan.gemv_groups, plan.tile_rows) {
-            (0, _) | (_, 0) => None,
-            _ => Some(side::side(dev)?),
-        };
-        let beside = side_stream
-            .as_deref()
-            .map(|side| side::fork(dev, side))
-            .transpose()?;
-        let tile_stream = beside.as_ref().map_or(&main, |b| b.stream());
-        let (gemv_down, tiled_down) = (
-            (rows(h, WARPS), plan.gemv_groups),
-            (rows(h, MMA_N), plan.tile_rows),
-        );
-        with_view(&xs, |xv| {
-            with_view(&self.w13, |wv| {
-                launch(
-                    tile_stream,
-                    "moe_gate_up_mma_bf16",
-                    xv,
-                    wv,
-                    &mut act,
-                    tiled_up,
-                    true,
-                )?;
-                launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv_up, false)
-            })
-        })?;
-        let act_view = act.slice(..);
         with_view(&self.w2, |wv| {
+            let tiled = (rows(h, MMA_N), plan.tile_rows);
             launch(
                 tile_stream,
                 "moe_down_mma_bf16",
                 &act_view,
                 wv,
                 &mut out,
-                tiled_down,
+                tiled,
                 true,
             )?;
-            launch(
-                &main,
-                "moe_down_bf16",
-                &act_view,
-                wv,
-                &mut out,
-                gemv_down,
-                false,
-            )
+            let gemv = (rows(h, WARPS), plan.gemv_groups);
+            launch(&main, "moe_down_bf16", &act_view, wv, &mut out, gemv, false)
         })?;
         if let Some(beside) = beside {
             beside.join()?;

@@ -18,48 +18,48 @@ use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
 use candle_core::{CudaDevice, Result};
 
 /// A device's side stream and the two events of its fork and join, reused by every use.
-pub(super) struct Side {
+struct Side {
     stream: Arc<CudaStream>,
     fork: CudaEvent,
     join: CudaEvent,
 }
 
-/// One side stream per device, made on first use. The lock is held from fork to join, so two
-/// threads' uses of one device never interleave their events.
-type Sides = Vec<(candle_core::cuda_backend::DeviceId, Arc<Mutex<Side>>)>;
+/// One side stream per device, made on first use and kept for the life of the process (a
+/// device's stream and two events). The lock is held from fork to join, so two threads' uses of
+/// one device never interleave their events.
+type Sides = Vec<(candle_core::cuda_backend::DeviceId, &'static Mutex<Side>)>;
 static SIDES: Mutex<Sides> = Mutex::new(Vec::new());
 
-/// `dev`'s side stream, for [`fork`].
-pub(super) fn side(dev: &CudaDevice) -> Result<Arc<Mutex<Side>>> {
+/// `dev`'s side stream, made on first use.
+fn side(dev: &CudaDevice) -> Result<&'static Mutex<Side>> {
     let mut sides = SIDES.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some((_, side)) = sides.iter().find(|(id, _)| *id == dev.id()) {
-        return Ok(side.clone());
+        return Ok(side);
     }
-    let main = dev.cuda_stream();
-    let ctx = main.context();
+    let ctx = dev.cuda_stream().context().clone();
     let flags = Some(CUevent_flags::CU_EVENT_DISABLE_TIMING);
-    let side = Arc::new(Mutex::new(Side {
+    let side: &'static Mutex<Side> = Box::leak(Box::new(Mutex::new(Side {
         stream: ctx.new_stream().w()?,
         fork: ctx.new_event(flags).w()?,
         join: ctx.new_event(flags).w()?,
-    }));
-    sides.push((dev.id(), side.clone()));
+    })));
+    sides.push((dev.id(), side));
     Ok(side)
 }
 
 /// The side stream of a device between a fork and its join: kernels launched on
 /// [`Beside::stream`] run after everything the main stream had queued at the fork, and the main
 /// stream waits for them at [`Beside::join`] (or when this is dropped).
-pub(super) struct Beside<'a> {
+pub(super) struct Beside {
     main: Arc<CudaStream>,
-    guard: MutexGuard<'a, Side>,
+    guard: MutexGuard<'static, Side>,
     joined: bool,
 }
 
-/// Forks `side` (`dev`'s, from [`side`]) off `dev`'s main stream.
-pub(super) fn fork<'a>(dev: &CudaDevice, side: &'a Mutex<Side>) -> Result<Beside<'a>> {
+/// Forks `dev`'s side stream off its main stream.
+pub(super) fn fork(dev: &CudaDevice) -> Result<Beside> {
     let main = dev.cuda_stream();
-    let guard = side.lock().unwrap_or_else(PoisonError::into_inner);
+    let guard = side(dev)?.lock().unwrap_or_else(PoisonError::into_inner);
     guard.fork.record(&main).w()?;
     guard.stream.wait(&guard.fork).w()?;
     Ok(Beside {
@@ -69,7 +69,7 @@ pub(super) fn fork<'a>(dev: &CudaDevice, side: &'a Mutex<Side>) -> Result<Beside
     })
 }
 
-impl Beside<'_> {
+impl Beside {
     pub(super) fn stream(&self) -> &Arc<CudaStream> {
         &self.guard.stream
     }
@@ -88,7 +88,7 @@ impl Beside<'_> {
     }
 }
 
-impl Drop for Beside<'_> {
+impl Drop for Beside {
     fn drop(&mut self) {
         if !self.joined
             && let Err(e) = self.wait()
