@@ -293,56 +293,97 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16* __restrict__ xs, const b
     }
 }
 
-// One chunk of T slots of a down row (see gate_up_chunk).
+// Rows of `w2` one warp of moe_down_bf16 takes, their loads in flight together, and the 16-byte
+// chunks of each that a lane holds at once (one pass over rows up to 32 * 8 * DOWN_CHUNKS = 768
+// wide, Qwen3-30B-A3B's). Down rows are short (three 16-byte loads a lane), so a warp with one
+// row had too little in flight to stream the weights; the activations, shared by every row of
+// the block, come from shared memory so that a second row costs registers for its weights only.
+#define DOWN_ROWS 2
+#define DOWN_CHUNKS 3
+
+// One chunk of T slots (T <= MOE_TOKENS, staged in `xs`, chunk c of the pass at xs[m][c]) against
+// the DOWN_ROWS rows' chunks `wv` of this pass: each row's per-lane sum runs over the lane's
+// chunks in ascending order whatever the pass split, as the batch-1 kernel (down_rows1) does.
 template <int T>
-__device__ __forceinline__ void down_chunk(const bf16* __restrict__ act, const bf16* __restrict__ wd,
-                                           const uint32_t* __restrict__ row, const uint32_t* __restrict__ weight,
-                                           uint32_t first, int H, int I, int h, int lane, bf16* __restrict__ out) {
-    const bf16* ar[T];
-    float acc[T];
+__device__ __forceinline__ void down_pass(const uint4 (&wv)[DOWN_ROWS][DOWN_CHUNKS], const uint4* __restrict__ xs,
+                                          int stride, int chunks, int lane,
+                                          float (&acc)[DOWN_ROWS][MOE_TOKENS]) {
 #pragma unroll
-    for (int m = 0; m < T; ++m) {
-        ar[m] = act + (size_t)(first + m) * I;
-        acc[m] = 0.f;
-    }
-#pragma unroll 4
-    for (int k = lane * 8; k < I; k += 256) {
-        const uint4 wv = *reinterpret_cast<const uint4*>(wd + k);
-#pragma unroll
-        for (int m = 0; m < T; ++m) acc[m] = dot8(wv, *reinterpret_cast<const uint4*>(ar[m] + k), acc[m]);
-    }
-#pragma unroll
-    for (int m = 0; m < T; ++m) acc[m] = warp_sum(acc[m]);
-    if (lane == 0) {
+    for (int c = 0; c < DOWN_CHUNKS; ++c) {
+        if (lane + 32 * c >= chunks) break;
 #pragma unroll
         for (int m = 0; m < T; ++m) {
-            const uint32_t s = first + m;
-            const float w = f(rn(__uint_as_float(weight[s])));
-            out[(size_t)row[s] * H + h] = rn(f(rn(acc[m])) * w);
+            const uint4 xv = xs[m * stride + lane + 32 * c];
+#pragma unroll
+            for (int r = 0; r < DOWN_ROWS; ++r) acc[r][m] = dot8(wv[r][c], xv, acc[r][m]);
         }
     }
 }
 
-// out[row(slot), h] = weight(slot) * (down_h . act[slot]) for every slot of group blockIdx.y, one
-// warp per h; the expert output is rounded to bf16, then scaled by the bf16 router weight, as
-// the reference's `expert_layer(x) * routing_weights` in bf16. w2: [experts, H, I].
+// out[row(slot), h] = weight(slot) * (down_h . act[slot]) for every slot of group blockIdx.y,
+// DOWN_ROWS rows h per warp; the expert output is rounded to bf16, then scaled by the bf16
+// router weight, as the reference's `expert_layer(x) * routing_weights` in bf16.
+// w2: [experts, H, I]; dynamic shared memory: MOE_TOKENS * min(I, 32 * 8 * DOWN_CHUNKS) bf16.
 extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
                                          const uint32_t* __restrict__ tab, int G, int S, int H,
                                          int I, const uint32_t* __restrict__ live,
-                                            bf16* __restrict__ out) {
+                                         bf16* __restrict__ out) {
+    extern __shared__ uint4 staged[];
     const int g = blockIdx.y, lane = threadIdx.x & 31;
-    const int h = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (h >= H || g >= (int)live[0]) return;
+    // Uniform over the block, which synchronizes below.
+    if (g >= (int)live[0]) return;
+    const int h0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * DOWN_ROWS;
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* row = tab + 3 * G + S;
     const uint32_t* weight = tab + 3 * G + 2 * S;
-    const bf16* wd = w2 + ((size_t)e * H + h) * I;
+    const int row_chunks = I / 8, per_pass = 32 * DOWN_CHUNKS;
+    const int stride = min(row_chunks, per_pass);
     for (uint32_t t0 = 0; t0 < count; t0 += MOE_TOKENS) {
-        switch (min(count - t0, (uint32_t)MOE_TOKENS)) {
-            case 1: down_chunk<1>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
-            case 2: down_chunk<2>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
-            case 3: down_chunk<3>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
-            default: down_chunk<MOE_TOKENS>(act, wd, row, weight, start + t0, H, I, h, lane, out); break;
+        const int T = (int)min(count - t0, (uint32_t)MOE_TOKENS);
+        float acc[DOWN_ROWS][MOE_TOKENS];
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; ++r)
+#pragma unroll
+            for (int m = 0; m < MOE_TOKENS; ++m) acc[r][m] = 0.f;
+        for (int p0 = 0; p0 < row_chunks; p0 += per_pass) {
+            const int chunks = min(per_pass, row_chunks - p0);
+            // The weights first, so that their loads are in flight while the block stages.
+            uint4 wv[DOWN_ROWS][DOWN_CHUNKS];
+#pragma unroll
+            for (int r = 0; r < DOWN_ROWS; ++r) {
+                const int h = min(h0 + r, H - 1);
+                const uint4* wr = reinterpret_cast<const uint4*>(w2 + ((size_t)e * H + h) * I) + p0;
+#pragma unroll
+                for (int c = 0; c < DOWN_CHUNKS; ++c)
+                    wv[r][c] = lane + 32 * c < chunks ? wr[lane + 32 * c] : make_uint4(0, 0, 0, 0);
+            }
+            __syncthreads();
+            for (int q = threadIdx.x; q < T * chunks; q += blockDim.x) {
+                const int m = q / chunks, c = q - m * chunks;
+                staged[m * stride + c] =
+                    reinterpret_cast<const uint4*>(act + (size_t)(start + t0 + m) * I)[p0 + c];
+            }
+            __syncthreads();
+            switch (T) {
+                case 1: down_pass<1>(wv, staged, stride, chunks, lane, acc); break;
+                case 2: down_pass<2>(wv, staged, stride, chunks, lane, acc); break;
+                case 3: down_pass<3>(wv, staged, stride, chunks, lane, acc); break;
+                default: down_pass<MOE_TOKENS>(wv, staged, stride, chunks, lane, acc); break;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; ++r) {
+            const int h = h0 + r;
+#pragma unroll
+            for (int m = 0; m < MOE_TOKENS; ++m) {
+                if (m >= T) break;
+                const float sum = warp_sum(acc[r][m]);
+                if (lane == 0 && h < H) {
+                    const uint32_t s = start + t0 + m;
+                    const float w = f(rn(__uint_as_float(weight[s])));
+                    out[(size_t)row[s] * H + h] = rn(f(rn(sum)) * w);
+                }
+            }
         }
     }
 }

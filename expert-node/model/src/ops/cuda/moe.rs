@@ -23,8 +23,14 @@ mod plan;
 
 use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout, combine_table};
 
-/// Warps per block of the GEMV MoE kernels: one output row per warp.
+/// Warps per block of the GEMV MoE kernels: one gate/up output row per warp.
 const WARPS: usize = 8;
+/// Down rows per warp of `moe_down_bf16`, and the 16-byte chunks of a row a lane holds at once
+/// (`DOWN_ROWS`, `DOWN_CHUNKS` in kernels.cu); its activations are staged in shared memory,
+/// `MOE_TOKENS` rows of at most `32 * DOWN_CHUNKS` chunks.
+const DOWN_ROWS: usize = 2;
+const DOWN_CHUNKS: usize = 3;
+const MOE_TOKENS: usize = 4;
 /// Experts with at least this many tokens run on the tensor cores (`moe_*_mma_bf16`), the rest
 /// as grouped GEMVs. The GEMVs read an expert's rows once per `MOE_TOKENS` (4) tokens, and at
 /// 5-15 tokens those passes one after another cost more than a whole tile of 32 on the tensor
@@ -305,7 +311,8 @@ impl StackedExperts {
                       weights: &CudaView<'_, bf16>,
                       out: &mut CudaSlice<bf16>,
                       grid: (u32, u32),
-                      mma: bool|
+                      mma: bool,
+                      shared: u32|
          -> Result<()> {
             if grid.1 == 0 {
                 return Ok(());
@@ -322,7 +329,7 @@ impl StackedExperts {
             b.arg(&live).arg(out);
             let block = if mma { 128 } else { (WARPS * 32) as u32 };
             // SAFETY: argument types and order match the kernel `name` (kernels.cu).
-            unsafe { b.launch(launch_config(grid, block, 0)) }.w()?;
+            unsafe { b.launch(launch_config(grid, block, shared)) }.w()?;
             Ok(())
         };
         let rows = |n: usize, per: usize| n.div_ceil(per) as u32;
@@ -345,9 +352,10 @@ impl StackedExperts {
                     &mut act,
                     tiled,
                     true,
+                    0,
                 )?;
                 let gemv = (rows(i, WARPS), plan.gemv_groups);
-                launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv, false)
+                launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv, false, 0)
             })
         })?;
         let act_view = act.slice(..);
@@ -381,9 +389,12 @@ impl StackedExperts {
                 &mut out,
                 tiled,
                 true,
+                0,
             )?;
-            let gemv = (rows(h, WARPS), plan.gemv_groups);
-            launch(&main, "moe_down_bf16", &act_view, wv, &mut out, gemv, false)
+            let gemv = (rows(h, WARPS * DOWN_ROWS), plan.gemv_groups);
+            let staged = MOE_TOKENS * (i / 8).min(32 * DOWN_CHUNKS) * 16;
+            let staged = checked_u32("staged activations", staged)?;
+            launch(&main, "moe_down_bf16", &act_view, wv, &mut out, gemv, false, staged)
         })?;
         if let Some(beside) = beside {
             beside.join()?;
