@@ -231,64 +231,95 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
     return f(rn(g / (1.0f + expf(-g)))) * u;
 }
 
-// One chunk of T tokens (T <= MOE_TOKENS) of a gate+up row pair. A template so that a chunk of
-// one token (every expert at batch 1, most at batch 32) does one token's work, not MOE_TOKENS'
-// with the last row repeated: at batch 1 the repeats made the kernel issue-bound, not
-// bandwidth-bound. Each token's sum runs in the same order whatever T is (the same bits).
+// 16-byte chunks of a gate and an up row a lane holds at once in moe_gate_up_bf16 (rows of
+// 2,048 in two passes). The tokens' rows, shared by every row pair of the block, come from
+// shared memory: held in registers (four tokens' worth, loads unrolled four deep) they took the
+// kernel to 96 registers and 16 warps an SM. Staged, and bounded to 64 registers (4 blocks of 8
+// warps an SM; ptxas spills 4 bytes), it keeps twice the warps' weight loads in flight.
+#define GATE_UP_CHUNKS 4
+
+// One chunk of T tokens (T <= MOE_TOKENS, staged in `xs`, chunk c of the pass at xs[m][c]) of a
+// gate+up row pair's pass. A template so that a chunk of one token (every expert at batch 1,
+// most at batch 32) does one token's work. Each token's per-lane sums run over the lane's chunks
+// in ascending order whatever T and the pass split are (the same bits as moe_gate_up1_bf16).
 template <int T>
-__device__ __forceinline__ void gate_up_chunk(const bf16* __restrict__ xs, const bf16* __restrict__ wg,
-                                              const bf16* __restrict__ wu, const uint32_t* __restrict__ token,
-                                              uint32_t first, int H, int I, int j, int lane,
-                                              bf16* __restrict__ act) {
-    const bf16* xr[T];
-    float ag[T], au[T];
+__device__ __forceinline__ void gate_up_pass(const uint4 (&gv)[GATE_UP_CHUNKS], const uint4 (&uv)[GATE_UP_CHUNKS],
+                                             const uint4* __restrict__ xs, int stride, int chunks, int lane,
+                                             float (&ag)[MOE_TOKENS], float (&au)[MOE_TOKENS]) {
 #pragma unroll
-    for (int m = 0; m < T; ++m) {
-        xr[m] = xs + (size_t)token[first + m] * H;
-        ag[m] = 0.f;
-        au[m] = 0.f;
-    }
-#pragma unroll 4
-    for (int k = lane * 8; k < H; k += 256) {
-        const uint4 gv = *reinterpret_cast<const uint4*>(wg + k);
-        const uint4 uv = *reinterpret_cast<const uint4*>(wu + k);
+    for (int c = 0; c < GATE_UP_CHUNKS; ++c) {
+        if (lane + 32 * c >= chunks) break;
 #pragma unroll
         for (int m = 0; m < T; ++m) {
-            const uint4 xv = *reinterpret_cast<const uint4*>(xr[m] + k);
-            ag[m] = dot8(gv, xv, ag[m]);
-            au[m] = dot8(uv, xv, au[m]);
+            const uint4 xv = xs[m * stride + lane + 32 * c];
+            ag[m] = dot8(gv[c], xv, ag[m]);
+            au[m] = dot8(uv[c], xv, au[m]);
         }
     }
-#pragma unroll
-    for (int m = 0; m < T; ++m) {
-        ag[m] = warp_sum(ag[m]);
-        au[m] = warp_sum(au[m]);
-    }
-    if (lane == 0) {
-#pragma unroll
-        for (int m = 0; m < T; ++m) act[(size_t)(first + m) * I + j] = rn(silu_mul(ag[m], au[m]));
+}
+
+// Stages rows `first`.. of `rows` (T of them, `row_of` mapping a slot to its row when given),
+// chunks [p0, p0 + chunks) of each, into `staged` (row m at m * stride); the whole block takes
+// part.
+__device__ __forceinline__ void stage_rows(const bf16* __restrict__ rows, const uint32_t* __restrict__ row_of,
+                                           uint32_t first, int T, int width, int p0, int chunks, int stride,
+                                           uint4* __restrict__ staged) {
+    for (int q = threadIdx.x; q < T * chunks; q += blockDim.x) {
+        const int m = q / chunks, c = q - m * chunks;
+        const uint32_t r = row_of ? row_of[first + m] : first + m;
+        staged[m * stride + c] = reinterpret_cast<const uint4*>(rows + (size_t)r * width)[p0 + c];
     }
 }
 
 // act[slot, j] = silu(gate_j . x) * (up_j . x) for every slot of group blockIdx.y, one warp per j.
 // w13: [experts, 2I, H], gate rows then up rows; act: [S, I] in sorted-slot order.
-extern "C" __global__ void moe_gate_up_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
+// Dynamic shared memory: MOE_TOKENS * min(H, 32 * 8 * GATE_UP_CHUNKS) bf16.
+extern "C" __global__ void __launch_bounds__(256, 4) moe_gate_up_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
                                             const uint32_t* __restrict__ tab, int G, int S, int H,
                                             int I, const uint32_t* __restrict__ live,
                                             bf16* __restrict__ act) {
+    extern __shared__ uint4 staged[];
     const int g = blockIdx.y, lane = threadIdx.x & 31;
+    // Uniform over the block, which synchronizes below.
+    if (g >= (int)live[0]) return;
     const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (j >= I || g >= (int)live[0]) return;
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* token = tab + 3 * G;
-    const bf16* wg = w13 + ((size_t)e * 2 * I + j) * H;
-    const bf16* wu = wg + (size_t)I * H;
+    // Warps past the last row load row I - 1 and write nothing.
+    const uint4* wg = reinterpret_cast<const uint4*>(w13 + ((size_t)e * 2 * I + min(j, I - 1)) * H);
+    const uint4* wu = wg + (size_t)I * H / 8;
+    const int row_chunks = H / 8, per_pass = 32 * GATE_UP_CHUNKS;
+    const int stride = min(row_chunks, per_pass);
     for (uint32_t t0 = 0; t0 < count; t0 += MOE_TOKENS) {
-        switch (min(count - t0, (uint32_t)MOE_TOKENS)) {
-            case 1: gate_up_chunk<1>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
-            case 2: gate_up_chunk<2>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
-            case 3: gate_up_chunk<3>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
-            default: gate_up_chunk<MOE_TOKENS>(xs, wg, wu, token, start + t0, H, I, j, lane, act); break;
+        const int T = (int)min(count - t0, (uint32_t)MOE_TOKENS);
+        float ag[MOE_TOKENS], au[MOE_TOKENS];
+#pragma unroll
+        for (int m = 0; m < MOE_TOKENS; ++m) ag[m] = au[m] = 0.f;
+        for (int p0 = 0; p0 < row_chunks; p0 += per_pass) {
+            const int chunks = min(per_pass, row_chunks - p0);
+            // The weights first, so that their loads are in flight while the block stages.
+            uint4 gv[GATE_UP_CHUNKS], uv[GATE_UP_CHUNKS];
+#pragma unroll
+            for (int c = 0; c < GATE_UP_CHUNKS; ++c) {
+                const bool in = lane + 32 * c < chunks;
+                gv[c] = in ? wg[p0 + lane + 32 * c] : make_uint4(0, 0, 0, 0);
+                uv[c] = in ? wu[p0 + lane + 32 * c] : make_uint4(0, 0, 0, 0);
+            }
+            __syncthreads();
+            stage_rows(xs, token, start + t0, T, H, p0, chunks, stride, staged);
+            __syncthreads();
+            switch (T) {
+                case 1: gate_up_pass<1>(gv, uv, staged, stride, chunks, lane, ag, au); break;
+                case 2: gate_up_pass<2>(gv, uv, staged, stride, chunks, lane, ag, au); break;
+                case 3: gate_up_pass<3>(gv, uv, staged, stride, chunks, lane, ag, au); break;
+                default: gate_up_pass<MOE_TOKENS>(gv, uv, staged, stride, chunks, lane, ag, au); break;
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MOE_TOKENS; ++m) {
+            if (m >= T) break;
+            const float gs = warp_sum(ag[m]), us = warp_sum(au[m]);
+            if (lane == 0 && j < I) act[(size_t)(start + t0 + m) * I + j] = rn(silu_mul(gs, us));
         }
     }
 }
@@ -358,11 +389,7 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
                     wv[r][c] = lane + 32 * c < chunks ? wr[lane + 32 * c] : make_uint4(0, 0, 0, 0);
             }
             __syncthreads();
-            for (int q = threadIdx.x; q < T * chunks; q += blockDim.x) {
-                const int m = q / chunks, c = q - m * chunks;
-                staged[m * stride + c] =
-                    reinterpret_cast<const uint4*>(act + (size_t)(start + t0 + m) * I)[p0 + c];
-            }
+            stage_rows(act, nullptr, start + t0, T, I, p0, chunks, stride, staged);
             __syncthreads();
             switch (T) {
                 case 1: down_pass<1>(wv, staged, stride, chunks, lane, acc); break;
@@ -408,8 +435,17 @@ extern "C" __global__ void moe_gate_up1_bf16(const bf16* __restrict__ xs, const 
     if (j >= I) return;
     const bf16* wg = w13 + ((size_t)row_of[e] * 2 * I + j) * H;
     const bf16* wu = wg + (size_t)I * H;
-    const uint32_t token = 0;
-    gate_up_chunk<1>(xs, wg, wu, &token, 0, H, I, j, lane, act + (size_t)i * I);
+    // The per-lane order and butterfly of moe_gate_up_bf16, one token: the same bits.
+    float ag = 0.f, au = 0.f;
+#pragma unroll 4
+    for (int k = lane * 8; k < H; k += 256) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + k);
+        ag = dot8(*reinterpret_cast<const uint4*>(wg + k), xv, ag);
+        au = dot8(*reinterpret_cast<const uint4*>(wu + k), xv, au);
+    }
+    ag = warp_sum(ag);
+    au = warp_sum(au);
+    if (lane == 0) act[(size_t)i * I + j] = rn(silu_mul(ag, au));
 }
 
 // Batch-1 decode: down with the router weight and the per-token sum in one launch. One warp per

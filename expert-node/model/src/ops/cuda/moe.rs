@@ -26,10 +26,12 @@ use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout, combine_table};
 /// Warps per block of the GEMV MoE kernels: one gate/up output row per warp.
 const WARPS: usize = 8;
 /// Down rows per warp of `moe_down_bf16`, and the 16-byte chunks of a row a lane holds at once
-/// (`DOWN_ROWS`, `DOWN_CHUNKS` in kernels.cu); its activations are staged in shared memory,
-/// `MOE_TOKENS` rows of at most `32 * DOWN_CHUNKS` chunks.
+/// in it and in `moe_gate_up_bf16` (`DOWN_ROWS`, `DOWN_CHUNKS`, `GATE_UP_CHUNKS` in kernels.cu).
+/// Both stage their input rows in shared memory, `MOE_TOKENS` rows of at most 32 such chunks a
+/// lane.
 const DOWN_ROWS: usize = 2;
 const DOWN_CHUNKS: usize = 3;
+const GATE_UP_CHUNKS: usize = 4;
 const MOE_TOKENS: usize = 4;
 /// Experts with at least this many tokens run on the tensor cores (`moe_*_mma_bf16`), the rest
 /// as grouped GEMVs. The GEMVs read an expert's rows once per `MOE_TOKENS` (4) tokens, and at
@@ -355,7 +357,18 @@ impl StackedExperts {
                     0,
                 )?;
                 let gemv = (rows(i, WARPS), plan.gemv_groups);
-                launch(&main, "moe_gate_up_bf16", xv, wv, &mut act, gemv, false, 0)
+                let staged = MOE_TOKENS * (h / 8).min(32 * GATE_UP_CHUNKS) * 16;
+                let staged = checked_u32("staged hidden states", staged)?;
+                launch(
+                    &main,
+                    "moe_gate_up_bf16",
+                    xv,
+                    wv,
+                    &mut act,
+                    gemv,
+                    false,
+                    staged,
+                )
             })
         })?;
         let act_view = act.slice(..);
@@ -394,7 +407,16 @@ impl StackedExperts {
             let gemv = (rows(h, WARPS * DOWN_ROWS), plan.gemv_groups);
             let staged = MOE_TOKENS * (i / 8).min(32 * DOWN_CHUNKS) * 16;
             let staged = checked_u32("staged activations", staged)?;
-            launch(&main, "moe_down_bf16", &act_view, wv, &mut out, gemv, false, staged)
+            launch(
+                &main,
+                "moe_down_bf16",
+                &act_view,
+                wv,
+                &mut out,
+                gemv,
+                false,
+                staged,
+            )
         })?;
         if let Some(beside) = beside {
             beside.join()?;
