@@ -369,7 +369,10 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
         (Some(t), None) => state.import_hidden(&req, t)?,
     };
     let uploaded = Instant::now();
-    let ys = experts.expert_outputs(req.layer as usize, &xs, &assignments)?;
+    let mut planned = uploaded;
+    let ys = experts.expert_outputs_timed(req.layer as usize, &xs, &assignments, &mut || {
+        planned = Instant::now()
+    })?;
     let queued = Instant::now();
     let ask = IpcAsk {
         client: req.ipc_client,
@@ -409,6 +412,7 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
             compute_us: micros(computed - uploaded),
             download_us: micros(computed.elapsed()),
             launch_us: micros(queued - uploaded),
+            plan_us: micros(planned - uploaded),
         }),
         device_output,
     })

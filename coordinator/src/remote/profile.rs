@@ -3,7 +3,8 @@
 //! off the device, cutting and encoding each node's request, the round trip, decoding the
 //! answers, copying them back onto the device — and the node's own, from the `NodeTiming` each
 //! answer carries (waiting for a compute thread, upload, the experts — and of them the host's
-//! checking, planning and launching — download and encoding).
+//! checking, planning and launching, and of that the checking and planning — download and
+//! encoding).
 //! What the round trip holds beyond the node's time is transport: both sides' gRPC and the
 //! thread hand-offs. `coordinator bench` prints it per call for every remote configuration;
 //! it is the profile behind issue 15's scaling figures.
@@ -43,12 +44,14 @@ const STAGES: [(Stage, &str); 7] = [
     (Stage::CopyBack, "copy back"),
 ];
 
-/// The node's stages; "of it on the host" is the part of "experts" before the device's wait.
-const NODE_STAGES: [&str; 5] = [
+/// The node's stages; "of it on the host" is the part of "experts" before the device's wait,
+/// and "planning" the part of that before the first launch.
+const NODE_STAGES: [&str; 6] = [
     "wait",
     "upload",
     "experts",
     "of it on the host",
+    "planning",
     "download + encode",
 ];
 
@@ -84,6 +87,7 @@ impl CallProfile {
             t.upload_us,
             t.compute_us,
             t.launch_us,
+            t.plan_us,
             t.download_us,
         ];
         for (sum, us) in self.node.iter().zip(parts) {
@@ -191,13 +195,14 @@ mod tests {
             compute_us: 100,
             download_us: 10,
             launch_us: 30,
+            plan_us: 12,
         });
         let summary = profile.take();
         assert_eq!((summary.calls, summary.answers), (2, 1));
         assert!(summary.per_call() >= Duration::from_millis(2));
         let text = summary.to_string();
         assert!(
-            text.contains("experts 100.0 of it on the host 30.0"),
+            text.contains("experts 100.0 of it on the host 30.0 planning 12.0"),
             "{text}"
         );
         // The slept lap is a long one; the empty one is not.

@@ -153,13 +153,27 @@ impl LocalExperts {
         xs: &Tensor,
         assignments: &[Assignment],
     ) -> Result<Tensor, ExpertError> {
+        self.expert_outputs_timed(layer, xs, assignments, &mut || {})
+    }
+
+    /// [`LocalExperts::expert_outputs`], calling `planned` once the call is checked and planned
+    /// (on a GPU: its launch tables uploaded), before any expert runs: the node reports its
+    /// host's planning apart from the launches.
+    pub fn expert_outputs_timed(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        assignments: &[Assignment],
+        planned: &mut dyn FnMut(),
+    ) -> Result<Tensor, ExpertError> {
         let (row, groups) = self.checked_groups(layer, xs, assignments)?;
         let row = match row {
             LayerExperts::Stacked(stacked) => {
-                return Ok(stacked.outputs(xs, assignments, &groups)?);
+                return Ok(stacked.outputs(xs, assignments, &groups, planned)?);
             }
             LayerExperts::Each(row) => row,
         };
+        planned();
         self.outputs_each(row, layer, xs, assignments, groups)
     }
 

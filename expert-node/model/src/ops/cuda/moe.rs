@@ -120,13 +120,16 @@ impl StackedExperts {
     /// `weight * expert(xs[token])` for every assignment, rows in assignment order:
     /// `[assignments.len(), H]`. `groups` lists each expert's assignment indices; every
     /// assignment must be in exactly one group of a held expert (the caller validated that).
+    /// `planned` is called once the launch tables are on the device, before the first launch
+    /// (the node times its host's planning apart from its launches).
     pub fn outputs(
         &self,
         xs: &Tensor,
         assignments: &[Assignment],
         groups: &[(usize, Vec<u32>)],
+        planned: &mut dyn FnMut(),
     ) -> Result<Tensor> {
-        self.run(xs, assignments, groups, None)
+        self.run(xs, assignments, groups, None, planned)
     }
 
     /// The per-token sums of [`StackedExperts::outputs`] (what [`combine`] makes of them), in
@@ -138,7 +141,7 @@ impl StackedExperts {
         groups: &[(usize, Vec<u32>)],
         n_tokens: usize,
     ) -> Result<Tensor> {
-        self.run(xs, assignments, groups, Some(n_tokens))
+        self.run(xs, assignments, groups, Some(n_tokens), &mut || {})
     }
 
     /// Whether [`StackedExperts::forward_routed`] serves this layer: every expert held here, and
@@ -261,6 +264,7 @@ impl StackedExperts {
         assignments: &[Assignment],
         groups: &[(usize, Vec<u32>)],
         sum_tokens: Option<usize>,
+        planned: &mut dyn FnMut(),
     ) -> Result<Tensor> {
         let dev = bf16_device(xs)
             .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
@@ -272,6 +276,7 @@ impl StackedExperts {
             );
         }
         let plan = self.host_plan(dev, assignments, groups, sum_tokens)?;
+        planned();
         self.launch(dev, xs, &plan, sum_tokens)
     }
 
