@@ -6,7 +6,7 @@
 # NAME defaults to REV's short hash. REV is built in a temporary git worktree with --features
 # cuda into $BASELINE_TARGET (default /work/tgt-cuda-base: apart from package.sh's target dir,
 # whose binaries it would otherwise overwrite; the first build there takes ~5 min, later ones
-# rebuild only the workspace's crates). Needs ../shared/tools/cuda-env.sh, as package.sh does.
+# ~1 min, the workspace's crates). Needs ../shared/tools/cuda-env.sh, as package.sh does.
 set -euo pipefail
 [ $# -ge 1 ] && [ $# -le 2 ] || { echo "usage: $0 REV [NAME]" >&2; exit 2; }
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -20,8 +20,13 @@ esac
 # shellcheck disable=SC1091
 source "${CUDA_ENV:-$root/../shared/tools/cuda-env.sh}"
 export CARGO_TARGET_DIR=${BASELINE_TARGET:-/work/tgt-cuda-base}
-tree=$(mktemp -d "${TMPDIR:-/tmp}/omnishard-baseline.XXXXXX")
-trap 'git worktree remove --force "$tree" >/dev/null 2>&1 || rm -rf "$tree"' EXIT
+# One worktree path for every baseline, inside the target dir: cargo keys its artifacts by the
+# sources' paths, so a path of its own each time would rebuild every dependency.
+tree=$CARGO_TARGET_DIR/worktree
+git worktree remove --force "$tree" >/dev/null 2>&1 || rm -rf "$tree"
+git worktree prune
+trap 'git worktree remove --force "$tree" >/dev/null 2>&1 || rm -rf "$tree"; git worktree prune' EXIT
+mkdir -p "$CARGO_TARGET_DIR"
 git worktree add --detach "$tree" "$rev" >/dev/null
 (cd "$tree" && cargo build --release --features cuda -p omnishard-coordinator)
 strip -o ".gpu/coordinator-$name" "$CARGO_TARGET_DIR/release/coordinator"
