@@ -44,6 +44,16 @@ const MMA_MIN_TOKENS: usize = 5;
 const MMA_M: usize = 32;
 const MMA_N: usize = 64;
 
+/// Dynamic shared memory of a GEMV MoE kernel whose input rows are `width` wide and whose lanes
+/// hold `chunks` 16-byte chunks of a weight row at once: `MOE_TOKENS` input rows of at most one
+/// pass (32 lanes' chunks) each.
+fn staged_bytes(width: usize, chunks: usize) -> Result<u32> {
+    checked_u32(
+        "staged input rows",
+        MOE_TOKENS * (width / 8).min(32 * chunks) * 16,
+    )
+}
+
 /// One MoE layer's held experts, stacked on one GPU: `w13` `[held, 2I, H]` (each expert's gate
 /// rows then its up rows), `w2` `[held, H, I]`.
 pub struct StackedExperts {
@@ -362,8 +372,7 @@ impl StackedExperts {
                     0,
                 )?;
                 let gemv = (rows(i, WARPS), plan.gemv_groups);
-                let staged = MOE_TOKENS * (h / 8).min(32 * GATE_UP_CHUNKS) * 16;
-                let staged = checked_u32("staged hidden states", staged)?;
+                let staged = staged_bytes(h, GATE_UP_CHUNKS)?;
                 launch(
                     &main,
                     "moe_gate_up_bf16",
@@ -410,8 +419,7 @@ impl StackedExperts {
                 0,
             )?;
             let gemv = (rows(h, WARPS * DOWN_ROWS), plan.gemv_groups);
-            let staged = MOE_TOKENS * (i / 8).min(32 * DOWN_CHUNKS) * 16;
-            let staged = checked_u32("staged activations", staged)?;
+            let staged = staged_bytes(i, DOWN_CHUNKS)?;
             launch(
                 &main,
                 "moe_down_bf16",
