@@ -15,13 +15,16 @@ only=
 extra=()
 while [ $# -gt 0 ]; do
   case $1 in
-    --rounds) rounds=$2; shift ;;
-    --only) only=$2; shift ;;
+    --rounds) rounds=${2:-}; shift ;;
+    --only) only=${2:-}; shift ;;
     --) shift; extra=("$@"); break ;;
     *) echo "compare.sh: unknown argument $1 (bench arguments go after --)" >&2; exit 2 ;;
   esac
   shift
 done
+case $rounds in
+  '' | *[!0-9]* | 0) echo "compare.sh: --rounds takes a whole number of rounds, 1 or more" >&2; exit 2 ;;
+esac
 names=()
 for exe in "$work"/release/coordinator "$work"/release/coordinator-*; do
   [ -x "$exe" ] || continue
@@ -30,6 +33,9 @@ for exe in "$work"/release/coordinator "$work"/release/coordinator-*; do
   [ "$name" = coordinator ] && name=this
   if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then continue; fi
   names+=("$name")
+done
+for want in ${only//,/ }; do
+  [[ " ${names[*]} " == *" $want "* ]] || { echo "compare.sh: --only names $want, which is not packed in .gpu (baseline.sh REV $want)" >&2; exit 2; }
 done
 [ ${#names[@]} -gt 0 ] || { echo "compare.sh: no coordinator to run (package.sh, baseline.sh)" >&2; exit 1; }
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); $(nproc) CPU cores; binaries: ${names[*]}"
