@@ -108,9 +108,9 @@ fn assignments(n: usize, k: usize, experts: usize, seed: u64) -> Vec<Assignment>
 
 #[test]
 fn fused_moe_matches_the_cpu_path_and_ignores_grouping() {
-    // Odd sizes (GEMV kernels only), then multiples of 32 (experts with 5 or more tokens on the
+    // Odd sizes (GEMV kernels only), then multiples of 64 (experts with 5 or more tokens on the
     // tensor-core kernels).
-    for (hidden, inter) in [(200, 72), (96, 64)] {
+    for (hidden, inter) in [(200, 72), (192, 64)] {
         fused_moe_case(hidden, inter);
     }
 }

@@ -40,9 +40,11 @@ const MOE_TOKENS: usize = 4;
 /// Depends only on the expert's own token count, so a node holding the expert makes the same
 /// choice as a single process would.
 const MMA_MIN_TOKENS: usize = 5;
-/// Tile of the tensor-core kernels: slots by outputs (K steps of 32).
+/// Tile of the tensor-core kernels: slots by outputs, in K steps of `MMA_K` (`MMA_*` in
+/// moe_mma.cuh).
 const MMA_M: usize = 32;
 const MMA_N: usize = 64;
+const MMA_K: usize = 64;
 
 /// Dynamic shared memory of a GEMV MoE kernel whose input rows are `width` wide and whose lanes
 /// hold `chunks` 16-byte chunks of a weight row at once: `MOE_TOKENS` input rows of at most one
@@ -290,10 +292,10 @@ impl StackedExperts {
         self.launch(dev, xs, &plan, sum_tokens)
     }
 
-    /// Whether experts with many tokens take the tensor-core kernels (their tiles need sizes
-    /// that are multiples of 32).
+    /// Whether experts with many tokens take the tensor-core kernels (their K steps need sizes
+    /// that are multiples of `MMA_K`).
     fn tiles_apply(&self) -> bool {
-        self.hidden.is_multiple_of(32) && self.inter.is_multiple_of(32)
+        self.hidden.is_multiple_of(MMA_K) && self.inter.is_multiple_of(MMA_K)
     }
 
     /// The expert launches of `plan` on `xs`: per-assignment outputs, or with `sum_tokens`

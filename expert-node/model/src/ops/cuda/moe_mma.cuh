@@ -4,12 +4,14 @@
 
 // The same two steps for experts with many tokens (prefill), on the tensor cores (WMMA, bf16 in,
 // f32 accumulate): a block computes a tile of 32 slots x 64 outputs of one expert, 4 warps of
-// 16 x 32, over K in steps of 32 through shared memory. `tiles` lists (group, first slot of the
-// tile within the group) per blockIdx.y. Each output element depends only on its own slot's row
-// and the expert's weights, so grouping never changes it.
+// 16 x 32, over K in steps of 64 through shared memory: 128 bytes of each weight row a step,
+// whole cache lines (steps of 32 took half lines; 64 ran a 512-token prefill 3-4% faster on an
+// H200, BENCHMARKS.md run 14). `tiles` lists (group, first slot of the tile within the group)
+// per blockIdx.y. Each output element depends only on its own slot's row and the expert's
+// weights, so grouping never changes it; the K step changes no sum's order.
 #define MMA_M 32
 #define MMA_N 64
-#define MMA_K 32
+#define MMA_K 64
 #define MMA_LD (MMA_K + 8)
 #define OUT_LD (MMA_N + 4)
 
@@ -17,9 +19,10 @@
 // stages are in flight while the tensor cores work on this one (the synchronous loads before
 // left the block idle during every load: gate/up streamed its weights at 2.35 TB/s, down at
 // 2.0, on an H200; 2.9 and 2.5 with the ring). The loads change nothing in the arithmetic: the
-// same products in the same order.
-#define GU_STAGES 3
-#define DOWN_STAGES 4
+// same products in the same order. Stages as many as 48 KB of static shared memory hold at
+// 64-wide steps (three and four in dynamic shared memory measured the same).
+#define GU_STAGES 2
+#define DOWN_STAGES 3
 
 // 16 bytes from global to shared memory, asynchronously; zeros when `valid` is false (`src` must
 // still be a mapped address: nothing is read from it then).
@@ -56,20 +59,23 @@ __device__ __forceinline__ void cp_async_ring(int steps, Load load, Compute comp
 }
 
 // Rows [m0, m0 + 32) of a gathered A tile: row r is `src_row(r)` (zeros past `rows`), columns
-// [k0, k0 + 32). 128 threads, 8 bf16 each.
+// [k0, k0 + 64). 128 threads, 2 x 8 bf16 each.
 template <typename RowPtr>
 __device__ __forceinline__ void load_a_tile(bf16 (*dst)[MMA_LD], RowPtr src_row, int rows, int k0) {
-    const int r = threadIdx.x >> 2, c = (threadIdx.x & 3) * 8;
-    const bool valid = r < rows;
-    cp_async16(&dst[r][c], src_row(valid ? r : 0) + k0 + c, valid);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int r = (threadIdx.x >> 3) + q * 16, c = (threadIdx.x & 7) * 8;
+        const bool valid = r < rows;
+        cp_async16(&dst[r][c], src_row(valid ? r : 0) + k0 + c, valid);
+    }
 }
 
-// Rows [n0, n0 + 64) of a weight matrix `w` [n_total, K] row-major, columns [k0, k0 + 32).
+// Rows [n0, n0 + 64) of a weight matrix `w` [n_total, K] row-major, columns [k0, k0 + 64).
 __device__ __forceinline__ void load_b_tile(bf16 (*dst)[MMA_LD], const bf16* w, int n0, int n_total,
                                             int K, int k0) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int r = (threadIdx.x >> 2) + half * 32, c = (threadIdx.x & 3) * 8;
+    for (int q = 0; q < 4; ++q) {
+        const int r = (threadIdx.x >> 3) + q * 16, c = (threadIdx.x & 7) * 8;
         const bool valid = n0 + r < n_total;
         cp_async16(&dst[r][c], w + (size_t)(valid ? n0 + r : 0) * K + k0 + c, valid);
     }
