@@ -6,9 +6,9 @@
 #    wall time of each measurement (batch 1 also after a 4,096-token prompt);
 # 2. the same under Nsight Compute, timing every kernel with the caches left warm
 #    (--cache-control none: what the kernel costs inside the running step) and the clocks as
-#    they are. The launches are cut into forward passes at the sampling kernels that end each
-#    decode step (one sample per sequence: the count says the batch); what follows the last of
-#    them is the bench's prefill rounds. Printed per phase: kernel time per forward pass and the
+#    they are. The launches are cut into forward passes at the sampling kernel that ends each
+#    decode step (one launch for the step's samples: its grid says the batch); what follows the
+#    last of them is the bench's prefill rounds. Printed per phase: kernel time per forward pass and the
 #    per-kernel table. Kernel time against wall time is the launch and synchronization overhead.
 set -uo pipefail
 # shellcheck source=setup.sh
@@ -41,27 +41,14 @@ for r in csv.DictReader(io.StringIO(text[start:])):
         continue
     us = float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1e-3)
     launches.append((r["Kernel Name"].split("(")[0][:60], r["Grid Size"], us))
-# A forward pass is the launches up to a run of sampling launches (a few copies may sit between
-# two sequences' samples); the run's count of sample_argmax_partial is the batch.
-SAMPLE = "sample_argmax_partial"
-def partial(j): return launches[j][0].startswith(SAMPLE)
-passes, current, i = [], [], 0
-while i < len(launches):
-    if not partial(i):
-        current.append(launches[i])
-        i += 1
-        continue
-    batch, end, j = 1, i, i + 1
-    while j < len(launches):
-        if launches[j][0].startswith("sample"):
-            batch, end, j = batch + partial(j), j, j + 1
-            continue
-        ahead = [k for k in range(j, min(j + 4, len(launches))) if partial(k)]
-        if not ahead:
-            break
-        j = ahead[0]
-    passes.append((batch, current + launches[i:end + 1]))
-    current, i = [], end + 1
+# A forward pass ends with its step's one `sample_row` launch (a step's samples are drawn in one
+# launch), whose grid's y is the batch.
+passes, current = [], []
+for launch in launches:
+    current.append(launch)
+    if launch[0].startswith("sample_row"):
+        passes.append((int(launch[1].strip("()").split(",")[1]), current))
+        current = []
 prefill_rounds = 2  # --quick
 def report(title, group):
     if not group:
