@@ -234,13 +234,25 @@ fn norm_kernels_match_the_cpu_math() {
         )
         .unwrap();
         let (q, k) = ((q_heads, &bf(&w)), (1, &bf(&wk)));
-        let (got_q, got_k) = cuda::norm_rope(&bf(&wide), 3 * d, q, k, eps, &bf(&cos), &bf(&sin))
+        let (cos_sin, wide) = ((&bf(&cos), &bf(&sin)), bf(&wide));
+        let (got_q, got_k) = cuda::norm_rope(&wide, 3 * d, q, k, eps, cos_sin, false)
             .unwrap()
             .expect("the fused kernel takes bf16 CUDA tensors");
         for (what, got, want) in [("q", &got_q, &want_q), ("k", &got_k, &want_k)] {
             let err = relative_error(got, want);
             eprintln!("norm+rope {rows}x{heads}x{d} ({what}): relative error {err:.2e}");
             assert!(err < 1e-2, "norm+rope ({what}) relative error {err}");
+        }
+        // Written heads-first: the same values, and transposed back they are that memory.
+        let (first_q, first_k) = cuda::norm_rope(&wide, 3 * d, q, k, eps, cos_sin, true)
+            .unwrap()
+            .expect("the fused kernel takes bf16 CUDA tensors");
+        for (what, got, want) in [("q", &first_q, &got_q), ("k", &first_k, &got_k)] {
+            assert_eq!(bits(got), bits(want), "norm+rope heads-first ({what})");
+            assert!(
+                got.transpose(0, 1).unwrap().is_contiguous(),
+                "norm+rope heads-first ({what}): not heads-first memory"
+            );
         }
         let got = cuda::rms_norm(&bf(&x), &bf(&w), eps)
             .unwrap()

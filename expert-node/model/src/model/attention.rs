@@ -64,7 +64,6 @@ impl Attention {
         seqs: &mut [SequenceInput<'_>],
         layer: usize,
     ) -> Result<Tensor> {
-        let (q, k, v) = self.qkv(xs, cos, sin)?;
         // Decode steps (one new token after a non-empty cache) of several sequences are
         // attended together; prompts and chunks go one sequence at a time.
         let decoding: Vec<bool> = seqs
@@ -79,6 +78,9 @@ impl Attention {
             2
         };
         let batched = decoding.iter().filter(|d| **d).count() >= fewest;
+        // Without batched decode rows every sequence is attended heads-first: q and k come out
+        // of the norm+RoPE kernel in that layout (one sequence's then need no copy).
+        let (q, k, v) = self.qkv(xs, cos, sin, !batched)?;
         let mut outs: Vec<Option<Tensor>> = vec![None; seqs.len()];
         let mut decode_rows = Vec::new();
         let mut start = 0;
@@ -116,14 +118,20 @@ impl Attention {
     }
 
     /// The projections of `xs` `[tokens, hidden]` (normed): q and k normed per head and rotated
-    /// (`[tokens, heads, d]`, `[tokens, kv_heads, d]`), v a view `[tokens, kv_heads, d]` of the
-    /// stacked projection.
-    fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// (`[tokens, heads, d]`, `[tokens, kv_heads, d]`; on a GPU with `heads_first`, views of
+    /// heads-first memory), v a view `[tokens, kv_heads, d]` of the stacked projection.
+    fn qkv(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads_first: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, _) = xs.dims2()?;
         let hd = self.head_dim;
         let (nq, nkv) = (self.n_heads * hd, self.n_kv_heads * hd);
         let qkv = self.qkv_proj.forward(xs)?;
-        let (q, k) = self.norm_rope(&qkv, cos, sin)?;
+        let (q, k) = self.norm_rope(&qkv, cos, sin, heads_first)?;
         let v = qkv
             .narrow(1, nq + nkv, nkv)?
             .reshape((n, self.n_kv_heads, hd))?;
@@ -133,13 +141,27 @@ impl Attention {
     /// q and k of the stacked projection `qkv` `[tokens, width]`, each normed per head then
     /// rotated: `[tokens, heads, d]` and `[tokens, kv_heads, d]`. One kernel for both on a GPU
     /// in bf16, reading them in place.
-    fn norm_rope(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn norm_rope(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads_first: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let (wq, eps) = self.q_norm.weight_eps();
         let (wk, eps_k) = self.k_norm.weight_eps();
         let q = (self.n_heads, wq);
         // One kernel takes one epsilon (the model's: both norms are built with it).
         if eps == eps_k
-            && let Some(qk) = cuda::norm_rope(qkv, 0, q, (self.n_kv_heads, wk), eps, cos, sin)?
+            && let Some(qk) = cuda::norm_rope(
+                qkv,
+                0,
+                q,
+                (self.n_kv_heads, wk),
+                eps,
+                (cos, sin),
+                heads_first,
+            )?
         {
             return Ok(qk);
         }
@@ -162,7 +184,7 @@ impl Attention {
         tables: &cuda::DecodeTables,
         layer: usize,
     ) -> Result<Tensor> {
-        let (q, k, v) = self.qkv(xs, cos, sin)?;
+        let (q, k, v) = self.qkv(xs, cos, sin, false)?;
         let ys = cuda::decode_attention_indirect(&q, &k, &v, tables, layer)?;
         self.o_proj.forward(&ys)
     }
@@ -289,10 +311,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, s, hd) = q.dims3()?;
         let past = cache.seq_len();
-        let (k, v) = cache.append(layer, k, v)?;
         let total = past + s;
-        // On a GPU the cache hands out views of its buffers.
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let (k, v) = if past == 0 {
+            // The cache holds just these: attend to them as they are.
+            cache.append(layer, k.clone(), v.clone())?;
+            (k, v)
+        } else {
+            // On a GPU the cache hands out views of its buffers.
+            let (k, v) = cache.append(layer, k, v)?;
+            (k.contiguous()?, v.contiguous()?)
+        };
         if let Some(out) = self.attend_gpu(q, &k, &v, past)? {
             return Ok(out);
         }

@@ -95,8 +95,8 @@ pub fn norm_rope(
     _q: (usize, &Tensor),
     _k: (usize, &Tensor),
     _eps: f64,
-    _cos: &Tensor,
-    _sin: &Tensor,
+    _cos_sin: (&Tensor, &Tensor),
+    _heads_first: bool,
 ) -> Result<Option<(Tensor, Tensor)>> {
     Ok(None)
 }

@@ -189,21 +189,24 @@ extern "C" __global__ void add_rms_norm_bf16(const bf16* __restrict__ x, const b
 // one block per (token, head) row of `d` = blockDim.x elements: x holds each token's q heads then
 // its k heads at x[token * x_stride + head * d] (the q and k columns of the stacked q/k/v
 // projection, read in place); heads below q_heads take wq and go to out_q [tokens, q_heads, d],
-// the others wk and out_k [tokens, k_heads, d]; cos/sin [tokens, d]. The rotation rounds as the
-// reference's `q * cos + rotate_half(q) * sin` in bf16: each product, then the sum.
+// the others wk and out_k [tokens, k_heads, d] — or, with `heads_first`, [q_heads, tokens, d] and
+// [k_heads, tokens, d], the layout prefill attention reads (no transposing copy after); cos/sin
+// [tokens, d]. The rotation rounds as the reference's `q * cos + rotate_half(q) * sin` in bf16:
+// each product, then the sum.
 extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16* __restrict__ wq,
                                           const bf16* __restrict__ wk, const bf16* __restrict__ cos,
                                           const bf16* __restrict__ sin, bf16* __restrict__ out_q,
                                           bf16* __restrict__ out_k, int q_heads, int k_heads, int x_stride,
-                                          float eps) {
+                                          float eps, int heads_first) {
     extern __shared__ bf16 normed[];
     const int d = blockDim.x, j = threadIdx.x;
     const int heads = q_heads + k_heads;
-    const size_t token = blockIdx.x / heads;
+    const size_t token = blockIdx.x / heads, tokens = gridDim.x / heads;
     const int head = blockIdx.x % heads;
     const bool is_q = head < q_heads;
     const bf16* w = is_q ? wq : wk;
-    bf16* out = is_q ? out_q + (token * q_heads + head) * d : out_k + (token * k_heads + head - q_heads) * d;
+    const size_t h = is_q ? head : head - q_heads, of = is_q ? q_heads : k_heads;
+    bf16* out = (is_q ? out_q : out_k) + (heads_first ? h * tokens + token : token * of + h) * d;
     const float v = f(x[token * x_stride + (size_t)head * d + j]);
     const float inv = 1.0f / sqrtf(block_sum(v * v) / (float)d + eps);
     const bf16 nv = rn(f(rn(v * inv)) * f(w[j]));

@@ -237,16 +237,18 @@ pub fn add_rms_norm(
 /// q_norm and k_norm, then RoPE, of every row of `x` `[tokens, width]` (the stacked q/k/v
 /// projection, read where it is: no copy first): `q` = (heads, norm weight `[d]`) from column
 /// `start`, then `k`'s heads right after; `cos`/`sin` `[tokens, d]`. One fused kernel for both,
-/// out `[tokens, heads, d]` each. `None` when the tensors are not bf16 on a GPU or the shapes do
-/// not fit the kernel (the caller runs candle's ops).
+/// out `[tokens, heads, d]` each: contiguous, or with `heads_first` a transposed view of
+/// contiguous `[heads, tokens, d]` memory (so that prefill attention's heads-first copy of them
+/// is already made). `None` when the tensors are not bf16 on a GPU or the shapes do not fit the
+/// kernel (the caller runs candle's ops).
 pub fn norm_rope(
     x: &Tensor,
     start: usize,
     q: (usize, &Tensor),
     k: (usize, &Tensor),
     eps: f64,
-    cos: &Tensor,
-    sin: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads_first: bool,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let Some(dev) = bf16_device(x) else {
         return Ok(None);
@@ -292,7 +294,8 @@ pub fn norm_rope(
                         let mut b = func.builder();
                         b.arg(&columns).arg(wqv).arg(wkv).arg(cv).arg(sv);
                         b.arg(&mut out_q).arg(&mut out_k);
-                        b.arg(&q_i).arg(&k_i).arg(&stride_i).arg(&eps_f);
+                        let first = i32::from(heads_first);
+                        b.arg(&q_i).arg(&k_i).arg(&stride_i).arg(&eps_f).arg(&first);
                         let shared = checked_u32("head_dim", d * 2)?;
                         let rows = checked_u32("rows", n * heads)?;
                         let cfg = launch_config((rows, 1), d as u32, shared);
@@ -305,6 +308,12 @@ pub fn norm_rope(
             })
         })
     })?;
+    if heads_first {
+        return Ok(Some((
+            wrap(dev, out_q, (q_heads, n, d)).transpose(0, 1)?,
+            wrap(dev, out_k, (k_heads, n, d)).transpose(0, 1)?,
+        )));
+    }
     Ok(Some((
         wrap(dev, out_q, (n, q_heads, d)),
         wrap(dev, out_k, (n, k_heads, d)),
