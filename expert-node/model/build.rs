@@ -16,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/ops/cuda/moe_plan.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/sample.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/attention.cuh");
+    println!("cargo:rerun-if-changed=src/ops/cuda/prefill_attention.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/router.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");

@@ -109,7 +109,8 @@ fn assignments(n: usize, k: usize, experts: usize, seed: u64) -> Vec<Assignment>
 #[test]
 fn fused_moe_matches_the_cpu_path_and_ignores_grouping() {
     // Odd sizes (GEMV kernels only), then multiples of 64 (experts with 5 or more tokens on the
-    // tensor-core kernels).
+    // tensor-core kernels; at 150 tokens expert 0's 150 take three 64-slot tiles, the last one
+    // with warps whose rows are all padding).
     for (hidden, inter) in [(200, 72), (192, 64)] {
         fused_moe_case(hidden, inter);
     }
@@ -125,7 +126,7 @@ fn fused_moe_case(hidden: usize, inter: usize) {
     let gpu_dev = gpu();
     let on_gpu = LocalExperts::load(&ckpt, &cfg, &pairs, DType::BF16, &gpu_dev, |_, _| {}).unwrap();
     assert_eq!(cpu.held(), on_gpu.held());
-    for (n, seed) in [(1usize, 1u64), (3, 2), (13, 3), (37, 4)] {
+    for (n, seed) in [(1usize, 1u64), (3, 2), (13, 3), (37, 4), (150, 5)] {
         let xs = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::BF16))
             .unwrap();

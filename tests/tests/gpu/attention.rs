@@ -1,8 +1,11 @@
 //! Attention's kernels (`ops/cuda/attention.cuh`) against the reference's steps done on the host
 //! in f32: prefill's fused softmax (`causal_softmax_bf16`: scores rounded to bf16 after the scale,
 //! keys past each query masked, softmax, probabilities rounded to bf16; odd shapes, with and
-//! without cached positions before the queries, rows longer than one block's threads) and decode
-//! attention at every length (one block per head for short caches, flash-decoding's split
+//! without cached positions before the queries, rows longer than one block's threads), prefill's
+//! fused attention (`prefill_attention_d*_bf16`: every head size it is built for, GQA and MQA,
+//! odd lengths, long rows, keys and values read in place from cache-like buffers after cached
+//! positions, and a head size without a kernel left to the unfused path) and decode attention at
+//! every length (one block per head for short caches, flash-decoding's split
 //! passes for long ones), which also writes the new key and value into the cache.
 
 use candle_core::{DType, Device, Tensor};
@@ -86,12 +89,115 @@ fn random_bf16(shape: &[usize], rng: &mut StdRng, dev: &Device) -> (Tensor, Vec<
     (t.to_device(dev).unwrap(), host)
 }
 
+/// Causal attention of query rows after `past` cached positions as the reference rounds it:
+/// scores bf16(bf16(q . k) * scale), softmax in f32, probabilities in bf16, f32 sums rounded to
+/// bf16 at the end. `key(j)` and `value(j)` are key position `j`'s rows.
+fn reference_row<R: AsRef<[f32]>>(
+    query: &[f32],
+    visible: usize,
+    key: impl Fn(usize) -> R,
+    value: impl Fn(usize) -> R,
+    scale: f32,
+) -> Vec<f32> {
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    let scores: Vec<f32> = (0..visible)
+        .map(|j| {
+            let dot: f32 = key(j).as_ref().iter().zip(query).map(|(a, b)| a * b).sum();
+            bf(bf(dot) * scale)
+        })
+        .collect();
+    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
+    let mut out = vec![0f32; query.len()];
+    for (j, sc) in scores.iter().enumerate() {
+        let p = bf((sc - m).exp() / sum);
+        for (o, x) in out.iter_mut().zip(value(j).as_ref()) {
+            *o += p * x;
+        }
+    }
+    out.into_iter().map(bf).collect()
+}
+
+/// Relative error of `got` against `want` (root of the squared differences over `want`'s).
+fn relative(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn prefill_attention_matches_the_reference_steps() {
+    let dev = gpu();
+    for (heads, kv_heads, d, s, past, seed) in [
+        (4usize, 2usize, 128usize, 77usize, 0usize, 1u64),
+        (32, 4, 128, 512, 0, 2),
+        (8, 1, 64, 40, 130, 3),
+        (6, 3, 32, 200, 0, 4),
+        (2, 2, 32, 1, 63, 5),
+        (4, 1, 128, 100, 3000, 6),
+    ] {
+        let total = past + s;
+        // Keys and values in buffers with room past `total`, read through views as the cache
+        // hands them out.
+        let capacity = total + 5;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (q, qh) = random_bf16(&[heads, s, d], &mut rng, &dev);
+        let (kb, kh) = random_bf16(&[kv_heads, capacity, d], &mut rng, &dev);
+        let (vb, vh) = random_bf16(&[kv_heads, capacity, d], &mut rng, &dev);
+        let (k, v) = (
+            kb.narrow(1, 0, total).unwrap(),
+            vb.narrow(1, 0, total).unwrap(),
+        );
+        let scale = half::bf16::from_f64((d as f64).powf(-0.5)).to_f32();
+        let got = cuda::prefill_attention(&q, &k, &v, past, scale)
+            .unwrap()
+            .expect("the fused kernel takes these shapes")
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        let mut worst = 0f64;
+        for h in 0..heads {
+            let kv = h / (heads / kv_heads);
+            let at = |j: usize| (kv * capacity + j) * d;
+            for i in 0..s {
+                let want = reference_row(
+                    &qh[(h * s + i) * d..][..d],
+                    past + i + 1,
+                    |j| &kh[at(j)..at(j) + d],
+                    |j| &vh[at(j)..at(j) + d],
+                    scale,
+                );
+                let out = &got[(i * heads + h) * d..][..d];
+                let err = relative(out, &want);
+                assert!(
+                    err < 1e-2,
+                    "{heads} heads / {kv_heads} KV, d {d}, {s} queries after {past}: head {h} query {i}: relative error {err:.2e}"
+                );
+                worst = worst.max(err);
+            }
+        }
+        eprintln!(
+            "prefill attention, {heads} heads / {kv_heads} KV, d {d}, {s} queries after {past}: worst relative error {worst:.2e}"
+        );
+    }
+    // A head size the kernel is not built for is left to the unfused path.
+    let mut rng = StdRng::seed_from_u64(7);
+    let (q, _) = random_bf16(&[2, 4, 96], &mut rng, &dev);
+    let (k, _) = random_bf16(&[1, 4, 96], &mut rng, &dev);
+    let none = cuda::prefill_attention(&q, &k, &k, 0, 0.1).unwrap();
+    assert!(none.is_none(), "head size 96 has no fused kernel");
+}
+
 #[test]
 fn decode_attention_matches_the_reference_steps_at_every_length() {
     // Short caches take one block per head, long ones flash-decoding's split passes (2 to 16
     // splits, fewer per head in a batch); GQA, MQA and odd lengths.
     let dev = gpu();
-    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
     for (heads, kv_heads, d, lengths, seed) in [
         (32usize, 4usize, 128usize, vec![1usize], 1u64),
         (32, 4, 128, vec![700], 2),
@@ -138,30 +244,14 @@ fn decode_attention_matches_the_reference_steps_at_every_length() {
             };
             for h in 0..heads {
                 let kv = h / (heads / kv_heads);
-                let qr = &qh[(s * heads + h) * d..][..d];
-                let scores: Vec<f32> = (0..=*past)
-                    .map(|j| {
-                        let dot: f32 = row(kh, &kn, kv, j).iter().zip(qr).map(|(a, b)| a * b).sum();
-                        bf(bf(dot) * scale)
-                    })
-                    .collect();
-                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
-                let mut want = vec![0f32; d];
-                for (j, sc) in scores.iter().enumerate() {
-                    let p = bf((sc - m).exp() / sum);
-                    for (w, v) in want.iter_mut().zip(row(vh, &vn, kv, j)) {
-                        *w += p * v;
-                    }
-                }
-                let out = &got[(s * heads + h) * d..][..d];
-                let num: f64 = out
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| f64::from(a - bf(*b)).powi(2))
-                    .sum();
-                let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
-                let err = (num / den.max(1e-30)).sqrt();
+                let want = reference_row(
+                    &qh[(s * heads + h) * d..][..d],
+                    past + 1,
+                    |j| row(kh, &kn, kv, j),
+                    |j| row(vh, &vn, kv, j),
+                    scale,
+                );
+                let err = relative(&got[(s * heads + h) * d..][..d], &want);
                 assert!(
                     err < 1e-2,
                     "{heads} heads, d {d}, sequence {s} ({} positions), head {h}: relative error {err:.2e}",

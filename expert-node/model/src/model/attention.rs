@@ -317,13 +317,14 @@ impl Attention {
             cache.append(layer, k.clone(), v.clone())?;
             (k, v)
         } else {
-            // On a GPU the cache hands out views of its buffers.
-            let (k, v) = cache.append(layer, k, v)?;
-            (k.contiguous()?, v.contiguous()?)
+            // On a GPU the cache hands out views of its buffers, which the fused kernel reads in
+            // place; the other paths take contiguous copies.
+            cache.append(layer, k, v)?
         };
         if let Some(out) = self.attend_gpu(q, &k, &v, past)? {
             return Ok(out);
         }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         let groups = self.n_heads / self.n_kv_heads;
         let repeat = |t: Tensor| -> Result<Tensor> {
             if groups == 1 {
@@ -357,11 +358,13 @@ impl Attention {
             .reshape((s, self.n_heads * hd))?)
     }
 
-    /// [`Attention::attend`] in bf16 on a GPU, the same math in three launches: each KV head's
+    /// [`Attention::attend`] in bf16 on a GPU: one fused launch ([`cuda::prefill_attention`]),
+    /// or at head sizes it is not built for the same math in three: each KV head's
     /// query heads taken as one `[groups * s, d]` matrix against its keys and values (no copy of
     /// them per query head), and the scale, causal mask and softmax fused into one kernel
     /// instead of five elementwise passes over f32 scores. `q` `[heads, s, d]` contiguous, `k`
-    /// and `v` `[kv_heads, past + s, d]`; `None` off the GPU or in f32.
+    /// and `v` `[kv_heads, past + s, d]` (views of the cache's buffers after cached positions);
+    /// `None` off the GPU or in f32.
     fn attend_gpu(
         &self,
         q: &Tensor,
@@ -373,22 +376,26 @@ impl Attention {
             return Ok(None);
         }
         let (heads, s, hd) = q.dims3()?;
-        let total = k.dim(1)?;
-        let groups = heads / self.n_kv_heads;
-        let q = q.reshape((self.n_kv_heads, groups * s, hd))?;
-        let scores = matmul(&q, &k.t()?)?.reshape((heads, s, total))?;
         // The scale rounded to bf16, as the CPU path took it until it moved to the reference's
         // f32 scale (`scaled_scores`) and as decode attention on the GPU does not. Here the f32
         // scale gave omni-gqa-top4's reference logits bit for bit but moved a near-tie row of
         // omni-mqa-step2's mRoPE logits to another argmax than the CPU f32 path's, which the GPU
-        // test allows once; moving this kernel too waits for a device run of that test.
+        // test allows once; moving these kernels too waits for a device run of that test.
         let scale = half::bf16::from_f64((hd as f64).powf(-0.5)).to_f32();
+        if let Some(out) = cuda::prefill_attention(q, k, v, past, scale)? {
+            return Ok(Some(out));
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let total = k.dim(1)?;
+        let groups = heads / self.n_kv_heads;
+        let q = q.reshape((self.n_kv_heads, groups * s, hd))?;
+        let scores = matmul(&q, &k.t()?)?.reshape((heads, s, total))?;
         let Some(probs) = cuda::causal_softmax(&scores, scale, past)? else {
             return Ok(None);
         };
         let probs = probs.reshape((self.n_kv_heads, groups * s, total))?;
         Ok(Some(
-            matmul(&probs, v)?
+            matmul(&probs, &v)?
                 .reshape((heads, s, hd))?
                 .transpose(0, 1)?
                 .reshape((s, heads * hd))?,

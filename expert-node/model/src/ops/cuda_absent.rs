@@ -183,6 +183,16 @@ pub fn causal_softmax(_scores: &Tensor, _scale: f32, _past: usize) -> Result<Opt
     Ok(None)
 }
 
+pub fn prefill_attention(
+    _q: &Tensor,
+    _k: &Tensor,
+    _v: &Tensor,
+    _past: usize,
+    _scale: f32,
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
 pub fn bf16_device(_t: &Tensor) -> Option<&candle_core::CudaDevice> {
     None
 }

@@ -186,36 +186,82 @@ extern "C" __global__ void add_rms_norm_bf16(const bf16* __restrict__ x, const b
 }
 
 // q_norm and k_norm, then RoPE (rotate_half), of every q and k head of every token in one launch,
-// one block per (token, head) row of `d` = blockDim.x elements: x holds each token's q heads then
-// its k heads at x[token * x_stride + head * d] (the q and k columns of the stacked q/k/v
-// projection, read in place); heads below q_heads take wq and go to out_q [tokens, q_heads, d],
-// the others wk and out_k [tokens, k_heads, d] — or, with `heads_first`, [q_heads, tokens, d] and
-// [k_heads, tokens, d], the layout prefill attention reads (no transposing copy after); cos/sin
-// [tokens, d]. The rotation rounds as the reference's `q * cos + rotate_half(q) * sin` in bf16:
-// each product, then the sum.
+// one warp per (token, head) row of d = 32 * W elements, lane l holding elements l + 32 w: x holds
+// each token's q heads then its k heads at x[token * x_stride + head * d] (the q and k columns of
+// the stacked q/k/v projection, read in place); heads below q_heads take wq and go to out_q
+// [tokens, q_heads, d], the others wk and out_k [tokens, k_heads, d] — or, with `heads_first`,
+// [q_heads, tokens, d] and [k_heads, tokens, d], the layout prefill attention reads (no
+// transposing copy after); cos/sin [tokens, d]. The rotation rounds as the reference's
+// `q * cos + rotate_half(q) * sin` in bf16: each product, then the sum.
+//
+// The sum of squares is `block_sum`'s over a block of d threads, replayed in one warp: each w's
+// butterfly is that block's warp w's, and the butterfly over their partials (zeros past W, which
+// add nothing) runs in registers in the same order — the same bits as a block per row, which
+// for a 512-token prefill was 20,480 blocks of 128 threads and three barriers each (17.7 µs a
+// layer on an H200).
+template <int W>
+__device__ __forceinline__ void norm_rope_row(const bf16* __restrict__ x, const bf16* __restrict__ wt,
+                                              const bf16* __restrict__ cos, const bf16* __restrict__ sin,
+                                              bf16* __restrict__ out, float eps) {
+    constexpr int d = 32 * W;
+    const int lane = threadIdx.x & 31;
+    float v[W], part[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        v[w] = f(x[lane + 32 * w]);
+        part[w] = warp_sum(v[w] * v[w]);
+    }
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) {
+        float next[W];
+#pragma unroll
+        for (int l = 0; l < W; ++l) next[l] = part[l] + part[l ^ o];
+#pragma unroll
+        for (int l = 0; l < W; ++l) part[l] = next[l];
+    }
+    const float inv = 1.0f / sqrtf(part[0] / (float)d + eps);
+    bf16 nv[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) nv[w] = rn(f(rn(v[w] * inv)) * f(wt[lane + 32 * w]));
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        // Element j's partner j +- d/2: another of the lane's registers, or at d = 32 the lane
+        // 16 away.
+        float rot;
+        if constexpr (W == 1) {
+            const float other = __shfl_xor_sync(0xffffffffu, f(nv[0]), 16);
+            rot = lane < 16 ? -other : other;
+        } else {
+            rot = w < W / 2 ? -f(nv[w + W / 2]) : f(nv[w - W / 2]);
+        }
+        const int j = lane + 32 * w;
+        out[j] = rn(f(rn(f(nv[w]) * f(cos[j]))) + f(rn(rot * f(sin[j]))));
+    }
+}
+
+// Head sizes the kernel takes (mod.rs: `NORM_ROPE_HEAD_DIMS`); 4 rows a block of 128 threads.
 extern "C" __global__ void norm_rope_bf16(const bf16* __restrict__ x, const bf16* __restrict__ wq,
                                           const bf16* __restrict__ wk, const bf16* __restrict__ cos,
                                           const bf16* __restrict__ sin, bf16* __restrict__ out_q,
-                                          bf16* __restrict__ out_k, int q_heads, int k_heads, int x_stride,
-                                          float eps, int heads_first) {
-    extern __shared__ bf16 normed[];
-    const int d = blockDim.x, j = threadIdx.x;
+                                          bf16* __restrict__ out_k, int tokens, int q_heads, int k_heads,
+                                          int d, int x_stride, float eps, int heads_first) {
     const int heads = q_heads + k_heads;
-    const size_t token = blockIdx.x / heads, tokens = gridDim.x / heads;
-    const int head = blockIdx.x % heads;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= (size_t)tokens * heads) return;
+    const size_t token = row / heads;
+    const int head = row % heads;
     const bool is_q = head < q_heads;
-    const bf16* w = is_q ? wq : wk;
     const size_t h = is_q ? head : head - q_heads, of = is_q ? q_heads : k_heads;
     bf16* out = (is_q ? out_q : out_k) + (heads_first ? h * tokens + token : token * of + h) * d;
-    const float v = f(x[token * x_stride + (size_t)head * d + j]);
-    const float inv = 1.0f / sqrtf(block_sum(v * v) / (float)d + eps);
-    const bf16 nv = rn(f(rn(v * inv)) * f(w[j]));
-    normed[j] = nv;
-    __syncthreads();
-    const int half = d / 2;
-    const float rot = j < half ? -f(normed[j + half]) : f(normed[j - half]);
-    const float c = f(cos[token * d + j]), s = f(sin[token * d + j]);
-    out[j] = rn(f(rn(f(nv) * c)) + f(rn(rot * s)));
+    const bf16* in = x + token * x_stride + (size_t)head * d;
+    const bf16* wt = is_q ? wq : wk;
+    const bf16 *c = cos + token * d, *s = sin + token * d;
+    switch (d) {
+        case 32: norm_rope_row<1>(in, wt, c, s, out, eps); break;
+        case 64: norm_rope_row<2>(in, wt, c, s, out, eps); break;
+        case 128: norm_rope_row<4>(in, wt, c, s, out, eps); break;
+        case 256: norm_rope_row<8>(in, wt, c, s, out, eps); break;
+    }
 }
 
 // The routing tables of one MoE launch, one u32 buffer:
@@ -607,5 +653,6 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ ys, const u
 }
 
 #include "attention.cuh"
+#include "prefill_attention.cuh"
 #include "sample.cuh"
 #include "router.cuh"

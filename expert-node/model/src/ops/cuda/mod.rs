@@ -12,6 +12,7 @@ mod attention;
 mod graph;
 mod ipc;
 mod moe;
+mod prefill_attention;
 mod router;
 mod sample;
 mod side;
@@ -23,6 +24,7 @@ pub(crate) use graph::{
 };
 pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
+pub use prefill_attention::prefill_attention;
 pub use router::{
     DeviceRouting, RouterTicket, router_gate_topk1, router_topk, router_topk_on_device,
 };
@@ -34,8 +36,6 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfi
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor, bail};
 use half::bf16;
-
-use super::head_dim_fits_gpu_kernels;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/omnishard_kernels.ptx"));
 const MODULE: &str = "omnishard";
@@ -234,6 +234,11 @@ pub fn add_rms_norm(
     Ok(Some((wrap(dev, sum, shape.clone()), wrap(dev, out, shape))))
 }
 
+/// Head sizes `norm_rope_bf16` takes (a warp per head, `d / 32` elements a lane), and the heads
+/// a block of it takes (a warp each).
+const NORM_ROPE_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
+const NORM_ROPE_ROWS: usize = 4;
+
 /// q_norm and k_norm, then RoPE, of every row of `x` `[tokens, width]` (the stacked q/k/v
 /// projection, read where it is: no copy first): `q` = (heads, norm weight `[d]`) from column
 /// `start`, then `k`'s heads right after; `cos`/`sin` `[tokens, d]`. One fused kernel for both,
@@ -257,7 +262,7 @@ pub fn norm_rope(
     let (Ok((n, width)), Ok(d)) = (x.dims2(), wq.dims1()) else {
         return Ok(None);
     };
-    if !head_dim_fits_gpu_kernels(d)
+    if !NORM_ROPE_HEAD_DIMS.contains(&d)
         || wk.dims() != [d]
         || cos.dims() != [n, d]
         || sin.dims() != [n, d]
@@ -284,21 +289,25 @@ pub fn norm_rope(
             with_view(wk, |wkv| {
                 with_view(cos, |cv| {
                     with_view(sin, |sv| {
-                        let (q_i, k_i, stride_i, eps_f) = (
+                        let ints = [
+                            checked_i32("tokens", n)?,
                             checked_i32("q heads", q_heads)?,
                             checked_i32("k heads", k_heads)?,
+                            checked_i32("head_dim", d)?,
                             checked_i32("row width", width)?,
-                            eps as f32,
-                        );
+                        ];
+                        let eps_f = eps as f32;
                         let columns = xv.slice(start..);
                         let mut b = func.builder();
                         b.arg(&columns).arg(wqv).arg(wkv).arg(cv).arg(sv);
                         b.arg(&mut out_q).arg(&mut out_k);
                         let first = i32::from(heads_first);
-                        b.arg(&q_i).arg(&k_i).arg(&stride_i).arg(&eps_f).arg(&first);
-                        let shared = checked_u32("head_dim", d * 2)?;
-                        let rows = checked_u32("rows", n * heads)?;
-                        let cfg = launch_config((rows, 1), d as u32, shared);
+                        for v in &ints {
+                            b.arg(v);
+                        }
+                        b.arg(&eps_f).arg(&first);
+                        let blocks = checked_u32("rows", (n * heads).div_ceil(NORM_ROPE_ROWS))?;
+                        let cfg = launch_config((blocks, 1), 32 * NORM_ROPE_ROWS as u32, 0);
                         // SAFETY: argument types and order match `norm_rope_bf16`; row `n - 1`'s
                         // last head ends inside `x` (checked above).
                         unsafe { b.launch(cfg) }.w()?;

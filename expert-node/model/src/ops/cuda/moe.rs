@@ -8,6 +8,7 @@
 use candle_core::cuda_backend::WrapErr;
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, PushKernelArg};
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 use half::bf16;
@@ -40,11 +41,25 @@ const MOE_TOKENS: usize = 4;
 /// Depends only on the expert's own token count, so a node holding the expert makes the same
 /// choice as a single process would.
 const MMA_MIN_TOKENS: usize = 5;
-/// Tile of the tensor-core kernels: slots by outputs, in K steps of `MMA_K` (`MMA_*` in
+/// Tile of the tensor-core kernels: slots by outputs, in K steps of `MMA_K`, a warp per 16 x 32
+/// of it, and the stages of their shared-memory rings (`MMA_*`, `GU_STAGES`, `DOWN_STAGES` in
 /// moe_mma.cuh).
-const MMA_M: usize = 32;
+const MMA_M: usize = 64;
 const MMA_N: usize = 64;
 const MMA_K: usize = 64;
+const MMA_THREADS: u32 = (MMA_M / 16 * MMA_N / 32 * 32) as u32;
+const GU_STAGES: usize = 2;
+const DOWN_STAGES: usize = 3;
+
+/// Dynamic shared memory of a tensor-core kernel (`GateUpShared` / `DownShared` in
+/// moe_mma.cuh, which trap if given less): a ring of stages, each `MMA_M` input rows and
+/// `weights` x `MMA_N` weight rows of `MMA_K` bf16 padded by 8, or once the ring is done the f32
+/// outputs of `weights` matrices (`MMA_N` + 4 a row).
+fn mma_shared_bytes(weights: usize, stages: usize) -> u32 {
+    let ring = stages * (MMA_M + weights * MMA_N) * (MMA_K + 8) * 2;
+    let out = weights * MMA_M * (MMA_N + 4) * 4;
+    ring.max(out) as u32
+}
 
 /// Dynamic shared memory of a GEMV MoE kernel whose input rows are `width` wide and whose lanes
 /// hold `chunks` 16-byte chunks of a weight row at once: `MOE_TOKENS` input rows of at most one
@@ -337,6 +352,13 @@ impl StackedExperts {
                 return Ok(());
             }
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            if shared > 48 * 1024 {
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .w()?;
+            }
             let mut b = stream.launch_builder(&func);
             b.arg(input).arg(weights).arg(tab);
             for size in &sizes {
@@ -346,7 +368,11 @@ impl StackedExperts {
                 b.arg(&tiles);
             }
             b.arg(&live).arg(out);
-            let block = if mma { 128 } else { (WARPS * 32) as u32 };
+            let block = if mma {
+                MMA_THREADS
+            } else {
+                (WARPS * 32) as u32
+            };
             // SAFETY: argument types and order match the kernel `name` (kernels.cu).
             unsafe { b.launch(launch_config(grid, block, shared)) }.w()?;
             Ok(())
@@ -371,7 +397,7 @@ impl StackedExperts {
                     &mut act,
                     tiled,
                     true,
-                    0,
+                    mma_shared_bytes(2, GU_STAGES),
                 )?;
                 let gemv = (rows(i, WARPS), plan.gemv_groups);
                 let staged = staged_bytes(h, GATE_UP_CHUNKS)?;
@@ -418,7 +444,7 @@ impl StackedExperts {
                 &mut out,
                 tiled,
                 true,
-                0,
+                mma_shared_bytes(1, DOWN_STAGES),
             )?;
             let gemv = (rows(h, WARPS * DOWN_ROWS), plan.gemv_groups);
             let staged = staged_bytes(i, DOWN_CHUNKS)?;

@@ -3,13 +3,17 @@
 #pragma once
 
 // The same two steps for experts with many tokens (prefill), on the tensor cores (WMMA, bf16 in,
-// f32 accumulate): a block computes a tile of 32 slots x 64 outputs of one expert, 4 warps of
-// 16 x 32, over K in steps of 64 through shared memory: 128 bytes of each weight row a step,
-// whole cache lines (steps of 32 took half lines; 64 ran a 512-token prefill 3-4% faster on an
-// H200, BENCHMARKS.md run 14). `tiles` lists (group, first slot of the tile within the group)
-// per blockIdx.y. Each output element depends only on its own slot's row and the expert's
-// weights, so grouping never changes it; the K step changes no sum's order.
-#define MMA_M 32
+// f32 accumulate): a block of 8 warps computes a tile of 64 slots x 64 outputs of one expert,
+// each warp 16 x 32, over K in steps of 64 through shared memory: 128 bytes of each weight row a
+// step, whole cache lines (steps of 32 took half lines; 64 ran a 512-token prefill 3-4% faster on
+// an H200, BENCHMARKS.md run 14). 64 slots a tile, so that an expert with 33-64 tokens (a 512-token
+// prompt gives each expert 32 on average) has its weights streamed by one tile rather than two;
+// warps whose 16 rows are all past the expert's tokens skip the arithmetic. `tiles` lists (group,
+// first slot of the tile within the group) per blockIdx.y. Each output element depends only on
+// its own slot's row and the expert's weights, so grouping never changes it; neither the K step
+// nor the tile's height changes any sum's order.
+#define MMA_M 64
+#define MMA_THREADS (MMA_M / 16 * 2 * 32)
 #define MMA_N 64
 #define MMA_K 64
 #define MMA_LD (MMA_K + 8)
@@ -19,8 +23,9 @@
 // stages are in flight while the tensor cores work on this one (the synchronous loads before
 // left the block idle during every load: gate/up streamed its weights at 2.35 TB/s, down at
 // 2.0, on an H200; 2.9 and 2.5 with the ring). The loads change nothing in the arithmetic: the
-// same products in the same order. Stages as many as 48 KB of static shared memory hold at
-// 64-wide steps (three and four in dynamic shared memory measured the same).
+// same products in the same order. The stages live in dynamic shared memory (55 KB a block, past
+// the 48 KB of static shared memory); at 32-slot tiles three and four stages measured the same
+// as these.
 #define GU_STAGES 2
 #define DOWN_STAGES 3
 
@@ -58,28 +63,64 @@ __device__ __forceinline__ void cp_async_ring(int steps, Load load, Compute comp
     __syncthreads();
 }
 
-// Rows [m0, m0 + 32) of a gathered A tile: row r is `src_row(r)` (zeros past `rows`), columns
-// [k0, k0 + 64). 128 threads, 2 x 8 bf16 each.
-template <typename RowPtr>
-__device__ __forceinline__ void load_a_tile(bf16 (*dst)[MMA_LD], RowPtr src_row, int rows, int k0) {
+// The rows of a gathered A tile ([m0, m0 + MMA_M) of a group) that this thread copies: row r is
+// `src_row(r)` (zeros past `rows`, with nothing read). Found once, before the K loop, so that the
+// gather's index loads stay out of its steps. MMA_THREADS threads, 8 bf16 at a time.
+struct ATileRows {
+    static constexpr int PER = MMA_M * 8 / MMA_THREADS;
+    const bf16* src[PER];
+    bool valid[PER];
+
+    template <typename RowPtr>
+    __device__ __forceinline__ ATileRows(RowPtr src_row, int rows) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const int r = (threadIdx.x >> 3) + q * 16, c = (threadIdx.x & 7) * 8;
-        const bool valid = r < rows;
-        cp_async16(&dst[r][c], src_row(valid ? r : 0) + k0 + c, valid);
+        for (int q = 0; q < PER; ++q) {
+            const int r = (threadIdx.x >> 3) + q * (MMA_THREADS / 8);
+            valid[q] = r < rows;
+            src[q] = src_row(valid[q] ? r : 0);
+        }
     }
-}
+
+    // Columns [k0, k0 + 64) of the tile into `dst`.
+    __device__ __forceinline__ void load(bf16 (*dst)[MMA_LD], int k0) const {
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int r = (threadIdx.x >> 3) + q * (MMA_THREADS / 8), c = (threadIdx.x & 7) * 8;
+            cp_async16(&dst[r][c], src[q] + k0 + c, valid[q]);
+        }
+    }
+};
 
 // Rows [n0, n0 + 64) of a weight matrix `w` [n_total, K] row-major, columns [k0, k0 + 64).
 __device__ __forceinline__ void load_b_tile(bf16 (*dst)[MMA_LD], const bf16* w, int n0, int n_total,
                                             int K, int k0) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const int r = (threadIdx.x >> 3) + q * 16, c = (threadIdx.x & 7) * 8;
+    for (int q = 0; q < MMA_N * 8 / MMA_THREADS; ++q) {
+        const int r = (threadIdx.x >> 3) + q * (MMA_THREADS / 8), c = (threadIdx.x & 7) * 8;
         const bool valid = n0 + r < n_total;
         cp_async16(&dst[r][c], w + (size_t)(valid ? n0 + r : 0) * K + k0 + c, valid);
     }
 }
+
+// The block's dynamic shared memory, of which the caller needs `need` bytes: traps when the
+// launch gave less (a launch sized on the host apart from the layout it holds).
+extern __shared__ __align__(128) unsigned char dynamic_shared_bytes[];
+__device__ __forceinline__ unsigned char* dynamic_shared(size_t need) {
+    unsigned given;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
+    if (given < need) __trap();
+    return dynamic_shared_bytes;
+}
+
+// The dynamic shared memory of a tile kernel as `T` (moe.rs sizes it: `mma_shared_bytes`).
+template <typename T>
+__device__ __forceinline__ T& mma_shared_as() {
+    return *reinterpret_cast<T*>(dynamic_shared(sizeof(T)));
+}
+
+// Where a warp's 16 x 32 part of the tile lies: warps along M first.
+__device__ __forceinline__ int warp_m() { return ((threadIdx.x >> 5) % (MMA_M / 16)) * 16; }
+__device__ __forceinline__ int warp_n() { return ((threadIdx.x >> 5) / (MMA_M / 16)) * 32; }
 
 // Shared memory of the gate/up kernel: the ring of stages, then (reusing it once the K loop is
 // done) the f32 accumulators on their way to the SiLU.
@@ -105,14 +146,14 @@ union DownShared {
     float out[MMA_M][OUT_LD];
 };
 
-extern "C" __global__ void moe_gate_up_mma_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4) moe_gate_up_mma_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
                                                 const uint32_t* __restrict__ tab, int G, int S, int H,
                                                 int I, const uint32_t* __restrict__ tiles,
                                                 const uint32_t* __restrict__ live,
                                                 bf16* __restrict__ act) {
     using namespace nvcuda;
-    __shared__ __align__(128) GateUpShared sh;
     if (blockIdx.y >= live[1]) return;
+    GateUpShared& sh = mma_shared_as<GateUpShared>();
     const uint32_t g = tiles[2 * blockIdx.y], m0 = tiles[2 * blockIdx.y + 1];
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* token = tab + 3 * G;
@@ -120,22 +161,25 @@ extern "C" __global__ void moe_gate_up_mma_bf16(const bf16* __restrict__ xs, con
     const int n0 = blockIdx.x * MMA_N;
     const bf16* wg = w13 + (size_t)e * 2 * I * H;
     const bf16* wu = wg + (size_t)I * H;
-    const int warp = threadIdx.x >> 5, wm = (warp & 1) * 16, wn = (warp >> 1) * 32;
+    const int wm = warp_m(), wn = warp_n();
+    // Warp-uniform: a warp whose rows are all padding has nothing to compute.
+    const bool busy = wm < rows;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_g[2], acc_u[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         wmma::fill_fragment(acc_g[i], 0.f);
         wmma::fill_fragment(acc_u[i], 0.f);
     }
-    auto x_row = [&](int r) { return xs + (size_t)token[start + m0 + r] * H; };
+    const ATileRows a_rows([&](int r) { return xs + (size_t)token[start + m0 + r] * H; }, rows);
     auto load = [&](int kt) {
         GateUpStage& st = sh.stage[kt % GU_STAGES];
-        load_a_tile(st.xs, x_row, rows, kt * MMA_K);
+        a_rows.load(st.xs, kt * MMA_K);
         load_b_tile(st.wg, wg, n0, I, H, kt * MMA_K);
         load_b_tile(st.wu, wu, n0, I, H, kt * MMA_K);
     };
     cp_async_ring<GU_STAGES>(H / MMA_K, load, [&](int kt) {
         const GateUpStage& st = sh.stage[kt % GU_STAGES];
+        if (!busy) return;
 #pragma unroll
         for (int kk = 0; kk < MMA_K; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
@@ -163,14 +207,14 @@ extern "C" __global__ void moe_gate_up_mma_bf16(const bf16* __restrict__ xs, con
     }
 }
 
-extern "C" __global__ void moe_down_mma_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4) moe_down_mma_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
                                              const uint32_t* __restrict__ tab, int G, int S, int H,
                                              int I, const uint32_t* __restrict__ tiles,
-                                                const uint32_t* __restrict__ live,
+                                             const uint32_t* __restrict__ live,
                                              bf16* __restrict__ out) {
     using namespace nvcuda;
-    __shared__ __align__(128) DownShared sh;
     if (blockIdx.y >= live[1]) return;
+    DownShared& sh = mma_shared_as<DownShared>();
     const uint32_t g = tiles[2 * blockIdx.y], m0 = tiles[2 * blockIdx.y + 1];
     const uint32_t e = tab[g], start = tab[G + g], count = tab[2 * G + g];
     const uint32_t* row = tab + 3 * G + S;
@@ -178,18 +222,21 @@ extern "C" __global__ void moe_down_mma_bf16(const bf16* __restrict__ act, const
     const int rows = min((int)(count - m0), MMA_M);
     const int n0 = blockIdx.x * MMA_N;
     const bf16* wd = w2 + (size_t)e * H * I;
-    const int warp = threadIdx.x >> 5, wm = (warp & 1) * 16, wn = (warp >> 1) * 32;
+    const int wm = warp_m(), wn = warp_n();
+    // Warp-uniform: a warp whose rows are all padding has nothing to compute.
+    const bool busy = wm < rows;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     wmma::fill_fragment(acc[0], 0.f);
     wmma::fill_fragment(acc[1], 0.f);
-    auto a_row = [&](int r) { return act + (size_t)(start + m0 + r) * I; };
+    const ATileRows a_rows([&](int r) { return act + (size_t)(start + m0 + r) * I; }, rows);
     auto load = [&](int kt) {
         DownStage& st = sh.stage[kt % DOWN_STAGES];
-        load_a_tile(st.a, a_row, rows, kt * MMA_K);
+        a_rows.load(st.a, kt * MMA_K);
         load_b_tile(st.w, wd, n0, H, I, kt * MMA_K);
     };
     cp_async_ring<DOWN_STAGES>(I / MMA_K, load, [&](int kt) {
         const DownStage& st = sh.stage[kt % DOWN_STAGES];
+        if (!busy) return;
 #pragma unroll
         for (int kk = 0; kk < MMA_K; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
