@@ -640,16 +640,26 @@ extern "C" __global__ void gemv_bf16(const bf16* __restrict__ x, const bf16* __r
 
 // Per-token sum of its experts' weighted outputs: ys [rows, H]; the rows of token t are
 // idx[offsets[t] .. offsets[t+1]], in ascending expert id. Starts from zero and rounds to bf16
-// after every add, as the reference's index_add_ into a zero tensor, expert by expert.
+// after every add, as the reference's index_add_ into a zero tensor, expert by expert. A thread
+// takes 8 columns (H a multiple of 8, rows 16-byte aligned) with one 16-byte load a row: one
+// column a thread made it a third of the bandwidth's speed (12.2 µs for a 512-token prefill's
+// 17 MB on an H200).
 extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ ys, const uint32_t* __restrict__ offsets,
                                             const uint32_t* __restrict__ idx, int H,
                                             bf16* __restrict__ out) {
     const int t = blockIdx.y;
-    const int h = blockIdx.x * blockDim.x + threadIdx.x;
+    const int h = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (h >= H) return;
-    bf16 acc = rn(0.f);
-    for (uint32_t i = offsets[t]; i < offsets[t + 1]; ++i) acc = rn(f(acc) + f(ys[(size_t)idx[i] * H + h]));
-    out[(size_t)t * H + h] = acc;
+    bf16 acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = rn(0.f);
+    for (uint32_t i = offsets[t]; i < offsets[t + 1]; ++i) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(ys + (size_t)idx[i] * H + h);
+        const bf16* y = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = rn(f(acc[e]) + f(y[e]));
+    }
+    *reinterpret_cast<uint4*>(out + (size_t)t * H + h) = *reinterpret_cast<const uint4*>(acc);
 }
 
 #include "attention.cuh"

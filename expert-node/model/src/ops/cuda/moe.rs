@@ -480,12 +480,16 @@ const ROUTED1_MAX_K: usize = 32;
 
 /// Per-token sums of per-assignment outputs `ys` `[assignments.len(), H]` (bf16 on a GPU), each
 /// token's rows in ascending expert id: the CUDA form of [`crate::experts::combine`], the same
-/// bits. `None` when `ys` is not a bf16 CUDA tensor.
+/// bits. `None` when `ys` is not a bf16 CUDA tensor or H is not a multiple of 8 (the kernel's
+/// 16-byte loads).
 pub fn combine(n_tokens: usize, assignments: &[Assignment], ys: &Tensor) -> Result<Option<Tensor>> {
     let Some(dev) = bf16_device(ys) else {
         return Ok(None);
     };
     let (_, h) = ys.dims2()?;
+    if !h.is_multiple_of(COMBINE_COLUMNS) {
+        return Ok(None);
+    }
     if n_tokens == 0 || h == 0 {
         return Ok(Some(Tensor::zeros((n_tokens, h), ys.dtype(), ys.device())?));
     }
@@ -497,6 +501,11 @@ pub fn combine(n_tokens: usize, assignments: &[Assignment], ys: &Tensor) -> Resu
     Ok(Some(wrap(dev, sums, (n_tokens, h))))
 }
 
+/// Columns a thread of `moe_combine_bf16` sums (one 16-byte load a row), and its block size.
+const COMBINE_COLUMNS: usize = 8;
+const COMBINE_THREADS: usize = 256;
+
+/// `moe_combine_bf16` over `ys` (rows 16-byte aligned, `h` a multiple of `COMBINE_COLUMNS`).
 fn launch_combine(
     dev: &CudaDevice,
     ys: &CudaView<'_, bf16>,
@@ -511,8 +520,11 @@ fn launch_combine(
     let h_i = checked_i32("hidden", h)?;
     let mut b = func.builder();
     b.arg(ys).arg(offsets).arg(idx).arg(&h_i).arg(&mut out);
-    let grid = (h.div_ceil(256) as u32, checked_u32("tokens", n_tokens)?);
+    let grid = (
+        h.div_ceil(COMBINE_THREADS * COMBINE_COLUMNS) as u32,
+        checked_u32("tokens", n_tokens)?,
+    );
     // SAFETY: argument types and order match `moe_combine_bf16`.
-    unsafe { b.launch(launch_config(grid, 256, 0)) }.w()?;
+    unsafe { b.launch(launch_config(grid, COMBINE_THREADS as u32, 0)) }.w()?;
     Ok(out)
 }

@@ -7,8 +7,9 @@
 // accumulators of `mma.sync` m16n8k16 tiles, and key and value tiles of 64 positions streamed
 // through shared memory. Its rounding is the reference's eager attention in bf16 (transformers
 // 4.57.3 `eager_attention_forward`), not FlashAttention's: scores bf16(bf16(q . k) * scale),
-// masked past each query, softmax in f32, each probability rounded to bf16 after the division by
-// the row's sum and only then multiplied with v (f32 sums, one rounding at the end). So it takes
+// masked past each query, softmax in f32, each probability rounded to bf16 once normalized by
+// the row's sum (times its reciprocal: within an f32 ulp of the quotient) and only then
+// multiplied with v (f32 sums, one rounding at the end). So it takes
 // two passes over the keys: the first finds each row's maximum and sum (the sum rescaled as the
 // maximum grows, FlashAttention's online softmax: a few f32 ulps from a sum taken after the
 // maximum, as any other order of that sum is), the second recomputes the scores, makes the
@@ -44,9 +45,10 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
+// Two stages of a key and a value tile; the block's query rows pass through the first key tile's
+// memory on their way to registers, before the stages are used (a third block then fits on an SM).
 template <int D>
 struct PrefillAttentionShared {
-    bf16 q[PA_ROWS][D + 8];
     struct {
         bf16 k[PA_KEYS][D + 8];
         bf16 v[PA_KEYS][D + 8];
@@ -83,11 +85,21 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
     const int pos0 = past + q0 + wm + g, pos1 = pos0 + 8;
     const int warp_last = past + q0 + wm + 15;
 
+    // The warp's queries as A operands, through shared memory (zeros past `rows`).
+    static_assert(PA_ROWS == PA_KEYS, "the query rows pass through a key tile");
+    bf16(*qs)[D + 8] = sh.stage[0].k;
     for (int i = threadIdx.x; i < PA_ROWS * CHUNKS; i += blockDim.x) {
         const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
-        cp_async16(&sh.q[r][c], qh + (size_t)(r < rows ? r : 0) * D + c, r < rows);
+        cp_async16(&qs[r][c], qh + (size_t)(r < rows ? r : 0) * D + c, r < rows);
     }
     cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t qa[KC][4];
+#pragma unroll
+    for (int c = 0; c < KC; ++c)
+        ldmatrix_x4(qa[c], &qs[wm + (lane & 7) + ((lane >> 3) & 1) * 8][c * 16 + (lane >> 4) * 8]);
+    __syncthreads();
     // Rows past `seen` are zeros: no row sees them, and a zero value times a zero probability adds
     // nothing where stale memory might hold NaN.
     auto load = [&](bf16 (*dst)[D + 8], const bf16* src, int kt) {
@@ -98,18 +110,10 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
             cp_async16(&dst[r][c], src + (size_t)(valid ? j0 + r : 0) * D + c, valid);
         }
     };
-    // The warp's queries as A operands, loaded once the first stage has landed.
-    uint32_t qa[KC][4];
-    bool q_loaded = false;
-    auto load_q = [&]() {
-        if (q_loaded) return;
-#pragma unroll
-        for (int c = 0; c < KC; ++c)
-            ldmatrix_x4(qa[c], &sh.q[wm + (lane & 7) + ((lane >> 3) & 1) * 8][c * 16 + (lane >> 4) * 8]);
-        q_loaded = true;
-    };
     // Scores of key tile kt, rounded as the reference does, -inf where masked: sc[n][e] is row
-    // g (e < 2) or g + 8 (e >= 2), key kt * 64 + n * 8 + 2t + (e & 1).
+    // g (e < 2) or g + 8 (e >= 2), key kt * 64 + n * 8 + 2t + (e & 1). Only tiles reaching past
+    // the warp's first row hold masked keys.
+    const int warp_first = past + q0 + wm;
     auto scores = [&](const bf16 (*keys)[D + 8], int kt, float (&sc)[ST][4]) {
 #pragma unroll
         for (int n = 0; n < ST; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
@@ -126,18 +130,22 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
 #pragma unroll
         for (int n = 0; n < ST; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = kt * PA_KEYS + n * 8 + 2 * t + (e & 1);
-                const int pos = e < 2 ? pos0 : pos1;
-                sc[n][e] = key <= pos ? f(rn(f(rn(sc[n][e])) * scale)) : -INFINITY;
-            }
+            for (int e = 0; e < 4; ++e) sc[n][e] = f(rn(f(rn(sc[n][e])) * scale));
+        if (kt * PA_KEYS + PA_KEYS - 1 > warp_first) {
+#pragma unroll
+            for (int n = 0; n < ST; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kt * PA_KEYS + n * 8 + 2 * t + (e & 1);
+                    if (key > (e < 2 ? pos0 : pos1)) sc[n][e] = -INFINITY;
+                }
+        }
     };
 
     // Pass 1: each row's maximum and sum (per lane, over its quarter of the row's keys; the max is
     // shared across the row's four lanes after every tile, so every lane rescales alike).
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     cp_async_ring<2>(n_tiles, [&](int kt) { load(sh.stage[kt % 2].k, kh, kt); }, [&](int kt) {
-        load_q();
         if (kt * PA_KEYS > warp_last) return;
         float sc[ST][4];
         scores(sh.stage[kt % 2].k, kt, sc);
@@ -156,10 +164,14 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
             l[r] = sum;
         }
     });
+    // Each probability is exp(x - max) times the sum's reciprocal: within an f32 ulp of the
+    // quotient, one division a row rather than one a key.
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        inv[r] = 1.0f / l[r];
     }
 
     // Pass 2: the probabilities, rounded to bf16, times v.
@@ -179,10 +191,10 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
                          uint32_t pa[ST / 2][4];
 #pragma unroll
                          for (int n = 0; n < ST; ++n) {
-                             const bf16 p0 = rn(expf(sc[n][0] - m[0]) / l[0]);
-                             const bf16 p1 = rn(expf(sc[n][1] - m[0]) / l[0]);
-                             const bf16 p2 = rn(expf(sc[n][2] - m[1]) / l[1]);
-                             const bf16 p3 = rn(expf(sc[n][3] - m[1]) / l[1]);
+                             const bf16 p0 = rn(expf(sc[n][0] - m[0]) * inv[0]);
+                             const bf16 p1 = rn(expf(sc[n][1] - m[0]) * inv[0]);
+                             const bf16 p2 = rn(expf(sc[n][2] - m[1]) * inv[1]);
+                             const bf16 p3 = rn(expf(sc[n][3] - m[1]) * inv[1]);
                              pa[n / 2][(n & 1) * 2] = pack_bf16(p0, p1);
                              pa[n / 2][(n & 1) * 2 + 1] = pack_bf16(p2, p3);
                          }
@@ -216,7 +228,7 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
 // One entry point per head size (prefill_attention.rs: `HEAD_DIMS`); 128 threads, grid
 // (ceil(s / PA_ROWS), heads), dynamic shared memory `PrefillAttentionShared<D>`.
 #define PREFILL_ATTENTION(D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) prefill_attention_d##D##_bf16(                      \
+    extern "C" __global__ void __launch_bounds__(128, 3) prefill_attention_d##D##_bf16(                      \
         const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,               \
         bf16* __restrict__ out, int heads, int kv_heads, int s, int past, long long kv_stride,            \
         float scale) {                                                                                    \

@@ -17,11 +17,13 @@ const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 /// Query rows a block, keys a tile (`PA_ROWS`, `PA_KEYS`).
 const ROWS: usize = 64;
 const KEYS: usize = 64;
+const _: () = assert!(ROWS == KEYS, "the query rows pass through a key tile");
 
-/// The dynamic shared memory of a launch at head size `d`: `PrefillAttentionShared<d>`, the
-/// block's query rows and two stages of a key and a value tile, each row padded by 8 bf16.
+/// The dynamic shared memory of a launch at head size `d`: `PrefillAttentionShared<d>`, two
+/// stages of a key and a value tile, each row padded by 8 bf16 (the block's `ROWS` query rows
+/// pass through the first key tile).
 fn shared_bytes(d: usize) -> usize {
-    (ROWS + 2 * 2 * KEYS) * (d + 8) * 2
+    2 * 2 * KEYS * (d + 8) * 2
 }
 
 /// Causal attention of one sequence's queries `q` `[heads, s, d]` (query `i` at position
