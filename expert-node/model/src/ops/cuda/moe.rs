@@ -20,9 +20,12 @@ use super::{
 };
 use crate::experts::Assignment;
 
+mod combine;
 mod plan;
 
-use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout, combine_table};
+pub use combine::combine;
+use combine::launch_combine;
+use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout};
 
 /// Warps per block of the GEMV MoE kernels: one gate/up output row per warp.
 const WARPS: usize = 8;
@@ -477,54 +480,3 @@ impl StackedExperts {
 /// The most experts a token may choose for batch-1 [`StackedExperts::forward_routed`]
 /// (`ROUTED1_MAX_K` in kernels.cu: the fused down keeps one expert per lane of a warp).
 const ROUTED1_MAX_K: usize = 32;
-
-/// Per-token sums of per-assignment outputs `ys` `[assignments.len(), H]` (bf16 on a GPU), each
-/// token's rows in ascending expert id: the CUDA form of [`crate::experts::combine`], the same
-/// bits. `None` when `ys` is not a bf16 CUDA tensor or H is not a multiple of 8 (the kernel's
-/// 16-byte loads).
-pub fn combine(n_tokens: usize, assignments: &[Assignment], ys: &Tensor) -> Result<Option<Tensor>> {
-    let Some(dev) = bf16_device(ys) else {
-        return Ok(None);
-    };
-    let (_, h) = ys.dims2()?;
-    if !h.is_multiple_of(COMBINE_COLUMNS) {
-        return Ok(None);
-    }
-    if n_tokens == 0 || h == 0 {
-        return Ok(Some(Tensor::zeros((n_tokens, h), ys.dtype(), ys.device())?));
-    }
-    let table = upload(dev, &combine_table(n_tokens, assignments)?)?;
-    let (offsets, idx) = (table.slice(..n_tokens + 1), table.slice(n_tokens + 1..));
-    let sums = with_view(ys, |yv| {
-        launch_combine(dev, yv, &offsets, &idx, n_tokens, h)
-    })?;
-    Ok(Some(wrap(dev, sums, (n_tokens, h))))
-}
-
-/// Columns a thread of `moe_combine_bf16` sums (one 16-byte load a row), and its block size.
-const COMBINE_COLUMNS: usize = 8;
-const COMBINE_THREADS: usize = 256;
-
-/// `moe_combine_bf16` over `ys` (rows 16-byte aligned, `h` a multiple of `COMBINE_COLUMNS`).
-fn launch_combine(
-    dev: &CudaDevice,
-    ys: &CudaView<'_, bf16>,
-    offsets: &CudaView<'_, u32>,
-    idx: &CudaView<'_, u32>,
-    n_tokens: usize,
-    h: usize,
-) -> Result<CudaSlice<bf16>> {
-    // SAFETY: the kernel writes every element of every token's row.
-    let mut out = unsafe { dev.alloc::<bf16>(n_tokens * h) }?;
-    let func = dev.get_or_load_custom_func("moe_combine_bf16", MODULE, PTX)?;
-    let h_i = checked_i32("hidden", h)?;
-    let mut b = func.builder();
-    b.arg(ys).arg(offsets).arg(idx).arg(&h_i).arg(&mut out);
-    let grid = (
-        h.div_ceil(COMBINE_THREADS * COMBINE_COLUMNS) as u32,
-        checked_u32("tokens", n_tokens)?,
-    );
-    // SAFETY: argument types and order match `moe_combine_bf16`.
-    unsafe { b.launch(launch_config(grid, COMBINE_THREADS as u32, 0)) }.w()?;
-    Ok(out)
-}

@@ -7,6 +7,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelA
 use candle_core::{CudaDevice, Result};
 
 use super::super::{DeviceRouting, MODULE, PTX, checked_i32, checked_u32, launch_config, upload};
+use super::combine::combine_table;
 use super::{MMA_M, MMA_MIN_TOKENS, StackedExperts};
 use crate::experts::Assignment;
 
@@ -196,31 +197,4 @@ pub(super) struct Plan {
     pub(super) tile_rows: u32,
     /// Every group on the GEMVs, known on the host: batch-1's fused down applies.
     pub(super) all_gemv: bool,
-}
-
-/// The combine kernel's table: CSR offsets (`n_tokens + 1`) then each token's assignment
-/// indices ordered by expert id, by a counting sort (no per-token lists).
-pub(super) fn combine_table(n_tokens: usize, assignments: &[Assignment]) -> Result<Vec<u32>> {
-    let mut offsets = vec![0u32; n_tokens + 1];
-    for a in assignments {
-        let slot = offsets.get_mut(a.token as usize + 1).ok_or_else(|| {
-            candle_core::Error::Msg(format!("token {} out of range {n_tokens}", a.token))
-        })?;
-        *slot += 1;
-    }
-    for t in 0..n_tokens {
-        offsets[t + 1] += offsets[t];
-    }
-    let mut by_expert: Vec<u32> = (0..checked_u32("assignments", assignments.len())?).collect();
-    by_expert.sort_by_key(|&i| assignments[i as usize].expert);
-    let mut fill = offsets[..n_tokens].to_vec();
-    let mut idx = vec![0u32; assignments.len()];
-    for i in by_expert {
-        let t = assignments[i as usize].token as usize;
-        idx[fill[t] as usize] = i;
-        fill[t] += 1;
-    }
-    let mut table = offsets;
-    table.extend(idx);
-    Ok(table)
 }
