@@ -363,7 +363,7 @@ impl Attention {
     /// query heads taken as one `[groups * s, d]` matrix against its keys and values (no copy of
     /// them per query head), and the scale, causal mask and softmax fused into one kernel
     /// instead of five elementwise passes over f32 scores. `q` `[heads, s, d]` contiguous, `k`
-    /// and `v` `[kv_heads, past + s, d]` (views of the cache's buffers after cached positions);
+    /// and `v` `[kv_heads, past + s, d]` (the new ones on an empty cache, else views of the cache's buffers);
     /// `None` off the GPU or in f32.
     fn attend_gpu(
         &self,

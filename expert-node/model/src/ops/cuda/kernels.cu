@@ -460,7 +460,7 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ ys, const u
     const int t = blockIdx.y;
     const int h = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (h >= H) return;
-    bf16 acc[8];
+    alignas(16) bf16 acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = rn(0.f);
     for (uint32_t i = offsets[t]; i < offsets[t + 1]; ++i) {

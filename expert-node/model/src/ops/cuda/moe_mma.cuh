@@ -23,7 +23,7 @@
 // stages are in flight while the tensor cores work on this one (the synchronous loads before
 // left the block idle during every load: gate/up streamed its weights at 2.35 TB/s, down at
 // 2.0, on an H200; 2.9 and 2.5 with the ring). The loads change nothing in the arithmetic: the
-// same products in the same order. The stages live in dynamic shared memory (55 KB a block, past
+// same products in the same order. The stages live in dynamic shared memory (54 KiB a block, past
 // the 48 KB of static shared memory); at 32-slot tiles three and four stages measured the same
 // as these.
 #define GU_STAGES 2

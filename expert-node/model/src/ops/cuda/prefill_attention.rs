@@ -29,9 +29,9 @@ fn shared_bytes(d: usize) -> usize {
 /// Causal attention of one sequence's queries `q` `[heads, s, d]` (query `i` at position
 /// `past + i`) over keys and values `[kv_heads, >= past + s, d]` — the cache's own buffers, rows
 /// contiguous, heads any multiple of 8 elements apart — with `scale` applied to the bf16 scores.
-/// Returns `[s, heads * d]`; `None` (nothing launched) off a GPU or in f32, at head sizes the
-/// kernel is not built for, for layouts it does not read, or on a GPU whose blocks cannot have
-/// its shared memory.
+/// Returns `[s, heads * d]`; `None` (nothing launched) with no queries or heads, off a GPU or in
+/// f32, at head sizes the kernel is not built for, for layouts it does not read, or on a GPU
+/// whose blocks cannot have its shared memory.
 pub fn prefill_attention(
     q: &Tensor,
     k: &Tensor,
@@ -45,16 +45,20 @@ pub fn prefill_attention(
     let (heads, s, d) = q.dims3()?;
     let (kv_heads, rows, _) = k.dims3()?;
     let total = past + s;
-    if s == 0 || rows < total {
+    if s == 0 || heads == 0 {
+        return Ok(None);
+    }
+    if rows < total {
         bail!(
             "prefill attention: {s} queries after {past} cached positions need {total} keys, not {rows}"
         );
     }
-    // Rows d apart and contiguous, heads a 16-byte multiple apart, from a 16-byte boundary.
+    // Rows of d elements, d apart and contiguous, heads a 16-byte multiple apart, from a 16-byte
+    // boundary.
     let head_stride = k.stride()[0];
     let reads = |t: &Tensor| {
         bf16_device(t).is_some()
-            && t.dims() == k.dims()
+            && t.dims() == [kv_heads, rows, d]
             && t.stride() == [head_stride, d, 1]
             && t.layout().start_offset().is_multiple_of(8)
     };
