@@ -31,19 +31,13 @@ fn causal_softmax_matches_the_reference_steps() {
         let scores = Tensor::from_vec(scores, (heads, s, total), &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::BF16))
             .unwrap();
-        let host: Vec<f32> = scores
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .unwrap();
+        let host = values_of(&scores);
         let scale = 128f32.powf(-0.5);
-        let got = cuda::causal_softmax(&scores.to_device(&dev).unwrap(), scale, past)
-            .unwrap()
-            .expect("the fused kernel takes bf16 CUDA tensors")
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .unwrap();
+        let got = values_of(
+            &cuda::causal_softmax(&scores.to_device(&dev).unwrap(), scale, past)
+                .unwrap()
+                .expect("the fused kernel takes bf16 CUDA tensors"),
+        );
         let mut worst = 0f32;
         for row in 0..heads * s {
             let visible = past + row % s + 1;
@@ -74,6 +68,14 @@ fn causal_softmax_matches_the_reference_steps() {
     }
 }
 
+/// The values of `t` on the host, flattened, as f32.
+fn values_of(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("a tensor's values on the host")
+}
+
 /// A random bf16 tensor on `dev` and its values on the host (as rounded).
 fn random_bf16(shape: &[usize], rng: &mut StdRng, dev: &Device) -> (Tensor, Vec<f32>) {
     let n: usize = shape.iter().product();
@@ -81,11 +83,7 @@ fn random_bf16(shape: &[usize], rng: &mut StdRng, dev: &Device) -> (Tensor, Vec<
     let t = Tensor::from_vec(values, shape, &Device::Cpu)
         .and_then(|t| t.to_dtype(DType::BF16))
         .unwrap();
-    let host = t
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .unwrap();
+    let host = values_of(&t);
     (t.to_device(dev).unwrap(), host)
 }
 
@@ -153,13 +151,11 @@ fn prefill_attention_matches_the_reference_steps() {
             vb.narrow(1, 0, total).unwrap(),
         );
         let scale = half::bf16::from_f64((d as f64).powf(-0.5)).to_f32();
-        let got = cuda::prefill_attention(&q, &k, &v, past, scale)
-            .unwrap()
-            .expect("the fused kernel takes these shapes")
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .unwrap();
+        let got = values_of(
+            &cuda::prefill_attention(&q, &k, &v, past, scale)
+                .unwrap()
+                .expect("the fused kernel takes these shapes"),
+        );
         let mut worst = 0f64;
         for h in 0..heads {
             let kv = h / (heads / kv_heads);
@@ -224,13 +220,11 @@ fn decode_attention_matches_the_reference_steps_at_every_length() {
             .iter()
             .map(|((k, _), (v, _), past)| cuda::CacheBuffers { k, v, past: *past })
             .collect();
-        let got = cuda::decode_attention(&q, &k_new, &v_new, &buffers)
-            .unwrap()
-            .expect("the decode kernel takes these shapes")
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .unwrap();
+        let got = values_of(
+            &cuda::decode_attention(&q, &k_new, &v_new, &buffers)
+                .unwrap()
+                .expect("the decode kernel takes these shapes"),
+        );
         let scale = (d as f32).powf(-0.5);
         let mut worst = 0f64;
         for (s, ((_, kh), (_, vh), past)) in caches.iter().enumerate() {
