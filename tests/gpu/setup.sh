@@ -1,4 +1,4 @@
-# Sourced by check.sh, bench.sh and profile.sh on the device machine: unpacks .gpu/ into $work
+# Sourced by check.sh, bench.sh, profile.sh and stalls.sh on the device machine: unpacks .gpu/ into $work
 # (see unpack.sh), puts the CUDA libraries on the loader's path, and sets $root, $work and $out
 # (the device tool's $OUT, else /tmp).
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
