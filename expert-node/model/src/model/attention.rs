@@ -358,13 +358,13 @@ impl Attention {
             .reshape((s, self.n_heads * hd))?)
     }
 
-    /// [`Attention::attend`] in bf16 on a GPU: one fused launch ([`cuda::prefill_attention`]),
-    /// or at head sizes it is not built for the same math in three: each KV head's
-    /// query heads taken as one `[groups * s, d]` matrix against its keys and values (no copy of
-    /// them per query head), and the scale, causal mask and softmax fused into one kernel
-    /// instead of five elementwise passes over f32 scores. `q` `[heads, s, d]` contiguous, `k`
-    /// and `v` `[kv_heads, past + s, d]` (the new ones on an empty cache, else views of the cache's buffers);
-    /// `None` off the GPU or in f32.
+    /// [`Attention::attend`] in bf16 on a GPU: one fused launch ([`cuda::prefill_attention`]);
+    /// at head sizes without that kernel, the same math in three launches: each KV head's query
+    /// heads taken as one `[groups * s, d]` matrix against its keys and values (no copy of them
+    /// per query head), and the scale, causal mask and softmax fused into one kernel instead of
+    /// five elementwise passes over f32 scores. `q` `[heads, s, d]` contiguous, `k` and `v`
+    /// `[kv_heads, past + s, d]` (the new ones on an empty cache, else views of the cache's
+    /// buffers); `None` off the GPU or in f32.
     fn attend_gpu(
         &self,
         q: &Tensor,

@@ -39,8 +39,9 @@ const GATE_UP_CHUNKS: usize = 4;
 const MOE_TOKENS: usize = 4;
 /// Experts with at least this many tokens run on the tensor cores (`moe_*_mma_bf16`), the rest
 /// as grouped GEMVs. The GEMVs read an expert's rows once per `MOE_TOKENS` (4) tokens, and at
-/// 5-15 tokens those passes one after another cost more than a whole tile on the tensor
-/// cores (measured with 32-slot tiles; prefill 512 on an H200: the ~7% of experts below 16 tokens took 23% of the MoE time).
+/// 5-15 tokens those passes one after another cost more than a whole tile on the tensor cores
+/// (measured with 32-slot tiles; prefill 512 on an H200: the ~7% of experts below 16 tokens
+/// took 23% of the MoE time).
 /// Depends only on the expert's own token count, so a node holding the expert makes the same
 /// choice as a single process would.
 const MMA_MIN_TOKENS: usize = 5;
