@@ -20,8 +20,7 @@ RUST_LOG=warn "$ncu" --section SpeedOfLight --section MemoryWorkloadAnalysis --s
   --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
   -k "regex:$kernels" --csv --page details \
   "$work/release/coordinator" bench --device cuda --load-format dummy --preset qwen3-30b-a3b \
-  --layers 2 --dtype bf16 --nodes 0 --quick >"$out/stalls.csv" 2>"$out/stalls.err" ||
-  { tail -5 "$out/stalls.err" >&2; exit 1; }
+  --layers 2 --dtype bf16 --nodes 0 --quick >"$out/stalls.csv" 2>"$out/stalls.err"
 python3 - "$out/stalls.csv" "$grids" <<'PY'
 import csv, io, sys
 text = open(sys.argv[1]).read()
