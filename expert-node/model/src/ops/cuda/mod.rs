@@ -32,7 +32,10 @@ pub use sample::{sample_row, sample_rows};
 pub use staging::{IpcStaging, StagedRows};
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor, bail};
 use half::bf16;
@@ -83,6 +86,19 @@ fn launch_config(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
         block_dim: (block, 1, 1),
         shared_mem_bytes: shared,
     }
+}
+
+/// Lets `func` launch with `bytes` of dynamic shared memory: past the 48 KiB any launch may have,
+/// a kernel must opt in (once would do; setting it again costs one driver call).
+fn allow_dynamic_shared(func: &CudaFunction, bytes: u32) -> Result<()> {
+    if bytes > 48 * 1024 {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            checked_i32("dynamic shared memory", bytes as usize)?,
+        )
+        .w()?;
+    }
+    Ok(())
 }
 
 fn checked_i32(what: &str, v: usize) -> Result<i32> {

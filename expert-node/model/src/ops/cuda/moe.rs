@@ -8,15 +8,14 @@
 use candle_core::cuda_backend::WrapErr;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, PushKernelArg};
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 use half::bf16;
 
 use super::side;
 use super::{
-    DeviceRouting, MODULE, PTX, aligned, bf16_device, checked_i32, checked_u32, launch_config,
-    upload, with_view, wrap,
+    DeviceRouting, MODULE, PTX, aligned, allow_dynamic_shared, bf16_device, checked_i32,
+    checked_u32, launch_config, upload, with_view, wrap,
 };
 use crate::experts::Assignment;
 
@@ -356,13 +355,7 @@ impl StackedExperts {
                 return Ok(());
             }
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            if shared > 48 * 1024 {
-                func.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
-                )
-                .w()?;
-            }
+            allow_dynamic_shared(&func, shared)?;
             let mut b = stream.launch_builder(&func);
             b.arg(input).arg(weights).arg(tab);
             for size in &sizes {

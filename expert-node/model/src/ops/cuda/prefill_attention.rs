@@ -5,12 +5,15 @@
 //! (`Attention::attend_gpu`).
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
 use candle_core::{Result, Storage, Tensor, bail};
 use half::bf16;
 
-use super::{MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, with_view, wrap};
+use super::{
+    MODULE, PTX, allow_dynamic_shared, bf16_device, checked_i32, checked_u32, launch_config,
+    with_view, wrap,
+};
 
 /// Head sizes the kernel is built for (`PREFILL_ATTENTION(D)` in prefill_attention.cuh).
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
@@ -82,11 +85,7 @@ pub fn prefill_attention(
     }
     let func = dev.get_or_load_custom_func(&format!("prefill_attention_d{d}_bf16"), MODULE, PTX)?;
     let shared = checked_u32("shared memory", shared)?;
-    func.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        checked_i32("shared memory", shared as usize)?,
-    )
-    .w()?;
+    allow_dynamic_shared(&func, shared)?;
     let ints = [
         checked_i32("heads", heads)?,
         checked_i32("KV heads", kv_heads)?,
