@@ -80,10 +80,11 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
     const bf16* vh = v + (size_t)kvh * kv_stride;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3, wm = warp * 16;
-    // This lane's two rows (g and g + 8 of the warp's 16) as absolute positions, and the last key
-    // any row of the warp sees: key tiles past it are the warp's to skip.
-    const int pos0 = past + q0 + wm + g, pos1 = pos0 + 8;
-    const int warp_last = past + q0 + wm + 15;
+    // The positions of the warp's first row and of this lane's two rows (g and g + 8 of the
+    // warp's 16), and the last key any row of the warp sees: key tiles past it are the warp's to
+    // skip, and only tiles reaching past its first row hold masked keys.
+    const int warp_first = past + q0 + wm;
+    const int pos0 = warp_first + g, pos1 = pos0 + 8, warp_last = warp_first + 15;
 
     // The warp's queries as A operands, through shared memory (zeros past `rows`).
     static_assert(PA_ROWS == PA_KEYS, "the query rows pass through a key tile");
@@ -111,9 +112,7 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
         }
     };
     // Scores of key tile kt, rounded as the reference does, -inf where masked: sc[n][e] is row
-    // g (e < 2) or g + 8 (e >= 2), key kt * 64 + n * 8 + 2t + (e & 1). Only tiles reaching past
-    // the warp's first row hold masked keys.
-    const int warp_first = past + q0 + wm;
+    // g (e < 2) or g + 8 (e >= 2), key kt * 64 + n * 8 + 2t + (e & 1).
     auto scores = [&](const bf16 (*keys)[D + 8], int kt, float (&sc)[ST][4]) {
 #pragma unroll
         for (int n = 0; n < ST; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
