@@ -13,6 +13,7 @@ fn main() {
     let src = "src/ops/cuda/kernels.cu";
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=src/ops/cuda/norm.cuh");
+    println!("cargo:rerun-if-changed=src/ops/cuda/mma.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/moe_mma.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/moe_plan.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/sample.cuh");

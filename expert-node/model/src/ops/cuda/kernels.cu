@@ -274,6 +274,7 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
     }
 }
 
+#include "mma.cuh"
 #include "moe_mma.cuh"
 #include "moe_plan.cuh"
 

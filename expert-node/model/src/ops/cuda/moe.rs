@@ -44,24 +44,26 @@ const MOE_TOKENS: usize = 4;
 /// Depends only on the expert's own token count, so a node holding the expert makes the same
 /// choice as a single process would.
 const MMA_MIN_TOKENS: usize = 5;
-/// Tile of the tensor-core kernels: slots by outputs, in K steps of `MMA_K`, a warp per 16 x 32
-/// of it, and the stages of their shared-memory rings (`MMA_*`, `GU_STAGES`, `DOWN_STAGES` in
+/// Tiles of the tensor-core kernels: `MMA_M` slots by `*_N` outputs in K steps of `MMA_K`, a warp
+/// per 32 x 32, and the stages of their shared-memory rings (`MMA_*`, `GU_*`, `DOWN_*` in
 /// moe_mma.cuh).
 const MMA_M: usize = 64;
-const MMA_N: usize = 64;
 const MMA_K: usize = 64;
-const MMA_THREADS: u32 = (MMA_M / 16 * MMA_N / 32 * 32) as u32;
-const GU_STAGES: usize = 2;
-const DOWN_STAGES: usize = 3;
+const GU_N: usize = 64;
+const GU_STAGES: usize = 3;
+const DOWN_N: usize = 128;
+const DOWN_STAGES: usize = 4;
 
-/// Dynamic shared memory of a tensor-core kernel (`GateUpShared` / `DownShared` in
-/// moe_mma.cuh, which trap if given less): a ring of stages, each `MMA_M` input rows and
-/// `weights` x `MMA_N` weight rows of `MMA_K` bf16 padded by 8, or once the ring is done the f32
-/// outputs of `weights` matrices (`MMA_N` + 4 a row).
-fn mma_shared_bytes(weights: usize, stages: usize) -> u32 {
-    let ring = stages * (MMA_M + weights * MMA_N) * (MMA_K + 8) * 2;
-    let out = weights * MMA_M * (MMA_N + 4) * 4;
-    ring.max(out) as u32
+/// Threads of a tensor-core block `n` outputs wide: a warp per 32 x 32.
+const fn mma_threads(n: usize) -> u32 {
+    (MMA_M / 32 * (n / 32) * 32) as u32
+}
+
+/// Dynamic shared memory of a tensor-core kernel (`TileShared` in moe_mma.cuh, which traps if
+/// given less): a ring of stages, each `MMA_M` input rows and `weights` x `n` weight rows of
+/// `MMA_K` bf16 padded by 8.
+fn mma_shared_bytes(weights: usize, n: usize, stages: usize) -> u32 {
+    (stages * (MMA_M + weights * n) * (MMA_K + 8) * 2) as u32
 }
 
 /// Dynamic shared memory of a GEMV MoE kernel whose input rows are `width` wide and whose lanes
@@ -342,13 +344,15 @@ impl StackedExperts {
         let mut out = unsafe { dev.alloc::<bf16>(s * h) }?;
         // Read in place by kernels on two streams, so no copy may be made (and freed) inside.
         let xs = aligned(xs)?;
+        // `tile_threads`: the block of a tensor-core kernel, which takes the tile list too; `None`
+        // for a GEMV kernel.
         let launch = |stream: &Arc<CudaStream>,
                       name: &str,
                       input: &CudaView<'_, bf16>,
                       weights: &CudaView<'_, bf16>,
                       out: &mut CudaSlice<bf16>,
                       grid: (u32, u32),
-                      mma: bool,
+                      tile_threads: Option<u32>,
                       shared: u32|
          -> Result<()> {
             if grid.1 == 0 {
@@ -361,15 +365,11 @@ impl StackedExperts {
             for size in &sizes {
                 b.arg(size);
             }
-            if mma {
+            if tile_threads.is_some() {
                 b.arg(&tiles);
             }
             b.arg(&live).arg(out);
-            let block = if mma {
-                MMA_THREADS
-            } else {
-                (WARPS * 32) as u32
-            };
+            let block = tile_threads.unwrap_or((WARPS * 32) as u32);
             // SAFETY: argument types and order match the kernel `name` (kernels.cu).
             unsafe { b.launch(launch_config(grid, block, shared)) }.w()?;
             Ok(())
@@ -385,7 +385,7 @@ impl StackedExperts {
         let tile_stream = beside.as_ref().map_or(&main, |b| b.stream());
         with_view(&xs, |xv| {
             with_view(&self.w13, |wv| {
-                let tiled = (rows(i, MMA_N), plan.tile_rows);
+                let tiled = (rows(i, GU_N), plan.tile_rows);
                 launch(
                     tile_stream,
                     "moe_gate_up_mma_bf16",
@@ -393,8 +393,8 @@ impl StackedExperts {
                     wv,
                     &mut act,
                     tiled,
-                    true,
-                    mma_shared_bytes(2, GU_STAGES),
+                    Some(mma_threads(GU_N)),
+                    mma_shared_bytes(2, GU_N, GU_STAGES),
                 )?;
                 let gemv = (rows(i, WARPS), plan.gemv_groups);
                 let staged = staged_bytes(h, GATE_UP_CHUNKS)?;
@@ -405,7 +405,7 @@ impl StackedExperts {
                     wv,
                     &mut act,
                     gemv,
-                    false,
+                    None,
                     staged,
                 )
             })
@@ -432,7 +432,7 @@ impl StackedExperts {
             return Ok(wrap(dev, sums, (1, h)));
         }
         with_view(&self.w2, |wv| {
-            let tiled = (rows(h, MMA_N), plan.tile_rows);
+            let tiled = (rows(h, DOWN_N), plan.tile_rows);
             launch(
                 tile_stream,
                 "moe_down_mma_bf16",
@@ -440,8 +440,8 @@ impl StackedExperts {
                 wv,
                 &mut out,
                 tiled,
-                true,
-                mma_shared_bytes(1, DOWN_STAGES),
+                Some(mma_threads(DOWN_N)),
+                mma_shared_bytes(1, DOWN_N, DOWN_STAGES),
             )?;
             let gemv = (rows(h, WARPS * DOWN_ROWS), plan.gemv_groups);
             let staged = staged_bytes(i, DOWN_CHUNKS)?;
@@ -452,7 +452,7 @@ impl StackedExperts {
                 wv,
                 &mut out,
                 gemv,
-                false,
+                None,
                 staged,
             )
         })?;

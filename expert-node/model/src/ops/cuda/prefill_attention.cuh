@@ -1,6 +1,6 @@
-// Included by kernels.cu (after moe_mma.cuh's cp.async ring and dynamic shared memory, and
-// attention.cuh): prefill's causal attention of one sequence in one launch, in place of two cuBLAS
-// matmuls, the softmax kernel between them and the transposing copy of the output.
+// Included by kernels.cu (after mma.cuh's primitives and attention.cuh): prefill's causal attention
+// of one sequence in one launch, in place of two cuBLAS matmuls, the softmax kernel between them
+// and the transposing copy of the output.
 //
 // FlashAttention-2's layout (arXiv 2307.08691): a block takes 64 query rows of one head, a warp 16
 // of them, with the rows' queries, scores and outputs held in registers as the operands and
@@ -18,32 +18,6 @@
 
 #define PA_ROWS 64
 #define PA_KEYS 64
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8x8 bf16 matrices from shared memory, lanes 8j..8j+7 naming matrix j's rows.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
-    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
-}
 
 // Two stages of a key and a value tile; the block's query rows pass through the first key tile's
 // memory on their way to registers, before the stages are used (a third block then fits on an SM).
