@@ -11,7 +11,6 @@
 // applies it to every token of its expert, so each expert row is read from memory once.
 
 #include <cuda_bf16.h>
-#include <mma.h>
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
