@@ -52,7 +52,7 @@ const MMA_K: usize = 64;
 const GU_N: usize = 64;
 const GU_STAGES: usize = 3;
 const DOWN_N: usize = 128;
-const DOWN_STAGES: usize = 4;
+const DOWN_STAGES: usize = 3;
 
 /// Threads of a tensor-core block `n` outputs wide: a warp per 32 x 32.
 const fn mma_threads(n: usize) -> u32 {

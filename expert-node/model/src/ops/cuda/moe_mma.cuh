@@ -24,16 +24,16 @@
 // A block of N outputs has a warp per 32 x 32: MMA_M / 32 along M, N / 32 along N.
 #define MMA_THREADS(N) (MMA_M / 32 * ((N) / 32) * 32)
 
-// Tile widths, stages and blocks an SM (measured on an H200, BENCHMARKS.md run 16). Gate/up:
-// 64 outputs of both matrices, 4 warps, 3 stages (83 KiB: two blocks an SM on Hopper, and within
-// the 99 KiB a block may have on sm_89; a fourth stage gained nothing); 128 wide it was 8% slower.
-// Down: 128 outputs, 8 warps, 4 stages (110 KiB, two blocks an SM): each input row serves twice
-// the outputs of a 64-wide tile, 7-12% faster than 64 wide.
+// Tile widths, stages and blocks an SM (measured on an H200, BENCHMARKS.md run 16), each ring
+// within the 99 KiB of shared memory a block may have on sm_86/sm_89. Gate/up: 64 outputs of
+// both matrices, 4 warps, 3 stages (81 KiB, two blocks an SM on Hopper; a fourth stage gained
+// nothing); 128 wide it was 8% slower. Down: 128 outputs, 8 warps, 3 stages (81 KiB, two blocks
+// an SM): each input row serves twice the outputs of a 64-wide tile, 7-12% faster than 64 wide.
 #define GU_N 64
 #define GU_STAGES 3
 #define GU_BLOCKS 2
 #define DOWN_N 128
-#define DOWN_STAGES 4
+#define DOWN_STAGES 3
 #define DOWN_BLOCKS 2
 
 // The ring of a tile kernel over `MATS` weight matrices (gate/up 2, down 1), in dynamic shared
@@ -75,9 +75,10 @@ __device__ __forceinline__ void tile_step(const Stage& st, int wm, int wn, float
 
 // A tile of MMA_M x N over a cp.async ring (mma.cuh), every thread loading: the A tile's `rows`
 // rows (row r at `a_row_of(r)`) and rows [n0, n0 + N) of each of the `MATS` matrices `w[m]`
-// ([n_total, K] row-major), 64 columns a step. A rows past `rows` are not copied: they feed only
-// output rows that are never stored. Each warp computes 32 x 32 (rows `wm`, columns `wn`), and
-// skips the arithmetic when all its rows are padding. Returns whether this thread holds
+// ([n_total, K] row-major), 64 columns a step. A rows past `rows` and weight rows past `n_total`
+// are not copied: they feed only outputs that are never stored. Each warp computes 32 x 32 (rows
+// `wm`, columns `wn`), and skips the arithmetic when all its rows are padding or all its columns
+// past `n_total`. Returns whether this thread holds
 // accumulators in `acc`.
 template <int MATS, int N, int STAGES, typename ARow>
 __device__ __forceinline__ bool tile_run(ARow a_row_of, int rows, const bf16* const (&w)[MATS],
@@ -89,7 +90,8 @@ __device__ __forceinline__ bool tile_run(ARow a_row_of, int rows, const bf16* co
     const int warp = threadIdx.x >> 5;
     wm = (warp % (MMA_M / 32)) * 32;
     wn = (warp / (MMA_M / 32)) * 32;
-    const bool busy = wm < rows;
+    const int w_rows = min(N, n_total - n0);
+    const bool busy = wm < rows && wn < w_rows;
 #pragma unroll
     for (int m = 0; m < MATS; ++m)
 #pragma unroll
@@ -102,7 +104,6 @@ __device__ __forceinline__ bool tile_run(ARow a_row_of, int rows, const bf16* co
     const bf16* a_row[A_PER];
 #pragma unroll
     for (int q = 0; q < A_PER; ++q) a_row[q] = a_row_of(min(r0 + q * (THREADS / 8), rows - 1));
-    const int w_rows = min(N, n_total - n0);
     cp_async_ring<STAGES>(K / MMA_K, [&](int kt) {
         auto& st = sh.stage[kt % STAGES];
         const int k0 = kt * MMA_K + c;
