@@ -247,6 +247,8 @@ impl Experts for RemoteExperts {
             Tensor::cat(&parts, 0)?
         };
         laps.lap(Stage::CopyBack);
-        combine(routing.n_tokens(), &assignments, &outputs)
+        let sums = combine(routing.n_tokens(), &assignments, &outputs);
+        laps.lap(Stage::Combine);
+        sums
     }
 }

@@ -1,10 +1,10 @@
 //! Where a layer's call to the expert nodes spends its time, summed over calls: the
 //! coordinator's stages — waiting for the layer's device work and copying the hidden states
 //! off the device, cutting and encoding each node's request, the round trip, decoding the
-//! answers, copying them back onto the device — and the node's own, from the `NodeTiming` each
-//! answer carries (waiting for a compute thread, upload, the experts — and of them the host's
-//! checking, planning and launching, and of that the checking and planning — download and
-//! encoding).
+//! answers, copying them back onto the device, summing each token's answers — and the node's
+//! own, from the `NodeTiming` each answer carries (waiting for a compute thread, upload, the
+//! experts — and of them the host's checking, planning and launching, and of that the checking
+//! and planning — download and encoding).
 //! What the round trip holds beyond the node's time is transport: both sides' gRPC and the
 //! thread hand-offs. `coordinator bench` prints it per call for every remote configuration;
 //! it is the profile behind issue 15's scaling figures.
@@ -32,9 +32,11 @@ pub enum Stage {
     Decode,
     /// The answers copied onto the device (out of nodes' GPU memory, into one tensor).
     CopyBack,
+    /// Each token's answers summed (its table built on the host, the sum launched).
+    Combine,
 }
 
-const STAGES: [(Stage, &str); 7] = [
+const STAGES: [(Stage, &str); 8] = [
     (Stage::CopyOut, "device work + copy out"),
     (Stage::Plan, "plan"),
     (Stage::Staging, "stage rows"),
@@ -42,6 +44,7 @@ const STAGES: [(Stage, &str); 7] = [
     (Stage::RoundTrip, "round trip"),
     (Stage::Decode, "decode"),
     (Stage::CopyBack, "copy back"),
+    (Stage::Combine, "combine"),
 ];
 
 /// The node's stages; "of it on the host" is the part of "experts" before the device's wait,
