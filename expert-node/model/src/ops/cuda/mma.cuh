@@ -66,12 +66,13 @@ __device__ __forceinline__ void cp_async_ring(int steps, Load load, Compute comp
     __syncthreads();
 }
 
-// The block's dynamic shared memory, of which the caller needs `need` bytes: traps when the
-// launch gave less (a launch sized on the host apart from the layout it holds).
+// The block's dynamic shared memory as a `T`: traps when the launch gave less than sizeof(T) (a
+// launch sized on the host apart from the layout it holds).
 extern __shared__ __align__(128) unsigned char dynamic_shared_bytes[];
-__device__ __forceinline__ unsigned char* dynamic_shared(size_t need) {
+template <typename T>
+__device__ __forceinline__ T& dynamic_shared_as() {
     unsigned given;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
-    if (given < need) __trap();
-    return dynamic_shared_bytes;
+    if (given < sizeof(T)) __trap();
+    return *reinterpret_cast<T*>(dynamic_shared_bytes);
 }

@@ -78,15 +78,14 @@ __device__ __forceinline__ void tile_step(const Stage& st, int wm, int wn, float
 // ([n_total, K] row-major), 64 columns a step. A rows past `rows` and weight rows past `n_total`
 // are not copied: they feed only outputs that are never stored. Each warp computes 32 x 32 (rows
 // `wm`, columns `wn`), and skips the arithmetic when all its rows are padding or all its columns
-// past `n_total`. Returns whether this thread holds
-// accumulators in `acc`.
+// past `n_total`. Returns whether this thread holds accumulators in `acc`.
 template <int MATS, int N, int STAGES, typename ARow>
 __device__ __forceinline__ bool tile_run(ARow a_row_of, int rows, const bf16* const (&w)[MATS],
                                          int n0, int n_total, int K, int& wm, int& wn,
                                          float (&acc)[MATS][2][4][4]) {
     using Shared = TileShared<MATS, N, STAGES>;
     constexpr int THREADS = MMA_THREADS(N);
-    Shared& sh = *reinterpret_cast<Shared*>(dynamic_shared(sizeof(Shared)));
+    Shared& sh = dynamic_shared_as<Shared>();
     const int warp = threadIdx.x >> 5;
     wm = (warp % (MMA_M / 32)) * 32;
     wn = (warp / (MMA_M / 32)) * 32;

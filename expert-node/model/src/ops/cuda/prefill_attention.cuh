@@ -48,7 +48,7 @@ __device__ __forceinline__ void prefill_attention(const bf16* __restrict__ q, co
     const int q0 = tile * PA_ROWS, rows = min(PA_ROWS, s - q0);
     const int seen = past + q0 + rows;  // keys the block's last row sees
     const int n_tiles = (seen + PA_KEYS - 1) / PA_KEYS;
-    Shared& sh = *reinterpret_cast<Shared*>(dynamic_shared(sizeof(Shared)));
+    Shared& sh = dynamic_shared_as<Shared>();
     const bf16* qh = q + ((size_t)h * s + q0) * D;
     const bf16* kh = k + (size_t)kvh * kv_stride;
     const bf16* vh = v + (size_t)kvh * kv_stride;
