@@ -4,6 +4,7 @@
 
 mod idle;
 mod lane;
+mod routed;
 pub mod server;
 mod start;
 

@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use omnishard_model::lending::{IpcAsk, host_id};
-use omnishard_model::ops::cuda::{IpcExporter, IpcImporter};
+use omnishard_model::ops::cuda::{IpcExporter, IpcImporter, SharedEvent};
 use omnishard_model::wire::{self, DecodeError};
 use omnishard_model::{ExpertError, LocalExperts};
 
@@ -62,6 +62,10 @@ pub enum NodeError {
     TwoHiddens,
     #[error("{IPC_READ_FAILED}: {0}")]
     Ipc(String),
+    #[error(
+        "a routed call (device_routed) carries its hidden states and routing in GPU memory only, not as bytes or assignment lists"
+    )]
+    RoutedExtra,
     #[error("shared-memory lane: {0}")]
     Lane(String),
     #[error("compute task failed: {0}")]
@@ -74,9 +78,10 @@ impl ServiceError for NodeError {
         match self {
             NodeError::Loading | NodeError::ShuttingDown => Code::Unavailable,
             NodeError::Fingerprint { .. } => Code::FailedPrecondition,
-            NodeError::Lengths { .. } | NodeError::Decode(_) | NodeError::TwoHiddens => {
-                Code::InvalidArgument
-            }
+            NodeError::Lengths { .. }
+            | NodeError::Decode(_)
+            | NodeError::TwoHiddens
+            | NodeError::RoutedExtra => Code::InvalidArgument,
             // This node cannot map the coordinator's memory (another host, no GPU, no peer
             // access): about this node, not the request.
             NodeError::Ipc(_) | NodeError::Lane(_) => Code::FailedPrecondition,
@@ -121,6 +126,8 @@ pub struct NodeState {
     ipc: Option<IpcExporter>,
     /// Coordinators' GPU memory mapped here, per client (the most recent few).
     ipc_in: Mutex<VecDeque<(u64, Arc<IpcImporter>)>>,
+    /// The event routed calls answer with, made on the first one (`routed.rs`).
+    pub(crate) done_event: Mutex<Option<Arc<SharedEvent>>>,
     /// Shared-memory lanes being served (`lane.rs`).
     pub(crate) lanes: AtomicUsize,
 }
@@ -140,6 +147,7 @@ impl NodeState {
             idle: tokio::sync::Notify::new(),
             ipc: IpcExporter::new(&device),
             ipc_in: Mutex::default(),
+            done_event: Mutex::default(),
             lanes: AtomicUsize::new(0),
             device,
         }
@@ -192,6 +200,13 @@ impl NodeState {
         req: &ForwardRequest,
         t: &v1::DeviceTensor,
     ) -> Result<candle_core::Tensor, NodeError> {
+        self.importer(req)?
+            .copy(&self.device, t, ())
+            .map_err(|e| NodeError::Ipc(e.to_string()))
+    }
+
+    /// What the request's coordinator has of its GPU memory mapped here.
+    pub(crate) fn importer(&self, req: &ForwardRequest) -> Result<Arc<IpcImporter>, NodeError> {
         if req.ipc_client == 0 || req.ipc_host.is_empty() || req.ipc_host != host_id() {
             return Err(NodeError::Ipc(
                 "they are on another host (or the request names no client)".into(),
@@ -216,9 +231,7 @@ impl NodeState {
             clients.push_back((req.ipc_client, importer.clone()));
             importer
         };
-        importer
-            .copy(&self.device, t, ())
-            .map_err(|e| NodeError::Ipc(e.to_string()))
+        Ok(importer)
     }
 
     /// Watches whether the experts are installed.
@@ -344,6 +357,7 @@ pub(crate) fn failed(request_id: u64, e: &NodeError) -> ForwardResponse {
         }),
         timing: None,
         device_output: None,
+        done_event: Vec::new(),
     }
 }
 
@@ -356,6 +370,9 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
             expected: state.fingerprint.clone(),
             got: req.fingerprint,
         });
+    }
+    if let Some(routed) = &req.device_routed {
+        return crate::routed::process(state, &experts, &req, routed);
     }
     let assignments = wire::assignments_from_wire(&req).ok_or(NodeError::Lengths {
         tokens: req.token_index.len(),
@@ -415,10 +432,11 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
             plan_us: micros(planned - uploaded),
         }),
         device_output,
+        done_event: Vec::new(),
     })
 }
 
-fn micros(d: Duration) -> u32 {
+pub(crate) fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark of BENCHMARKS.md, in one device call (carry .gpu; build it with package.sh):
 #   tests/gpu/bench.sh [--quick] [--layers N] [--node-devices cuda,cpu] [--no-peer] [--cuda-ipc auto|off]
-#                      [--shm-lane auto|off]
+#                      [--shm-lane auto|off] [--gpu-routing auto|off]
 # Prints the card, then `coordinator bench --device cuda` on the full 48-layer Qwen3-30B-A3B
 # shape with dummy bf16 weights: (a) in-process on the GPU, (b) GPU coordinator + 2 expert nodes
 # on the same GPU over loopback gRPC, (c) GPU coordinator + 2 expert nodes on the CPU cores; on a
@@ -18,6 +18,7 @@ node_devices=cuda,cpu
 peer=1
 cuda_ipc=auto
 shm_lane=auto
+gpu_routing=auto
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=(--quick) ;;
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
     --no-peer) peer=0 ;;
     --cuda-ipc) cuda_ipc=$2; shift ;;
     --shm-lane) shm_lane=$2; shift ;;
+    --gpu-routing) gpu_routing=$2; shift ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -37,7 +39,7 @@ scaling=()
 [ "$gpus" -gt 1 ] && scaling=(--scaling-gpus "$(seq -s, 1 $((gpus - 1)))")
 RUST_LOG=warn "$work/release/coordinator" bench --device cuda --load-format dummy \
   --preset qwen3-30b-a3b --layers "$layers" --dtype bf16 --nodes 2 --node-devices "$node_devices" \
-  --cuda-ipc "$cuda_ipc" --shm-lane "$shm_lane" "${scaling[@]}" "${quick[@]}" 2> >(tee "$out/bench.log" >&2) | tee "$out/ours.txt"
+  --cuda-ipc "$cuda_ipc" --shm-lane "$shm_lane" --gpu-routing "$gpu_routing" "${scaling[@]}" "${quick[@]}" 2> >(tee "$out/bench.log" >&2) | tee "$out/ours.txt"
 [ "$peer" = 1 ] || exit 0
 PYTHONUNBUFFERED=1 python3 "$root/tests/gpu/hf_bench.py" --layers "$layers" "${quick[@]}" | tee "$out/hf.txt"
 python3 - "$out/ours.txt" "$out/hf.txt" "$card" <<'PY'

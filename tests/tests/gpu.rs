@@ -494,12 +494,18 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 )
             })
             .collect();
-        // Answers in the nodes' GPU memory, copied GPU to GPU (CUDA IPC, the default), and
-        // the same answers as bytes; calls through shared-memory lanes (the default) and over
-        // gRPC.
-        for (cuda_ipc, shm_lane) in [(true, true), (true, false), (false, true)] {
+        // Layers with their routing left on the coordinator's GPU (the default), the same
+        // planned on the host with the answers in the nodes' GPU memory, copied GPU to GPU (CUDA
+        // IPC), and as bytes; calls through shared-memory lanes (the default) and over gRPC.
+        for (cuda_ipc, shm_lane, gpu_routing) in [
+            (true, true, true),
+            (true, false, true),
+            (true, true, false),
+            (false, true, false),
+        ] {
             let opts = RemoteOptions {
                 shm_lane,
+                gpu_routing,
                 rpc_timeout: Duration::from_secs(30),
                 startup_timeout: Duration::from_secs(120),
                 cuda_ipc,
@@ -517,21 +523,29 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 false,
             )
             .unwrap();
-            let how =
-                format!("{name} on {shards} GPU nodes, CUDA IPC {cuda_ipc}, lanes {shm_lane}");
+            let how = format!(
+                "{name} on {shards} GPU nodes, CUDA IPC {cuda_ipc}, lanes {shm_lane}, GPU routing {gpu_routing}"
+            );
             let got = engine.score(&golden.token_ids, golden.positions()).unwrap();
             assert_bits_equal(&got, &want, &how);
             let got_steps = decode_steps(&engine, prompt, 8);
             assert_bits_equal(&got_steps, &want_steps, &format!("{how}, batch-1 decode"));
             let status = engine.remote().expect("a cluster").status();
             for node in &status {
+                // A routed layer's rows are neither lent nor staged: the first calls (before a
+                // node has answered in GPU memory) take the host path.
                 assert_eq!(
-                    (node.gpu_memory_answers > 0, node.gpu_memory_requests > 0),
-                    (cuda_ipc, cuda_ipc),
-                    "{how}: {} answered {} times in GPU memory and read {} requests from it",
+                    (
+                        node.gpu_memory_answers > 0,
+                        node.gpu_memory_requests > 0 || gpu_routing,
+                        node.gpu_routed_calls > 0,
+                    ),
+                    (cuda_ipc, cuda_ipc, gpu_routing),
+                    "{how}: {} answered {} times in GPU memory, read {} requests from it and took {} routed calls",
                     node.name,
                     node.gpu_memory_answers,
-                    node.gpu_memory_requests
+                    node.gpu_memory_requests,
+                    node.gpu_routed_calls
                 );
             }
             assert_lanes(&status, shm_lane, &how);

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::{BenchArgs, bandwidth, measure, node_args};
 use crate::Engine;
 use crate::cluster::{LocalCluster, find_expert_node_binary};
-use crate::remote::{CudaIpc, RemoteOptions, ShmLane};
+use crate::remote::{CudaIpc, GpuRouting, RemoteOptions, ShmLane};
 
 /// Prompt of the in-process batch-1 decode measured after a long prompt.
 const LONG_PROMPT: usize = 4096;
@@ -121,6 +121,7 @@ impl Clusters<'_> {
             rpc_timeout: Duration::from_secs(60),
             cuda_ipc: a.cuda_ipc == CudaIpc::Auto,
             shm_lane: a.shm_lane == ShmLane::Auto,
+            gpu_routing: a.gpu_routing == GpuRouting::Auto,
             ..RemoteOptions::default()
         };
         let engine = Engine::load_remote_from(

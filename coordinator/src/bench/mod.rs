@@ -25,7 +25,7 @@ use omnishard_proto::defaults;
 use serde_json::{Value, json};
 
 use crate::cluster::{LocalCluster, find_expert_node_binary};
-use crate::remote::{CudaIpc, RemoteExperts, RemoteOptions, ShmLane};
+use crate::remote::{CudaIpc, GpuRouting, RemoteExperts, RemoteOptions, ShmLane};
 use crate::{CudaGraph, Engine};
 use omnishard_model::fingerprint::fingerprint;
 
@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// (CUDA IPC, the default of every command) or send the bytes over gRPC (`off`).
     #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
     pub cuda_ipc: CudaIpc,
+    /// GPU benchmark: whether layers go to expert nodes on GPUs with the routing left on the
+    /// coordinator's GPU (the default of every command) or planned on the host (`off`).
+    #[arg(long, env = "OMNISHARD_GPU_ROUTING", default_value = "auto")]
+    pub gpu_routing: GpuRouting,
     /// GPU benchmark: whether in-process batch-1 decode replays a CUDA graph (the default of
     /// every command) or launches every kernel from the host (`off`).
     #[arg(long, env = "OMNISHARD_CUDA_GRAPH", default_value = "auto")]

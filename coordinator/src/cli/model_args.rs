@@ -12,7 +12,7 @@ use clap::Args;
 use omnishard_coordinator::media::AudioInput;
 use omnishard_coordinator::media::vision::{VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionInput};
 use omnishard_coordinator::remote::{
-    CudaIpc, RemoteOptions, RpcObserver, ShmLane, Verifier, VerifyExperts,
+    CudaIpc, GpuRouting, RemoteOptions, RpcObserver, ShmLane, Verifier, VerifyExperts,
 };
 use omnishard_coordinator::{ComputeDtype, CudaGraph, Engine};
 use omnishard_model::{Checkpoint, DeviceSpec, LoadFormat};
@@ -104,6 +104,14 @@ pub(crate) struct ModelArgs {
     /// logged and answers over gRPC from then on); `off` always sends the bytes.
     #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
     pub(crate) cuda_ipc: CudaIpc,
+    /// With --device cuda and CUDA IPC: a layer whose experts each have one live holder, all on
+    /// GPUs of this host, leaves its routing and hidden states in the coordinator's GPU memory;
+    /// the nodes write their rows back there, and CUDA events between the GPUs order it, so
+    /// neither host waits for its GPU within a step (the same logits). `auto` uses it wherever
+    /// it applies (from a node's second call on; replicas both up, or a node that cannot, take
+    /// the host path); `off` plans every layer's call on the host.
+    #[arg(long, env = "OMNISHARD_GPU_ROUTING", default_value = "auto")]
+    pub(crate) gpu_routing: GpuRouting,
     /// Expert nodes on this host take their per-layer calls through a shared-memory lane (a
     /// file in /dev/shm the node maps; the same messages as over gRPC), with the waiting side
     /// polling briefly before it sleeps: at decode this removes most of a call's cost, the
@@ -200,6 +208,7 @@ impl ModelArgs {
             cuda_ipc: self.cuda_ipc == CudaIpc::Auto,
             ipc_input_min_bytes: defaults::IPC_INPUT_MIN_BYTES,
             shm_lane: self.shm_lane == ShmLane::Auto,
+            gpu_routing: self.gpu_routing == GpuRouting::Auto,
         };
         let mut engine = Engine::load_remote_from(
             &ckpt,

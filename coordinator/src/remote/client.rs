@@ -31,6 +31,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ForwardResponse, to
 pub(super) enum Payload {
     Bytes(v1::Tensor),
     Device(v1::DeviceTensor),
+    /// A routed call's answer: the handle of the node's event after its writes (`routed.rs`).
+    Done(Vec<u8>),
 }
 
 /// A node's answer, and the lease on what it lent until the answer has been taken.
@@ -355,6 +357,7 @@ fn reply(
             )));
         }
         (None, Some(lent)) => Payload::Device(lent),
+        (None, None) if !resp.done_event.is_empty() && asked_ipc => Payload::Done(resp.done_event),
         (None, None) => return Err(CallError::BadAnswer("the response has no output".into())),
         (Some(_), Some(_)) => {
             return Err(CallError::BadAnswer(
@@ -459,7 +462,9 @@ mod tests {
         let result = client.forward(request(), TIMEOUT, lane_spin).await;
         let output = result.and_then(|reply| match reply.payload {
             Payload::Bytes(output) => Ok(output),
-            Payload::Device(_) => Err(CallError::BadAnswer("GPU memory, unasked".into())),
+            Payload::Device(_) | Payload::Done(_) => {
+                Err(CallError::BadAnswer("GPU memory, unasked".into()))
+            }
         });
         (output, node.calls())
     }

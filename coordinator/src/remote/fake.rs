@@ -174,6 +174,7 @@ impl ExpertService for Fake {
                     }),
                     timing: None,
                     device_output: None,
+                    done_event: Vec::new(),
                 };
                 let resp = match fake.script {
                     Script::SilentAfter(n) if seen >= n => continue,
@@ -185,6 +186,7 @@ impl ExpertService for Fake {
                                 error: None,
                                 timing: None,
                                 device_output: None,
+                                done_event: Vec::new(),
                             },
                             None => error(tonic::Code::InvalidArgument, "malformed request"),
                         }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use candle_core::{Device, Tensor};
 use futures::future::join_all;
 use omnishard_model::experts::combine;
-use omnishard_model::ops::cuda::{Lent, gather};
+use omnishard_model::ops::cuda::{DeviceRouting, Lent, gather};
 use omnishard_model::wire;
 use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Routing};
 use omnishard_proto::wire::IPC_READ_FAILED;
@@ -45,6 +45,20 @@ impl Rows<'_> {
 }
 
 impl Experts for RemoteExperts {
+    fn takes_device_routing(&self, layer: usize) -> bool {
+        self.routed_nodes(layer).is_some()
+    }
+
+    fn forward_device_routed(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &DeviceRouting,
+        usage: &Tensor,
+    ) -> Result<Tensor, ExpertError> {
+        self.forward_routed(layer, xs, routing, usage)
+    }
+
     fn forward(
         &self,
         layer: usize,
@@ -148,6 +162,11 @@ impl Experts for RemoteExperts {
                             wire::decode(Some(&output), "output", &Device::Cpu)
                                 .map_err(|e| CallError::BadAnswer(e.to_string()))?,
                         ),
+                        Payload::Done(_) => {
+                            return Err(CallError::BadAnswer(
+                                "answered a call with assignments by an event".into(),
+                            ));
+                        }
                         Payload::Device(lent) => {
                             let ys = node
                                 .ipc

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use futures::future::join_all;
-use omnishard_model::ops::cuda::{IpcImporter, IpcStaging};
+use omnishard_model::ops::cuda::{IpcImporter, IpcStaging, RoutedExchange};
 use omnishard_model::wire;
 use omnishard_proto::tls::error_chain;
 use omnishard_proto::v1::{self, InfoRequest, expert_service_client::ExpertServiceClient};
@@ -53,6 +53,10 @@ pub(super) struct Node {
     pub(super) ipc_ok: AtomicBool,
     pub(super) ipc_answers: AtomicU64,
     pub(super) ipc_requests: AtomicU64,
+    /// Whether to send this node routed calls (`routed.rs`): cleared for good when one fails
+    /// other than by the node going down; and how many it has answered.
+    pub(super) routed_ok: AtomicBool,
+    pub(super) routed_calls: AtomicU64,
     /// Calls answered through the shared-memory lane.
     pub(super) lane_calls: AtomicU64,
 }
@@ -76,6 +80,7 @@ impl Node {
             assignments: self.served.load(Ordering::Relaxed),
             gpu_memory_answers: self.ipc_answers.load(Ordering::Relaxed),
             gpu_memory_requests: self.ipc_requests.load(Ordering::Relaxed),
+            gpu_routed_calls: self.routed_calls.load(Ordering::Relaxed),
             lane_calls: self.lane_calls.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             outstanding: self.outstanding.load(Ordering::Relaxed),
@@ -121,6 +126,8 @@ pub(super) struct Shared {
     pub(super) profile: super::profile::CallProfile,
     /// GPU memory the hidden states are sent in to nodes that read it (CUDA IPC).
     pub(super) staging: IpcStaging,
+    /// The buffers and event of routed calls (`routed.rs`), made on the first one.
+    pub(super) routed: Mutex<Option<Arc<RoutedExchange>>>,
 }
 
 impl Shared {
@@ -236,6 +243,7 @@ impl RemoteExperts {
             table: RwLock::new(Arc::new(table)),
             profile: Default::default(),
             staging: IpcStaging::new(),
+            routed: Mutex::default(),
         });
         Ok((Self { shared, runtime }, missing))
     }
@@ -524,6 +532,8 @@ async fn connect_node(
         ipc_ok: AtomicBool::new(true),
         ipc_answers: AtomicU64::new(0),
         ipc_requests: AtomicU64::new(0),
+        routed_ok: AtomicBool::new(true),
+        routed_calls: AtomicU64::new(0),
         lane_calls: AtomicU64::new(0),
     })
 }

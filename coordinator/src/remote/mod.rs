@@ -37,6 +37,7 @@ mod layer_call;
 mod membership;
 mod plan;
 mod profile;
+mod routed;
 mod verify;
 
 pub use profile::ProfileSummary;
@@ -63,6 +64,14 @@ pub trait RpcObserver: Send + Sync {
 /// `--cuda-ipc`: whether expert nodes on GPUs of this host may answer in GPU memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CudaIpc {
+    Auto,
+    Off,
+}
+
+/// `--gpu-routing`: whether layers go to expert nodes on GPUs with their routing left on the
+/// coordinator's GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuRouting {
     Auto,
     Off,
 }
@@ -104,6 +113,11 @@ pub struct RemoteOptions {
     /// over gRPC, without the network stack and the thread wake-ups), where they can map it
     /// and the answer fits a slot; the rest go over gRPC.
     pub shm_lane: bool,
+    /// With `cuda_ipc`: a layer whose every expert has one live holder, each a node on a GPU
+    /// that has answered in GPU memory, is called with its routing and hidden states left in
+    /// the coordinator's GPU memory and the nodes' rows written back there, ordered by events
+    /// between the GPUs rather than by either host waiting for its GPU (`routed.rs`).
+    pub gpu_routing: bool,
 }
 
 impl std::fmt::Debug for RemoteOptions {
@@ -118,6 +132,7 @@ impl std::fmt::Debug for RemoteOptions {
             .field("cuda_ipc", &self.cuda_ipc)
             .field("ipc_input_min_bytes", &self.ipc_input_min_bytes)
             .field("shm_lane", &self.shm_lane)
+            .field("gpu_routing", &self.gpu_routing)
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +151,7 @@ impl Default for RemoteOptions {
             cuda_ipc: true,
             ipc_input_min_bytes: defaults::IPC_INPUT_MIN_BYTES,
             shm_lane: true,
+            gpu_routing: true,
         }
     }
 }
@@ -218,6 +234,8 @@ pub struct NodeStatus {
     pub gpu_memory_answers: u64,
     /// Requests whose hidden states the node read from the coordinator's GPU memory.
     pub gpu_memory_requests: u64,
+    /// Layer calls with the routing left on the coordinator's GPU (`--gpu-routing`).
+    pub gpu_routed_calls: u64,
     /// Calls that went through the shared-memory lane rather than gRPC.
     pub lane_calls: u64,
     pub errors: u64,

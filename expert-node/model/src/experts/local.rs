@@ -177,6 +177,39 @@ impl LocalExperts {
         self.outputs_each(row, layer, xs, assignments, groups)
     }
 
+    /// Experts a token may be routed to (`num_experts_per_tok`).
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// A routed call (`ForwardRequest.device_routed`): the output of every slot of `routing` (a
+    /// whole layer's top-k, on this GPU) that chose an expert held here, written as row `slot`
+    /// of `[n * k, hidden]` at `into` (the coordinator's memory, mapped here); the other rows
+    /// are left alone. Queued on the device's stream, not waited for.
+    pub fn outputs_routed_into(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &cuda::DeviceRouting,
+        into: u64,
+    ) -> Result<(), ExpertError> {
+        match self.layer_experts(layer) {
+            Some(LayerExperts::Stacked(stacked)) => {
+                Ok(stacked.outputs_routed_into(xs, routing, into)?)
+            }
+            Some(LayerExperts::Each(_)) => Err(ExpertError::Dtype {
+                layer,
+                got: DType::BF16,
+                computes: self.dtype,
+            }),
+            None => Err(ExpertError::UnknownLayer { layer }),
+        }
+    }
+
     /// The experts of MoE layer `layer`, if it is one.
     fn layer_experts(&self, layer: usize) -> Option<&LayerExperts> {
         self.layers.get(layer).filter(|_| self.moe_layers[layer])
@@ -404,6 +437,10 @@ impl Experts for LocalExperts {
             self.layer_experts(layer),
             Some(LayerExperts::Stacked(stacked)) if stacked.takes_device_routing()
         )
+    }
+
+    fn captures_device_routing(&self, layer: usize) -> bool {
+        self.takes_device_routing(layer)
     }
 
     fn forward_device_routed(

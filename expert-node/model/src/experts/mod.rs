@@ -125,6 +125,12 @@ pub trait Experts: Send + Sync {
         false
     }
 
+    /// Whether a CUDA graph may capture [`Experts::forward_device_routed`] for `layer`: it only
+    /// queues work on this process's GPU, with nothing for the host to wait for or send.
+    fn captures_device_routing(&self, _layer: usize) -> bool {
+        false
+    }
+
     /// The expert step of a batch with the router's choices left on the GPU (no host round
     /// trip per layer), adding the chosen experts to `usage` (the layer's u32 counts
     /// on the GPU). Only called where [`Experts::takes_device_routing`] said yes.

@@ -80,7 +80,7 @@ impl DecoderLayer {
                 "layer {}'s router has no GPU top-k",
                 self.layer_idx
             )),
-            Mlp::Moe(_) if !experts.takes_device_routing(self.layer_idx) => Some(format!(
+            Mlp::Moe(_) if !experts.captures_device_routing(self.layer_idx) => Some(format!(
                 "layer {}'s experts are not all held on this GPU",
                 self.layer_idx
             )),

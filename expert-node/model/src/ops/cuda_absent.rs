@@ -12,6 +12,12 @@ pub enum StackedExperts {}
 /// A router's top-k left on a GPU: never made here.
 pub enum DeviceRouting {}
 
+impl DeviceRouting {
+    pub fn to_routing(&self, _device: &Device) -> Result<crate::experts::Routing> {
+        match *self {}
+    }
+}
+
 pub fn router_topk_on_device(
     _logits: &Tensor,
     _masked: &Tensor,
@@ -32,6 +38,15 @@ impl StackedExperts {
         _routing: &DeviceRouting,
         _usage: &Tensor,
     ) -> Result<Tensor> {
+        match *self {}
+    }
+
+    pub fn outputs_routed_into(
+        &self,
+        _xs: &Tensor,
+        _routing: &DeviceRouting,
+        _into: u64,
+    ) -> Result<()> {
         match *self {}
     }
 
@@ -291,6 +306,81 @@ impl IpcImporter {
     }
 
     pub fn prune(&self) {}
+
+    pub fn wait_event(&self, _device: &Device, _handle: &[u8]) -> Result<()> {
+        candle_core::bail!("interprocess events are waited for only with the `cuda` feature")
+    }
+}
+
+/// Routed calls (`routed.rs`): the coordinator's exchange cannot be made without a GPU.
+pub enum RoutedExchange {}
+
+impl RoutedExchange {
+    pub fn new(device: &Device) -> Result<Self> {
+        candle_core::bail!("routed calls need a GPU; {device:?} in a build without CUDA")
+    }
+
+    pub fn stage(
+        &self,
+        _xs: &Tensor,
+        _routing: &DeviceRouting,
+        _usage: &Tensor,
+    ) -> Result<RoutedStage<'_>> {
+        match *self {}
+    }
+}
+
+/// One layer's routed call staged: never here.
+pub struct RoutedStage<'a>(std::convert::Infallible, std::marker::PhantomData<&'a ()>);
+
+impl RoutedStage<'_> {
+    pub fn request(&self) -> &omnishard_proto::v1::DeviceRouted {
+        match self.0 {}
+    }
+
+    pub fn sums(self) -> Result<Tensor> {
+        match self.0 {}
+    }
+
+    pub fn abandon(self) {
+        match self.0 {}
+    }
+}
+
+/// An interprocess event: never made here.
+pub enum SharedEvent {}
+
+impl SharedEvent {
+    pub fn new(device: &Device) -> Result<Self> {
+        candle_core::bail!("interprocess events need a GPU; {device:?} in a build without CUDA")
+    }
+
+    pub fn handle(&self) -> &[u8] {
+        match *self {}
+    }
+
+    pub fn record(&self, _device: &Device) -> Result<()> {
+        match *self {}
+    }
+}
+
+/// A routed call's inputs on the node's GPU: never here.
+pub struct ImportedRouted {
+    pub xs: Tensor,
+    pub routing: DeviceRouting,
+    pub output: u64,
+}
+
+pub fn import_routed(
+    _importer: &IpcImporter,
+    device: &Device,
+    _req: &omnishard_proto::v1::DeviceRouted,
+    _max_k: usize,
+    _hidden: usize,
+) -> Result<ImportedRouted> {
+    candle_core::bail!(
+        "routed calls are for nodes on a GPU; this build has no CUDA and computes on {device:?}"
+    )
 }
 
 /// A tensor of another process's GPU memory: never here.

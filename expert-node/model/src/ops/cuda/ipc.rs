@@ -211,6 +211,8 @@ type Copying = (Arc<CudaEvent>, Box<dyn Send>);
 pub struct IpcImporter {
     mapped: Mutex<HashMap<u32, Mapping>>,
     copying: Mutex<Vec<Copying>>,
+    /// The peer's interprocess events opened here (`routed.rs`).
+    pub(super) events: super::routed::PeerEvents,
 }
 
 /// A tensor in another process's GPU memory, mapped and ready to be copied by [`gather`]; it
@@ -300,7 +302,7 @@ impl IpcImporter {
 
     /// The device address of the tensor's buffer, mapping it (and closing an older allocation
     /// behind the same slot) when needed; refuses `end` bytes past the mapped allocation.
-    fn map(
+    pub(super) fn map(
         &self,
         ctx: &Arc<CudaContext>,
         out: &v1::DeviceTensor,

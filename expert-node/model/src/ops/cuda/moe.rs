@@ -24,6 +24,8 @@ mod plan;
 
 pub use combine::combine;
 use combine::launch_combine;
+pub(super) use combine::launch_combine_at;
+pub(super) use plan::combine_plan;
 use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout};
 
 /// Warps per block of the GEMV MoE kernels: one gate/up output row per warp.
@@ -83,9 +85,10 @@ pub struct StackedExperts {
     w2: Tensor,
     /// Stacked row of each expert id, `None` where the expert is not held.
     row_of: Vec<Option<u32>>,
-    /// `row_of` on the GPU (`u32::MAX` where not held), for tables built there; `None` unless
-    /// every expert of the layer is held (the only case [`StackedExperts::forward_routed`] takes).
+    /// `row_of` on the GPU (`u32::MAX` where not held), for tables built there.
     row_of_device: Option<CudaSlice<u32>>,
+    /// Every expert of the layer is held here (what [`StackedExperts::forward_routed`] needs).
+    all_held: bool,
     hidden: usize,
     inter: usize,
 }
@@ -124,8 +127,9 @@ impl StackedExperts {
             .reshape((held, 2 * inter, hidden))?
             .to_device(device)?;
         let w2 = Tensor::stack(&w2, 0)?.to_device(device)?;
-        let row_of_device = match (device, row_of.iter().all(Option::is_some)) {
-            (Device::Cuda(dev), true) => {
+        let all_held = row_of.iter().all(Option::is_some);
+        let row_of_device = match device {
+            Device::Cuda(dev) => {
                 let rows: Vec<u32> = row_of.iter().map(|r| r.unwrap_or(u32::MAX)).collect();
                 Some(upload(dev, &rows)?)
             }
@@ -136,6 +140,7 @@ impl StackedExperts {
             w2,
             row_of,
             row_of_device,
+            all_held,
             hidden,
             inter,
         })
@@ -179,7 +184,7 @@ impl StackedExperts {
     /// Whether [`StackedExperts::forward_routed`] serves this layer: every expert held here, and
     /// few enough for `moe_plan`'s one block (larger layers take the host's routing).
     pub fn takes_device_routing(&self) -> bool {
-        self.row_of_device.is_some() && self.row_of.len() <= PLAN_MAX_EXPERTS
+        self.all_held && self.row_of_device.is_some() && self.row_of.len() <= PLAN_MAX_EXPERTS
     }
 
     /// The per-token sums for the rows of `xs` `[n, H]` routed by a router's top-k left on the
@@ -195,7 +200,7 @@ impl StackedExperts {
     ) -> Result<Tensor> {
         let dev = bf16_device(xs)
             .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
-        let Some(row_of) = &self.row_of_device else {
+        let Some(row_of) = self.row_of_device.as_ref().filter(|_| self.all_held) else {
             candle_core::bail!("device routing needs every expert of the layer held here")
         };
         if xs.dims() != [routing.tokens, self.hidden] || routing.tokens == 0 {
@@ -206,21 +211,44 @@ impl StackedExperts {
                 self.hidden
             );
         }
-        if usage.dtype() != DType::U32 || usage.dims() != [self.row_of.len()] {
-            candle_core::bail!("usage counts must be u32, one per expert of the layer");
-        }
-        let (counts, layout) = usage.storage_and_layout();
-        let Storage::Cuda(counts) = &*counts else {
-            candle_core::bail!("the usage counts are not on the GPU")
+        with_counts(usage, self.row_of.len(), |counts| {
+            if routing.tokens == 1 {
+                return self.forward_one(dev, xs, routing, counts, row_of);
+            }
+            let plan = self.device_plan(dev, routing, counts, row_of)?;
+            self.launch(dev, xs, &plan, Out::Sums(routing.tokens))
+        })
+    }
+
+    /// The outputs of the slots of a router's whole top-k (`routing`, on this GPU) that chose
+    /// an expert held here, each written to row `slot` of `[n * k, H]` bf16 rows at `into` (an
+    /// expert node writing straight into its coordinator's GPU memory, mapped here); the other
+    /// rows are left alone. Ids past the layer's experts count as not held. The arithmetic and
+    /// bits of [`StackedExperts::forward`]'s outputs: the slots of an expert are the same
+    /// wherever the rest of the layer is.
+    pub fn outputs_routed_into(
+        &self,
+        xs: &Tensor,
+        routing: &DeviceRouting,
+        into: u64,
+    ) -> Result<()> {
+        let dev = bf16_device(xs)
+            .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
+        let Some(row_of) = &self.row_of_device else {
+            candle_core::bail!("the experts are not on a GPU")
         };
-        let counts = counts
-            .as_cuda_slice::<u32>()?
-            .slice(layout.start_offset()..layout.start_offset() + self.row_of.len());
-        if routing.tokens == 1 {
-            return self.forward_one(dev, xs, routing, &counts, row_of);
+        if xs.dims() != [routing.tokens, self.hidden] || routing.tokens == 0 {
+            candle_core::bail!(
+                "device routing of {} tokens for input {:?} (hidden size {})",
+                routing.tokens,
+                xs.dims(),
+                self.hidden
+            );
         }
-        let plan = self.device_plan(dev, routing, &counts, row_of)?;
-        self.launch(dev, xs, &plan, Some(routing.tokens))
+        // The node keeps no usage counts of its own (the coordinator does): counted and dropped.
+        let scratch = dev.alloc_zeros::<u32>(self.row_of.len())?;
+        let plan = self.device_plan(dev, routing, &scratch.slice(..), row_of)?;
+        self.launch(dev, xs, &plan, Out::Into(into)).map(|_| ())
     }
 
     /// Batch-1 decode of [`StackedExperts::forward_routed`]: gate+up (which also counts the
@@ -309,7 +337,11 @@ impl StackedExperts {
         }
         let plan = self.host_plan(dev, assignments, groups, sum_tokens)?;
         planned();
-        self.launch(dev, xs, &plan, sum_tokens)
+        let out = match sum_tokens {
+            Some(n) => Out::Sums(n),
+            None => Out::Rows,
+        };
+        self.launch(dev, xs, &plan, out)
     }
 
     /// Whether experts with many tokens take the tensor-core kernels (their K steps need sizes
@@ -318,15 +350,13 @@ impl StackedExperts {
         self.hidden.is_multiple_of(MMA_K) && self.inter.is_multiple_of(MMA_K)
     }
 
-    /// The expert launches of `plan` on `xs`: per-assignment outputs, or with `sum_tokens`
-    /// their per-token sums.
-    fn launch(
-        &self,
-        dev: &CudaDevice,
-        xs: &Tensor,
-        plan: &Plan,
-        sum_tokens: Option<usize>,
-    ) -> Result<Tensor> {
+    /// The expert launches of `plan` on `xs`: per-slot outputs, their per-token sums, or the
+    /// per-slot rows written elsewhere (then the tensor returned is empty).
+    fn launch(&self, dev: &CudaDevice, xs: &Tensor, plan: &Plan, to: Out) -> Result<Tensor> {
+        let sum_tokens = match to {
+            Out::Sums(n) => Some(n),
+            Out::Rows | Out::Into(_) => None,
+        };
         let (h, i) = (self.hidden, self.inter);
         let PlanLayout { g, s, .. } = plan.layout;
         let tab = &plan.buf;
@@ -341,7 +371,10 @@ impl StackedExperts {
         // SAFETY: every row of `act` belongs to one slot of one group and is written by one of
         // the gate/up kernels; likewise every row of `out` by one of the down kernels.
         let mut act = unsafe { dev.alloc::<bf16>(s * i) }?;
-        let mut out = unsafe { dev.alloc::<bf16>(s * h) }?;
+        let mut out = match to {
+            Out::Into(ptr) => Rows::At(ptr),
+            Out::Rows | Out::Sums(_) => Rows::Owned(unsafe { dev.alloc::<bf16>(s * h) }?),
+        };
         // Read in place by kernels on two streams, so no copy may be made (and freed) inside.
         let xs = aligned(xs)?;
         // `tile_threads`: the block of a tensor-core kernel, which takes the tile list too; `None`
@@ -350,7 +383,7 @@ impl StackedExperts {
                       name: &str,
                       input: &CudaView<'_, bf16>,
                       weights: &CudaView<'_, bf16>,
-                      out: &mut CudaSlice<bf16>,
+                      out: Dest<'_>,
                       grid: (u32, u32),
                       tile_threads: Option<u32>,
                       shared: u32|
@@ -360,6 +393,7 @@ impl StackedExperts {
             }
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             allow_dynamic_shared(&func, shared)?;
+            let raw;
             let mut b = stream.launch_builder(&func);
             b.arg(input).arg(weights).arg(tab);
             for size in &sizes {
@@ -368,7 +402,14 @@ impl StackedExperts {
             if tile_threads.is_some() {
                 b.arg(&tiles);
             }
-            b.arg(&live).arg(out);
+            b.arg(&live);
+            match out {
+                Dest::Slice(out) => b.arg(out),
+                Dest::Raw(ptr) => {
+                    raw = ptr;
+                    b.arg(&raw)
+                }
+            };
             let block = tile_threads.unwrap_or((WARPS * 32) as u32);
             // SAFETY: argument types and order match the kernel `name` (kernels.cu).
             unsafe { b.launch(launch_config(grid, block, shared)) }.w()?;
@@ -391,7 +432,7 @@ impl StackedExperts {
                     "moe_gate_up_mma_bf16",
                     xv,
                     wv,
-                    &mut act,
+                    Dest::Slice(&mut act),
                     tiled,
                     Some(mma_threads(GU_N)),
                     mma_shared_bytes(2, GU_N, GU_STAGES),
@@ -403,7 +444,7 @@ impl StackedExperts {
                     "moe_gate_up_bf16",
                     xv,
                     wv,
-                    &mut act,
+                    Dest::Slice(&mut act),
                     gemv,
                     None,
                     staged,
@@ -438,7 +479,7 @@ impl StackedExperts {
                 "moe_down_mma_bf16",
                 &act_view,
                 wv,
-                &mut out,
+                out.dest(),
                 tiled,
                 Some(mma_threads(DOWN_N)),
                 mma_shared_bytes(1, DOWN_N, DOWN_STAGES),
@@ -450,7 +491,7 @@ impl StackedExperts {
                 "moe_down_bf16",
                 &act_view,
                 wv,
-                &mut out,
+                out.dest(),
                 gemv,
                 None,
                 staged,
@@ -459,6 +500,9 @@ impl StackedExperts {
         if let Some(beside) = beside {
             beside.join()?;
         }
+        let Rows::Owned(out) = out else {
+            return Tensor::zeros((0, h), DType::BF16, xs.device());
+        };
         match sum_tokens {
             None => Ok(wrap(dev, out, (s, h))),
             Some(n) => {
@@ -474,3 +518,52 @@ impl StackedExperts {
 /// The most experts a token may choose for batch-1 [`StackedExperts::forward_routed`]
 /// (`ROUTED1_MAX_K` in kernels.cu: the fused down keeps one expert per lane of a warp).
 const ROUTED1_MAX_K: usize = 32;
+
+/// Runs `f` on a layer's usage counts (u32, one per expert of the layer, on the GPU).
+pub(super) fn with_counts<R>(
+    usage: &Tensor,
+    experts: usize,
+    f: impl FnOnce(&CudaView<'_, u32>) -> Result<R>,
+) -> Result<R> {
+    if usage.dtype() != DType::U32 || usage.dims() != [experts] {
+        candle_core::bail!("usage counts must be u32, one per expert of the layer");
+    }
+    let (counts, layout) = usage.storage_and_layout();
+    let Storage::Cuda(counts) = &*counts else {
+        candle_core::bail!("the usage counts are not on the GPU")
+    };
+    let start = layout.start_offset();
+    f(&counts.as_cuda_slice::<u32>()?.slice(start..start + experts))
+}
+
+/// What [`StackedExperts::launch`] makes of the per-slot rows.
+#[derive(Clone, Copy)]
+enum Out {
+    /// The rows, `[slots, H]`.
+    Rows,
+    /// Their per-token sums, `[n, H]`.
+    Sums(usize),
+    /// Written at this device address (another process's memory, mapped here).
+    Into(u64),
+}
+
+/// Where a kernel writes its rows.
+enum Dest<'a> {
+    Slice(&'a mut CudaSlice<bf16>),
+    Raw(u64),
+}
+
+/// A launch's per-slot rows: its own, or at another process's memory mapped here.
+enum Rows {
+    Owned(CudaSlice<bf16>),
+    At(u64),
+}
+
+impl Rows {
+    fn dest(&mut self) -> Dest<'_> {
+        match self {
+            Rows::Owned(slice) => Dest::Slice(slice),
+            Rows::At(ptr) => Dest::Raw(*ptr),
+        }
+    }
+}

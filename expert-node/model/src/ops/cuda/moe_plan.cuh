@@ -36,9 +36,14 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t v, uint32_t* w
     return before;
 }
 
+// Experts `row_of` marks so are not held here (an expert node holding part of a layer, given the
+// coordinator's whole routing): their slots get no group, and no output row is written for them.
+#define NOT_HELD 0xffffffffu
+
 // One block, blockDim.x >= E (a multiple of 32, at most 1024); dynamic shared memory 2E words.
 // routed: the top-k of n tokens, ids [n*k] then weights' f32 bits [n*k]; row_of: stacked row of
-// each of the E experts (all held); usage: the layer's per-expert counts, added to. tab: 3G + 3S
+// each of the E experts, NOT_HELD where not held (ids past E count as not held); usage: the
+// layer's per-expert counts of held experts, added to. The combine table covers every slot. tab: 3G + 3S
 // words (G >= the groups there can be, S = n*k); tiles: 2 words per tile; combine: n + 1 offsets
 // then S indices.
 extern "C" __global__ void moe_plan(const uint32_t* __restrict__ routed, const uint32_t* __restrict__ row_of,
@@ -55,7 +60,10 @@ extern "C" __global__ void moe_plan(const uint32_t* __restrict__ routed, const u
     const uint32_t* weights = routed + S;
     for (int e = tid; e < E; e += blockDim.x) count[e] = 0;
     __syncthreads();
-    for (int s = tid; s < S; s += blockDim.x) atomicAdd(&count[ids[s]], 1u);
+    for (int s = tid; s < S; s += blockDim.x) {
+        const uint32_t e = ids[s];
+        if (e < (uint32_t)E && row_of[e] != NOT_HELD) atomicAdd(&count[e], 1u);
+    }
     __syncthreads();
     const uint32_t c = tid < E ? count[tid] : 0;
     const bool big = min_tokens > 0 && c >= (uint32_t)min_tokens;
@@ -90,10 +98,12 @@ extern "C" __global__ void moe_plan(const uint32_t* __restrict__ routed, const u
     for (int t = tid; t <= n; t += blockDim.x) offsets[t] = (uint32_t)t * k;
     for (int s = tid; s < S; s += blockDim.x) {
         const uint32_t e = ids[s];
-        const uint32_t pos = atomicAdd(&cursor[e], 1u);
-        tab[3 * G + pos] = s / k;
-        tab[3 * G + S + pos] = s;
-        tab[3 * G + 2 * S + pos] = weights[s];
+        if (e < (uint32_t)E && row_of[e] != NOT_HELD) {
+            const uint32_t pos = atomicAdd(&cursor[e], 1u);
+            tab[3 * G + pos] = s / k;
+            tab[3 * G + S + pos] = s;
+            tab[3 * G + 2 * S + pos] = weights[s];
+        }
         // The token's experts are distinct (topk_row takes each expert at most once): its rank
         // among them is its place in the sum, and the ranks fill the token's k entries.
         const int t0 = s - s % k;

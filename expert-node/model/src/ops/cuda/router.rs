@@ -19,6 +19,19 @@ pub struct DeviceRouting {
 }
 
 impl DeviceRouting {
+    /// The routing on the host, as calls with assignments take it (waits for the device).
+    pub fn to_routing(&self, device: &candle_core::Device) -> Result<crate::experts::Routing> {
+        let candle_core::Device::Cuda(dev) = device else {
+            candle_core::bail!("a routing on the GPU is read from a GPU, not {device:?}")
+        };
+        let (ids, weights) = self.to_host(dev)?;
+        Ok(crate::experts::Routing {
+            top_k: self.k,
+            ids,
+            weights,
+        })
+    }
+
     /// The ids and weights copied to the host (one copy; waits for the device).
     pub fn to_host(&self, dev: &CudaDevice) -> Result<(Vec<u32>, Vec<f32>)> {
         let both = dev.clone_dtoh(&self.buf)?;

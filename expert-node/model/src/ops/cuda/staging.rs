@@ -19,11 +19,11 @@ use crate::wire::travelling_dtype;
 const MAX_STAGING: usize = 8;
 
 /// One exported buffer of the coordinator's.
-struct StagingBuffer {
-    slot: u32,
-    generation: u64,
+pub(super) struct StagingBuffer {
+    pub(super) slot: u32,
+    pub(super) generation: u64,
     bytes: usize,
-    buffer: DeviceBuffer,
+    pub(super) buffer: DeviceBuffer,
 }
 
 /// The coordinator's side of requests in GPU memory (`ForwardRequest.device_hidden`): buffers
@@ -55,10 +55,7 @@ pub struct StagedRows<'a> {
 impl Drop for StagedRows<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
-            let mut free = self.staging.free.lock().unwrap_or_else(|e| e.into_inner());
-            if free.len() < MAX_STAGING {
-                free.push(b);
-            }
+            self.staging.give_back(b);
         }
     }
 }
@@ -120,8 +117,16 @@ impl IpcStaging {
         Ok(staged)
     }
 
+    /// Returns a buffer for reuse (its readers are done with it, or ordered before its next use).
+    pub(super) fn give_back(&self, b: StagingBuffer) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < MAX_STAGING {
+            free.push(b);
+        }
+    }
+
     /// A free buffer of at least `bytes` (the smallest), else a new one.
-    fn take(&self, ctx: &Arc<CudaContext>, bytes: usize) -> Result<StagingBuffer> {
+    pub(super) fn take(&self, ctx: &Arc<CudaContext>, bytes: usize) -> Result<StagingBuffer> {
         {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             let fitting = (0..free.len())

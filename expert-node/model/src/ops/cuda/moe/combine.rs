@@ -3,7 +3,7 @@
 //! reference's `index_add_` into a zero tensor, and as [`crate::experts::combine`] on the host.
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, PushKernelArg};
 use candle_core::{CudaDevice, Result, Tensor};
 use half::bf16;
 
@@ -48,12 +48,27 @@ pub(super) fn launch_combine(
     n_tokens: usize,
     h: usize,
 ) -> Result<CudaSlice<bf16>> {
+    let stream = dev.cuda_stream();
+    let (ys, _in_use) = ys.device_ptr(&stream);
+    launch_combine_at(dev, ys, offsets, idx, n_tokens, h)
+}
+
+/// [`launch_combine`] over rows at a device address (another process's rows in memory of this
+/// GPU, or this process's own).
+pub(in super::super) fn launch_combine_at(
+    dev: &CudaDevice,
+    ys: u64,
+    offsets: &CudaView<'_, u32>,
+    idx: &CudaView<'_, u32>,
+    n_tokens: usize,
+    h: usize,
+) -> Result<CudaSlice<bf16>> {
     // SAFETY: the kernel writes every element of every token's row.
     let mut out = unsafe { dev.alloc::<bf16>(n_tokens * h) }?;
     let func = dev.get_or_load_custom_func("moe_combine_bf16", MODULE, PTX)?;
     let h_i = checked_i32("hidden", h)?;
     let mut b = func.builder();
-    b.arg(ys).arg(offsets).arg(idx).arg(&h_i).arg(&mut out);
+    b.arg(&ys).arg(offsets).arg(idx).arg(&h_i).arg(&mut out);
     let grid = (
         h.div_ceil(COMBINE_THREADS * COMBINE_COLUMNS) as u32,
         checked_u32("tokens", n_tokens)?,

@@ -82,13 +82,7 @@ impl StackedExperts {
         row_of: &CudaSlice<u32>,
     ) -> Result<Plan> {
         let experts = self.row_of.len();
-        let (n, k) = (routing.tokens, routing.k);
-        let s = n * k;
-        if experts > PLAN_MAX_EXPERTS {
-            candle_core::bail!(
-                "planning on the GPU takes at most {PLAN_MAX_EXPERTS} experts a layer, not {experts}"
-            );
-        }
+        let (n, s) = (routing.tokens, routing.tokens * routing.k);
         let min_tokens = if self.tiles_apply() {
             MMA_MIN_TOKENS
         } else {
@@ -99,52 +93,91 @@ impl StackedExperts {
         // distinct experts, so an expert has at most `n` slots: below `min_tokens` tokens
         // (decode of 2-4 sequences) no tile can be live, and the tile launches (with the side
         // stream's fork and join) are left out altogether.
-        let g = experts.min(s);
         let n_tiles = match min_tokens {
             0 => 0,
             m if n < m => 0,
             m => s.div_ceil(MMA_M) + experts.min(s / m),
         };
-        let layout = PlanLayout::new(g, s, n_tiles, n)?;
-        // SAFETY: `moe_plan` writes every word the kernels read: groups below `live[0]`, tiles
-        // below `live[1]`, every slot and the whole combine table.
-        let mut buf = unsafe { dev.alloc::<u32>(layout.len) }?;
-        {
-            let mut all = buf.slice_mut(..);
-            let (mut tab, mut rest) = all.split_at_mut(layout.tiles_at);
-            let (mut tiles, mut rest) = rest.split_at_mut(layout.live_at - layout.tiles_at);
-            let (mut live, mut comb) = rest.split_at_mut(2);
-            let block = checked_u32("experts", experts.next_multiple_of(32).max(256))?;
-            let ints = [
-                checked_i32("tokens", n)?,
-                checked_i32("top-k", k)?,
-                checked_i32("experts", experts)?,
-                checked_i32("groups", g)?,
-                checked_i32("tokens", min_tokens)?,
-                checked_i32("tile", MMA_M)?,
-            ];
-            let func = dev.get_or_load_custom_func("moe_plan", MODULE, PTX)?;
-            let mut b = func.builder();
-            b.arg(&routing.buf).arg(row_of).arg(usage);
-            for v in &ints {
-                b.arg(v);
-            }
-            b.arg(&mut tab)
-                .arg(&mut tiles)
-                .arg(&mut live)
-                .arg(&mut comb);
-            let shared = checked_u32("experts", 2 * experts * 4)?;
-            // SAFETY: argument types and order match `moe_plan` (moe_plan.cuh).
-            unsafe { b.launch(launch_config((1, 1), block, shared)) }.w()?;
-        }
+        let (buf, layout) =
+            plan_on_device(dev, routing, row_of, usage, experts, min_tokens, n_tiles)?;
         Ok(Plan {
             buf,
             layout,
-            gemv_groups: checked_u32("groups", g)?,
+            gemv_groups: checked_u32("groups", layout.g)?,
             tile_rows: checked_u32("tiles", n_tiles)?,
             all_gemv: false,
         })
     }
+}
+
+/// `moe_plan` over a router's top-k of a layer of `experts` experts: the launch's tables with up
+/// to `n_tiles` tiles (groups of at least `min_tokens` tokens; 0: none), each chosen expert that
+/// `row_of` holds added to `usage`, and the combine table of every slot.
+pub(super) fn plan_on_device(
+    dev: &CudaDevice,
+    routing: &DeviceRouting,
+    row_of: &CudaSlice<u32>,
+    usage: &CudaView<'_, u32>,
+    experts: usize,
+    min_tokens: usize,
+    n_tiles: usize,
+) -> Result<(CudaSlice<u32>, PlanLayout)> {
+    let (n, k) = (routing.tokens, routing.k);
+    let s = n * k;
+    if experts > PLAN_MAX_EXPERTS {
+        candle_core::bail!(
+            "planning on the GPU takes at most {PLAN_MAX_EXPERTS} experts a layer, not {experts}"
+        );
+    }
+    let g = experts.min(s);
+    let layout = PlanLayout::new(g, s, n_tiles, n)?;
+    // SAFETY: `moe_plan` writes every word the kernels read: groups below `live[0]`, tiles
+    // below `live[1]`, every slot and the whole combine table.
+    let mut buf = unsafe { dev.alloc::<u32>(layout.len) }?;
+    {
+        let mut all = buf.slice_mut(..);
+        let (mut tab, mut rest) = all.split_at_mut(layout.tiles_at);
+        let (mut tiles, mut rest) = rest.split_at_mut(layout.live_at - layout.tiles_at);
+        let (mut live, mut comb) = rest.split_at_mut(2);
+        let block = checked_u32("experts", experts.next_multiple_of(32).max(256))?;
+        let ints = [
+            checked_i32("tokens", n)?,
+            checked_i32("top-k", k)?,
+            checked_i32("experts", experts)?,
+            checked_i32("groups", g)?,
+            checked_i32("tokens", min_tokens)?,
+            checked_i32("tile", MMA_M)?,
+        ];
+        let func = dev.get_or_load_custom_func("moe_plan", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&routing.buf).arg(row_of).arg(usage);
+        for v in &ints {
+            b.arg(v);
+        }
+        b.arg(&mut tab)
+            .arg(&mut tiles)
+            .arg(&mut live)
+            .arg(&mut comb);
+        let shared = checked_u32("experts", 2 * experts * 4)?;
+        // SAFETY: argument types and order match `moe_plan` (moe_plan.cuh).
+        unsafe { b.launch(launch_config((1, 1), block, shared)) }.w()?;
+    }
+    Ok((buf, layout))
+}
+
+/// The combine table of a router's whole top-k (`n + 1` offsets, then each token's slots in
+/// ascending expert id) at the returned word of the buffer, every chosen expert added to
+/// `usage`: the coordinator's part of a layer whose experts run elsewhere. `identity` holds every
+/// expert id (`row_of` with all held).
+pub(in super::super) fn combine_plan(
+    dev: &CudaDevice,
+    routing: &DeviceRouting,
+    identity: &CudaSlice<u32>,
+    usage: &CudaView<'_, u32>,
+    experts: usize,
+) -> Result<(CudaSlice<u32>, usize)> {
+    let (buf, layout) = plan_on_device(dev, routing, identity, usage, experts, 0, 0)?;
+    Ok((buf, layout.combine_at))
 }
 
 /// The most experts a layer may have for [`StackedExperts::forward_routed`] (`moe_plan` takes

@@ -1,0 +1,181 @@
+//! Layer calls with the routing left on the coordinator's GPU (`--gpu-routing`): the engine's
+//! device-routed MoE step for [`RemoteExperts`]. The router's top-k and the hidden states are
+//! staged in GPU memory every node of the layer maps; each node computes the slots of its own
+//! experts and writes them back; the GPUs order it all with interprocess events, and no host
+//! waits for a GPU (`omnishard-model`'s `ops/cuda/routed.rs` says how and why).
+//!
+//! It applies where each expert of the layer has exactly one live holder and every such node is
+//! on a GPU of this host and has answered in GPU memory before (so the first calls take the host
+//! path, which finds that out). Replicas of an expert both up, a node that refuses the call or
+//! cannot read the buffer: the layer goes the host way (`fanout.rs`), with its failover. A node
+//! that fails a routed call other than by going down gets no more of them.
+//!
+//! Not bounded by a deadline: the GPU work after a node's answer. The answer itself has the
+//! call's deadline; a node process that dies after answering leaves the coordinator's GPU waiting
+//! on an event that CUDA releases when the node's context is torn down.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use futures::future::join_all;
+use omnishard_model::ops::cuda::{DeviceRouting, RoutedExchange};
+use omnishard_model::{CallContext, ExpertError, Experts};
+use omnishard_proto::v1::ForwardRequest;
+
+use super::RemoteExperts;
+use super::call_error::{CallError, Fault};
+use super::client::Payload;
+use super::lane;
+use super::membership::Node;
+use super::profile::Stage;
+
+impl RemoteExperts {
+    /// The nodes that compute `layer` on the routed path, each once; `None` where it does not
+    /// apply (see the module's header).
+    pub(super) fn routed_nodes(&self, layer: usize) -> Option<Vec<usize>> {
+        let opts = &self.shared.opts;
+        if !(opts.gpu_routing && opts.cuda_ipc && self.shared.dtype == candle_core::DType::BF16) {
+            return None;
+        }
+        let table = self.shared.table();
+        let nodes = self.shared.nodes();
+        let experts = table.get(layer).filter(|row| !row.is_empty())?;
+        let mut owners = vec![false; nodes.len()];
+        for holders in experts {
+            let mut live = holders.iter().filter(|&&h| nodes[h].routable());
+            let owner = *live.next()?;
+            if live.next().is_some() || !routed_capable(&nodes[owner]) {
+                return None;
+            }
+            owners[owner] = true;
+        }
+        Some((0..nodes.len()).filter(|&i| owners[i]).collect())
+    }
+
+    /// The MoE step of `layer` on the routed path: `[n, H]` sums of `xs`'s rows over their
+    /// top-k, queued on the coordinator's GPU; the chosen experts are added to `usage`.
+    pub(super) fn forward_routed(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &DeviceRouting,
+        usage: &Tensor,
+    ) -> Result<Tensor, ExpertError> {
+        let mut laps = self.shared.profile.start();
+        let exchange = self.exchange(xs.device())?;
+        // Staged first, whatever happens next: this plans the sums and counts the usage.
+        let stage = exchange.stage(xs, routing, usage)?;
+        laps.lap(Stage::Staging);
+        let nodes = self.shared.nodes();
+        let Some(owners) = self.routed_nodes(layer) else {
+            // A node went down since the engine asked: the host way, with failover (the staged
+            // buffer, read by no one, goes back when this returns).
+            return self.forward_after_routed(layer, xs, routing);
+        };
+        let host = omnishard_model::lending::host_id();
+        let lane_spin = self.shared.opts.shm_lane.then(|| lane::spin(xs.device()));
+        let sends = owners.iter().map(|&i| {
+            let node = nodes[i].clone();
+            let req = ForwardRequest {
+                layer: layer as u32,
+                fingerprint: self.shared.fingerprint.clone(),
+                ipc_host: host.to_string(),
+                device_routed: Some(stage.request().clone()),
+                ..Default::default()
+            };
+            let (timeout, observer) = (self.shared.opts.rpc_timeout, &self.shared.opts.observer);
+            async move {
+                let started = Instant::now();
+                let result = node.rpc.forward(req, timeout, lane_spin).await;
+                if let Some(o) = observer {
+                    o.observe(
+                        &node.rpc.name,
+                        started.elapsed().as_secs_f64(),
+                        result.is_ok(),
+                    );
+                }
+                (node, result)
+            }
+        });
+        laps.lap(Stage::Encode);
+        let answers = self.block_on(join_all(sends));
+        laps.lap(Stage::RoundTrip);
+        let mut failed = false;
+        for (node, result) in answers {
+            let waited = result.and_then(|reply| {
+                if let Some(t) = &reply.timing {
+                    self.shared.profile.node_answered(t);
+                }
+                if reply.via_lane {
+                    node.lane_calls.fetch_add(1, Ordering::Relaxed);
+                }
+                match reply.payload {
+                    Payload::Done(event) => node
+                        .ipc
+                        .wait_event(xs.device(), &event)
+                        .map_err(|e| CallError::Ipc(e.to_string())),
+                    Payload::Bytes(_) | Payload::Device(_) => Err(CallError::BadAnswer(
+                        "answered a routed call with rows, not an event".into(),
+                    )),
+                }
+            });
+            match waited {
+                Ok(()) => {
+                    node.routed_calls.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    failed = true;
+                    let reason = e.to_string();
+                    match e.fault() {
+                        Fault::Node => node.mark_down(&reason),
+                        Fault::Ipc | Fault::Refused => {
+                            node.routed_ok.store(false, Ordering::Relaxed);
+                            tracing::warn!(node = %node.label(), layer, error = %reason, "routed call failed: this node's layers go the host way from now on");
+                        }
+                    }
+                }
+            }
+        }
+        laps.lap(Stage::Decode);
+        if failed {
+            // A node that answered may still write into the buffer: it is not reused.
+            stage.abandon();
+            return self.forward_after_routed(layer, xs, routing);
+        }
+        let sums = stage.sums()?;
+        laps.lap(Stage::Combine);
+        Ok(sums)
+    }
+
+    /// The layer the host way after the routed path gave up on it (the usage is counted).
+    fn forward_after_routed(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &DeviceRouting,
+    ) -> Result<Tensor, ExpertError> {
+        let routing = routing.to_routing(xs.device())?;
+        self.forward(layer, xs, &routing, &CallContext::default())
+    }
+
+    /// The exchange of the coordinator's GPU, made on the first routed call.
+    fn exchange(&self, device: &candle_core::Device) -> Result<Arc<RoutedExchange>, ExpertError> {
+        let mut exchange = self.shared.routed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = exchange.as_ref() {
+            return Ok(x.clone());
+        }
+        let made = Arc::new(RoutedExchange::new(device)?);
+        *exchange = Some(made.clone());
+        Ok(made)
+    }
+}
+
+/// A node that may take routed calls: on a GPU of this host (it has answered in GPU memory) and
+/// none of its routed calls failed.
+fn routed_capable(node: &Node) -> bool {
+    node.routed_ok.load(Ordering::Relaxed)
+        && node.ipc_ok.load(Ordering::Relaxed)
+        && node.ipc_answers.load(Ordering::Relaxed) > 0
+}
