@@ -29,7 +29,6 @@ pub(crate) fn process(
     {
         return Err(NodeError::RoutedExtra);
     }
-    let done = done_event(state)?;
     let importer = state.importer(req)?;
     let started = Instant::now();
     let imported = import_routed(
@@ -40,6 +39,7 @@ pub(crate) fn process(
         experts.hidden_size(),
     )
     .map_err(|e| NodeError::Ipc(e.to_string()))?;
+    let done = done_event(state)?;
     let uploaded = Instant::now();
     experts.outputs_routed_into(
         req.layer as usize,

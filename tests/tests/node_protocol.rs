@@ -78,7 +78,47 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
         shape: vec![2, HIDDEN as u64],
         ..Default::default()
     };
+    // A layer's routing said to be left in a coordinator's GPU memory (`--gpu-routing`).
+    let routed = v1::DeviceRouted {
+        hidden: Some(v1::DeviceTensor {
+            dtype: v1::Dtype::Bf16 as i32,
+            ..in_gpu_memory.clone()
+        }),
+        routing_offset: 0,
+        output_offset: 4096,
+        top_k: 2,
+        ready_event: vec![0; 64],
+    };
+    let routed_call = ForwardRequest {
+        hidden: None,
+        token_index: vec![],
+        expert_id: vec![],
+        weight: vec![],
+        device_routed: Some(routed),
+        ipc_client: 5,
+        ipc_host: omnishard_model::lending::host_id().to_string(),
+        ..good.clone()
+    };
     let bad_cases: Vec<(&str, ForwardRequest, Code, &str)> = vec![
+        (
+            "a routed call that carries assignments too",
+            ForwardRequest {
+                token_index: vec![0],
+                expert_id: vec![expert],
+                weight: vec![1.0],
+                ..routed_call.clone()
+            },
+            Code::InvalidArgument,
+            "GPU memory only",
+        ),
+        (
+            // About the node: the coordinator sends such calls only to nodes that answered in
+            // their own GPU memory, and takes the layer the host way after this answer.
+            "a routed call to a node on the CPU",
+            routed_call,
+            Code::FailedPrecondition,
+            "routed calls are for nodes on a GPU",
+        ),
         (
             "hidden states both as bytes and in GPU memory",
             ForwardRequest {
