@@ -201,10 +201,23 @@ impl Engine {
         media: &[Vec<MediaSpan>],
     ) -> Result<Vec<Tensor>, ModelError> {
         let min = self.overlap_min_sequences;
-        if self.remote.is_some() && min > 0 && batch.len() >= min.max(2) {
+        if self.remote.is_some() && min > 0 && batch.len() >= min.max(2) && !self.routes_on_gpu() {
             return overlap::forward(&self.model, batch, which, ctx, media);
         }
         self.model.forward_media(batch, which, ctx, media)
+    }
+
+    /// Every MoE layer goes to the nodes with its routing left on the GPU (`--gpu-routing`). No
+    /// host then waits within a step, so there is no host wait for a micro-batch to hide: the two
+    /// halves would queue on the one GPU stream in turn and each make the nodes read their
+    /// experts again (BENCHMARKS.md, issue 15), and the split is skipped.
+    fn routes_on_gpu(&self) -> bool {
+        self.remote.as_ref().is_some_and(|remote| {
+            let cfg = self.model.config();
+            (0..cfg.num_hidden_layers)
+                .filter(|&l| cfg.is_moe_layer(l))
+                .all(|l| remote.takes_device_routing(l))
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {

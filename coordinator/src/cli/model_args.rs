@@ -78,6 +78,7 @@ pub(crate) struct ModelArgs {
     /// computing attention while the other's expert calls are on the wire. Same output in bf16
     /// on CPUs without AMX; elsewhere (f32, AMX, GPU) logits move by rounding, as with any change
     /// of batch composition. 0 turns the overlap off; 1 acts as 2 (one sequence is never split).
+    /// Steps whose every layer takes --gpu-routing are not split: no host waits there to hide.
     #[arg(long, env = "OMNISHARD_OVERLAP_MIN_SEQS", default_value_t = defaults::OVERLAP_MIN_SEQUENCES)]
     pub(crate) overlap_min_seqs: usize,
     /// TLS to `https://` expert nodes: --tls-ca verifies them, --tls-cert/--tls-key is the
