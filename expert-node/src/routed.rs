@@ -41,12 +41,7 @@ pub(crate) fn process(
     .map_err(|e| NodeError::Ipc(e.to_string()))?;
     let done = done_event(state)?;
     let uploaded = Instant::now();
-    experts.outputs_routed_into(
-        req.layer as usize,
-        &imported.xs,
-        &imported.routing,
-        imported.output,
-    )?;
+    experts.outputs_routed_into(req.layer as usize, &imported)?;
     done.record(&state.device)
         .map_err(|e| NodeError::Ipc(e.to_string()))?;
     let queued = micros(uploaded.elapsed());

@@ -466,6 +466,9 @@ impl ExpertService for ExpertNodeService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             instance_id: self.state.instance_id.clone(),
             host_id: host_id().to_string(),
+            gpu_uuid: omnishard_model::ops::cuda::gpu_uuid(&self.state.device)
+                .map(Vec::from)
+                .unwrap_or_default(),
         }))
     }
 

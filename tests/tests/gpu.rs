@@ -479,6 +479,14 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
             );
         }
         drop(local);
+        // GPU routing takes nodes on another GPU (those on the coordinator's own take the host
+        // path): with two GPUs the nodes go to the second.
+        let gpus =
+            candle_core::cuda_backend::cudarc::driver::CudaContext::device_count().unwrap_or(1);
+        let node_device = if gpus >= 2 { "cuda:1" } else { "cuda" };
+        if gpus < 2 {
+            eprintln!("{name}: one GPU: the nodes share it, and GPU routing is not exercised");
+        }
         let nodes: Vec<ExpertNode> = (0..shards)
             .map(|i| {
                 ExpertNode::start(
@@ -489,7 +497,7 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                         "--dtype",
                         "bf16",
                         "--device",
-                        "cuda",
+                        node_device,
                     ],
                 )
             })
@@ -540,7 +548,7 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                         node.gpu_memory_requests > 0 || gpu_routing,
                         node.gpu_routed_calls > 0,
                     ),
-                    (cuda_ipc, cuda_ipc, gpu_routing),
+                    (cuda_ipc, cuda_ipc, gpu_routing && gpus >= 2),
                     "{how}: {} answered {} times in GPU memory, read {} requests from it and took {} routed calls",
                     node.name,
                     node.gpu_memory_answers,

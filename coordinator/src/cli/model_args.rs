@@ -106,7 +106,7 @@ pub(crate) struct ModelArgs {
     #[arg(long, env = "OMNISHARD_CUDA_IPC", default_value = "auto")]
     pub(crate) cuda_ipc: CudaIpc,
     /// With --device cuda and CUDA IPC: a layer whose experts each have one live holder, all on
-    /// GPUs of this host, leaves its routing and hidden states in the coordinator's GPU memory;
+    /// other GPUs of this host, leaves its routing and hidden states in the coordinator's GPU memory;
     /// the nodes write their rows back there, and CUDA events between the GPUs order it, so
     /// neither host waits for its GPU within a step (the same logits). `auto` uses it wherever
     /// it applies (from a node's second call on; replicas both up, or a node that cannot, take

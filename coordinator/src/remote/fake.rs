@@ -140,6 +140,7 @@ impl ExpertService for Fake {
             instance_id: "fake".into(),
             // Nowhere a lane could reach: calls go over the stream.
             host_id: String::new(),
+            gpu_uuid: Vec::new(),
         }))
     }
 

@@ -81,6 +81,14 @@ impl Experts for RemoteExperts {
         let ipc_host = (self.shared.opts.cuda_ipc && xs.device().is_cuda() && !ipc_host.is_empty())
             .then_some(ipc_host);
         if ipc_host.is_some() {
+            // For routed calls (`routed.rs`), which go to nodes on other GPUs only.
+            self.shared.own_gpu.get_or_init(|| {
+                omnishard_model::ops::cuda::gpu_uuid(xs.device())
+                    .map(Vec::from)
+                    .unwrap_or_default()
+            });
+        }
+        if ipc_host.is_some() {
             // Copies that completed since the last call give their buffers back (next request).
             for node in &nodes {
                 node.ipc.prune();

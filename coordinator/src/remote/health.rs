@@ -44,6 +44,8 @@ async fn checked_holdings(
         .map_err(|s| format!("Info failed: {:?}: {}", s.code(), s.message()))?
         .into_inner();
     let instance = info.instance_id.clone();
+    // A new process at the address may run on another GPU.
+    *node.gpu.lock().unwrap_or_else(|e| e.into_inner()) = info.gpu_uuid.clone();
     let held =
         check_info(&node.rpc.address, info, cfg, fingerprint, dtype).map_err(|e| e.to_string())?;
     let known = node

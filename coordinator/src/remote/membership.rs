@@ -44,6 +44,8 @@ pub(super) struct Node {
     pub(super) held: Mutex<Vec<(usize, usize)>>,
     /// The `Info.instance_id` of the process last admitted at this address.
     pub(super) instance: Mutex<String>,
+    /// Its `Info.gpu_uuid` (empty: not on a GPU, or an older node).
+    pub(super) gpu: Mutex<Vec<u8>>,
     /// A process whose experts failed the probe, with the reason: refused again without a
     /// new probe until another process answers at the address.
     pub(super) failed_probe: Mutex<Option<(String, String)>>,
@@ -128,6 +130,8 @@ pub(super) struct Shared {
     pub(super) staging: IpcStaging,
     /// The buffers and event of routed calls (`routed.rs`), made on the first one.
     pub(super) routed: Mutex<Option<Arc<RoutedExchange>>>,
+    /// The UUID of the coordinator's GPU, learnt from the first layer call on one.
+    pub(super) own_gpu: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl Shared {
@@ -244,6 +248,7 @@ impl RemoteExperts {
             profile: Default::default(),
             staging: IpcStaging::new(),
             routed: Mutex::default(),
+            own_gpu: std::sync::OnceLock::new(),
         });
         Ok((Self { shared, runtime }, missing))
     }
@@ -482,6 +487,7 @@ async fn connect_node(
     };
     let memory_bytes = info.memory_bytes;
     let instance = info.instance_id.clone();
+    let gpu = info.gpu_uuid.clone();
     let held = check_info(&address, info, cfg, fingerprint, dtype)?;
     if let Some(verifier) = &opts.verify {
         // A probe that could not be run (a call timed out while the node warms up, say) is
@@ -527,6 +533,7 @@ async fn connect_node(
         latency: Mutex::default(),
         held: Mutex::new(held),
         instance: Mutex::new(instance),
+        gpu: Mutex::new(gpu),
         failed_probe: Mutex::new(None),
         ipc: IpcImporter::new(),
         ipc_ok: AtomicBool::new(true),

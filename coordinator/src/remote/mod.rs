@@ -113,8 +113,8 @@ pub struct RemoteOptions {
     /// over gRPC, without the network stack and the thread wake-ups), where they can map it
     /// and the answer fits a slot; the rest go over gRPC.
     pub shm_lane: bool,
-    /// With `cuda_ipc`: a layer whose every expert has one live holder, each a node on a GPU
-    /// that has answered in GPU memory, is called with its routing and hidden states left in
+    /// With `cuda_ipc`: a layer whose every expert has one live holder, each a node on another
+    /// GPU of this host that has answered in GPU memory, is called with its routing and hidden states left in
     /// the coordinator's GPU memory and the nodes' rows written back there, ordered by events
     /// between the GPUs rather than by either host waiting for its GPU (`routed.rs`).
     pub gpu_routing: bool,

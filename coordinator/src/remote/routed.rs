@@ -5,8 +5,8 @@
 //! waits for a GPU (`omnishard-model`'s `ops/cuda/routed.rs` says how and why).
 //!
 //! It applies where each expert of the layer has exactly one live holder and every such node is
-//! on a GPU of this host and has answered in GPU memory before (so the first calls take the host
-//! path, which finds that out). Replicas of an expert both up, a node that refuses the call or
+//! on another GPU of this host and has answered in GPU memory before (so the first calls take the
+//! host path, which finds that out). Replicas of an expert both up, a node that refuses the call or
 //! cannot read the buffer: the layer goes the host way (`fanout.rs`), with its failover. A node
 //! that fails a routed call other than by going down gets no more of them.
 //!
@@ -42,11 +42,12 @@ impl RemoteExperts {
         let table = self.shared.table();
         let nodes = self.shared.nodes();
         let experts = table.get(layer).filter(|row| !row.is_empty())?;
+        let own_gpu = self.shared.own_gpu.get().filter(|g| !g.is_empty())?;
         let mut owners = vec![false; nodes.len()];
         for holders in experts {
             let mut live = holders.iter().filter(|&&h| nodes[h].routable());
             let owner = *live.next()?;
-            if live.next().is_some() || !routed_capable(&nodes[owner]) {
+            if live.next().is_some() || !routed_capable(&nodes[owner], own_gpu) {
                 return None;
             }
             owners[owner] = true;
@@ -172,10 +173,17 @@ impl RemoteExperts {
     }
 }
 
-/// A node that may take routed calls: on a GPU of this host (it has answered in GPU memory) and
-/// none of its routed calls failed.
-fn routed_capable(node: &Node) -> bool {
+/// A node that may take routed calls: on another GPU of this host (it has answered in GPU
+/// memory, which lies elsewhere) and none of its routed calls failed. Nodes on the coordinator's
+/// own GPU take the host path: processes on one GPU take turns on it, and every wait between
+/// them on the GPU costs a time slice (a cluster of 2 such nodes went from 427 to 144 tok/s at
+/// batch 32; BENCHMARKS.md, issue 15).
+fn routed_capable(node: &Node, own_gpu: &[u8]) -> bool {
     node.routed_ok.load(Ordering::Relaxed)
         && node.ipc_ok.load(Ordering::Relaxed)
         && node.ipc_answers.load(Ordering::Relaxed) > 0
+        && {
+            let gpu = node.gpu.lock().unwrap_or_else(|e| e.into_inner());
+            !gpu.is_empty() && gpu.as_slice() != own_gpu
+        }
 }

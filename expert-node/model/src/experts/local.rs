@@ -186,21 +186,17 @@ impl LocalExperts {
         self.hidden_size
     }
 
-    /// A routed call (`ForwardRequest.device_routed`): the output of every slot of `routing` (a
-    /// whole layer's top-k, on this GPU) that chose an expert held here, written as row `slot`
-    /// of `[n * k, hidden]` at `into` (the coordinator's memory, mapped here); the other rows
-    /// are left alone. Queued on the device's stream, not waited for.
+    /// A routed call (`ForwardRequest.device_routed`): the output of every slot of the
+    /// coordinator's top-k that chose an expert held here, written as row `slot` of its
+    /// `[n * k, hidden]` rows (see [`cuda::import_routed`]); the other rows are left alone.
+    /// Queued on the device's stream, not waited for.
     pub fn outputs_routed_into(
         &self,
         layer: usize,
-        xs: &Tensor,
-        routing: &cuda::DeviceRouting,
-        into: u64,
+        call: &cuda::ImportedRouted,
     ) -> Result<(), ExpertError> {
         match self.layer_experts(layer) {
-            Some(LayerExperts::Stacked(stacked)) => {
-                Ok(stacked.outputs_routed_into(xs, routing, into)?)
-            }
+            Some(LayerExperts::Stacked(stacked)) => Ok(stacked.outputs_routed_into(call)?),
             Some(LayerExperts::Each(_)) => Err(ExpertError::Dtype {
                 layer,
                 got: DType::BF16,

@@ -41,12 +41,7 @@ impl StackedExperts {
         match *self {}
     }
 
-    pub fn outputs_routed_into(
-        &self,
-        _xs: &Tensor,
-        _routing: &DeviceRouting,
-        _into: u64,
-    ) -> Result<()> {
+    pub fn outputs_routed_into(&self, _call: &ImportedRouted) -> Result<()> {
         match *self {}
     }
 
@@ -312,6 +307,11 @@ impl IpcImporter {
     }
 }
 
+/// No GPU here.
+pub fn gpu_uuid(_device: &Device) -> Option<[u8; 16]> {
+    None
+}
+
 /// Routed calls (`routed.rs`): the coordinator's exchange cannot be made without a GPU.
 pub enum RoutedExchange {}
 
@@ -365,11 +365,7 @@ impl SharedEvent {
 }
 
 /// A routed call's inputs on the node's GPU: never here.
-pub struct ImportedRouted {
-    pub xs: Tensor,
-    pub routing: DeviceRouting,
-    pub output: u64,
-}
+pub enum ImportedRouted {}
 
 pub fn import_routed(
     _importer: &IpcImporter,

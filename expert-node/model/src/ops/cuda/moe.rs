@@ -8,10 +8,13 @@
 use candle_core::cuda_backend::WrapErr;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, PushKernelArg,
+};
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 use half::bf16;
 
+use super::routed::ImportedRouted;
 use super::side;
 use super::{
     DeviceRouting, MODULE, PTX, aligned, allow_dynamic_shared, bf16_device, checked_i32,
@@ -25,8 +28,8 @@ mod plan;
 pub use combine::combine;
 use combine::launch_combine;
 pub(super) use combine::launch_combine_at;
-pub(super) use plan::combine_plan;
 use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout};
+pub(super) use plan::{TopK, combine_plan};
 
 /// Warps per block of the GEMV MoE kernels: one gate/up output row per warp.
 const WARPS: usize = 8;
@@ -215,40 +218,43 @@ impl StackedExperts {
             if routing.tokens == 1 {
                 return self.forward_one(dev, xs, routing, counts, row_of);
             }
-            let plan = self.device_plan(dev, routing, counts, row_of)?;
+            let stream = dev.cuda_stream();
+            let (at, _in_use) = routing.buf.device_ptr(&stream);
+            let top_k = TopK {
+                at,
+                tokens: routing.tokens,
+                k: routing.k,
+            };
+            let plan = self.device_plan(dev, top_k, Some(counts), row_of)?;
             self.launch(dev, xs, &plan, Out::Sums(routing.tokens))
         })
     }
 
-    /// The outputs of the slots of a router's whole top-k (`routing`, on this GPU) that chose
-    /// an expert held here, each written to row `slot` of `[n * k, H]` bf16 rows at `into` (an
-    /// expert node writing straight into its coordinator's GPU memory, mapped here); the other
-    /// rows are left alone. Ids past the layer's experts count as not held. The arithmetic and
-    /// bits of [`StackedExperts::forward`]'s outputs: the slots of an expert are the same
-    /// wherever the rest of the layer is.
-    pub fn outputs_routed_into(
-        &self,
-        xs: &Tensor,
-        routing: &DeviceRouting,
-        into: u64,
-    ) -> Result<()> {
+    /// A routed call's slots that chose an expert held here (`call`: the coordinator's whole
+    /// top-k and output rows, mapped here, and its hidden states copied in), each written to row
+    /// `slot` of the coordinator's `[n * k, H]` bf16 rows; the other rows are left alone. Ids
+    /// past the layer's experts count as not held. The arithmetic and bits of
+    /// [`StackedExperts::forward`]'s outputs: the slots of an expert are the same wherever the
+    /// rest of the layer is.
+    pub fn outputs_routed_into(&self, call: &ImportedRouted) -> Result<()> {
+        let xs = &call.xs;
         let dev = bf16_device(xs)
             .ok_or_else(|| candle_core::Error::Msg("fused MoE needs bf16 CUDA input".into()))?;
         let Some(row_of) = &self.row_of_device else {
             candle_core::bail!("the experts are not on a GPU")
         };
-        if xs.dims() != [routing.tokens, self.hidden] || routing.tokens == 0 {
+        if xs.dims() != [call.top_k.tokens, self.hidden] || call.top_k.tokens == 0 {
             candle_core::bail!(
                 "device routing of {} tokens for input {:?} (hidden size {})",
-                routing.tokens,
+                call.top_k.tokens,
                 xs.dims(),
                 self.hidden
             );
         }
-        // The node keeps no usage counts of its own (the coordinator does): counted and dropped.
-        let scratch = dev.alloc_zeros::<u32>(self.row_of.len())?;
-        let plan = self.device_plan(dev, routing, &scratch.slice(..), row_of)?;
-        self.launch(dev, xs, &plan, Out::Into(into)).map(|_| ())
+        // The node keeps no usage counts (the coordinator does).
+        let plan = self.device_plan(dev, call.top_k, None, row_of)?;
+        self.launch(dev, xs, &plan, Out::Into(call.output))
+            .map(|_| ())
     }
 
     /// Batch-1 decode of [`StackedExperts::forward_routed`]: gate+up (which also counts the

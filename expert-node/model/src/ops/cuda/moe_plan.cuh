@@ -43,7 +43,7 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t v, uint32_t* w
 // One block, blockDim.x >= E (a multiple of 32, at most 1024); dynamic shared memory 2E words.
 // routed: the top-k of n tokens, ids [n*k] then weights' f32 bits [n*k]; row_of: stacked row of
 // each of the E experts, NOT_HELD where not held (ids past E count as not held); usage: the
-// layer's per-expert counts of held experts, added to. The combine table covers every slot. tab: 3G + 3S
+// layer's per-expert counts of held experts, added to (null: not counted). The combine table covers every slot. tab: 3G + 3S
 // words (G >= the groups there can be, S = n*k); tiles: 2 words per tile; combine: n + 1 offsets
 // then S indices.
 extern "C" __global__ void moe_plan(const uint32_t* __restrict__ routed, const uint32_t* __restrict__ row_of,
@@ -86,7 +86,7 @@ extern "C" __global__ void moe_plan(const uint32_t* __restrict__ routed, const u
             tiles[2 * (tile0 + t)] = g;
             tiles[2 * (tile0 + t) + 1] = t * tile_m;
         }
-        usage[tid] += c;
+        if (usage) usage[tid] += c;
     }
     if (tid == 0) {
         live[0] = n_small;

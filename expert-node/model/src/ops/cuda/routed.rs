@@ -30,7 +30,7 @@ use half::bf16;
 use omnishard_proto::v1;
 
 use super::ipc::{IpcImporter, check, with_raw};
-use super::moe::{combine_plan, launch_combine_at, with_counts};
+use super::moe::{TopK, combine_plan, launch_combine_at, with_counts};
 use super::staging::{IpcStaging, StagingBuffer};
 use super::{DeviceRouting, bf16_device, upload, wrap};
 
@@ -189,6 +189,16 @@ impl IpcImporter {
     }
 }
 
+/// The UUID of `device`'s GPU (`cuDeviceGetUuid`); `None` off the GPU or where the driver does
+/// not say. Ordinals differ between processes (`CUDA_VISIBLE_DEVICES`); this does not.
+pub fn gpu_uuid(device: &Device) -> Option<[u8; 16]> {
+    let Device::Cuda(dev) = device else {
+        return None;
+    };
+    let uuid = dev.cuda_stream().context().uuid().ok()?;
+    Some(uuid.bytes.map(|b| b as u8))
+}
+
 /// The coordinator's side: the buffers layers are exchanged in, its event, and the expert ids
 /// every layer's combine table is planned with.
 pub struct RoutedExchange {
@@ -216,7 +226,8 @@ impl RoutedExchange {
     /// The exchange of a coordinator computing on `device` (a GPU).
     pub fn new(device: &Device) -> Result<Self> {
         Ok(Self {
-            staging: IpcStaging::new(),
+            // Apart from the numbers of the pool rows are staged in for calls with assignments.
+            staging: IpcStaging::with_first_slot(1 << 31),
             ready: SharedEvent::new(device)?,
             identity: Mutex::default(),
             abandoned: Mutex::default(),
@@ -282,7 +293,9 @@ impl RoutedExchange {
         let experts = usage.dims1()?;
         let identity = self.identity(&dev, experts)?;
         let (combine, combine_at) = with_counts(usage, experts, |counts| {
-            combine_plan(&dev, routing, &identity, counts, experts)
+            let (at, _in_use) = routing.buf.device_ptr(&stream);
+            let top_k = TopK { at, tokens: n, k };
+            combine_plan(&dev, top_k, &identity, counts, experts)
         })?;
         self.ready.record(xs.device())?;
         let request = v1::DeviceRouted {
@@ -355,16 +368,21 @@ impl Drop for RoutedStage<'_> {
     }
 }
 
-/// A routed call's inputs copied onto the node's GPU, and where its rows go.
+/// A routed call on the node: its top-k and hidden states copied onto the node's GPU (read where
+/// they are, the plan's dependent loads of the top-k would each be a peer round trip), and the
+/// coordinator's output rows, mapped here.
 pub struct ImportedRouted {
-    pub xs: Tensor,
-    pub routing: DeviceRouting,
-    /// The coordinator's `[n * k, H]` output rows, mapped here.
-    pub output: u64,
+    pub(super) xs: Tensor,
+    pub(super) top_k: TopK,
+    /// The coordinator's `[n * k, H]` output rows.
+    pub(super) output: u64,
+    /// Where `top_k` points: kept until the launches reading it are queued (its free is ordered
+    /// after them on the stream).
+    _ids: CudaSlice<u32>,
 }
 
 /// The node's side of a routed call: maps the coordinator's buffer (checking that every part
-/// lies inside it), makes this GPU wait for the coordinator's event, and copies the routing and
+/// lies inside it), makes this GPU wait for the coordinator's event, and copies the top-k and
 /// hidden states in. `max_k`: the model's top-k; `hidden`: its hidden size.
 pub fn import_routed(
     importer: &IpcImporter,
@@ -421,31 +439,33 @@ pub fn import_routed(
     ctx.bind_to_thread().w()?;
     let base = importer.map(&ctx, t, end)?;
     importer.events.wait(dev, &req.ready_event)?;
+    // Copied over rather than read where they are: the plan's dependent loads of the top-k would
+    // each be a peer round trip.
     // SAFETY: both are filled by the copies below before any kernel reads them.
     let mut ids = unsafe { dev.alloc::<u32>(2 * n * k) }?;
-    let mut xs = unsafe { dev.alloc::<bf16>(n * h) }?;
-    {
+    let mut rows = unsafe { dev.alloc::<bf16>(n * h) }?;
+    let copy = |dst: u64, src: u64, bytes: usize| {
+        check("cuMemcpyDtoDAsync", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.cu_stream())
+        })
+    };
+    let top_k_at = {
         let (dst, _in_use) = ids.device_ptr_mut(&stream);
-        check("cuMemcpyDtoDAsync", unsafe {
-            sys::cuMemcpyDtoDAsync_v2(
-                dst,
-                base + req.routing_offset,
-                2 * n * k * 4,
-                stream.cu_stream(),
-            )
-        })?;
-        let (dst, _in_use) = xs.device_ptr_mut(&stream);
-        check("cuMemcpyDtoDAsync", unsafe {
-            sys::cuMemcpyDtoDAsync_v2(dst, base + t.offset, n * h * 2, stream.cu_stream())
-        })?;
+        copy(dst, base + req.routing_offset, 2 * n * k * 4)?;
+        dst
+    };
+    {
+        let (dst, _in_use) = rows.device_ptr_mut(&stream);
+        copy(dst, base + t.offset, n * h * 2)?;
     }
     Ok(ImportedRouted {
-        xs: wrap(dev, xs, (n, h)),
-        routing: DeviceRouting {
-            buf: ids,
+        xs: wrap(dev, rows, (n, h)),
+        top_k: TopK {
+            at: top_k_at,
             tokens: n,
             k,
         },
+        _ids: ids,
         output: base + req.output_offset,
     })
 }

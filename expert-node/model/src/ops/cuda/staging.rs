@@ -65,6 +65,14 @@ impl IpcStaging {
         Self::default()
     }
 
+    /// A pool whose buffers are numbered from `first_slot` on: a node keys what it has mapped by
+    /// slot, so two pools of one coordinator must not share numbers.
+    pub(super) fn with_first_slot(first_slot: u32) -> Self {
+        let pool = Self::default();
+        pool.next.lock().unwrap_or_else(|e| e.into_inner()).0 = first_slot;
+        pool
+    }
+
     /// Gathers each list of rows of `xs` (a 2-D f32 or bf16 tensor on a GPU) into one exported
     /// buffer, one part after the other, and waits until the copies are complete (the nodes
     /// read them from other processes).

@@ -3,10 +3,10 @@
 //! `moe_plan.cuh`), into one u32 buffer whose parts [`PlanLayout`] locates.
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, PushKernelArg};
 use candle_core::{CudaDevice, Result};
 
-use super::super::{DeviceRouting, MODULE, PTX, checked_i32, checked_u32, launch_config, upload};
+use super::super::{MODULE, PTX, checked_i32, checked_u32, launch_config, upload};
 use super::combine::combine_table;
 use super::{MMA_M, MMA_MIN_TOKENS, StackedExperts};
 use crate::experts::Assignment;
@@ -73,16 +73,17 @@ impl StackedExperts {
     }
 
     /// The launch's tables built on the GPU from a router's top-k left there (`moe_plan`), which
-    /// also adds the chosen experts to `usage`; every expert must be held here.
+    /// also adds the chosen experts to `usage` (when given); slots of experts `row_of` does not
+    /// hold get no group.
     pub(super) fn device_plan(
         &self,
         dev: &CudaDevice,
-        routing: &DeviceRouting,
-        usage: &CudaView<'_, u32>,
+        top_k: TopK,
+        usage: Option<&CudaView<'_, u32>>,
         row_of: &CudaSlice<u32>,
     ) -> Result<Plan> {
         let experts = self.row_of.len();
-        let (n, s) = (routing.tokens, routing.tokens * routing.k);
+        let (n, s) = (top_k.tokens, top_k.tokens * top_k.k);
         let min_tokens = if self.tiles_apply() {
             MMA_MIN_TOKENS
         } else {
@@ -99,7 +100,7 @@ impl StackedExperts {
             m => s.div_ceil(MMA_M) + experts.min(s / m),
         };
         let (buf, layout) =
-            plan_on_device(dev, routing, row_of, usage, experts, min_tokens, n_tiles)?;
+            plan_on_device(dev, top_k, row_of, usage, experts, min_tokens, n_tiles)?;
         Ok(Plan {
             buf,
             layout,
@@ -110,19 +111,28 @@ impl StackedExperts {
     }
 }
 
+/// Where a router's top-k lies: `tokens * k` expert ids then as many f32 weights' bits (u32),
+/// at a device address of this GPU (its own memory, or a peer's mapped here).
+#[derive(Clone, Copy)]
+pub(in super::super) struct TopK {
+    pub(in super::super) at: u64,
+    pub(in super::super) tokens: usize,
+    pub(in super::super) k: usize,
+}
+
 /// `moe_plan` over a router's top-k of a layer of `experts` experts: the launch's tables with up
 /// to `n_tiles` tiles (groups of at least `min_tokens` tokens; 0: none), each chosen expert that
-/// `row_of` holds added to `usage`, and the combine table of every slot.
+/// `row_of` holds added to `usage` (when given), and the combine table of every slot.
 pub(super) fn plan_on_device(
     dev: &CudaDevice,
-    routing: &DeviceRouting,
+    top_k: TopK,
     row_of: &CudaSlice<u32>,
-    usage: &CudaView<'_, u32>,
+    usage: Option<&CudaView<'_, u32>>,
     experts: usize,
     min_tokens: usize,
     n_tiles: usize,
 ) -> Result<(CudaSlice<u32>, PlanLayout)> {
-    let (n, k) = (routing.tokens, routing.k);
+    let (n, k) = (top_k.tokens, top_k.k);
     let s = n * k;
     if experts > PLAN_MAX_EXPERTS {
         candle_core::bail!(
@@ -149,8 +159,17 @@ pub(super) fn plan_on_device(
             checked_i32("tile", MMA_M)?,
         ];
         let func = dev.get_or_load_custom_func("moe_plan", MODULE, PTX)?;
+        let stream = dev.cuda_stream();
+        // A null address: nothing is counted.
+        let (counts, _in_use) = match usage {
+            Some(view) => {
+                let (at, in_use) = view.device_ptr(&stream);
+                (at, Some(in_use))
+            }
+            None => (0, None),
+        };
         let mut b = func.builder();
-        b.arg(&routing.buf).arg(row_of).arg(usage);
+        b.arg(&top_k.at).arg(row_of).arg(&counts);
         for v in &ints {
             b.arg(v);
         }
@@ -171,12 +190,12 @@ pub(super) fn plan_on_device(
 /// expert id (`row_of` with all held).
 pub(in super::super) fn combine_plan(
     dev: &CudaDevice,
-    routing: &DeviceRouting,
+    top_k: TopK,
     identity: &CudaSlice<u32>,
     usage: &CudaView<'_, u32>,
     experts: usize,
 ) -> Result<(CudaSlice<u32>, usize)> {
-    let (buf, layout) = plan_on_device(dev, routing, identity, usage, experts, 0, 0)?;
+    let (buf, layout) = plan_on_device(dev, top_k, identity, Some(usage), experts, 0, 0)?;
     Ok((buf, layout.combine_at))
 }
 
