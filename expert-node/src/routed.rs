@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use omnishard_model::LocalExperts;
 use omnishard_model::ops::cuda::{SharedEvent, import_routed};
+use omnishard_model::{ExpertError, LocalExperts};
 use omnishard_proto::v1::{self, ForwardRequest, ForwardResponse};
 
 use crate::server::{NodeError, NodeState, micros};
@@ -29,6 +29,18 @@ pub(crate) fn process(
     {
         return Err(NodeError::RoutedExtra);
     }
+    let layer = req.layer as usize;
+    if let Some(&expert) = routed
+        .experts
+        .iter()
+        .find(|&&e| !experts.holds(layer, e as usize))
+    {
+        return Err(ExpertError::NotHeld {
+            layer,
+            expert: expert as usize,
+        }
+        .into());
+    }
     let importer = state.importer(req)?;
     let started = Instant::now();
     let imported = import_routed(
@@ -41,7 +53,7 @@ pub(crate) fn process(
     .map_err(|e| NodeError::Ipc(e.to_string()))?;
     let done = done_event(state)?;
     let uploaded = Instant::now();
-    experts.outputs_routed_into(req.layer as usize, &imported)?;
+    experts.outputs_routed_into(layer, &imported)?;
     done.record(&state.device)
         .map_err(|e| NodeError::Ipc(e.to_string()))?;
     let queued = micros(uploaded.elapsed());

@@ -88,6 +88,7 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
         output_offset: 4096,
         top_k: 2,
         ready_event: vec![0; 64],
+        experts: vec![expert],
     };
     let routed_call = ForwardRequest {
         hidden: None,
@@ -110,6 +111,20 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
             },
             Code::InvalidArgument,
             "GPU memory only",
+        ),
+        (
+            // A new process at the address, holding another shard: refused before anything is
+            // computed, rather than leaving that expert's rows unwritten.
+            "a routed call counting on an expert not held",
+            ForwardRequest {
+                device_routed: routed_call.device_routed.clone().map(|r| v1::DeviceRouted {
+                    experts: vec![expert, not_held],
+                    ..r
+                }),
+                ..routed_call.clone()
+            },
+            Code::FailedPrecondition,
+            "not held here",
         ),
         (
             // About the node: the coordinator sends such calls only to nodes that answered in

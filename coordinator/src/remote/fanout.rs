@@ -55,8 +55,9 @@ impl Experts for RemoteExperts {
         xs: &Tensor,
         routing: &DeviceRouting,
         usage: &Tensor,
+        ctx: &CallContext,
     ) -> Result<Tensor, ExpertError> {
-        self.forward_routed(layer, xs, routing, usage)
+        self.forward_routed(layer, xs, routing, usage, ctx)
     }
 
     fn forward(

@@ -109,6 +109,8 @@ async fn recheck(
         let probed = opts.verify.is_some();
         tracing::info!(node = %node.label(), %instance, probed, "a new expert-node process answers at this address; checked again");
         *node.instance.lock().unwrap_or_else(|e| e.into_inner()) = instance;
+        // A new process gets routed calls again once it has answered in GPU memory.
+        node.routed_ok.store(true, Ordering::Relaxed);
     }
     let mut current = node.held.lock().unwrap_or_else(|e| e.into_inner());
     if *current == held {
@@ -141,7 +143,13 @@ pub(super) async fn readmit(
     let (held, instance) =
         checked_holdings(node, client.clone(), cfg, fingerprint, dtype, opts).await?;
     *node.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
-    *node.instance.lock().unwrap_or_else(|e| e.into_inner()) = instance;
+    let previous = std::mem::replace(
+        &mut *node.instance.lock().unwrap_or_else(|e| e.into_inner()),
+        instance.clone(),
+    );
+    if previous != instance {
+        node.routed_ok.store(true, Ordering::Relaxed);
+    }
     node.rpc.replace(client, channel).await;
     if !node.up.swap(true, Ordering::AcqRel) {
         tracing::info!(node = %node.label(), "expert node re-admitted");

@@ -20,39 +20,47 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use futures::future::join_all;
-use omnishard_model::ops::cuda::{DeviceRouting, RoutedExchange};
+use omnishard_model::ops::cuda::{DeviceRouting, ROUTED_MAX_EXPERTS, RoutedExchange};
 use omnishard_model::{CallContext, ExpertError, Experts};
-use omnishard_proto::v1::ForwardRequest;
+use omnishard_proto::v1::{self, ForwardRequest};
 
 use super::RemoteExperts;
-use super::call_error::{CallError, Fault};
+use super::call_error::CallError;
 use super::client::Payload;
 use super::lane;
 use super::membership::Node;
 use super::profile::Stage;
 
 impl RemoteExperts {
-    /// The nodes that compute `layer` on the routed path, each once; `None` where it does not
-    /// apply (see the module's header).
-    pub(super) fn routed_nodes(&self, layer: usize) -> Option<Vec<usize>> {
+    /// The nodes that compute `layer` on the routed path, each once with the experts it is
+    /// counted on for; `None` where the path does not apply (see the module's header).
+    pub(super) fn routed_nodes(&self, layer: usize) -> Option<Vec<(usize, Vec<u32>)>> {
         let opts = &self.shared.opts;
         if !(opts.gpu_routing && opts.cuda_ipc && self.shared.dtype == candle_core::DType::BF16) {
             return None;
         }
         let table = self.shared.table();
         let nodes = self.shared.nodes();
-        let experts = table.get(layer).filter(|row| !row.is_empty())?;
+        let experts = table
+            .get(layer)
+            .filter(|row| !row.is_empty() && row.len() <= ROUTED_MAX_EXPERTS)?;
         let own_gpu = self.shared.own_gpu.get().filter(|g| !g.is_empty())?;
-        let mut owners = vec![false; nodes.len()];
-        for holders in experts {
+        let mut owned: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
+        for (expert, holders) in experts.iter().enumerate() {
             let mut live = holders.iter().filter(|&&h| nodes[h].routable());
             let owner = *live.next()?;
             if live.next().is_some() || !routed_capable(&nodes[owner], own_gpu) {
                 return None;
             }
-            owners[owner] = true;
+            owned[owner].push(expert as u32);
         }
-        Some((0..nodes.len()).filter(|&i| owners[i]).collect())
+        Some(
+            owned
+                .into_iter()
+                .enumerate()
+                .filter(|(_, experts)| !experts.is_empty())
+                .collect(),
+        )
     }
 
     /// The MoE step of `layer` on the routed path: `[n, H]` sums of `xs`'s rows over their
@@ -63,27 +71,38 @@ impl RemoteExperts {
         xs: &Tensor,
         routing: &DeviceRouting,
         usage: &Tensor,
+        ctx: &CallContext,
     ) -> Result<Tensor, ExpertError> {
         let mut laps = self.shared.profile.start();
-        let exchange = self.exchange(xs.device())?;
+        let exchange = match self.exchange(xs.device()) {
+            Ok(exchange) => exchange,
+            Err(e) => return self.stage_failed(layer, xs, routing, ctx, &e),
+        };
         // Staged first, whatever happens next: this plans the sums and counts the usage.
-        let stage = exchange.stage(xs, routing, usage)?;
+        let stage = match exchange.stage(xs, routing, usage) {
+            Ok(stage) => stage,
+            Err(e) => return self.stage_failed(layer, xs, routing, ctx, &e.into()),
+        };
         laps.lap(Stage::Staging);
         let nodes = self.shared.nodes();
         let Some(owners) = self.routed_nodes(layer) else {
             // A node went down since the engine asked: the host way, with failover (the staged
             // buffer, read by no one, goes back when this returns).
-            return self.forward_after_routed(layer, xs, routing);
+            return self.forward_after_routed(layer, xs, routing, ctx);
         };
         let host = omnishard_model::lending::host_id();
         let lane_spin = self.shared.opts.shm_lane.then(|| lane::spin(xs.device()));
-        let sends = owners.iter().map(|&i| {
+        let sends = owners.into_iter().map(|(i, experts)| {
             let node = nodes[i].clone();
             let req = ForwardRequest {
                 layer: layer as u32,
                 fingerprint: self.shared.fingerprint.clone(),
+                trace_ids: ctx.request_ids.to_vec(),
                 ipc_host: host.to_string(),
-                device_routed: Some(stage.request().clone()),
+                device_routed: Some(v1::DeviceRouted {
+                    experts,
+                    ..stage.request().clone()
+                }),
                 ..Default::default()
             };
             let (timeout, observer) = (self.shared.opts.rpc_timeout, &self.shared.opts.observer);
@@ -129,12 +148,14 @@ impl RemoteExperts {
                 Err(e) => {
                     failed = true;
                     let reason = e.to_string();
-                    match e.fault() {
-                        Fault::Node => node.mark_down(&reason),
-                        Fault::Ipc | Fault::Refused => {
-                            node.routed_ok.store(false, Ordering::Relaxed);
-                            tracing::warn!(node = %node.label(), layer, error = %reason, "routed call failed: this node's layers go the host way from now on");
-                        }
+                    if node_gone(&e) {
+                        node.mark_down(&reason);
+                    } else {
+                        // The host path judges the node on its own terms (a node that no longer
+                        // holds an expert is marked down there, one that cannot map the memory
+                        // answers with bytes).
+                        node.routed_ok.store(false, Ordering::Relaxed);
+                        tracing::warn!(node = %node.label(), layer, error = %reason, "routed call failed: this node's layers go the host way from now on");
                     }
                 }
             }
@@ -143,11 +164,25 @@ impl RemoteExperts {
         if failed {
             // A node that answered may still write into the buffer: it is not reused.
             stage.abandon();
-            return self.forward_after_routed(layer, xs, routing);
+            return self.forward_after_routed(layer, xs, routing, ctx);
         }
         let sums = stage.sums()?;
         laps.lap(Stage::Combine);
         Ok(sums)
+    }
+
+    /// The layer the host way when its routed call cannot be staged (no GPU memory for the
+    /// buffer, say; this layer's usage goes uncounted).
+    fn stage_failed(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routing: &DeviceRouting,
+        ctx: &CallContext,
+        e: &ExpertError,
+    ) -> Result<Tensor, ExpertError> {
+        tracing::warn!(layer, error = %e, "cannot stage a routed call: the layer goes the host way");
+        self.forward_after_routed(layer, xs, routing, ctx)
     }
 
     /// The layer the host way after the routed path gave up on it (the usage is counted).
@@ -156,9 +191,10 @@ impl RemoteExperts {
         layer: usize,
         xs: &Tensor,
         routing: &DeviceRouting,
+        ctx: &CallContext,
     ) -> Result<Tensor, ExpertError> {
         let routing = routing.to_routing(xs.device())?;
-        self.forward(layer, xs, &routing, &CallContext::default())
+        self.forward(layer, xs, &routing, ctx)
     }
 
     /// The exchange of the coordinator's GPU, made on the first routed call.
@@ -170,6 +206,16 @@ impl RemoteExperts {
         let made = Arc::new(RoutedExchange::new(device)?);
         *exchange = Some(made.clone());
         Ok(made)
+    }
+}
+
+/// Whether a routed call's failure says the node is gone (down until the health checks bring it
+/// back), rather than that it cannot take routed calls. Exhaustive on purpose.
+fn node_gone(e: &CallError) -> bool {
+    match e {
+        CallError::Transport(_) | CallError::Timeout(_) | CallError::Hedged(_) => true,
+        CallError::Status { code, .. } => *code == tonic::Code::Unavailable,
+        CallError::BadAnswer(_) | CallError::Ipc(_) => false,
     }
 }
 

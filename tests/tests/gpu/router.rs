@@ -108,7 +108,7 @@ fn device_routed_experts_match_the_host_routed_step() {
                     .expect("bf16 logits on the GPU")
             };
             let got = experts
-                .forward_device_routed(layer, &x, &routing, &usage)
+                .forward_device_routed(layer, &x, &routing, &usage, &CallContext::default())
                 .unwrap();
             let (ids, weights) = routing.to_host(cuda_dev).unwrap();
             for &id in &ids {

@@ -206,6 +206,12 @@ impl LocalExperts {
         }
     }
 
+    /// Whether expert `expert` of MoE layer `layer` is held here.
+    pub fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.layer_experts(layer)
+            .is_some_and(|row| row.holds(expert))
+    }
+
     /// The experts of MoE layer `layer`, if it is one.
     fn layer_experts(&self, layer: usize) -> Option<&LayerExperts> {
         self.layers.get(layer).filter(|_| self.moe_layers[layer])
@@ -445,6 +451,7 @@ impl Experts for LocalExperts {
         xs: &Tensor,
         routing: &cuda::DeviceRouting,
         usage: &Tensor,
+        _ctx: &CallContext,
     ) -> Result<Tensor, ExpertError> {
         match self.layer_experts(layer) {
             Some(LayerExperts::Stacked(stacked)) => Ok(stacked.forward_routed(xs, routing, usage)?),

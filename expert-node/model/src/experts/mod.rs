@@ -140,6 +140,7 @@ pub trait Experts: Send + Sync {
         _xs: &Tensor,
         _routing: &cuda::DeviceRouting,
         _usage: &Tensor,
+        _ctx: &CallContext,
     ) -> Result<Tensor, ExpertError> {
         Err(ExpertError::Inconsistent(format!(
             "layer {layer}: these experts take no routing left on the GPU"

@@ -128,7 +128,7 @@ impl DecoderLayer {
                 match on_device {
                     Some((routing, counts)) => routed
                         .experts
-                        .forward_device_routed(l, &normed, &routing, &counts)
+                        .forward_device_routed(l, &normed, &routing, &counts, routed.ctx)
                         .map_err(to_experts)?,
                     None => {
                         let routing = router.route(&normed)?;

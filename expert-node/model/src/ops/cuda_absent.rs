@@ -307,6 +307,9 @@ impl IpcImporter {
     }
 }
 
+/// The most experts a layer may have for routed calls (as with the `cuda` feature).
+pub const ROUTED_MAX_EXPERTS: usize = 1024;
+
 /// No GPU here.
 pub fn gpu_uuid(_device: &Device) -> Option<[u8; 16]> {
     None

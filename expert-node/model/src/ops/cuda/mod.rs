@@ -27,7 +27,8 @@ pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
 pub use prefill_attention::prefill_attention;
 pub use routed::{
-    ImportedRouted, RoutedExchange, RoutedStage, SharedEvent, gpu_uuid, import_routed,
+    ImportedRouted, ROUTED_MAX_EXPERTS, RoutedExchange, RoutedStage, SharedEvent, gpu_uuid,
+    import_routed,
 };
 pub use router::{
     DeviceRouting, RouterTicket, router_gate_topk1, router_topk, router_topk_on_device,

@@ -28,7 +28,8 @@ mod plan;
 pub use combine::combine;
 use combine::launch_combine;
 pub(super) use combine::launch_combine_at;
-use plan::{PLAN_MAX_EXPERTS, Plan, PlanLayout};
+pub(super) use plan::PLAN_MAX_EXPERTS;
+use plan::{Plan, PlanLayout};
 pub(super) use plan::{TopK, combine_plan};
 
 /// Warps per block of the GEMV MoE kernels: one gate/up output row per warp.

@@ -30,9 +30,12 @@ use half::bf16;
 use omnishard_proto::v1;
 
 use super::ipc::{IpcImporter, check, with_raw};
-use super::moe::{TopK, combine_plan, launch_combine_at, with_counts};
+use super::moe::{PLAN_MAX_EXPERTS, TopK, combine_plan, launch_combine_at, with_counts};
 use super::staging::{IpcStaging, StagingBuffer};
 use super::{DeviceRouting, bf16_device, upload, wrap};
+
+/// The most experts a layer may have for routed calls (the plans' one block).
+pub const ROUTED_MAX_EXPERTS: usize = PLAN_MAX_EXPERTS;
 
 /// Offsets in the exchange buffer are multiples of this (the kernels' 16-byte rows and more).
 const ALIGN: usize = 256;
@@ -290,6 +293,8 @@ impl RoutedExchange {
                 )
             })
         })?;
+        // The nodes need only the copies: the sums' plan is queued after the event.
+        self.ready.record(xs.device())?;
         let experts = usage.dims1()?;
         let identity = self.identity(&dev, experts)?;
         let (combine, combine_at) = with_counts(usage, experts, |counts| {
@@ -297,7 +302,6 @@ impl RoutedExchange {
             let top_k = TopK { at, tokens: n, k };
             combine_plan(&dev, top_k, &identity, counts, experts)
         })?;
-        self.ready.record(xs.device())?;
         let request = v1::DeviceRouted {
             hidden: Some(v1::DeviceTensor {
                 ipc_handle: buffer.buffer.handle.clone(),
@@ -311,6 +315,8 @@ impl RoutedExchange {
             output_offset: output_at as u64,
             top_k: k as u32,
             ready_event: self.ready.handle().to_vec(),
+            // Each node's own list is set by the caller.
+            experts: Vec::new(),
         };
         Ok(RoutedStage {
             exchange: self,

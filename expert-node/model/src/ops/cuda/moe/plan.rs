@@ -201,7 +201,7 @@ pub(in super::super) fn combine_plan(
 
 /// The most experts a layer may have for [`StackedExperts::forward_routed`] (`moe_plan` takes
 /// one thread per expert in one block).
-pub(super) const PLAN_MAX_EXPERTS: usize = 1024;
+pub(in super::super) const PLAN_MAX_EXPERTS: usize = 1024;
 
 /// Where the parts of a launch's tables lie in its one u32 buffer (see kernels.cu): the table
 /// of `g` groups and `s` slots, the tiles, `live` (2 words), then the combine table of the
