@@ -132,6 +132,8 @@ pub(super) struct Shared {
     pub(super) routed: Mutex<Option<Arc<RoutedExchange>>>,
     /// The UUID of the coordinator's GPU, learnt from the first layer call on one.
     pub(super) own_gpu: std::sync::OnceLock<Vec<u8>>,
+    /// Set for good when this GPU cannot take routed calls at all (no interprocess events).
+    pub(super) routed_off: AtomicBool,
 }
 
 impl Shared {
@@ -249,6 +251,7 @@ impl RemoteExperts {
             staging: IpcStaging::new(),
             routed: Mutex::default(),
             own_gpu: std::sync::OnceLock::new(),
+            routed_off: AtomicBool::new(false),
         });
         Ok((Self { shared, runtime }, missing))
     }

@@ -36,7 +36,9 @@ impl RemoteExperts {
     /// counted on for; `None` where the path does not apply (see the module's header).
     pub(super) fn routed_nodes(&self, layer: usize) -> Option<Vec<(usize, Vec<u32>)>> {
         let opts = &self.shared.opts;
-        if !(opts.gpu_routing && opts.cuda_ipc && self.shared.dtype == candle_core::DType::BF16) {
+        if !(opts.gpu_routing && opts.cuda_ipc && self.shared.dtype == candle_core::DType::BF16)
+            || self.shared.routed_off.load(Ordering::Relaxed)
+        {
             return None;
         }
         let table = self.shared.table();
@@ -76,12 +78,21 @@ impl RemoteExperts {
         let mut laps = self.shared.profile.start();
         let exchange = match self.exchange(xs.device()) {
             Ok(exchange) => exchange,
-            Err(e) => return self.stage_failed(layer, xs, routing, ctx, &e),
+            Err(e) => {
+                // No interprocess event on this GPU, say: it will not come later either.
+                self.shared.routed_off.store(true, Ordering::Relaxed);
+                tracing::warn!(error = %e, "routed calls are not possible here: every layer goes the host way");
+                return self.forward_after_routed(layer, xs, routing, ctx);
+            }
         };
         // Staged first, whatever happens next: this plans the sums and counts the usage.
         let stage = match exchange.stage(xs, routing, usage) {
             Ok(stage) => stage,
-            Err(e) => return self.stage_failed(layer, xs, routing, ctx, &e.into()),
+            Err(e) => {
+                // Out of GPU memory for the buffer, say: this layer's usage goes uncounted.
+                tracing::warn!(layer, error = %e, "cannot stage a routed call: the layer goes the host way");
+                return self.forward_after_routed(layer, xs, routing, ctx);
+            }
         };
         laps.lap(Stage::Staging);
         let nodes = self.shared.nodes();
@@ -169,20 +180,6 @@ impl RemoteExperts {
         let sums = stage.sums()?;
         laps.lap(Stage::Combine);
         Ok(sums)
-    }
-
-    /// The layer the host way when its routed call cannot be staged (no GPU memory for the
-    /// buffer, say; this layer's usage goes uncounted).
-    fn stage_failed(
-        &self,
-        layer: usize,
-        xs: &Tensor,
-        routing: &DeviceRouting,
-        ctx: &CallContext,
-        e: &ExpertError,
-    ) -> Result<Tensor, ExpertError> {
-        tracing::warn!(layer, error = %e, "cannot stage a routed call: the layer goes the host way");
-        self.forward_after_routed(layer, xs, routing, ctx)
     }
 
     /// The layer the host way after the routed path gave up on it (the usage is counted).
