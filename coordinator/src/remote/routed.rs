@@ -47,22 +47,7 @@ impl RemoteExperts {
             .get(layer)
             .filter(|row| !row.is_empty() && row.len() <= ROUTED_MAX_EXPERTS)?;
         let own_gpu = self.shared.own_gpu.get().filter(|g| !g.is_empty())?;
-        let mut owned: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
-        for (expert, holders) in experts.iter().enumerate() {
-            let mut live = holders.iter().filter(|&&h| nodes[h].routable());
-            let owner = *live.next()?;
-            if live.next().is_some() || !routed_capable(&nodes[owner], own_gpu) {
-                return None;
-            }
-            owned[owner].push(expert as u32);
-        }
-        Some(
-            owned
-                .into_iter()
-                .enumerate()
-                .filter(|(_, experts)| !experts.is_empty())
-                .collect(),
-        )
+        owners(experts, &nodes, own_gpu)
     }
 
     /// The MoE step of `layer` on the routed path: `[n, H]` sums of `xs`'s rows over their
@@ -206,6 +191,49 @@ impl RemoteExperts {
     }
 }
 
+/// What [`owners`] reads of a node.
+trait Candidate {
+    fn routable(&self) -> bool;
+    /// Whether it may take routed calls from a coordinator on the GPU `own_gpu`.
+    fn takes_routed(&self, own_gpu: &[u8]) -> bool;
+}
+
+impl Candidate for Node {
+    fn routable(&self) -> bool {
+        Node::routable(self)
+    }
+
+    fn takes_routed(&self, own_gpu: &[u8]) -> bool {
+        routed_capable(self, own_gpu)
+    }
+}
+
+/// Each node of a layer's routed call with the experts it is counted on for, from the layer's
+/// row of the table (`experts[e]`: indices into `nodes` of expert e's holders); `None` unless
+/// every expert has exactly one routable holder and every such holder takes routed calls.
+fn owners<N: Candidate>(
+    experts: &[Vec<usize>],
+    nodes: &[Arc<N>],
+    own_gpu: &[u8],
+) -> Option<Vec<(usize, Vec<u32>)>> {
+    let mut owned: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
+    for (expert, holders) in experts.iter().enumerate() {
+        let mut live = holders.iter().filter(|&&h| nodes[h].routable());
+        let owner = *live.next()?;
+        if live.next().is_some() || !nodes[owner].takes_routed(own_gpu) {
+            return None;
+        }
+        owned[owner].push(expert as u32);
+    }
+    Some(
+        owned
+            .into_iter()
+            .enumerate()
+            .filter(|(_, experts)| !experts.is_empty())
+            .collect(),
+    )
+}
+
 /// Whether a routed call's failure says the node is gone (down until the health checks bring it
 /// back), rather than that it cannot take routed calls. Exhaustive on purpose.
 fn node_gone(e: &CallError) -> bool {
@@ -225,8 +253,90 @@ fn routed_capable(node: &Node, own_gpu: &[u8]) -> bool {
     node.routed_ok.load(Ordering::Relaxed)
         && node.ipc_ok.load(Ordering::Relaxed)
         && node.ipc_answers.load(Ordering::Relaxed) > 0
-        && {
-            let gpu = node.gpu.lock().unwrap_or_else(|e| e.into_inner());
-            !gpu.is_empty() && gpu.as_slice() != own_gpu
+        && another_gpu(&node.gpu.lock().unwrap_or_else(|e| e.into_inner()), own_gpu)
+}
+
+/// Whether a node whose `Info.gpu_uuid` is `gpu` runs on a GPU other than the coordinator's
+/// (`own_gpu`): empty (on none, or an older node) is not.
+fn another_gpu(gpu: &[u8], own_gpu: &[u8]) -> bool {
+    !gpu.is_empty() && gpu != own_gpu
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Candidate, another_gpu, owners};
+
+    /// A node as [`owners`] sees it: up or not, and the GPU it runs on (empty: not on one).
+    struct Fake {
+        up: bool,
+        gpu: &'static [u8],
+    }
+
+    impl Candidate for Fake {
+        fn routable(&self) -> bool {
+            self.up
         }
+
+        fn takes_routed(&self, own_gpu: &[u8]) -> bool {
+            another_gpu(self.gpu, own_gpu)
+        }
+    }
+
+    fn nodes(list: &[(bool, &'static [u8])]) -> Vec<Arc<Fake>> {
+        list.iter()
+            .map(|&(up, gpu)| Arc::new(Fake { up, gpu }))
+            .collect()
+    }
+
+    const OURS: &[u8] = b"gpu-0";
+
+    #[test]
+    fn each_expert_goes_to_its_one_live_holder_on_another_gpu() {
+        let two = nodes(&[(true, b"gpu-1"), (true, b"gpu-2")]);
+        // Experts 0 and 2 on node 0, 1 and 3 on node 1.
+        let table = vec![vec![0], vec![1], vec![0], vec![1]];
+        assert_eq!(
+            owners(&table, &two, OURS),
+            Some(vec![(0, vec![0, 2]), (1, vec![1, 3])])
+        );
+        // A node holding nothing of the layer gets no call.
+        let three = nodes(&[(true, b"gpu-1"), (true, b"gpu-2"), (true, b"gpu-3")]);
+        assert_eq!(
+            owners(&table, &three, OURS),
+            Some(vec![(0, vec![0, 2]), (1, vec![1, 3])])
+        );
+    }
+
+    #[test]
+    fn replicas_up_a_node_on_our_gpu_or_none_live_send_the_layer_the_host_way() {
+        let table = vec![vec![0, 1], vec![1]];
+        // Both replicas of expert 0 up: which would compute it is the host path's choice.
+        assert_eq!(
+            owners(&table, &nodes(&[(true, b"gpu-1"), (true, b"gpu-2")]), OURS),
+            None
+        );
+        // One of them down: the other computes it.
+        assert_eq!(
+            owners(&table, &nodes(&[(false, b"gpu-1"), (true, b"gpu-2")]), OURS),
+            Some(vec![(1, vec![0, 1])])
+        );
+        // The live holder shares the coordinator's GPU, or is on none.
+        for gpu in [OURS, b"".as_slice()] {
+            assert_eq!(
+                owners(&table, &nodes(&[(false, b"gpu-1"), (true, gpu)]), OURS),
+                None
+            );
+        }
+        // No live holder at all.
+        assert_eq!(
+            owners(
+                &table,
+                &nodes(&[(false, b"gpu-1"), (false, b"gpu-2")]),
+                OURS
+            ),
+            None
+        );
+    }
 }
