@@ -19,7 +19,8 @@ use tonic_health::pb::{
 };
 
 use super::RemoteOptions;
-use super::membership::{Node, Shared, check_info, node_client, node_endpoint};
+use super::admission::{check_info, node_client, node_endpoint};
+use super::membership::{Node, Shared};
 use super::verify::{VerifyError, verify};
 
 /// What the node holds and which process it is, from its Info (asked over `client`) checked as

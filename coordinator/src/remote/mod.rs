@@ -17,7 +17,8 @@
 //! - `client.rs`: one node's stream, request ids, deadlines and the leases on what a node lent.
 //! - `lane.rs`: the shared-memory lane to a node on this host, which carries the same calls.
 //! - `call_error.rs`: why a call failed and whom it is blamed on.
-//! - `membership.rs`: connecting, identity checks, joining and retiring, the routing table.
+//! - `membership.rs`: who is in the cluster, joining and retiring, the routing table.
+//! - `admission.rs`: dialling one node and checking its identity and experts.
 //! - `health.rs`: the background health checks and re-admission.
 //! - `fanout.rs`: planning a layer's call over the nodes, failover, [`Experts`] for
 //!   [`RemoteExperts`].
@@ -27,6 +28,7 @@
 //!
 //! [`Experts`]: omnishard_model::Experts
 
+mod admission;
 mod call_error;
 mod client;
 mod fanout;
