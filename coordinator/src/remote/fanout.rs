@@ -46,7 +46,7 @@ impl Rows<'_> {
 
 impl Experts for RemoteExperts {
     fn takes_device_routing(&self, layer: usize) -> bool {
-        self.routed_nodes(layer).is_some()
+        self.takes_routed_calls(layer)
     }
 
     fn forward_device_routed(
@@ -88,8 +88,6 @@ impl Experts for RemoteExperts {
                     .map(Vec::from)
                     .unwrap_or_default()
             });
-        }
-        if ipc_host.is_some() {
             // Copies that completed since the last call give their buffers back (next request).
             for node in &nodes {
                 node.ipc.prune();

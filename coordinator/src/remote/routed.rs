@@ -11,8 +11,8 @@
 //! that fails a routed call other than by going down gets no more of them.
 //!
 //! Not bounded by a deadline: the GPU work after a node's answer. The answer itself has the
-//! call's deadline; a node process that dies after answering leaves the coordinator's GPU waiting
-//! on an event that CUDA releases when the node's context is torn down.
+//! call's deadline; what becomes of the coordinator's wait on the event of a node process that
+//! dies after answering is up to CUDA, and not established here.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -35,6 +35,28 @@ impl RemoteExperts {
     /// The nodes that compute `layer` on the routed path, each once with the experts it is
     /// counted on for; `None` where the path does not apply (see the module's header).
     pub(super) fn routed_nodes(&self, layer: usize) -> Option<Vec<(usize, Vec<u32>)>> {
+        self.with_routed_layer(layer, owners)
+    }
+
+    /// Whether `layer` takes the routed path: [`RemoteExperts::routed_nodes`] without the lists
+    /// (the engine asks for every layer of every step).
+    pub(super) fn takes_routed_calls(&self, layer: usize) -> bool {
+        self.with_routed_layer(layer, |experts, nodes, own_gpu| {
+            experts
+                .iter()
+                .all(|holders| owner(holders, nodes, own_gpu).is_some())
+                .then_some(())
+        })
+        .is_some()
+    }
+
+    /// `f` on `layer`'s row of the table, the nodes and the coordinator's GPU, where the options,
+    /// the dtype and the layer's size allow routed calls at all.
+    fn with_routed_layer<R>(
+        &self,
+        layer: usize,
+        f: impl FnOnce(&[Vec<usize>], &[Arc<Node>], &[u8]) -> Option<R>,
+    ) -> Option<R> {
         let opts = &self.shared.opts;
         if !(opts.gpu_routing && opts.cuda_ipc && self.shared.dtype == candle_core::DType::BF16)
             || self.shared.routed_off.load(Ordering::Relaxed)
@@ -47,7 +69,7 @@ impl RemoteExperts {
             .get(layer)
             .filter(|row| !row.is_empty() && row.len() <= ROUTED_MAX_EXPERTS)?;
         let own_gpu = self.shared.own_gpu.get().filter(|g| !g.is_empty())?;
-        owners(experts, &nodes, own_gpu)
+        f(experts, &nodes, own_gpu)
     }
 
     /// The MoE step of `layer` on the routed path: `[n, H]` sums of `xs`'s rows over their
@@ -218,12 +240,7 @@ fn owners<N: Candidate>(
 ) -> Option<Vec<(usize, Vec<u32>)>> {
     let mut owned: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
     for (expert, holders) in experts.iter().enumerate() {
-        let mut live = holders.iter().filter(|&&h| nodes[h].routable());
-        let owner = *live.next()?;
-        if live.next().is_some() || !nodes[owner].takes_routed(own_gpu) {
-            return None;
-        }
-        owned[owner].push(expert as u32);
+        owned[owner(holders, nodes, own_gpu)?].push(expert as u32);
     }
     Some(
         owned
@@ -232,6 +249,14 @@ fn owners<N: Candidate>(
             .filter(|(_, experts)| !experts.is_empty())
             .collect(),
     )
+}
+
+/// The node that computes an expert held by `holders` on the routed path: its one routable
+/// holder, if that takes routed calls.
+fn owner<N: Candidate>(holders: &[usize], nodes: &[Arc<N>], own_gpu: &[u8]) -> Option<usize> {
+    let mut live = holders.iter().filter(|&&h| nodes[h].routable());
+    let owner = *live.next()?;
+    (live.next().is_none() && nodes[owner].takes_routed(own_gpu)).then_some(owner)
 }
 
 /// Whether a routed call's failure says the node is gone (down until the health checks bring it
