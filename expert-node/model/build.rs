@@ -20,6 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/ops/cuda/attention.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/prefill_attention.cuh");
     println!("cargo:rerun-if-changed=src/ops/cuda/router.cuh");
+    println!("cargo:rerun-if-changed=src/ops/cuda/exchange.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());

@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use omnishard_model::lending::{IpcAsk, host_id};
-use omnishard_model::ops::cuda::{IpcExporter, IpcImporter, SharedEvent};
+use omnishard_model::ops::cuda::{IpcExporter, IpcImporter, PassMappings, SharedEvent};
 use omnishard_model::wire::{self, DecodeError};
 use omnishard_model::{ExpertError, LocalExperts};
 
@@ -66,6 +66,10 @@ pub enum NodeError {
         "a routed call (device_routed) carries its hidden states and routing in GPU memory only, not as bytes or assignment lists"
     )]
     RoutedExtra,
+    #[error("a routed pass (device_pass) must say how long the node may wait for it (deadline_ms)")]
+    PassDeadline,
+    #[error("{0}")]
+    PassTimeout(String),
     #[error("shared-memory lane: {0}")]
     Lane(String),
     #[error("compute task failed: {0}")]
@@ -81,7 +85,9 @@ impl ServiceError for NodeError {
             NodeError::Lengths { .. }
             | NodeError::Decode(_)
             | NodeError::TwoHiddens
-            | NodeError::RoutedExtra => Code::InvalidArgument,
+            | NodeError::RoutedExtra
+            | NodeError::PassDeadline => Code::InvalidArgument,
+            NodeError::PassTimeout(_) => Code::DeadlineExceeded,
             // This node cannot map the coordinator's memory (another host, no GPU, no peer
             // access): about this node, not the request.
             NodeError::Ipc(_) | NodeError::Lane(_) => Code::FailedPrecondition,
@@ -128,6 +134,8 @@ pub struct NodeState {
     ipc_in: Mutex<VecDeque<(u64, Arc<IpcImporter>)>>,
     /// The event routed calls answer with, made on the first one (`routed.rs`).
     pub(crate) done_event: Mutex<Option<Arc<SharedEvent>>>,
+    /// Coordinators' pass buffers mapped here (`routed.rs`).
+    pub(crate) pass_mappings: PassMappings,
     /// Shared-memory lanes being served (`lane.rs`).
     pub(crate) lanes: AtomicUsize,
 }
@@ -148,6 +156,7 @@ impl NodeState {
             ipc: IpcExporter::new(&device),
             ipc_in: Mutex::default(),
             done_event: Mutex::default(),
+            pass_mappings: PassMappings::default(),
             lanes: AtomicUsize::new(0),
             device,
         }
@@ -370,6 +379,9 @@ pub fn process(state: &NodeState, req: ForwardRequest) -> Result<ForwardResponse
             expected: state.fingerprint.clone(),
             got: req.fingerprint,
         });
+    }
+    if let Some(pass) = &req.device_pass {
+        return crate::routed::process_pass(state, &experts, &req, pass);
     }
     if let Some(routed) = &req.device_routed {
         return crate::routed::process(state, &experts, &req, routed);

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use omnishard_coordinator::remote::RemoteOptions;
-use omnishard_coordinator::{ComputeDtype, Engine, KvCache, LogitsFor, Positions, SequenceInput};
+use omnishard_coordinator::{
+    ComputeDtype, CudaGraph, Engine, KvCache, LogitsFor, Positions, SequenceInput,
+};
 use omnishard_model::experts::combine;
 use omnishard_model::ops::cuda;
 use omnishard_model::{
@@ -522,7 +524,7 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 ipc_input_min_bytes: 0,
                 ..RemoteOptions::default()
             };
-            let engine = Engine::load_remote(
+            let mut engine = Engine::load_remote(
                 &dir,
                 ComputeDtype::Bf16,
                 &dev,
@@ -531,6 +533,12 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 false,
             )
             .unwrap();
+            // Batch-1 steps replay a CUDA graph where every layer is routed (a routed pass
+            // a step, `pass.rs`), and run eagerly otherwise.
+            assert_eq!(
+                engine.set_cuda_graph(CudaGraph::Auto),
+                gpu_routing && cuda_ipc
+            );
             let how = format!(
                 "{name} on {shards} GPU nodes, CUDA IPC {cuda_ipc}, lanes {shm_lane}, GPU routing {gpu_routing}"
             );
@@ -538,6 +546,14 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
             assert_bits_equal(&got, &want, &how);
             let got_steps = decode_steps(&engine, prompt, 8);
             assert_bits_equal(&got_steps, &want_steps, &format!("{how}, batch-1 decode"));
+            // Of the 8 single-token steps the first runs eagerly (it loads the kernels); every
+            // later one replays the graph, its routed pass done (a failed pass runs the step
+            // again without the graph, and is not counted).
+            assert_eq!(
+                engine.model().graph_replays(),
+                if gpu_routing && gpus >= 2 { 7 } else { 0 },
+                "{how}: batch-1 steps from the graph"
+            );
             let status = engine.remote().expect("a cluster").status();
             for node in &status {
                 // A routed layer's rows are neither lent nor staged: the first calls (before a

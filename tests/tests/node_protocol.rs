@@ -100,7 +100,70 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
         ipc_host: omnishard_model::lending::host_id().to_string(),
         ..good.clone()
     };
+    // A batch-1 step's routed layers ordered at once (`pass.rs`).
+    let pass_call = ForwardRequest {
+        device_routed: None,
+        device_pass: Some(v1::DevicePass {
+            buffer: Some(in_gpu_memory.clone()),
+            tokens: 1,
+            top_k: 2,
+            routing_offset: 0,
+            hidden_offset: 256,
+            output_offset: 4096,
+            ready_offset: 1 << 20,
+            done_offset: 1 << 21,
+            layers: vec![v1::LayerExperts {
+                layer: 0,
+                experts: vec![expert],
+            }],
+            deadline_ms: 1000,
+        }),
+        ..routed_call.clone()
+    };
+    let with_pass = |f: &dyn Fn(&mut v1::DevicePass)| {
+        let mut call = pass_call.clone();
+        if let Some(p) = call.device_pass.as_mut() {
+            f(p);
+        }
+        call
+    };
     let bad_cases: Vec<(&str, ForwardRequest, Code, &str)> = vec![
+        (
+            "a routed pass that carries hidden states as bytes too",
+            ForwardRequest {
+                hidden: good.hidden.clone(),
+                ..pass_call.clone()
+            },
+            Code::InvalidArgument,
+            "GPU memory only",
+        ),
+        (
+            "a routed pass without a deadline",
+            with_pass(&|p| p.deadline_ms = 0),
+            Code::InvalidArgument,
+            "deadline_ms",
+        ),
+        (
+            "a routed pass counting on an expert not held",
+            with_pass(&|p| p.layers[0].experts.push(not_held)),
+            Code::FailedPrecondition,
+            "not held here",
+        ),
+        (
+            "a routed pass from another host",
+            ForwardRequest {
+                ipc_host: "another-host".into(),
+                ..pass_call.clone()
+            },
+            Code::FailedPrecondition,
+            "on this host",
+        ),
+        (
+            "a routed pass to a node on the CPU",
+            pass_call.clone(),
+            Code::FailedPrecondition,
+            "routed passes are for nodes on a GPU",
+        ),
         (
             "a routed call that carries assignments too",
             ForwardRequest {

@@ -124,7 +124,7 @@ impl Clusters<'_> {
             gpu_routing: a.gpu_routing == GpuRouting::Auto,
             ..RemoteOptions::default()
         };
-        let engine = Engine::load_remote_from(
+        let mut engine = Engine::load_remote_from(
             self.ckpt,
             self.cfg,
             a.dtype,
@@ -133,6 +133,8 @@ impl Clusters<'_> {
             opts,
             false,
         )?;
+        // Batch-1 steps replay a graph where the experts take a routed pass (`--gpu-routing`).
+        engine.set_cuda_graph(a.cuda_graph);
         Ok((nodes, engine))
     }
 }

@@ -33,6 +33,8 @@ pub(super) enum Payload {
     Device(v1::DeviceTensor),
     /// A routed call's answer: the handle of the node's event after its writes (`routed.rs`).
     Done(Vec<u8>),
+    /// A routed pass's answer: the node's GPU has done it (`pass.rs`).
+    Passed,
 }
 
 /// A node's answer, and the lease on what it lent until the answer has been taken.
@@ -281,6 +283,7 @@ impl NodeClient {
             req.ipc_client = self.ipc_client;
             req.ipc_keep_from = keep_from;
             let asked_ipc = !req.ipc_host.is_empty();
+            let asked_pass = req.device_pass.is_some();
             if let Some(spin) = lane_spin
                 && req.encoded_len() <= REQUEST_CAPACITY
                 && let Some(lane) = self.lane().await
@@ -298,7 +301,7 @@ impl NodeClient {
                             .as_ref()
                             .is_some_and(|e| e.message.contains(ANSWER_TOO_LARGE));
                         if !too_large {
-                            return reply(resp, asked_ipc, lease, true);
+                            return reply(resp, (asked_ipc, asked_pass), lease, true);
                         }
                     }
                     // Closed under the call (the node shutting down, or its lane's call ended):
@@ -325,7 +328,7 @@ impl NodeClient {
                 Ok(Err(status)) => return Err(CallError::status(status.code(), status.message())),
                 Err(_) => return Err(CallError::Transport("the forward stream ended".into())),
             };
-            reply(resp, asked_ipc, lease, false)
+            reply(resp, (asked_ipc, asked_pass), lease, false)
         };
         match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
@@ -341,7 +344,7 @@ impl NodeClient {
 /// A node's response as a [`Reply`], or the error it carries or is.
 fn reply(
     resp: ForwardResponse,
-    asked_ipc: bool,
+    (asked_ipc, asked_pass): (bool, bool),
     lease: Lease,
     via_lane: bool,
 ) -> Result<Reply, CallError> {
@@ -357,6 +360,7 @@ fn reply(
             )));
         }
         (None, Some(lent)) => Payload::Device(lent),
+        (None, None) if asked_pass && resp.done_event.is_empty() => Payload::Passed,
         (None, None) if !resp.done_event.is_empty() && asked_ipc => Payload::Done(resp.done_event),
         (None, None) => return Err(CallError::BadAnswer("the response has no output".into())),
         (Some(_), Some(_)) => {
@@ -462,7 +466,7 @@ mod tests {
         let result = client.forward(request(), TIMEOUT, lane_spin).await;
         let output = result.and_then(|reply| match reply.payload {
             Payload::Bytes(output) => Ok(output),
-            Payload::Device(_) | Payload::Done(_) => {
+            Payload::Device(_) | Payload::Done(_) | Payload::Passed => {
                 Err(CallError::BadAnswer("GPU memory, unasked".into()))
             }
         });

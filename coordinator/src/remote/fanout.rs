@@ -10,7 +10,7 @@ use futures::future::join_all;
 use omnishard_model::experts::combine;
 use omnishard_model::ops::cuda::{DeviceRouting, Lent, gather};
 use omnishard_model::wire;
-use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Routing};
+use omnishard_model::{Assignment, CallContext, ExpertError, Experts, Pass, Routing};
 use omnishard_proto::wire::IPC_READ_FAILED;
 
 use super::RemoteExperts;
@@ -46,7 +46,22 @@ impl Rows<'_> {
 
 impl Experts for RemoteExperts {
     fn takes_device_routing(&self, layer: usize) -> bool {
-        self.takes_routed_calls(layer)
+        // A layer of this thread's pass is one whatever became of its nodes since (a failure
+        // shows at the pass's end).
+        self.in_pass(layer) || self.takes_routed_calls(layer)
+    }
+
+    /// Only as part of a routed pass (`pass.rs`), which batch-1 steps ask for each time.
+    fn captures_device_routing(&self, _layer: usize) -> bool {
+        self.passes_possible()
+    }
+
+    fn begin_pass(&self, device: &Device, tokens: usize, ctx: &CallContext) -> Pass {
+        self.begin_routed_pass(device, tokens, ctx)
+    }
+
+    fn end_pass(&self, queued: bool) -> Result<(), ExpertError> {
+        self.end_routed_pass(queued)
     }
 
     fn forward_device_routed(
@@ -57,6 +72,9 @@ impl Experts for RemoteExperts {
         usage: &Tensor,
         ctx: &CallContext,
     ) -> Result<Tensor, ExpertError> {
+        if let Some(sums) = self.pass_layer(layer, xs, routing, usage) {
+            return sums;
+        }
         self.forward_routed(layer, xs, routing, usage, ctx)
     }
 
@@ -169,7 +187,7 @@ impl Experts for RemoteExperts {
                             wire::decode(Some(&output), "output", &Device::Cpu)
                                 .map_err(|e| CallError::BadAnswer(e.to_string()))?,
                         ),
-                        Payload::Done(_) => {
+                        Payload::Done(_) | Payload::Passed => {
                             return Err(CallError::BadAnswer(
                                 "answered a call with assignments by an event".into(),
                             ));

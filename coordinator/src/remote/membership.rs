@@ -129,6 +129,8 @@ pub(super) struct Shared {
     pub(super) own_gpu: std::sync::OnceLock<Vec<u8>>,
     /// Set for good when this GPU cannot take routed calls at all (no interprocess events).
     pub(super) routed_off: AtomicBool,
+    /// Routed passes of batch-1 steps (`pass.rs`).
+    pub(super) pass: super::pass::PassState,
 }
 
 impl Shared {
@@ -247,6 +249,7 @@ impl RemoteExperts {
             routed: Mutex::default(),
             own_gpu: std::sync::OnceLock::new(),
             routed_off: AtomicBool::new(false),
+            pass: super::pass::PassState::default(),
         });
         Ok((Self { shared, runtime }, missing))
     }

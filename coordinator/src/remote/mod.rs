@@ -24,6 +24,8 @@
 //!   [`RemoteExperts`].
 //! - `layer_call.rs`: sending a round of a layer's call, hedged to replicas past
 //!   `hedge.rs`'s per-node latency threshold.
+//! - `routed.rs`: a layer's call with its routing left on the coordinator's GPU.
+//! - `pass.rs`: a batch-1 step's routed layers ordered at once, for the CUDA graph.
 //! - `verify.rs`: probing a sample of an admitted node's experts against the checkpoint.
 //!
 //! [`Experts`]: omnishard_model::Experts
@@ -37,6 +39,7 @@ mod hedge;
 mod lane;
 mod layer_call;
 mod membership;
+mod pass;
 mod plan;
 mod profile;
 mod routed;

@@ -154,9 +154,11 @@ impl RemoteExperts {
                         .ipc
                         .wait_event(xs.device(), &event)
                         .map_err(|e| CallError::Ipc(e.to_string())),
-                    Payload::Bytes(_) | Payload::Device(_) => Err(CallError::BadAnswer(
-                        "answered a routed call with rows, not an event".into(),
-                    )),
+                    Payload::Bytes(_) | Payload::Device(_) | Payload::Passed => {
+                        Err(CallError::BadAnswer(
+                            "answered a routed call with rows, not an event".into(),
+                        ))
+                    }
                 }
             });
             match waited {
@@ -214,7 +216,7 @@ impl RemoteExperts {
 }
 
 /// What [`owners`] reads of a node.
-trait Candidate {
+pub(super) trait Candidate {
     fn routable(&self) -> bool;
     /// Whether it may take routed calls from a coordinator on the GPU `own_gpu`.
     fn takes_routed(&self, own_gpu: &[u8]) -> bool;
@@ -233,7 +235,7 @@ impl Candidate for Node {
 /// Each node of a layer's routed call with the experts it is counted on for, from the layer's
 /// row of the table (`experts[e]`: indices into `nodes` of expert e's holders); `None` unless
 /// every expert has exactly one routable holder and every such holder takes routed calls.
-fn owners<N: Candidate>(
+pub(super) fn owners<N: Candidate>(
     experts: &[Vec<usize>],
     nodes: &[Arc<N>],
     own_gpu: &[u8],
@@ -261,7 +263,7 @@ fn owner<N: Candidate>(holders: &[usize], nodes: &[Arc<N>], own_gpu: &[u8]) -> O
 
 /// Whether a routed call's failure says the node is gone (down until the health checks bring it
 /// back), rather than that it cannot take routed calls. Exhaustive on purpose.
-fn node_gone(e: &CallError) -> bool {
+pub(super) fn node_gone(e: &CallError) -> bool {
     match e {
         CallError::Transport(_) | CallError::Timeout(_) | CallError::Hedged(_) => true,
         CallError::Status { code, .. } => *code == tonic::Code::Unavailable,

@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use checkpoint::{Checkpoint, CheckpointError, LoadFormat};
 pub use device::{DeviceError, DeviceSpec};
-pub use experts::{Assignment, CallContext, ExpertError, Experts, LocalExperts, Routing};
+pub use experts::{Assignment, CallContext, ExpertError, Experts, LocalExperts, Pass, Routing};
 pub use mlp::SwiGlu;
 pub use model::{KvCache, LogitsFor, MediaSpan, Model, ModelError, Positions, SequenceInput};
 pub use usage::ExpertUsage;

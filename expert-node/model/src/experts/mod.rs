@@ -11,7 +11,7 @@ mod local;
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use omnishard_proto::ModelConfig;
 
 use crate::ops::cuda;
@@ -131,6 +131,22 @@ pub trait Experts: Send + Sync {
         false
     }
 
+    /// Begins a forward pass of `tokens` tokens on `device` that a CUDA graph may capture (a
+    /// batch-1 decode step): whether its MoE layers need ordering for the whole pass first.
+    /// After [`Pass::Ordered`], [`Experts::forward_device_routed`] only queues GPU work for the
+    /// pass, and [`Experts::end_pass`] must follow on the same thread.
+    fn begin_pass(&self, _device: &Device, _tokens: usize, _ctx: &CallContext) -> Pass {
+        Pass::NotNeeded
+    }
+
+    /// Ends the pass [`Experts::begin_pass`] ordered: `queued` says whether all of its work
+    /// was queued (run, or replayed from a graph), not cut short by an error. `Err` when the
+    /// experts' part failed: the pass's outputs are garbage and it must run again (nothing of
+    /// it is waiting on the GPU any more).
+    fn end_pass(&self, _queued: bool) -> Result<(), ExpertError> {
+        Ok(())
+    }
+
     /// The expert step of a batch with the router's choices left on the GPU (no host round
     /// trip per layer), adding the chosen experts to `usage` (the layer's u32 counts
     /// on the GPU). Only called where [`Experts::takes_device_routing`] said yes.
@@ -146,6 +162,18 @@ pub trait Experts: Send + Sync {
             "layer {layer}: these experts take no routing left on the GPU"
         )))
     }
+}
+
+/// What [`Experts::begin_pass`] says of a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The experts need no ordering (they only queue work on this GPU).
+    NotNeeded,
+    /// The pass's expert work is ordered; the key names what it will queue: a pass under
+    /// another key queues other work (another graph).
+    Ordered(u64),
+    /// Not now: the pass must run without a graph.
+    Unavailable,
 }
 
 /// Name prefix of one expert's tensors in the checkpoint.

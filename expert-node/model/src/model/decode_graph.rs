@@ -14,8 +14,12 @@ use half::bf16;
 
 use super::layer::{Caches, RoutedExperts};
 use super::{Model, ModelError, Result, SequenceInput};
-use crate::CallContext;
 use crate::ops::{cuda, linear};
+use crate::{CallContext, Pass};
+
+/// Captured steps kept at most (per split count and expert pass: a cluster whose nodes come and
+/// go makes a new one each time).
+const MAX_CAPTURED: usize = 8;
 
 pub(super) struct DecodeGraph {
     /// The token's embedding, `[1, hidden]` (looked up before the launch: candle's
@@ -29,13 +33,14 @@ pub(super) struct DecodeGraph {
     /// saves nothing there, and cuBLAS's own workspace stays out of the capture.
     hidden: Tensor,
     /// The step captured per decode-attention split count (`DecodeTables::splits`: short caches
-    /// take one block per head, long ones flash-decoding's passes, a launch sequence of its own).
-    captured: Vec<(usize, cuda::Captured)>,
+    /// take one block per head, long ones flash-decoding's passes, a launch sequence of its own)
+    /// and expert pass (`Pass::Ordered`'s key; 0 for experts in this process), oldest first.
+    captured: Vec<(usize, u64, cuda::Captured)>,
     /// Split counts a step has run with eagerly: the next step with one of them is captured.
     warmed: Vec<usize>,
     /// A capture failed: every step runs eagerly from then on (logged once).
     failed: bool,
-    /// Steps run from the graph.
+    /// Steps run from the graph (their expert pass, if any, done).
     replays: u64,
 }
 
@@ -69,12 +74,14 @@ impl DecodeGraph {
 impl Model {
     /// One decode step of `seq` (one token after a non-empty cache) through the graph; `None`
     /// (nothing done) when the step does not fit it: another shape, or a cache longer than the
-    /// decode-attention kernel takes. Returns the step's logits `[1, vocab]` (f32, a tensor of
-    /// their own) and advances the cache.
+    /// decode-attention kernel takes, or experts elsewhere that cannot take the step's layers
+    /// in one pass now (or failed to: the step then runs again without the graph). Returns the
+    /// step's logits `[1, vocab]` (f32, a tensor of their own) and advances the cache.
     pub(super) fn graph_step(
         &self,
         graph: &std::sync::Mutex<DecodeGraph>,
         seq: &mut SequenceInput<'_>,
+        ctx: &CallContext,
     ) -> Result<Option<Tensor>> {
         if seq.tokens.len() != 1 || seq.cache.seq_len() == 0 {
             return Ok(None);
@@ -105,9 +112,21 @@ impl Model {
         let rope: Vec<bf16> = cos.iter().chain(&sin).map(|&v| bf16::from_f32(v)).collect();
         cuda::upload_into(&g.rope, &rope)?;
         let splits = g.tables.splits();
-        if let Some((_, captured)) = g.captured.iter().find(|(n, _)| *n == splits) {
+        let (key, ordered) = match self.experts.begin_pass(&self.device, 1, ctx) {
+            Pass::NotNeeded => (0, false),
+            Pass::Ordered(key) => (key, true),
+            Pass::Unavailable => return Ok(None),
+        };
+        // Ends an ordered pass on every way out (a failed launch included).
+        let pass = EndPass(self, ordered);
+        let mut replayed = false;
+        if let Some((_, _, captured)) = g
+            .captured
+            .iter()
+            .find(|(n, k, _)| (*n, *k) == (splits, key))
+        {
             captured.launch()?;
-            g.replays += 1;
+            replayed = true;
         } else if g.warmed.contains(&splits) {
             // Nothing else may queue work on the stream while it is captured.
             let quiet = self.usage.device_access();
@@ -116,8 +135,11 @@ impl Model {
             match captured {
                 Ok(captured) => {
                     captured.launch()?;
-                    g.replays += 1;
-                    g.captured.push((splits, captured));
+                    replayed = true;
+                    if g.captured.len() >= MAX_CAPTURED {
+                        g.captured.remove(0);
+                    }
+                    g.captured.push((splits, key, captured));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "capturing the batch-1 decode step in a CUDA graph failed; decoding without graphs from now on");
@@ -130,12 +152,46 @@ impl Model {
             self.graph_body(&g)?;
             g.warmed.push(splits);
         }
+        let logits = linear(&g.hidden, &self.lm_head)?.to_dtype(DType::F32)?;
+        if let Err(error) = pass.end() {
+            // The cache is not advanced: the step runs again over the same positions.
+            tracing::warn!(%error, "the experts' pass of a batch-1 step failed; running the step again without the graph");
+            return Ok(None);
+        }
+        if replayed {
+            g.replays += 1;
+        }
         seq.cache.advance(1);
         self.usage.record_tokens(1);
-        let logits = linear(&g.hidden, &self.lm_head)?.to_dtype(DType::F32)?;
         Ok(Some(logits))
     }
+}
 
+/// An ordered expert pass (`true`) still to be ended: [`EndPass::end`], or on drop.
+struct EndPass<'a>(&'a Model, bool);
+
+impl EndPass<'_> {
+    /// Every layer of the step was queued.
+    fn end(mut self) -> std::result::Result<(), crate::ExpertError> {
+        if std::mem::replace(&mut self.1, false) {
+            self.0.experts.end_pass(true)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for EndPass<'_> {
+    fn drop(&mut self) {
+        if self.1
+            && let Err(error) = self.0.experts.end_pass(false)
+        {
+            tracing::warn!(%error, "the experts' pass of a failed batch-1 step failed too");
+        }
+    }
+}
+
+impl Model {
     /// The launches of one step up to lm_head, reading the embedding, cos/sin and cache table
     /// from `g` and writing the normed hidden state into it; every tensor it makes is dropped
     /// before it returns (the capture's rule).

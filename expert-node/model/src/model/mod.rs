@@ -262,7 +262,7 @@ impl Model {
     ) -> Result<Vec<Tensor>> {
         if let ([seq], Some(graph)) = (&mut *batch, &self.decode_graph)
             && media.iter().all(Vec::is_empty)
-            && let Some(logits) = self.graph_step(graph, seq)?
+            && let Some(logits) = self.graph_step(graph, seq, ctx)?
         {
             return Ok(vec![logits]);
         }

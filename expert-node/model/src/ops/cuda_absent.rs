@@ -419,3 +419,81 @@ impl IpcStaging {
         candle_core::bail!("rows are staged in GPU memory only with the `cuda` feature")
     }
 }
+
+/// Nodes one routed pass can order (as with the `cuda` feature).
+pub const PASS_MAX_NODES: usize = 64;
+
+/// A coordinator's pass buffer (`pass.rs`): never made without a GPU.
+pub enum PassExchange {}
+
+impl PassExchange {
+    pub fn new(
+        device: &Device,
+        _layers: usize,
+        _tokens: usize,
+        _k: usize,
+        _hidden: usize,
+        _experts: usize,
+        _generation: u64,
+    ) -> Result<Self> {
+        candle_core::bail!("routed passes need a GPU; {device:?} in a build without CUDA")
+    }
+
+    pub fn fits(&self, _layers: usize, _tokens: usize, _k: usize, _hidden: usize) -> bool {
+        match *self {}
+    }
+
+    pub fn generation(&self) -> u64 {
+        match *self {}
+    }
+
+    pub fn order(
+        &self,
+        _node: usize,
+        _layers: Vec<omnishard_proto::v1::LayerExperts>,
+        _deadline: std::time::Duration,
+    ) -> omnishard_proto::v1::DevicePass {
+        match *self {}
+    }
+
+    pub fn layer(
+        &self,
+        _layer: usize,
+        _xs: &Tensor,
+        _routing: &DeviceRouting,
+        _usage: &Tensor,
+        _nodes: &[usize],
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+
+    pub fn fail(&self, _pairs: &[(usize, usize)]) -> Result<()> {
+        match *self {}
+    }
+}
+
+/// Pass buffers mapped on a node: none without a GPU.
+#[derive(Default)]
+pub struct PassMappings(());
+
+/// A pass queued on a node's GPU: never here.
+pub enum QueuedPass {}
+
+impl QueuedPass {
+    pub fn wait(&self, _deadline: std::time::Instant) -> Result<()> {
+        match *self {}
+    }
+}
+
+pub fn queue_pass(
+    _mappings: &PassMappings,
+    device: &Device,
+    _req: &omnishard_proto::v1::DevicePass,
+    _max_k: usize,
+    _hidden: usize,
+    _compute: &mut dyn FnMut(usize, &ImportedRouted) -> Result<()>,
+) -> Result<QueuedPass> {
+    candle_core::bail!(
+        "routed passes are for nodes on a GPU; this build has no CUDA and computes on {device:?}"
+    )
+}

@@ -476,3 +476,4 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ ys, const u
 #include "prefill_attention.cuh"
 #include "sample.cuh"
 #include "router.cuh"
+#include "exchange.cuh"

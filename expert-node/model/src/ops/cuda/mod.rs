@@ -12,6 +12,7 @@ mod attention;
 mod graph;
 mod ipc;
 mod moe;
+mod pass;
 mod prefill_attention;
 mod routed;
 mod router;
@@ -25,6 +26,7 @@ pub(crate) use graph::{
 };
 pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
+pub use pass::{PASS_MAX_NODES, PassExchange, PassMappings, QueuedPass, queue_pass};
 pub use prefill_attention::prefill_attention;
 pub use routed::{
     ImportedRouted, ROUTED_MAX_EXPERTS, RoutedExchange, RoutedStage, SharedEvent, gpu_uuid,
