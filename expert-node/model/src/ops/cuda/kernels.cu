@@ -409,6 +409,62 @@ extern "C" __global__ void moe_down_combine1_routed_bf16(const bf16* __restrict_
     if (lane == 0) out[h] = sum;
 }
 
+// A routed call's batch-1 slots on a node (ops/cuda/moe.rs, `outputs_routed_into`): the two
+// kernels above reading the coordinator's top-k as copied in, for the experts held here only
+// (row_of[e] != NOT_HELD, e < E), no usage (the coordinator counts it), each slot's weighted
+// output written to its row `slot` of the coordinator's [k, H] rows rather than summed: the
+// table path's per-slot bits (moe_down_bf16's rounding), without its plan launch.
+extern "C" __global__ void moe_gate_up1_held_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
+                                                  const uint32_t* __restrict__ routed,
+                                                  const uint32_t* __restrict__ row_of, int E, int H, int I,
+                                                  bf16* __restrict__ act) {
+    const int i = blockIdx.y, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const uint32_t e = routed[i];
+    if (j >= I || e >= (uint32_t)E || row_of[e] == NOT_HELD) return;
+    const bf16* wg = w13 + ((size_t)row_of[e] * 2 * I + j) * H;
+    const bf16* wu = wg + (size_t)I * H;
+    float ag = 0.f, au = 0.f;
+#pragma unroll 4
+    for (int k = lane * 8; k < H; k += 256) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + k);
+        ag = dot8(*reinterpret_cast<const uint4*>(wg + k), xv, ag);
+        au = dot8(*reinterpret_cast<const uint4*>(wu + k), xv, au);
+    }
+    ag = warp_sum(ag);
+    au = warp_sum(au);
+    if (lane == 0) act[(size_t)i * I + j] = rn(silu_mul(ag, au));
+}
+
+extern "C" __global__ void moe_down1_rows_held_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,
+                                                    const uint32_t* __restrict__ routed, int k,
+                                                    const uint32_t* __restrict__ row_of, int E, int H, int I,
+                                                    bf16* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const int h = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (h >= H) return;
+    for (int g0 = 0; g0 < k; g0 += DOWN1_EXPERTS) {
+        uint32_t wrow[DOWN1_EXPERTS], arow[DOWN1_EXPERTS];
+        bool held[DOWN1_EXPERTS];
+        float acc[DOWN1_EXPERTS];
+#pragma unroll
+        for (int m = 0; m < DOWN1_EXPERTS; ++m) {
+            const int g = min(g0 + m, k - 1);
+            const uint32_t e = routed[g];
+            held[m] = g0 + m < k && e < (uint32_t)E && row_of[e] != NOT_HELD;
+            // A row of this node's experts either way: the loads stay in bounds.
+            wrow[m] = held[m] ? row_of[e] : 0u;
+            arow[m] = g;
+        }
+        down_rows1(act, w2, wrow, arow, H, I, h, lane, acc);
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < DOWN1_EXPERTS; ++m)
+                if (held[m]) out[(size_t)(g0 + m) * H + h] = rn(weighted1(acc[m], routed[k + g0 + m]));
+        }
+    }
+}
+
 // y[t, j] = w_j . x[t] for a few rows x (decode's projections and routers): one warp per output
 // j streams its weight row once for all T tokens, 16-byte loads, f32 accumulation, one bf16
 // rounding (as cuBLAS's bf16 GEMM with f32 compute). x: [T, K], w: [N, K], y: [T, N].

@@ -9,6 +9,7 @@
 //! nine. These kernels replace the launch-heavy and bandwidth-heavy parts.
 
 mod attention;
+mod exchange;
 mod graph;
 mod ipc;
 mod moe;
@@ -21,6 +22,7 @@ mod side;
 mod staging;
 
 pub use attention::{CacheBuffers, causal_softmax, decode_attention};
+pub use exchange::ImportedRouted;
 pub(crate) use graph::{
     Captured, DecodeTables, can_capture, capture, decode_attention_indirect, upload_into,
 };
@@ -29,8 +31,7 @@ pub use moe::{StackedExperts, combine};
 pub use pass::{PASS_MAX_NODES, PassExchange, PassMappings, QueuedPass, queue_pass};
 pub use prefill_attention::prefill_attention;
 pub use routed::{
-    ImportedRouted, ROUTED_MAX_EXPERTS, RoutedExchange, RoutedStage, SharedEvent, gpu_uuid,
-    import_routed,
+    ROUTED_MAX_EXPERTS, RoutedExchange, RoutedStage, SharedEvent, gpu_uuid, import_routed,
 };
 pub use router::{
     DeviceRouting, RouterTicket, router_gate_topk1, router_topk, router_topk_on_device,

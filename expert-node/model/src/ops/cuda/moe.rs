@@ -10,7 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, 
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 use half::bf16;
 
-use super::routed::ImportedRouted;
+use super::exchange::ImportedRouted;
 use super::{
     DeviceRouting, MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, upload,
     with_view, wrap,
@@ -247,10 +247,73 @@ impl StackedExperts {
                 self.hidden
             );
         }
+        if call.top_k.tokens == 1 && call.top_k.k <= ROUTED1_MAX_K {
+            return self.outputs_one_into(dev, call, row_of);
+        }
         // The node keeps no usage counts (the coordinator does).
         let plan = self.device_plan(dev, call.top_k, None, row_of)?;
         self.launch(dev, xs, &plan, Out::Into(call.output))
             .map(|_| ())
+    }
+
+    /// Batch-1 [`StackedExperts::outputs_routed_into`]: gate+up and down reading the top-k as
+    /// copied in, for the experts held here, no plan launch (it is on a batch-1 layer's path
+    /// between the two GPUs).
+    fn outputs_one_into(
+        &self,
+        dev: &CudaDevice,
+        call: &ImportedRouted,
+        row_of: &CudaSlice<u32>,
+    ) -> Result<()> {
+        let k = call.top_k.k;
+        let (h, i) = (self.hidden, self.inter);
+        let (k_i, e_i, h_i, i_i) = (
+            checked_i32("top-k", k)?,
+            checked_i32("experts", self.row_of.len())?,
+            checked_i32("hidden", h)?,
+            checked_i32("intermediate", i)?,
+        );
+        // SAFETY: gate/up writes the rows of the held experts, the only ones down reads.
+        let mut act = unsafe { dev.alloc::<bf16>(k * i) }?;
+        let rows = |n: usize| n.div_ceil(WARPS) as u32;
+        let block = (WARPS * 32) as u32;
+        let routed = call.top_k.at;
+        with_view(&call.xs, |xv| {
+            with_view(&self.w13, |wv| {
+                let func = dev.get_or_load_custom_func("moe_gate_up1_held_bf16", MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(xv)
+                    .arg(wv)
+                    .arg(&routed)
+                    .arg(row_of)
+                    .arg(&e_i)
+                    .arg(&h_i)
+                    .arg(&i_i)
+                    .arg(&mut act);
+                let grid = (rows(i), checked_u32("top-k", k)?);
+                // SAFETY: argument types and order match `moe_gate_up1_held_bf16`; `routed`
+                // holds the call's 2k words (checked on import).
+                unsafe { b.launch(launch_config(grid, block, 0)) }.w()?;
+                Ok(())
+            })
+        })?;
+        with_view(&self.w2, |wv| {
+            let func = dev.get_or_load_custom_func("moe_down1_rows_held_bf16", MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&act)
+                .arg(wv)
+                .arg(&routed)
+                .arg(&k_i)
+                .arg(row_of)
+                .arg(&e_i)
+                .arg(&h_i)
+                .arg(&i_i)
+                .arg(&call.output);
+            // SAFETY: argument types and order match `moe_down1_rows_held_bf16`; the output
+            // rows `[k, H]` lie in the mapped buffer (checked on import).
+            unsafe { b.launch(launch_config((rows(h), 1), block, 0)) }.w()?;
+            Ok(())
+        })
     }
 
     /// Batch-1 decode of [`StackedExperts::forward_routed`]: gate+up (which also counts the

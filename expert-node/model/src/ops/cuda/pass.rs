@@ -35,10 +35,10 @@ use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaEvent, CudaStre
 use candle_core::{CudaDevice, Device, Result, Tensor, bail};
 use omnishard_proto::v1;
 
-use super::ipc::{DeviceBuffer, GRANULE, check};
-use super::routed::{
+use super::exchange::{
     ALIGN, ExchangeParts, ExpertIds, ImportedRouted, exchange_layout, fill_exchange, sums_at,
 };
+use super::ipc::{DeviceBuffer, GRANULE, check};
 use super::{DeviceRouting, bf16_device};
 
 /// Nodes one pass can order (each has a ready and a done flag per layer in the buffer).
