@@ -49,6 +49,12 @@ pub(super) struct PassState {
     made: std::sync::atomic::AtomicU64,
 }
 
+impl PassState {
+    fn active(&self) -> std::sync::MutexGuard<'_, Option<ActivePass>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 type Answer = (Arc<Node>, Result<Reply, CallError>);
 
 /// A pass ordered and not yet ended.
@@ -87,7 +93,7 @@ impl RemoteExperts {
         }
         let this = std::thread::current().id();
         let stale = {
-            let mut active = shared.pass.active.lock().unwrap_or_else(|e| e.into_inner());
+            let mut active = shared.pass.active();
             match active.as_ref() {
                 Some(p) if p.thread != this => return Pass::Unavailable,
                 // One this thread never ended (it cannot have: the model ends every pass).
@@ -99,7 +105,7 @@ impl RemoteExperts {
             let _ = self.finish(p, false);
         }
         // Held until the pass is stored: one pass at a time.
-        let mut active = shared.pass.active.lock().unwrap_or_else(|e| e.into_inner());
+        let mut active = shared.pass.active();
         if active.is_some() {
             return Pass::Unavailable;
         }
@@ -237,16 +243,10 @@ impl RemoteExperts {
 
     /// Whether this thread's pass covers `layer`.
     pub(super) fn in_pass(&self, layer: usize) -> bool {
-        self.shared
-            .pass
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|p| {
-                p.thread == std::thread::current().id()
-                    && p.layers.get(layer).is_some_and(|n| !n.is_empty())
-            })
+        self.shared.pass.active().as_ref().is_some_and(|p| {
+            p.thread == std::thread::current().id()
+                && p.layers.get(layer).is_some_and(|n| !n.is_empty())
+        })
     }
 
     /// The layer's part of this thread's pass, if it has one covering `layer`: only GPU work,
@@ -258,12 +258,7 @@ impl RemoteExperts {
         routing: &DeviceRouting,
         usage: &Tensor,
     ) -> Option<Result<Tensor, ExpertError>> {
-        let mut active = self
-            .shared
-            .pass
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut active = self.shared.pass.active();
         let pass = active
             .as_mut()
             .filter(|p| p.thread == std::thread::current().id())?;
@@ -278,12 +273,7 @@ impl RemoteExperts {
     /// [`omnishard_model::Experts::end_pass`]: waits for the nodes' answers; a failed pass (or
     /// one not `queued` in full) releases the GPUs' waits and fails.
     pub(super) fn end_routed_pass(&self, queued: bool) -> Result<(), ExpertError> {
-        let mut active = self
-            .shared
-            .pass
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut active = self.shared.pass.active();
         let Some(pass) = active.take_if(|p| p.thread == std::thread::current().id()) else {
             return Ok(());
         };

@@ -182,13 +182,51 @@ pub(super) fn with_raw<R>(
     }
 }
 
-/// One node buffer mapped into the coordinator's context, closed on drop.
-struct Mapping {
+/// Another process's buffer mapped into this context, closed on drop.
+pub(super) struct Mapping {
     ctx: Arc<CudaContext>,
-    generation: u64,
-    handle: Vec<u8>,
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
+    pub(super) generation: u64,
+    pub(super) handle: Vec<u8>,
+    pub(super) ptr: sys::CUdeviceptr,
+    /// From `ptr` to the end of the allocation.
+    pub(super) bytes: usize,
+}
+
+impl Mapping {
+    /// Maps the buffer behind `t`'s handle into `ctx` (peer access enabled as needed).
+    pub(super) fn open(ctx: &Arc<CudaContext>, t: &v1::DeviceTensor) -> Result<Self> {
+        let raw: [u8; 64] = <[u8; 64]>::try_from(&t.ipc_handle[..]).map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "an IPC handle has 64 bytes, this one {}",
+                t.ipc_handle.len()
+            ))
+        })?;
+        let handle = sys::CUipcMemHandle_st {
+            reserved: raw.map(|b| b as std::ffi::c_char),
+        };
+        let mut ptr: sys::CUdeviceptr = 0;
+        check("cuIpcOpenMemHandle", unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                handle,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        })?;
+        // Owned from here: closed if its size cannot be had.
+        let mut mapping = Mapping {
+            ctx: ctx.clone(),
+            generation: t.generation,
+            handle: t.ipc_handle.clone(),
+            ptr,
+            bytes: 0,
+        };
+        let (mut base, mut size) = (0, 0usize);
+        check("cuMemGetAddressRange", unsafe {
+            sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr)
+        })?;
+        mapping.bytes = size.saturating_sub(ptr.saturating_sub(base) as usize);
+        Ok(mapping)
+    }
 }
 
 impl Drop for Mapping {
@@ -317,36 +355,7 @@ impl IpcImporter {
             if mapped.len() >= MAX_MAPPINGS {
                 mapped.clear();
             }
-            let raw: [u8; 64] = <[u8; 64]>::try_from(&out.ipc_handle[..]).map_err(|_| {
-                candle_core::Error::Msg(format!(
-                    "an IPC handle has 64 bytes, this one {}",
-                    out.ipc_handle.len()
-                ))
-            })?;
-            let handle = sys::CUipcMemHandle_st {
-                reserved: raw.map(|b| b as std::ffi::c_char),
-            };
-            let mut ptr: sys::CUdeviceptr = 0;
-            check("cuIpcOpenMemHandle", unsafe {
-                sys::cuIpcOpenMemHandle_v2(
-                    &mut ptr,
-                    handle,
-                    sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-                )
-            })?;
-            // Owned from here: closed if its size cannot be had.
-            let mut mapping = Mapping {
-                ctx: ctx.clone(),
-                generation: out.generation,
-                handle: out.ipc_handle.clone(),
-                ptr,
-                bytes: 0,
-            };
-            let (mut base, mut size) = (0, 0usize);
-            check("cuMemGetAddressRange", unsafe {
-                sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr)
-            })?;
-            mapping.bytes = size.saturating_sub(ptr.saturating_sub(base) as usize);
+            let mapping = Mapping::open(ctx, out)?;
             mapped.insert(out.slot, mapping);
         }
         let m = &mapped[&out.slot];

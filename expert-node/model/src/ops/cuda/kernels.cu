@@ -283,18 +283,12 @@ extern "C" __global__ void moe_down_bf16(const bf16* __restrict__ act, const bf1
 // the fused down below adds the experts in ascending id, the order of the host's table, so both
 // give the bits of the table path. The first block of each expert adds it to the layer's usage.
 #define ROUTED1_MAX_K 32
-extern "C" __global__ void moe_gate_up1_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
-                                             const uint32_t* __restrict__ routed,
-                                             const uint32_t* __restrict__ row_of, uint32_t* __restrict__ usage,
-                                             int H, int I, bf16* __restrict__ act) {
-    const int i = blockIdx.y, lane = threadIdx.x & 31;
-    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const uint32_t e = routed[i];
-    if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&usage[e], 1u);
-    if (j >= I) return;
-    const bf16* wg = w13 + ((size_t)row_of[e] * 2 * I + j) * H;
+// Row j of the activation of stacked expert row `r` for the one token `xs`, into act[i, j]: the
+// per-lane order and butterfly of moe_gate_up_bf16, one token, so the same bits.
+__device__ __forceinline__ void gate_up1_row(const bf16* __restrict__ xs, const bf16* __restrict__ w13, uint32_t r,
+                                             int H, int I, int i, int j, int lane, bf16* __restrict__ act) {
+    const bf16* wg = w13 + ((size_t)r * 2 * I + j) * H;
     const bf16* wu = wg + (size_t)I * H;
-    // The per-lane order and butterfly of moe_gate_up_bf16, one token: the same bits.
     float ag = 0.f, au = 0.f;
 #pragma unroll 4
     for (int k = lane * 8; k < H; k += 256) {
@@ -305,6 +299,18 @@ extern "C" __global__ void moe_gate_up1_bf16(const bf16* __restrict__ xs, const 
     ag = warp_sum(ag);
     au = warp_sum(au);
     if (lane == 0) act[(size_t)i * I + j] = rn(silu_mul(ag, au));
+}
+
+extern "C" __global__ void moe_gate_up1_bf16(const bf16* __restrict__ xs, const bf16* __restrict__ w13,
+                                             const uint32_t* __restrict__ routed,
+                                             const uint32_t* __restrict__ row_of, uint32_t* __restrict__ usage,
+                                             int H, int I, bf16* __restrict__ act) {
+    const int i = blockIdx.y, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const uint32_t e = routed[i];
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&usage[e], 1u);
+    if (j >= I) return;
+    gate_up1_row(xs, w13, row_of[e], H, I, i, j, lane, act);
 }
 
 // Batch-1 decode: down with the router weight and the per-token sum in one launch. One warp per
@@ -422,18 +428,7 @@ extern "C" __global__ void moe_gate_up1_held_bf16(const bf16* __restrict__ xs, c
     const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const uint32_t e = routed[i];
     if (j >= I || e >= (uint32_t)E || row_of[e] == NOT_HELD) return;
-    const bf16* wg = w13 + ((size_t)row_of[e] * 2 * I + j) * H;
-    const bf16* wu = wg + (size_t)I * H;
-    float ag = 0.f, au = 0.f;
-#pragma unroll 4
-    for (int k = lane * 8; k < H; k += 256) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(xs + k);
-        ag = dot8(*reinterpret_cast<const uint4*>(wg + k), xv, ag);
-        au = dot8(*reinterpret_cast<const uint4*>(wu + k), xv, au);
-    }
-    ag = warp_sum(ag);
-    au = warp_sum(au);
-    if (lane == 0) act[(size_t)i * I + j] = rn(silu_mul(ag, au));
+    gate_up1_row(xs, w13, row_of[e], H, I, i, j, lane, act);
 }
 
 extern "C" __global__ void moe_down1_rows_held_bf16(const bf16* __restrict__ act, const bf16* __restrict__ w2,

@@ -38,7 +38,7 @@ use omnishard_proto::v1;
 use super::exchange::{
     ALIGN, ExchangeParts, ExpertIds, ImportedRouted, exchange_layout, fill_exchange, sums_at,
 };
-use super::ipc::{DeviceBuffer, GRANULE, check};
+use super::ipc::{DeviceBuffer, GRANULE, Mapping, check};
 use super::{DeviceRouting, bf16_device};
 
 /// Nodes one pass can order (each has a ready and a done flag per layer in the buffer).
@@ -296,32 +296,15 @@ impl PassExchange {
     }
 }
 
-/// A coordinator's pass buffer mapped on a node, closed on drop (after this GPU's work on it).
-struct PeerBuffer {
-    ctx: Arc<CudaContext>,
-    handle: Vec<u8>,
-    generation: u64,
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
-}
-
-impl Drop for PeerBuffer {
-    fn drop(&mut self) {
-        if self.ctx.synchronize().is_ok() {
-            let _ = unsafe { sys::cuIpcCloseMemHandle(self.ptr) };
-        }
-    }
-}
-
 /// The node's side: coordinators' pass buffers mapped here, kept across passes (a graph
 /// replays into the same buffer every step).
 #[derive(Default)]
 pub struct PassMappings {
-    mapped: Mutex<VecDeque<Arc<PeerBuffer>>>,
+    mapped: Mutex<VecDeque<Arc<Mapping>>>,
 }
 
 impl PassMappings {
-    fn map(&self, ctx: &Arc<CudaContext>, t: &v1::DeviceTensor) -> Result<Arc<PeerBuffer>> {
+    fn map(&self, ctx: &Arc<CudaContext>, t: &v1::DeviceTensor) -> Result<Arc<Mapping>> {
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = mapped
             .iter()
@@ -335,36 +318,7 @@ impl PassMappings {
                 mapped.remove(i);
             }
         }
-        let raw: [u8; 64] = <[u8; 64]>::try_from(&t.ipc_handle[..]).map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "an IPC handle has 64 bytes, this one {}",
-                t.ipc_handle.len()
-            ))
-        })?;
-        let handle = sys::CUipcMemHandle_st {
-            reserved: raw.map(|b| b as std::ffi::c_char),
-        };
-        let mut ptr: sys::CUdeviceptr = 0;
-        check("cuIpcOpenMemHandle", unsafe {
-            sys::cuIpcOpenMemHandle_v2(
-                &mut ptr,
-                handle,
-                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-            )
-        })?;
-        let mut buffer = PeerBuffer {
-            ctx: ctx.clone(),
-            handle: t.ipc_handle.clone(),
-            generation: t.generation,
-            ptr,
-            bytes: 0,
-        };
-        let (mut base, mut size) = (0, 0usize);
-        check("cuMemGetAddressRange", unsafe {
-            sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr)
-        })?;
-        buffer.bytes = size.saturating_sub(ptr.saturating_sub(base) as usize);
-        let buffer = Arc::new(buffer);
+        let buffer = Arc::new(Mapping::open(ctx, t)?);
         mapped.push_back(buffer.clone());
         Ok(buffer)
     }
@@ -377,7 +331,7 @@ pub struct QueuedPass {
     /// Its ready flags: raised by the node itself if the pass misses its deadline.
     ready: Vec<u64>,
     /// Kept mapped until the GPU is done with it.
-    _buffer: Arc<PeerBuffer>,
+    _buffer: Arc<Mapping>,
 }
 
 impl QueuedPass {
