@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use omnishard_model::lending::host_id;
-use omnishard_model::ops::cuda::{SharedEvent, import_routed, queue_pass};
+use omnishard_model::ops::cuda::{SharedEvent, check_pass, import_routed, queue_pass};
 use omnishard_model::{ExpertError, LocalExperts};
 use omnishard_proto::v1::{self, ForwardRequest, ForwardResponse};
 
@@ -105,6 +105,8 @@ pub(crate) fn process_pass(
             "a routed pass comes from a coordinator on this host".into(),
         ));
     }
+    check_pass(pass, experts.top_k(), experts.hidden_size())
+        .map_err(|e| NodeError::BadPass(e.to_string()))?;
     for l in &pass.layers {
         check_held(experts, l.layer as usize, &l.experts)?;
     }
@@ -131,9 +133,11 @@ pub(crate) fn process_pass(
         (Err(e), None) => return Err(NodeError::Ipc(e.to_string())),
     };
     let launched = micros(started.elapsed());
-    queued
-        .wait(deadline)
-        .map_err(|e| NodeError::PassTimeout(e.to_string()))?;
+    match queued.wait(deadline) {
+        Ok(true) => {}
+        Ok(false) => return Err(NodeError::PassTimeout),
+        Err(e) => return Err(NodeError::Gpu(e.to_string())),
+    }
     Ok(ForwardResponse {
         request_id: req.request_id,
         timing: Some(v1::NodeTiming {

@@ -68,8 +68,14 @@ pub enum NodeError {
     RoutedExtra,
     #[error("a routed pass (device_pass) must say how long the node may wait for it (deadline_ms)")]
     PassDeadline,
-    #[error("{0}")]
-    PassTimeout(String),
+    #[error("a routed pass: {0}")]
+    BadPass(String),
+    #[error(
+        "the routed pass was not done on the GPU by its deadline (the coordinator's ready flags never came); its waits were released"
+    )]
+    PassTimeout,
+    #[error("the GPU failed: {0}")]
+    Gpu(String),
     #[error("shared-memory lane: {0}")]
     Lane(String),
     #[error("compute task failed: {0}")]
@@ -86,8 +92,9 @@ impl ServiceError for NodeError {
             | NodeError::Decode(_)
             | NodeError::TwoHiddens
             | NodeError::RoutedExtra
-            | NodeError::PassDeadline => Code::InvalidArgument,
-            NodeError::PassTimeout(_) => Code::DeadlineExceeded,
+            | NodeError::PassDeadline
+            | NodeError::BadPass(_) => Code::InvalidArgument,
+            NodeError::PassTimeout => Code::DeadlineExceeded,
             // This node cannot map the coordinator's memory (another host, no GPU, no peer
             // access): about this node, not the request.
             NodeError::Ipc(_) | NodeError::Lane(_) => Code::FailedPrecondition,
@@ -103,7 +110,7 @@ impl ServiceError for NodeError {
                 | ExpertError::Rejected { .. } => Code::Internal,
                 ExpertError::Node { .. } | ExpertError::NoLiveHolder { .. } => Code::Unavailable,
             },
-            NodeError::Encode(_) | NodeError::Join(_) => Code::Internal,
+            NodeError::Encode(_) | NodeError::Join(_) | NodeError::Gpu(_) => Code::Internal,
         }
     }
 }

@@ -304,6 +304,13 @@ impl NodeClient {
                             return reply(resp, (asked_ipc, asked_pass), lease, true);
                         }
                     }
+                    // A routed pass may have been queued already: sent again it would take
+                    // the next step's flags.
+                    Err(LaneError::Closed) if asked_pass => {
+                        return Err(CallError::Transport(
+                            "the lane closed under a routed pass".into(),
+                        ));
+                    }
                     // Closed under the call (the node shutting down, or its lane's call ended):
                     // the stream says whether the node is still there.
                     Err(LaneError::Closed) => {}

@@ -46,9 +46,10 @@ impl Rows<'_> {
 
 impl Experts for RemoteExperts {
     fn takes_device_routing(&self, layer: usize) -> bool {
-        // A layer of this thread's pass is one whatever became of its nodes since (a failure
-        // shows at the pass's end).
-        self.in_pass(layer) || self.takes_routed_calls(layer)
+        // Under a pass, exactly its layers, whatever became of their nodes since (a failure
+        // shows at the pass's end): the captured step must not call a node.
+        self.pass_covers(layer)
+            .unwrap_or_else(|| self.takes_routed_calls(layer))
     }
 
     /// Only as part of a routed pass (`pass.rs`), which batch-1 steps ask for each time.

@@ -10,9 +10,11 @@
 //!
 //! It applies where every MoE layer takes routed calls (`routed.rs`: one live holder per
 //! expert, each on another GPU of this host). A node that fails a pass, or does not answer by
-//! its deadline, fails the step: the coordinator's GPU is released from its waits, the buffer
-//! is never used again, the node is marked down (gone) or takes no more routed calls, and the
-//! model runs the step again without the graph.
+//! its deadline, fails the step: at the first failed answer every flag of the pass is raised
+//! (this GPU and the other nodes stop waiting), the buffer is never used again (nor freed: a
+//! node may still have it mapped), the node is marked down (gone) or takes no more routed
+//! calls, and the model runs the step again without the graph. While a pass is under way, other
+//! threads' layers go the host way.
 
 use std::hash::Hasher;
 use std::sync::atomic::Ordering;
@@ -21,7 +23,8 @@ use std::thread::ThreadId;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use futures::future::join_all;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use omnishard_model::ops::cuda::{DeviceRouting, PASS_MAX_NODES, PassExchange, ROUTED_MAX_EXPERTS};
 use omnishard_model::{CallContext, ExpertError, Pass};
 use omnishard_proto::v1::{self, ForwardRequest};
@@ -34,9 +37,9 @@ use super::lane;
 use super::membership::Node;
 use super::routed::{node_gone, owners};
 
-/// Failed passes' buffers kept allocated (a node may still write into one); past this the
-/// oldest is freed.
-const MAX_ABANDONED: usize = 8;
+/// Failed passes' buffers kept allocated: a node may still have one mapped and write into it,
+/// so none is freed; past this many, passes stop (batch-1 steps run without the graph).
+const MAX_ABANDONED: usize = 16;
 
 /// The coordinator's passes: the buffer of the current shape, the pass under way, and the
 /// buffers of failed ones.
@@ -104,6 +107,14 @@ impl RemoteExperts {
         if let Some(p) = stale {
             let _ = self.finish(p, false);
         }
+        // Made (GPU memory, a device sync) before the pass state is locked.
+        let exchange = match self.pass_exchange(device, tokens) {
+            Ok(exchange) => exchange,
+            Err(e) => {
+                tracing::warn!(error = %e, "no buffer for routed passes: batch-1 steps run without a CUDA graph");
+                return Pass::Unavailable;
+            }
+        };
         // Held until the pass is stored: one pass at a time.
         let mut active = shared.pass.active();
         if active.is_some() {
@@ -145,13 +156,6 @@ impl RemoteExperts {
         if layers.iter().all(Vec::is_empty) {
             return Pass::Unavailable;
         }
-        let exchange = match self.pass_exchange(device, tokens) {
-            Ok(exchange) => exchange,
-            Err(e) => {
-                tracing::warn!(error = %e, "no buffer for routed passes: batch-1 steps run without a CUDA graph");
-                return Pass::Unavailable;
-            }
-        };
         // Fixed keys: the same pass must get the same key every step.
         let mut key = std::hash::DefaultHasher::new();
         key.write_u64(exchange.generation());
@@ -196,13 +200,22 @@ impl RemoteExperts {
         Pass::Ordered(key.finish() | 1)
     }
 
-    /// Whether passes may be ordered at all (the options, the dtype, this GPU).
+    /// Whether passes may be ordered at all (the options, the dtype, this GPU, the failures so
+    /// far).
     pub(super) fn passes_possible(&self) -> bool {
         let opts = &self.shared.opts;
         opts.gpu_routing
             && opts.cuda_ipc
             && self.shared.dtype == candle_core::DType::BF16
             && !self.shared.routed_off.load(Ordering::Relaxed)
+            && self
+                .shared
+                .pass
+                .abandoned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len()
+                < MAX_ABANDONED
     }
 
     /// The pass buffer for `tokens` tokens, made (and the last one replaced) when the shape
@@ -241,9 +254,12 @@ impl RemoteExperts {
         Ok(made)
     }
 
-    /// Whether this thread's pass covers `layer`.
-    pub(super) fn in_pass(&self, layer: usize) -> bool {
-        self.shared.pass.active().as_ref().is_some_and(|p| {
+    /// With a pass under way: `Some(whether it covers layer)` on the thread that began it, and
+    /// `Some(false)` on any other (its layers go the host way: a routed call would queue this
+    /// GPU's wait for a node whose stream holds the pass, behind the pass's own flags). `None`
+    /// without one.
+    pub(super) fn pass_covers(&self, layer: usize) -> Option<bool> {
+        self.shared.pass.active().as_ref().map(|p| {
             p.thread == std::thread::current().id()
                 && p.layers.get(layer).is_some_and(|n| !n.is_empty())
         })
@@ -283,45 +299,55 @@ impl RemoteExperts {
 
     fn finish(&self, pass: ActivePass, complete: bool) -> Result<(), ExpertError> {
         let pairs = pass.pairs();
+        let mut failed = (!complete).then(|| "the step ended before all its layers".to_string());
+        let mut released = false;
         if !complete {
             // The step stopped before queuing every layer: the nodes wait for ready flags
             // that will not come, and this GPU may wait for theirs.
             self.fail_pass(&pass.exchange, &pairs);
+            released = true;
         }
         let started = Instant::now();
-        let answers = self.block_on(join_all(pass.calls));
-        let mut failed = (!complete).then(|| "the step ended before all its layers".to_string());
-        for answer in answers {
-            let (node, result) = match answer {
-                Ok(answer) => answer,
-                Err(e) => {
-                    failed = Some(format!("a pass call's task failed: {e}"));
-                    continue;
-                }
+        let mut answers: FuturesUnordered<_> = pass.calls.into_iter().collect();
+        while let Some(answer) = self.block_on(answers.next()) {
+            let outcome = match answer {
+                Ok((node, result)) => match result.and_then(|reply| match reply.payload {
+                    Payload::Passed => Ok(reply),
+                    _ => Err(CallError::BadAnswer(
+                        "answered a routed pass with rows or an event".into(),
+                    )),
+                }) {
+                    Ok(reply) => {
+                        if let Some(t) = &reply.timing {
+                            self.shared.profile.node_answered(t);
+                        }
+                        node.routed_calls.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        // A node that missed its deadline after this side gave up on the pass
+                        // waited for flags that were late for another node's sake.
+                        if node_gone(&e) {
+                            node.mark_down(&reason);
+                        } else if !(released
+                            && matches!(&e, CallError::Status { code, .. } if *code == tonic::Code::DeadlineExceeded))
+                        {
+                            node.routed_ok.store(false, Ordering::Relaxed);
+                        }
+                        tracing::warn!(node = %node.label(), error = %reason, "routed pass failed");
+                        format!("node {}: {reason}", node.label())
+                    }
+                },
+                Err(e) => format!("a pass call's task failed: {e}"),
             };
-            match result.and_then(|reply| match reply.payload {
-                Payload::Passed => Ok(reply),
-                _ => Err(CallError::BadAnswer(
-                    "answered a routed pass with rows or an event".into(),
-                )),
-            }) {
-                Ok(reply) => {
-                    if let Some(t) = &reply.timing {
-                        self.shared.profile.node_answered(t);
-                    }
-                    node.routed_calls.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    let reason = e.to_string();
-                    if node_gone(&e) {
-                        node.mark_down(&reason);
-                    } else {
-                        node.routed_ok.store(false, Ordering::Relaxed);
-                    }
-                    tracing::warn!(node = %node.label(), error = %reason, "routed pass failed");
-                    failed = Some(format!("node {}: {reason}", node.label()));
-                }
+            if !released {
+                // At the first failure: the other nodes' passes (and this GPU) wait on flags
+                // that may never come otherwise.
+                self.fail_pass(&pass.exchange, &pairs);
+                released = true;
             }
+            failed.get_or_insert(outcome);
         }
         tracing::trace!(
             waited_us = started.elapsed().as_micros() as u64,
@@ -329,14 +355,9 @@ impl RemoteExperts {
         );
         match failed {
             None => Ok(()),
-            Some(reason) => {
-                if complete {
-                    self.fail_pass(&pass.exchange, &pairs);
-                }
-                Err(ExpertError::Inconsistent(format!(
-                    "routed pass failed: {reason}"
-                )))
-            }
+            Some(reason) => Err(ExpertError::Inconsistent(format!(
+                "routed pass failed: {reason}"
+            ))),
         }
     }
 
@@ -351,9 +372,12 @@ impl RemoteExperts {
             *current = None;
         }
         let mut abandoned = state.abandoned.lock().unwrap_or_else(|e| e.into_inner());
-        if abandoned.len() >= MAX_ABANDONED {
-            abandoned.remove(0);
-        }
         abandoned.push(exchange.clone());
+        if abandoned.len() == MAX_ABANDONED {
+            tracing::warn!(
+                failed = MAX_ABANDONED,
+                "routed passes failed too often: batch-1 steps run without the CUDA graph from now on"
+            );
+        }
     }
 }

@@ -141,8 +141,8 @@ pub trait Experts: Send + Sync {
 
     /// Ends the pass [`Experts::begin_pass`] ordered: `queued` says whether all of its work
     /// was queued (run, or replayed from a graph), not cut short by an error. `Err` when the
-    /// experts' part failed: the pass's outputs are garbage and it must run again (nothing of
-    /// it is waiting on the GPU any more).
+    /// experts' part failed: the pass's outputs are garbage and it must run again (its waits on
+    /// the GPUs have been released, unless releasing them failed too, which is logged).
     fn end_pass(&self, _queued: bool) -> Result<(), ExpertError> {
         Ok(())
     }

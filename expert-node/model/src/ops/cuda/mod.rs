@@ -28,7 +28,7 @@ pub(crate) use graph::{
 };
 pub use ipc::{IpcExporter, IpcImporter, Lent, gather};
 pub use moe::{StackedExperts, combine};
-pub use pass::{PASS_MAX_NODES, PassExchange, PassMappings, QueuedPass, queue_pass};
+pub use pass::{PASS_MAX_NODES, PassExchange, PassMappings, QueuedPass, check_pass, queue_pass};
 pub use prefill_attention::prefill_attention;
 pub use routed::{
     ROUTED_MAX_EXPERTS, RoutedExchange, RoutedStage, SharedEvent, gpu_uuid, import_routed,

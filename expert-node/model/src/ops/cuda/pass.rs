@@ -296,8 +296,9 @@ impl PassExchange {
     }
 }
 
-/// The node's side: coordinators' pass buffers mapped here, kept across passes (a graph
-/// replays into the same buffer every step).
+/// The node's side: coordinators' pass buffers mapped here (one per buffer a coordinator has
+/// made: a failed pass retires its buffer), kept across passes (a graph replays into the same
+/// buffer every step); past [`MAX_PASS_MAPPINGS`] the oldest no pass holds is closed.
 #[derive(Default)]
 pub struct PassMappings {
     mapped: Mutex<VecDeque<Arc<Mapping>>>,
@@ -335,22 +336,20 @@ pub struct QueuedPass {
 }
 
 impl QueuedPass {
-    /// Waits (polling the host, never blocking in the driver) until the GPU has done the pass,
-    /// or past `deadline`: then raises the pass's own ready flags so that the GPU stops waiting
-    /// on a coordinator that is gone, and says so with an error.
-    pub fn wait(&self, deadline: Instant) -> Result<()> {
+    /// Waits (polling the host, never blocking in the driver) until the GPU has done the pass
+    /// (`true`), or past `deadline`: then raises the pass's own ready flags so that the GPU
+    /// stops waiting on a coordinator that is gone (`false`). `Err`: the GPU failed.
+    pub fn wait(&self, deadline: Instant) -> Result<bool> {
         // A batch-1 step's pass takes a few milliseconds and its answer is on the step's
         // critical path: spin that long (a sleep costs tens of microseconds more), then nap.
         let spin_until = Instant::now() + Duration::from_millis(50);
         loop {
             if self.done.try_is_complete().w()? {
-                return Ok(());
+                return Ok(true);
             }
             if Instant::now() >= deadline {
                 release(&self.ctx, &self.ready)?;
-                bail!(
-                    "the pass was not done on the GPU by its deadline (the coordinator's ready flags never came)"
-                );
+                return Ok(false);
             }
             if Instant::now() < spin_until {
                 std::thread::yield_now();
@@ -361,34 +360,14 @@ impl QueuedPass {
     }
 }
 
-/// Queues a pass on the node (`req`, checked against the model: top-k up to `max_k`, width
-/// `hidden`): maps the coordinator's buffer once, then for each of its layers waits for the
-/// ready flag, clears it, copies the layer in, has `compute(layer, call)` queue the experts'
-/// rows into the buffer and raises the done flag. `compute` is called in the order of
-/// `req.layers`; an error stops the queuing (what was queued drains once the coordinator,
-/// seeing the failed call, goes on).
-pub fn queue_pass(
-    mappings: &PassMappings,
-    device: &Device,
-    req: &v1::DevicePass,
-    max_k: usize,
-    hidden: usize,
-    compute: &mut dyn FnMut(usize, &ImportedRouted) -> Result<()>,
-) -> Result<QueuedPass> {
-    let Device::Cuda(dev) = device else {
-        bail!("routed passes are for nodes on a GPU, this one computes on {device:?}")
-    };
-    let Some(t) = &req.buffer else {
+/// Checks a pass against the model (top-k up to `max_k`, width `hidden`) before anything is
+/// mapped or queued: its parts and flags aligned, its layers ascending. The bytes of the
+/// coordinator's buffer it needs.
+pub fn check_pass(req: &v1::DevicePass, max_k: usize, hidden: usize) -> Result<usize> {
+    if req.buffer.is_none() {
         bail!("a routed pass without its buffer")
-    };
-    let parts = ExchangeParts {
-        n: req.tokens as usize,
-        k: req.top_k as usize,
-        routing: req.routing_offset,
-        hidden: req.hidden_offset,
-        output: req.output_offset,
-    };
-    let mut end = parts.check(max_k, hidden, hidden)?;
+    }
+    let mut end = pass_parts(req).check(max_k, hidden, hidden)?;
     let last = req.layers.iter().map(|l| l.layer as usize).max();
     for offset in [req.ready_offset, req.done_offset] {
         let offset = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -403,6 +382,40 @@ pub fn queue_pass(
     if req.layers.windows(2).any(|w| w[0].layer >= w[1].layer) {
         bail!("a pass's layers must be listed in ascending order, each once");
     }
+    Ok(end)
+}
+
+fn pass_parts(req: &v1::DevicePass) -> ExchangeParts {
+    ExchangeParts {
+        n: req.tokens as usize,
+        k: req.top_k as usize,
+        routing: req.routing_offset,
+        hidden: req.hidden_offset,
+        output: req.output_offset,
+    }
+}
+
+/// Queues a pass on the node (`req`, checked by [`check_pass`]): maps the coordinator's buffer
+/// once, then for each of its layers polls the ready flag, copies the layer in and clears the
+/// flag (one kernel), has `compute(layer, call)` queue the experts' rows into the buffer and
+/// raises the done flag. `compute` is called in the order of `req.layers`. An error stops the
+/// queuing and raises the ready flags of what was queued, so this GPU does not wait on them.
+pub fn queue_pass(
+    mappings: &PassMappings,
+    device: &Device,
+    req: &v1::DevicePass,
+    max_k: usize,
+    hidden: usize,
+    compute: &mut dyn FnMut(usize, &ImportedRouted) -> Result<()>,
+) -> Result<QueuedPass> {
+    let Device::Cuda(dev) = device else {
+        bail!("routed passes are for nodes on a GPU, this one computes on {device:?}")
+    };
+    let end = check_pass(req, max_k, hidden)?;
+    let Some(t) = &req.buffer else {
+        bail!("a routed pass without its buffer")
+    };
+    let parts = pass_parts(req);
     let stream = dev.cuda_stream();
     let ctx = stream.context().clone();
     ctx.bind_to_thread().w()?;
@@ -413,12 +426,18 @@ pub fn queue_pass(
     let base = buffer.ptr;
     let flag = |offset: u64, layer: u32| base + offset + 4 * layer as u64;
     let mut ready = Vec::with_capacity(req.layers.len());
-    for l in &req.layers {
+    let queued = req.layers.iter().try_for_each(|l| {
         let ready_flag = flag(req.ready_offset, l.layer);
         ready.push(ready_flag);
         let call = parts.copy_in(dev, base, hidden, Some(ready_flag))?;
         compute(l.layer as usize, &call)?;
-        write_value(stream.cu_stream(), flag(req.done_offset, l.layer), 1)?;
+        write_value(stream.cu_stream(), flag(req.done_offset, l.layer), 1)
+    });
+    if let Err(e) = queued {
+        if let Err(released) = release(&ctx, &ready) {
+            tracing::error!(error = %released, "cannot release a failed pass's waits on this GPU");
+        }
+        return Err(e);
     }
     let done = stream
         .record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
