@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg, sys,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg, sys,
 };
 use candle_core::{CudaDevice, Result, Tensor, bail};
 use half::bf16;
@@ -117,6 +117,31 @@ pub(super) fn sums_at(
     Ok(wrap(dev, sums, (n, h)))
 }
 
+/// Makes `stream` wait until the u32 at `addr` is `value`.
+pub(super) fn wait_value(stream: &CudaStream, addr: u64, value: u32) -> Result<()> {
+    check("cuStreamWaitValue32", unsafe {
+        sys::cuStreamWaitValue32_v2(
+            stream.cu_stream(),
+            addr,
+            value,
+            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+        )
+    })
+}
+
+/// Writes `value` to the u32 at `addr` once `stream`'s earlier work is done, with that work's
+/// memory writes made visible first.
+pub(super) fn write_value(stream: sys::CUstream, addr: u64, value: u32) -> Result<()> {
+    check("cuStreamWriteValue32", unsafe {
+        sys::cuStreamWriteValue32_v2(
+            stream,
+            addr,
+            value,
+            sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+        )
+    })
+}
+
 /// Copies two spans `(src, dst, bytes)` of device memory (either process's) on `dev`'s
 /// stream: one launch of `exchange_copy_u32` where both are whole u32 words, else the copy
 /// engine. At batch 1 a copy-engine transfer costs microseconds of latency each, in series with
@@ -139,8 +164,8 @@ pub(super) fn copy_spans_after(
         .all(|&(src, dst, bytes)| (src | dst | bytes as u64).is_multiple_of(4));
     if !words {
         if let Some(flag) = ready {
-            super::pass::wait_value(&stream, flag, 1)?;
-            super::pass::write_value(stream.cu_stream(), flag, 0)?;
+            wait_value(&stream, flag, 1)?;
+            write_value(stream.cu_stream(), flag, 0)?;
         }
         for (src, dst, bytes) in spans {
             check("cuMemcpyDtoDAsync", unsafe {

@@ -31,12 +31,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaEvent, CudaStream, sys};
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaEvent, sys};
 use candle_core::{CudaDevice, Device, Result, Tensor, bail};
 use omnishard_proto::v1;
 
 use super::exchange::{
     ALIGN, ExchangeParts, ExpertIds, ImportedRouted, exchange_layout, fill_exchange, sums_at,
+    wait_value, write_value,
 };
 use super::ipc::{DeviceBuffer, GRANULE, Mapping, check};
 use super::{DeviceRouting, bf16_device};
@@ -45,31 +46,6 @@ use super::{DeviceRouting, bf16_device};
 pub const PASS_MAX_NODES: usize = 64;
 /// Pass buffers a node keeps mapped (one per coordinator, for its graph's lifetime).
 const MAX_PASS_MAPPINGS: usize = 8;
-
-/// Makes `stream` wait until the u32 at `addr` is `value`.
-pub(super) fn wait_value(stream: &CudaStream, addr: u64, value: u32) -> Result<()> {
-    check("cuStreamWaitValue32", unsafe {
-        sys::cuStreamWaitValue32_v2(
-            stream.cu_stream(),
-            addr,
-            value,
-            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
-        )
-    })
-}
-
-/// Writes `value` to the u32 at `addr` once `stream`'s earlier work is done, with that work's
-/// memory writes made visible first.
-pub(super) fn write_value(stream: sys::CUstream, addr: u64, value: u32) -> Result<()> {
-    check("cuStreamWriteValue32", unsafe {
-        sys::cuStreamWriteValue32_v2(
-            stream,
-            addr,
-            value,
-            sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
-        )
-    })
-}
 
 /// Sets the flags at `addrs` to 1 from a stream of its own (the device's may be stuck waiting
 /// on them) and waits until that is done.
