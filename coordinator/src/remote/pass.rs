@@ -25,7 +25,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use omnishard_model::ops::cuda::{DeviceRouting, PASS_MAX_NODES, PassExchange, ROUTED_MAX_EXPERTS};
+use omnishard_model::ops::cuda::{DeviceRouting, PASS_MAX_NODES, PassExchange};
 use omnishard_model::{CallContext, ExpertError, Pass};
 use omnishard_proto::v1::{self, ForwardRequest};
 use tokio::task::JoinHandle;
@@ -35,7 +35,7 @@ use super::call_error::CallError;
 use super::client::{Payload, Reply};
 use super::lane;
 use super::membership::Node;
-use super::routed::{node_gone, owners};
+use super::routed::{node_gone, owners, routable_row};
 
 /// Failed passes' buffers kept allocated: a node may still have one mapped and write into it,
 /// so none is freed; past this many, passes stop (batch-1 steps run without the graph).
@@ -129,13 +129,8 @@ impl RemoteExperts {
         };
         let mut layers = vec![Vec::new(); cfg.num_hidden_layers];
         let mut orders: Vec<Vec<v1::LayerExperts>> = Vec::new();
-        for (l, row) in table.iter().enumerate() {
-            if row.is_empty() || !cfg.is_moe_layer(l) {
-                continue;
-            }
-            let Some(owners) = (row.len() <= ROUTED_MAX_EXPERTS)
-                .then(|| owners(row, &nodes, own_gpu))
-                .flatten()
+        for l in (0..table.len()).filter(|&l| cfg.is_moe_layer(l)) {
+            let Some(owners) = routable_row(&table, l).and_then(|row| owners(row, &nodes, own_gpu))
             else {
                 return Pass::Unavailable;
             };
@@ -203,11 +198,7 @@ impl RemoteExperts {
     /// Whether passes may be ordered at all (the options, the dtype, this GPU, the failures so
     /// far).
     pub(super) fn passes_possible(&self) -> bool {
-        let opts = &self.shared.opts;
-        opts.gpu_routing
-            && opts.cuda_ipc
-            && self.shared.dtype == candle_core::DType::BF16
-            && !self.shared.routed_off.load(Ordering::Relaxed)
+        self.routing_allowed()
             && self
                 .shared
                 .pass

@@ -57,19 +57,23 @@ impl RemoteExperts {
         layer: usize,
         f: impl FnOnce(&[Vec<usize>], &[Arc<Node>], &[u8]) -> Option<R>,
     ) -> Option<R> {
-        let opts = &self.shared.opts;
-        if !(opts.gpu_routing && opts.cuda_ipc && self.shared.dtype == candle_core::DType::BF16)
-            || self.shared.routed_off.load(Ordering::Relaxed)
-        {
+        if !self.routing_allowed() {
             return None;
         }
         let table = self.shared.table();
         let nodes = self.shared.nodes();
-        let experts = table
-            .get(layer)
-            .filter(|row| !row.is_empty() && row.len() <= ROUTED_MAX_EXPERTS)?;
+        let experts = routable_row(&table, layer)?;
         let own_gpu = self.shared.own_gpu.get().filter(|g| !g.is_empty())?;
         f(experts, &nodes, own_gpu)
+    }
+
+    /// Whether the options, the dtype and this GPU allow routed calls (and passes) at all.
+    pub(super) fn routing_allowed(&self) -> bool {
+        let opts = &self.shared.opts;
+        opts.gpu_routing
+            && opts.cuda_ipc
+            && self.shared.dtype == candle_core::DType::BF16
+            && !self.shared.routed_off.load(Ordering::Relaxed)
     }
 
     /// The MoE step of `layer` on the routed path: `[n, H]` sums of `xs`'s rows over their
@@ -213,6 +217,15 @@ impl RemoteExperts {
         *exchange = Some(made.clone());
         Ok(made)
     }
+}
+
+/// `layer`'s row of the routing table (`row[e]`: the holders of expert e) where its size allows
+/// routed calls.
+pub(super) fn routable_row(table: &[Vec<Vec<usize>>], layer: usize) -> Option<&[Vec<usize>]> {
+    table
+        .get(layer)
+        .filter(|row| !row.is_empty() && row.len() <= ROUTED_MAX_EXPERTS)
+        .map(Vec::as_slice)
 }
 
 /// What [`owners`] reads of a node.
