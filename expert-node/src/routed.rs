@@ -105,6 +105,15 @@ pub(crate) fn process_pass(
             "a routed pass comes from a coordinator on this host".into(),
         ));
     }
+    if let Some(l) = pass.layers.iter().find(|l| l.experts.is_empty()) {
+        return Err(NodeError::BadPass(format!(
+            "layer {} is listed with no experts to compute",
+            l.layer
+        )));
+    }
+    if pass.layers.is_empty() {
+        return Err(NodeError::BadPass("it lists no layers".into()));
+    }
     check_pass(pass, experts.top_k(), experts.hidden_size())
         .map_err(|e| NodeError::BadPass(e.to_string()))?;
     for l in &pass.layers {

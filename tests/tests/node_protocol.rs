@@ -144,6 +144,18 @@ async fn malformed_requests_are_rejected_and_the_node_keeps_serving() {
             "deadline_ms",
         ),
         (
+            "a routed pass that lists no layers",
+            with_pass(&|p| p.layers.clear()),
+            Code::InvalidArgument,
+            "lists no layers",
+        ),
+        (
+            "a routed pass with a layer and no experts to compute",
+            with_pass(&|p| p.layers[0].experts.clear()),
+            Code::InvalidArgument,
+            "no experts to compute",
+        ),
+        (
             "a routed pass counting on an expert not held",
             with_pass(&|p| p.layers[0].experts.push(not_held)),
             Code::FailedPrecondition,
