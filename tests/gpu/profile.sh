@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where the GPU's time goes in batch-1 decode, batch-32 decode and a 512-token prefill, on the
+# Where the GPU's time goes in batch-1, batch-32 and batch-128 decode and a 512-token prefill, on the
 # device machine (carry .gpu; see package.sh):
 #   tests/gpu/profile.sh [--layers N]
 # 1. `coordinator bench --quick --nodes 0` on an N-layer model (default 8), in process only: the
@@ -43,11 +43,18 @@ for r in csv.DictReader(io.StringIO(text[start:])):
     launches.append((r["Kernel Name"].split("(")[0][:60], r["Grid Size"], us))
 # A forward pass ends with its step's one `sample_row` launch (a step's samples are drawn in one
 # launch), whose grid's y is the batch.
+# A batch past the sampling kernel's 32 rows a launch is drawn in several launches, one after
+# another: a "pass" of sampling launches only belongs to the one before it.
 passes, current = [], []
 for launch in launches:
     current.append(launch)
     if launch[0].startswith("sample_row"):
-        passes.append((int(launch[1].strip("()").split(",")[1]), current))
+        rows = int(launch[1].strip("()").split(",")[1])
+        if passes and all(name.startswith("sample") for name, _, _ in current):
+            batch, before = passes[-1]
+            passes[-1] = (batch + rows, before + current)
+        else:
+            passes.append((rows, current))
         current = []
 prefill_rounds = 2  # --quick
 def report(title, group):
@@ -64,15 +71,16 @@ def report(title, group):
           f"{sum(e[1] for e in per.values()) / len(group):.0f} launches per pass")
     for name, (us, n, grid) in sorted(per.items(), key=lambda kv: -kv[1][0]):
         print("%9.1f us/pass %5.1f x %8.2f us  %s %s" % (us / len(group), n / len(group), us / n, name, grid))
-# The bench's order: batch-1 steps, batch-32 steps, the prefill rounds (no sample), then batch-1
-# after a long prompt (its prefill and first sample one pass). Reported: the last three batch-1
-# steps before batch 32 and after it, the last two batch-32 steps; the prefill rounds are the
-# repeated launch sequence at the start of the pass after batch 32 (or the tail, in a bench
-# without the long prompt).
+# The bench's order: batch-1 steps, batch-32 and batch-128 steps, the prefill rounds (no sample),
+# then batch-1 after a long prompt (its prefill and first sample one pass). Reported: the last
+# three batch-1 steps before batch 32 and after it, the last two batch-32 and batch-128 steps;
+# the prefill rounds are the repeated launch sequence at the start of the pass after batch 128
+# (or the tail, in a bench without the long prompt).
 first32 = next((i for i, (b, _) in enumerate(passes) if b == 32), len(passes))
-last32 = max((i for i, (b, _) in enumerate(passes) if b == 32), default=len(passes) - 1)
+last32 = max((i for i, (b, _) in enumerate(passes) if b in (32, 128)), default=len(passes) - 1)
 report("batch-1 decode step", [p for b, p in passes[:first32] if b == 1][-3:])
 report("batch-32 decode step", [p for b, p in passes if b == 32][-2:])
+report("batch-128 decode step", [p for b, p in passes if b == 128][-2:])
 report("batch-1 decode step after the long prompt", [p for b, p in passes[last32 + 2:] if b == 1][-3:])
 after = passes[last32 + 1][1] if last32 + 1 < len(passes) else current
 # Kernels and grids: the long prompt's prefill runs the same kernels on larger grids. The longest

@@ -451,6 +451,48 @@ fn decode_steps(engine: &Engine, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> 
     rows
 }
 
+/// Each prompt prefilled alone, then one decode step of them all: its logits. With `halves`
+/// that step runs as two forward calls, the first half of the sequences then the rest — what
+/// a cluster's overlapped step computes (`overlap::split_point` cuts one-token sequences in the
+/// middle).
+fn batched_step(engine: &Engine, prompts: &[&[u32]], halves: bool) -> Vec<Vec<f32>> {
+    let ctx = CallContext::default();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
+    let mut next = Vec::new();
+    for (prompt, cache) in prompts.iter().zip(&mut caches) {
+        let mut batch = [SequenceInput {
+            tokens: prompt,
+            positions: Positions::text(0, prompt.len()),
+            cache,
+        }];
+        let logits = engine.forward(&mut batch, LogitsFor::Last, &ctx).unwrap();
+        let row: Vec<f32> = logits[0].flatten_all().unwrap().to_vec1().unwrap();
+        next.push([omnishard_coordinator::sampling::argmax(&row)]);
+    }
+    let mut batch: Vec<SequenceInput> = caches
+        .iter_mut()
+        .zip(&next)
+        .zip(prompts)
+        .map(|((cache, token), prompt)| SequenceInput {
+            tokens: token,
+            positions: Positions::text(prompt.len() as u32, 1),
+            cache,
+        })
+        .collect();
+    let logits = if halves {
+        let (first, second) = batch.split_at_mut(prompts.len() / 2);
+        let mut logits = engine.forward(first, LogitsFor::Last, &ctx).unwrap();
+        logits.extend(engine.forward(second, LogitsFor::Last, &ctx).unwrap());
+        logits
+    } else {
+        engine.forward(&mut batch, LogitsFor::Last, &ctx).unwrap()
+    };
+    logits
+        .iter()
+        .map(|l| l.flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
 #[test]
 fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
     let dev = gpu();
@@ -480,6 +522,12 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 "{name}: layer {layer}'s usage counts (GPU-kept batch-1 counts folded in)"
             );
         }
+        // After the usage check: these count too.
+        let prompts: Vec<&[u32]> = (2..6)
+            .map(|k| &golden.token_ids[..k.min(golden.token_ids.len())])
+            .collect();
+        let want_halves = batched_step(&local, &prompts, true);
+        let want_whole = batched_step(&local, &prompts, false);
         drop(local);
         // GPU routing takes nodes on another GPU (those on the coordinator's own take the host
         // path): with two GPUs the nodes go to the second.
@@ -554,6 +602,15 @@ fn gpu_cluster_matches_the_gpu_process_bit_for_bit() {
                 if gpu_routing && gpus >= 2 { 7 } else { 0 },
                 "{how}: batch-1 steps from the graph"
             );
+            // A step of 4 sequences as two overlapped micro-batches: each half's logits as the
+            // GPU process computes that half alone. Where every layer is routed the step is not
+            // split (BENCHMARKS.md, issue 15: the halves would make the nodes read their
+            // experts twice), and the batch's logits are those of one batch of 4.
+            engine.set_overlap_min_sequences(2);
+            let routed = gpu_routing && cuda_ipc && gpus >= 2;
+            let got = batched_step(&engine, &prompts, false);
+            let want = if routed { &want_whole } else { &want_halves };
+            assert_bits_equal(&got, want, &format!("{how}, a step of 4 sequences"));
             let status = engine.remote().expect("a cluster").status();
             for node in &status {
                 // A routed layer's rows are neither lent nor staged: the first calls (before a

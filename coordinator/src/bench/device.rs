@@ -1,7 +1,7 @@
 //! `coordinator bench --device cuda`: the GPU figures of issue 10 in one run, on one set of
 //! weights (`--load-format dummy` at the full size): batch-1 and batch-32 decode and a 512-token
-//! prefill for (a) everything in this process on the GPU (and its batch-1 decode after a
-//! 4,096-token prompt), then, for each `--node-devices` entry,
+//! prefill for (a) everything in this process on the GPU (and its batch-128 decode and batch-1
+//! decode after a 4,096-token prompt), then, for each `--node-devices` entry,
 //! (b/c) this process on the GPU with `--nodes` expert-node processes holding the experts on that
 //! device (`cuda`: the same GPU over loopback gRPC; `cpu`: the machine's cores, bf16). CPU nodes
 //! also get their share of the weight-bandwidth bound: expert bytes per token over the host's
@@ -28,7 +28,7 @@ struct Row {
     name: String,
     b1: f64,
     b32: f64,
-    /// Measured with `--scaling-gpus` only.
+    /// Measured in process, and for clusters with `--scaling-gpus` only.
     b128: Option<f64>,
     prefill: f64,
 }
@@ -50,7 +50,7 @@ fn measure_engine(engine: &Engine, name: String, args: &BenchArgs) -> anyhow::Re
         }
     };
     profile("start-up");
-    let b128 = if args.scaling_gpus.is_empty() {
+    let b128 = if engine.remote().is_some() && args.scaling_gpus.is_empty() {
         None
     } else {
         let b128 = measure::decode_tok_s(engine, 128, 16, 2, b128_steps, drop_warmup)?;
@@ -159,6 +159,15 @@ pub fn run(
         format!("in-process, {}", args.device),
         args,
     )?);
+    // How evenly the measured routing spreads over `--shard` nodes: a layer waits for its
+    // busiest node, so this bounds what more nodes can give.
+    let usage = engine.model().usage().snapshot();
+    for n in 2..=args.scaling_gpus.len().max(3) {
+        let (mean, worst) = shard_imbalance(cfg, &usage, n);
+        eprintln!(
+            "bench: routing so far over {n} --shard nodes: the busiest node gets {mean:.2}x an even share of a layer's assignments (mean over MoE layers; worst layer {worst:.2}x)"
+        );
+    }
     // Batch-1 decode after a long prompt, where decode attention reads a long cache each step
     // (the rows above decode after 16 tokens). Not fatal: a prefill of this length may not fit
     // a smaller GPU, and the figures after it should not be lost to that.
@@ -313,4 +322,70 @@ pub fn run(
     });
     println!("{report}");
     Ok(report)
+}
+
+/// Over `n` nodes holding `--shard i/n` each: the busiest node's share of a layer's counted
+/// assignments (`usage`: (layer, expert, count)) against an even share, as (mean over the MoE
+/// layers with any, worst layer).
+fn shard_imbalance(cfg: &ModelConfig, usage: &[(usize, usize, u64)], n: usize) -> (f64, f64) {
+    let mut node_of = std::collections::HashMap::new();
+    for i in 0..n {
+        for pair in omnishard_proto::placement::shard_pairs(cfg, i, n) {
+            node_of.insert(pair, i);
+        }
+    }
+    let mut loads = vec![vec![0u64; n]; cfg.num_hidden_layers];
+    for &(layer, expert, count) in usage {
+        if let (Some(&node), Some(row)) = (node_of.get(&(layer, expert)), loads.get_mut(layer)) {
+            row[node] += count;
+        }
+    }
+    let ratios: Vec<f64> = loads
+        .iter()
+        .filter_map(|row| {
+            let total: u64 = row.iter().sum();
+            let max = *row.iter().max()?;
+            (total > 0).then(|| max as f64 * n as f64 / total as f64)
+        })
+        .collect();
+    let mean = ratios.iter().sum::<f64>() / ratios.len().max(1) as f64;
+    (mean, ratios.iter().copied().fold(0.0, f64::max))
+}
+
+#[cfg(test)]
+mod tests {
+    use omnishard_proto::ModelConfig;
+
+    use super::shard_imbalance;
+
+    fn two_layers_of_four() -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "qwen3_moe", "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+            "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 4
+        });
+        ModelConfig::from_json(&json.to_string(), std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn the_busiest_shard_is_measured_per_layer() {
+        let cfg = two_layers_of_four();
+        // --shard i/2 holds pairs p with p % 2 == i: experts 0 and 2 of each layer on node 0.
+        // Layer 0 even (node 0: 10 + 10, node 1: 10 + 10); layer 1: node 0 has 30 of 40.
+        let usage = [
+            (0, 0, 10),
+            (0, 1, 10),
+            (0, 2, 10),
+            (0, 3, 10),
+            (1, 0, 20),
+            (1, 1, 5),
+            (1, 2, 10),
+            (1, 3, 5),
+        ];
+        let (mean, worst) = shard_imbalance(&cfg, &usage, 2);
+        assert!((mean - 1.25).abs() < 1e-9, "{mean}");
+        assert!((worst - 1.5).abs() < 1e-9, "{worst}");
+        // No usage at all: nothing to compare.
+        assert_eq!(shard_imbalance(&cfg, &[], 2), (0.0, 0.0));
+    }
 }
