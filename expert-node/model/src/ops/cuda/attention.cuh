@@ -242,8 +242,11 @@ __device__ void decode_split_values(const bf16* __restrict__ q, const bf16* __re
     out[row * d + threadIdx.x] = rn(sum);
 }
 
-// The table travels as a kernel parameter (no upload), for sequences seq_base + blockIdx.y.
-#define DECODE_SEQS 32
+// The table travels as a kernel parameter (no upload), for sequences seq_base + blockIdx.y. 128
+// sequences make 4 KiB of it, past the 4,096 bytes of parameters a launch took before CUDA 12.1
+// (32,764 since, on sm_70 and later): a batch of 128 is one launch, not four (~10 us each on an
+// H200 whatever the count).
+#define DECODE_SEQS 128
 struct DecodeTable {
     unsigned long long v[4 * DECODE_SEQS];
 };

@@ -19,8 +19,8 @@ use super::{MODULE, PTX, bf16_device, checked_i32, checked_u32, launch_config, w
 /// shared memory of its reductions.
 pub(super) const DECODE_ATTENTION_MAX_LEN: usize = 47 * 256;
 /// Sequences per decode-attention launch: its table is a kernel parameter (`DECODE_SEQS` in
-/// attention.cuh).
-const DECODE_SEQS: usize = 32;
+/// attention.cuh, which says why this many).
+const DECODE_SEQS: usize = 128;
 /// Flash-decoding: positions per split below which a head's cache is not split further.
 const SPLIT_POSITIONS: usize = 256;
 /// The most blocks one head's cache is split over.
