@@ -37,19 +37,21 @@ pub(super) fn exchange_layout(
 }
 
 /// Copies the router's top-k (`2 n k` u32) and the bf16 rows `xs` (contiguous) into an exchange
-/// buffer at `base`, at the byte offsets `(routing_at, hidden_at)`.
+/// buffer at `base`, at the byte offsets `(routing_at, hidden_at)`; then, for a routed pass's
+/// layer, raises its nodes' ready flags (`raise`, see [`SpanFlags::Give`]).
 pub(super) fn fill_exchange(
     dev: &CudaDevice,
     base: sys::CUdeviceptr,
     (routing_at, hidden_at): (usize, usize),
     routing: &DeviceRouting,
     xs: &Tensor,
+    raise: Option<Raise>,
 ) -> Result<()> {
     let stream = dev.cuda_stream();
     let (top_k, _in_use) = routing.buf.device_ptr(&stream);
     let bytes = xs.elem_count() * 2;
     with_raw(xs, &stream, |rows| {
-        copy_spans(
+        copy_spans_after(
             dev,
             [
                 (
@@ -59,6 +61,7 @@ pub(super) fn fill_exchange(
                 ),
                 (rows, base + hidden_at as u64, bytes),
             ],
+            raise.map_or(SpanFlags::None, SpanFlags::Give),
         )
     })
 }
@@ -142,28 +145,43 @@ pub(super) fn write_value(stream: sys::CUstream, addr: u64, value: u32) -> Resul
     })
 }
 
-/// Copies two spans `(src, dst, bytes)` of device memory (either process's) on `dev`'s
-/// stream: one launch of `exchange_copy_u32` where both are whole u32 words, else the copy
-/// engine. At batch 1 a copy-engine transfer costs microseconds of latency each, in series with
-/// the layer on both GPUs.
-pub(super) fn copy_spans(dev: &CudaDevice, spans: [(u64, u64, usize); 2]) -> Result<()> {
-    copy_spans_after(dev, spans, None)
+/// A routed pass's layer's flags (`pass.rs`), raised by the coordinator: each node's of `nodes`
+/// (bit i: node i), node i's at `ready + i * stride` and `done + i * stride` bytes.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Raise {
+    pub(super) ready: u64,
+    pub(super) done: u64,
+    pub(super) stride: u64,
+    pub(super) nodes: u64,
 }
 
-/// [`copy_spans`], first waiting on the GPU until the u32 at `ready` is 1 and clearing it after
-/// the copies (a routed pass's ready flag, `pass.rs`): one launch of `pass_take_u32` where the
-/// spans are whole words, else a stream wait, a write and the copies.
+/// The flags a copy of [`copy_spans_after`] goes with.
+#[derive(Clone, Copy)]
+pub(super) enum SpanFlags {
+    None,
+    /// A node's side: first wait on the GPU until the u32 at this address is 1, clear it after.
+    Take(u64),
+    /// The coordinator's side: after the copies, clear each node's done flag (still set from
+    /// the step before) and set its ready flag.
+    Give(Raise),
+}
+
+/// Copies two spans `(src, dst, bytes)` of device memory (either process's) on `dev`'s stream,
+/// with a routed pass's flags where given: one launch (`exchange_copy_u32`, `pass_take_u32` or
+/// `pass_give_u32`) where both spans are whole u32 words, else stream flag operations and
+/// copy-engine transfers in series. At batch 1 each of those costs microseconds of latency, in
+/// series with the layer on both GPUs.
 pub(super) fn copy_spans_after(
     dev: &CudaDevice,
     spans: [(u64, u64, usize); 2],
-    ready: Option<u64>,
+    flags: SpanFlags,
 ) -> Result<()> {
     let stream = dev.cuda_stream();
     let words = spans
         .iter()
         .all(|&(src, dst, bytes)| (src | dst | bytes as u64).is_multiple_of(4));
     if !words {
-        if let Some(flag) = ready {
+        if let SpanFlags::Take(flag) = flags {
             wait_value(&stream, flag, 1)?;
             write_value(stream.cu_stream(), flag, 0)?;
         }
@@ -171,6 +189,12 @@ pub(super) fn copy_spans_after(
             check("cuMemcpyDtoDAsync", unsafe {
                 sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.cu_stream())
             })?;
+        }
+        if let SpanFlags::Give(raise) = flags {
+            for i in (0..64).filter(|i| (raise.nodes >> i) & 1 == 1) {
+                write_value(stream.cu_stream(), raise.done + i * raise.stride, 0)?;
+                write_value(stream.cu_stream(), raise.ready + i * raise.stride, 1)?;
+            }
         }
         return Ok(());
     }
@@ -180,24 +204,30 @@ pub(super) fn copy_spans_after(
         checked_u32("words", bytes1 / 4)?,
     );
     let total = n0 as usize + n1 as usize;
-    if total == 0 && ready.is_none() {
-        return Ok(());
-    }
     let threads = 256;
-    let (func, blocks) = match ready {
-        Some(_) => (
-            dev.get_or_load_custom_func("pass_take_u32", MODULE, PTX)?,
-            1,
-        ),
-        None => (
-            dev.get_or_load_custom_func("exchange_copy_u32", MODULE, PTX)?,
+    let (name, blocks) = match flags {
+        SpanFlags::None if total == 0 => return Ok(()),
+        SpanFlags::None => (
+            "exchange_copy_u32",
             total.div_ceil(threads).min(1024) as u32,
+        ),
+        SpanFlags::Take(_) => ("pass_take_u32", 1),
+        SpanFlags::Give(_) => ("pass_give_u32", 1),
+    };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    // Every argument lives until the launch; which are passed depends on the kernel.
+    let (take, give, stride) = match flags {
+        SpanFlags::None => (0, Raise::default(), 0),
+        SpanFlags::Take(flag) => (flag, Raise::default(), 0),
+        SpanFlags::Give(raise) => (
+            0,
+            raise,
+            checked_u32("flag stride", raise.stride as usize / 4)?,
         ),
     };
     let mut b = func.builder();
-    let flag = ready.unwrap_or(0);
-    if ready.is_some() {
-        b.arg(&flag);
+    if matches!(flags, SpanFlags::Take(_)) {
+        b.arg(&take);
     }
     b.arg(&src0)
         .arg(&dst0)
@@ -205,8 +235,14 @@ pub(super) fn copy_spans_after(
         .arg(&src1)
         .arg(&dst1)
         .arg(&n1);
-    // SAFETY: argument types and order match `exchange_copy_u32`; both spans lie in live
-    // allocations (checked by the callers).
+    if matches!(flags, SpanFlags::Give(_)) {
+        b.arg(&give.ready)
+            .arg(&give.done)
+            .arg(&stride)
+            .arg(&give.nodes);
+    }
+    // SAFETY: argument types and order match the kernel named; both spans lie in live
+    // allocations and the flags in the pass's buffer (checked by the callers).
     unsafe { b.launch(launch_config((blocks, 1), threads as u32, 0)) }.w()?;
     Ok(())
 }
@@ -289,7 +325,7 @@ impl ExchangeParts {
                     (base + self.routing, top_k_at, 2 * n * k * 4),
                     (base + self.hidden, rows_at, n * h * 2),
                 ],
-                ready,
+                ready.map_or(SpanFlags::None, SpanFlags::Take),
             )?;
             top_k_at
         };

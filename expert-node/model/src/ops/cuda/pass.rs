@@ -8,13 +8,15 @@
 //! Here the coordinator orders the whole pass up front: each node gets one message listing its
 //! layers and queues them all at once, each behind a wait on a flag. The coordinator's GPU, per
 //! layer, fills the one exchange buffer (top-k and hidden states, [`super::routed`]'s layout),
-//! sets each node's ready flag, plans the sums, waits until each node's done flag is set, clears
-//! it and sums the rows. A node's GPU waits for its ready flag, clears it, copies the layer in,
-//! writes its slots' rows and sets its done flag. Flags go 0 → 1 → 0 within a pass, so the
-//! values a graph captured hold for every replay; a write after a layer's work carries that
-//! work's memory writes with it (`cuStreamWriteValue32`'s default barrier). The exchange is
-//! reused layer after layer: the coordinator refills it only after every node's done flag of
-//! the layer before, and sets a ready flag only after the sum that read the rows.
+//! clears each node's done flag of the layer and sets its ready flag, all in one launch
+//! (`pass_give_u32`); then it plans the sums, waits until each node's done flag is set and sums
+//! the rows. A node's GPU waits for its ready flag, clears it, copies the layer in, writes its
+//! slots' rows and sets its done flag. A ready flag goes 0 → 1 → 0 within a step; a done flag
+//! 0 → 1, back to 0 at the same layer of the next step, before the node can see that step's
+//! ready flag. So the values a graph captured hold for every replay; a write after a layer's
+//! work carries that work's memory writes with it (`cuStreamWriteValue32`'s default barrier).
+//! The exchange is reused layer after layer: the coordinator refills it only after every node's
+//! done flag of the layer before, and sets a ready flag only after the sum that read the rows.
 //!
 //! The coordinator's GPU waits on its done flags with `cuStreamWaitValue32` in its own memory.
 //! The nodes' ready flags are in the coordinator's memory too, so that one buffer and one
@@ -36,8 +38,8 @@ use candle_core::{CudaDevice, Device, Result, Tensor, bail};
 use omnishard_proto::v1;
 
 use super::exchange::{
-    ALIGN, ExchangeParts, ExpertIds, ImportedRouted, exchange_layout, fill_exchange, sums_at,
-    wait_value, write_value,
+    ALIGN, ExchangeParts, ExpertIds, ImportedRouted, Raise, exchange_layout, fill_exchange,
+    sums_at, wait_value, write_value,
 };
 use super::ipc::{DeviceBuffer, GRANULE, Mapping, check};
 use super::{DeviceRouting, bf16_device};
@@ -228,21 +230,23 @@ impl PassExchange {
         let stream = dev.cuda_stream();
         let xs = xs.contiguous()?;
         let base = self.buffer.ptr;
+        let raise = Raise {
+            ready: self.flag(self.at.ready_at, 0, layer),
+            done: self.flag(self.at.done_at, 0, layer),
+            stride: 4 * self.layers as u64,
+            nodes: nodes.iter().fold(0, |mask, &i| mask | 1 << i),
+        };
         fill_exchange(
             dev,
             base,
             (self.at.routing_at, self.at.hidden_at),
             routing,
             &xs,
+            Some(raise),
         )?;
-        for &i in nodes {
-            write_value(stream.cu_stream(), self.flag(self.at.ready_at, i, layer), 1)?;
-        }
         let plan = self.identity.plan_sums(dev, routing, usage)?;
         for &i in nodes {
-            let done = self.flag(self.at.done_at, i, layer);
-            wait_value(&stream, done, 1)?;
-            write_value(stream.cu_stream(), done, 0)?;
+            wait_value(&stream, self.flag(self.at.done_at, i, layer), 1)?;
         }
         sums_at(
             dev,

@@ -245,7 +245,7 @@ impl RoutedExchange {
         let buffer = self.staging.take(stream.context(), total)?;
         let base = buffer.buffer.ptr;
         let xs = xs.contiguous()?;
-        fill_exchange(&dev, base, (routing_at, hidden_at), routing, &xs)?;
+        fill_exchange(&dev, base, (routing_at, hidden_at), routing, &xs, None)?;
         // The nodes need only the copies: the sums' plan is queued after the event.
         self.ready.record(xs.device())?;
         let (combine, combine_at) = self.identity.plan_sums(&dev, routing, usage)?;
