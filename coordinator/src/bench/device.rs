@@ -354,24 +354,15 @@ fn shard_imbalance(cfg: &ModelConfig, usage: &[(usize, usize, u64)], n: usize) -
 
 #[cfg(test)]
 mod tests {
-    use omnishard_proto::ModelConfig;
-
     use super::shard_imbalance;
-
-    fn two_layers_of_four() -> ModelConfig {
-        let json = serde_json::json!({
-            "model_type": "qwen3_moe", "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
-            "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 4
-        });
-        ModelConfig::from_json(&json.to_string(), std::path::Path::new("config.json")).unwrap()
-    }
+    use crate::plan::tests::real_shape;
 
     #[test]
     fn the_busiest_shard_is_measured_per_layer() {
-        let cfg = two_layers_of_four();
-        // --shard i/2 holds pairs p with p % 2 == i: experts 0 and 2 of each layer on node 0.
-        // Layer 0 even (node 0: 10 + 10, node 1: 10 + 10); layer 1: node 0 has 30 of 40.
+        let cfg = real_shape();
+        // --shard i/2 holds pairs p with p % 2 == i: with 128 experts a layer, the even experts
+        // on node 0. Layer 0 even (node 0: 10 + 10, node 1: 10 + 10); layer 1: node 0 has 30 of
+        // 40; the other layers have no usage and do not count.
         let usage = [
             (0, 0, 10),
             (0, 1, 10),

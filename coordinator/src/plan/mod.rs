@@ -289,10 +289,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn real_shape() -> ModelConfig {
+    /// Qwen3-30B-A3B's expert shape: 48 layers of 128 experts, top-8.
+    pub(crate) fn real_shape() -> ModelConfig {
         let json = serde_json::json!({
             "model_type": "qwen3_moe", "vocab_size": 16, "hidden_size": 2048, "num_hidden_layers": 48,
             "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
