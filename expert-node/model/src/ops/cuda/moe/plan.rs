@@ -149,7 +149,13 @@ pub(super) fn plan_on_device(
         let (mut tab, mut rest) = all.split_at_mut(layout.tiles_at);
         let (mut tiles, mut rest) = rest.split_at_mut(layout.live_at - layout.tiles_at);
         let (mut live, mut comb) = rest.split_at_mut(2);
-        let block = checked_u32("experts", experts.next_multiple_of(32).max(256))?;
+        // A thread per expert at least, and up to a block's 1,024 threads for the slots: the
+        // plan is one block whose time is latency, its loops over the slots taking
+        // `s / block` rounds each (16 at 256 threads for a 512-token prefill's 4,096).
+        let threads = experts
+            .next_multiple_of(32)
+            .max(s.next_multiple_of(32).clamp(256, 1024));
+        let block = checked_u32("experts", threads)?;
         let ints = [
             checked_i32("tokens", n)?,
             checked_i32("top-k", k)?,
