@@ -2,6 +2,7 @@
 //! its start-up ([`serve`], [`load_experts`]), called by the `expert-node` binary, the benchmarks
 //! and the tests alike. The math lives in `omnishard-model`.
 
+mod error;
 mod idle;
 mod lane;
 mod routed;
