@@ -147,7 +147,7 @@ pub(super) fn write_value(stream: sys::CUstream, addr: u64, value: u32) -> Resul
 
 /// A routed pass's layer's flags (`pass.rs`), raised by the coordinator: each node's of `nodes`
 /// (bit i: node i), node i's at `ready + i * stride` and `done + i * stride` bytes.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub(super) struct Raise {
     pub(super) ready: u64,
     pub(super) done: u64,
@@ -215,19 +215,14 @@ pub(super) fn copy_spans_after(
         SpanFlags::Give(_) => ("pass_give_u32", 1),
     };
     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    // Every argument lives until the launch; which are passed depends on the kernel.
-    let (take, give, stride) = match flags {
-        SpanFlags::None => (0, Raise::default(), 0),
-        SpanFlags::Take(flag) => (flag, Raise::default(), 0),
-        SpanFlags::Give(raise) => (
-            0,
-            raise,
-            checked_u32("flag stride", raise.stride as usize / 4)?,
-        ),
+    // The kernel takes the flags' stride in words.
+    let stride = match flags {
+        SpanFlags::Give(raise) => checked_u32("flag stride", raise.stride as usize / 4)?,
+        _ => 0,
     };
     let mut b = func.builder();
-    if matches!(flags, SpanFlags::Take(_)) {
-        b.arg(&take);
+    if let SpanFlags::Take(flag) = &flags {
+        b.arg(flag);
     }
     b.arg(&src0)
         .arg(&dst0)
@@ -235,11 +230,11 @@ pub(super) fn copy_spans_after(
         .arg(&src1)
         .arg(&dst1)
         .arg(&n1);
-    if matches!(flags, SpanFlags::Give(_)) {
-        b.arg(&give.ready)
-            .arg(&give.done)
+    if let SpanFlags::Give(raise) = &flags {
+        b.arg(&raise.ready)
+            .arg(&raise.done)
             .arg(&stride)
-            .arg(&give.nodes);
+            .arg(&raise.nodes);
     }
     // SAFETY: argument types and order match the kernel named; both spans lie in live
     // allocations and the flags in the pass's buffer (checked by the callers).
